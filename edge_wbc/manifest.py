@@ -1,0 +1,190 @@
+"""models/manifest.json: what each shipped model is, and the checks the runtime makes at load.
+
+Shared with ``convert`` (which writes it), so the two sides read the same schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_wbc.preprocess import COLOR_ORDER, PREPROCESS_VERSION
+
+MANIFEST_SCHEMA = "edge-wbc/manifest/1"
+MANIFEST_NAME = "manifest.json"
+CLASSES = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte")
+TASKS = ("segmentation", "classification")
+
+
+class ManifestError(Exception):
+    """The models folder cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    file: str
+    sha256: str
+    task: str
+    input_shape: tuple[int, ...]
+    input_dtype: str
+    classes: tuple[str, ...] = ()
+    ensemble_weight: float = 1.0
+    #: classifier only: softmax temperature fitted on val, and the confidence below which a cell
+    #: goes to "unidentified".
+    temperature: float = 1.0
+    confidence_threshold: float = 0.0
+    crop_scale: float = 1.5
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return int(self.input_shape[1]), int(self.input_shape[2])
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    models: tuple[ModelEntry, ...]
+    seg_threshold: float
+    raw: dict[str, Any] = field(compare=False, repr=False)
+
+    @property
+    def segmenters(self) -> tuple[ModelEntry, ...]:
+        return tuple(m for m in self.models if m.task == "segmentation")
+
+    @property
+    def classifier(self) -> ModelEntry | None:
+        cls = [m for m in self.models if m.task == "classification"]
+        return cls[0] if cls else None
+
+    def path(self, entry: ModelEntry) -> Path:
+        return self.root / entry.file
+
+    def summary(self) -> dict[str, Any]:
+        """What an analysis or a report records about the models that produced it."""
+        return {
+            "manifest": str(self.root / MANIFEST_NAME),
+            "created": self.raw.get("created"),
+            "segmentation_threshold": self.seg_threshold,
+            "models": [
+                {
+                    "name": m.name,
+                    "file": m.file,
+                    "sha256": m.sha256,
+                    "task": m.task,
+                    "ensemble_weight": m.ensemble_weight if m.task == "segmentation" else None,
+                }
+                for m in self.models
+            ],
+        }
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _require(d: dict[str, Any], key: str, where: str) -> Any:
+    if key not in d:
+        raise ManifestError(f"{where}: missing key '{key}'")
+    return d[key]
+
+
+def _entry(d: dict[str, Any], i: int) -> ModelEntry:
+    where = f"models[{i}]"
+    if not isinstance(d, dict):
+        raise ManifestError(f"{where}: expected an object")
+    task = _require(d, "task", where)
+    if task not in TASKS:
+        raise ManifestError(f"{where}: task '{task}' is not one of {TASKS}")
+    inp = _require(d, "input", where)
+    shape = tuple(int(v) for v in _require(inp, "shape", where + ".input"))
+    if len(shape) != 4 or shape[0] != 1 or shape[3] != 3:
+        raise ManifestError(f"{where}: input shape {list(shape)} is not [1, H, W, 3]")
+    dtype = _require(inp, "dtype", where + ".input")
+    if dtype not in ("int8", "uint8", "float32"):
+        raise ManifestError(f"{where}: input dtype '{dtype}' not supported")
+    if d.get("color_order", COLOR_ORDER) != COLOR_ORDER:
+        raise ManifestError(f"{where}: colour order {d.get('color_order')} != {COLOR_ORDER}")
+    pre = d.get("preprocessing", {})
+    if pre.get("version", PREPROCESS_VERSION) != PREPROCESS_VERSION:
+        raise ManifestError(
+            f"{where}: built for preprocessing v{pre.get('version')}, this runtime has "
+            f"v{PREPROCESS_VERSION}; reconvert the model or install the matching edge-wbc"
+        )
+    classes = tuple(d.get("classes", ()))
+    if task == "classification":
+        missing = [c for c in CLASSES if c not in classes]
+        if missing:
+            raise ManifestError(f"{where}: classifier lacks classes {missing}")
+    cal = d.get("calibration", {})
+    return ModelEntry(
+        name=str(_require(d, "name", where)),
+        file=str(_require(d, "file", where)),
+        sha256=str(_require(d, "sha256", where)),
+        task=task,
+        input_shape=shape,
+        input_dtype=dtype,
+        classes=classes,
+        ensemble_weight=float(d.get("ensemble_weight", 1.0)),
+        temperature=float(cal.get("temperature", 1.0)),
+        confidence_threshold=float(cal.get("confidence_threshold", 0.0)),
+        crop_scale=float(pre.get("crop_scale", 1.5)),
+        raw=d,
+    )
+
+
+def load_manifest(models_dir: str | Path, verify: bool = True) -> Manifest:
+    """Read and validate ``models_dir/manifest.json``.
+
+    With ``verify`` every file must exist and match its sha256: a model that was swapped,
+    truncated by a failed copy or corrupted on the SD card is refused, never run.
+    """
+    root = Path(models_dir)
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"no {MANIFEST_NAME} in {root} (is --models pointing at a models folder?)")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: unreadable manifest: {e}") from e
+    if raw.get("schema") != MANIFEST_SCHEMA:
+        raise ManifestError(f"{path}: schema {raw.get('schema')!r}, expected {MANIFEST_SCHEMA!r}")
+    entries = tuple(_entry(d, i) for i, d in enumerate(raw.get("models", [])))
+    if not any(e.task == "segmentation" for e in entries):
+        raise ManifestError(f"{path}: no segmentation model")
+    ens = raw.get("ensemble", {})
+    man = Manifest(root=root, models=entries, seg_threshold=float(ens.get("threshold", 0.5)), raw=raw)
+    if verify:
+        verify_files(man)
+    return man
+
+
+def verify_files(man: Manifest) -> None:
+    for e in man.models:
+        p = man.path(e)
+        if not p.is_file():
+            raise ManifestError(f"model file {p} listed in the manifest is missing")
+        digest = sha256_file(p)
+        if digest != e.sha256:
+            raise ManifestError(
+                f"model file {p} does not match the manifest (sha256 {digest[:12]}…, expected "
+                f"{e.sha256[:12]}…): refusing to run a model that is not the one shipped"
+            )
+
+
+def write_manifest(models_dir: str | Path, raw: dict[str, Any]) -> Path:
+    """Write atomically (a half-written manifest would make the station refuse to start)."""
+    root = Path(models_dir)
+    raw = {"schema": MANIFEST_SCHEMA, **{k: v for k, v in raw.items() if k != "schema"}}
+    tmp = root / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(raw, indent=2, sort_keys=False) + "\n")
+    tmp.replace(root / MANIFEST_NAME)
+    return root / MANIFEST_NAME

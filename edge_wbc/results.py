@@ -1,0 +1,70 @@
+"""What one analysed field is: the contract between analysis and everything downstream.
+
+``FieldResult.to_json()`` is the per-image entry of ``edge-wbc analyze --json``
+(schema ``edge-wbc/analysis/1``); keep it stable and bump the schema when it changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+ANALYSIS_SCHEMA = "edge-wbc/analysis/1"
+#: The five types of the differential, in report order.
+CLASSES = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte")
+UNIDENTIFIED = "unidentified"
+#: Not a mature leukocyte (immature granulocyte, erythroblast, platelet clump...): never counted.
+OTHER = "other"
+LABELS = (*CLASSES, UNIDENTIFIED, OTHER)
+
+
+@dataclass
+class Cell:
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 in input-image pixels, x1/y1 exclusive
+    label: str  # one of LABELS
+    score: float  # calibrated probability of the predicted class
+    probs: dict[str, float]
+    area_px: int
+    #: RGB uint8 crop as the classifier saw it (white-balanced, square); not serialised.
+    crop: np.ndarray | None = field(default=None, repr=False)
+    #: boolean mask of the cell within bbox; not serialised.
+    mask: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def counted(self) -> bool:
+        return self.label != OTHER
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bbox": [int(v) for v in self.bbox],
+            "label": self.label,
+            "score": round(float(self.score), 4),
+            "probs": {k: round(float(v), 4) for k, v in self.probs.items()},
+            "area_px": int(self.area_px),
+        }
+
+
+@dataclass
+class FieldResult:
+    path: str
+    width: int
+    height: int
+    cells: list[Cell] = field(default_factory=list)
+    quality: dict[str, Any] = field(default_factory=dict)
+    timing_ms: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    #: uint8 HxW, 255 on counted cells after postprocessing; not serialised.
+    mask: np.ndarray | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "width": int(self.width),
+            "height": int(self.height),
+            "error": self.error,
+            "cells": [c.to_json() for c in self.cells],
+            "quality": self.quality,
+            "timing_ms": {k: round(float(v), 2) for k, v in self.timing_ms.items()},
+        }
