@@ -1,0 +1,719 @@
+"""One validated configuration schema for the device: TOML file, environment, secrets.
+
+Where values come from, later wins:
+
+1. the defaults below (they run the demo station on the bundled sample fields);
+2. the TOML file (``/etc/edge-wbc/config.toml`` on a Pi, ``--config FILE`` elsewhere);
+3. environment variables ``EDGE_WBC_<SECTION>_<KEY>`` (e.g. ``EDGE_WBC_MQTT_HOST``);
+4. command-line flags, applied by the command through :meth:`Config.replace`.
+
+Secrets (the station token and the MQTT password) are never read from the file or the command
+line, where other users could read them: only from the environment or from systemd credentials
+(``LoadCredential=`` puts them in ``$CREDENTIALS_DIRECTORY``).
+
+Every problem is collected and reported at once with its key and, for the file, its line, so a
+technician fixing a config file on the Pi sees the whole list in one ``edge-wbc check-config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "EDGE_WBC_"
+DEFAULT_CONFIG_PATH = Path("/etc/edge-wbc/config.toml")
+#: Names of systemd credentials (``LoadCredential=NAME:...``) the config reads.
+CRED_TOKEN = "token"
+CRED_MQTT_PASSWORD = "mqtt-password"
+CRED_MQTT_TLS_KEY = "mqtt-tls-key"
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ACCELERATORS = ("cpu", "edgetpu")
+_SOURCE_RE = re.compile(r"^(folder:.+|opencv:.+|picamera2(:\d+)?)$")
+
+
+def _f(default: Any, doc: str, **meta: Any) -> Any:
+    """A schema field: its default and the description that check-config and the docs show."""
+    return field(default=default, metadata={"doc": doc, **meta})
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    source: str = _f(
+        "folder:samples/fields",
+        "Where fields come from: 'picamera2' (Pi camera), 'opencv:N' or 'opencv:/dev/videoN' "
+        "(USB/UVC microscope camera), or 'folder:DIR' (replays the images in DIR; demo and tests).",
+        check="source",
+    )
+    width: int = _f(
+        640, "Width in pixels of the analysis frame the camera delivers.", min=64, max=8192
+    )
+    height: int = _f(480, "Height in pixels of the analysis frame.", min=64, max=8192)
+    preview_fps: float = _f(
+        5.0, "Frames per second of the live preview on the page (0 turns the preview off).",
+        min=0.0, max=60.0,
+    )
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    dir: str = _f(
+        "models", "Folder holding manifest.json and the .tflite files it lists (sha256-checked).",
+        path=True,
+    )
+    threads: int = _f(2, "CPU threads for the interpreter.", min=1, max=64)
+    accelerator: str = _f(
+        "cpu", "'cpu', or 'edgetpu' for a Coral Edge TPU (falls back to CPU when absent, unless "
+        "require_accelerator is set).", choices=ACCELERATORS,
+    )
+    edgetpu_device: str = _f(
+        "", "Edge TPU to use: '' (first found), 'usb', 'pci', 'usb:0', ':0'.", check="edgetpu"
+    )
+    require_accelerator: bool = _f(
+        False,
+        "Refuse to start when the accelerator cannot be opened instead of falling back to CPU.",
+    )
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    cell_diameter_px: float = _f(
+        100.0, "Expected leukocyte diameter in analysis-frame pixels (set it for your objective "
+        "and camera); every size below scales with it.", min=4.0, max=2000.0,
+    )
+    open_frac: float = _f(
+        0.05, "Opening kernel diameter as a fraction of cell_diameter_px (removes specks).",
+        min=0.0, max=1.0,
+    )
+    close_frac: float = _f(
+        0.05, "Closing kernel diameter as a fraction of cell_diameter_px (fills small holes).",
+        min=0.0, max=1.0,
+    )
+    min_area_ratio: float = _f(
+        0.25, "Regions smaller than this times the median region area are dropped.",
+        min=0.0, max=1.0,
+    )
+    max_area_ratio: float = _f(
+        4.0, "Regions larger than this times the median region area are dropped.",
+        min=1.0, max=100.0,
+    )
+    watershed_min_distance_frac: float = _f(
+        0.35, "Minimum distance between watershed seeds as a fraction of cell_diameter_px "
+        "(smaller splits touching cells more eagerly).", min=0.01, max=2.0,
+    )
+    border_margin_px: int = _f(
+        0, "Cells whose box comes closer than this to the frame edge are not counted (0 counts "
+        "cut cells too).", min=0, max=1000,
+    )
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    target: int = _f(
+        100, "Leukocytes to count per slide (100 or 200 in most labs).", min=1, max=10000
+    )
+    data_dir: str = _f(
+        "/var/lib/edge-wbc", "Where the SQLite database, cell crops and reports live. Under "
+        "systemd the unit's StateDirectory is used when this is not set.", path=True,
+    )
+    duplicate_overlap: float = _f(
+        0.5, "A field overlapping the previous one by more than this fraction is flagged as a "
+        "duplicate and its already-counted cells are not counted again.", min=0.0, max=1.0,
+    )
+
+
+@dataclass(frozen=True)
+class StationConfig:
+    host: str = _f(
+        "127.0.0.1", "Address the station's web page and API listen on. Anything but loopback "
+        "requires a token.",
+    )
+    port: int = _f(8080, "TCP port of the web page and API.", min=1, max=65535)
+    token: str | None = _f(
+        None, "Bearer token for the API when listening beyond loopback. Secret: only from "
+        f"EDGE_WBC_TOKEN or the systemd credential '{CRED_TOKEN}', never from this file.",
+        secret=True,
+    )
+    queue_max: int = _f(
+        4, "Captures waiting for analysis before further captures are refused (visibly).",
+        min=1, max=100,
+    )
+    gpio_pin: int | None = _f(
+        None, "BCM pin of a capture button or foot pedal (needs the 'pi' extra); unset: none.",
+        min=0, max=53,
+    )
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str | None = _f(None, "Broker host name; unset runs the station without MQTT.")
+    port: int = _f(1883, "Broker port (8883 is usual with TLS).", min=1, max=65535)
+    tls: bool = _f(False, "Use TLS with the system's CA certificates (implied by tls_ca).")
+    tls_ca: str | None = _f(
+        None, "CA certificate (PEM) that signed the broker's certificate.", path=True
+    )
+    tls_cert: str | None = _f(None, "Client certificate (PEM) for mutual TLS.", path=True)
+    tls_key: str | None = _f(
+        None, "Client key (PEM) for mutual TLS; under systemd the credential "
+        f"'{CRED_MQTT_TLS_KEY}' is used when this is not set.", path=True,
+    )
+    username: str | None = _f(None, "Broker user name.")
+    password: str | None = _f(
+        None, "Broker password. Secret: only from EDGE_WBC_MQTT_PASSWORD or the systemd "
+        f"credential '{CRED_MQTT_PASSWORD}', never from this file or the command line.",
+        secret=True,
+    )
+    client_id: str | None = _f(None, "MQTT client id; unset: 'edge-wbc-<station_id>'.")
+    prefix: str = _f("edge-wbc", "First level of every topic.", check="topic")
+    station_id: str = _f(
+        "", "This station's name in topics; unset: the host name.", check="topic"
+    )
+    keepalive: int = _f(30, "Seconds between keepalives; the broker marks the station offline "
+                        "after 1.5x this without traffic.", min=5, max=3600)
+    commands_enabled: bool = _f(False, "Accept capture/slide commands from the broker.")
+    ha_discovery: bool = _f(False, "Publish Home Assistant discovery for the differential sensors.")
+    outbox_max: int = _f(
+        100000, "Events kept for the broker while it is unreachable; beyond it the oldest are "
+        "dropped with a warning.", min=100, max=10_000_000,
+    )
+    stats_interval_s: float = _f(60.0, "Seconds between health messages.", min=1.0, max=86400.0)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = _f(
+        "INFO", "Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL.", choices=LOG_LEVELS
+    )
+
+
+SECTIONS: dict[str, type] = {
+    "camera": CameraConfig,
+    "models": ModelsConfig,
+    "postprocess": PostprocessConfig,
+    "session": SessionConfig,
+    "station": StationConfig,
+    "mqtt": MqttConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    station: StationConfig = field(default_factory=StationConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: The file this came from (None: defaults and environment only).
+    path: Path | None = field(default=None, compare=False)
+
+    def replace(self, overrides: Mapping[str, Any] | None = None, /, **kw: Any) -> Config:
+        """A copy with command-line values applied, validated like the file.
+
+        Keys are ``"section.key"`` in ``overrides`` or ``section_key`` as keywords
+        (``cfg.replace(station_port=9000, session_data_dir=d)``). ``None`` values are skipped so
+        typer options that were not given can be passed straight through. Secrets cannot be set
+        here. Raises :class:`ConfigError` listing every bad value.
+        """
+        items: dict[str, Any] = dict(overrides or {})
+        for k, v in kw.items():
+            sec, _, key = k.partition("_")
+            items[f"{sec}.{key}"] = v
+        values = _as_dict(self)
+        problems: list[Problem] = []
+        for dotted, value in items.items():
+            if value is None:
+                continue
+            sec, _, key = dotted.partition(".")
+            fdef = _field(sec, key)
+            where = "command line"
+            if fdef is None:
+                problems.append(Problem(dotted, None, "no such setting", where))
+                continue
+            if fdef.metadata.get("secret"):
+                problems.append(Problem(dotted, None, _secret_msg(sec, key), where))
+                continue
+            if isinstance(value, Path):
+                value = str(value)
+            ok, conv, msg = _coerce(fdef, value)
+            if not ok:
+                problems.append(Problem(dotted, None, msg, where))
+                continue
+            values[sec][key] = conv
+        cfg, more = _build(values, lambda s, k: None, "command line", self.path)
+        problems += more
+        if problems:
+            raise ConfigError(problems)
+        return cfg
+
+    def to_dict(self, redact: bool = True) -> dict[str, dict[str, Any]]:
+        """Plain dict (for reports and ``check-config --show``); secrets are redacted."""
+        d = _as_dict(self)
+        if redact:
+            for sec, cls in SECTIONS.items():
+                for f in dataclasses.fields(cls):
+                    if f.metadata.get("secret") and d[sec][f.name] is not None:
+                        d[sec][f.name] = "***"
+        return d
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str  # "section.key" (or "section" / "" for whole-file problems)
+    line: int | None  # 1-based line in the file, when the problem is in the file
+    message: str
+    source: str  # file path, "environment", "command line", "credentials"
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        key = f"{self.key}: " if self.key else ""
+        return f"{where}: {key}{self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists every reason, with key and line."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        n = len(self.problems)
+        head = f"{n} configuration problem{'s' if n != 1 else ''}:"
+        super().__init__("\n".join([head, *(f"  {p}" for p in self.problems)]))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Defaults ← TOML file ← environment ← secrets; raises :class:`ConfigError` with all problems.
+
+    ``path`` None reads no file (``default_config_path`` picks the system file when it exists).
+    """
+    env = os.environ if env is None else env
+    problems: list[Problem] = []
+    values = _as_dict(Config())
+    file_lines: dict[str, int] = {}
+    src = "defaults"
+    cfg_path = Path(path) if path is not None else None
+
+    if cfg_path is not None:
+        src = str(cfg_path)
+        try:
+            text = cfg_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError([Problem("", None, "file not found", src)]) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError([Problem("", None, f"cannot read: {e}", src)]) from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError([Problem("", _toml_error_line(e), f"not valid TOML: {_toml_msg(e)}",
+                                       src)]) from None
+        file_lines = key_lines(text)
+        problems += _apply_file(data, values, file_lines, src)
+
+    problems += _apply_env(env, values)
+    problems += _apply_secrets(env, values)
+
+    # Systemd's StateDirectory= tells us where our state belongs when the file did not.
+    if "session.data_dir" not in file_lines and "EDGE_WBC_SESSION_DATA_DIR" not in env:
+        state = env.get("STATE_DIRECTORY", "")
+        if state:
+            values["session"]["data_dir"] = state.split(":")[0]
+    creds = env.get("CREDENTIALS_DIRECTORY", "")
+    if values["mqtt"]["tls_key"] is None and creds:
+        key = Path(creds) / CRED_MQTT_TLS_KEY
+        if key.is_file():
+            values["mqtt"]["tls_key"] = str(key)
+    if not values["mqtt"]["station_id"]:
+        values["mqtt"]["station_id"] = _hostname()
+
+    cfg, more = _build(values, lambda s, k: file_lines.get(f"{s}.{k}"), src, cfg_path)
+    problems += more
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> Path | None:
+    """``$EDGE_WBC_CONFIG``, else ``$CONFIGURATION_DIRECTORY/config.toml`` (systemd), else
+    ``/etc/edge-wbc/config.toml`` when it exists, else None (defaults)."""
+    env = os.environ if env is None else env
+    if env.get("EDGE_WBC_CONFIG"):
+        return Path(env["EDGE_WBC_CONFIG"])
+    conf_dir = env.get("CONFIGURATION_DIRECTORY", "")
+    if conf_dir:
+        p = Path(conf_dir.split(":")[0]) / "config.toml"
+        if p.is_file():
+            return p
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
+def _hostname() -> str:
+    name = socket.gethostname().split(".")[0] or "station"
+    # Topic levels must not contain MQTT wildcards or separators.
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name)
+
+
+def _apply_file(
+    data: dict[str, Any], values: dict[str, dict[str, Any]], lines: dict[str, int], src: str
+) -> list[Problem]:
+    problems: list[Problem] = []
+    for sec, table in data.items():
+        if sec not in SECTIONS:
+            problems.append(Problem(sec, lines.get(sec), f"unknown section [{sec}] (known: "
+                                    f"{', '.join(SECTIONS)})", src))
+            continue
+        if not isinstance(table, dict):
+            problems.append(Problem(sec, lines.get(sec), f"'{sec}' must be a [{sec}] table", src))
+            continue
+        for key, value in table.items():
+            dotted = f"{sec}.{key}"
+            line = lines.get(dotted, lines.get(sec))
+            fdef = _field(sec, key)
+            if fdef is None:
+                problems.append(Problem(dotted, line, _unknown_msg(sec, key), src))
+                continue
+            if fdef.metadata.get("secret"):
+                problems.append(Problem(dotted, line, _secret_msg(sec, key), src))
+                continue
+            ok, conv, msg = _coerce(fdef, value)
+            if ok:
+                values[sec][key] = conv
+            else:
+                problems.append(Problem(dotted, line, msg, src))
+    return problems
+
+
+def _apply_env(env: Mapping[str, str], values: dict[str, dict[str, Any]]) -> list[Problem]:
+    problems: list[Problem] = []
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        sec = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        if sec is None:
+            # EDGE_WBC_CONFIG, EDGE_WBC_TOKEN and test hooks live outside the sections.
+            continue
+        key = rest[len(sec) + 1:]
+        dotted = f"{sec}.{key}"
+        fdef = _field(sec, key)
+        if fdef is None:
+            problems.append(Problem(dotted, None, f"{name}: {_unknown_msg(sec, key)}",
+                                    "environment"))
+            continue
+        ok, conv, msg = _coerce(fdef, _parse_env(fdef, raw))
+        if ok:
+            values[sec][key] = conv
+        else:
+            problems.append(Problem(dotted, None, f"{name}={raw!r}: {msg}", "environment"))
+    return problems
+
+
+def _apply_secrets(env: Mapping[str, str], values: dict[str, dict[str, Any]]) -> list[Problem]:
+    problems: list[Problem] = []
+    creds = env.get("CREDENTIALS_DIRECTORY", "")
+    for dotted, env_names, cred in (
+        ("station.token", ("EDGE_WBC_TOKEN", "EDGE_WBC_STATION_TOKEN"), CRED_TOKEN),
+        ("mqtt.password", ("EDGE_WBC_MQTT_PASSWORD",), CRED_MQTT_PASSWORD),
+    ):
+        sec, key = dotted.split(".")
+        value: str | None = None
+        for n in env_names:
+            if env.get(n):
+                value = env[n]
+                break
+        if value is None and creds:
+            p = Path(creds) / cred
+            if p.is_file():
+                try:
+                    # A trailing newline from `echo secret > file` is not part of the secret.
+                    value = p.read_text(encoding="utf-8").rstrip("\r\n")
+                except (OSError, UnicodeDecodeError) as e:
+                    problems.append(Problem(dotted, None, f"cannot read credential {p}: {e}",
+                                            "credentials"))
+                    continue
+                if not value:
+                    problems.append(Problem(dotted, None, f"credential {p} is empty",
+                                            "credentials"))
+                    continue
+        values[sec][key] = value
+    return problems
+
+
+def _build(
+    values: dict[str, dict[str, Any]],
+    line_of: typing.Callable[[str, str], int | None],
+    src: str,
+    path: Path | None,
+) -> tuple[Config, list[Problem]]:
+    """Construct the tree and run the checks that involve more than one key."""
+    cfg = Config(**{s: cls(**values[s]) for s, cls in SECTIONS.items()}, path=path)
+    problems: list[Problem] = []
+
+    def bad(sec: str, key: str, msg: str) -> None:
+        problems.append(Problem(f"{sec}.{key}", line_of(sec, key), msg, src))
+
+    if not _is_loopback(cfg.station.host) and not cfg.station.token:
+        bad("station", "host", f"'{cfg.station.host}' is reachable from other machines: set a "
+            f"token (EDGE_WBC_TOKEN or the systemd credential '{CRED_TOKEN}') or listen on "
+            "127.0.0.1")
+    m = cfg.mqtt
+    if m.tls_cert and not m.tls_key:
+        bad("mqtt", "tls_cert", "a client certificate needs tls_key (or the systemd credential "
+            f"'{CRED_MQTT_TLS_KEY}')")
+    if m.tls_key and not m.tls_cert:
+        bad("mqtt", "tls_key", "a client key needs tls_cert")
+    if m.password and not m.username:
+        bad("mqtt", "username", "a password is set but no username")
+    return cfg, problems
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _field(sec: str, key: str) -> dataclasses.Field[Any] | None:
+    cls = SECTIONS.get(sec)
+    if cls is None:
+        return None
+    for f in dataclasses.fields(cls):
+        if f.name == key:
+            return f
+    return None
+
+
+def _unknown_msg(sec: str, key: str) -> str:
+    known = [f.name for f in dataclasses.fields(SECTIONS[sec])]
+    close = [k for k in known if _similar(k, key)]
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
+    return f"unknown key '{key}' in [{sec}]{hint}"
+
+
+def _similar(a: str, b: str) -> bool:
+    import difflib
+
+    return difflib.SequenceMatcher(None, a, b).ratio() >= 0.75
+
+
+def _secret_msg(sec: str, key: str) -> str:
+    if key == "token":
+        return (f"secrets are not read from here: set EDGE_WBC_TOKEN or the systemd credential "
+                f"'{CRED_TOKEN}'")
+    return ("secrets are not read from here: set EDGE_WBC_MQTT_PASSWORD or the systemd "
+            f"credential '{CRED_MQTT_PASSWORD}'")
+
+
+_HINTS: dict[str, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls.__name__ not in _HINTS:
+        _HINTS[cls.__name__] = typing.get_type_hints(cls)
+    return _HINTS[cls.__name__]
+
+
+def _field_type(fdef: dataclasses.Field[Any]) -> tuple[type, bool]:
+    """(base type, optional) for a schema field."""
+    for cls in SECTIONS.values():
+        hints = _hints(cls)
+        if fdef.name in hints and any(f is fdef for f in dataclasses.fields(cls)):
+            t = hints[fdef.name]
+            break
+    else:  # pragma: no cover - every schema field belongs to a section
+        raise KeyError(fdef.name)
+    args = typing.get_args(t)
+    if typing.get_origin(t) in (typing.Union, types.UnionType) and type(None) in args:
+        base = next(a for a in args if a is not type(None))
+        return base, True
+    return t, False
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "table"}.get(type(value), type(value).__name__)
+    return f"{kind} {value!r}" if kind not in ("array", "table") else kind
+
+
+def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
+    base, optional = _field_type(fdef)
+    meta = fdef.metadata
+    if value is None:
+        return (True, None, "") if optional else (False, None, f"must be {_TYPE_WORDS[base]}")
+    if base is bool:
+        if not isinstance(value, bool):
+            return False, None, f"must be true or false, got {_describe(value)}"
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return False, None, f"must be an integer, got {_describe(value)}"
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, None, f"must be a number, got {_describe(value)}"
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            return False, None, "must be a finite number"
+    elif base is str:
+        if not isinstance(value, str):
+            return False, None, f"must be a string, got {_describe(value)}"
+        if "\x00" in value:
+            return False, None, "must not contain NUL characters"
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        return False, None, f"{value!r} is below the minimum {lo!r}"
+    if hi is not None and value > hi:
+        return False, None, f"{value!r} is above the maximum {hi!r}"
+    choices = meta.get("choices")
+    if choices:
+        v = value.upper() if choices is LOG_LEVELS else value.lower()
+        if v not in choices:
+            return False, None, f"{value!r} is not one of {', '.join(choices)}"
+        value = v
+    if meta.get("path") and isinstance(value, str):
+        if not value.strip():
+            return False, None, "must not be empty"
+        value = os.path.expanduser(value)
+    check = meta.get("check")
+    if check == "source" and not _SOURCE_RE.match(value):
+        return False, None, (f"{value!r} is not a camera source: use 'picamera2', 'opencv:0' "
+                             "(or 'opencv:/dev/video0') or 'folder:DIR'")
+    if check == "edgetpu" and value and not re.match(r"^(usb|pci)?(:\d+)?$", value):
+        return False, None, (f"{value!r} is not an Edge TPU device "
+                             "('', 'usb', 'pci', 'usb:0', ':0')")
+    if check == "topic" and value and (re.search(r"[#+/\s\x00]", value)):
+        return False, None, (f"{value!r} must not contain '/', '+', '#' or spaces "
+                             "(it is a topic level)")
+    return True, value, ""
+
+
+def _parse_env(fdef: dataclasses.Field[Any], raw: str) -> Any:
+    """Environment values are strings; read them as the field's type so errors read the same."""
+    base, optional = _field_type(fdef)
+    s = raw.strip()
+    if optional and s == "":
+        return None
+    if base is bool:
+        low = s.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        return raw
+    if base is int:
+        try:
+            return int(s)
+        except ValueError:
+            return raw
+    if base is float:
+        try:
+            return float(s)
+        except ValueError:
+            return raw
+    return raw
+
+
+def _as_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS}
+
+
+# --------------------------------------------------------------------------- TOML positions
+
+
+_HEADER_RE = re.compile(r"^\s*\[\[?\s*(?P<name>[^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY_RE = re.compile(r"""^\s*(?P<key>(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+                     r"""(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
+
+
+def _split_dotted(s: str) -> list[str]:
+    parts = re.findall(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""", s)
+    return [p[1:-1] if p[:1] in "\"'" else p for p in parts]
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """Map dotted key -> 1-based line where it is defined (tomllib gives no positions).
+
+    Tables map to their header line. Lines inside multi-line strings are skipped so a value
+    that happens to look like ``key = ...`` is not taken for a key.
+    """
+    out: dict[str, int] = {}
+    table: list[str] = []
+    in_ml: str | None = None
+    for n, line in enumerate(text.splitlines(), 1):
+        if in_ml is not None:
+            if in_ml in line:
+                in_ml = None
+            continue
+        m = _HEADER_RE.match(line)
+        if m and not _KEY_RE.match(line):
+            table = _split_dotted(m.group("name"))
+            for i in range(1, len(table) + 1):
+                out.setdefault(".".join(table[:i]), n)
+            continue
+        m = _KEY_RE.match(line)
+        if not m:
+            continue
+        parts = table + _split_dotted(m.group("key"))
+        for i in range(1, len(parts)):
+            out.setdefault(".".join(parts[:i]), n)
+        out[".".join(parts)] = n
+        rest = line[m.end():]
+        for q in ('"""', "'''"):
+            if rest.count(q) == 1:
+                in_ml = q
+    return out
+
+
+def _toml_error_line(e: Exception) -> int | None:
+    n = getattr(e, "lineno", None)
+    if isinstance(n, int):
+        return n
+    m = re.search(r"at line (\d+)", str(e))
+    return int(m.group(1)) if m else None
+
+
+def _toml_msg(e: Exception) -> str:
+    msg = getattr(e, "msg", None) or str(e)
+    return re.sub(r"\s*\(at line \d+, column \d+\)", "", str(msg))
+
+
+# --------------------------------------------------------------------------- documentation
+
+
+def schema_doc() -> list[tuple[str, str, Any, str]]:
+    """(section, key, default, description) for every setting: docs and the example's test."""
+    rows = []
+    for sec, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            rows.append((sec, f.name, f.default, f.metadata["doc"]))
+    return rows
