@@ -1,0 +1,135 @@
+"""Logging set up once for every command, readable in a terminal and in the journal.
+
+Under systemd (``$JOURNAL_STREAM`` names our stderr) journald adds the time stamp and the unit
+itself, so lines carry only a syslog priority prefix (``<3>``...) which journald turns into the
+entry's priority: ``journalctl -u edge-wbc -p warning`` then shows just the problems.
+
+Expected failures (a broker that is down, a corrupt image, a bad config) are logged as one line
+without a traceback: they are the lab's problem to fix, not a bug, and a page of traceback hides
+the one sentence that says what to do. Unexpected exceptions keep their traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import IO
+
+# syslog priorities journald understands in a "<N>" line prefix.
+_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+_expected: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    FileNotFoundError,
+    PermissionError,
+)
+
+
+class ExpectedError(Exception):
+    """Base for failures the operator must fix (logged as one line, never a traceback)."""
+
+
+def register_expected(*types: type[BaseException]) -> None:
+    """Declare exception types whose tracebacks are noise (e.g. ConfigError, ManifestError)."""
+    global _expected
+    _expected = tuple(dict.fromkeys((*_expected, *types)))
+
+
+def is_expected(exc: BaseException) -> bool:
+    return isinstance(exc, (ExpectedError, *_expected))
+
+
+def _priority(levelno: int) -> int:
+    for lvl in sorted(_PRIORITY, reverse=True):
+        if levelno >= lvl:
+            return _PRIORITY[lvl]
+    return 7
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, journal: bool, debug: bool) -> None:
+        fmt = "%(name)s: %(message)s" if journal else (
+            "%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        super().__init__(fmt, datefmt="%Y-%m-%d %H:%M:%S")
+        self.journal = journal
+        self.debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and is_expected(exc) and not self.debug:
+            # Same record, one line: message plus the exception's own words.
+            record = logging.makeLogRecord(record.__dict__)
+            record.msg = f"{record.getMessage()}: {_one_line(exc)}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        text = super().format(record)
+        if not self.journal:
+            return text
+        # journald makes one entry per line: give every line of a traceback the same priority.
+        prefix = f"<{_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in text.splitlines() or [""])
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    return msg if isinstance(exc, ExpectedError) else f"{msg} ({type(exc).__name__})"
+
+
+def under_journal(stream: IO[str] | None = None, env: Mapping[str, str] | None = None) -> bool:
+    """True when ``stream`` (stderr) is connected to journald, as ``$JOURNAL_STREAM`` says."""
+    env = os.environ if env is None else env
+    js = env.get("JOURNAL_STREAM", "")
+    if not js:
+        return False
+    stream = sys.stderr if stream is None else stream
+    try:
+        st = os.fstat(stream.fileno())
+        dev, ino = js.split(":", 1)
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError, AttributeError):
+        # Could not compare (e.g. a test's captured stream): trust the variable.
+        return True
+
+
+def setup_logging(
+    level: str | int = "INFO",
+    stream: IO[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> logging.Handler:
+    """Configure the root logger once (idempotent: replaces our own handler)."""
+    stream = sys.stderr if stream is None else stream
+    lvl = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    if not isinstance(lvl, int):
+        lvl = logging.INFO
+    handler = logging.StreamHandler(stream)
+    handler.set_name("edge-wbc")
+    handler.setFormatter(_Formatter(journal=under_journal(stream, env), debug=lvl <= logging.DEBUG))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if h.get_name() == "edge-wbc":
+            root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(lvl)
+    # Third-party chatter at INFO buries the station's own lines.
+    for noisy in ("paho", "PIL", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    return handler
+
+
+def log_expected(logger: logging.Logger, what: str, exc: BaseException,
+                 level: int = logging.ERROR) -> None:
+    """One line for a failure the operator can act on; the traceback only at DEBUG."""
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.log(level, "%s", what, exc_info=exc)
+    else:
+        logger.log(level, "%s: %s", what, _one_line(exc))

@@ -1,0 +1,151 @@
+"""sd_notify protocol and the liveness watchdog, against a harness that plays systemd."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sd_harness import NotifyHarness
+
+from edge_wbc import sdnotify
+from edge_wbc.sdnotify import STUCK_EXIT_CODE, Liveness
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A child that behaves like the station's analysis loop: READY after "loading", then one
+# inference every 50 ms inside liveness.busy(), announcing each on STATUS.
+CHILD = textwrap.dedent(
+    """
+    import logging, sys, time
+    from edge_wbc import sdnotify
+    from edge_wbc.logs import setup_logging
+    setup_logging("INFO")
+    time.sleep(0.2)  # "loading models"
+    live = sdnotify.Liveness(stuck_after_s=float(sys.argv[1])).start()
+    sdnotify.notify_ready("ready")
+    for i in range(int(sys.argv[2])):
+        sdnotify.notify_status(f"field {i}")
+        with live.busy("field analysis"):
+            time.sleep(0.05)
+        time.sleep(0.05)
+    sdnotify.notify_stopping("done")
+    """
+)
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[NotifyHarness]:
+    h = NotifyHarness(path=tmp_path / "notify.sock")
+    yield h
+    h.close()
+
+
+def _run_child(h: NotifyHarness, stuck_after: float, fields: int, extra_env: dict[str, str],
+               watchdog_usec: int = 400_000) -> subprocess.Popen[bytes]:
+    env = {**h.env(watchdog_usec), "PYTHONPATH": str(ROOT), **extra_env}
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(stuck_after), str(fields)],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def test_healthy_process_pings_until_done(harness: NotifyHarness) -> None:
+    proc = _run_child(harness, stuck_after=2.0, fields=20, extra_env={})
+    harness.wait_for("READY", "1", proc=proc)
+    _out, err = proc.communicate(timeout=30)
+    time.sleep(0.1)
+    assert proc.returncode == 0, err.decode()
+    pings = harness.times("WATCHDOG", "1")
+    ready = harness.times("READY", "1")[0]
+    # 20 fields x ~0.1 s at one ping per 0.2 s: pings all the way through
+    assert len(pings) >= 5
+    assert harness.times("STOPPING", "1")
+    assert max(pings) > ready + 1.0
+
+
+def test_hung_inference_stops_pings_and_exits_nonzero(harness: NotifyHarness) -> None:
+    stuck_after = 1.0
+    proc = _run_child(
+        harness, stuck_after=stuck_after, fields=50,
+        extra_env={sdnotify.ENV_HANG_AFTER: "5", sdnotify.ENV_HANG_S: "60"},
+    )
+    ready = harness.wait_for("READY", "1", proc=proc)
+    try:
+        _out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.2)
+    assert proc.returncode == STUCK_EXIT_CODE, err.decode()
+    hang_start = harness.times("STATUS", "field 5")[0]
+    pings = harness.times("WATCHDOG", "1")
+    assert pings and min(pings) >= ready - 0.5  # pinged while healthy
+    # no ping once the inference has been stuck past the limit (+ one check interval of slack)
+    assert max(pings) <= hang_start + stuck_after + 0.3
+    # ... and systemd is told why; the journal gets one clear line
+    assert any(s.startswith("unhealthy: field analysis has been running") for _, s in
+               harness.statuses())
+    assert b"exiting with status 70" in err
+    assert not harness.times("STOPPING", "1")  # it did not get to finish normally
+
+
+def test_abstract_socket_and_ready_payload() -> None:
+    h = NotifyHarness(abstract_name=f"edge-wbc-test-{uuid.uuid4().hex}")
+    try:
+        env = h.env()
+        assert env["NOTIFY_SOCKET"].startswith("@")
+        assert sdnotify.notify("READY=1\nSTATUS=up and running", env)
+        t = h.wait_for("READY", "1", timeout=3)
+        assert t and h.statuses()[0][1] == "up and running"
+    finally:
+        h.close()
+
+
+def test_no_notify_socket_is_a_no_op() -> None:
+    assert sdnotify.notify("READY=1", {}) is False
+    assert sdnotify.watchdog_interval({}) is None
+    assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "2000000"}) == 1.0
+    assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}) is None
+
+
+def test_dead_socket_is_logged_not_raised(tmp_path: Path) -> None:
+    assert sdnotify.notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "gone.sock")}) is False
+
+
+def test_liveness_in_process_reports_stuck_and_dead_threads() -> None:
+    found: list[str] = []
+    live = Liveness(stuck_after_s=0.3, env={}, exit_on_unhealthy=False,
+                    check_interval_s=0.05, on_unhealthy=found.append)
+    with live.busy("quick"):
+        assert live.health() is None
+    assert live.busy_for() is None
+
+    gate = threading.Event()
+    worker = threading.Thread(target=gate.wait, name="analysis-worker", daemon=True)
+    worker.start()
+    live.watch_thread(worker)
+    assert live.health() is None
+    gate.set()
+    worker.join()
+    assert "analysis-worker" in (live.health() or "")
+
+    live2 = Liveness(stuck_after_s=0.3, env={}, exit_on_unhealthy=False,
+                     check_interval_s=0.05, on_unhealthy=found.append).start()
+    with live2.busy("field analysis"):
+        time.sleep(0.6)
+    live2.stop()
+    assert found and "field analysis has been running" in found[-1]
+
+
+def test_liveness_busy_clears_on_exception() -> None:
+    live = Liveness(stuck_after_s=5, env={})
+    with pytest.raises(RuntimeError), live.busy():
+        raise RuntimeError("corrupt frame")
+    assert live.busy_for() is None and live.health() is None
