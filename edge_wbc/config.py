@@ -160,6 +160,10 @@ class StationConfig:
         None, "BCM pin of a capture button or foot pedal (needs the 'pi' extra); unset: none.",
         min=0, max=53,
     )
+    stuck_after_s: float = _f(
+        30.0, "Seconds one field's analysis may take before the station counts itself hung, "
+        "stops its systemd watchdog pings and exits so systemd restarts it.", min=1.0, max=3600.0,
+    )
 
 
 @dataclass(frozen=True)
