@@ -1,0 +1,90 @@
+"""Stage 3: what each cell is — calibrated probabilities, and "unidentified" when unsure.
+
+Like commercial analyzers, the classifier never forces a low-confidence call into the
+differential: below the manifest's confidence threshold a cell is "unidentified" and waits for
+the technician. The softmax is temperature-scaled with the temperature fitted on validation
+data, so the score is a probability a threshold can mean something against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_wbc.inference import TFLiteModel
+from edge_wbc.preprocess import to_unit
+from edge_wbc.results import CLASSES, OTHER, UNIDENTIFIED
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float  # calibrated probability of the top class
+    probs: dict[str, float]
+
+
+def calibrated_softmax(
+    out: np.ndarray, temperature: float = 1.0, output_type: str = "logits"
+) -> np.ndarray:
+    """Logits (or probabilities, if that is what the model emits) -> softmax(logits / T)."""
+    v = np.asarray(out, np.float64).reshape(-1)
+    if output_type == "probabilities":
+        # log p recovers the logits up to a constant; the floor is one int8 output step, so a
+        # class quantised to exactly 0 stays finite.
+        v = np.log(np.maximum(v, 1.0 / 256.0))
+    z = v / max(float(temperature), 1e-6)
+    z -= z.max()
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def decide(probs: np.ndarray, classes: Sequence[str], confidence_threshold: float) -> Prediction:
+    """Top class, or "unidentified" below the threshold. "other" (not a mature leukocyte) is
+    reported as such when it wins: it must not enter the differential."""
+    k = int(np.argmax(probs))
+    score = float(probs[k])
+    top = classes[k]
+    if top != OTHER and score < confidence_threshold:
+        label = UNIDENTIFIED
+    elif top == OTHER or top in CLASSES:
+        label = top
+    else:  # a class the station does not count (a model trained with extra classes)
+        label = OTHER
+    return Prediction(label, score, {c: float(p) for c, p in zip(classes, probs, strict=True)})
+
+
+class CellClassifier:
+    def __init__(
+        self,
+        model: TFLiteModel,
+        classes: Sequence[str],
+        temperature: float = 1.0,
+        confidence_threshold: float = 0.0,
+        output_type: str = "logits",
+    ) -> None:
+        n_out = int(np.prod(model.outputs[0].shape))
+        if n_out != len(classes):
+            raise ValueError(
+                f"classifier has {n_out} outputs but the manifest lists {len(classes)} classes"
+            )
+        self.model = model
+        self.classes = tuple(classes)
+        self.temperature = float(temperature)
+        self.confidence_threshold = float(confidence_threshold)
+        self.output_type = output_type
+
+    @property
+    def input_size(self) -> int:
+        return self.model.input_hw[0]
+
+    def classify(self, crop: np.ndarray) -> Prediction:
+        """One RGB uint8 crop at the model's input size."""
+        out = self.model.infer(to_unit(crop))[0]
+        probs = calibrated_softmax(out, self.temperature, self.output_type)
+        return decide(probs, self.classes, self.confidence_threshold)
+
+    def classify_all(self, crops: Sequence[np.ndarray]) -> list[Prediction]:
+        # Batch 1 models (the op gate demands it): one invoke per crop.
+        return [self.classify(c) for c in crops]

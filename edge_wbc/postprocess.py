@@ -1,0 +1,297 @@
+"""Stage 2: from a leukocyte mask to separate, boxed, cropped cells — the paper's five steps.
+
+1. ``open_close``: opening removes specks and thin bridges, closing fills small gaps and holes.
+2. ``label_regions``: connected regions and their areas.
+3. ``median_area_filter``: the median region area is the typical leukocyte at this
+   magnification; regions far below it (platelets, debris, slivers) or far above it (stain
+   blotches, clumps) are dropped.
+4. ``split_touching``: watershed on the distance transform splits cells that touch or overlap.
+5. ``measure_cells`` + ``crop_cells``: box each cell and crop it from the full-resolution
+   colour field for the classifier.
+
+Every size is a fraction of the expected cell diameter in pixels, so one setting per objective
+and camera (``cell_diameter_px``) adapts all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
+
+from edge_wbc.preprocess import CROP_SCALE, cell_crop
+
+#: Cell diameter (pixels) at the working resolution of postprocessing.
+WORK_DIAMETER_PX = 64.0
+
+
+@dataclass(frozen=True)
+class PostprocessParams:
+    #: Expected leukocyte diameter in pixels of the analysed frame. BCCD's 640x480 fields
+    #: (the reference) have leukocytes of 110-280 px, median ~185 px (masks).
+    cell_diameter_px: float = 100.0
+    #: Opening / closing kernel diameters as fractions of the cell diameter.
+    open_frac: float = 0.05
+    close_frac: float = 0.05
+    #: Regions below / above these multiples of the median region area are not cells.
+    min_area_ratio: float = 0.25
+    max_area_ratio: float = 4.0
+    #: Minimum distance between watershed seeds, as a fraction of the cell diameter.
+    watershed_min_distance_frac: float = 0.35
+    #: Cells whose box lies closer than this to the frame edge are not counted (0: all are).
+    border_margin_px: int = 0
+    #: A seed must rise this much (fraction of the diameter) above the saddle joining it to
+    #: another seed; shallower maxima are the uneven outline of one cell, not two cells.
+    watershed_h_frac: float = 0.06
+    #: Regions smaller than this fraction of the expected cell area are noise whatever the
+    #: median says (keeps a field of specks from defining its own "typical cell").
+    min_cell_area_frac: float = 0.1
+
+    def px(self, frac: float, scale: float = 1.0) -> float:
+        return frac * self.cell_diameter_px * scale
+
+    @property
+    def expected_area(self) -> float:
+        return math.pi / 4.0 * self.cell_diameter_px**2
+
+    @classmethod
+    def from_config(cls, section: Any) -> PostprocessParams:
+        """Take the fields this class has from a config section (extra fields ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{n: getattr(section, n) for n in names if hasattr(section, n)})
+
+
+@dataclass
+class Region:
+    """One cell after postprocessing, in source-image pixels."""
+
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+    area_px: int
+    mask: np.ndarray  # bool, bbox-sized
+    split: bool = False  # came out of a watershed split
+    crop: np.ndarray | None = None
+
+
+@dataclass
+class Labels:
+    """A label image (0 background, 1..n cells) and per-label bookkeeping."""
+
+    image: np.ndarray  # int32
+    split_from: dict[int, int]  # cell label -> label of the merged region it was split from
+    dropped_small: int = 0
+    dropped_large: int = 0
+    median_area: float = 0.0
+
+
+def _disk(diameter: float) -> np.ndarray | None:
+    d = round(diameter)
+    if d < 2:
+        return None
+    d += 1 - d % 2  # odd, so the kernel has a centre
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d))
+
+
+def open_close(mask: np.ndarray, params: PostprocessParams, scale: float = 1.0) -> np.ndarray:
+    """Step 1: opening then closing (elliptic kernels), then holes filled: a leukocyte is one
+    solid region however its nucleus and cytoplasm were scored."""
+    m = mask.astype(np.uint8)
+    k_open = _disk(params.px(params.open_frac, scale))
+    if k_open is not None:
+        m = cv2.morphologyEx(m, cv2.MORPH_OPEN, k_open)
+    k_close = _disk(params.px(params.close_frac, scale))
+    if k_close is not None:
+        m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, k_close)
+    return fill_holes(m)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill every hole: redraw each outer contour filled (much faster than iterative filling)."""
+    m = (mask > 0).astype(np.uint8)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = np.zeros_like(m)
+    cv2.drawContours(out, contours, -1, 1, thickness=cv2.FILLED)
+    return out > 0
+
+
+def label_regions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Step 2: 8-connected regions; returns (labels int32, areas indexed by label, [0] = 0)."""
+    _n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    areas = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
+    areas[0] = 0
+    return labels.astype(np.int32), areas
+
+
+def median_area_filter(
+    labels: np.ndarray, areas: np.ndarray, params: PostprocessParams, scale: float = 1.0
+) -> Labels:
+    """Step 3: keep regions within [min_area_ratio, max_area_ratio] x the median area."""
+    floor = params.min_cell_area_frac * params.expected_area * scale**2
+    ids = np.arange(len(areas))
+    candidates = ids[(ids > 0) & (areas >= floor)]
+    dropped_small = int(np.sum((ids > 0) & (areas < floor)))
+    if candidates.size == 0:
+        return Labels(np.zeros_like(labels), {}, dropped_small, 0, 0.0)
+    med = float(np.median(areas[candidates]))
+    lo, hi = params.min_area_ratio * med, params.max_area_ratio * med
+    keep = candidates[(areas[candidates] >= lo) & (areas[candidates] <= hi)]
+    dropped_small += int(np.sum(areas[candidates] < lo))
+    dropped_large = int(np.sum(areas[candidates] > hi))
+    lut = np.zeros(len(areas), np.int32)
+    lut[keep] = np.arange(1, keep.size + 1, dtype=np.int32)
+    return Labels(lut[labels], {}, dropped_small, dropped_large, med)
+
+
+def split_touching(lab: Labels, params: PostprocessParams, scale: float = 1.0) -> Labels:
+    """Step 4: watershed of each region's distance transform, seeded at its h-maxima.
+
+    Two touching round cells give two distance peaks with a saddle at the neck; one cell, even
+    an oval one, gives a single plateau. The split is only kept if every piece is still a
+    plausible cell (at least min_area_ratio x the median area); otherwise the region stays whole.
+    """
+    img = lab.image
+    out = np.zeros_like(img)
+    split_from: dict[int, int] = {}
+    h = max(1.0, params.px(params.watershed_h_frac, scale))
+    min_dist = max(1.0, params.px(params.watershed_min_distance_frac, scale))
+    min_piece = params.min_area_ratio * lab.median_area
+    objects = ndi.find_objects(img)
+    nxt = 1
+    for region_id, sl in enumerate(objects, start=1):
+        if sl is None:
+            continue
+        # One pixel of padding so the distance transform sees the region's outline everywhere.
+        y0, x0 = max(sl[0].start - 1, 0), max(sl[1].start - 1, 0)
+        y1, x1 = min(sl[0].stop + 1, img.shape[0]), min(sl[1].stop + 1, img.shape[1])
+        region = img[y0:y1, x0:x1] == region_id
+        pieces = _watershed_region(region, h, min_dist, min_piece)
+        sub = out[y0:y1, x0:x1]
+        if pieces is None:
+            sub[region] = nxt
+            nxt += 1
+            continue
+        for k in range(1, int(pieces.max()) + 1):
+            sel = pieces == k
+            if sel.any():
+                sub[sel] = nxt
+                split_from[nxt] = region_id
+                nxt += 1
+    return Labels(out, split_from, lab.dropped_small, lab.dropped_large, lab.median_area)
+
+
+def _watershed_region(
+    region: np.ndarray, h: float, min_dist: float, min_piece: float
+) -> np.ndarray | None:
+    dist = cv2.distanceTransform(region.astype(np.uint8), cv2.DIST_L2, 5)
+    # Quarter-pixel steps in uint16: h_maxima on integers is exact and faster than on floats.
+    peaks = h_maxima(np.round(dist * 4).astype(np.uint16), max(1, round(h * 4)))
+    markers, count = ndi.label(peaks)
+    if count < 2:
+        return None
+    if min_dist > 1 and count > 1:
+        markers, count = _merge_close_markers(markers, count, dist, min_dist)
+        if count < 2:
+            return None
+    pieces = watershed(-dist, markers, mask=region)
+    areas = np.bincount(pieces.ravel(), minlength=count + 1)[1:]
+    if np.any(areas < min_piece):
+        return None
+    return pieces.astype(np.int32)
+
+
+def _merge_close_markers(
+    markers: np.ndarray, count: int, dist: np.ndarray, min_dist: float
+) -> tuple[np.ndarray, int]:
+    """Seeds closer than min_dist belong to one cell: keep the one deepest inside the region."""
+    centres = ndi.center_of_mass(np.ones_like(markers), markers, range(1, count + 1))
+    depth = ndi.maximum(dist, markers, range(1, count + 1))
+    order = np.argsort(-np.asarray(depth))
+    kept: list[int] = []
+    for i in order:
+        cy, cx = centres[i]
+        if all(math.hypot(cy - centres[j][0], cx - centres[j][1]) >= min_dist for j in kept):
+            kept.append(int(i))
+    lut = np.zeros(count + 1, np.int32)
+    for new, i in enumerate(sorted(kept), start=1):
+        lut[i + 1] = new
+    return lut[markers], len(kept)
+
+
+def to_source(lab: Labels, src_hw: tuple[int, int]) -> np.ndarray:
+    """Label image at source resolution with smooth outlines.
+
+    The outline comes from a bilinear upscale of the foreground (no staircase of the working
+    resolution); the cell identity of each pixel from a nearest-neighbour upscale.
+    """
+    sh, sw = src_hw
+    img = lab.image
+    if img.shape == (sh, sw):
+        return img
+    ids = cv2.resize(img, (sw, sh), interpolation=cv2.INTER_NEAREST)
+    fg = cv2.resize((img > 0).astype(np.float32), (sw, sh), interpolation=cv2.INTER_LINEAR)
+    ids[fg < 0.5] = 0
+    return ids
+
+
+def measure_cells(
+    labels_src: np.ndarray, split_from: dict[int, int], params: PostprocessParams
+) -> list[Region]:
+    """Step 5a: box and measure each cell on the source-resolution label image."""
+    sh, sw = labels_src.shape
+    regions: list[Region] = []
+    margin = int(params.border_margin_px)
+    for cell_id, sl in enumerate(ndi.find_objects(labels_src), start=1):
+        if sl is None:
+            continue
+        sel = labels_src[sl] == cell_id
+        y0, x0, y1, x1 = sl[0].start, sl[1].start, sl[0].stop, sl[1].stop
+        if margin > 0 and (x0 < margin or y0 < margin or x1 > sw - margin or y1 > sh - margin):
+            continue
+        regions.append(
+            Region(
+                bbox=(int(x0), int(y0), int(x1), int(y1)),
+                area_px=int(sel.sum()),
+                mask=sel,
+                split=cell_id in split_from,
+            )
+        )
+    return regions
+
+
+def crop_cells(
+    rgb_balanced: np.ndarray, regions: list[Region], size: int, crop_scale: float = CROP_SCALE
+) -> None:
+    """Step 5b: the classifier's view of each cell, from the white-balanced full-res field."""
+    for r in regions:
+        r.crop = cell_crop(rgb_balanced, r.bbox, size, crop_scale)
+
+
+def work_scale(src_hw: tuple[int, int], params: PostprocessParams) -> float:
+    """Scale at which to postprocess: a cell WORK_DIAMETER_PX across is plenty for shapes and
+    watershed (the segmenters' own output is coarser than that on a 640x480 field), and it
+    keeps morphology and watershed cheap on any camera."""
+    return min(1.0, WORK_DIAMETER_PX / max(params.cell_diameter_px, 1.0))
+
+
+def postprocess(
+    mask: np.ndarray,
+    src_hw: tuple[int, int],
+    params: PostprocessParams,
+    scale: float = 1.0,
+) -> tuple[list[Region], Labels, np.ndarray]:
+    """Steps 1-5a on a mask at ``scale`` x the source size.
+
+    Returns the cells (source pixels), the label image at working scale and the label image at
+    source scale.
+    """
+    cleaned = open_close(mask, params, scale)
+    labels, areas = label_regions(cleaned)
+    lab = median_area_filter(labels, areas, params, scale)
+    lab = split_touching(lab, params, scale)
+    labels_src = to_source(lab, src_hw)
+    return measure_cells(labels_src, lab.split_from, params), lab, labels_src
