@@ -1,0 +1,769 @@
+"""MQTT publisher: the station as a well-behaved client of central monitoring's broker.
+
+Availability contract (as Frigate's comms/mqtt.py and the paho README): the last will
+``offline`` (retained) is set before connecting; on every connect the retained differential is
+republished, then ``online``; a clean exit publishes ``stopped``. Subscriptions are (re)made in
+``on_connect`` so they survive a broker restart.
+
+Durability: cell/field/slide events are rows of the outbox (``edge_wbc.outbox``) that the
+station's store wrote in the same transaction as its counts. This publisher only drains them:
+publish at QoS 1, delete the row after the broker's PUBACK for that message id. A broker outage
+or a restart therefore loses nothing; a crash between PUBACK and delete re-sends a message,
+which consumers de-duplicate by ``event_id`` (or cell id + action).
+
+Threads: paho's network thread runs the callbacks, which only record facts under a lock and
+wake the worker; one worker thread owns the SQLite connection, publishes, and runs command
+handlers, so a slow handler or disk never stalls keepalives. paho's callbacks are invoked with
+its internal message lock held, so nothing here holds our lock across ``client.publish``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import ssl
+import statistics
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_wbc import outbox
+from edge_wbc.outbox import MQTT_SCHEMA, utc_now_iso
+from edge_wbc.results import CLASSES, UNIDENTIFIED
+
+log = logging.getLogger(__name__)
+
+StateProvider = Callable[[], dict[str, Any]]
+CommandHandler = Callable[[str, dict[str, Any]], Any]
+HealthProvider = Callable[[], dict[str, Any]]
+
+ONLINE, OFFLINE, STOPPED = "online", "offline", "stopped"
+#: Rows published but not yet acknowledged; bounds memory and the re-send burst after a restart.
+INFLIGHT_WINDOW = 200
+MAX_COMMAND_BYTES = 4096
+SLIDE_ACTIONS = ("new", "finalise", "target")
+HA_DISCOVERY_PREFIX = "homeassistant"
+# CONNACK reasons that retrying will not fix until someone changes the broker or our secrets.
+_AUTH_REASONS = {"Bad user name or password", "Not authorized"}
+
+
+class MqttError(RuntimeError):
+    """Configuration that cannot work (missing TLS file, bad topic...): a clear startup error."""
+
+
+class CommandError(ValueError):
+    """A malformed or refused command payload."""
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    host: str
+    port: int = 1883
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = None
+    prefix: str = "edge-wbc"
+    station_id: str = ""
+    keepalive: int = 30
+    commands_enabled: bool = False
+    ha_discovery: bool = False
+    outbox_max: int = outbox.DEFAULT_MAX_ROWS
+    stats_interval_s: float = 60.0
+    reconnect_min_s: int = 1
+    reconnect_max_s: int = 60
+
+    @classmethod
+    def from_config(cls, cfg: Any, env: dict[str, str] | None = None) -> MqttSettings:
+        """Read the ``mqtt`` config section (edge_wbc.config.MqttConfig or any object alike)."""
+        host = getattr(cfg, "host", None)
+        if not host:
+            raise MqttError("mqtt.host is not set")
+        station = getattr(cfg, "station_id", "") or default_station_id()
+        password = getattr(cfg, "password", None)
+        if password is None and getattr(cfg, "username", None):
+            password = read_password(os.environ if env is None else env)
+        kwargs = {
+            k: getattr(cfg, k) for k in (
+                "port", "tls", "tls_ca", "tls_cert", "tls_key", "username", "prefix",
+                "keepalive", "commands_enabled", "ha_discovery", "outbox_max",
+                "stats_interval_s",
+            ) if getattr(cfg, k, None) is not None
+        }
+        settings = cls(host=str(host), station_id=station, password=password,
+                       client_id=getattr(cfg, "client_id", None) or f"edge-wbc-{station}",
+                       **kwargs)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        for name in ("prefix", "station_id"):
+            value = getattr(self, name)
+            if not value or any(c in value for c in "+#/\0"):
+                raise MqttError(f"mqtt.{name} {value!r} must be one non-empty topic level "
+                                "without '+', '#' or '/'")
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                raise MqttError(f"mqtt.{name}: cannot read {path}")
+        if self.tls_key and not self.tls_cert:
+            raise MqttError("mqtt.tls_key is set but mqtt.tls_cert is not")
+
+    @property
+    def use_tls(self) -> bool:
+        return bool(self.tls or self.tls_ca or self.tls_cert)
+
+    def topic(self, *levels: str) -> str:
+        return "/".join((self.prefix, self.station_id, *levels))
+
+
+def default_station_id() -> str:
+    """Host name as one topic level (dots would be fine, slashes and wildcards are not)."""
+    name = socket.gethostname().split(".")[0] or "station"
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+
+
+def read_password(env: dict[str, str]) -> str | None:
+    """Same sources as edge_wbc.config: environment, then the systemd credential; never argv."""
+    if env.get("EDGE_WBC_MQTT_PASSWORD"):
+        return env["EDGE_WBC_MQTT_PASSWORD"]
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        path = Path(creds) / "mqtt-password"
+        if path.is_file():
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+    return None
+
+
+class _PahoNoise(logging.Filter):
+    """paho 2.2 logs 'Client is not connected' at ERROR on every reconnect attempt while the
+    broker is away; our own callbacks already say that once, with the cause."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_PAHO_LOG = logging.getLogger("edge_wbc.mqtt.paho")
+_PAHO_LOG.addFilter(_PahoNoise())
+
+
+def _dumps(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False, default=str)
+
+
+class MqttPublisher:
+    """Drains the outbox to the broker and keeps the retained topics true. See module doc."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        db_path: str | os.PathLike[str],
+        state_provider: StateProvider | None = None,
+        command_handler: CommandHandler | None = None,
+        health_provider: HealthProvider | None = None,
+    ) -> None:
+        settings.validate()
+        self.settings = settings
+        self.db_path = str(db_path)
+        self._state_provider = state_provider
+        self._command_handler = command_handler
+        self._health_provider = health_provider
+        self._started_at = time.monotonic()
+
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._connected = False
+        self._just_connected = False
+        self._wake = False
+        self._state = "starting"
+        self._error: str | None = None
+        self._connects = 0
+        self._diff: dict[str, Any] | None = None
+        self._diff_dirty = False
+        self._commands: deque[tuple[str, bytes]] = deque(maxlen=100)
+        self._pending: dict[int, int | None] = {}  # mid -> outbox row id (None: not an outbox row)
+        self._early: set[int] = set()  # PUBACKs that arrived before publish() returned the mid
+        # At most one differential in flight: paho re-sends unacknowledged messages after a
+        # reconnect, and a stale retained differential must never land after a fresh one.
+        self._diff_mids: set[int] = set()
+        self._acked: list[int] = []
+        self._inflight_rows: set[int] = set()
+        self._last_sent_id = 0
+        self._published = 0
+        self._fields = 0
+        self._latencies: deque[float] = deque(maxlen=200)
+        self._outbox_status: outbox.OutboxStatus | None = None
+        self._worker: threading.Thread | None = None
+
+        self.client = self._make_client()
+
+    # ---- paho client -------------------------------------------------------------------------
+    def _make_client(self) -> paho.Client:
+        s = self.settings
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id,
+                             protocol=paho.MQTTv311, clean_session=True)
+        # A raising callback would otherwise kill paho's network thread (and keepalives).
+        client.suppress_exceptions = True
+        client.enable_logger(_PAHO_LOG)
+        if s.username:
+            client.username_pw_set(s.username, s.password)
+        if s.use_tls:
+            try:
+                client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key,
+                               cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise MqttError(f"MQTT TLS settings unusable: {exc}") from exc
+        # Before connect: the broker needs the will in CONNECT to announce an unclean death.
+        client.will_set(s.topic("available"), OFFLINE, qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=s.reconnect_min_s, max_delay=s.reconnect_max_s)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def start(self) -> MqttPublisher:
+        db = outbox.connect(self.db_path)
+        try:
+            outbox.ensure_schema(db, max_rows=self.settings.outbox_max)
+            self._outbox_status = outbox.status(db)
+        finally:
+            db.close()
+        self._worker = threading.Thread(target=self._run, name="edge-wbc-mqtt", daemon=True)
+        self._worker.start()
+        self._set_state("connecting")
+        log.info("MQTT: connecting to %s:%d as %s (station %s, prefix %s)", self.settings.host,
+                 self.settings.port, self.settings.client_id, self.settings.station_id,
+                 self.settings.prefix)
+        # connect_async + loop_start: a broker that is down at boot must not stop the station.
+        self.client.connect_async(self.settings.host, self.settings.port, self.settings.keepalive)
+        self.client.loop_start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Publish retained ``stopped``, wait (bounded) for outstanding PUBACKs, disconnect."""
+        with self._cv:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._cv.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout_s + 5.0)
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+        self._set_state("stopped")
+
+    # ---- listener (contract 3) ---------------------------------------------------------------
+    def publish(self, event: Any) -> None:
+        """Session listener: ``event.kind`` in differential/cell/field/slide, ``event.payload``.
+
+        Cell/field/slide rows are already in the outbox (the store wrote them with the counts),
+        so those only wake the drainer. Never blocks and never raises into the session.
+        """
+        try:
+            kind = getattr(event, "kind", None)
+            payload = getattr(event, "payload", None)
+            with self._cv:
+                if kind == "differential" and isinstance(payload, dict):
+                    self._diff = dict(payload)
+                    self._diff_dirty = True
+                elif kind == "field" and isinstance(payload, dict):
+                    self._fields += 1
+                    lat = payload.get("latency_ms")
+                    if lat is None and isinstance(payload.get("timing_ms"), dict):
+                        lat = payload["timing_ms"].get("total")
+                    if isinstance(lat, (int, float)):
+                        self._latencies.append(float(lat))
+                self._wake = True
+                self._cv.notify_all()
+        except Exception:  # a listener must never break counting
+            log.exception("MQTT: could not take event %r", event)
+
+    __call__ = publish
+
+    # ---- status for the station's page -------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        with self._cv:
+            ob = self._outbox_status
+            return {
+                "enabled": True,
+                "broker": f"{self.settings.host}:{self.settings.port}",
+                "station_id": self.settings.station_id,
+                "state": self._state,
+                "connected": self._connected,
+                "error": self._error,
+                "inflight": len(self._inflight_rows),
+                "published": self._published,
+                "outbox": ob.to_json() if ob else None,
+                "warning": self._error or (ob.warning if ob else None),
+            }
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def wait_until(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float) -> bool:
+        """Block until ``predicate(status())`` holds (tests, shutdown scripts); bounded."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate(self.status()):
+                return True
+            with self._cv:
+                self._cv.wait(0.05)
+        return predicate(self.status())
+
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        with self._cv:
+            self._state = state
+            self._error = error
+            self._cv.notify_all()
+
+    # ---- paho callbacks (network thread: record and wake, nothing slow) ----------------------
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        if reason.is_failure:
+            name = str(reason)
+            auth = name in _AUTH_REASONS
+            msg = (f"MQTT broker {self.settings.host}:{self.settings.port} refused the "
+                   f"connection: {name}"
+                   + (" (check mqtt.username and the EDGE_WBC_MQTT_PASSWORD / mqtt-password "
+                      "credential)" if auth else "")
+                   + "; counting continues locally, events wait in the outbox")
+            with self._cv:
+                repeated = self._error == msg
+            if not repeated:
+                log.error("%s", msg)
+            self._set_state("auth_failed" if auth else "refused", msg)
+            return
+        if self.settings.commands_enabled:
+            client.subscribe([(self.settings.topic("capture", "set"), 1),
+                              (self.settings.topic("slide", "set"), 1)])
+        with self._cv:
+            self._connected = True
+            self._just_connected = True
+            self._connects += 1
+            self._state = "connected"
+            self._error = None
+            self._cv.notify_all()
+        log.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # paho calls this inside its `except OSError`, so the cause is still in sys.exc_info().
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ssl.SSLError):
+            kind, detail = "tls_error", f"TLS handshake with the broker failed: {exc}"
+        else:
+            kind, detail = "unreachable", f"cannot reach the broker: {exc or 'connection failed'}"
+        msg = (f"MQTT {self.settings.host}:{self.settings.port}: {detail}; retrying with "
+               "back-off, counting continues locally")
+        with self._cv:
+            repeated = self._error == msg
+        if repeated:
+            log.debug("%s", msg)
+        else:
+            log.warning("%s", msg)
+        self._set_state(kind, msg)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        with self._cv:
+            was = self._connected
+            self._connected = False
+            if self._state in ("connected", "connecting"):
+                self._state = "disconnected"
+            self._cv.notify_all()
+        if was and not self._stopping:
+            log.warning("MQTT: lost the broker (%s); reconnecting with back-off, events wait "
+                        "in the outbox", reason)
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any,
+                    properties: Any) -> None:
+        with self._cv:
+            self._diff_mids.discard(mid)
+            if mid in self._pending:
+                row = self._pending.pop(mid)
+                if row is not None:
+                    self._acked.append(row)
+                self._published += 1
+            else:
+                self._early.add(mid)
+            self._cv.notify_all()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if msg.retain:
+            # A retained command would fire again on every reconnect: refuse it.
+            log.warning("MQTT: ignoring retained command on %s (publish commands without "
+                        "retain)", msg.topic)
+            return
+        kind = {self.settings.topic("capture", "set"): "capture",
+                self.settings.topic("slide", "set"): "slide"}.get(msg.topic)
+        if kind is None:
+            return
+        with self._cv:
+            self._commands.append((kind, bytes(msg.payload)))
+            self._cv.notify_all()
+
+    # ---- worker thread ------------------------------------------------------------------------
+    def _send(self, topic: str, payload: str | bytes, qos: int, retain: bool,
+              row_id: int | None = None, differential: bool = False) -> paho.MQTTMessageInfo | None:
+        try:
+            info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as exc:
+            log.error("MQTT: cannot publish on %s: %s", topic, exc)
+            if row_id is not None:
+                with self._cv:
+                    self._acked.append(row_id)  # unpublishable forever: do not block the queue
+            return None
+        with self._cv:
+            if info.mid in self._early:
+                # PUBACK (or, at QoS 0, the write) beat us here: settle it now.
+                self._early.discard(info.mid)
+                if row_id is not None:
+                    self._acked.append(row_id)
+                self._published += 1
+            elif qos > 0 or info.rc == paho.MQTT_ERR_SUCCESS:
+                # A QoS 0 message refused for want of a connection never calls on_publish.
+                self._pending[info.mid] = row_id
+                if row_id is not None:
+                    self._inflight_rows.add(row_id)
+                if differential:
+                    self._diff_mids.add(info.mid)
+        return info
+
+    def _has_work(self) -> bool:
+        return (self._stopping or self._wake or self._just_connected or bool(self._acked)
+                or bool(self._commands)
+                or (self._diff_dirty and self._connected and not self._diff_mids))
+
+    def _run(self) -> None:
+        db = outbox.connect(self.db_path)
+        next_stats = time.monotonic() + min(5.0, self.settings.stats_interval_s)
+        try:
+            while True:
+                with self._cv:
+                    self._cv.wait_for(self._has_work,
+                                      timeout=max(0.05, min(1.0, next_stats - time.monotonic())))
+                    stopping = self._stopping
+                    just_connected, self._just_connected = self._just_connected, False
+                    self._wake = False
+                    acked, self._acked = self._acked, []
+                    commands = list(self._commands)
+                    self._commands.clear()
+                    connected = self._connected
+                try:
+                    self._ack(db, acked)
+                    if stopping:
+                        self._shutdown(db)
+                        return
+                    if just_connected:
+                        self._announce()
+                    elif connected and self._diff_dirty:
+                        self._publish_differential()
+                    for kind, raw in commands:
+                        self._handle_command(kind, raw)
+                    if self._connected:
+                        self._drain(db)
+                    if time.monotonic() >= next_stats:
+                        next_stats = time.monotonic() + self.settings.stats_interval_s
+                        if self._connected:
+                            self._publish_stats(db)
+                except Exception:
+                    # Disk trouble or a bug in a handler must not end publishing for good.
+                    log.exception("MQTT worker error; retrying in 1 s")
+                    time.sleep(1.0)
+        finally:
+            db.close()
+
+    def _ack(self, db: Any, rows: list[int]) -> None:
+        if not rows:
+            return
+        outbox.ack_many(db, rows)
+        st = outbox.status(db)
+        if st.over_limit and not st.full:
+            outbox.clear_over_limit(db)
+            st = outbox.status(db)
+        with self._cv:
+            self._inflight_rows.difference_update(rows)
+            self._outbox_status = st
+
+    def _drain(self, db: Any) -> None:
+        room = INFLIGHT_WINDOW - len(self._inflight_rows)
+        if room <= 0:
+            return
+        rows = outbox.peek(db, room, after_id=self._last_sent_id)
+        for row in rows:
+            if not self._connected:
+                break
+            body = {**row.payload, "station": self.settings.station_id, "seq": row.id}
+            self._send(self.settings.topic(row.topic_suffix), _dumps(body), row.qos, row.retain,
+                       row_id=row.id)
+            self._last_sent_id = row.id
+        if rows:
+            with self._cv:
+                self._outbox_status = outbox.status(db)
+
+    def _current_state(self) -> dict[str, Any] | None:
+        if self._state_provider is not None:
+            try:
+                state = self._state_provider()
+                if isinstance(state, dict):
+                    with self._cv:
+                        self._diff = dict(state)
+            except Exception:
+                log.exception("MQTT: state provider failed; using the last differential event")
+        with self._cv:
+            return None if self._diff is None else dict(self._diff)
+
+    def _differential_payload(self, state: dict[str, Any]) -> str:
+        slide = state.get("slide") if isinstance(state.get("slide"), dict) else {}
+        return _dumps({
+            **state,
+            # The station's own state schema stays readable next to the MQTT envelope's.
+            "state_schema": state.get("schema"),
+            "schema": MQTT_SCHEMA,
+            "station": self.settings.station_id,
+            "slide_id": state.get("slide_id") or slide.get("slide_id"),
+            "sample_id": state.get("sample_id") or slide.get("sample_id"),
+            "ts": state.get("ts") or state.get("updated_at") or utc_now_iso(),
+            "published_at": utc_now_iso(),
+        })
+
+    def _publish_differential(self) -> None:
+        with self._cv:
+            if self._diff_mids:
+                return  # still dirty: sent once the one in flight is acknowledged
+            state = None if self._diff is None else dict(self._diff)
+            self._diff_dirty = False
+        if state is not None:
+            self._send(self.settings.topic("differential"), self._differential_payload(state),
+                       qos=1, retain=True, differential=True)
+
+    def _announce(self) -> None:
+        """After every connect: discovery, retained differential, then ``online``."""
+        if self.settings.ha_discovery:
+            for topic, config in ha_discovery_configs(self.settings):
+                self._send(topic, _dumps(config), qos=1, retain=True)
+        with self._cv:
+            # A differential left in flight by the last connection is re-sent by paho now;
+            # let it land first so the fresh one below is the retained one (bounded wait).
+            self._cv.wait_for(lambda: not self._diff_mids or not self._connected, timeout=5.0)
+        state = self._current_state()
+        with self._cv:
+            self._diff_dirty = False
+        if state is not None:
+            self._send(self.settings.topic("differential"), self._differential_payload(state),
+                       qos=1, retain=True, differential=True)
+        self._send(self.settings.topic("available"), ONLINE, qos=1, retain=True)
+
+    def stats_payload(self, db: Any) -> dict[str, Any]:
+        st = outbox.status(db)
+        with self._cv:
+            self._outbox_status = st
+            lats = list(self._latencies)
+            fields = self._fields
+            connects = self._connects
+        try:
+            free = shutil.disk_usage(Path(self.db_path).resolve().parent).free
+        except OSError:
+            free = None
+        payload: dict[str, Any] = {
+            "schema": MQTT_SCHEMA,
+            "station": self.settings.station_id,
+            "ts": utc_now_iso(),
+            "uptime_s": round(time.monotonic() - self._started_at, 1),
+            "fields": fields,  # analysed since this process started
+            "latency_ms": {
+                "last": round(lats[-1], 1) if lats else None,
+                "median": round(statistics.median(lats), 1) if lats else None,
+                "n": len(lats),
+            },
+            "accelerator": None,
+            "outbox": st.to_json(),
+            "disk_free_mb": None if free is None else round(free / 2**20, 1),
+            "mqtt_connects": connects,
+        }
+        with self._cv:
+            diff = self._diff
+        if diff:
+            payload["slide_fields"] = diff.get("fields")
+            payload["accelerator"] = diff.get("accelerator") or (
+                diff.get("models", {}).get("accelerator")
+                if isinstance(diff.get("models"), dict) else None)
+        if self._health_provider is not None:
+            try:
+                payload.update(self._health_provider())
+            except Exception:
+                log.exception("MQTT: health provider failed")
+        return payload
+
+    def _publish_stats(self, db: Any) -> None:
+        # Retained so a monitor that starts later sees the last health at once; QoS 0: the
+        # next one supersedes it anyway.
+        self._send(self.settings.topic("stats"), _dumps(self.stats_payload(db)), qos=0,
+                   retain=True)
+
+    def _handle_command(self, kind: str, raw: bytes) -> None:
+        request_id = None
+        try:
+            args = parse_command(kind, raw)
+            request_id = args.pop("request_id", None)
+            if self._command_handler is None:
+                raise CommandError("this station has no command handler")
+            result = self._command_handler(kind, args)
+            echo = {"ok": True, "result": result}
+            log.info("MQTT command %s %s -> %s", kind, args, result)
+        except CommandError as exc:
+            log.warning("MQTT: ignoring malformed %s command %r: %s", kind, raw[:200], exc)
+            echo = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # the station refused it (e.g. finalise with unidentified)
+            log.warning("MQTT: %s command failed: %s", kind, exc)
+            echo = {"ok": False, "error": str(exc) or type(exc).__name__}
+        body = {"schema": MQTT_SCHEMA, "station": self.settings.station_id, "ts": utc_now_iso(),
+                "command": kind, "request_id": request_id, **echo}
+        self._send(self.settings.topic("state"), _dumps(body), qos=1, retain=False)
+
+    def _shutdown(self, db: Any) -> None:
+        deadline = time.monotonic() + 5.0
+        if self._connected:
+            info = self._send(self.settings.topic("available"), STOPPED, qos=1, retain=True)
+            mid = None if info is None else info.mid
+            # Bounded: a clean exit should not hang on a broker that has just gone away.
+            with self._cv:
+                self._cv.wait_for(
+                    lambda: not self._connected
+                    or (mid not in self._pending
+                        and all(row is None for row in self._pending.values())),
+                    timeout=max(0.0, deadline - time.monotonic()))
+        with self._cv:
+            acked, self._acked = self._acked, []
+        self._ack(db, acked)
+
+
+def parse_command(kind: str, raw: bytes) -> dict[str, Any]:
+    """Validate a command payload; raises CommandError with the reason for a malformed one.
+
+    capture/set: empty, ``PRESS`` (Home Assistant's button), ``capture``, or a JSON object
+    ``{"request_id": "..."}``. slide/set: a JSON object ``{"action": "new", "sample_id": "S1",
+    "target": 100}``, ``{"action": "finalise"}`` or ``{"action": "target", "target": 200}``.
+    """
+    if len(raw) > MAX_COMMAND_BYTES:
+        raise CommandError(f"payload of {len(raw)} bytes is over {MAX_COMMAND_BYTES}")
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise CommandError("payload is not UTF-8") from exc
+    if kind == "capture" and text in ("", "PRESS", "capture"):
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"payload is not JSON: {exc.msg}") from exc
+    if not isinstance(data, dict):
+        raise CommandError("payload must be a JSON object")
+    request_id = data.get("request_id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise CommandError("request_id must be a string")
+    if kind == "capture":
+        unknown = set(data) - {"request_id", "action"}
+        if unknown or data.get("action", "capture") != "capture":
+            raise CommandError(f"unexpected capture fields {sorted(unknown) or data['action']}")
+        return {"request_id": request_id} if request_id else {}
+    if kind != "slide":
+        raise CommandError(f"unknown command {kind!r}")
+    action = data.get("action")
+    if action not in SLIDE_ACTIONS:
+        raise CommandError(f"slide action must be one of {', '.join(SLIDE_ACTIONS)}, "
+                           f"got {action!r}")
+    allowed = {"new": {"sample_id", "target"}, "finalise": set(), "target": {"target"}}[action]
+    unknown = set(data) - allowed - {"action", "request_id"}
+    if unknown:
+        raise CommandError(f"unexpected fields for {action}: {sorted(unknown)}")
+    out: dict[str, Any] = {"action": action}
+    if request_id:
+        out["request_id"] = request_id
+    if "target" in data or action == "target":
+        target = data.get("target")
+        if isinstance(target, bool) or not isinstance(target, int) or not 1 <= target <= 10000:
+            raise CommandError(f"target must be an integer 1..10000, got {target!r}")
+        out["target"] = target
+    if action == "new":
+        sample = data.get("sample_id")
+        if not isinstance(sample, str) or not sample.strip() or len(sample) > 128:
+            raise CommandError("new slide needs a sample_id (non-empty string, <= 128 chars)")
+        out["sample_id"] = sample.strip()
+    return out
+
+
+def ha_discovery_configs(s: MqttSettings) -> list[tuple[str, dict[str, Any]]]:
+    """Home Assistant MQTT discovery: one sensor per class percentage plus progress sensors."""
+    node = f"edge_wbc_{s.station_id}".replace("-", "_")
+    device = {"identifiers": [node], "name": f"edge-wbc {s.station_id}",
+              "manufacturer": "edge-wbc", "model": "leukocyte differential station"}
+    availability = [{"topic": s.topic("available"),
+                     "value_template": "{{ 'online' if value == 'online' else 'offline' }}"}]
+    common = {"state_topic": s.topic("differential"), "availability": availability,
+              "device": device}
+    out: list[tuple[str, dict[str, Any]]] = []
+    for cls in (*CLASSES, UNIDENTIFIED):
+        out.append((f"{HA_DISCOVERY_PREFIX}/sensor/{node}/{cls}/config", {
+            **common, "name": f"{cls.capitalize()} %", "unique_id": f"{node}_{cls}_pct",
+            "unit_of_measurement": "%", "state_class": "measurement",
+            "value_template": f"{{{{ value_json.percentages.{cls} | default(0) }}}}",
+            "json_attributes_topic": s.topic("differential"),
+            "json_attributes_template": (
+                f"{{{{ {{'count': value_json.counts.{cls} | default(0), "
+                f"'ci95': value_json.ci95.{cls} | default(none)}} | tojson }}}}"),
+        }))
+    for key, name in (("counted", "Cells counted"), ("target", "Target")):
+        out.append((f"{HA_DISCOVERY_PREFIX}/sensor/{node}/{key}/config", {
+            **common, "name": name, "unique_id": f"{node}_{key}", "state_class": "measurement",
+            "value_template": f"{{{{ value_json.{key} }}}}",
+        }))
+    out.append((f"{HA_DISCOVERY_PREFIX}/sensor/{node}/sample/config", {
+        **common, "name": "Sample", "unique_id": f"{node}_sample",
+        "value_template": "{{ value_json.sample_id }}",
+    }))
+    if s.commands_enabled:
+        out.append((f"{HA_DISCOVERY_PREFIX}/button/{node}/capture/config", {
+            "name": "Capture field", "unique_id": f"{node}_capture",
+            "command_topic": s.topic("capture", "set"), "payload_press": "PRESS",
+            "availability": availability, "device": device,
+        }))
+    return out
+
+
+def start_publisher(
+    cfg_mqtt: Any,
+    db_path: str | os.PathLike[str],
+    state_provider: StateProvider | None = None,
+    command_handler: CommandHandler | None = None,
+    health_provider: HealthProvider | None = None,
+) -> MqttPublisher | None:
+    """The station's one call: None when no broker is configured, else a started publisher.
+
+    Raises MqttError for settings that cannot work (unreadable TLS file, bad topic level); a
+    broker that is down or refuses us is not an error here: the station counts on and the
+    publisher's ``status()`` says why nothing is going out.
+    """
+    if cfg_mqtt is None or not getattr(cfg_mqtt, "host", None):
+        return None
+    settings = MqttSettings.from_config(cfg_mqtt)
+    return MqttPublisher(settings, db_path, state_provider, command_handler,
+                         health_provider).start()

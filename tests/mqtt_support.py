@@ -1,0 +1,313 @@
+"""Test support for the MQTT tests: a real Mosquitto on loopback, a recording subscriber, and a
+small simulated station (its own SQLite rows + outbox in one transaction, events to the
+publisher) used where the real station is not the point of the test.
+
+Also runnable as a process (``python tests/mqtt_support.py sim ...``) so a test can SIGKILL a
+"station" and restart it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_wbc import outbox
+from edge_wbc.mqtt import MqttPublisher, MqttSettings
+from edge_wbc.results import CLASSES
+
+MOSQUITTO = shutil.which("mosquitto") or (
+    "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(pred: Callable[[], bool], timeout_s: float, what: str, step: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(step)
+    if not pred():
+        raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+class Mosquitto:
+    """One broker process on 127.0.0.1 only; persistence on, so restarts keep sessions/retained."""
+
+    def __init__(self, workdir: Path, extra_conf: str = "", port: int | None = None) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.extra_conf = extra_conf
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.dir / "mosquitto.log"
+
+    def conf_text(self) -> str:
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "persistence true",
+            f"persistence_location {self.dir}/",
+            f"log_dest file {self.log}",
+            "log_type error", "log_type warning", "log_type notice", "log_type information",
+            "connection_messages true",
+        ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # else it drops to 'mosquitto' and cannot write self.dir
+        if "allow_anonymous" not in self.extra_conf and "password_file" not in self.extra_conf:
+            lines.append("allow_anonymous true")
+        return "\n".join(lines) + "\n" + self.extra_conf
+
+    def start(self, timeout_s: float = 10.0) -> Mosquitto:
+        assert MOSQUITTO, "mosquitto is not installed (apt-get install mosquitto)"
+        conf = self.dir / "mosquitto.conf"
+        conf.write_text(self.conf_text())
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+
+        def listening() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                log = self.log.read_text() if self.log.exists() else ""
+                raise RuntimeError(f"mosquitto exited: {err}\n{log}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), timeout=0.2):
+                return True
+            return False
+
+        wait_for(listening, timeout_s, f"mosquitto on port {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: mosquitto saves its persistence file on the way out
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class Collector:
+    """A central-side subscriber that records everything; reconnects on its own."""
+
+    def __init__(self, port: int, topics: str | list[str] = "#", client_id: str = "",
+                 persistent: bool = False, tls: dict[str, Any] | None = None,
+                 auth: tuple[str, str] | None = None) -> None:
+        self.messages: list[Received] = []
+        self.lock = threading.Lock()
+        self.topics = [topics] if isinstance(topics, str) else topics
+        self.subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2,
+                                  client_id=client_id or f"collector-{os.getpid()}-{id(self)}",
+                                  clean_session=not persistent)
+        if tls:
+            self.client.tls_set(**tls)
+        if auth:
+            self.client.username_pw_set(*auth)
+        self.client.reconnect_delay_set(0.2, 1)  # type: ignore[arg-type]
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        self.client.connect_async("127.0.0.1", port, keepalive=10)
+        self.client.loop_start()
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any,
+                    props: Any) -> None:
+        if not rc.is_failure:
+            client.subscribe([(t, 1) for t in self.topics])
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append(Received(msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def wait_subscribed(self, timeout_s: float = 10.0) -> Collector:
+        assert self.subscribed.wait(timeout_s), "collector never subscribed"
+        return self
+
+    def on(self, topic: str) -> list[Received]:
+        with self.lock:
+            return [m for m in self.messages if m.topic == topic]
+
+    def last(self, topic: str) -> Received | None:
+        got = self.on(topic)
+        return got[-1] if got else None
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+# ---- a simulated station: same transaction discipline as the real store ------------------------
+@dataclass
+class Event:
+    """Shape of contract 3 (edge_wbc.events.Event) for tests that do not need the station."""
+
+    kind: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+class SimStation:
+    """Counts cells into SQLite; each capture writes cells + outbox rows in ONE transaction."""
+
+    def __init__(self, db_path: Path, station: str, target: int = 100,
+                 listener: Callable[[Any], None] | None = None, sample_id: str = "S-1") -> None:
+        self.db_path = db_path
+        self.station = station
+        # The publisher's worker calls state() from its own thread, as with the real station.
+        self.conn = sqlite3.connect(str(db_path), timeout=30, check_same_thread=False)
+        self.lock = threading.RLock()
+        outbox.enable_wal(self.conn)
+        self.conn.executescript(
+            "CREATE TABLE IF NOT EXISTS cells (cell_id TEXT PRIMARY KEY, slide_id TEXT,"
+            " label TEXT);"
+            "CREATE TABLE IF NOT EXISTS slides (slide_id TEXT PRIMARY KEY, sample_id TEXT,"
+            " target INTEGER);")
+        outbox.ensure_schema(self.conn)
+        self.listener = listener
+        row = self.conn.execute("SELECT slide_id, sample_id, target FROM slides").fetchone()
+        if row is None:
+            self.slide_id, self.sample_id, self.target = f"{station}-slide-1", sample_id, target
+            with self.conn:
+                self.conn.execute("INSERT INTO slides VALUES (?, ?, ?)",
+                                  (self.slide_id, self.sample_id, self.target))
+                outbox.enqueue(self.conn, "slide", {"slide_id": self.slide_id,
+                                                    "action": "started",
+                                                    "sample_id": sample_id, "target": target})
+        else:
+            self.slide_id, self.sample_id, self.target = row
+
+    def counts(self) -> dict[str, int]:
+        c = dict.fromkeys(CLASSES, 0)
+        with self.lock:
+            rows = self.conn.execute("SELECT label, COUNT(*) FROM cells GROUP BY label").fetchall()
+        for label, n in rows:
+            c[label] = n
+        return c
+
+    def state(self) -> dict[str, Any]:
+        counts = self.counts()
+        counted = sum(counts.values())
+        return {
+            "slide_id": self.slide_id, "sample_id": self.sample_id, "target": self.target,
+            "counted": counted, "complete": counted >= self.target,
+            "counts": counts,
+            "percentages": {k: round(100.0 * v / counted, 1) if counted else 0.0
+                            for k, v in counts.items()},
+            "models": {"classifier": "test"},
+        }
+
+    def capture(self, n_cells: int = 2) -> list[str]:
+        ids = []
+        with self.lock, self.conn:
+            start = self.conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
+            for i in range(n_cells):
+                cid = f"{self.slide_id}-c{start + i:05d}"
+                label = CLASSES[(start + i) % len(CLASSES)]
+                self.conn.execute("INSERT INTO cells VALUES (?, ?, ?)",
+                                  (cid, self.slide_id, label))
+                outbox.enqueue(self.conn, "cell", {"slide_id": self.slide_id, "cell_id": cid,
+                                                   "action": "counted", "label": label})
+                ids.append(cid)
+            outbox.enqueue(self.conn, "field", {"slide_id": self.slide_id,
+                                                "cells": n_cells, "latency_ms": 42.0})
+        if self.listener:
+            for cid in ids:
+                self.listener(Event("cell", {"cell_id": cid}))
+            self.listener(Event("field", {"cells": n_cells, "latency_ms": 42.0}))
+            self.listener(Event("differential", self.state()))
+        return ids
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def settings(port: int, station: str, **kw: Any) -> MqttSettings:
+    base: dict[str, Any] = {"host": "127.0.0.1", "port": port, "station_id": station,
+                            "client_id": f"edge-wbc-{station}", "keepalive": 5,
+                            "reconnect_min_s": 1, "reconnect_max_s": 2,
+                            "stats_interval_s": 60.0}
+    base.update(kw)
+    return MqttSettings(**base)
+
+
+@contextlib.contextmanager
+def sim_with_publisher(db_path: Path, s: MqttSettings, **kw: Any
+                       ) -> Iterator[tuple[SimStation, MqttPublisher]]:
+    holder: dict[str, SimStation] = {}
+    pub = MqttPublisher(s, db_path, state_provider=lambda: holder["sim"].state(), **kw)
+    sim = SimStation(db_path, s.station_id, listener=pub.publish)
+    holder["sim"] = sim
+    pub.start()
+    try:
+        yield sim, pub
+    finally:
+        pub.stop()
+        sim.close()
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["sim"])
+    ap.add_argument("--db", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--station", required=True)
+    ap.add_argument("--captures", type=int, default=0)
+    ap.add_argument("--publish", action="store_true", help="connect a publisher")
+    args = ap.parse_args()
+    s = settings(args.port, args.station)
+    holder: dict[str, SimStation] = {}
+    pub = MqttPublisher(s, args.db, state_provider=lambda: holder["sim"].state()) \
+        if args.publish else None
+    sim = SimStation(Path(args.db), args.station, listener=pub.publish if pub else None)
+    holder["sim"] = sim
+    if pub:
+        pub.start()
+    for _ in range(args.captures):
+        sim.capture(2)
+    print(json.dumps({"ready": True, "counted": sim.state()["counted"]}), flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    stop.wait(600)
+    if pub:
+        pub.stop()
+
+
+if __name__ == "__main__":
+    _main()
