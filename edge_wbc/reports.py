@@ -1,0 +1,325 @@
+"""The slide report written on finalise: JSON (machines), CSV (spreadsheets, LIS) and a printable
+HTML page (the paper record), all from the same numbers.
+
+Files in the slide's report folder:
+
+* ``report.json`` — schema ``edge-wbc/report/1``: sample, slide, timestamps, target, the formula
+  (count, %, 95 % CI per class), every review change, flagged cells, field summary, models with
+  their sha256, software version;
+* ``report.csv`` — the formula, one row per class (with sample id and timestamps on each row so
+  a single row still says what it belongs to);
+* ``cells.csv`` — the audit trail, one row per detected cell: machine label and score, reviewed
+  label, reason and time, whether and as what it was counted;
+* ``report.html`` — self-contained (thumbnails inlined), laid out for A4.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from edge_wbc import __version__
+from edge_wbc.results import CLASSES, UNIDENTIFIED
+
+REPORT_SCHEMA = "edge-wbc/report/1"
+#: A counted cell the machine was less sure of than this is shown among the flagged cells.
+LOW_CONFIDENCE = 0.7
+MAX_THUMBNAILS = 120
+FORMATS = ("json", "csv", "cells_csv", "html")
+CI_NAMES = {
+    "clopper-pearson": "Clopper–Pearson (exact binomial, as in Rümke's table)",
+    "wilson": "Wilson score interval",
+}
+
+
+def flag_reasons(cell: dict[str, Any]) -> list[str]:
+    """Why a cell deserves a second look in the report (empty: it does not)."""
+    from edge_wbc.session import REJECTED, STATUS_DUPLICATE, STATUS_OTHER
+
+    out = []
+    rl = cell.get("reviewed_label")
+    if rl == REJECTED:
+        out.append(f"rejected ({(cell.get('review_reason') or '').replace('_', ' ')})")
+    elif rl and rl != cell["label"]:
+        out.append(f"reclassified {cell['label']} → {rl}")
+    elif rl:
+        out.append("confirmed")
+    if cell["label"] == UNIDENTIFIED:
+        out.append("unidentified by the classifier")
+    if cell["status"] == STATUS_DUPLICATE:
+        out.append("in a field overlapping a previous one")
+    if cell["status"] == STATUS_OTHER:
+        out.append("not a mature leukocyte (classifier)")
+    if not rl and cell["label"] in CLASSES and float(cell["score"]) < LOW_CONFIDENCE:
+        out.append(f"low confidence ({float(cell['score']):.2f})")
+    return out
+
+
+def build_report(
+    slide: dict[str, Any],
+    state: dict[str, Any],
+    cells: list[dict[str, Any]],
+    fields: list[dict[str, Any]],
+    generated_at: str,
+) -> dict[str, Any]:
+    from edge_wbc.session import effective_label
+
+    changes = [
+        {
+            "cell_id": c["id"],
+            "field_id": c["field_id"],
+            "machine_label": c["label"],
+            "machine_score": round(float(c["score"]), 4),
+            "reviewed_label": c["reviewed_label"],
+            "reason": c.get("review_reason"),
+            "reviewed_at": c.get("reviewed_at"),
+        }
+        for c in cells
+        if c.get("reviewed_label")
+    ]
+    flagged = [
+        {
+            "cell_id": c["id"],
+            "field_id": c["field_id"],
+            "machine_label": c["label"],
+            "score": round(float(c["score"]), 4),
+            "reviewed_label": c.get("reviewed_label"),
+            "counted_as": effective_label(c),
+            "reasons": r,
+        }
+        for c in cells
+        if (r := flag_reasons(c))
+    ]
+    warnings: dict[str, int] = {}
+    for f in fields:
+        for w in _quality_flags(f.get("quality") or {}):
+            warnings[w] = warnings.get(w, 0) + 1
+    models = slide.get("models") or {}
+    return {
+        "schema": REPORT_SCHEMA,
+        "software": {"name": "edge-wbc", "version": __version__},
+        "sample_id": slide["sample_id"],
+        "slide_id": slide["id"],
+        "station_id": slide.get("station_id") or state.get("station_id") or "",
+        "started_at": slide["created_at"],
+        "finalised_at": slide.get("finalised_at"),
+        "generated_at": generated_at,
+        "target": state["target"],
+        "counted": state["counted"],
+        "ci_method": state["ci_method"],
+        "ci_level": 0.95,
+        "differential": [
+            {k: row[k] for k in ("label", "count", "percent", "ci_low", "ci_high")}
+            for row in state["classes"]
+            if row["label"] in CLASSES
+        ],
+        "unidentified": state["unidentified"],
+        "excluded": state["excluded"],
+        "reviewed_changes": changes,
+        "flagged_cells": flagged,
+        "fields": {
+            "captured": len(fields),
+            "overlapping_previous": sum(1 for f in fields if f.get("overlap_field")),
+            "quality_warnings": warnings,
+        },
+        "models": models,
+    }
+
+
+def _quality_flags(q: dict[str, Any]) -> list[str]:
+    """The analysis' quality dict carries its warnings as a list under 'flags' (and/or as
+    boolean keys); both forms are read so the report never hides one."""
+    out = [str(x) for x in q.get("flags", []) or []] if isinstance(q.get("flags"), list) else []
+    out += [k for k, v in q.items() if v is True and k not in out]
+    return out
+
+
+def write_reports(
+    slide: dict[str, Any],
+    state: dict[str, Any],
+    cells: list[dict[str, Any]],
+    fields: list[dict[str, Any]],
+    out_dir: str | Path,
+    data_dir: str | Path,
+) -> dict[str, str]:
+    """Write every report format; returns {format: path relative to data_dir}.
+
+    Each file is written to a temporary name and renamed, so a report on disk is never half a
+    report (a full disk fails the finalise, which then leaves the slide open).
+    """
+    from edge_wbc.session import now_iso
+
+    out = Path(out_dir)
+    data = Path(data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rep = build_report(slide, state, cells, fields, now_iso())
+    files = {
+        "json": ("report.json", json.dumps(rep, indent=2, ensure_ascii=False) + "\n"),
+        "csv": ("report.csv", _formula_csv(rep)),
+        "cells_csv": ("cells.csv", _cells_csv(rep, cells)),
+        "html": ("report.html", render_html(rep, cells, data)),
+    }
+    paths: dict[str, str] = {}
+    for fmt, (name, text) in files.items():
+        p = out / name
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)
+        paths[fmt] = str(p.relative_to(data)) if p.is_relative_to(data) else str(p)
+    return paths
+
+
+def _formula_csv(rep: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["sample_id", "slide_id", "finalised_at", "class", "count", "percent",
+                "ci95_low_percent", "ci95_high_percent", "counted", "ci_method"])
+    for row in rep["differential"]:
+        w.writerow([rep["sample_id"], rep["slide_id"], rep["finalised_at"], row["label"],
+                    row["count"], f"{row['percent']:.1f}", f"{row['ci_low']:.1f}",
+                    f"{row['ci_high']:.1f}", rep["counted"], rep["ci_method"]])
+    return buf.getvalue()
+
+
+def _cells_csv(rep: dict[str, Any], cells: list[dict[str, Any]]) -> str:
+    from edge_wbc.session import effective_label
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["sample_id", "cell_id", "field_id", "x0", "y0", "x1", "y1", "machine_label",
+                "machine_score", "status", "reviewed_label", "review_reason", "reviewed_at",
+                "counted_as"])
+    for c in cells:
+        w.writerow([rep["sample_id"], c["id"], c["field_id"], *c["bbox"], c["label"],
+                    f"{float(c['score']):.4f}", c["status"], c.get("reviewed_label") or "",
+                    c.get("review_reason") or "", c.get("reviewed_at") or "",
+                    effective_label(c) or ""])
+    return buf.getvalue()
+
+
+def _thumb(cell: dict[str, Any], data_dir: Path) -> str:
+    f = cell.get("crop_file")
+    if not f:
+        return ""
+    try:
+        raw = (data_dir / f).read_bytes()
+    except OSError:
+        return ""
+    return "data:image/jpeg;base64," + base64.b64encode(raw).decode("ascii")
+
+
+_CSS = """
+@page { size: A4; margin: 14mm; }
+* { box-sizing: border-box; }
+body { font: 10.5pt/1.4 "DejaVu Sans", "Helvetica Neue", Arial, sans-serif; color: #1b2430;
+       margin: 0 auto; max-width: 190mm; padding: 8mm 0; }
+header { display: flex; justify-content: space-between; align-items: flex-end;
+         border-bottom: 2px solid #1b2430; padding-bottom: 4mm; margin-bottom: 5mm; }
+h1 { font-size: 16pt; margin: 0; letter-spacing: .02em; }
+h2 { font-size: 11.5pt; margin: 7mm 0 2mm; text-transform: uppercase; letter-spacing: .06em;
+     color: #3a4656; border-bottom: 1px solid #c9d0d9; padding-bottom: 1mm; }
+.sub { color: #56616f; font-size: 9.5pt; }
+dl { display: grid; grid-template-columns: max-content 1fr max-content 1fr; gap: 1mm 5mm;
+     margin: 0; }
+dt { color: #56616f; } dd { margin: 0; font-weight: 600; }
+table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+th, td { text-align: left; padding: 1.4mm 2mm; border-bottom: 1px solid #dde2e8; }
+th { font-size: 9pt; color: #56616f; font-weight: 600; }
+td.n { text-align: right; }
+.bar { position: relative; height: 3.2mm; background: #eef1f4; min-width: 40mm; }
+.bar i { position: absolute; top: 0; bottom: 0; left: 0; background: #2f6f9f; }
+.bar b { position: absolute; top: -0.8mm; bottom: -0.8mm; border-left: 1.5px solid #1b2430;
+         border-right: 1.5px solid #1b2430; }
+.status { display: inline-block; padding: 0.6mm 2.5mm; border: 1.5px solid #1f7a4d;
+          color: #1f7a4d; font-weight: 700; letter-spacing: .05em; }
+.thumbs { display: grid; grid-template-columns: repeat(6, 1fr); gap: 2.5mm; }
+figure { margin: 0; break-inside: avoid; font-size: 8pt; }
+figure img { width: 100%; aspect-ratio: 1; object-fit: cover; border: 1px solid #c9d0d9; }
+figcaption { line-height: 1.25; }
+.mono { font-family: "DejaVu Sans Mono", monospace; font-size: 8.5pt; word-break: break-all; }
+footer { margin-top: 8mm; font-size: 8.5pt; color: #56616f; border-top: 1px solid #c9d0d9;
+         padding-top: 2mm; }
+@media print { body { padding: 0; } h2 { break-after: avoid; } }
+"""
+
+
+def render_html(rep: dict[str, Any], cells: list[dict[str, Any]], data_dir: Path) -> str:
+    e = html.escape
+    rows = []
+    for r in rep["differential"]:
+        rows.append(
+            f"<tr><td>{e(r['label'].capitalize())}</td><td class=n>{r['count']}</td>"
+            f"<td class=n>{r['percent']:.1f}</td>"
+            f"<td class=n>{r['ci_low']:.1f} – {r['ci_high']:.1f}</td>"
+            f"<td><div class=bar><i style='width:{r['percent']:.1f}%'></i>"
+            f"<b style='left:{r['ci_low']:.1f}%;width:{max(r['ci_high'] - r['ci_low'], 0.3):.1f}%'>"
+            f"</b></div></td></tr>"
+        )
+    changes = "".join(
+        f"<tr><td class=mono>{e(c['cell_id'])}</td><td>{e(c['machine_label'])} "
+        f"({c['machine_score']:.2f})</td><td>{e(c['reviewed_label'])}"
+        f"{' — ' + e(c['reason'].replace('_', ' ')) if c.get('reason') else ''}</td>"
+        f"<td>{e(c.get('reviewed_at') or '')}</td></tr>"
+        for c in rep["reviewed_changes"]
+    ) or "<tr><td colspan=4>No cell was changed in review.</td></tr>"
+    by_id = {c["id"]: c for c in cells}
+    figs = []
+    for f in rep["flagged_cells"][:MAX_THUMBNAILS]:
+        src = _thumb(by_id[f["cell_id"]], data_dir) if f["cell_id"] in by_id else ""
+        img = f"<img src='{src}' alt='{e(f['cell_id'])}'>" if src else "<div>(no image)</div>"
+        figs.append(
+            f"<figure>{img}<figcaption><b>{e(f['counted_as'] or 'not counted')}</b><br>"
+            f"{e('; '.join(f['reasons']))}</figcaption></figure>"
+        )
+    more = len(rep["flagged_cells"]) - MAX_THUMBNAILS
+    if more > 0:
+        figs.append(f"<p>… and {more} more (see cells.csv)</p>")
+    models = "".join(
+        f"<tr><td>{e(str(m.get('name')))}</td><td>{e(str(m.get('task')))}</td>"
+        f"<td class=mono>{e(str(m.get('sha256')))}</td></tr>"
+        for m in (rep["models"] or {}).get("models", [])
+    ) or "<tr><td colspan=3>Model information not recorded.</td></tr>"
+    ex = rep["excluded"]
+    warn = rep["fields"]["quality_warnings"]
+    warn_txt = ", ".join(f"{k.replace('_', ' ')} × {v}" for k, v in warn.items()) or "none"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Leukocyte differential — {e(rep['sample_id'])}</title>
+<style>{_CSS}</style></head>
+<body>
+<header><div><h1>Leukocyte differential</h1>
+<div class=sub>edge-wbc {e(rep['software']['version'])} · automated count with technologist
+review</div></div><div class=status>FINALISED</div></header>
+<dl>
+<dt>Sample</dt><dd>{e(rep['sample_id'])}</dd><dt>Slide</dt><dd class=mono>{e(rep['slide_id'])}</dd>
+<dt>Started</dt><dd>{e(rep['started_at'])}</dd>
+<dt>Finalised</dt><dd>{e(rep['finalised_at'] or '')}</dd>
+<dt>Station</dt><dd>{e(rep['station_id'] or '—')}</dd><dt>Cells counted</dt>
+<dd>{rep['counted']} (target {rep['target']})</dd>
+</dl>
+<h2>Differential</h2>
+<table><thead><tr><th>Class</th><th class=n>Count</th><th class=n>%</th>
+<th class=n>95 % CI (%)</th><th>Share and CI</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
+<p class=sub>95 % confidence intervals: {e(CI_NAMES.get(rep['ci_method'], rep['ci_method']))}
+on {rep['counted']} cells. Not counted: {ex['rejected']}
+rejected in review, {ex['duplicate']} in overlapping fields, {ex['other']} not mature leukocytes.
+Fields: {rep['fields']['captured']} captured, {rep['fields']['overlapping_previous']} overlapping a
+previous field. Field-quality warnings: {e(warn_txt)}.</p>
+<h2>Review changes ({len(rep['reviewed_changes'])})</h2>
+<table><thead><tr><th>Cell</th><th>Machine</th><th>Reviewed</th><th>When</th></tr></thead>
+<tbody>{changes}</tbody></table>
+<h2>Flagged cells ({len(rep['flagged_cells'])})</h2>
+<div class=thumbs>{''.join(figs) or '<p>None.</p>'}</div>
+<h2>Models</h2>
+<table><thead><tr><th>Model</th><th>Task</th><th>sha256</th></tr></thead><tbody>{models}</tbody></table>
+<footer>Report generated {e(rep['generated_at'])} · schema {e(rep['schema'])} · The machine's
+labels and every review are kept in the station's database (audit trail). For laboratory use
+by trained staff; results require technologist verification.</footer>
+</body></html>
+"""

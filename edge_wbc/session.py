@@ -1,0 +1,782 @@
+"""The slide session: the single owner of the leukocyte count.
+
+One slide at a time: every analysed field adds its cells, the technician reviews them, and the
+slide is finalised into a report once the target is reached and no cell is left unidentified.
+Every change is written to the store in one transaction *before* listeners (display, MQTT) hear
+of it, so what they show can always be rebuilt from the database after a crash.
+
+Counting rules (what a cell contributes):
+
+* the technician's reviewed label wins: one of the five classes counts as that class,
+  ``rejected`` (not a leukocyte / counted twice / unusable) does not count;
+* otherwise the machine's decision: a cell whose status is ``counted`` counts as its label
+  (one of the five classes or ``unidentified``); ``duplicate`` cells (inside the part of the field
+  already seen in a previous field) and ``other`` cells (not a mature leukocyte) do not count.
+
+Percentages are of all counted leukocytes, unidentified included, so the rows add up to 100 %;
+the slide cannot be finalised while any unidentified cell remains.
+
+Confidence intervals: exact binomial (Clopper–Pearson) by default, the method behind Rümke's
+table that haematology texts use for differential counts; Wilson's score interval is available
+too. Both are computed here without SciPy (not a device dependency): the beta quantile is found
+by bisection on the regularised incomplete beta function.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edge_wbc.events import Event, Publish
+from edge_wbc.preprocess import cell_crop, ensure_rgb_uint8, white_balance
+from edge_wbc.results import CLASSES, OTHER, UNIDENTIFIED, FieldResult
+
+STATE_SCHEMA = "edge-wbc/state/1"
+Z95 = 1.959963984540054
+CI_METHODS = ("clopper-pearson", "wilson")
+REJECT_REASONS = ("not_leukocyte", "counted_twice", "unusable")
+REJECTED = "rejected"
+#: Cell status decided by the machine when the field was counted.
+STATUS_COUNTED, STATUS_DUPLICATE, STATUS_OTHER = "counted", "duplicate", "other"
+MAX_TARGET = 10000
+#: Side of the stored cell thumbnail (px). Larger than the classifier's input so the technician
+#: sees the cell comfortably on a desktop screen as well.
+CROP_PX = 128
+
+
+class SessionError(Exception):
+    """A request the session refuses; the message is meant for the technician."""
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    # Continued fraction of the incomplete beta function (modified Lentz, Numerical Recipes 6.4).
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta function I_x(a, b) for a, b > 0."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    ln_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    front = math.exp(ln_front)
+    # The continued fraction converges fast only on one side of the mean; use symmetry otherwise.
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """Quantile of the Beta(a, b) distribution (bisection: monotone, exact to ~1e-15)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if betainc(a, b, mid) < q:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-15:
+            break
+    return 0.5 * (lo + hi)
+
+
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact binomial interval for k successes in n trials (the basis of Rümke's table)."""
+    _check_kn(k, n)
+    if n == 0:
+        return (0.0, 1.0)
+    alpha = 1.0 - confidence
+    lo = 0.0 if k == 0 else beta_ppf(alpha / 2, k, n - k + 1)
+    hi = 1.0 if k == n else beta_ppf(1 - alpha / 2, k + 1, n - k)
+    return (lo, hi)
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval (closed form; slightly narrower than Clopper–Pearson)."""
+    _check_kn(k, n)
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def interval(k: int, n: int, method: str = "clopper-pearson") -> tuple[float, float]:
+    if method == "clopper-pearson":
+        return clopper_pearson(k, n)
+    if method == "wilson":
+        return wilson(k, n)
+    raise ValueError(f"unknown CI method {method!r}; expected one of {CI_METHODS}")
+
+
+def _check_kn(k: int, n: int) -> None:
+    if n < 0 or k < 0 or k > n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+
+
+# --------------------------------------------------------------------------- duplicate guard
+
+#: Size of the grey signature kept per field. Small enough that phase correlation takes well
+#: under a millisecond, large enough to keep the red-cell texture that makes a match unique.
+SIG_W, SIG_H = 160, 120
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Where the new field repeats a previous one, in the new field's pixels."""
+
+    field_id: str
+    dx: float  # content shift from the previous field to this one (full-res pixels)
+    dy: float
+    fraction: float  # share of this field's area that was already in the previous field
+    rect: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive) of the repeated region
+    ncc: float  # agreement of the two fields over the repeated region (-1..1)
+
+
+def field_signature(rgb: np.ndarray) -> np.ndarray:
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    return cv2.resize(grey, (SIG_W, SIG_H), interpolation=cv2.INTER_AREA)
+
+
+def find_overlap(
+    prev_sig: np.ndarray,
+    cur_sig: np.ndarray,
+    full_hw: tuple[int, int],
+    prev_id: str = "",
+    min_fraction: float = 0.05,
+    min_ncc: float = 0.6,
+) -> Overlap | None:
+    """Phase-correlate two field signatures; return the overlap when it is real.
+
+    A stained smear's red-cell carpet is self-similar, so the correlation peak alone is not
+    trusted: the two signatures must also agree pixel for pixel (normalised cross-correlation)
+    over the region the shift says they share.
+    """
+    if prev_sig.shape != cur_sig.shape:
+        return None
+    a = _texture(prev_sig)
+    b = _texture(cur_sig)
+    h, w = a.shape
+    # Zero-padding to twice the size turns the FFT's circular shift into a linear one: without
+    # it overlaps under ~30 % of the field are missed (measured on shifted BCCD fields).
+    pa = np.zeros((2 * h, 2 * w), np.float32)
+    pb = np.zeros((2 * h, 2 * w), np.float32)
+    pa[:h, :w] = a
+    pb[:h, :w] = b
+    (sx, sy), _response = cv2.phaseCorrelate(pa, pb)
+    # The peak can be a pixel or two off; the NCC over a small neighbourhood settles the shift
+    # and doubles as the check.
+    best: tuple[float, int, int, float] | None = None
+    for ix in range(round(sx) - 2, round(sx) + 3):
+        for iy in range(round(sy) - 2, round(sy) + 3):
+            r = _ncc_at(a, b, ix, iy)
+            if r is not None and (best is None or r[0] > best[0]):
+                best = (r[0], ix, iy, r[1])
+    if best is None:
+        return None
+    ncc, ix, iy, frac = best
+    if ncc < min_ncc or frac < min_fraction:
+        return None
+    h, w = a.shape
+    bx0, bx1 = max(0, ix), min(w, w + ix)
+    by0, by1 = max(0, iy), min(h, h + iy)
+    fh, fw = full_hw
+    kx, ky = fw / w, fh / h
+    rect = (round(bx0 * kx), round(by0 * ky), round(bx1 * kx), round(by1 * ky))
+    return Overlap(prev_id, ix * kx, iy * ky, frac, rect, ncc)
+
+
+def _ncc_at(a: np.ndarray, b: np.ndarray, ix: int, iy: int) -> tuple[float, float] | None:
+    """NCC of b(x, y) against a(x - ix, y - iy) over the shared region, and its area fraction."""
+    h, w = a.shape
+    bx0, bx1 = max(0, ix), min(w, w + ix)
+    by0, by1 = max(0, iy), min(h, h + iy)
+    if bx1 - bx0 < 8 or by1 - by0 < 8:
+        return None
+    pa = a[by0 - iy : by1 - iy, bx0 - ix : bx1 - ix]
+    pb = b[by0:by1, bx0:bx1]
+    pa = pa - pa.mean()
+    pb = pb - pb.mean()
+    den = float(np.sqrt((pa * pa).sum() * (pb * pb).sum()))
+    if den < 1e-3:
+        return None  # flat fields (no specimen) cannot be matched
+    return float((pa * pb).sum() / den), (bx1 - bx0) * (by1 - by0) / float(w * h)
+
+
+def _texture(sig: np.ndarray) -> np.ndarray:
+    # Illumination falls off towards the corners the same way in every field of a microscope;
+    # left in, it makes any two fields look alike. Only the cells' texture identifies a place.
+    g = sig.astype(np.float32)
+    return g - cv2.GaussianBlur(g, (0, 0), 6.0)
+
+
+def box_fraction_inside(box: tuple[int, int, int, int], rect: tuple[int, int, int, int]) -> float:
+    x0, y0, x1, y1 = box
+    rx0, ry0, rx1, ry1 = rect
+    iw = max(0, min(x1, rx1) - max(x0, rx0))
+    ih = max(0, min(y1, ry1) - max(y0, ry0))
+    area = max(1, (x1 - x0) * (y1 - y0))
+    return iw * ih / area
+
+
+# --------------------------------------------------------------------------- the session
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def effective_label(cell: dict[str, Any]) -> str | None:
+    """The label a cell is counted as, or None when it does not count."""
+    rl = cell.get("reviewed_label")
+    if rl == REJECTED:
+        return None
+    if rl in CLASSES:
+        return rl
+    if cell["status"] == STATUS_COUNTED and cell["label"] in (*CLASSES, UNIDENTIFIED):
+        return cell["label"]
+    return None
+
+
+def _new_slide_id() -> str:
+    return datetime.now(timezone.utc).strftime("S%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
+
+
+class SlideSession:
+    """Counts, targets, review and finalisation of the open slide.
+
+    Thread-safe: the analysis worker adds fields while HTTP threads review cells and read state.
+    ``store`` is an :class:`edge_wbc.store.Store`; ``publish`` receives events after each commit.
+    ``reporter`` (slide, cells, fields, out_dir) -> {format: path} writes the report on finalise.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        publish: Publish | None = None,
+        *,
+        default_target: int = 100,
+        duplicate_overlap: float = 0.5,
+        ci_method: str = "clopper-pearson",
+        models: dict[str, Any] | None = None,
+        station_id: str = "",
+        reporter: Any = None,
+        guard_history: int = 3,
+    ) -> None:
+        if ci_method not in CI_METHODS:
+            raise ValueError(f"unknown CI method {ci_method!r}; expected one of {CI_METHODS}")
+        self.store = store
+        self.publish: Publish = publish or (lambda e: None)
+        self.default_target = _check_target(default_target)
+        self.duplicate_overlap = float(duplicate_overlap)
+        self.ci_method = ci_method
+        self.models = models or {}
+        self.station_id = station_id
+        self.reporter = reporter
+        self.guard_history = guard_history
+        self._lock = threading.RLock()
+        self.slide: dict[str, Any] = {}
+        self.cells: dict[str, dict[str, Any]] = {}  # insertion order = capture order
+        self.n_fields = 0
+        self.n_fields_flagged = 0
+        self._last_field: dict[str, Any] | None = None
+        self._sigs: list[tuple[str, np.ndarray]] = []
+        self._resume_or_start()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _resume_or_start(self) -> None:
+        with self._lock:
+            slide = self.store.open_slide()
+            if slide is None:
+                self._start(sample_id="", target=self.default_target)
+                return
+            self._load(slide)
+
+    def _load(self, slide: dict[str, Any]) -> None:
+        self.slide = slide
+        self.cells = {c["id"]: c for c in self.store.cells(slide["id"])}
+        fields = self.store.fields(slide["id"])
+        self.n_fields = len(fields)
+        self.n_fields_flagged = sum(1 for f in fields if f.get("overlap_field"))
+        self._last_field = fields[-1] if fields else None
+        self._sigs = [
+            (fid, sig) for fid, sig in self.store.field_signatures(slide["id"], self.guard_history)
+        ]
+
+    def _start(self, sample_id: str, target: int) -> Event:
+        sid = _new_slide_id()
+        at = now_iso()
+        sample = sample_id.strip() or "unnamed-" + sid[1:16]
+        slide = {
+            "id": sid,
+            "sample_id": sample,
+            "target": target,
+            "status": "open",
+            "created_at": at,
+            "finalised_at": None,
+            "station_id": self.station_id,
+            "models": self.models,
+            "reports": {},
+        }
+        ev = Event("slide", {"action": "started", **self._slide_payload(slide), "at": at})
+        self.store.create_slide(slide, [ev])
+        self.slide = slide
+        self.cells = {}
+        self.n_fields = 0
+        self.n_fields_flagged = 0
+        self._last_field = None
+        self._sigs = []
+        return ev
+
+    def new_slide(
+        self, sample_id: str = "", target: int | None = None, abandon: bool = False
+    ) -> None:
+        """Start counting a new slide. An open slide with cells is only closed when ``abandon``
+        is set (it stays in the database, marked abandoned, never silently discarded)."""
+        target = self.default_target if target is None else _check_target(target)
+        sample_id = _check_sample_id(sample_id)
+        with self._lock:
+            events: list[Event] = []
+            if self.slide.get("status") == "open":
+                if self.cells and not abandon:
+                    raise SessionError(
+                        f"slide {self.slide['sample_id']} is open with {self.counted()} cells "
+                        "counted: finalise it, or confirm that it is abandoned"
+                    )
+                at = now_iso()
+                self.store.update_slide(
+                    self.slide["id"], {"status": "abandoned", "finalised_at": at},
+                    [Event("slide", {"action": "abandoned", **self._slide_payload(self.slide),
+                                     "at": at})],
+                )
+                events.append(Event("slide", {"action": "abandoned",
+                                              **self._slide_payload(self.slide), "at": at}))
+            events.append(self._start(sample_id, target))
+            self._emit(events)
+
+    def set_sample_id(self, sample_id: str) -> None:
+        sample_id = _check_sample_id(sample_id)
+        if not sample_id:
+            raise SessionError("the sample id cannot be empty")
+        with self._lock:
+            self._require_open()
+            at = now_iso()
+            payload = {"action": "sample", **self._slide_payload(self.slide), "at": at}
+            payload["sample_id"] = sample_id
+            ev = Event("slide", payload)
+            self.store.update_slide(self.slide["id"], {"sample_id": sample_id}, [ev])
+            self.slide["sample_id"] = sample_id
+            self._emit([ev])
+
+    def set_target(self, target: int) -> None:
+        """Change (usually extend) the target of the open slide, e.g. 100 -> 200."""
+        target = _check_target(target)
+        with self._lock:
+            self._require_open()
+            at = now_iso()
+            payload = {"action": "target", **self._slide_payload(self.slide), "at": at,
+                       "previous_target": self.slide["target"], "target": target}
+            ev = Event("slide", payload)
+            self.store.update_slide(self.slide["id"], {"target": target}, [ev])
+            self.slide["target"] = target
+            self._emit([ev])
+
+    def finalise(self) -> dict[str, Any]:
+        """Close the slide and write its report. Refused while a blocker remains."""
+        with self._lock:
+            self._require_open()
+            blockers = self.finalise_blockers()
+            if blockers:
+                raise SessionError("cannot finalise: " + "; ".join(blockers))
+            at = now_iso()
+            closing = {**self.slide, "status": "finalised", "finalised_at": at}
+            state = self._state(closing)
+            reports: dict[str, str] = {}
+            if self.reporter is not None:
+                reports = self.reporter(
+                    closing, state, list(self.cells.values()), self.store.fields(self.slide["id"]),
+                    self.store.slide_dir(self.slide["id"]) / "report",
+                )
+            closing["reports"] = reports
+            state = self._state(closing)
+            ev = Event("slide", {"action": "finalised", **self._slide_payload(closing), "at": at,
+                                 "report": state, "files": reports})
+            self.store.update_slide(
+                self.slide["id"], {"status": "finalised", "finalised_at": at, "reports": reports},
+                [ev],
+            )
+            self.slide = closing
+            self._emit([ev])
+            return state
+
+    def finalise_blockers(self) -> list[str]:
+        with self._lock:
+            return _blockers(self.slide, self.counts())
+
+    # ------------------------------------------------------------------ counting
+
+    def add_field(
+        self, rgb: np.ndarray, result: FieldResult, *, source: str = "", captured_at: str = ""
+    ) -> dict[str, Any]:
+        """Count one analysed field. Returns the field summary (also published as an event)."""
+        rgb = ensure_rgb_uint8(rgb)
+        if result.error:
+            raise SessionError(f"field not counted: {result.error}")
+        with self._lock:
+            self._require_open()
+            t0 = time.perf_counter()
+            h, w = rgb.shape[:2]
+            sig = field_signature(rgb)
+            overlaps = [
+                ov for fid, prev in self._sigs
+                if (ov := find_overlap(prev, sig, (h, w), prev_id=fid)) is not None
+            ]
+            best = max(overlaps, key=lambda o: o.fraction) if overlaps else None
+            seq = self.n_fields + 1
+            fid = f"{self.slide['id']}-F{seq:04d}"
+            at = captured_at or now_iso()
+            balanced = white_balance(rgb) if result.cells else rgb
+            cell_rows: list[dict[str, Any]] = []
+            crops: dict[str, np.ndarray] = {}
+            for i, c in enumerate(result.cells):
+                box = tuple(int(v) for v in c.bbox)
+                if c.label == OTHER:
+                    status = STATUS_OTHER
+                elif any(box_fraction_inside(box, o.rect) >= 0.5 for o in overlaps):
+                    status = STATUS_DUPLICATE
+                else:
+                    status = STATUS_COUNTED
+                cid = f"{fid}-C{i + 1:02d}"
+                cell_rows.append({
+                    "id": cid,
+                    "slide_id": self.slide["id"],
+                    "field_id": fid,
+                    "seq": seq,
+                    "idx": i + 1,
+                    "bbox": list(box),
+                    "area_px": int(c.area_px),
+                    "label": c.label,
+                    "score": float(c.score),
+                    "probs": {k: float(v) for k, v in c.probs.items()},
+                    "status": status,
+                    "reviewed_label": None,
+                    "review_reason": None,
+                    "reviewed_at": None,
+                    "created_at": at,
+                    "crop_file": None,
+                })
+                crops[cid] = cell_crop(balanced, box, CROP_PX)
+            quality = dict(result.quality or {})
+            field_row = {
+                "id": fid,
+                "slide_id": self.slide["id"],
+                "seq": seq,
+                "captured_at": at,
+                "source": source or result.path,
+                "width": w,
+                "height": h,
+                "quality": quality,
+                "timing_ms": dict(result.timing_ms or {}),
+                "n_cells": len(cell_rows),
+                "n_counted": sum(1 for c in cell_rows if c["status"] == STATUS_COUNTED),
+                "n_duplicate": sum(1 for c in cell_rows if c["status"] == STATUS_DUPLICATE),
+                "overlap_field": best.field_id if best else None,
+                "overlap_fraction": round(best.fraction, 3) if best else 0.0,
+                "overlap_rect": list(best.rect) if best else None,
+                "flagged_duplicate": bool(best and best.fraction > self.duplicate_overlap),
+                "models": self.models,
+            }
+            events = [Event("cell", self._cell_payload(c, "counted")) for c in cell_rows
+                      if c["status"] == STATUS_COUNTED]
+            fev = Event("field", self._field_payload(field_row))
+            new_cells = {c["id"]: c for c in cell_rows}
+            prospective = {**self.cells, **new_cells}
+            state_after = self._state(self.slide, prospective, self.n_fields + 1,
+                                      self.n_fields_flagged + (1 if best else 0))
+            fev.payload["counted_total"] = state_after["counted"]
+            self.store.add_field(field_row, cell_rows, rgb, crops, sig, [*events, fev])
+            self.cells = prospective
+            self.n_fields += 1
+            self.n_fields_flagged += 1 if best else 0
+            self._last_field = field_row
+            self._sigs = [*self._sigs, (fid, sig)][-self.guard_history :]
+            field_row["session_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            self._emit([*events, fev])
+            return field_row
+
+    def review(self, cell_id: str, label: str | None, reason: str | None = None) -> dict[str, Any]:
+        """Reclassify (label in CLASSES), reject (label 'rejected' + reason) or restore (None)
+        a cell. The machine's label is never overwritten; both are kept."""
+        with self._lock:
+            self._require_open()
+            cell = self.cells.get(cell_id)
+            if cell is None:
+                raise SessionError(f"no cell {cell_id!r} on the open slide")
+            if label is None:
+                action, reason = "restored", None
+            elif label == REJECTED:
+                if reason not in REJECT_REASONS:
+                    raise SessionError(f"reject reason must be one of {', '.join(REJECT_REASONS)}")
+                action = "rejected"
+            elif label in CLASSES:
+                action, reason = "reclassified", None
+            else:
+                raise SessionError(
+                    f"cannot reclassify as {label!r}: use one of {', '.join(CLASSES)}, or reject"
+                )
+            before = effective_label(cell)
+            at = now_iso()
+            updated = {**cell, "reviewed_label": label, "review_reason": reason,
+                       "reviewed_at": at if label is not None else None}
+            payload = self._cell_payload(updated, action)
+            payload["previous_reviewed_label"] = cell.get("reviewed_label")
+            payload["previous_effective_label"] = before
+            ev = Event("cell", payload)
+            self.store.update_cell(cell_id, label, reason, updated["reviewed_at"], [ev])
+            self.cells[cell_id] = updated
+            self._emit([ev])
+            return updated
+
+    # ------------------------------------------------------------------ reading
+
+    def counts(self, cells: dict[str, dict[str, Any]] | None = None) -> dict[str, int]:
+        out = dict.fromkeys((*CLASSES, UNIDENTIFIED), 0)
+        for c in (self.cells if cells is None else cells).values():
+            lab = effective_label(c)
+            if lab is not None:
+                out[lab] += 1
+        return out
+
+    def counted(self) -> int:
+        return sum(self.counts().values())
+
+    def state(self) -> dict[str, Any]:
+        """The slide as GET /api/state and the 'differential' event show it."""
+        with self._lock:
+            return self._state(self.slide)
+
+    def _state(
+        self,
+        slide: dict[str, Any],
+        cells: dict[str, dict[str, Any]] | None = None,
+        n_fields: int | None = None,
+        n_flagged: int | None = None,
+    ) -> dict[str, Any]:
+        cells = self.cells if cells is None else cells
+        counts = self.counts(cells)
+        n = sum(counts.values())
+        rows = []
+        for lab in (*CLASSES, UNIDENTIFIED):
+            k = counts[lab]
+            lo, hi = interval(k, n, self.ci_method) if n else (0.0, 0.0)
+            rows.append({
+                "label": lab,
+                "count": k,
+                "percent": round(100.0 * k / n, 1) if n else 0.0,
+                "ci_low": round(100.0 * lo, 1),
+                "ci_high": round(100.0 * hi, 1),
+            })
+        reviewed = [c for c in cells.values() if c.get("reviewed_label")]
+        unreviewed = [c for c in cells.values() if not c.get("reviewed_label")]
+        target = int(slide["target"])
+        blockers = _blockers(slide, counts) if slide.get("status") == "open" else []
+        return {
+            "schema": STATE_SCHEMA,
+            "station_id": self.station_id,
+            "slide": self._slide_payload(slide),
+            # Flat copies for MQTT consumers (the monitor reads these).
+            "slide_id": slide["id"],
+            "sample_id": slide["sample_id"],
+            "target": target,
+            "counted": n,
+            "complete": n >= target,
+            "finalised": slide.get("status") == "finalised",
+            "progress": round(min(1.0, n / target), 4) if target else 0.0,
+            "classes": rows,
+            "counts": counts,
+            "unidentified": counts[UNIDENTIFIED],
+            "percentages": {r["label"]: r["percent"] for r in rows},
+            "ci95": {r["label"]: [r["ci_low"], r["ci_high"]] for r in rows},
+            "ci_method": self.ci_method,
+            "fields": self.n_fields if n_fields is None else n_fields,
+            "fields_overlapping": self.n_fields_flagged if n_flagged is None else n_flagged,
+            "cells_detected": len(cells),
+            "excluded": {
+                "duplicate": sum(1 for c in unreviewed if c["status"] == STATUS_DUPLICATE),
+                "other": sum(1 for c in unreviewed if c["status"] == STATUS_OTHER),
+                "rejected": sum(1 for c in reviewed if c["reviewed_label"] == REJECTED),
+            },
+            "reviewed": len(reviewed),
+            "can_finalise": slide.get("status") == "open" and not blockers,
+            "finalise_blockers": blockers,
+            "reports": slide.get("reports") or {},
+            "models": slide.get("models") or self.models,
+            "updated_at": now_iso(),
+        }
+
+    def last_field(self) -> dict[str, Any] | None:
+        with self._lock:
+            f = self._last_field
+            if f is None:
+                return None
+            return {**f, "cells": [self._cell_view(c) for c in self.cells.values()
+                                   if c["field_id"] == f["id"]]}
+
+    def gallery(self) -> list[dict[str, Any]]:
+        """Every cell of the slide for review, most doubtful first within each group."""
+        with self._lock:
+            cells = [self._cell_view(c) for c in self.cells.values()]
+        return sorted(cells, key=lambda c: (c["group_order"], c["score"]))
+
+    def _cell_view(self, c: dict[str, Any]) -> dict[str, Any]:
+        eff = effective_label(c)
+        if eff is not None:
+            group = eff
+        elif c.get("reviewed_label") == REJECTED:
+            group = REJECTED
+        else:
+            group = c["status"]  # duplicate | other
+        order = [*CLASSES, UNIDENTIFIED, STATUS_OTHER, STATUS_DUPLICATE, REJECTED]
+        return {
+            "id": c["id"],
+            "field_id": c["field_id"],
+            "bbox": c["bbox"],
+            "label": c["label"],
+            "score": round(float(c["score"]), 4),
+            "probs": c["probs"],
+            "status": c["status"],
+            "reviewed_label": c.get("reviewed_label"),
+            "review_reason": c.get("review_reason"),
+            "effective_label": eff,
+            "group": group,
+            "group_order": order.index(group),
+        }
+
+    # ------------------------------------------------------------------ helpers
+
+    def _require_open(self) -> None:
+        if self.slide.get("status") != "open":
+            raise SessionError(
+                f"slide {self.slide.get('sample_id')} is {self.slide.get('status')}: "
+                "start a new slide"
+            )
+
+    def _slide_payload(self, slide: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "slide_id": slide["id"],
+            "sample_id": slide["sample_id"],
+            "target": slide["target"],
+            "status": slide["status"],
+            "created_at": slide["created_at"],
+            "finalised_at": slide.get("finalised_at"),
+        }
+
+    def _cell_payload(self, c: dict[str, Any], action: str) -> dict[str, Any]:
+        return {
+            "cell_id": c["id"],
+            "slide_id": c["slide_id"],
+            "sample_id": self.slide.get("sample_id"),
+            "field_id": c["field_id"],
+            "action": action,
+            "label": c["label"],
+            "reviewed_label": c.get("reviewed_label"),
+            "review_reason": c.get("review_reason"),
+            "effective_label": effective_label(c),
+            "score": round(float(c["score"]), 4),
+            "probs": {k: round(float(v), 4) for k, v in c["probs"].items()},
+            "bbox": c["bbox"],
+            "at": c.get("reviewed_at") or c.get("created_at"),
+        }
+
+    def _field_payload(self, f: dict[str, Any]) -> dict[str, Any]:
+        keys = ("id", "seq", "captured_at", "source", "width", "height", "quality", "timing_ms",
+                "n_cells", "n_counted", "n_duplicate", "overlap_field", "overlap_fraction",
+                "flagged_duplicate")
+        out = {k: f[k] for k in keys}
+        out["field_id"] = out.pop("id")
+        out["slide_id"] = f["slide_id"]
+        out["sample_id"] = self.slide.get("sample_id")
+        return out
+
+    def _emit(self, events: list[Event]) -> None:
+        for ev in events:
+            self.publish(ev)
+        self.publish(Event("differential", self._state(self.slide)))
+
+
+def _blockers(slide: dict[str, Any], counts: dict[str, int]) -> list[str]:
+    out = []
+    n = sum(counts.values())
+    target = int(slide["target"])
+    if n == 0:
+        out.append("no cells counted yet")
+    elif n < target:
+        out.append(f"{n} of {target} cells counted (or lower the target to finalise early)")
+    unid = counts[UNIDENTIFIED]
+    if unid:
+        out.append(f"{unid} unidentified cell{'s' if unid != 1 else ''} to resolve "
+                   "(reclassify or reject)")
+    return out
+
+
+def _check_target(target: Any) -> int:
+    try:
+        t = int(target)
+    except (TypeError, ValueError):
+        raise SessionError(f"target must be a whole number of cells, got {target!r}") from None
+    if isinstance(target, float) and target != t:
+        raise SessionError(f"target must be a whole number of cells, got {target!r}")
+    if not 1 <= t <= MAX_TARGET:
+        raise SessionError(f"target must be between 1 and {MAX_TARGET} cells, got {t}")
+    return t
+
+
+def _check_sample_id(sample_id: Any) -> str:
+    if sample_id is None:
+        return ""
+    if not isinstance(sample_id, str):
+        raise SessionError("the sample id must be text")
+    s = sample_id.strip()
+    if len(s) > 64 or any(ord(ch) < 32 for ch in s):
+        raise SessionError("the sample id must be at most 64 printable characters")
+    return s
