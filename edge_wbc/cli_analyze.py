@@ -1,0 +1,344 @@
+"""``edge-wbc analyze`` (fields in, JSON/masks/overlays out) and ``edge-wbc bench``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import typer
+
+from edge_wbc.results import ANALYSIS_SCHEMA, FieldResult
+
+log = logging.getLogger(__name__)
+
+#: A 640x480 BCCD test field with two leukocytes (BloodImage_00031, MIT licence), so the
+#: benchmark runs the whole pipeline including classification, on any install.
+BENCH_FIELD = Path(__file__).parent / "data" / "bench_field.jpg"
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _usage_error(msg: str) -> typer.Exit:
+    typer.echo(f"error: {msg}", err=True)
+    return typer.Exit(EXIT_USAGE)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    # A reader (or a crash) never sees half a file; an older file is replaced only when the new
+    # one is complete.
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_png(path: Path, img: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:  # pragma: no cover - encoding a uint8 array does not fail
+        raise OSError(f"could not encode {path.name}")
+    _atomic_write_bytes(path, buf.tobytes())
+
+
+def _write_jpeg(path: Path, rgb: np.ndarray) -> None:
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90]
+    )
+    if not ok:  # pragma: no cover
+        raise OSError(f"could not encode {path.name}")
+    _atomic_write_bytes(path, buf.tobytes())
+
+
+def _load_settings(config: Path | None) -> Any:
+    """The config file (explicit, or the system one) or None for built-in defaults."""
+    from edge_wbc.config import ConfigError, default_config_path, load_config
+
+    path = config or default_config_path()
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise _usage_error(str(e)) from None
+
+
+def _build_analyzer(
+    config: Path | None,
+    models: Path | None,
+    threads: int | None,
+    accelerator: str | None,
+    cell_diameter: float | None,
+) -> Any:
+    from edge_wbc.analysis import FieldAnalyzer
+    from edge_wbc.config import ConfigError
+    from edge_wbc.inference import AcceleratorError, ModelLoadError, RuntimeMissing
+    from edge_wbc.manifest import ManifestError
+
+    cfg = _load_settings(config)
+    try:
+        cfg = cfg.replace(
+            models_dir=str(models) if models is not None else None,
+            models_threads=threads,
+            models_accelerator=accelerator,
+            postprocess_cell_diameter_px=cell_diameter,
+        )
+    except ConfigError as e:
+        raise _usage_error(str(e)) from None
+    try:
+        return FieldAnalyzer.from_config(cfg)
+    except (ManifestError, AcceleratorError, ModelLoadError, RuntimeMissing) as e:
+        raise _usage_error(str(e)) from None
+
+
+def _summary_line(res: FieldResult) -> str:
+    if res.error:
+        return f"{res.path}: ERROR {res.error}"
+    counts = Counter(c.label for c in res.cells)
+    what = ", ".join(f"{n} {k}" for k, n in counts.most_common()) or "no cells"
+    flags = res.quality.get("flags") or []
+    extra = f"  [{', '.join(flags)}]" if flags else ""
+    ms = res.timing_ms.get("total", 0.0)
+    return f"{res.path}: {len(res.cells)} cell(s): {what}{extra}  ({ms:.0f} ms)"
+
+
+def analyze(
+    paths: list[Path] = typer.Argument(
+        ..., help="Image files (jpg, png, bmp, tif) or folders of them.", show_default=False
+    ),
+    json_out: Path | None = typer.Option(
+        None,
+        "--json",
+        help="Write the analysis document (schema edge-wbc/analysis/1); '-' for stdout.",
+    ),
+    masks: Path | None = typer.Option(
+        None,
+        "--masks",
+        help="Write DIR/<stem>.png: 255 on counted cells, input-sized.",
+        file_okay=False,
+    ),
+    overlays: Path | None = typer.Option(
+        None,
+        "--overlays",
+        help="Write DIR/<stem>.jpg: the field with outlined, labelled cells.",
+        file_okay=False,
+    ),
+    models: Path | None = typer.Option(
+        None, "--models", help="Models folder (with manifest.json)."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, max=64, help="Interpreter threads."
+    ),
+    accelerator: str | None = typer.Option(None, "--accelerator", help="cpu or edgetpu."),
+    cell_diameter: float | None = typer.Option(
+        None,
+        "--cell-diameter",
+        help="Expected leukocyte diameter in pixels (overrides the config).",
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="Config file (default: the system one, if any)."
+    ),
+) -> None:
+    """Count and type the leukocytes of each field. Exit 0: all analysed; 1: some images failed
+    (their entries carry "error"); 2: usage error (nothing analysed)."""
+    from edge_wbc.imageio import ImageError, list_images, read_image
+
+    if accelerator is not None and accelerator not in ("cpu", "edgetpu"):
+        raise _usage_error(f"--accelerator must be cpu or edgetpu, not {accelerator!r}")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise _usage_error("no such file or folder: " + ", ".join(missing))
+    images = list(dict.fromkeys(p.resolve() for p in list_images(paths)))
+    if not images:
+        raise _usage_error("no images found (looked for .jpg .jpeg .png .bmp .tif .tiff)")
+    for out_dir, what in ((masks, "--masks"), (overlays, "--overlays")):
+        if out_dir is None:
+            continue
+        stems = Counter(p.stem for p in images)
+        dup = sorted(s for s, n in stems.items() if n > 1)
+        if dup:
+            raise _usage_error(
+                f"{what}: several inputs are named {dup[0]!r}; "
+                "their outputs would overwrite each other"
+            )
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _usage_error(f"{what}: cannot create {out_dir}: {e.strerror or e}") from None
+    to_stdout = json_out is not None and str(json_out) == "-"
+    if json_out is not None and not to_stdout and not json_out.parent.resolve().is_dir():
+        raise _usage_error(f"--json: folder {json_out.parent} does not exist")
+
+    analyzer = _build_analyzer(config, models, threads, accelerator, cell_diameter)
+    echo = (lambda s: typer.echo(s, err=True)) if to_stdout else typer.echo
+    entries: list[dict[str, Any]] = []
+    failed = 0
+    for p in images:
+        shown = str(p)
+        t0 = time.perf_counter()
+        try:
+            rgb = read_image(p)
+        except ImageError as e:
+            res = FieldResult(path=shown, width=0, height=0, error=str(e))
+        else:
+            decode_ms = (time.perf_counter() - t0) * 1000.0
+            try:
+                res = analyzer.analyze(rgb, shown)
+                res.timing_ms = {"decode": decode_ms, **res.timing_ms}
+            except Exception as e:  # one bad field must not stop the batch
+                log.exception("analysis of %s failed", p)
+                res = FieldResult(
+                    path=shown,
+                    width=rgb.shape[1],
+                    height=rgb.shape[0],
+                    error=f"analysis failed: {e}",
+                )
+            try:
+                if masks is not None and res.error is None and res.mask is not None:
+                    _write_png(masks / f"{p.stem}.png", res.mask)
+                if overlays is not None and res.error is None:
+                    from edge_wbc.analysis import draw_overlay
+
+                    _write_jpeg(overlays / f"{p.stem}.jpg", draw_overlay(rgb, res))
+            except OSError as e:
+                res.error = f"could not write output: {e.strerror or e}"
+        if res.error:
+            failed += 1
+        entries.append(res.to_json())
+        echo(_summary_line(res))
+        del res  # crops and masks of a large batch are not kept in memory
+
+    doc = {"schema": ANALYSIS_SCHEMA, "models": analyzer.describe(), "images": entries}
+    if to_stdout:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    elif json_out is not None:
+        try:
+            _atomic_write_bytes(json_out, (json.dumps(doc, indent=2) + "\n").encode())
+        except OSError as e:
+            typer.echo(f"error: could not write {json_out}: {e.strerror or e}", err=True)
+            raise typer.Exit(EXIT_SOME_FAILED) from None
+    n = len(entries)
+    echo(f"{n - failed} of {n} image(s) analysed" + (f", {failed} failed" if failed else ""))
+    raise typer.Exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+def _peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 2**20  # KiB on Linux, bytes on macOS
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, np.float64)
+    return float(np.median(a)), float(np.percentile(a, 90))
+
+
+def bench(
+    image: Path = typer.Option(
+        BENCH_FIELD, "--image", help="Field to analyse (default: a bundled BCCD field)."
+    ),
+    runs: int = typer.Option(50, "--runs", min=1, help="Timed runs."),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed runs first."),
+    models: Path | None = typer.Option(
+        None, "--models", help="Models folder (with manifest.json)."
+    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, max=64),
+    accelerator: str | None = typer.Option(None, "--accelerator", help="cpu or edgetpu."),
+    config: Path | None = typer.Option(None, "--config", help="Config file."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the numbers as JSON."),
+) -> None:
+    """Per-stage latency (median, p90), model load time and peak RSS of the field pipeline."""
+    from edge_wbc.imageio import ImageError, read_image
+    from edge_wbc.preprocess import letterbox, to_unit, white_balance
+
+    if accelerator is not None and accelerator not in ("cpu", "edgetpu"):
+        raise _usage_error(f"--accelerator must be cpu or edgetpu, not {accelerator!r}")
+    rss_start = _peak_rss_mb()
+    t0 = time.perf_counter()
+    analyzer = _build_analyzer(config, models, threads, accelerator, None)
+    load_ms = (time.perf_counter() - t0) * 1000.0
+    try:
+        rgb = read_image(image)
+    except ImageError as e:
+        raise _usage_error(f"{image}: {e}") from None
+
+    stages: dict[str, list[float]] = {}
+    result = None
+    for i in range(warmup + runs):
+        t = time.perf_counter()
+        rgb = read_image(image)
+        decode = (time.perf_counter() - t) * 1000.0
+        result = analyzer.analyze(rgb, str(image))
+        if i >= warmup:
+            for k, v in {"decode": decode, **result.timing_ms}.items():
+                stages.setdefault(k, []).append(v)
+            stages.setdefault("decode + total", []).append(decode + result.timing_ms["total"])
+    assert result is not None
+    # Each model alone, on the inputs the pipeline gives it.
+    balanced = white_balance(rgb)
+    per_model: dict[str, list[float]] = {}
+    for m in analyzer.segmenter.members:
+        x = to_unit(letterbox(balanced, m.model.input_hw)[0])
+        for _ in range(runs):
+            t = time.perf_counter()
+            m.model.infer(x)
+            per_model.setdefault(f"  segmenter {m.name}", []).append(
+                (time.perf_counter() - t) * 1000.0
+            )
+    if analyzer.classifier is not None:
+        crop = (
+            result.cells[0].crop
+            if result.cells
+            else np.full((analyzer.classifier.input_size,) * 2 + (3,), 200, np.uint8)
+        )
+        for _ in range(runs):
+            t = time.perf_counter()
+            analyzer.classifier.classify(crop)
+            per_model.setdefault(
+                f"  classifier {analyzer.classifier.model.path.name} (1 crop)", []
+            ).append((time.perf_counter() - t) * 1000.0)
+
+    h, w = rgb.shape[:2]
+    rows = [(k, *_stats(v)) for k, v in {**stages, **per_model}.items()]
+    peak = _peak_rss_mb()
+    typer.echo(
+        f"edge-wbc bench: {image.name} {w}x{h}, {len(result.cells)} cell(s), "
+        f"{runs} runs after {warmup} warm-up\n"
+        f"runtime {analyzer.runtime.name} {analyzer.runtime.version}, "
+        f"{analyzer.threads} thread(s), "
+        f"accelerator {analyzer.accelerator}, models {analyzer.manifest.root}"
+    )
+    width = max(len(r[0]) for r in rows)
+    typer.echo(f"{'stage':<{width}}  {'median ms':>10}  {'p90 ms':>8}")
+    typer.echo("-" * (width + 22))
+    for name, med, p90 in rows:
+        typer.echo(f"{name:<{width}}  {med:>10.2f}  {p90:>8.2f}")
+    typer.echo("-" * (width + 22))
+    typer.echo(f"{'model load (manifest + sha256 + interpreters)':<{width}}  {load_ms:>10.0f} ms")
+    typer.echo(
+        f"{'peak RSS (whole process)':<{width}}  {peak:>10.0f} MB  (at start {rss_start:.0f} MB)"
+    )
+    if json_out is not None:
+        doc = {
+            "image": str(image),
+            "runs": runs,
+            "runtime": f"{analyzer.runtime.name} {analyzer.runtime.version}",
+            "threads": analyzer.threads,
+            "accelerator": analyzer.accelerator,
+            "cells": len(result.cells),
+            "load_ms": load_ms,
+            "peak_rss_mb": peak,
+            "stages_ms": {k: {"median": m, "p90": p} for k, m, p in rows},
+        }
+        _atomic_write_bytes(json_out, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def register(app: typer.Typer) -> None:
+    app.command("analyze")(analyze)
+    app.command("bench")(bench)
