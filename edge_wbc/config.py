@@ -348,7 +348,7 @@ def load_config(
     creds = env.get("CREDENTIALS_DIRECTORY", "")
     if values["mqtt"]["tls_key"] is None and creds:
         key = Path(creds) / CRED_MQTT_TLS_KEY
-        if key.is_file():
+        if key.is_file() and key.stat().st_size > 0:
             values["mqtt"]["tls_key"] = str(key)
     if not values["mqtt"]["station_id"]:
         values["mqtt"]["station_id"] = _hostname()
@@ -459,9 +459,9 @@ def _apply_secrets(env: Mapping[str, str], values: dict[str, dict[str, Any]]) ->
                                             "credentials"))
                     continue
                 if not value:
-                    problems.append(Problem(dotted, None, f"credential {p} is empty",
-                                            "credentials"))
-                    continue
+                    # The installer creates empty credential files so LoadCredential= never
+                    # fails on a missing file: empty means "not set".
+                    value = None
         values[sec][key] = value
     return problems
 

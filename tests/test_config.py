@@ -162,6 +162,11 @@ def test_secrets_from_environment_or_credentials(tmp_path: Path) -> None:
     # the environment wins over the credential file
     cfg = load_config(None, env={**env, "EDGE_WBC_MQTT_PASSWORD": "fromenv"})
     assert cfg.mqtt.password == "fromenv"
+    # empty credential files (as the installer creates them) mean "not set"
+    for name in ("mqtt-password", "token", "mqtt-tls-key"):
+        (creds / name).write_text("")
+    cfg = load_config(None, env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert cfg.mqtt.password is None and cfg.station.token is None and cfg.mqtt.tls_key is None
 
 
 def test_non_loopback_listen_needs_a_token(tmp_path: Path) -> None:
