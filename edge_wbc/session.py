@@ -433,10 +433,18 @@ class SlideSession:
             state = self._state(closing)
             reports: dict[str, str] = {}
             if self.reporter is not None:
-                reports = self.reporter(
-                    closing, state, list(self.cells.values()), self.store.fields(self.slide["id"]),
-                    self.store.slide_dir(self.slide["id"]) / "report",
-                )
+                try:
+                    reports = self.reporter(
+                        closing, state, list(self.cells.values()),
+                        self.store.fields(self.slide["id"]),
+                        self.store.slide_dir(self.slide["id"]) / "report",
+                    )
+                except OSError as e:
+                    raise SessionError(
+                        f"the report could not be written ({e.strerror or e}); the slide stays "
+                        "open with every cell counted. Free space on the data disk and finalise "
+                        "again."
+                    ) from e
             closing["reports"] = reports
             state = self._state(closing)
             ev = Event("slide", {"action": "finalised", **self._slide_payload(closing), "at": at,
@@ -506,7 +514,7 @@ class SlideSession:
                     "crop_file": None,
                 })
                 crops[cid] = cell_crop(balanced, box, CROP_PX)
-            quality = dict(result.quality or {})
+            quality = json_safe(dict(result.quality or {}))
             field_row = {
                 "id": fid,
                 "slide_id": self.slide["id"],
@@ -516,7 +524,7 @@ class SlideSession:
                 "width": w,
                 "height": h,
                 "quality": quality,
-                "timing_ms": dict(result.timing_ms or {}),
+                "timing_ms": json_safe(dict(result.timing_ms or {})),
                 "n_cells": len(cell_rows),
                 "n_counted": sum(1 for c in cell_rows if c["status"] == STATUS_COUNTED),
                 "n_duplicate": sum(1 for c in cell_rows if c["status"] == STATUS_DUPLICATE),
@@ -742,6 +750,22 @@ class SlideSession:
         for ev in events:
             self.publish(ev)
         self.publish(Event("differential", self._state(self.slide)))
+
+
+def json_safe(v: Any) -> Any:
+    """Plain JSON values only: numpy scalars to Python, NaN/inf to None (strict JSON consumers
+    such as the MQTT outbox refuse them, and one odd quality metric must not block a count)."""
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, np.ndarray):
+        return json_safe(v.tolist())
+    return v
 
 
 def _blockers(slide: dict[str, Any], counts: dict[str, int]) -> list[str]:

@@ -136,6 +136,7 @@ class Store:
         data_dir: str | Path,
         *,
         mqtt: bool = False,
+        outbox_max: int | None = None,
         min_free_bytes: int = MIN_FREE_BYTES,
         jpeg_quality: int = 90,
     ) -> None:
@@ -179,7 +180,7 @@ class Store:
                 from edge_wbc import outbox  # only with MQTT: the station runs without it
 
                 self._outbox = outbox
-                outbox.ensure_schema(self.conn)
+                outbox.ensure_schema(self.conn, max_rows=outbox_max)
         except sqlite3.DatabaseError as e:
             if _is_disk_full(e):
                 raise DiskFullError(f"disk full: cannot open {self.db_path}") from e
@@ -224,7 +225,9 @@ class Store:
                         self._write_event(ev, slide_id)
                     self.conn.execute("COMMIT")
                 except BaseException:
-                    self.conn.execute("ROLLBACK")
+                    # SQLite may already have rolled back by itself (e.g. on SQLITE_FULL).
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
                     raise
             except (sqlite3.DatabaseError, OSError) as e:
                 if _is_disk_full(e):
