@@ -295,3 +295,17 @@ def postprocess(
     lab = split_touching(lab, params, scale)
     labels_src = to_source(lab, src_hw)
     return measure_cells(labels_src, lab.split_from, params), lab, labels_src
+
+
+def postprocess_mask(
+    mask: np.ndarray, params: PostprocessParams
+) -> tuple[list[Region], Labels, np.ndarray]:
+    """``postprocess`` for a mask at source resolution (reference masks, tests): brought to the
+    working scale the way the analyzer's probability map is."""
+    h, w = mask.shape[:2]
+    s = work_scale((h, w), params)
+    wh, ww = max(1, round(h * s)), max(1, round(w * s))
+    small = mask.astype(np.float32)
+    if (wh, ww) != (h, w):
+        small = cv2.resize(small, (ww, wh), interpolation=cv2.INTER_AREA)
+    return postprocess(small >= 0.5, (h, w), params, wh / h)
