@@ -1,0 +1,202 @@
+"""Training loops: checkpoints every few hundred steps, resume, seed, metrics per epoch.
+
+TensorFlow is imported inside the functions so ``convert --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_wbc import preprocess as pp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    task: str  # "segmentation" | "classification"
+    arch: str
+    run_dir: str
+    data_root: str
+    steps: int = 4000
+    batch: int = 8
+    lr: float = 2e-3
+    seed: int = 0
+    eval_every: int = 500
+    input_hw: tuple[int, int] = (192, 256)
+    threads: int = 1
+    weights: str | None = None
+
+
+def set_threads(n: int) -> None:
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(n)
+    tf.config.threading.set_inter_op_parallelism_threads(max(1, n))
+
+
+def prefetch(make: Callable[[], Any], depth: int = 4) -> Iterator[Any]:
+    """Run the (numpy/OpenCV) batch maker in a thread: OpenCV releases the GIL."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                q.put(make(), timeout=1.0)
+            except queue.Full:
+                continue
+            except Exception as e:  # surfaced in the consumer, not swallowed in the thread
+                q.put(e)
+                return
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def seg_loss(y_true: Any, y_pred: Any) -> Any:
+    import keras
+    from keras import ops
+
+    bce = keras.losses.binary_crossentropy(y_true, y_pred)
+    inter = ops.sum(y_true * y_pred, axis=(1, 2, 3))
+    denom = ops.sum(y_true + y_pred, axis=(1, 2, 3))
+    dice = 1.0 - (2.0 * inter + 1.0) / (denom + 1.0)
+    return ops.mean(bce, axis=(1, 2)) + dice
+
+
+def predict_prob(model: Any, rgb: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
+    """Float model, device preprocessing: probability map at the source's resolution."""
+    x, geo = pp.segmenter_input(rgb, input_hw)
+    prob = np.asarray(model(x[None], training=False))[0, :, :, 0]
+    return pp.unletterbox(prob, geo)
+
+
+def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    p, g = pred > 0, gt > 0
+    union = np.logical_or(p, g).sum()
+    return float(np.logical_and(p, g).sum() / union) if union else 1.0
+
+
+def _write_metrics(run: Path, row: dict[str, Any]) -> None:
+    path = run / "metrics.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _reestimate_bn(model: Any, batches: Iterator[Any], n: int = 60) -> None:
+    """Recompute BatchNorm moving statistics with frozen weights (a short from-scratch run
+    leaves them lagging the weights)."""
+    import keras
+
+    bns = [lyr for lyr in model.layers if isinstance(lyr, keras.layers.BatchNormalization)]
+    saved = [b.momentum for b in bns]
+    for i in range(n):
+        m = i / (i + 1.0)  # running mean over the n batches
+        for b in bns:
+            b.momentum = m
+        x = next(batches)[0]
+        model(x, training=True)
+    for b, m in zip(bns, saved, strict=True):
+        b.momentum = m
+
+
+def train(cfg: TrainConfig, make_batch: Callable[[], tuple[np.ndarray, np.ndarray]],
+          evaluate: Callable[[Any], dict[str, float]], build: Callable[[], Any],
+          loss: Any, score_key: str) -> Path:
+    """Generic loop. Returns the path of the best batch-1 model (``best.keras``)."""
+    import keras
+
+    from convert.architectures import with_batch
+
+    set_threads(cfg.threads)
+    keras.utils.set_random_seed(cfg.seed)
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    last = run / "last.keras"
+    state_path = run / "state.json"
+    model1 = build()  # batch 1: what ships
+    if last.exists() and state_path.exists():
+        state = json.loads(state_path.read_text())
+        trainer = keras.models.load_model(last, compile=True, safe_mode=False)
+        log.info("resuming %s at step %d", run, state["step"])
+    else:
+        state = {"step": 0, "best": -1.0}
+        trainer = with_batch(model1, None)
+        sched = keras.optimizers.schedules.CosineDecay(
+            0.0, cfg.steps, alpha=0.02, warmup_target=cfg.lr, warmup_steps=min(300, cfg.steps // 10)
+        )
+        trainer.compile(optimizer=keras.optimizers.Adam(sched), loss=loss)
+    batches = prefetch(make_batch)
+    t0, losses = time.time(), []
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=state["step"], desc=run.name, mininterval=30)
+    except ImportError:  # pragma: no cover
+        bar = None
+    while state["step"] < cfg.steps:
+        x, y = next(batches)
+        losses.append(float(np.asarray(trainer.train_on_batch(x, y))))
+        state["step"] += 1
+        if bar:
+            bar.update(1)
+        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
+            if state["step"] == cfg.steps:
+                _reestimate_bn(trainer, batches)
+            model1.set_weights(trainer.get_weights())
+            metrics = evaluate(model1)
+            row = {"step": state["step"], "loss": round(float(np.mean(losses)), 5),
+                   "sec": round(time.time() - t0, 1), **{k: round(v, 5) for k, v in metrics.items()}}
+            _write_metrics(run, row)
+            log.info("%s", row)
+            losses = []
+            if metrics[score_key] >= state["best"]:
+                state["best"] = metrics[score_key]
+                model1.save(run / "best.keras")
+            trainer.save(run / "last.keras.tmp.keras")
+            (run / "last.keras.tmp.keras").replace(last)
+            state_path.write_text(json.dumps(state))
+    if bar:
+        bar.close()
+    model1.set_weights(trainer.get_weights())
+    model1.save(run / "final.keras")
+    return run / "best.keras"
+
+
+def seg_evaluator(pairs: list[tuple[Any, np.ndarray, np.ndarray]], input_hw: tuple[int, int]
+                  ) -> Callable[[Any], dict[str, float]]:
+    def evaluate(model: Any) -> dict[str, float]:
+        per: dict[str, list[float]] = {}
+        for it, rgb, gt in pairs:
+            prob = predict_prob(model, rgb, input_hw)
+            per.setdefault(it.source, []).append(iou(prob > 0.5, gt))
+        out = {f"iou_{k}": float(np.mean(v)) for k, v in per.items()}
+        out["iou_mean"] = float(np.mean(list(out.values()))) if out else 0.0
+        return out
+
+    return evaluate
