@@ -1,0 +1,205 @@
+"""FieldAnalyzer: the pipeline on fixture models, and golden fields on the shipped models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_wbc.analysis import FieldAnalyzer, draw_overlay
+from edge_wbc.classify import calibrated_softmax, decide
+from edge_wbc.imageio import read_image
+from edge_wbc.inference import TFLiteModel
+from edge_wbc.manifest import ManifestError
+from edge_wbc.postprocess import PostprocessParams
+from edge_wbc.results import CLASSES, OTHER, UNIDENTIFIED
+
+TESTS = Path(__file__).parent
+FIXTURE_MODELS = TESTS / "fixtures" / "models"
+FIELDS = TESTS / "fixtures" / "fields"
+SHIPPED = TESTS.parent / "models"
+EXPECTED = json.loads((FIELDS / "expected.json").read_text())["fields"]
+BCCD_D = PostprocessParams(cell_diameter_px=170.0)
+
+
+def _iou(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int]) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.fixture(scope="module")
+def analyzer() -> FieldAnalyzer:
+    return FieldAnalyzer(FIXTURE_MODELS, threads=2, postprocess=BCCD_D)
+
+
+@pytest.fixture(scope="module")
+def two_cells() -> np.ndarray:
+    return read_image(FIELDS / "BloodImage_00249.jpg")
+
+
+def test_result_carries_cells_crops_masks_and_timing(
+    analyzer: FieldAnalyzer, two_cells: np.ndarray
+) -> None:
+    res = analyzer.analyze(two_cells, "f.jpg")
+    assert (res.width, res.height, res.path, res.error) == (640, 480, "f.jpg", None)
+    assert len(res.cells) == 2
+    for c in res.cells:
+        x0, y0, x1, y1 = c.bbox
+        assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480
+        assert c.mask is not None and c.mask.shape == (y1 - y0, x1 - x0) and c.mask.dtype == bool
+        assert c.area_px == int(c.mask.sum())
+        assert c.crop is not None and c.crop.shape == (32, 32, 3) and c.crop.dtype == np.uint8
+        assert c.label in (*CLASSES, UNIDENTIFIED, OTHER)
+        assert set(c.probs) == {*CLASSES, OTHER} and abs(sum(c.probs.values()) - 1) < 1e-3
+    assert res.mask is not None and res.mask.shape == (480, 640) and res.mask.dtype == np.uint8
+    assert set(np.unique(res.mask)) <= {0, 255}
+    assert int((res.mask == 255).sum()) == sum(c.area_px for c in res.cells if c.label != OTHER)
+    assert set(res.timing_ms) == {
+        "preprocess",
+        "segment",
+        "postprocess",
+        "classify",
+        "quality",
+        "total",
+    }
+    assert res.quality["flags"] == []
+    doc = res.to_json()
+    assert json.loads(json.dumps(doc)) == doc
+
+
+def test_interpreters_are_built_once(
+    monkeypatch: pytest.MonkeyPatch, two_cells: np.ndarray
+) -> None:
+    built: list[Path] = []
+    real_init = TFLiteModel.__init__
+
+    def counting_init(self: TFLiteModel, path: str | Path, *a: object, **kw: object) -> None:
+        built.append(Path(path))
+        real_init(self, path, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TFLiteModel, "__init__", counting_init)
+    an = FieldAnalyzer(FIXTURE_MODELS, postprocess=BCCD_D)
+    assert len(built) == 3  # two segmenters + classifier
+    interps = [m.interpreter for m in an.models]
+    for _ in range(3):
+        an.analyze(two_cells)
+    assert len(built) == 3 and [m.interpreter for m in an.models] == interps
+
+
+def test_odd_arrays_are_converted(analyzer: FieldAnalyzer, two_cells: np.ndarray) -> None:
+    grey = cv2.cvtColor(two_cells, cv2.COLOR_RGB2GRAY)
+    assert analyzer.analyze(grey).width == 640
+    rgba = np.dstack([two_cells, np.full(two_cells.shape[:2], 255, np.uint8)])
+    assert len(analyzer.analyze(rgba).cells) == len(analyzer.analyze(two_cells).cells)
+    tiny = analyzer.analyze(np.full((3, 5, 3), 200, np.uint8))
+    assert (tiny.width, tiny.height, tiny.cells) == (5, 3, [])
+    blank = analyzer.analyze(np.full((480, 640, 3), 225, np.uint8))
+    assert blank.cells == [] and "no_cells" in blank.quality["flags"]
+
+
+def test_other_cells_are_not_in_the_mask(
+    analyzer: FieldAnalyzer, two_cells: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge_wbc.classify import Prediction
+
+    clf = analyzer.classifier
+    assert clf is not None
+    monkeypatch.setattr(clf, "classify", lambda crop: Prediction(OTHER, 0.9, {OTHER: 0.9}))
+    res = analyzer.analyze(two_cells)
+    assert len(res.cells) == 2 and all(not c.counted for c in res.cells)
+    assert res.mask is not None and not res.mask.any()
+    assert "no_cells" in res.quality["flags"]
+
+
+def test_overlay_is_drawn(analyzer: FieldAnalyzer, two_cells: np.ndarray) -> None:
+    res = analyzer.analyze(two_cells)
+    ov = draw_overlay(two_cells, res)
+    assert ov.shape == two_cells.shape and (ov != two_cells).any()
+
+
+def test_calibration_and_unidentified() -> None:
+    logits = np.array([2.0, 1.0, 0.0, 0.0, 0.0])
+    p1 = calibrated_softmax(logits, 1.0)
+    p2 = calibrated_softmax(logits, 2.0)
+    assert p2.max() < p1.max() and abs(p2.sum() - 1) < 1e-9  # temperature softens
+    probs = calibrated_softmax(np.log([0.5, 0.2, 0.1, 0.1, 0.1]), 1.0)
+    np.testing.assert_allclose(
+        calibrated_softmax([0.5, 0.2, 0.1, 0.1, 0.1], 1.0, "probabilities"), probs
+    )
+    assert decide(probs, CLASSES, 0.4).label == "neutrophil"
+    low = decide(probs, CLASSES, 0.6)
+    assert low.label == UNIDENTIFIED and low.score == pytest.approx(0.5)
+    six = (*CLASSES, OTHER)
+    assert decide(np.array([0.1, 0, 0, 0, 0, 0.9]), six, 0.95).label == OTHER
+    assert decide(np.array([0.1, 0, 0, 0, 0, 0, 0.9]), (*six, "platelet"), 0.5).label == OTHER
+
+
+def test_from_config() -> None:
+    from edge_wbc.config import load_config
+
+    cfg = load_config(None, env={}).replace(
+        models_dir=str(FIXTURE_MODELS), postprocess_cell_diameter_px=150.0
+    )
+    an = FieldAnalyzer.from_config(cfg)
+    assert an.params.cell_diameter_px == 150.0 and an.threads == cfg.models.threads
+    assert an.describe()["accelerator"] == "cpu" and an.describe()["runtime"].startswith(
+        "ai_edge_litert"
+    )
+
+
+def test_tampered_model_is_refused(tmp_path: Path) -> None:
+    shutil.copytree(FIXTURE_MODELS, tmp_path / "m")
+    p = tmp_path / "m" / "cls_colour.tflite"
+    p.write_bytes(p.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(ManifestError, match="does not match the manifest"):
+        FieldAnalyzer(tmp_path / "m")
+    with pytest.raises(ManifestError, match=r"no manifest\.json"):
+        FieldAnalyzer(tmp_path)
+
+
+def test_manifest_that_lies_about_the_input(tmp_path: Path) -> None:
+    shutil.copytree(FIXTURE_MODELS, tmp_path / "m")
+    man = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    man["models"][0]["input"]["shape"] = [1, 192, 256, 3]
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ManifestError, match=r"input is \[1, 96, 128, 3\]"):
+        FieldAnalyzer(tmp_path / "m")
+
+
+# ---------------------------------------------------------------- golden fields, shipped models
+
+shipped = pytest.mark.skipif(
+    not (SHIPPED / "manifest.json").is_file(),
+    reason="no shipped models in models/ (manifest.json absent)",
+)
+
+
+@pytest.fixture(scope="module")
+def shipped_analyzer() -> FieldAnalyzer:
+    from edge_wbc.config import load_config
+
+    # The shipped defaults, as the station runs them.
+    cfg = load_config(None, env={}).replace(models_dir=str(SHIPPED))
+    return FieldAnalyzer.from_config(cfg)
+
+
+@shipped
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_golden_field(shipped_analyzer: FieldAnalyzer, name: str) -> None:
+    exp = EXPECTED[name]
+    res = shipped_analyzer.analyze(read_image(FIELDS / f"{name}.jpg"), name)
+    boxes = exp["wbc_boxes_voc"]
+    assert len(res.cells) == len(boxes), [c.bbox for c in res.cells]
+    for box in boxes:
+        assert max(_iou(c.bbox, box) for c in res.cells) >= 0.5, (box, [c.bbox for c in res.cells])
+    assert sorted(c.label for c in res.cells) == sorted(exp["types"])
+    # The mask agrees with the reference mask of the field (rough polygons: IoU >= 0.7).
+    ref = cv2.imread(str(FIELDS / f"{name}_mask.png"), cv2.IMREAD_GRAYSCALE) > 0
+    got = res.mask > 0
+    assert (got & ref).sum() / (got | ref).sum() >= 0.7
