@@ -1,0 +1,217 @@
+"""`edge-wbc analyze` / `bench`: the JSON contract, masks, overlays and exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from edge_wbc import cli_analyze
+
+TESTS = Path(__file__).parent
+FIXTURE_MODELS = TESTS / "fixtures" / "models"
+FIELDS = TESTS / "fixtures" / "fields"
+
+IMAGE_KEYS = {"path", "width", "height", "error", "cells", "quality", "timing_ms"}
+CELL_KEYS = {"bbox", "label", "score", "probs", "area_px"}
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    a = typer.Typer()
+    cli_analyze.register(a)
+    return a
+
+
+@pytest.fixture()
+def config(tmp_path: Path) -> Path:
+    p = tmp_path / "config.toml"
+    p.write_text(f'[models]\ndir = "{FIXTURE_MODELS}"\n\n[postprocess]\ncell_diameter_px = 170.0\n')
+    return p
+
+
+@pytest.fixture()
+def batch(tmp_path: Path) -> Path:
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(FIELDS / "BloodImage_00249.jpg", d / "two.jpg")
+    grey = cv2.imread(str(FIELDS / "BloodImage_00007.jpg"), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(d / "grey16.png"), grey.astype(np.uint16) * 257)
+    return d
+
+
+def _run(app: typer.Typer, *args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(app, ["analyze", *args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_registered_in_the_main_command() -> None:
+    from edge_wbc.cli import app as main_app
+
+    names = {c.name for c in main_app.registered_commands}
+    assert {"analyze", "bench"} <= names
+
+
+def test_json_contract_masks_and_overlays(
+    app: typer.Typer, batch: Path, config: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.json"
+    code, stdout, _ = _run(
+        app, str(batch), "--config", str(config), "--json", str(out),
+        "--masks", str(tmp_path / "masks"), "--overlays", str(tmp_path / "ov"),
+    )  # fmt: skip
+    assert code == 0, stdout
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "edge-wbc/analysis/1"
+    assert doc["models"]["accelerator"] == "cpu" and len(doc["models"]["models"]) == 3
+    assert doc["models"]["cell_diameter_px"] == 170.0
+    assert [Path(i["path"]).name for i in doc["images"]] == ["grey16.png", "two.jpg"]
+    for img in doc["images"]:
+        assert set(img) == IMAGE_KEYS and img["error"] is None
+        assert (img["width"], img["height"]) == (640, 480)
+        assert {"preprocess", "segment", "postprocess", "classify", "total"} <= set(
+            img["timing_ms"]
+        )
+        assert "flags" in img["quality"]
+        for c in img["cells"]:
+            assert set(c) == CELL_KEYS
+            x0, y0, x1, y1 = c["bbox"]
+            assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480
+            assert c["label"] in (
+                "neutrophil",
+                "eosinophil",
+                "basophil",
+                "lymphocyte",
+                "monocyte",
+                "unidentified",
+                "other",
+            )
+    two = doc["images"][1]
+    assert len(two["cells"]) == 2
+    for stem in ("two", "grey16"):
+        m = cv2.imread(str(tmp_path / "masks" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert m.dtype == np.uint8 and m.shape == (480, 640)
+        assert set(np.unique(m)) <= {0, 255}
+        assert (tmp_path / "ov" / f"{stem}.jpg").is_file()
+    m = cv2.imread(str(tmp_path / "masks" / "two.png"), cv2.IMREAD_UNCHANGED)
+    counted = [c for c in two["cells"] if c["label"] != "other"]
+    assert int((m == 255).sum()) == sum(c["area_px"] for c in counted)
+    for c in counted:  # every counted cell is in the mask, inside its box
+        x0, y0, x1, y1 = c["bbox"]
+        assert (m[y0:y1, x0:x1] == 255).sum() == c["area_px"]
+    assert "2 of 2 image(s) analysed" in stdout
+
+
+def test_a_corrupt_file_fails_alone_with_exit_1(
+    app: typer.Typer, batch: Path, config: Path, tmp_path: Path
+) -> None:
+    data = (FIELDS / "BloodImage_00015.jpg").read_bytes()
+    (batch / "cut.jpg").write_bytes(data[: len(data) // 3])
+    (batch / "empty.png").write_bytes(b"")
+    out = tmp_path / "out.json"
+    code, stdout, _ = _run(
+        app, str(batch), "--config", str(config), "--json", str(out), "--masks", str(tmp_path / "m")
+    )
+    assert code == 1
+    doc = json.loads(out.read_text())
+    by_name = {Path(i["path"]).name: i for i in doc["images"]}
+    assert set(by_name) == {"cut.jpg", "empty.png", "grey16.png", "two.jpg"}
+    assert "truncated JPEG" in by_name["cut.jpg"]["error"] and by_name["cut.jpg"]["cells"] == []
+    assert by_name["empty.png"]["error"] == "empty file"
+    assert by_name["two.jpg"]["error"] is None and len(by_name["two.jpg"]["cells"]) == 2
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["grey16.png", "two.png"]
+    assert "2 failed" in stdout
+
+
+def test_json_to_stdout(app: typer.Typer, config: Path) -> None:
+    code, stdout, stderr = _run(
+        app, str(FIELDS / "BloodImage_00007.jpg"), "--config", str(config), "--json", "-"
+    )
+    assert code == 0
+    doc = json.loads(stdout)
+    assert doc["images"][0]["path"].endswith("BloodImage_00007.jpg")
+    assert "1 of 1 image(s) analysed" in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nope.jpg"], "no such file"),
+        ([str(FIELDS / "BloodImage_00007.jpg"), "--accelerator", "gpu"], "--accelerator"),
+        ([str(FIELDS / "BloodImage_00007.jpg"), "--models", "/nonexistent"], "manifest.json"),
+        ([str(FIXTURE_MODELS)], "no images found"),
+        (
+            [str(FIELDS / "BloodImage_00007.jpg"), "--json", "/nonexistent/dir/out.json"],
+            "does not exist",
+        ),
+    ],
+)
+def test_usage_errors_exit_2(app: typer.Typer, config: Path, args: list[str], message: str) -> None:
+    code, _stdout, stderr = _run(app, *args, "--config", str(config))
+    assert code == 2
+    assert message in stderr
+
+
+def test_no_paths_is_a_usage_error(app: typer.Typer) -> None:
+    assert _run(app)[0] == 2
+
+
+def test_clashing_output_names_are_refused(app: typer.Typer, config: Path, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(FIELDS / "BloodImage_00007.jpg", tmp_path / "a" / "x.jpg")
+    shutil.copy(FIELDS / "BloodImage_00015.jpg", tmp_path / "b" / "x.jpg")
+    code, _, stderr = _run(
+        app,
+        str(tmp_path / "a"),
+        str(tmp_path / "b"),
+        "--config",
+        str(config),
+        "--masks",
+        str(tmp_path / "m"),
+    )
+    assert code == 2 and "overwrite" in stderr
+    assert not (tmp_path / "m" / "x.png").exists()
+
+
+def test_bad_config_is_a_usage_error(app: typer.Typer, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[postprocess]\ncell_diameter = 3\n")
+    code, _, stderr = _run(app, str(FIELDS / "BloodImage_00007.jpg"), "--config", str(bad))
+    assert code == 2 and "cell_diameter" in stderr
+
+
+def test_bench_prints_the_table(app: typer.Typer, config: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--config",
+            str(config),
+            "--runs",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    for row in (
+        "segment",
+        "postprocess",
+        "classify",
+        "decode + total",
+        "model load",
+        "peak RSS",
+        "segmenter seg-dark-a",
+    ):
+        assert row in r.stdout
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert doc["peak_rss_mb"] > 0 and doc["load_ms"] > 0 and doc["stages_ms"]["total"]["median"] > 0
