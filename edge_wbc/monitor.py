@@ -235,7 +235,8 @@ class Monitor:
 
 
 def run(monitor: Monitor, as_json: bool, once: bool, duration_s: float | None,
-        out: TextIO = sys.stdout) -> None:
+        out: TextIO | None = None) -> None:
+    out = sys.stdout if out is None else out  # looked up late: tests and pipes swap it
     changed: set[str] = set()
     cv = threading.Condition()
 
