@@ -9,6 +9,7 @@ when any row FAILs, so the installer and a technician's script can rely on it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,51 +49,45 @@ class Check:
 
 
 def check_camera(cfg: Config) -> Check:
+    """Open the configured source with the station's own camera code and take one frame."""
     src = cfg.camera.source
-    kind, _, arg = src.partition(":")
-    if kind == "folder":
-        d = Path(arg)
-        if not d.is_dir():
-            return Check("camera", FAIL, f"{src}: folder {d.resolve()} does not exist")
-        n = sum(1 for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if n == 0:
-            return Check("camera", FAIL, f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) in {d}")
-        return Check("camera", OK, f"{src}: {n} images to replay")
-    if kind == "picamera2":
+    try:
+        from edge_wbc.camera import CameraError, FrameError, open_source
+    except ImportError as e:
+        return Check("camera", FAIL, f"edge_wbc.camera cannot be imported: {e}")
+    if src.startswith("picamera2"):
         try:
-            from picamera2 import Picamera2  # type: ignore[import-not-found]
+            import picamera2  # type: ignore[import-not-found]  # noqa: F401
         except ImportError as e:
             return Check("camera", FAIL, (
                 f"picamera2 cannot be imported ({e}); on Raspberry Pi OS: sudo apt install "
                 "python3-picamera2, and make the venv with --system-site-packages"))
-        try:
-            cams = Picamera2.global_camera_info()
-        except Exception as e:  # libcamera raises a variety of errors
-            return Check("camera", FAIL, f"libcamera could not list cameras: {e}")
-        index = int(arg) if arg.isdigit() else 0
-        if len(cams) <= index:
-            return Check("camera", FAIL, (
-                f"{len(cams)} camera(s) found, need camera {index}: check the ribbon cable and "
-                "that the camera is enabled"))
-        return Check("camera", OK, f"{src}: {cams[index].get('Model', 'camera')}")
-    if kind == "opencv":
-        import cv2
-
-        dev: int | str = int(arg) if arg.isdigit() else arg
-        cap = cv2.VideoCapture(dev)
-        try:
-            if not cap.isOpened():
-                return Check("camera", FAIL, (
-                    f"{src}: cannot open (unplugged, wrong number, no permission for the video "
-                    "group, or the running station already holds it)"))
-            ok, frame = cap.read()
-            if not ok or frame is None:
-                return Check("camera", FAIL, f"{src}: opens but delivers no frame")
-            h, w = frame.shape[:2]
-            return Check("camera", OK, f"{src}: {w}x{h} frames")
-        finally:
-            cap.release()
-    return Check("camera", FAIL, f"unknown camera source {src!r}")
+    busy = (" (if the station is running it holds the camera: sudo systemctl stop edge-wbc "
+            "first)" if not src.startswith("folder:") else "")
+    try:
+        source = open_source(src, cfg.camera.width, cfg.camera.height, loop=True)
+    except CameraError as e:
+        return Check("camera", FAIL, f"{src}: {e}{busy}")
+    except Exception as e:  # drivers raise all sorts; the row must still say which source
+        return Check("camera", FAIL, f"{src}: {type(e).__name__}: {e}{busy}")
+    try:
+        frame = source.capture()
+    except FrameError as e:
+        return Check("camera", WARN, f"{src}: opens, but the first frame is unusable: {e}")
+    except CameraError as e:
+        return Check("camera", FAIL, f"{src}: opens but delivers no frame: {e}{busy}")
+    except Exception as e:
+        return Check("camera", FAIL, f"{src}: {type(e).__name__}: {e}{busy}")
+    finally:
+        with contextlib.suppress(Exception):
+            source.close()
+    h, w = frame.rgb.shape[:2]
+    extra = ""
+    if src.startswith("folder:"):
+        d = Path(src.partition(":")[2])
+        n = sum(1 for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        extra = f", {n} images to replay"
+    return Check("camera", OK, f"{src}: {source.name}, {w}x{h} frames{extra}")
 
 
 def check_models(cfg: Config) -> Check:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,8 +64,13 @@ def test_folder_camera(tmp_path: Path) -> None:
     (fields / "notes.txt").write_text("x")
     row = doctor.check_camera(cfg)
     assert row.status == doctor.FAIL and "no images" in row.detail
-    (fields / "a.png").write_bytes(b"\x89PNG")
-    assert doctor.check_camera(cfg).status == doctor.OK
+    (fields / "a.png").write_bytes(b"\x89PNG")  # truncated: opens, first frame unusable
+    row = doctor.check_camera(cfg)
+    assert row.status == doctor.WARN and "a.png" in row.detail
+    shutil.copy(next((ROOT / "samples" / "fields").glob("*.jpg")), fields / "b.jpg")
+    (fields / "a.png").unlink()
+    row = doctor.check_camera(cfg)
+    assert row.status == doctor.OK and "640x480" in row.detail, row.detail
 
 
 def test_opencv_camera_that_is_absent_fails(tmp_path: Path) -> None:
@@ -136,7 +142,7 @@ def test_broker_reachable_and_not(tmp_path: Path, listener: int) -> None:
 def test_doctor_cli_table_json_and_exit_status(tmp_path: Path, listener: int) -> None:
     fields = tmp_path / "fields"
     fields.mkdir()
-    (fields / "a.jpg").write_bytes(b"x")
+    shutil.copy(next((ROOT / "samples" / "fields").glob("*.jpg")), fields / "a.jpg")
     conf = tmp_path / "c.toml"
     conf.write_text(f"[camera]\nsource = 'folder:{fields}'\n[models]\ndir = '{tmp_path / 'none'}'\n"
                     f"[session]\ndata_dir = '{tmp_path}'\n"
