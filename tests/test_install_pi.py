@@ -156,3 +156,47 @@ def test_usage_errors(src: Path, tmp_path: Path) -> None:
         res = _run(src, check=False)
         assert res.returncode == 1 and "sudo" in res.stderr
     assert "--dry-run" in _run(src, "--help").stdout
+
+
+@pytest.mark.skipif(shutil.which("sqlite3") is None, reason="sqlite3 CLI missing")
+def test_documented_backup_commands_work_on_a_live_wal_database(tmp_path: Path) -> None:
+    """docs/pi.md's `.backup` and `VACUUM INTO` give consistent copies while a writer runs."""
+    import sqlite3
+    import threading
+
+    db = tmp_path / "edge-wbc.sqlite3"
+    conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE cells (id INTEGER PRIMARY KEY, label TEXT)")
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO cells (label) VALUES ('neutrophil')")
+            conn.execute("COMMIT")
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        docs = (ROOT / "docs" / "pi.md").read_text()
+        assert ".backup '" in docs and "VACUUM INTO '" in docs
+        for i, cmd in enumerate((f".backup '{tmp_path / 'b1.sqlite3'}'",
+                                 f"VACUUM INTO '{tmp_path / 'b2.sqlite3'}'")):
+            res = subprocess.run(["sqlite3", str(db), cmd], capture_output=True, text=True,
+                                 timeout=60)
+            assert res.returncode == 0, res.stderr
+            copy = tmp_path / f"b{i + 1}.sqlite3"
+            check = subprocess.run(["sqlite3", str(copy), "PRAGMA integrity_check",
+                                    ], capture_output=True, text=True, timeout=60)
+            assert check.stdout.strip() == "ok"
+    finally:
+        stop.set()
+        t.join()
+    n_live = conn.execute("SELECT count(*) FROM cells").fetchone()[0]
+    for name in ("b1.sqlite3", "b2.sqlite3"):
+        c = sqlite3.connect(tmp_path / name)
+        n = c.execute("SELECT count(*) FROM cells").fetchone()[0]
+        assert 0 < n <= n_live
+        c.close()
+    conn.close()
