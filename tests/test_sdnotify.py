@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -149,3 +150,55 @@ def test_liveness_busy_clears_on_exception() -> None:
     with pytest.raises(RuntimeError), live.busy():
         raise RuntimeError("corrupt frame")
     assert live.busy_for() is None and live.health() is None
+
+
+# --------------------------------------------------------------------------- journald logging
+
+
+def _log_lines(env: dict[str, str], level: str = "INFO") -> list[str]:
+    import io
+    import logging
+
+    from edge_wbc.config import ConfigError
+    from edge_wbc.logs import register_expected, setup_logging
+
+    register_expected(ConfigError)
+    buf = io.StringIO()
+    handler = setup_logging(level, stream=buf, env=env)
+    log = logging.getLogger("edge_wbc.test")
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError:
+            log.exception("broker 127.0.0.1:1883 unreachable")
+        try:
+            raise ZeroDivisionError("a bug")
+        except ZeroDivisionError:
+            log.exception("unexpected")
+        log.warning("disk low")
+        log.debug("details")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return buf.getvalue().splitlines()
+
+
+def test_journal_lines_carry_priority_and_no_timestamp() -> None:
+    lines = _log_lines({"JOURNAL_STREAM": "8:12345"})
+    assert lines[0] == (
+        "<3>edge_wbc.test: broker 127.0.0.1:1883 unreachable: [Errno 111] Connection refused "
+        "(ConnectionRefusedError)"
+    )
+    # an unexpected error keeps its traceback, every line at the same priority
+    tb = [ln for ln in lines if "Traceback" in ln]
+    assert tb and all(ln.startswith("<3>") for ln in lines[1:lines.index(tb[0]) + 3])
+    assert "<4>edge_wbc.test: disk low" in lines
+    assert not any("details" in ln for ln in lines)  # below INFO
+    assert not any(re.match(r"^<\d>\d{4}-\d\d-\d\d", ln) for ln in lines)
+
+
+def test_terminal_lines_have_timestamps_and_debug_shows_tracebacks() -> None:
+    lines = _log_lines({}, level="DEBUG")
+    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ERROR   edge_wbc.test: broker", lines[0])
+    # at DEBUG even expected errors come with their traceback, for the developer
+    assert sum("Traceback" in ln for ln in lines) == 2
+    assert any("details" in ln for ln in lines)
