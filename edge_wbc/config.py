@@ -96,7 +96,7 @@ class ModelsConfig:
 @dataclass(frozen=True)
 class PostprocessConfig:
     cell_diameter_px: float = _f(
-        100.0, "Expected leukocyte diameter in analysis-frame pixels (set it for your objective "
+        170.0, "Expected leukocyte diameter in analysis-frame pixels (set it for your objective "
         "and camera); every size below scales with it.", min=4.0, max=2000.0,
     )
     open_frac: float = _f(
@@ -114,6 +114,15 @@ class PostprocessConfig:
     max_area_ratio: float = _f(
         4.0, "Regions larger than this times the median region area are dropped.",
         min=1.0, max=100.0,
+    )
+    watershed_h_frac: float = _f(
+        0.06, "A watershed seed must rise this fraction of cell_diameter_px above the saddle "
+        "joining it to another seed; shallower maxima are one cell's uneven outline.",
+        min=0.0, max=1.0,
+    )
+    min_cell_area_frac: float = _f(
+        0.1, "Regions smaller than this fraction of the expected cell area "
+        "(pi/4 * cell_diameter_px^2) are noise, whatever the median says.", min=0.0, max=1.0,
     )
     watershed_min_distance_frac: float = _f(
         0.35, "Minimum distance between watershed seeds as a fraction of cell_diameter_px "
