@@ -200,3 +200,10 @@ def test_documented_backup_commands_work_on_a_live_wal_database(tmp_path: Path) 
         assert 0 < n <= n_live
         c.close()
     conn.close()
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck missing")
+def test_shellcheck_clean() -> None:
+    res = subprocess.run(["shellcheck", "--severity=style", str(SCRIPT)], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stdout
