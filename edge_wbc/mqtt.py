@@ -511,7 +511,7 @@ class MqttPublisher:
         for row in rows:
             if not self._connected:
                 break
-            body = {**row.payload, "station": self.settings.station_id, "seq": row.id}
+            body = {**row.payload, "station": self.settings.station_id, "event_seq": row.id}
             self._send(self.settings.topic(row.topic_suffix), _dumps(body), row.qos, row.retain,
                        row_id=row.id)
             self._last_sent_id = row.id

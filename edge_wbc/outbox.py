@@ -41,7 +41,7 @@ _FINALISED = ("finalised", "finalized")
 
 _SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids never reused, so 'seq' is unique
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: never reused: 'event_seq' stays unique
     topic_suffix TEXT NOT NULL,
     payload TEXT NOT NULL,
     qos INTEGER NOT NULL DEFAULT 1,

@@ -75,7 +75,7 @@ def test_events_availability_and_retained_differential(broker: Mosquitto, tmp_pa
         for c in cells:
             assert c["schema"] == outbox.MQTT_SCHEMA and c["station"] == "st1"
             assert c["action"] == "counted" and c["ts"].endswith("Z") and c["event_id"]
-        assert len({c["seq"] for c in cells}) == 10
+        assert len({c["event_seq"] for c in cells}) == 10
         fields = [m.json() for m in col.on(f"{T}/field")]
         assert len(fields) == 5 and all(f["latency_ms"] == 42.0 for f in fields)
         assert [m.json()["action"] for m in col.on(f"{T}/slide")] == ["started"]
