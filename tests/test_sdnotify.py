@@ -301,3 +301,25 @@ def test_station_under_systemd_harness_ready_then_watchdog_stops_on_hang(
     assert any("field analysis has been running" in s for _, s in harness.statuses())
     assert b"exiting with status 70" in err
     assert not harness.times("STOPPING", "1")
+
+
+def test_station_with_missing_models_never_sends_ready(harness: NotifyHarness,
+                                                       tmp_path: Path) -> None:
+    conf = tmp_path / "config.toml"
+    conf.write_text(
+        f"[camera]\nsource = 'folder:{ROOT / 'tests' / 'fixtures' / 'fields'}'\n"
+        f"[models]\ndir = '{tmp_path / 'no-models'}'\n"
+        f"[session]\ndata_dir = '{tmp_path / 'state'}'\n"
+        f"[station]\nport = {_free_port()}\n"
+    )
+    env = {**harness.env(watchdog_usec=1_000_000), "PYTHONPATH": str(ROOT)}
+    env.pop("EDGE_WBC_CONFIG", None)
+    res = subprocess.run(
+        [sys.executable, "-c", "from edge_wbc.cli import app; app()", "station",
+         "--config", str(conf)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    time.sleep(0.2)
+    assert res.returncode != 0
+    assert "manifest.json" in res.stderr and "Traceback" not in res.stderr
+    assert not harness.times("READY", "1")
