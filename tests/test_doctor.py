@@ -97,6 +97,14 @@ def test_models_sha256_and_interpreter(tmp_path: Path) -> None:
     assert row.status == doctor.FAIL and "seg.tflite" in row.detail
 
 
+def test_fixture_models_pass_models_and_interpreter(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, f"[models]\ndir = '{ROOT / 'tests' / 'fixtures' / 'models'}'\n")
+    row = doctor.check_models(cfg)
+    assert row.status == doctor.OK and "sha256 verified" in row.detail
+    row = doctor.check_interpreter(cfg)
+    assert row.status == doctor.OK and "models load on the CPU" in row.detail, row.detail
+
+
 def test_shipped_models_pass(tmp_path: Path) -> None:
     models = ROOT / "models"
     if not (models / "manifest.json").is_file():
