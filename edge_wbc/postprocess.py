@@ -22,7 +22,6 @@ from typing import Any
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from edge_wbc.preprocess import CROP_SCALE, cell_crop
@@ -188,38 +187,53 @@ def _watershed_region(
     region: np.ndarray, h: float, min_dist: float, min_piece: float
 ) -> np.ndarray | None:
     dist = cv2.distanceTransform(region.astype(np.uint8), cv2.DIST_L2, 5)
-    # Quarter-pixel steps in uint16: h_maxima on integers is exact and faster than on floats.
-    peaks = h_maxima(np.round(dist * 4).astype(np.uint16), max(1, round(h * 4)))
-    markers, count = ndi.label(peaks)
-    if count < 2:
+    seeds = find_seeds(dist, h, min_dist)
+    if len(seeds) < 2:
         return None
-    if min_dist > 1 and count > 1:
-        markers, count = _merge_close_markers(markers, count, dist, min_dist)
-        if count < 2:
-            return None
+    markers = np.zeros(region.shape, np.int32)
+    for k, (y, x, _) in enumerate(seeds, start=1):
+        markers[y, x] = k
     pieces = watershed(-dist, markers, mask=region)
-    areas = np.bincount(pieces.ravel(), minlength=count + 1)[1:]
+    areas = np.bincount(pieces.ravel(), minlength=len(seeds) + 1)[1:]
     if np.any(areas < min_piece):
         return None
     return pieces.astype(np.int32)
 
 
-def _merge_close_markers(
-    markers: np.ndarray, count: int, dist: np.ndarray, min_dist: float
-) -> tuple[np.ndarray, int]:
-    """Seeds closer than min_dist belong to one cell: keep the one deepest inside the region."""
-    centres = ndi.center_of_mass(np.ones_like(markers), markers, range(1, count + 1))
-    depth = ndi.maximum(dist, markers, range(1, count + 1))
-    order = np.argsort(-np.asarray(depth))
-    kept: list[int] = []
+def find_seeds(dist: np.ndarray, h: float, min_dist: float) -> list[tuple[int, int, float]]:
+    """Cell centres: maxima of the distance transform that are at least ``min_dist`` apart and
+    rise at least ``h`` above the lowest point on the straight line to every deeper seed.
+
+    Between two touching round cells that line crosses the neck, so the test is the h-maximum
+    criterion where it matters, at a fraction of skimage.h_maxima's cost (this runs for every
+    region of every field).
+    """
+    r = max(1, int(min_dist // 2))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    peaks = (dist >= cv2.dilate(dist, kernel)) & (dist > h)
+    ys, xs = np.nonzero(peaks)
+    if len(ys) < 2:
+        return [(int(ys[0]), int(xs[0]), float(dist[ys[0], xs[0]]))] if len(ys) else []
+    order = np.argsort(-dist[ys, xs], kind="stable")
+    kept: list[tuple[int, int, float]] = []
     for i in order:
-        cy, cx = centres[i]
-        if all(math.hypot(cy - centres[j][0], cx - centres[j][1]) >= min_dist for j in kept):
-            kept.append(int(i))
-    lut = np.zeros(count + 1, np.int32)
-    for new, i in enumerate(sorted(kept), start=1):
-        lut[i + 1] = new
-    return lut[markers], len(kept)
+        y, x, v = int(ys[i]), int(xs[i]), float(dist[ys[i], xs[i]])
+        ok = True
+        for ky, kx, kv in kept:
+            n = int(math.hypot(ky - y, kx - x))
+            if n < min_dist:
+                ok = False
+                break
+            line = dist[
+                np.linspace(y, ky, n + 1).round().astype(int),
+                np.linspace(x, kx, n + 1).round().astype(int),
+            ]
+            if min(v, kv) - float(line.min()) < h:
+                ok = False
+                break
+        if ok:
+            kept.append((y, x, v))
+    return kept
 
 
 def to_source(lab: Labels, src_hw: tuple[int, int]) -> np.ndarray:
