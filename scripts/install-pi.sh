@@ -343,7 +343,13 @@ if [ "$DRY" = 1 ] || [ "$FAKE" = 1 ]; then
   note "would run: sudo -u $SERVICE_USER $VENV/bin/edge-wbc doctor --config $CONF"
 else
   # Read-only; as the service's user so permissions are judged as the station will see them.
-  runuser -u "$SERVICE_USER" -- "$VENV/bin/edge-wbc" doctor --config "$CONF" \
+  DOCTOR=("$VENV/bin/edge-wbc" doctor --config "$CONF")
+  if systemctl is-active --quiet edge-wbc.service; then
+    # The running station holds the camera; opening it again would report it busy.
+    note "camera not checked: the running station holds it"
+    for c in system models interpreter accelerator disk broker; do DOCTOR+=(--only "$c"); done
+  fi
+  runuser -u "$SERVICE_USER" -- "${DOCTOR[@]}" \
     || note "doctor found problems (above): fix them, then: sudo systemctl restart edge-wbc"
 fi
 if [ "$START" = 0 ]; then
