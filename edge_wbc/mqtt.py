@@ -431,6 +431,9 @@ class MqttPublisher:
                 with self._cv:
                     self._acked.append(row_id)  # unpublishable forever: do not block the queue
             return None
+        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+            # paho refused it (its mid still in use after a wrap-around): try again later.
+            return None
         with self._cv:
             if info.mid in self._early:
                 # PUBACK (or, at QoS 0, the write) beat us here: settle it now.
@@ -455,6 +458,7 @@ class MqttPublisher:
     def _run(self) -> None:
         db = outbox.connect(self.db_path)
         next_stats = time.monotonic() + min(5.0, self.settings.stats_interval_s)
+        last_error = ""
         try:
             while True:
                 with self._cv:
@@ -468,25 +472,32 @@ class MqttPublisher:
                     self._commands.clear()
                     connected = self._connected
                 try:
+                    for kind, raw in commands:
+                        self._handle_command(kind, raw)
                     self._ack(db, acked)
                     if stopping:
                         self._shutdown(db)
                         return
                     if just_connected:
                         self._announce()
+                        # Fresh health soon after each connect, not a whole interval later.
+                        next_stats = min(next_stats, time.monotonic() + 1.0)
                     elif connected and self._diff_dirty:
                         self._publish_differential()
-                    for kind, raw in commands:
-                        self._handle_command(kind, raw)
                     if self._connected:
                         self._drain(db)
                     if time.monotonic() >= next_stats:
                         next_stats = time.monotonic() + self.settings.stats_interval_s
                         if self._connected:
                             self._publish_stats(db)
-                except Exception:
-                    # Disk trouble or a bug in a handler must not end publishing for good.
-                    log.exception("MQTT worker error; retrying in 1 s")
+                    last_error = ""
+                except Exception as exc:
+                    # Disk trouble must not end publishing for good; say it once, not per retry.
+                    if repr(exc) != last_error:
+                        log.exception("MQTT worker error (retrying every second): %s", exc)
+                        last_error = repr(exc)
+                    if stopping:
+                        return
                     time.sleep(1.0)
         finally:
             db.close()
@@ -494,7 +505,13 @@ class MqttPublisher:
     def _ack(self, db: Any, rows: list[int]) -> None:
         if not rows:
             return
-        outbox.ack_many(db, rows)
+        try:
+            outbox.ack_many(db, rows)
+        except Exception:
+            # e.g. a full disk: keep them to delete later rather than re-send them at restart.
+            with self._cv:
+                self._acked.extend(rows)
+            raise
         st = outbox.status(db)
         if st.over_limit and not st.full:
             outbox.clear_over_limit(db)
@@ -512,8 +529,11 @@ class MqttPublisher:
             if not self._connected:
                 break
             body = {**row.payload, "station": self.settings.station_id, "event_seq": row.id}
-            self._send(self.settings.topic(row.topic_suffix), _dumps(body), row.qos, row.retain,
-                       row_id=row.id)
+            if self._send(self.settings.topic(row.topic_suffix), _dumps(body), row.qos,
+                          row.retain, row_id=row.id) is None:
+                with self._cv:
+                    if row.id not in self._acked:  # not an unpublishable row: retry it later
+                        break
             self._last_sent_id = row.id
         if rows:
             with self._cv:

@@ -469,3 +469,31 @@ def test_publisher_listener_never_raises_into_the_session(tmp_path: Path) -> Non
     pub.publish(Event("status", {"queue": 1}))
     pub.publish(Event("field", {"timing_ms": {"total": 12.5}}))
     assert list(pub._latencies) == [12.5]
+
+
+def test_disk_full_while_acknowledging_neither_loses_nor_resends(
+        broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import sqlite3
+
+    real = outbox.ack_many
+    failures = {"left": 3}
+
+    def flaky(conn: Any, rows: list[int]) -> None:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        real(conn, rows)
+
+    monkeypatch.setattr(outbox, "ack_many", flaky)
+    col = Collector(broker.port).wait_subscribed()
+    with caplog.at_level(logging.ERROR, logger="edge_wbc.mqtt"), \
+            sim_with_publisher(tmp_path / "a.db", settings(broker.port, "st1")) as (sim, pub):
+        ids = [cid for _ in range(3) for cid in sim.capture(2)]
+        wait_for(lambda: outbox.depth(sim.conn) == 0, 15, "acks applied once the disk recovers")
+        assert pub.connected
+    got = [m.json()["cell_id"] for m in col.on(f"{T}/cell")]
+    assert sorted(got) == sorted(ids)  # each exactly once: nothing re-sent, nothing lost
+    assert failures["left"] == 0
+    assert sum("disk is full" in r.getMessage() for r in caplog.records) == 1
+    col.close()
