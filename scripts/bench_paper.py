@@ -294,8 +294,11 @@ def main() -> None:
         f"\nfield: {(args.image or BENCH_FIELD).name}, {n_cells} cell(s); "
         f"paper side {args.runs} runs, edge side {args.edge_runs} runs"
     )
-    print(f"{'stage':<40} {'edge int8 med':>13} {'paper float med':>15} {'ratio':>7}")
-    print("-" * 78)
+    print(
+        f"{'stage (edge model / paper model)':<72} {'edge int8 med':>13} "
+        f"{'paper float med':>15} {'ratio':>7}"
+    )
+    print("-" * 110)
     edge_st = edge["stages_ms"]
     rows = []
     for k in ("preprocess", "segment", "postprocess", "classify", "quality", "total"):
@@ -307,18 +310,18 @@ def main() -> None:
         [(k, v) for k, v in stages.items() if k.startswith("  ")],
         strict=False,
     ):
-        rows.append((f"{ek.strip()} | {pk.strip()}", ev["median"], med(pv)[0]))
+        rows.append((f"{ek.strip()} / {pk.strip().split(' ', 1)[1]}", ev["median"], med(pv)[0]))
     for name, e, p in rows:
-        print(f"{name:<40} {e:>13.2f} {p:>15.2f} {p / e if e else float('nan'):>6.1f}x")
-    print("-" * 78)
+        print(f"{name:<72} {e:>13.2f} {p:>15.2f} {p / e if e else float('nan'):>6.1f}x")
+    print("-" * 110)
     edge_load = edge["load_ms"]
     paper_load = sum(load_times.values())
     print(
-        f"{'model load (ms)':<40} {edge_load:>13.0f} {paper_load:>15.0f} "
+        f"{'model load (ms)':<72} {edge_load:>13.0f} {paper_load:>15.0f} "
         f"{paper_load / edge_load:>6.1f}x"
     )
     print(
-        f"{'peak RSS (MB, whole process)':<40} {edge['peak_rss_mb']:>13.0f} {paper_rss:>15.0f} "
+        f"{'peak RSS (MB, whole process)':<72} {edge['peak_rss_mb']:>13.0f} {paper_rss:>15.0f} "
         f"{paper_rss / edge['peak_rss_mb']:>6.1f}x"
     )
     print(
