@@ -80,9 +80,11 @@ def _build_analyzer(
     from edge_wbc.analysis import FieldAnalyzer
     from edge_wbc.config import ConfigError
     from edge_wbc.inference import AcceleratorError, ModelLoadError, RuntimeMissing
+    from edge_wbc.logs import setup_logging
     from edge_wbc.manifest import ManifestError
 
     cfg = _load_settings(config)
+    setup_logging(cfg.logging.level)
     try:
         cfg = cfg.replace(
             models_dir=str(models) if models is not None else None,
