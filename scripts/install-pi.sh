@@ -268,9 +268,10 @@ else
 fi
 
 # --------------------------------------------------------------------------------------------
-step "Models and sample fields under $PREFIX"
+step "Models, sample fields and this guide under $PREFIX"
 mirror_dir "$SRC/models" "$PREFIX/models"
 mirror_dir "$SRC/samples/fields" "$PREFIX/samples/fields"
+if [ -f "$SRC/docs/pi.md" ]; then put_file "$SRC/docs/pi.md" "$PREFIX/docs/pi.md" 0644 || true; fi
 
 # --------------------------------------------------------------------------------------------
 step "Configuration /etc/edge-wbc (created once, never overwritten)"
@@ -301,8 +302,10 @@ UNITS_CHANGED=0
 if put_text /etc/systemd/system/edge-wbc.service 0644 \
      < <(sed "s#/opt/edge-wbc#$PREFIX#g" "$SRC/systemd/edge-wbc.service"); then UNITS_CHANGED=1; fi
 if [ "$KIOSK" = 1 ]; then
-  if put_file "$SRC/systemd/edge-wbc-kiosk.service" /etc/systemd/system/edge-wbc-kiosk.service 0644
-  then UNITS_CHANGED=1; fi
+  if put_text /etc/systemd/system/edge-wbc-kiosk.service 0644 \
+       < <(sed "s#/opt/edge-wbc#$PREFIX#g" "$SRC/systemd/edge-wbc-kiosk.service"); then
+    UNITS_CHANGED=1
+  fi
   KUID="$(id -u "$KIOSK_USER" 2>/dev/null || echo 1000)"
   BROWSER=/usr/bin/chromium-browser
   if [ ! -e "$ROOT$BROWSER" ] && [ -e "$ROOT/usr/bin/chromium" ]; then BROWSER=/usr/bin/chromium; fi

@@ -34,6 +34,8 @@ def src(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "edge_wbc", s / "edge_wbc",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copytree(ROOT / "systemd", s / "systemd")
+    (s / "docs").mkdir()
+    shutil.copy2(ROOT / "docs" / "pi.md", s / "docs" / "pi.md")
     (s / "scripts").mkdir()
     shutil.copy2(SCRIPT, s / "scripts" / "install-pi.sh")
     (s / "models").mkdir()
@@ -121,6 +123,8 @@ def test_installed_config_and_unit(src: Path, tmp_path: Path) -> None:
     assert "ExecStart=/srv/wbc/venv/bin/edge-wbc station" in unit
     assert "/opt/edge-wbc" not in unit
     assert "WorkingDirectory=/srv/wbc" in unit
+    assert "Documentation=file:///srv/wbc/docs/pi.md" in unit
+    assert (fake / "srv/wbc/docs/pi.md").is_file()
 
 
 def test_upgrade_reinstalls_and_restarts_but_keeps_config(src: Path, tmp_path: Path) -> None:
