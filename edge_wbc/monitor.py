@@ -235,7 +235,8 @@ class Monitor:
 
 
 def run(monitor: Monitor, as_json: bool, once: bool, duration_s: float | None,
-        out: TextIO | None = None) -> None:
+        out: TextIO | None = None, stop: threading.Event | None = None) -> None:
+    """Print the picture, then updates until ``duration_s`` passed or ``stop`` is set."""
     out = sys.stdout if out is None else out  # looked up late: tests and pipes swap it
     changed: set[str] = set()
     cv = threading.Condition()
@@ -255,7 +256,7 @@ def run(monitor: Monitor, as_json: bool, once: bool, duration_s: float | None,
             return
         _emit(monitor, as_json, None, out, tty)
         end = None if duration_s is None else time.monotonic() + duration_s
-        while end is None or time.monotonic() < end:
+        while (end is None or time.monotonic() < end) and not (stop and stop.is_set()):
             with cv:
                 cv.wait(timeout=0.5 if end is None else max(0.0, min(0.5, end - time.monotonic())))
                 todo = set(changed)

@@ -113,7 +113,8 @@ def test_twenty_stations_on_one_broker_all_shown_with_correct_counts(
 def test_live_updates_as_json_lines(broker: Mosquitto, tmp_path: Path) -> None:
     out = io.StringIO()
     mon = Monitor("127.0.0.1", broker.port)
-    t = threading.Thread(target=run, args=(mon, True, False, 8.0, out))
+    stop = threading.Event()
+    t = threading.Thread(target=run, args=(mon, True, False, 30.0, out, stop))
     t.start()
     with sim_with_publisher(tmp_path / "a.db", settings(broker.port, "live")) as (sim, _pub):
         sim.capture(2)
@@ -121,7 +122,8 @@ def test_live_updates_as_json_lines(broker: Mosquitto, tmp_path: Path) -> None:
         sim.capture(3)
         wait_for(lambda: '"counted":5' in out.getvalue(), 10, "second update")
     wait_for(lambda: '"available":"stopped"' in out.getvalue(), 10, "stopped shown")
-    t.join(15)
+    stop.set()
+    t.join(5)
     assert not t.is_alive()
     lines = [json.loads(x) for x in out.getvalue().splitlines()]
     assert all(line["station"] == "live" for line in lines)
