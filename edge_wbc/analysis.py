@@ -55,12 +55,14 @@ class FieldAnalyzer:
         self.quality_params = quality or QualityParams()
 
         def load(entry: ModelEntry) -> TFLiteModel:
+            compiled = entry.raw.get("edgetpu") or {}
             model = TFLiteModel(
                 self.manifest.path(entry),
                 self.threads,
                 self.accel,
                 require_accelerator,
                 self.runtime,
+                edgetpu_sha256=compiled.get("sha256") if isinstance(compiled, dict) else None,
             )
             if tuple(model.input_shape) != tuple(entry.input_shape):
                 raise ManifestError(

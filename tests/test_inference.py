@@ -194,3 +194,24 @@ def test_compiled_file_that_fails_on_the_tpu_falls_back(
     acc = open_accelerator("edgetpu", runtime=rec.runtime)
     m = TFLiteModel(base, 1, acc, runtime=rec.runtime)
     assert m.kind == "cpu" and m.path == base and "did not load on the Edge TPU" in m.note
+
+
+def test_compiled_file_not_matching_the_manifest_is_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ctypes
+
+    from edge_wbc.manifest import sha256_file
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: None)
+    rec = _Recorder()
+    base = tmp_path / "seg.tflite"
+    shutil.copy(FIXTURES / "affine_int8.tflite", base)
+    shutil.copy(FIXTURES / "affine_uint8.tflite", tmp_path / "seg_edgetpu.tflite")
+    acc = open_accelerator("edgetpu", runtime=rec.runtime)
+    m = TFLiteModel(base, 1, acc, runtime=rec.runtime, edgetpu_sha256="0" * 64)
+    assert m.kind == "cpu" and m.path == base and "does not match" in m.note
+    with pytest.raises(AcceleratorError, match="does not match"):
+        TFLiteModel(base, 1, acc, True, rec.runtime, edgetpu_sha256="0" * 64)
+    good = sha256_file(tmp_path / "seg_edgetpu.tflite")
+    assert TFLiteModel(base, 1, acc, runtime=rec.runtime, edgetpu_sha256=good).kind == "edgetpu"

@@ -18,6 +18,7 @@ import numpy as np
 
 from edge_wbc.inference.adapters import TensorSpec, get_output, input_specs, output_specs, set_input
 from edge_wbc.inference.runtime import Runtime, get_runtime
+from edge_wbc.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,10 @@ class TFLiteModel:
         accel: Accelerator | None = None,
         require_accelerator: bool = False,
         runtime: Runtime | None = None,
+        edgetpu_sha256: str | None = None,
     ) -> None:
+        """``edgetpu_sha256``: the compiled file's digest from the manifest; a compiled file
+        that does not match it is not run (the CPU file, which was verified, is used)."""
         self.runtime = runtime or get_runtime()
         base = Path(path)
         accel = accel or Accelerator("cpu", "cpu")
@@ -141,6 +145,14 @@ class TFLiteModel:
                         f"Edge TPU required but {self.note.split(';')[0]} "
                         "(compile it with edgetpu_compiler)"
                     )
+                log.warning(self.note)
+            elif edgetpu_sha256 and sha256_file(compiled) != edgetpu_sha256:
+                self.note = (
+                    f"{compiled.name} does not match the manifest's sha256; "
+                    "not running it, runs on the CPU"
+                )
+                if require_accelerator:
+                    raise AcceleratorError(f"Edge TPU required but {self.note.split(';')[0]}")
                 log.warning(self.note)
             else:
                 try:
