@@ -34,6 +34,26 @@ _expected: tuple[type[BaseException], ...] = (
 )
 
 
+#: The project's own "the lab must fix this" exceptions, by name so that judging a log record
+#: never imports (or waits for) the module that defines them.
+_EXPECTED_NAMES = frozenset({
+    "edge_wbc.config.ConfigError",
+    "edge_wbc.manifest.ManifestError",
+    "edge_wbc.imageio.ImageError",
+    "edge_wbc.camera.CameraError",
+    "edge_wbc.camera.FrameError",
+    "edge_wbc.store.StoreError",
+    "edge_wbc.session.SessionError",
+    "edge_wbc.mqtt.MqttError",
+    "edge_wbc.inference.model.AcceleratorError",
+    "edge_wbc.inference.model.ModelLoadError",
+    "edge_wbc.inference.runtime.RuntimeMissing",
+    "edge_wbc.station.app.BusyError",
+    "edge_wbc.station.command.StartupError",
+    "edge_wbc.station.triggers.TriggerError",
+})
+
+
 class ExpectedError(Exception):
     """Base for failures the operator must fix (logged as one line, never a traceback)."""
 
@@ -45,7 +65,9 @@ def register_expected(*types: type[BaseException]) -> None:
 
 
 def is_expected(exc: BaseException) -> bool:
-    return isinstance(exc, (ExpectedError, *_expected))
+    if isinstance(exc, (ExpectedError, *_expected)):
+        return True
+    return any(f"{c.__module__}.{c.__qualname__}" in _EXPECTED_NAMES for c in type(exc).__mro__)
 
 
 def _priority(levelno: int) -> int:

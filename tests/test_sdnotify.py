@@ -196,6 +196,17 @@ def test_journal_lines_carry_priority_and_no_timestamp() -> None:
     assert not any(re.match(r"^<\d>\d{4}-\d\d-\d\d", ln) for ln in lines)
 
 
+def test_project_errors_are_expected_without_registration() -> None:
+    from edge_wbc.camera import CameraError
+    from edge_wbc.logs import is_expected
+    from edge_wbc.manifest import ManifestError
+    from edge_wbc.store import DiskFullError
+
+    assert is_expected(CameraError("unplugged")) and is_expected(ManifestError("x"))
+    assert is_expected(DiskFullError("full"))  # a subclass of StoreError
+    assert not is_expected(ZeroDivisionError()) and not is_expected(KeyError("k"))
+
+
 def test_terminal_lines_have_timestamps_and_debug_shows_tracebacks() -> None:
     lines = _log_lines({}, level="DEBUG")
     assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ERROR   edge_wbc.test: broker", lines[0])
