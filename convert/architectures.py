@@ -47,13 +47,17 @@ def _app_encoder(name: str, inp: Any, weights: str | None) -> Any:
             alpha=0.75, minimalistic=True, include_preprocessing=False, **kw
         )
     elif name == "efficientnetb2":
-        enc = apps.EfficientNetB2(include_preprocessing=False, **kw) if _has_prep(
-            apps.EfficientNetB2
-        ) else apps.EfficientNetB2(**kw)
+        enc = (
+            apps.EfficientNetB2(include_preprocessing=False, **kw)
+            if _has_prep(apps.EfficientNetB2)
+            else apps.EfficientNetB2(**kw)
+        )
     elif name == "efficientnetb7":
-        enc = apps.EfficientNetB7(include_preprocessing=False, **kw) if _has_prep(
-            apps.EfficientNetB7
-        ) else apps.EfficientNetB7(**kw)
+        enc = (
+            apps.EfficientNetB7(include_preprocessing=False, **kw)
+            if _has_prep(apps.EfficientNetB7)
+            else apps.EfficientNetB7(**kw)
+        )
     elif name == "inceptionresnetv2":
         enc = apps.InceptionResNetV2(**kw)
     else:
@@ -191,6 +195,8 @@ def with_batch(model: Any, batch: int | None) -> Any:
     file must be batch 1)."""
     keras = _keras()
     shape = model.input.shape[1:]
-    clone = keras.models.clone_model(model, input_tensors=keras.Input(shape=shape, batch_size=batch))
+    clone = keras.models.clone_model(
+        model, input_tensors=keras.Input(shape=shape, batch_size=batch)
+    )
     clone.set_weights(model.get_weights())
     return clone

@@ -11,8 +11,12 @@ import typer
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-app = typer.Typer(name="edge-wbc-convert", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    name="edge-wbc-convert",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
@@ -26,13 +30,19 @@ def _logging(run_dir: Path | None = None) -> None:
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "train.log"))
-    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        handlers=handlers,
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 @app.command("train-seg")
 def train_seg(
-    encoder: str = typer.Option(..., help="mnv2 | mnv3s | rescnn | efficientnetb2 | efficientnetb7 | inceptionresnetv2"),
+    encoder: str = typer.Option(
+        ..., help="mnv2 | mnv3s | rescnn | efficientnetb2 | efficientnetb7 | inceptionresnetv2"
+    ),
     run_dir: Path = typer.Option(..., help="checkpoints, metrics.csv, best.keras go here"),
     data_root: Path = typer.Option(DEFAULT_DATA, help="the shared data folder"),
     steps: int = 4000,
@@ -47,22 +57,301 @@ def train_seg(
     width: int = 256,
 ) -> None:
     """Train one U-Net segmenter (resumes from RUN_DIR/last.keras when present)."""
+    from convert.architectures import build_unet
     from convert.data import SegSampler, load_items, seg_eval_pairs
     from convert.train import TrainConfig, seg_evaluator, seg_loss, train
-    from convert.architectures import build_unet
 
     _logging(run_dir)
     hw = (height, width)
-    cfg = TrainConfig("segmentation", encoder, str(run_dir), str(data_root), steps, batch, lr,
-                      seed, eval_every, hw, threads, weights)
+    cfg = TrainConfig(
+        "segmentation",
+        encoder,
+        str(run_dir),
+        str(data_root),
+        steps,
+        batch,
+        lr,
+        seed,
+        eval_every,
+        hw,
+        threads,
+        weights,
+    )
     items = load_items(data_root, tuple(s for s in sources.split(",") if s))
-    sampler = SegSampler([i for i in items if i.split == "train"], hw, run_dir.parent / "cache", seed)
-    val = seg_eval_pairs([i for i in items if i.split == "val" and i.source != "raabin"],
-                         run_dir.parent / "cache")
-    best = train(cfg, lambda: sampler.batch(batch), seg_evaluator(val, hw),
-                 lambda: build_unet(encoder, hw, weights=weights), seg_loss, "iou_mean")
+    sampler = SegSampler(
+        [i for i in items if i.split == "train"], hw, run_dir.parent / "cache", seed
+    )
+    val = seg_eval_pairs(
+        [i for i in items if i.split == "val" and i.source != "raabin"], run_dir.parent / "cache"
+    )
+    best = train(
+        cfg,
+        lambda: sampler.batch(batch),
+        seg_evaluator(val, hw),
+        lambda: build_unet(encoder, hw, weights=weights),
+        seg_loss,
+        "iou_mean",
+    )
     typer.echo(f"best model: {best}")
 
 
 if __name__ == "__main__":
     app()
+
+
+# ----------------------------------------------------------------------------- segmentation
+
+
+def _seg_split(data_root: Path, split: str, cache: Path) -> list:
+    from convert.data import load_items, seg_eval_pairs
+
+    items = load_items(data_root, ("zheng1", "zheng2", "bccd"))
+    return seg_eval_pairs([i for i in items if i.split == split], cache)
+
+
+@app.command()
+def quantize(
+    run_dir: Path = typer.Option(..., help="a training run (uses best.keras)"),
+    out: Path = typer.Option(..., help="the .tflite file to write"),
+    data_root: Path = typer.Option(DEFAULT_DATA),
+    samples: int = typer.Option(200, help="representative inputs (augmented training samples)"),
+    seed: int = 123,
+) -> None:
+    """Full-integer int8 conversion with a representative set from the training distribution."""
+    import json
+
+    from convert.data import load_items
+    from convert.quantize import load_keras, to_int8
+
+    _logging()
+    cfg = json.loads((run_dir / "config.json").read_text())
+    model = load_keras(run_dir / "best.keras")
+    items = [i for i in load_items(data_root, tuple(_sources(cfg))) if i.split == "train"]
+    if cfg["task"] == "segmentation":
+        from convert.data import SegSampler
+
+        hw = tuple(cfg["input_hw"])
+        sampler = SegSampler(items, hw, run_dir.parent / "cache", seed)  # type: ignore[arg-type]
+        half = samples // 2
+
+        def rep():  # half augmented (other labs), half as the training sources look
+            for k in range(samples):
+                sampler.augment = k < half
+                yield sampler.sample()[0]
+    else:
+        from convert.cells import CropSampler
+
+        cells = _cells_for(run_dir, data_root, "train")
+        sampler = CropSampler(cells, int(cfg["input_hw"][0]), seed)
+
+        def rep():
+            for _ in range(samples):
+                yield sampler.sample()[0]
+
+    to_int8(model, rep, out)
+    typer.echo(f"wrote {out}")
+
+
+def _sources(cfg: dict) -> list[str]:
+    if cfg["task"] == "segmentation":
+        return ["zheng1", "zheng2", "bccd", "raabin"]
+    return ["pbc", "zheng1", "zheng2", "bccd"]
+
+
+@app.command()
+def gate(files: list[Path] = typer.Argument(..., help=".tflite files (or folders)")) -> None:
+    """The op gate: int8 input, batch 1, no dynamic-shape ops, no float convs, <= 4 MB."""
+    from convert.gate import check
+
+    paths = [p for f in files for p in (sorted(f.glob("*.tflite")) if f.is_dir() else [f])]
+    paths = [p for p in paths if not p.stem.endswith("_edgetpu")]
+    if not paths:
+        typer.echo("no .tflite files given", err=True)
+        raise typer.Exit(2)
+    bad = 0
+    typer.echo(f"{'file':40} {'MB':>6} {'input':>18} {'ops':>5}  result")
+    for p in paths:
+        r = check(p)
+        shape = "x".join(map(str, r.input_shape)) + " " + r.input_type.lower()
+        typer.echo(
+            f"{p.name:40} {r.size_bytes / 1e6:6.2f} {shape:>18} {sum(r.ops.values()):5d}  "
+            + ("PASS" if r.ok else "FAIL: " + "; ".join(r.problems))
+        )
+        bad += not r.ok
+    raise typer.Exit(1 if bad else 0)
+
+
+@app.command()
+def edgetpu(
+    files: list[Path] = typer.Argument(...),
+    out_dir: Path = typer.Option(None, help="default: next to each file"),
+) -> None:
+    """Compile for the Coral Edge TPU when edgetpu_compiler is on PATH; record the mapping."""
+    from convert.edgetpu import compile_model
+
+    for f in files:
+        r = compile_model(f, out_dir or f.parent)
+        typer.echo(f"{f.name}: {r['message']}")
+
+
+@app.command()
+def verify(
+    keras_model: Path = typer.Option(..., "--keras", help="float model (.keras)"),
+    tflite: Path = typer.Option(..., help="its int8 conversion"),
+    data_root: Path = typer.Option(DEFAULT_DATA),
+    split: str = "val",
+    max_delta: float = typer.Option(0.01, help="fail when int8 IoU is lower by more"),
+) -> None:
+    """Float vs int8 foreground IoU per source on a split."""
+    from convert.evaluate import by_source, keras_prob_fn, tflite_prob_fn
+    from convert.quantize import load_keras
+
+    _logging()
+    pairs = _seg_split(data_root, split, Path("runs/cache"))
+    if not pairs:
+        typer.echo(f"no {split} images with masks under {data_root}", err=True)
+        raise typer.Exit(2)
+    fk, fq = keras_prob_fn(load_keras(keras_model)), tflite_prob_fn(tflite)
+    srcs = [p[0].source for p in pairs]
+    gts = [p[2] for p in pairs]
+    a = by_source(srcs, [fk(p[1]) for p in pairs], gts, 0.5)
+    b = by_source(srcs, [fq(p[1]) for p in pairs], gts, 0.5)
+    worst = 0.0
+    typer.echo(f"{'source':10} {'n':>4} {'float IoU':>10} {'int8 IoU':>10} {'delta':>8}")
+    for s in a:
+        d = b[s]["iou"] - a[s]["iou"]
+        worst = min(worst, d)
+        typer.echo(f"{s:10} {a[s]['n']:4d} {a[s]['iou']:10.4f} {b[s]['iou']:10.4f} {d:+8.4f}")
+    raise typer.Exit(1 if worst < -max_delta else 0)
+
+
+# ----------------------------------------------------------------------------- classifier
+
+
+def _cells_for(run_dir: Path, data_root: Path, split: str | None = None) -> list:
+    """The labelled cells of a classifier run (boxes fixed when the run started)."""
+    import json
+
+    from convert.cells import CellItem
+
+    raw = json.loads((run_dir / "cells.json").read_text())
+    cells = [
+        CellItem(c["source"], Path(c["image"]), c["split"], c["label"], tuple(c["box"]))
+        for c in raw
+    ]
+    return [c for c in cells if split is None or c.split == split]
+
+
+def prepare_cells(run_dir: Path, data_root: Path, segmenter: Path) -> list:
+    """Boxes of every labelled cell, single-cell images cropped through the segmenter."""
+    import json
+    from dataclasses import asdict
+
+    from convert.cells import cell_items, segmented_boxes
+    from convert.data import load_items
+    from convert.evaluate import tflite_prob_fn
+
+    items = load_items(data_root, ("pbc", "zheng1", "zheng2", "bccd"))
+    prob = tflite_prob_fn(segmenter, threads=1)
+    singles = [i for i in items if i.source in ("pbc", "zheng1", "zheng2")]
+    boxes = segmented_boxes(
+        singles, lambda rgb: prob(rgb) >= 0.5, run_dir / f"boxes_{segmenter.stem}.json"
+    )
+    cells, missing = cell_items(items, boxes)
+    logging.getLogger(__name__).info(
+        "cells: %d; images without a segmented cell: %s", len(cells), missing
+    )
+    rows = [asdict(c) | {"image": str(c.image)} for c in cells]
+    (run_dir / "cells.json").write_text(json.dumps(rows))
+    (run_dir / "cells_missing.json").write_text(json.dumps(missing))
+    return cells
+
+
+def cls_evaluator(cells: list, size: int, max_per_source: int = 600):
+    import numpy as np
+
+    from convert.cells import LABELS6, CropSampler
+
+    rng = np.random.default_rng(0)
+    by_src: dict[str, list] = {}
+    for c in cells:
+        by_src.setdefault(c.source, []).append(c)
+    chosen = []
+    for _s, v in by_src.items():
+        idx = rng.permutation(len(v))[:max_per_source]
+        chosen.extend(v[i] for i in idx)
+    sampler = CropSampler(chosen, size, augment=False)
+    xs = np.stack([sampler.crop(c, None, False) for c in chosen])
+    ys = np.array([LABELS6.index(c.label) for c in chosen])
+    srcs = [c.source for c in chosen]
+
+    def evaluate(model) -> dict[str, float]:
+        pred = np.concatenate(
+            [np.asarray(model(xs[i : i + 1], training=False)).argmax(1) for i in range(len(xs))]
+        )
+        out = {}
+        for s in sorted(set(srcs)):
+            m = np.array([t == s for t in srcs])
+            out[f"acc_{s}"] = float((pred[m] == ys[m]).mean())
+        out["acc_mean"] = float(np.mean(list(out.values())))
+        return out
+
+    return evaluate
+
+
+@app.command("train-cls")
+def train_cls(
+    run_dir: Path = typer.Option(...),
+    segmenter: Path = typer.Option(..., help="int8 segmenter used to box single-cell images"),
+    data_root: Path = typer.Option(DEFAULT_DATA),
+    arch: str = "mnv2",
+    size: int = 96,
+    steps: int = 4000,
+    batch: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    eval_every: int = 500,
+    threads: int = 1,
+    weights: str | None = None,
+) -> None:
+    """Train the cell classifier (five types + 'other') on crops made by the device's rule."""
+    from convert.architectures import build_classifier
+    from convert.cells import LABELS6, CropSampler
+    from convert.train import TrainConfig, train
+
+    _logging(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cells = (
+        _cells_for(run_dir, data_root)
+        if (run_dir / "cells.json").exists()
+        else prepare_cells(run_dir, data_root, segmenter)
+    )
+    cfg = TrainConfig(
+        "classification",
+        arch,
+        str(run_dir),
+        str(data_root),
+        steps,
+        batch,
+        lr,
+        seed,
+        eval_every,
+        (size, size),
+        threads,
+        weights,
+    )
+    sampler = CropSampler([c for c in cells if c.split == "train"], size, seed)
+    evaluate = cls_evaluator([c for c in cells if c.split == "val"], size)
+
+    import keras
+
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=0.05)
+    best = train(
+        cfg,
+        lambda: sampler.batch(batch),
+        evaluate,
+        lambda: build_classifier(arch, size, len(LABELS6), weights),
+        loss,
+        "acc_mean",
+    )
+    typer.echo(f"best model: {best}")

@@ -13,6 +13,7 @@ import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -363,7 +364,12 @@ class SegSampler:
     """Endless stream of (image float32 HxWx3 in [0,1], mask float32 HxWx1) training pairs."""
 
     #: sampling weight per source: other cameras are worth more than the last point on Zheng.
-    WEIGHTS = {"zheng1": 0.22, "zheng2": 0.18, "bccd": 0.4, "raabin": 0.2}
+    WEIGHTS: ClassVar[dict[str, float]] = {
+        "zheng1": 0.22,
+        "zheng2": 0.18,
+        "bccd": 0.4,
+        "raabin": 0.2,
+    }
 
     def __init__(
         self,

@@ -124,9 +124,14 @@ def _reestimate_bn(model: Any, batches: Iterator[Any], n: int = 60) -> None:
         b.momentum = m
 
 
-def train(cfg: TrainConfig, make_batch: Callable[[], tuple[np.ndarray, np.ndarray]],
-          evaluate: Callable[[Any], dict[str, float]], build: Callable[[], Any],
-          loss: Any, score_key: str) -> Path:
+def train(
+    cfg: TrainConfig,
+    make_batch: Callable[[], tuple[np.ndarray, np.ndarray]],
+    evaluate: Callable[[Any], dict[str, float]],
+    build: Callable[[], Any],
+    loss: Any,
+    score_key: str,
+) -> Path:
     """Generic loop. Returns the path of the best batch-1 model (``best.keras``)."""
     import keras
 
@@ -170,8 +175,12 @@ def train(cfg: TrainConfig, make_batch: Callable[[], tuple[np.ndarray, np.ndarra
                 _reestimate_bn(trainer, batches)
             model1.set_weights(trainer.get_weights())
             metrics = evaluate(model1)
-            row = {"step": state["step"], "loss": round(float(np.mean(losses)), 5),
-                   "sec": round(time.time() - t0, 1), **{k: round(v, 5) for k, v in metrics.items()}}
+            row = {
+                "step": state["step"],
+                "loss": round(float(np.mean(losses)), 5),
+                "sec": round(time.time() - t0, 1),
+                **{k: round(v, 5) for k, v in metrics.items()},
+            }
             _write_metrics(run, row)
             log.info("%s", row)
             losses = []
@@ -188,8 +197,9 @@ def train(cfg: TrainConfig, make_batch: Callable[[], tuple[np.ndarray, np.ndarra
     return run / "best.keras"
 
 
-def seg_evaluator(pairs: list[tuple[Any, np.ndarray, np.ndarray]], input_hw: tuple[int, int]
-                  ) -> Callable[[Any], dict[str, float]]:
+def seg_evaluator(
+    pairs: list[tuple[Any, np.ndarray, np.ndarray]], input_hw: tuple[int, int]
+) -> Callable[[Any], dict[str, float]]:
     def evaluate(model: Any) -> dict[str, float]:
         per: dict[str, list[float]] = {}
         for it, rgb, gt in pairs:

@@ -1,0 +1,180 @@
+"""Cell crops for the classifier, made by the same crop rule the device uses.
+
+Boxes come from segmentation: for PBC and Zheng (single centred cells) the segmenter's component
+nearest the image centre; for BCCD fields the ground-truth mask components (the device crops
+from mask boxes too), on fields whose type list can be matched to their cells.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import cv2
+import numpy as np
+
+from convert.data import ColorAug, Item, mask_boxes, read_mask, read_rgb
+from edge_wbc import preprocess as pp
+from edge_wbc.results import CLASSES
+
+log = logging.getLogger(__name__)
+LABELS6 = (*CLASSES, "other")
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass
+class CellItem:
+    source: str
+    image: Path
+    split: str
+    label: str
+    box: Box
+
+
+def central_box(mask: np.ndarray, min_frac: float = 0.01) -> Box | None:
+    """Box of the mask component nearest the image centre (single-cell images)."""
+    m = (mask > 0).astype(np.uint8)
+    n, _lab, stats, cents = cv2.connectedComponentsWithStats(m)
+    if n <= 1:
+        return None
+    h, w = m.shape
+    best, best_d = None, 1e18
+    for i in range(1, n):
+        if stats[i, cv2.CC_STAT_AREA] < min_frac * h * w:
+            continue
+        x, y, bw, bh = stats[i, :4]
+        inside = x <= w / 2 <= x + bw and y <= h / 2 <= y + bh
+        d = 0.0 if inside else float(np.hypot(cents[i, 0] - w / 2, cents[i, 1] - h / 2))
+        d -= stats[i, cv2.CC_STAT_AREA] * 1e-9  # ties: the larger component
+        if d < best_d:
+            best, best_d = (int(x), int(y), int(x + bw), int(y + bh)), d
+    return best
+
+
+def segmented_boxes(
+    items: list[Item], predict_mask: Callable[[np.ndarray], np.ndarray], cache: Path
+) -> dict[str, Box | None]:
+    """Centre-cell box of each single-cell image, through the segmenter (cached on disk)."""
+    done: dict[str, Box | None] = {}
+    if cache.exists():
+        done = {k: (tuple(v) if v else None) for k, v in json.loads(cache.read_text()).items()}
+    todo = [it for it in items if str(it.image) not in done]
+    try:
+        from tqdm import tqdm
+
+        it_iter = tqdm(todo, desc="segment cells", mininterval=30)
+    except ImportError:  # pragma: no cover
+        it_iter = todo
+    for k, it in enumerate(it_iter):
+        rgb = read_rgb(it.image)
+        done[str(it.image)] = central_box(predict_mask(rgb))
+        if k % 500 == 499:
+            cache.write_text(json.dumps(done))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(done))
+    return done
+
+
+def bccd_cells(items: list[Item]) -> list[CellItem]:
+    """BCCD cells whose type is unambiguous: one mask component per listed type, all one type
+    when there are several."""
+    out = []
+    for it in items:
+        if it.source != "bccd" or it.mask is None or not it.labels:
+            continue
+        boxes = mask_boxes(read_mask(it.mask), min_area=400)
+        types = [t for t in it.labels if t in CLASSES]
+        if not boxes or not types:
+            continue
+        if len(set(types)) == 1 and (len(boxes) == len(types) or len(types) == 1):
+            out.extend(CellItem("bccd", it.image, it.split, types[0], b) for b in boxes)
+    return out
+
+
+def cell_items(items: list[Item], boxes: dict[str, Box | None]) -> tuple[list[CellItem], dict]:
+    """All labelled cells; returns (cells, counts of images without a usable box per source)."""
+    cells: list[CellItem] = []
+    missing: dict[str, int] = {}
+    for it in items:
+        if it.source in ("pbc", "zheng1", "zheng2") and it.label:
+            b = boxes.get(str(it.image))
+            if it.source != "pbc" and it.mask is not None and b is None:
+                b = central_box(read_mask(it.mask))
+            if b is None:
+                missing[it.source] = missing.get(it.source, 0) + 1
+                continue
+            cells.append(CellItem(it.source, it.image, it.split, it.label, b))
+    cells.extend(bccd_cells(items))
+    return cells, missing
+
+
+class CropSampler:
+    """Balanced stream of (crop float32 SxSx3 in [0,1], one-hot label)."""
+
+    SOURCE_WEIGHT: ClassVar[dict[str, float]] = {
+        "pbc": 0.5,
+        "bccd": 0.25,
+        "zheng1": 0.15,
+        "zheng2": 0.1,
+    }
+    CLASS_WEIGHT: ClassVar[dict[str, float]] = {c: 1.0 for c in CLASSES} | {"other": 0.5}
+
+    def __init__(self, cells: list[CellItem], size: int, seed: int = 0, augment: bool = True):
+        self.size, self.augment = size, augment
+        self.rng = np.random.default_rng(seed)
+        self.color = ColorAug()
+        self.images: dict[Path, np.ndarray] = {}
+        self.index: dict[str, dict[str, list[CellItem]]] = {}
+        for c in cells:
+            if c.image not in self.images:
+                self.images[c.image] = read_rgb(c.image)
+            self.index.setdefault(c.label, {}).setdefault(c.source, []).append(c)
+        self.labels = [lab for lab in LABELS6 if lab in self.index]
+        w = np.array([self.CLASS_WEIGHT[lab] for lab in self.labels])
+        self.p = w / w.sum()
+
+    def crop(self, c: CellItem, rng: np.random.Generator | None, augment: bool) -> np.ndarray:
+        img = self.images.get(c.image)
+        if img is None:
+            img = read_rgb(c.image)
+        box = c.box
+        if augment and rng is not None:
+            img = self.color(img, rng)
+            x0, y0, x1, y1 = box
+            w, h = x1 - x0, y1 - y0
+            s = rng.uniform(0.85, 1.2)
+            cx = (x0 + x1) / 2 + rng.uniform(-0.08, 0.08) * w
+            cy = (y0 + y1) / 2 + rng.uniform(-0.08, 0.08) * h
+            box = (cx - w * s / 2, cy - h * s / 2, cx + w * s / 2, cy + h * s / 2)
+        else:
+            img = pp.white_balance(img)
+        crop = pp.cell_crop(img, box, self.size)
+        if augment and rng is not None:
+            m = cv2.getRotationMatrix2D((self.size / 2, self.size / 2), rng.uniform(0, 360), 1.0)
+            crop = cv2.warpAffine(
+                crop, m, (self.size, self.size), borderMode=cv2.BORDER_REFLECT_101
+            )
+            if rng.random() < 0.5:
+                crop = crop[:, ::-1]
+        return pp.to_unit(np.ascontiguousarray(crop))
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        rng = self.rng
+        lab = self.labels[int(rng.choice(len(self.labels), p=self.p))]
+        srcs = list(self.index[lab])
+        w = np.array([self.SOURCE_WEIGHT.get(s, 0.1) for s in srcs])
+        src = srcs[int(rng.choice(len(srcs), p=w / w.sum()))]
+        pool = self.index[lab][src]
+        c = pool[int(rng.integers(len(pool)))]
+        y = np.zeros(len(LABELS6), np.float32)
+        y[LABELS6.index(lab)] = 1.0
+        return self.crop(c, rng, self.augment), y
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = zip(*(self.sample() for _ in range(n)), strict=True)
+        return np.stack(xs), np.stack(ys)

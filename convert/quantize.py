@@ -1,0 +1,57 @@
+"""Keras model -> full-integer int8 TFLite (int8 input and output tensors)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def load_keras(path: str | Path) -> Any:
+    import keras
+
+    return keras.models.load_model(path, compile=False, safe_mode=False)
+
+
+def to_int8(
+    model: Any,
+    representative: Callable[[], Iterable[np.ndarray]],
+    out_path: str | Path,
+) -> Path:
+    """Convert with a representative dataset drawn from the training distribution.
+
+    ``representative`` yields single float32 inputs shaped like the model input without the
+    batch axis. Input and output tensors are int8 so the device never touches float tensors.
+    """
+    import tensorflow as tf
+
+    def rep() -> Iterable[list[np.ndarray]]:
+        for x in representative():
+            yield [np.asarray(x, np.float32)[None]]
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = rep
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = tf.int8
+    conv.inference_output_type = tf.int8
+    data = conv.convert()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out)
+    log.info("wrote %s (%.2f MB)", out, len(data) / 1e6)
+    return out
+
+
+def converter_versions() -> dict[str, str]:
+    import keras
+    import tensorflow as tf
+
+    return {"tensorflow": tf.__version__, "keras": keras.__version__}
