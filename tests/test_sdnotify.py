@@ -334,3 +334,35 @@ def test_station_with_missing_models_never_sends_ready(harness: NotifyHarness,
     assert res.returncode != 0
     assert "manifest.json" in res.stderr and "Traceback" not in res.stderr
     assert not harness.times("READY", "1")
+
+
+def test_station_stops_cleanly_on_sigterm(harness: NotifyHarness, tmp_path: Path) -> None:
+    """`systemctl stop`: SIGTERM -> STOPPING=1 and exit 0 (so Restart=on-failure leaves it be)."""
+    import signal
+
+    port = _free_port()
+    conf = tmp_path / "config.toml"
+    conf.write_text(
+        f"[camera]\nsource = 'folder:{ROOT / 'tests' / 'fixtures' / 'fields'}'\n"
+        f"[models]\ndir = '{ROOT / 'tests' / 'fixtures' / 'models'}'\n"
+        f"[session]\ndata_dir = '{tmp_path / 'state'}'\n"
+        f"[station]\nport = {port}\n"
+    )
+    env = {**harness.env(watchdog_usec=2_000_000), "PYTHONPATH": str(ROOT)}
+    env.pop("EDGE_WBC_CONFIG", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from edge_wbc.cli import app; app()", "station",
+         "--config", str(conf)],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        harness.wait_for("READY", "1", timeout=90, proc=proc)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)  # the unit's TimeoutStopSec
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.2)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert harness.times("STOPPING", "1")
