@@ -160,7 +160,7 @@ class FieldAnalyzer:
         prob = self.segmenter.probability(balanced, work_hw)
         lap("segment")
 
-        regions, _, _ = postprocess(
+        regions, _ = postprocess(
             self.segmenter.mask(prob), (h, w), self.params, work_hw[0] / h
         )
         size = self.classifier.input_size if self.classifier else 96

@@ -256,7 +256,7 @@ def tune(analyzer: FieldAnalyzer, data: Path, ids: list[str]) -> None:
             s = work_scale((h, w), p)
             wh, ww = max(1, round(h * s)), max(1, round(w * s))
             small = cv2.resize(prob, (ww, wh), interpolation=cv2.INTER_AREA)
-            cells, _, _ = postprocess(small >= thr, (h, w), p, wh / h)
+            cells, _ = postprocess(small >= thr, (h, w), p, wh / h)
             voc.add(
                 name, [c.bbox for c in cells], voc_wbc_boxes(data / "Annotations" / f"{name}.xml")
             )

@@ -18,7 +18,6 @@ from edge_wbc.postprocess import (
     open_close,
     postprocess_mask,
     split_touching,
-    to_source,
     work_scale,
 )
 
@@ -97,7 +96,7 @@ def test_watershed_splits_two_touching_discs_with_right_boxes(gap: int) -> None:
     _disc(m, *c1, 30)
     _disc(m, *c2, 30)
     lab = _split_one(m, P)
-    cells = measure_cells(to_source(lab, m.shape), lab.split_from, P)
+    cells = measure_cells(lab, m.shape, P)
     if gap > 0:
         assert len(cells) == 2 and not any(c.split for c in cells)
     else:
@@ -138,7 +137,7 @@ def test_two_real_touching_leukocytes_are_split() -> None:
     merged = a | moved
     assert cv2.connectedComponents(merged.astype(np.uint8))[0] == 2  # they really touch
     params = PostprocessParams(cell_diameter_px=170.0)
-    cells, _, _ = postprocess_mask(merged, params)
+    cells, _ = postprocess_mask(merged, params)
     assert len(cells) == 2
     got = sorted(c.bbox for c in cells)
     want = sorted([tuple(int(v) for v in box_a), tuple(int(v) for v in box_b)])
@@ -154,8 +153,8 @@ def test_reference_masks_give_the_annotated_cells() -> None:
     params = PostprocessParams(cell_diameter_px=170.0)
     for name, exp in expected.items():
         ref = cv2.imread(str(FIELDS / f"{name}_mask.png"), cv2.IMREAD_GRAYSCALE) > 0
-        cells, _, labels_src = postprocess_mask(ref, params)
-        assert labels_src.shape == ref.shape
+        cells, lab = postprocess_mask(ref, params)
+        assert lab.image.shape == (181, 241)
         assert len(cells) == len(exp["wbc_boxes_voc"]), name
         for box in exp["wbc_boxes_voc"]:
             assert max(_iou(c.bbox, box) for c in cells) >= 0.5, (name, box)
@@ -167,7 +166,7 @@ def test_work_scale_and_source_boxes() -> None:
     assert work_scale((480, 640), PostprocessParams(cell_diameter_px=40.0)) == 1.0
     m = np.zeros((480, 640), np.uint8)
     _disc(m, 320, 240, 85)
-    cells, _, _ = postprocess_mask(m, params)
+    cells, _ = postprocess_mask(m, params)
     assert len(cells) == 1
     assert _iou(cells[0].bbox, (235, 155, 406, 326)) > 0.95
     assert cells[0].mask.shape == (
@@ -181,9 +180,9 @@ def test_border_margin_drops_cut_cells() -> None:
     m = np.zeros((200, 300), np.uint8)
     _disc(m, 150, 100, 30)
     _disc(m, 10, 100, 30)  # cut by the left edge
-    cells, _, _ = postprocess_mask(m, PostprocessParams(cell_diameter_px=60.0))
+    cells, _ = postprocess_mask(m, PostprocessParams(cell_diameter_px=60.0))
     assert len(cells) == 2
-    cells, _, _ = postprocess_mask(m, PostprocessParams(cell_diameter_px=60.0, border_margin_px=2))
+    cells, _ = postprocess_mask(m, PostprocessParams(cell_diameter_px=60.0, border_margin_px=2))
     assert len(cells) == 1 and cells[0].bbox[0] > 100
 
 
@@ -192,7 +191,7 @@ def test_crops_come_from_the_colour_field() -> None:
     cv2.circle(rgb, (150, 100), 30, (120, 40, 160), thickness=-1)
     m = np.zeros((200, 300), np.uint8)
     _disc(m, 150, 100, 30)
-    cells, _, _ = postprocess_mask(m, PostprocessParams(cell_diameter_px=60.0))
+    cells, _ = postprocess_mask(m, PostprocessParams(cell_diameter_px=60.0))
     crop_cells(rgb, cells, 48)
     crop = cells[0].crop
     assert crop is not None and crop.shape == (48, 48, 3)
