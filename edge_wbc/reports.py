@@ -133,11 +133,9 @@ def build_report(
 
 
 def _quality_flags(q: dict[str, Any]) -> list[str]:
-    """The analysis' quality dict carries its warnings as a list under 'flags' (and/or as
-    boolean keys); both forms are read so the report never hides one."""
-    out = [str(x) for x in q.get("flags", []) or []] if isinstance(q.get("flags"), list) else []
-    out += [k for k, v in q.items() if v is True and k not in out]
-    return out
+    """The analysis' quality block lists its warnings under 'flags' (edge_wbc.quality)."""
+    flags = q.get("flags")
+    return [str(x) for x in flags] if isinstance(flags, list) else []
 
 
 def write_reports(

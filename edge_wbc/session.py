@@ -667,16 +667,16 @@ class SlideSession:
             f = self._last_field
             if f is None:
                 return None
-            return {**f, "cells": [self._cell_view(c) for c in self.cells.values()
+            return {**f, "cells": [self.cell_view(c) for c in self.cells.values()
                                    if c["field_id"] == f["id"]]}
 
     def gallery(self) -> list[dict[str, Any]]:
         """Every cell of the slide for review, most doubtful first within each group."""
         with self._lock:
-            cells = [self._cell_view(c) for c in self.cells.values()]
+            cells = [self.cell_view(c) for c in self.cells.values()]
         return sorted(cells, key=lambda c: (c["group_order"], c["score"]))
 
-    def _cell_view(self, c: dict[str, Any]) -> dict[str, Any]:
+    def cell_view(self, c: dict[str, Any]) -> dict[str, Any]:
         eff = effective_label(c)
         if eff is not None:
             group = eff
@@ -684,7 +684,8 @@ class SlideSession:
             group = REJECTED
         else:
             group = c["status"]  # duplicate | other
-        order = [*CLASSES, UNIDENTIFIED, STATUS_OTHER, STATUS_DUPLICATE, REJECTED]
+        # Unidentified first: they block finalising and need the technician most.
+        order = [UNIDENTIFIED, *CLASSES, STATUS_OTHER, STATUS_DUPLICATE, REJECTED]
         return {
             "id": c["id"],
             "field_id": c["field_id"],

@@ -64,3 +64,56 @@ class FakeAnalyzer:
             cells.append(fake_cell(b, label, 0.55 if label == "unidentified" else 0.93))
         return FieldResult(path=path, width=w, height=h, cells=cells,
                            quality={"flags": []}, timing_ms={"total": 1.0})
+
+
+class RunningStation:
+    """A station wired exactly as ``edge-wbc station`` wires it, but with an injected analyzer
+    (tests only), on a free loopback port, in this process."""
+
+    def __init__(self, data_dir, source: str = "folder:samples/fields", *, analyzer=None,
+                 target: int = 100, queue_max: int = 4, token: str | None = None,
+                 host: str = "127.0.0.1", preview_fps: float = 5.0) -> None:
+        from functools import partial
+
+        from edge_wbc.camera import open_source
+        from edge_wbc.events import Fanout
+        from edge_wbc.reports import write_reports
+        from edge_wbc.session import SlideSession
+        from edge_wbc.station.app import Station
+        from edge_wbc.station.server import EventHub, StationServer, serve_in_thread
+        from edge_wbc.store import Store
+
+        self.analyzer = analyzer or FakeAnalyzer()
+        self.store = Store(data_dir)
+        self.fanout = Fanout()
+        self.hub = EventHub()
+        self.fanout.subscribe(self.hub)
+        self.events: list = []
+        self.fanout.subscribe(self.events.append)
+        models = {"manifest": "test", "models": [
+            {"name": "fake-analyzer", "file": "-", "sha256": "0" * 64, "task": "segmentation"}]}
+        self.session = SlideSession(self.store, self.fanout, default_target=target, models=models,
+                                    station_id="test-station",
+                                    reporter=partial(write_reports, data_dir=self.store.data_dir))
+        self.source = open_source(source)
+        self.station = Station(self.source, self.analyzer.analyze, self.session, self.fanout,
+                               queue_max=queue_max, info={"accelerator": "cpu"})
+        self.server = StationServer(self.station, self.hub, host, 0, token, preview_fps)
+        self.url = f"http://127.0.0.1:{self.server.port}"
+        self.station.start()
+        serve_in_thread(self.server)
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.station.status()
+            if not s["busy"] and s["queue"] == 0:
+                return
+            time.sleep(0.01)
+        raise TimeoutError("station still busy")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.station.stop()
+        self.store.close()

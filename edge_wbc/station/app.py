@@ -1,0 +1,227 @@
+"""The station's core: trigger → frame → bounded queue → analysis worker → slide session.
+
+The frame is taken from the camera at the moment of the trigger (what is under the objective
+when the technician presses capture), then waits in a bounded queue for the single analysis
+worker (one interpreter set, one thread — contract 1). A capture that finds the queue full is
+refused with a message, never dropped silently; every failure after the queue (a corrupt frame,
+an analysis error, a full disk) is published as a ``status`` event the page shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edge_wbc.camera import CameraError, Frame, FrameError, FrameSource
+from edge_wbc.events import Event, Publish
+from edge_wbc.results import FieldResult
+from edge_wbc.session import SessionError, SlideSession, now_iso
+from edge_wbc.store import DiskFullError, StoreError
+
+log = logging.getLogger(__name__)
+
+Analyze = Callable[[np.ndarray, str], FieldResult]
+
+
+class BusyError(Exception):
+    """The analysis queue is full: the capture was refused (and the page says so)."""
+
+
+@dataclass
+class _Job:
+    capture_id: int
+    frame: Frame
+    trigger: str
+    t0: float  # perf_counter at the trigger
+
+
+class Station:
+    """Owns the camera, the worker thread and the station's health; counting is the session's."""
+
+    def __init__(
+        self,
+        source: FrameSource,
+        analyze: Analyze,
+        session: SlideSession,
+        publish: Publish,
+        *,
+        queue_max: int = 4,
+        liveness: Any = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.source = source
+        self.analyze = analyze
+        self.session = session
+        self.publish = publish
+        self.queue_max = queue_max
+        self.liveness = liveness
+        self.info = info or {}
+        self._q: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_max)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._busy: _Job | None = None
+        self._stop = threading.Event()
+        self.last_error: dict[str, Any] | None = None
+        self.last_field: dict[str, Any] | None = None
+        self.latencies_ms: list[float] = []
+        self.fields_done = 0
+        self.started_at = now_iso()
+        self.worker = threading.Thread(target=self._run, name="analysis-worker", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the fields already captured (they were promised), then stop."""
+        self._stop.set()
+        with contextlib.suppress(queue.Full):
+            self._q.put(None, timeout=timeout)
+        if self.worker.is_alive():
+            self.worker.join(timeout)
+        self.source.close()
+
+    # ------------------------------------------------------------------ triggers
+
+    def capture(self, trigger: str = "api") -> dict[str, Any]:
+        """Take the frame now and queue it. Raises SessionError (slide not accepting fields),
+        BusyError (queue full), CameraError / FrameError (no usable frame)."""
+        if self._stop.is_set():
+            raise BusyError("the station is shutting down")
+        st = self.session.state()
+        if st["finalised"]:
+            raise SessionError(
+                f"slide {st['sample_id']} is finalised: start a new slide to count another"
+            )
+        if st["complete"]:
+            raise SessionError(
+                f"target of {st['target']} cells reached: review and finalise, or extend the "
+                "target to count more"
+            )
+        with self._lock:
+            waiting = self._q.qsize()
+            if waiting >= self.queue_max:
+                msg = (f"capture refused: {waiting} fields are already waiting for analysis; "
+                       "wait a moment and capture again")
+                self._set_error("busy", msg)
+                raise BusyError(msg)
+            t0 = time.perf_counter()
+            try:
+                frame = self.source.capture()
+            except CameraError as e:
+                self._set_error("camera", str(e))
+                raise
+            except FrameError as e:
+                self._set_error("frame", f"corrupt frame, not counted: {e}")
+                raise
+            job = _Job(next(self._ids), frame, trigger, t0)
+            try:
+                self._q.put_nowait(job)
+            except queue.Full:  # cannot happen under the lock, but never lose it silently
+                raise BusyError("capture refused: analysis queue full") from None
+        self._status()
+        return {"capture_id": job.capture_id, "queued": self._q.qsize(),
+                "busy": self._busy is not None, "source": frame.source}
+
+    # ------------------------------------------------------------------ worker
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                if self._q.empty():
+                    return
+                continue
+            with self._lock:
+                self._busy = job
+            self._status()
+            try:
+                self._process(job)
+            except Exception as e:  # the worker must survive anything one field does
+                log.exception("field %d failed", job.capture_id)
+                self._set_error("analysis", f"field not counted: internal error: {e}")
+            finally:
+                with self._lock:
+                    self._busy = None
+                self._status()
+
+    @contextlib.contextmanager
+    def _busy_section(self) -> Iterator[None]:
+        if self.liveness is None:
+            yield
+        else:
+            with self.liveness.busy("field analysis"):
+                yield
+
+    def _process(self, job: _Job) -> None:
+        with self._busy_section():
+            result = self.analyze(job.frame.rgb, job.frame.source)
+        if result.error:
+            self._set_error("frame", f"field not counted: {result.error}")
+            return
+        try:
+            summary = self.session.add_field(
+                job.frame.rgb, result, source=job.frame.source, captured_at=job.frame.captured_at
+            )
+        except DiskFullError as e:
+            self._set_error("disk", str(e))
+            return
+        except (StoreError, SessionError) as e:
+            self._set_error("store", f"field not counted: {e}")
+            return
+        ms = (time.perf_counter() - job.t0) * 1000.0
+        self.latencies_ms = [*self.latencies_ms[-199:], ms]
+        self.fields_done += 1
+        self.last_field = {"field_id": summary["id"], "capture_id": job.capture_id,
+                           "latency_ms": round(ms, 1), "trigger": job.trigger}
+        if self.last_error and self.last_error["kind"] in ("frame", "disk", "store", "analysis",
+                                                           "camera", "busy"):
+            self.last_error = None  # a field went through: the problem is over
+
+    # ------------------------------------------------------------------ health
+
+    def _set_error(self, kind: str, message: str) -> None:
+        log.warning("%s", message)
+        self.last_error = {"kind": kind, "message": message, "at": now_iso()}
+        self._status()
+
+    def clear_error(self) -> None:
+        self.last_error = None
+        self._status()
+
+    def status(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_ms)
+        busy = self._busy
+        try:
+            cam = self.source.status()
+        except Exception as e:
+            cam = {"ok": False, "message": str(e)}
+        out = {
+            "camera": {"name": getattr(self.source, "name", "camera"), **cam},
+            "queue": self._q.qsize(),
+            "queue_max": self.queue_max,
+            "busy": busy is not None,
+            "worker_alive": self.worker.is_alive(),
+            "fields_analysed": self.fields_done,
+            "latency_ms_median": round(lat[len(lat) // 2], 1) if lat else None,
+            "last_field": self.last_field,
+            "last_error": self.last_error,
+            "started_at": self.started_at,
+            **self.info,
+        }
+        with contextlib.suppress(OSError):
+            out["disk_free_mb"] = self.session.store.free_bytes() // (1024 * 1024)
+        return out
+
+    def _status(self) -> None:
+        self.publish(Event("status", self.status()))

@@ -1,0 +1,234 @@
+"""``edge-wbc station``: one long-running process, camera → analysis → slide session → page."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from edge_wbc.session import SessionError
+
+log = logging.getLogger("edge_wbc.station")
+
+EXIT_USAGE = 2
+
+
+def _fail(msg: str) -> typer.Exit:
+    typer.echo(f"edge-wbc station: {msg}", err=True)
+    return typer.Exit(EXIT_USAGE)
+
+
+def station(
+    source: str | None = typer.Option(
+        None, "--source", help="folder:DIR (replay images), picamera2[:N] or opencv:N | "
+        "opencv:/dev/videoN. Default: camera.source of the config."),
+    port: int | None = typer.Option(None, "--port", help="TCP port of the page and API."),
+    host: str | None = typer.Option(
+        None, "--host", help="Address to listen on (127.0.0.1 by default; any other address "
+        "needs a token in EDGE_WBC_TOKEN)."),
+    target: int | None = typer.Option(
+        None, "--target", help="Cells per slide for new slides (100 or 200 in most labs; a "
+        "resumed slide keeps its own target)."),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Where the database, crops and reports are kept."),
+    config: Path | None = typer.Option(
+        None, "--config", help="TOML config file (default: $EDGE_WBC_CONFIG or "
+        "/etc/edge-wbc/config.toml when present)."),
+    models: Path | None = typer.Option(
+        None, "--models", help="Models folder with manifest.json (default: models.dir)."),
+    mqtt_host: str | None = typer.Option(
+        None, "--mqtt-host", help="MQTT broker; without one the station runs without MQTT."),
+    mqtt_port: int | None = typer.Option(None, "--mqtt-port", help="MQTT broker port."),
+    station_id: str | None = typer.Option(
+        None, "--station-id", help="This station's name in MQTT topics (default: host name)."),
+) -> None:
+    """Run the microscope station: live preview, capture, running formula, review, reports."""
+    from edge_wbc.config import ConfigError, default_config_path, load_config
+    from edge_wbc.logs import setup_logging
+
+    try:
+        cfg = load_config(config if config is not None else default_config_path())
+        cfg = cfg.replace(
+            camera_source=source, station_port=port, station_host=host, session_target=target,
+            session_data_dir=str(data_dir) if data_dir else None,
+            models_dir=str(models) if models else None, mqtt_host=mqtt_host,
+            mqtt_port=mqtt_port, mqtt_station_id=station_id,
+        )
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+    setup_logging(cfg.logging.level)
+    try:
+        run(cfg)
+    except StartupError as e:
+        raise _fail(str(e)) from None
+
+
+class StartupError(Exception):
+    """The station cannot start; the message says what to fix."""
+
+
+def run(cfg: Any, stop: threading.Event | None = None) -> None:
+    """Start everything, serve until SIGTERM/SIGINT (or ``stop``), then shut down in order."""
+    from edge_wbc import sdnotify
+    from edge_wbc.camera import CameraError, open_source
+    from edge_wbc.events import Fanout
+    from edge_wbc.manifest import ManifestError
+    from edge_wbc.reports import write_reports
+    from edge_wbc.session import SlideSession
+    from edge_wbc.station.app import Station
+    from edge_wbc.station.server import EventHub, StationServer, serve_in_thread
+    from edge_wbc.store import Store, StoreError
+
+    stop = stop or threading.Event()
+    try:
+        from edge_wbc.analysis import FieldAnalyzer
+
+        analyzer = FieldAnalyzer.from_config(cfg)
+    except ManifestError as e:
+        raise StartupError(f"models: {e}") from e
+    except (OSError, RuntimeError, ValueError) as e:
+        raise StartupError(f"cannot load the models from {cfg.models.dir}: {e}") from e
+    models = analyzer.describe()
+    log.info("models loaded from %s in %.0f ms on %s", cfg.models.dir, analyzer.load_ms,
+             analyzer.accelerator)
+
+    try:
+        store = Store(cfg.session.data_dir, mqtt=bool(cfg.mqtt.host),
+                      outbox_max=cfg.mqtt.outbox_max)
+    except StoreError as e:
+        raise StartupError(str(e)) from e
+    fanout = Fanout()
+    hub = EventHub()
+    fanout.subscribe(hub)
+    session = SlideSession(
+        store, fanout, default_target=cfg.session.target,
+        duplicate_overlap=cfg.session.duplicate_overlap, models=models,
+        station_id=cfg.mqtt.station_id,
+        reporter=partial(write_reports, data_dir=store.data_dir),
+    )
+    try:
+        source = open_source(cfg.camera.source, cfg.camera.width, cfg.camera.height)
+    except CameraError as e:
+        store.close()
+        raise StartupError(str(e)) from e
+
+    live = sdnotify.Liveness(stuck_after_s=cfg.station.stuck_after_s)
+    st = Station(
+        source, analyzer.analyze, session, fanout, queue_max=cfg.station.queue_max,
+        liveness=live,
+        info={"accelerator": analyzer.accelerator, "station_id": cfg.mqtt.station_id,
+              "models": [m["name"] for m in models.get("models", [])],
+              "data_dir": str(store.data_dir)},
+    )
+    publisher = None
+    if cfg.mqtt.host:
+        from edge_wbc import mqtt as edge_mqtt
+
+        try:
+            publisher = edge_mqtt.start_publisher(
+                cfg.mqtt, store.db_path, state_provider=session.state,
+                command_handler=partial(_mqtt_command, st),
+                health_provider=lambda: {"accelerator": analyzer.accelerator,
+                                         "queue": st.status()["queue"]},
+            )
+        except edge_mqtt.MqttError as e:
+            source.close()
+            store.close()
+            raise StartupError(f"MQTT: {e}") from e
+        if publisher is not None:
+            fanout.subscribe(publisher.publish)
+    try:
+        server = StationServer(st, hub, cfg.station.host, cfg.station.port, cfg.station.token,
+                               cfg.camera.preview_fps)
+    except (OSError, ValueError) as e:
+        source.close()
+        if publisher is not None:
+            publisher.stop()
+        store.close()
+        raise StartupError(f"cannot listen on {cfg.station.host}:{cfg.station.port}: {e}") from e
+
+    button = None
+    if cfg.station.gpio_pin is not None:
+        from edge_wbc.station.triggers import TriggerError, gpio_button
+
+        try:
+            button = gpio_button(cfg.station.gpio_pin, lambda: st.capture("gpio"))
+        except TriggerError as e:
+            log.warning("%s (the on-screen button and the space bar still work)", e)
+
+    st.start()
+    live.watch_thread(st.worker)
+    live.start()
+    serve_in_thread(server)
+    url = _url(cfg.station.host, server.port)
+    state = session.state()
+    typer.echo(
+        f"edge-wbc station: open {url}  (camera: {source.name}; slide {state['sample_id']}, "
+        f"{state['counted']}/{state['target']} cells; data in {store.data_dir}; Ctrl-C stops)"
+    )
+    sdnotify.notify_ready(f"listening on {url}")
+
+    def _signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+    try:
+        while not stop.wait(1.0):
+            s = session.state()
+            sdnotify.notify_status(f"slide {s['sample_id']}: {s['counted']}/{s['target']} cells")
+    finally:
+        sdnotify.notify_stopping("shutting down")
+        server.shutdown()
+        server.server_close()
+        st.stop()
+        if button is not None:
+            button.close()
+        if publisher is not None:
+            publisher.stop()
+        live.stop()
+        store.close()
+        typer.echo("edge-wbc station: stopped; every counted cell is saved", err=True)
+
+
+def _url(host: str, port: int) -> str:
+    shown = host
+    if host in ("0.0.0.0", "::", ""):
+        shown = socket.gethostname()
+    elif ":" in host:
+        shown = f"[{host}]"
+    return f"http://{shown}:{port}/"
+
+
+def _mqtt_command(st: Any, kind: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Commands from the broker (only when mqtt.commands_enabled): the same paths as the page."""
+    from edge_wbc.camera import CameraError, FrameError
+    from edge_wbc.station.app import BusyError
+
+    try:
+        if kind == "capture":
+            return {"ok": True, **st.capture("mqtt")}
+        action = args.get("action")
+        if action == "new":
+            st.session.new_slide(args.get("sample_id") or "", args.get("target"))
+        elif action == "finalise":
+            st.session.finalise()
+        elif action == "target":
+            st.session.set_target(args.get("target"))
+        else:
+            raise ValueError(f"unknown slide action {action!r}")
+        return {"ok": True, "state": st.session.state()}
+    except (SessionError, BusyError, CameraError, FrameError) as e:
+        raise ValueError(str(e)) from e
+
+
+def register(app: typer.Typer) -> None:
+    app.command("station")(station)
+

@@ -1,0 +1,475 @@
+"""HTTP JSON API, server-sent events and live preview of the station, on the standard library.
+
+``ThreadingHTTPServer`` keeps the device free of a web framework: the page needs a dozen routes,
+one SSE stream and an MJPEG preview, a few requests per second at most.
+
+Security: the server binds 127.0.0.1 unless told otherwise; any other address needs a token
+(``EDGE_WBC_TOKEN`` or the systemd credential), given as ``Authorization: Bearer``, the
+``edge_wbc_token`` cookie, or once as ``?token=`` (which sets the cookie, for a kiosk URL).
+Requests whose Host header is not this station are refused (DNS-rebinding: a web page in the
+kiosk's browser must not reach the API through a name that resolves to 127.0.0.1), and POSTs must
+be JSON, which a cross-site form cannot send without a CORS preflight this server never grants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import mimetypes
+import queue
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import cv2
+import numpy as np
+
+from edge_wbc.camera import CameraError, FrameError
+from edge_wbc.events import Event
+from edge_wbc.session import SessionError
+from edge_wbc.station.app import BusyError, Station
+from edge_wbc.store import DiskFullError, StoreError
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+COOKIE = "edge_wbc_token"
+SSE_CLIENT_QUEUE = 256
+SSE_HEARTBEAT_S = 15.0
+MAX_BODY = 64 * 1024
+_CELL = re.compile(r"^/api/cells/([A-Za-z0-9_:-]+)(/review|\.jpg)$")
+_FIELD = re.compile(r"^/api/fields/([A-Za-z0-9_:-]+)(\.jpg)?$")
+_REPORT = re.compile(r"^/api/slide/(report\.html|report\.json|report\.csv|cells\.csv)$")
+_REPORT_KEYS = {"report.html": "html", "report.json": "json", "report.csv": "csv",
+                "cells.csv": "cells_csv"}
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class EventHub:
+    """Fans session events out to every connected page (one bounded queue per SSE client).
+
+    A client that stops reading is dropped instead of slowing the count down; its page
+    reconnects (EventSource does so by itself) and gets the full state again.
+    """
+
+    def __init__(self) -> None:
+        self._clients: list[queue.Queue[tuple[str, str] | None]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, event: Event) -> None:
+        data = json.dumps(event.payload, separators=(",", ":"), default=str)
+        with self._lock:
+            clients = list(self._clients)
+        for q in clients:
+            try:
+                q.put_nowait((event.kind, data))
+            except queue.Full:
+                self.remove(q)
+                with contextlib.suppress(queue.Full):
+                    q.put_nowait(None)
+
+    def add(self) -> queue.Queue[tuple[str, str] | None]:
+        q: queue.Queue[tuple[str, str] | None] = queue.Queue(SSE_CLIENT_QUEUE)
+        with self._lock:
+            self._clients.append(q)
+        return q
+
+    def remove(self, q: queue.Queue[tuple[str, str] | None]) -> None:
+        with self._lock:
+            if q in self._clients:
+                self._clients.remove(q)
+
+    def close_all(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for q in clients:
+            with contextlib.suppress(queue.Full):
+                q.put_nowait(None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._clients)
+
+
+class StationServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(
+        self,
+        station: Station,
+        hub: EventHub,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        token: str | None = None,
+        preview_fps: float = 5.0,
+    ) -> None:
+        if not is_loopback(host) and not token:
+            raise ValueError(
+                f"refusing to listen on {host}: other machines could control the station. Set a "
+                "token (EDGE_WBC_TOKEN or the systemd credential 'token') or use 127.0.0.1"
+            )
+        self.station = station
+        self.hub = hub
+        self.token = token or None
+        self.preview_fps = preview_fps
+        self.stopping = threading.Event()
+        self.bind_host = host
+        super().__init__((host, port), Handler)
+        self.port = self.server_address[1]
+        self._jpeg_cache: tuple[int, bytes] | None = None
+        self._jpeg_lock = threading.Lock()
+
+    def preview_jpeg(self) -> bytes | None:
+        img = self.station.source.preview()
+        if img is None:
+            return None
+        with self._jpeg_lock:
+            if self._jpeg_cache is not None and self._jpeg_cache[0] == id(img):
+                return self._jpeg_cache[1]
+            data = encode_jpeg(img, 80)
+            self._jpeg_cache = (id(img), data)
+            return data
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        self.hub.close_all()
+        super().shutdown()
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: StationServer
+    protocol_version = "HTTP/1.1"
+    server_version = "edge-wbc"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send(self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None
+              ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any) -> None:
+        body = json.dumps(obj, separators=(",", ":"), default=str).encode()
+        self._send(status, body, "application/json")
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message, "status": status})
+
+    def _body(self) -> dict[str, Any]:
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise _ApiError(413, "request body too large")
+        raw = self.rfile.read(length) if length else b""
+        if ctype != "application/json":
+            raise _ApiError(415, "send JSON (Content-Type: application/json)")
+        if not raw:
+            return {}
+        try:
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _ApiError(400, f"body is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise _ApiError(400, "body must be a JSON object")
+        return obj
+
+    def _host_ok(self) -> bool:
+        host = (self.headers.get("Host") or "").strip()
+        if self.server.token:
+            return True  # the token is the access control when the station is on the network
+        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+        name = name.strip("[]")
+        return is_loopback(name)
+
+    def _authorised(self, query: dict[str, list[str]]) -> tuple[bool, str | None]:
+        tok = self.server.token
+        if not tok:
+            return True, None
+        given = None
+        auth = self.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            given = auth[7:].strip()
+        if given is None:
+            for part in (self.headers.get("Cookie") or "").split(";"):
+                k, _, v = part.strip().partition("=")
+                if k == COOKIE:
+                    given = v
+        set_cookie = None
+        if given is None and query.get("token"):
+            given = query["token"][0]
+            set_cookie = given
+        ok = given is not None and hmac.compare_digest(given.encode(), tok.encode())
+        return ok, set_cookie if ok else None
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        path = url.path
+        if not self._host_ok():
+            self._error(403, "unknown Host header: open the station as http://127.0.0.1:PORT/")
+            return
+        ok, set_cookie = self._authorised(query)
+        if not ok:
+            self._error(401, "token required: open the page with ?token=… or send "
+                             "'Authorization: Bearer …'")
+            return
+        if set_cookie is not None:
+            # Strip the token from the address bar (and from the kiosk's history).
+            self.send_response(303)
+            self.send_header("Location", path)
+            self.send_header("Set-Cookie", f"{COOKIE}={set_cookie}; HttpOnly; SameSite=Strict; "
+                             "Path=/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        try:
+            if method == "GET":
+                self._get(path, query)
+            else:
+                self._post(path)
+        except _ApiError as e:
+            self._error(e.status, str(e))
+        except SessionError as e:
+            self._error(409, str(e))
+        except BusyError as e:
+            self._error(429, str(e))
+        except CameraError as e:
+            self._error(503, str(e))
+        except FrameError as e:
+            self._error(422, str(e))
+        except DiskFullError as e:
+            self._error(507, str(e))
+        except StoreError as e:
+            self._error(500, str(e))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    # ------------------------------------------------------------------ routes
+
+    def _get(self, path: str, query: dict[str, list[str]]) -> None:
+        st = self.server.station
+        session = st.session
+        if path in ("/", "/index.html"):
+            self._static("index.html")
+        elif path.startswith("/static/"):
+            self._static(path[len("/static/"):])
+        elif path == "/healthz":
+            s = st.status()
+            healthy = s["worker_alive"]
+            self._json(200 if healthy else 503, {"ok": healthy, "camera": s["camera"]})
+        elif path == "/api/state":
+            self._json(200, {**session.state(), "station": st.status()})
+        elif path == "/api/events":
+            self._sse()
+        elif path == "/api/preview.mjpg":
+            self._mjpeg()
+        elif path == "/api/preview.jpg":
+            data = self.server.preview_jpeg()
+            if data is None:
+                raise _ApiError(503, "no preview frame from the camera")
+            self._send(200, data, "image/jpeg")
+        elif path == "/api/fields/last":
+            f = session.last_field()
+            if f is None:
+                raise _ApiError(404, "no field captured on this slide yet")
+            self._json(200, f)
+        elif path == "/api/cells":
+            self._json(200, {"slide_id": session.slide["id"], "cells": session.gallery()})
+        elif path == "/api/slides":
+            self._json(200, {"slides": session.store.slides(50)})
+        elif m := _FIELD.match(path):
+            fid, jpg = m.group(1), m.group(2)
+            if not jpg:
+                raise _ApiError(404, "use /api/fields/last or /api/fields/<id>.jpg")
+            p = session.store.field_image(fid)
+            self._file(p, "image/jpeg", f"no image for field {fid}")
+        elif (m := _CELL.match(path)) and m.group(2) == ".jpg":
+            p = session.store.crop_image(m.group(1))
+            self._file(p, "image/jpeg", f"no crop for cell {m.group(1)}")
+        elif m := _REPORT.match(path):
+            self._report(m.group(1), query)
+        else:
+            raise _ApiError(404, f"no such page: {path}")
+
+    def _post(self, path: str) -> None:
+        st = self.server.station
+        session = st.session
+        body = self._body()
+        if path == "/api/capture":
+            self._json(202, st.capture(str(body.get("trigger") or "api")[:16]))
+        elif (m := _CELL.match(path)) and m.group(2) == "/review":
+            if "label" not in body:
+                raise _ApiError(400, "give 'label' (a class, 'rejected' with 'reason', or null "
+                                     "to restore the machine's label)")
+            cell = session.review(m.group(1), body["label"], body.get("reason"))
+            self._json(200, session.cell_view(cell))
+        elif path == "/api/slide/new":
+            session.new_slide(body.get("sample_id") or "", body.get("target"),
+                              abandon=bool(body.get("abandon")))
+            self._json(200, session.state())
+        elif path == "/api/slide/sample":
+            session.set_sample_id(body.get("sample_id") or "")
+            self._json(200, session.state())
+        elif path == "/api/slide/target":
+            if "target" not in body:
+                raise _ApiError(400, "give 'target' (number of cells)")
+            session.set_target(body["target"])
+            self._json(200, session.state())
+        elif path == "/api/slide/finalise":
+            self._json(200, session.finalise())
+        elif path == "/api/errors/clear":
+            st.clear_error()
+            self._json(200, {"ok": True})
+        else:
+            raise _ApiError(404, f"no such action: {path}")
+
+    # ------------------------------------------------------------------ helpers
+
+    def _static(self, rel: str) -> None:
+        p = (STATIC / rel).resolve()
+        if not p.is_relative_to(STATIC.resolve()) or not p.is_file():
+            raise _ApiError(404, f"no such file: {rel}")
+        ctype = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype in ("application/javascript",):
+            ctype += "; charset=utf-8"
+        self._send(200, p.read_bytes(), ctype)
+
+    def _file(self, p: Path | None, ctype: str, missing: str) -> None:
+        if p is None or not p.is_file():
+            raise _ApiError(404, missing)
+        self._send(200, p.read_bytes(), ctype, {"Cache-Control": "max-age=86400"})
+
+    def _report(self, name: str, query: dict[str, list[str]]) -> None:
+        session = self.server.station.session
+        sid = (query.get("slide") or [session.slide["id"]])[0]
+        slide = session.store.slide(sid)
+        if slide is None:
+            raise _ApiError(404, f"no slide {sid}")
+        rel = (slide.get("reports") or {}).get(_REPORT_KEYS[name])
+        if not rel:
+            raise _ApiError(404, f"slide {slide['sample_id']} has no report yet: finalise it first")
+        ctype = {"html": "text/html; charset=utf-8", "json": "application/json",
+                 "csv": "text/csv; charset=utf-8"}[name.rsplit(".", 1)[1]]
+        p = session.store.data_dir / rel
+        if not p.is_file():
+            raise _ApiError(404, f"report file {rel} is missing")
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", slide["sample_id"])
+        disp = "inline" if name.endswith(".html") and not query.get("download") else "attachment"
+        self._send(200, p.read_bytes(), ctype,
+                   {"Content-Disposition": f'{disp}; filename="{safe}-{name}"'})
+
+    def _sse(self) -> None:
+        srv = self.server
+        q = srv.hub.add()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "keep-alive")
+            self.send_header("X-Accel-Buffering", "no")
+            self.end_headers()
+            self.close_connection = True
+            # A fresh page (or one reconnecting after a restart) starts from the full state.
+            st = srv.station
+            first = {**st.session.state(), "station": st.status()}
+            self._sse_write("hello", json.dumps(first, default=str))
+            while not srv.stopping.is_set():
+                try:
+                    item = q.get(timeout=SSE_HEARTBEAT_S)
+                except queue.Empty:
+                    self.wfile.write(b": ping\n\n")
+                    self.wfile.flush()
+                    continue
+                if item is None:
+                    break
+                self._sse_write(*item)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
+        finally:
+            srv.hub.remove(q)
+
+    def _sse_write(self, kind: str, data: str) -> None:
+        self.wfile.write(f"event: {kind}\ndata: {data}\n\n".encode())
+        self.wfile.flush()
+
+    def _mjpeg(self) -> None:
+        srv = self.server
+        fps = srv.preview_fps
+        if fps <= 0:
+            raise _ApiError(404, "live preview is off (camera.preview_fps = 0)")
+        boundary = "edgewbcframe"
+        self.send_response(200)
+        self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={boundary}")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.close_connection = True
+        period = 1.0 / fps
+        try:
+            while not srv.stopping.is_set():
+                t = time.monotonic()
+                data = srv.preview_jpeg()
+                if data is not None:
+                    self.wfile.write(
+                        f"--{boundary}\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                        f"{len(data)}\r\n\r\n".encode() + data + b"\r\n"
+                    )
+                    self.wfile.flush()
+                srv.stopping.wait(max(0.0, period - (time.monotonic() - t)))
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
+
+
+def serve_in_thread(server: StationServer) -> threading.Thread:
+    t = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    t.start()
+    return t

@@ -1,0 +1,640 @@
+/* edge-wbc station page: state from server-sent events, actions through the JSON API. */
+"use strict";
+
+const CLASSES = ["neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte"];
+const NAMES = {
+  neutrophil: "Neutrophil", eosinophil: "Eosinophil", basophil: "Basophil",
+  lymphocyte: "Lymphocyte", monocyte: "Monocyte", unidentified: "Unidentified",
+  other: "Not a leukocyte", duplicate: "Already counted", rejected: "Rejected",
+};
+const SHORT = { neutrophil: "NEU", eosinophil: "EOS", basophil: "BAS", lymphocyte: "LYM",
+  monocyte: "MON", unidentified: "?", other: "OTH", duplicate: "DUP", rejected: "REJ" };
+const REASONS = { not_leukocyte: "not a leukocyte", counted_twice: "counted twice",
+  unusable: "unusable image" };
+const QUALITY = { out_of_focus: "Out of focus", underexposed: "Underexposed",
+  overexposed: "Overexposed", no_cells: "No leukocytes", crowded: "Crowded",
+  overlapping: "Overlapping cells" };
+
+const $ = (id) => document.getElementById(id);
+const css = getComputedStyle(document.documentElement);
+const colour = (label) => css.getPropertyValue("--" + label).trim() || "#888";
+
+const ui = {
+  state: null, station: null, field: null, cells: [], filter: "all", sel: null,
+  view: "count", lastFieldId: null, targetWasComplete: null, connected: false,
+};
+
+/* ------------------------------------------------------------------ API */
+
+async function api(path, body) {
+  const opts = body === undefined ? {} : {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  };
+  let res;
+  try {
+    res = await fetch(path, opts);
+  } catch (e) {
+    throw new Error("the station does not answer (is it running?)");
+  }
+  let data = null;
+  try { data = await res.json(); } catch (e) { /* an image or empty body */ }
+  if (!res.ok) throw new Error((data && data.error) || `${res.status} ${res.statusText}`);
+  return data;
+}
+
+let toastTimer = null;
+function toast(msg, err = false) {
+  const t = $("toast");
+  t.textContent = msg;
+  t.className = "toast" + (err ? " err" : "");
+  t.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { t.hidden = true; }, err ? 6000 : 2500);
+}
+
+/* ------------------------------------------------------------------ live updates */
+
+function connect() {
+  const es = new EventSource("/api/events");
+  const setConn = (ok) => {
+    ui.connected = ok;
+    $("conn").classList.toggle("lost", !ok);
+    $("conn").title = ok ? "Connected to the station" : "Connection lost: reconnecting…";
+    if (!ok) $("status-line").textContent = "Connection to the station lost — reconnecting…";
+  };
+  es.addEventListener("hello", (e) => {
+    setConn(true);
+    const s = JSON.parse(e.data);
+    ui.station = s.station;
+    applyState(s);
+    loadField();
+    if (ui.view === "review") loadCells();
+  });
+  es.addEventListener("differential", (e) => applyState(JSON.parse(e.data)));
+  es.addEventListener("status", (e) => { ui.station = JSON.parse(e.data); renderStation(); });
+  es.addEventListener("field", () => loadField());
+  es.addEventListener("cell", (e) => {
+    const c = JSON.parse(e.data);
+    if (c.action !== "counted" && ui.view === "review") loadCells();
+    if (c.action !== "counted" && ui.field) loadField();
+  });
+  es.addEventListener("slide", (e) => {
+    const s = JSON.parse(e.data);
+    if (s.action === "started" || s.action === "abandoned") {
+      ui.field = null; ui.sel = null; renderField(); loadCells();
+    }
+  });
+  es.onerror = () => setConn(false);
+}
+
+function applyState(s) {
+  ui.state = s;
+  if (s.station) { ui.station = s.station; }
+  renderState();
+  renderStation();
+  window.__stateRenderedAt = performance.now();
+  window.__counted = s.counted;
+}
+
+/* ------------------------------------------------------------------ rendering: state */
+
+function fmt(x) { return (Math.round(x * 10) / 10).toFixed(1); }
+
+function renderState() {
+  const s = ui.state;
+  if (!s) return;
+  $("sample-id").textContent = s.sample_id;
+  $("counted").textContent = s.counted;
+  $("target").textContent = s.target;
+  const pr = $("progress");
+  pr.setAttribute("aria-valuemax", s.target);
+  pr.setAttribute("aria-valuenow", s.counted);
+  pr.classList.toggle("done", s.complete);
+  $("progress-fill").style.width = `${Math.min(100, 100 * s.counted / s.target)}%`;
+  $("ci-method").textContent = "95 % CI · " + (s.ci_method === "wilson" ? "Wilson" : "Clopper–Pearson");
+
+  const body = $("formula-body");
+  body.textContent = "";
+  for (const r of s.classes) {
+    const tr = document.createElement("tr");
+    tr.dataset.label = r.label;
+    if (r.label === "unidentified") tr.className = "unid" + (r.count ? " has" : "");
+    const col = colour(r.label);
+    tr.innerHTML = `
+      <td><span class="name"><span class="sw" style="background:${col}"></span>${NAMES[r.label]}</span></td>
+      <td class="n">${r.count}</td>
+      <td class="n pct">${s.counted ? fmt(r.percent) : "–"}</td>
+      <td class="ci"><div class="cibar"><div class="p" style="width:${r.percent}%;background:${col}"></div>
+        ${s.counted ? `<div class="w" style="left:${r.ci_low}%;width:${Math.max(0.6, r.ci_high - r.ci_low)}%"></div>` : ""}</div>
+        <div class="citxt">${s.counted ? `${fmt(r.ci_low)} – ${fmt(r.ci_high)} %` : "&nbsp;"}</div></td>`;
+    body.appendChild(tr);
+  }
+  $("total-n").textContent = s.counted;
+  const ex = s.excluded;
+  const parts = [];
+  if (ex.rejected) parts.push(`${ex.rejected} rejected`);
+  if (ex.duplicate) parts.push(`${ex.duplicate} already counted`);
+  if (ex.other) parts.push(`${ex.other} not leukocytes`);
+  $("excluded").textContent = `${s.fields} field${s.fields === 1 ? "" : "s"}` +
+    (parts.length ? " · not counted: " + parts.join(", ") : "");
+
+  const toReview = s.unidentified;
+  $("review-badge").hidden = !toReview;
+  $("review-badge").textContent = toReview;
+  renderBanner();
+  renderCapture();
+  if (ui.targetWasComplete === false && s.complete && !s.finalised) targetReachedSignal();
+  ui.targetWasComplete = s.complete;
+}
+
+function targetReachedSignal() {
+  const b = $("banner");
+  b.classList.remove("pulse");
+  void b.offsetWidth;
+  b.classList.add("pulse");
+  try {
+    const ctx = new (window.AudioContext || window.webkitAudioContext)();
+    [0, 0.22].forEach((t, i) => {
+      const o = ctx.createOscillator(), g = ctx.createGain();
+      o.frequency.value = i ? 1175 : 880;
+      g.gain.setValueAtTime(0.0001, ctx.currentTime + t);
+      g.gain.exponentialRampToValueAtTime(0.25, ctx.currentTime + t + 0.02);
+      g.gain.exponentialRampToValueAtTime(0.0001, ctx.currentTime + t + 0.2);
+      o.connect(g).connect(ctx.destination);
+      o.start(ctx.currentTime + t); o.stop(ctx.currentTime + t + 0.22);
+    });
+  } catch (e) { /* no audio device: the banner is the signal */ }
+}
+
+function renderBanner() {
+  const s = ui.state, b = $("banner"), acts = $("banner-actions");
+  acts.textContent = "";
+  const add = (label, fn, solid = false, href = null) => {
+    const el = document.createElement(href ? "a" : "button");
+    el.textContent = label;
+    if (solid) el.className = "solid";
+    if (href) { el.href = href; el.target = "_blank"; } else el.onclick = fn;
+    acts.appendChild(el);
+    return el;
+  };
+  if (s.finalised) {
+    b.hidden = false;
+    b.className = "banner final";
+    $("banner-title").textContent = `Slide ${s.sample_id} finalised`;
+    $("banner-sub").textContent = `${s.counted} cells · report written ${s.slide.finalised_at ? new Date(s.slide.finalised_at).toLocaleTimeString() : ""}`;
+    add("Open report", null, true, "/api/slide/report.html");
+    add("JSON", null, false, "/api/slide/report.json");
+    add("CSV", null, false, "/api/slide/report.csv");
+    add("New slide", () => openSlideDialog(true)).id = "banner-new";
+  } else if (s.complete) {
+    b.hidden = false;
+    b.className = "banner" + (b.classList.contains("pulse") ? " pulse" : "");
+    $("banner-title").textContent = `Target reached — ${s.counted} of ${s.target} cells`;
+    $("banner-sub").textContent = s.unidentified
+      ? `Resolve ${s.unidentified} unidentified cell${s.unidentified > 1 ? "s" : ""} in Review, then finalise.`
+      : "Review the cells if needed, then finalise the slide or extend the target.";
+    add("Review", () => setView("review"));
+    add(`Extend to ${s.target < 200 ? 200 : s.target + 100}`,
+      () => setTarget(s.target < 200 ? 200 : s.target + 100));
+    const f = add("Finalise", finalise, true);
+    f.id = "banner-finalise";
+    f.disabled = !s.can_finalise;
+  } else {
+    b.hidden = true;
+  }
+}
+
+function renderCapture() {
+  const s = ui.state, st = ui.station || {}, btn = $("capture");
+  const waiting = (st.queue || 0) + (st.busy ? 1 : 0);
+  btn.classList.toggle("busy", waiting > 0);
+  let label = "Capture";
+  let disabled = false;
+  if (s && s.finalised) { label = "Finalised"; disabled = true; }
+  else if (s && s.complete) { label = "Target reached"; disabled = true; }
+  else if (waiting > 0) label = waiting > 1 ? `Analysing · ${waiting}` : "Analysing…";
+  if (st.queue >= st.queue_max) disabled = true;
+  btn.disabled = disabled || !ui.connected;
+  $("capture-label").textContent = label;
+}
+
+function renderStation() {
+  const st = ui.station;
+  if (!st) return;
+  const cam = st.camera || {};
+  $("cam-dot").className = "dot " + (cam.ok ? "ok" : "bad");
+  $("cam-name").textContent = cam.name || "camera";
+  $("cam-name").parentElement.title = cam.message || "";
+  const bits = [];
+  if (cam.ok === false) bits.push("Camera: " + cam.message);
+  else if (cam.message && cam.message !== "live") bits.push(cam.message);
+  if (st.accelerator) bits.push(st.accelerator.toUpperCase());
+  if (st.latency_ms_median != null) bits.push(`${Math.round(st.latency_ms_median)} ms/field`);
+  if (st.disk_free_mb != null && st.disk_free_mb < 500) bits.push(`disk ${st.disk_free_mb} MB free`);
+  if (ui.connected) $("status-line").textContent = bits.join(" · ");
+  const err = st.last_error;
+  const al = $("alert");
+  if (err) {
+    al.hidden = false;
+    al.className = "alert" + (err.kind === "busy" ? " warn" : "");
+    $("alert-text").textContent = err.message;
+  } else if (cam.ok === false) {
+    al.hidden = false;
+    al.className = "alert";
+    $("alert-text").textContent = "Camera problem: " + cam.message;
+  } else {
+    al.hidden = true;
+  }
+  renderCapture();
+}
+
+/* ------------------------------------------------------------------ rendering: field */
+
+async function loadField() {
+  try {
+    ui.field = await api("/api/fields/last");
+  } catch (e) {
+    ui.field = null;
+  }
+  renderField();
+}
+
+function renderField() {
+  const f = ui.field, img = $("field-img"), svg = $("field-svg");
+  $("field-empty").hidden = !!f;
+  svg.textContent = "";
+  $("qchips").textContent = "";
+  if (!f) { img.removeAttribute("src"); $("field-no").textContent = ""; return; }
+  if (ui.lastFieldId !== f.id) {
+    img.onload = () => { window.__fieldRenderedAt = performance.now(); };
+    img.src = `/api/fields/${f.id}.jpg`;
+    ui.lastFieldId = f.id;
+  }
+  $("field-no").textContent = `#${f.seq} · ${f.n_counted} counted`;
+  svg.setAttribute("viewBox", `0 0 ${f.width} ${f.height}`);
+  const ns = "http://www.w3.org/2000/svg";
+  if (f.overlap_rect) {
+    const [x0, y0, x1, y1] = f.overlap_rect;
+    const r = document.createElementNS(ns, "rect");
+    Object.entries({ x: x0, y: y0, width: x1 - x0, height: y1 - y0, class: "overlap" })
+      .forEach(([k, v]) => r.setAttribute(k, v));
+    svg.appendChild(r);
+  }
+  for (const c of f.cells) {
+    const [x0, y0, x1, y1] = c.bbox;
+    const g = document.createElementNS(ns, "g");
+    const label = c.effective_label || c.group;
+    const col = colour(label);
+    const r = document.createElementNS(ns, "rect");
+    Object.entries({ x: x0, y: y0, width: x1 - x0, height: y1 - y0, stroke: col, rx: 6 })
+      .forEach(([k, v]) => r.setAttribute(k, v));
+    if (!c.effective_label) r.setAttribute("class", "dup");
+    const t = document.createElementNS(ns, "text");
+    t.setAttribute("x", x0 + 2);
+    t.setAttribute("y", y0 > 20 ? y0 - 6 : y1 + 17);
+    t.setAttribute("fill", col === "#888" ? "#fff" : col);
+    t.style.fill = "#fff";
+    t.textContent = `${NAMES[label] || label}${c.reviewed_label ? " ✓" : ""} ${Math.round(c.score * 100)}%`;
+    g.appendChild(r);
+    g.appendChild(t);
+    g.addEventListener("click", () => { ui.sel = c.id; setView("review"); });
+    svg.appendChild(g);
+  }
+  const q = (f.quality && f.quality.flags) || [];
+  for (const flag of q) chip(QUALITY[flag] || flag.replace(/_/g, " "));
+  if (f.overlap_field) {
+    chip(`Overlaps previous field ${Math.round(f.overlap_fraction * 100)} %` +
+      (f.n_duplicate ? ` · ${f.n_duplicate} not recounted` : ""), f.flagged_duplicate ? "" : "info");
+  }
+  if (!q.length && !f.overlap_field) chip("Quality OK", "ok");
+}
+
+function chip(text, cls = "") {
+  const el = document.createElement("span");
+  el.className = "chip " + cls;
+  el.textContent = text;
+  $("qchips").appendChild(el);
+}
+
+/* ------------------------------------------------------------------ review */
+
+async function loadCells() {
+  try {
+    const d = await api("/api/cells");
+    ui.cells = d.cells;
+  } catch (e) {
+    toast(e.message, true);
+    return;
+  }
+  renderGallery();
+}
+
+const GROUPS = ["unidentified", ...CLASSES, "other", "duplicate", "rejected"];
+
+function renderGallery() {
+  const counts = {};
+  for (const c of ui.cells) counts[c.group] = (counts[c.group] || 0) + 1;
+  const fl = $("filters");
+  fl.textContent = "";
+  const mk = (key, label) => {
+    const b = document.createElement("button");
+    b.className = ui.filter === key ? "active" : "";
+    b.dataset.filter = key;
+    const n = key === "all" ? ui.cells.length : (counts[key] || 0);
+    b.innerHTML = (key !== "all" ? `<span class="sw" style="background:${colour(key)}"></span>` : "") +
+      `${label} <span class="cnt">${n}</span>`;
+    b.onclick = () => { ui.filter = key; renderGallery(); };
+    fl.appendChild(b);
+  };
+  mk("all", "All");
+  for (const g of GROUPS) if (counts[g] || CLASSES.includes(g) || g === "unidentified") mk(g, NAMES[g]);
+
+  const gal = $("gallery");
+  gal.textContent = "";
+  const shown = ui.cells.filter((c) => ui.filter === "all" || c.group === ui.filter);
+  if (!shown.length) {
+    gal.innerHTML = `<div class="gal-empty">No cells here.</div>`;
+  }
+  let lastGroup = null;
+  for (const c of shown) {
+    if (ui.filter === "all" && c.group !== lastGroup) {
+      const h = document.createElement("div");
+      h.className = "gsec";
+      h.innerHTML = `<span class="sw" style="background:${colour(c.group)}"></span>${NAMES[c.group]} · ${counts[c.group]}` +
+        `<span class="muted">· least certain first</span>`;
+      gal.appendChild(h);
+      lastGroup = c.group;
+    }
+    const b = document.createElement("button");
+    b.className = "cell" + (c.id === ui.sel ? " sel" : "") + (c.effective_label ? "" : " excl");
+    b.dataset.id = c.id;
+    const col = colour(c.group);
+    b.innerHTML = `<img loading="lazy" src="/api/cells/${c.id}.jpg" alt="">` +
+      `<span class="lab" style="background:${col}"><span>${SHORT[c.group]}</span>` +
+      `<span class="sc">${Math.round(c.score * 100)}%</span></span>` +
+      (c.reviewed_label ? `<span class="rv" title="reviewed">✓ ${SHORT[c.label]}→${SHORT[c.reviewed_label]}</span>` : "");
+    b.onclick = () => select(c.id);
+    gal.appendChild(b);
+  }
+  if (ui.sel && !ui.cells.some((c) => c.id === ui.sel)) ui.sel = null;
+  if (!ui.sel && shown.length) ui.sel = shown[0].id;
+  renderInspector();
+  const selEl = gal.querySelector(".cell.sel");
+  if (selEl) selEl.scrollIntoView({ block: "nearest" });
+}
+
+function select(id) {
+  ui.sel = id;
+  document.querySelectorAll(".cell").forEach((el) => el.classList.toggle("sel", el.dataset.id === id));
+  renderInspector();
+}
+
+function selected() { return ui.cells.find((c) => c.id === ui.sel) || null; }
+
+function renderInspector() {
+  const c = selected(), box = $("inspector");
+  box.hidden = !c;
+  if (!c) return;
+  $("insp-img").src = `/api/cells/${c.id}.jpg`;
+  const now = c.effective_label ? NAMES[c.effective_label] : (c.reviewed_label === "rejected"
+    ? `Rejected (${REASONS[c.review_reason] || c.review_reason})` : NAMES[c.group] + " — not counted");
+  $("insp-title").textContent = now;
+  $("insp-sub").textContent = `Machine: ${NAMES[c.label]} ${Math.round(c.score * 100)} %` +
+    (c.reviewed_label ? " · reviewed" : "") + ` · ${c.id}`;
+  const probs = Object.entries(c.probs || {}).sort((a, b) => b[1] - a[1]).slice(0, 5);
+  $("insp-probs").innerHTML = probs.map(([k, v]) => `<span>${SHORT[k] || k} ${Math.round(v * 100)}</span>`).join("");
+  const acts = $("insp-actions");
+  acts.textContent = "";
+  CLASSES.forEach((k, i) => {
+    const b = document.createElement("button");
+    b.innerHTML = `<span class="sw" style="background:${colour(k)}"></span>${SHORT[k]} <kbd>${i + 1}</kbd>`;
+    b.title = `Count as ${NAMES[k]} (${i + 1})`;
+    b.dataset.action = k;
+    if (c.effective_label === k) b.classList.add("cur");
+    b.onclick = () => review(c.id, k);
+    acts.appendChild(b);
+  });
+  const rej = document.createElement("button");
+  rej.className = "rej";
+  rej.dataset.action = "reject";
+  rej.innerHTML = `Reject <kbd>X</kbd>`;
+  rej.onclick = () => rejectDialog(c.id);
+  acts.appendChild(rej);
+  const undo = document.createElement("button");
+  undo.dataset.action = "restore";
+  undo.innerHTML = `Undo <kbd>U</kbd>`;
+  undo.disabled = !c.reviewed_label;
+  undo.onclick = () => review(c.id, null);
+  acts.appendChild(undo);
+}
+
+async function review(id, label, reason) {
+  if (ui.state && ui.state.finalised) { toast("The slide is finalised: reviews are closed.", true); return; }
+  try {
+    await api(`/api/cells/${id}/review`, { label, reason });
+    toast(label === null ? "Machine label restored" : label === "rejected"
+      ? "Cell rejected" : `Counted as ${NAMES[label]}`);
+    // Keep the technician moving: the next cell of the same list gets the focus.
+    const shown = ui.cells.filter((c) => ui.filter === "all" || c.group === ui.filter);
+    const i = shown.findIndex((c) => c.id === id);
+    const next = shown[i + 1] || shown[i - 1];
+    await loadCells();
+    if (label !== null && next && ui.cells.some((c) => c.id === next.id) && ui.filter !== "all") select(next.id);
+    else select(id);
+  } catch (e) {
+    toast(e.message, true);
+  }
+}
+
+function rejectDialog(id) {
+  const dlg = $("dlg-reject");
+  dlg.returnValue = "";
+  dlg.onclose = () => { if (dlg.returnValue) review(id, "rejected", dlg.returnValue); };
+  dlg.showModal();
+}
+
+/* ------------------------------------------------------------------ actions */
+
+async function capture() {
+  const btn = $("capture");
+  if (btn.disabled) {
+    if (ui.state && ui.state.complete && !ui.state.finalised) toast("Target reached: finalise or extend the target.", true);
+    return;
+  }
+  btn.classList.add("busy");
+  window.__captureSentAt = performance.now();
+  try {
+    await api("/api/capture", { trigger: "button" });
+  } catch (e) {
+    toast(e.message, true);
+    renderCapture();
+  }
+}
+
+async function setTarget(t) {
+  try {
+    await api("/api/slide/target", { target: Number(t) });
+    toast(`Target set to ${t} cells`);
+    return true;
+  } catch (e) {
+    toast(e.message, true);
+    $("dlg-err").textContent = e.message;
+    return false;
+  }
+}
+
+async function finalise() {
+  try {
+    await api("/api/slide/finalise", {});
+    toast("Slide finalised: report written");
+    if ($("dlg-slide").open) $("dlg-slide").close();
+    setView("count");
+  } catch (e) {
+    toast(e.message, true);
+    $("dlg-err").textContent = e.message;
+  }
+}
+
+function openSlideDialog(focusNew = false) {
+  const s = ui.state;
+  if (!s) return;
+  $("dlg-err").textContent = "";
+  $("dlg-cur").innerHTML = `Current slide <b></b> · ${s.counted}/${s.target} cells · ${s.slide.status}`;
+  $("dlg-cur").querySelector("b").textContent = s.sample_id;
+  $("btn-finalise").disabled = !s.can_finalise;
+  $("finalise-why").textContent = s.finalised ? "Already finalised." :
+    (s.finalise_blockers.length ? "Not yet: " + s.finalise_blockers.join("; ") + "." : "Ready to finalise.");
+  const links = $("report-links");
+  links.textContent = "";
+  if (s.finalised) {
+    for (const [name, label] of [["report.html", "Report (print)"], ["report.json", "JSON"],
+      ["report.csv", "CSV"], ["cells.csv", "Cells CSV"]]) {
+      const a = document.createElement("a");
+      a.href = `/api/slide/${name}` + (name.endsWith(".html") ? "" : "?download=1");
+      a.textContent = label;
+      if (name.endsWith(".html")) a.target = "_blank"; else a.download = "";
+      links.appendChild(a);
+    }
+  }
+  $("target-seg").querySelectorAll("button[data-t]").forEach((b) => { b.disabled = s.finalised; });
+  $("target-apply").disabled = s.finalised;
+  $("abandon-row").hidden = !(s.slide.status === "open" && s.cells_detected > 0);
+  $("new-abandon").checked = false;
+  $("new-sample").value = "";
+  $("dlg-slide").showModal();
+  if (focusNew) $("new-sample").focus();
+}
+
+async function newSlide() {
+  const sel = $("new-target").value;
+  const target = sel === "custom" ? Number($("target-custom").value) : Number(sel);
+  try {
+    await api("/api/slide/new", { sample_id: $("new-sample").value.trim(), target,
+      abandon: $("new-abandon").checked });
+    $("dlg-slide").close();
+    toast("New slide started");
+    setView("count");
+  } catch (e) {
+    $("dlg-err").textContent = e.message;
+  }
+}
+
+function setView(v) {
+  ui.view = v;
+  $("view-count").hidden = v !== "count";
+  $("view-review").hidden = v !== "review";
+  $("tab-count").classList.toggle("active", v === "count");
+  $("tab-review").classList.toggle("active", v === "review");
+  if (v === "review") loadCells();
+}
+
+/* ------------------------------------------------------------------ live preview */
+
+function startPreview() {
+  const img = $("live-img");
+  img.onerror = () => {
+    $("nolive").hidden = false;
+    setTimeout(() => { img.src = "/api/preview.mjpg?t=" + Date.now(); }, 3000);
+  };
+  img.onload = () => { $("nolive").hidden = true; };
+  img.src = "/api/preview.mjpg";
+  // Tap the inset to see the live view large while positioning the stage; tap again to return.
+  $("live").onclick = () => $("field").classList.toggle("live-big");
+}
+
+/* ------------------------------------------------------------------ wiring */
+
+function typing(e) {
+  const t = e.target;
+  return t && (t.tagName === "INPUT" || t.tagName === "SELECT" || t.tagName === "TEXTAREA");
+}
+
+document.addEventListener("keydown", (e) => {
+  if (typing(e) || document.querySelector("dialog[open]")) return;
+  if (e.code === "Space") { e.preventDefault(); capture(); return; }
+  if (ui.view !== "review") {
+    if (e.key === "r" || e.key === "R") setView("review");
+    return;
+  }
+  const c = selected();
+  if (e.key === "Escape") { setView("count"); return; }
+  if (!c) return;
+  const idx = "12345".indexOf(e.key);
+  if (idx >= 0) { review(c.id, CLASSES[idx]); return; }
+  if (e.key === "x" || e.key === "X" || e.key === "Delete") { rejectDialog(c.id); return; }
+  if (e.key === "u" || e.key === "U") { review(c.id, null); return; }
+  if (e.key === "ArrowRight" || e.key === "ArrowLeft") {
+    const shown = [...document.querySelectorAll(".cell")];
+    const i = shown.findIndex((el) => el.dataset.id === ui.sel);
+    const n = shown[Math.max(0, Math.min(shown.length - 1, i + (e.key === "ArrowRight" ? 1 : -1)))];
+    if (n) { select(n.dataset.id); n.scrollIntoView({ block: "nearest" }); }
+    e.preventDefault();
+  }
+});
+
+$("capture").addEventListener("click", capture);
+$("tab-count").onclick = () => setView("count");
+$("tab-review").onclick = () => setView("review");
+$("tab-slide").onclick = () => openSlideDialog(false);
+$("btn-finalise").onclick = finalise;
+$("btn-new").onclick = newSlide;
+$("target-seg").querySelectorAll("button[data-t]").forEach((b) => {
+  b.onclick = async () => { if (await setTarget(b.dataset.t)) $("dlg-slide").close(); };
+});
+$("target-apply").onclick = async () => {
+  const v = $("target-custom").value;
+  if (!v) { $("dlg-err").textContent = "Type a number of cells first."; return; }
+  if (await setTarget(v)) $("dlg-slide").close();
+};
+$("new-target").onchange = () => {
+  if ($("new-target").value === "custom") $("target-custom").focus();
+};
+$("new-sample").addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); newSlide(); } });
+$("sample").onclick = () => {
+  if (!ui.state || ui.state.slide.status !== "open") { openSlideDialog(true); return; }
+  $("sample-input").value = ui.state.sample_id.startsWith("unnamed-") ? "" : ui.state.sample_id;
+  $("sample-err").textContent = "";
+  $("dlg-sample").showModal();
+  $("sample-input").focus();
+};
+$("sample-save").onclick = async (e) => {
+  e.preventDefault();
+  try {
+    await api("/api/slide/sample", { sample_id: $("sample-input").value });
+    $("dlg-sample").close();
+  } catch (err) {
+    $("sample-err").textContent = err.message;
+  }
+};
+$("alert-close").onclick = async () => {
+  $("alert").hidden = true;
+  try { await api("/api/errors/clear", {}); } catch (e) { /* shown again on next status */ }
+};
+
+setInterval(() => {
+  const d = new Date();
+  $("clock").textContent = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}, 1000);
+
+connect();
+startPreview();
