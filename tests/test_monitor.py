@@ -21,6 +21,8 @@ from edge_wbc import outbox
 from edge_wbc.cli import app
 from edge_wbc.monitor import Monitor, StationTable, run
 
+pytestmark = pytest.mark.timeout(120)
+
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
@@ -61,6 +63,7 @@ def test_percentages_computed_when_absent() -> None:
     assert pct["neutrophil"] == 75.0 and pct["monocyte"] == 25.0
 
 
+@pytest.mark.broker
 def test_twenty_stations_on_one_broker_all_shown_with_correct_counts(
         broker: Mosquitto, tmp_path: Path) -> None:
     n = 20
@@ -110,6 +113,7 @@ def test_twenty_stations_on_one_broker_all_shown_with_correct_counts(
     assert {json.loads(x)["available"] for x in res.stdout.splitlines()} == {"stopped"}
 
 
+@pytest.mark.broker
 def test_live_updates_as_json_lines(broker: Mosquitto, tmp_path: Path) -> None:
     out = io.StringIO()
     mon = Monitor("127.0.0.1", broker.port)

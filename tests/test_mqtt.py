@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -32,7 +33,8 @@ from edge_wbc import mqtt as edge_mqtt
 from edge_wbc import outbox
 from edge_wbc.mqtt import CommandError, MqttError, MqttPublisher, parse_command
 
-pytestmark = pytest.mark.broker
+# A hung broker or client must fail the test, not the CI job (every wait is bounded too).
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
 AUTH_REFUSED = "(Bad user name or password|Not authorized)"
 T = "edge-wbc/st1"
 
@@ -141,6 +143,10 @@ def _spawn_station(db: Path, port: int, captures: int) -> subprocess.Popen[str]:
          "--station", "st1", "--captures", str(captures), "--publish"],
         stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    if not ready:
+        proc.kill()
+        raise AssertionError("simulated station did not start within 30 s")
     line = proc.stdout.readline()
     assert json.loads(line)["ready"], line
     return proc

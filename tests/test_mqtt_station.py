@@ -18,7 +18,7 @@ from edge_wbc import outbox
 from edge_wbc.mqtt import MqttPublisher
 from edge_wbc.results import CLASSES, Cell, FieldResult
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 T = "edge-wbc/bench-1"
 STATE_KEYS = ("counted", "target", "complete", "counts", "percentages", "ci95", "unidentified")
 
