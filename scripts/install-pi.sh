@@ -262,7 +262,10 @@ STAMP="$(source_stamp)"
 if [ -f "$ROOT$STAMP_FILE" ] && [ "$(cat "$ROOT$STAMP_FILE")" = "$STAMP" ]; then
   ok "edge-wbc from this checkout already installed (${STAMP:0:12})"
 else
-  run "$ROOT$VENV/bin/python" -m pip install --upgrade --no-warn-script-location "${SRC}[pi]"
+  # numpy<2: picamera2's compiled helpers (python3-simplejpeg, -pidng, -av) come from Raspberry
+  # Pi OS built against its numpy 1.x and fail to import under a numpy 2 in the venv.
+  run "$ROOT$VENV/bin/python" -m pip install --upgrade --no-warn-script-location \
+      "${SRC}[pi]" "numpy<2"
   if [ "$DRY" = 0 ]; then mkdir -p "$ROOT$PREFIX" && echo "$STAMP" > "$ROOT$STAMP_FILE"; fi
   CHANGED=1
 fi

@@ -82,7 +82,8 @@ def test_dry_run_lists_every_step_and_changes_nothing(src: Path, tmp_path: Path)
     assert any("apt-get install" in c and "python3-picamera2" in c and "libedgetpu1-std" in c
                and "chromium-browser" in c for c in cmds)
     assert any("venv --system-site-packages" in c for c in cmds)
-    assert any("pip install" in c and "[pi]" in c.replace("\\", "") for c in cmds)
+    assert any("pip install" in c and "[pi]" in c.replace("\\", "") and "numpy\\<2" in c
+               for c in cmds)
     assert any(c.startswith("systemctl enable edge-wbc.service") for c in cmds)
     assert "install /etc/edge-wbc/config.toml" in res.stdout
     assert "dry run" in res.stdout
