@@ -282,15 +282,63 @@ def sim_with_publisher(db_path: Path, s: MqttSettings, **kw: Any
         sim.close()
 
 
+def synthetic_field(seed: int, n_cells: int) -> tuple[Any, Any]:
+    """A field the real session accepts: independent noise (no duplicate-field overlap) and
+    ``n_cells`` cells labelled round-robin, as if analysed."""
+    import numpy as np
+
+    from edge_wbc.results import Cell, FieldResult
+
+    rgb = np.random.default_rng(seed).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    cells = []
+    for i in range(n_cells):
+        label = CLASSES[(seed + i) % len(CLASSES)]
+        x = 10 + 60 * i
+        cells.append(Cell(bbox=(x, 20, x + 40, 60), label=label, score=0.9,
+                          probs={c: (0.9 if c == label else 0.025) for c in CLASSES},
+                          area_px=1200))
+    return rgb, FieldResult(path=f"field{seed}.png", width=320, height=240, cells=cells,
+                            timing_ms={"total": 55.0})
+
+
+def _session_main(args: argparse.Namespace) -> None:
+    """The real store + slide session + publisher, as the station wires them."""
+    from edge_wbc.events import Fanout
+    from edge_wbc.session import SlideSession
+    from edge_wbc.store import Store
+
+    store = Store(args.db, mqtt=True)
+    fan = Fanout()
+    holder: dict[str, Any] = {}
+    pub = MqttPublisher(settings(args.port, args.station), store.db_path,
+                        state_provider=lambda: holder["s"].state())
+    fan.subscribe(pub.publish)
+    session = holder["s"] = SlideSession(store, fan, default_target=100,
+                                         station_id=args.station)
+    pub.start()
+    start = session.n_fields
+    for i in range(args.captures):
+        session.add_field(*synthetic_field(1000 + start + i, 2))
+    print(json.dumps({"ready": True, "counted": session.state()["counted"]}), flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    stop.wait(600)
+    pub.stop()
+    store.close()
+
+
 def _main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["sim"])
+    ap.add_argument("mode", choices=["sim", "session"])
     ap.add_argument("--db", required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--station", required=True)
     ap.add_argument("--captures", type=int, default=0)
     ap.add_argument("--publish", action="store_true", help="connect a publisher")
     args = ap.parse_args()
+    if args.mode == "session":
+        _session_main(args)
+        return
     s = settings(args.port, args.station)
     holder: dict[str, SimStation] = {}
     pub = MqttPublisher(s, args.db, state_provider=lambda: holder["sim"].state()) \

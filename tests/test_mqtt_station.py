@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import select
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mqtt_support import Collector, Mosquitto, settings, wait_for
+from mqtt_support import Collector, Mosquitto, settings, synthetic_field, wait_for
 
 from edge_wbc import outbox
 from edge_wbc.mqtt import MqttPublisher
-from edge_wbc.results import CLASSES, Cell, FieldResult
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 T = "edge-wbc/bench-1"
@@ -28,20 +32,6 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     b = Mosquitto(tmp_path / "broker").start()
     yield b
     b.stop()
-
-
-def _field(seed: int, n_cells: int) -> tuple[np.ndarray, FieldResult]:
-    # Independent noise per field: the duplicate-field guard must not see an overlap.
-    rgb = np.random.default_rng(seed).integers(0, 255, (240, 320, 3), dtype=np.uint8)
-    cells = []
-    for i in range(n_cells):
-        label = CLASSES[(seed + i) % len(CLASSES)]
-        x = 10 + 60 * i
-        cells.append(Cell(bbox=(x, 20, x + 40, 60), label=label, score=0.9,
-                          probs={c: (0.9 if c == label else 0.025) for c in CLASSES},
-                          area_px=1200))
-    return rgb, FieldResult(path=f"field{seed}.png", width=320, height=240, cells=cells,
-                            timing_ms={"total": 55.0})
 
 
 def _sub(d: dict[str, Any]) -> dict[str, Any]:
@@ -70,10 +60,10 @@ def test_session_events_reach_the_broker_through_the_store_outbox(
     try:
         wait_for(lambda: pub.connected, 10, "connected")
         for seed in range(2):
-            session.add_field(*_field(seed, 3))
+            session.add_field(*synthetic_field(seed, 3))
         broker.stop()  # the third field is counted while the broker is away
         wait_for(lambda: not pub.connected, 10, "outage noticed")
-        session.add_field(*_field(7, 4))
+        session.add_field(*synthetic_field(7, 4))
         assert outbox.depth(store.conn) >= 5  # its 4 cells + field summary wait on disk
         broker.start()
         counted = [c["id"] for c in store.cells(session.slide["id"])]
@@ -106,3 +96,70 @@ def test_session_events_reach_the_broker_through_the_store_outbox(
         pub.stop()
         col.close()
         store.close()
+
+
+def _spawn(data: Path, port: int, captures: int) -> subprocess.Popen[str]:
+    support = Path(__file__).resolve().parent / "mqtt_support.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(support), "session", "--db", str(data), "--port", str(port),
+         "--station", "bench-1", "--captures", str(captures)],
+        stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    if not select.select([proc.stdout], [], [], 30)[0]:
+        proc.kill()
+        raise AssertionError("station process did not start within 30 s")
+    assert json.loads(proc.stdout.readline())["ready"]
+    return proc
+
+
+def test_sigkilled_station_process_goes_offline_and_resumes_with_everything(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    """kill -9 of a process running the real store/session/publisher while the broker is down:
+    its counted cells are in the outbox; the restarted process resumes the slide and sends them.
+    """
+    data = tmp_path / "data"
+    col = Collector(broker.port, "edge-wbc/#", client_id="central", persistent=True)
+    col.wait_subscribed()
+    proc = _spawn(data, broker.port, captures=3)
+    try:
+        wait_for(lambda: (m := col.last(f"{T}/available")) is not None
+                 and m.payload == b"online", 10, "online")
+        t_kill = time.monotonic()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        wait_for(lambda: col.last(f"{T}/available").payload == b"offline",  # type: ignore[union-attr]
+                 7.5, "'offline' within 1.5 x keepalive (5 s)")
+        offline_after = time.monotonic() - t_kill
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Restart with the broker down: it counts 2 more fields that can only wait in the outbox...
+    broker.stop()
+    proc = _spawn(data, broker.port, captures=2)
+    os.kill(proc.pid, signal.SIGKILL)  # ...and dies again before the broker is back.
+    proc.wait(5)
+    broker.start()
+    proc = _spawn(data, broker.port, captures=0)
+    try:
+        wait_for(lambda: col.last(f"{T}/available").payload == b"online",  # type: ignore[union-attr]
+                 15, "online after restart")
+        from edge_wbc.store import Store
+
+        store = Store(data)
+        cells = store.cells(store.open_slide()["id"])  # type: ignore[index]
+        assert len(cells) == 10  # 5 fields x 2: the open slide resumed with every cell
+        wait_for(lambda: {m.json()["cell_id"] for m in col.on(f"{T}/cell")}
+                 >= {c["id"] for c in cells}, 15, "every counted cell id delivered")
+        wait_for(lambda: store.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0,
+                 10, "outbox drained")
+        wait_for(lambda: col.last(f"{T}/differential").json()["counted"] == 10,  # type: ignore[union-attr]
+                 10, "retained differential is the resumed state")
+        store.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        assert col.last(f"{T}/available").payload == b"stopped"  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        col.close()
+    print(f"offline seen {offline_after:.2f} s after SIGKILL")
