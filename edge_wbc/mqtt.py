@@ -250,6 +250,10 @@ class MqttPublisher:
         log.info("MQTT: connecting to %s:%d as %s (station %s, prefix %s)", self.settings.host,
                  self.settings.port, self.settings.client_id, self.settings.station_id,
                  self.settings.prefix)
+        if self.settings.password and not self.settings.use_tls \
+                and self.settings.host not in ("localhost", "127.0.0.1", "::1"):
+            log.warning("MQTT: the password goes to %s unencrypted; set mqtt.tls_ca (or "
+                        "mqtt.tls = true) to use TLS", self.settings.host)
         # connect_async + loop_start: a broker that is down at boot must not stop the station.
         self.client.connect_async(self.settings.host, self.settings.port, self.settings.keepalive)
         self.client.loop_start()
