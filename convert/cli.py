@@ -355,3 +355,91 @@ def train_cls(
         "acc_mean",
     )
     typer.echo(f"best model: {best}")
+
+
+# ----------------------------------------------------------------------------- release
+
+
+def _pairs(specs: list[str]) -> dict[str, Path]:
+    out = {}
+    for s in specs:
+        name, sep, path = s.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"expected NAME=RUN_DIR, got {s!r}")
+        out[name] = Path(path)
+    return out
+
+
+@app.command()
+def release(
+    seg: list[str] = typer.Option(..., help="NAME=RUN_DIR of a segmenter run (repeat)"),
+    cls: Path | None = typer.Option(None, help="classifier run dir"),
+    out: Path = typer.Option(Path("models"), help="the models folder to write"),
+    data_root: Path = typer.Option(DEFAULT_DATA),
+    requantize: bool = typer.Option(False, help="convert again even if the .tflite exists"),
+) -> None:
+    """Quantize, gate, compile for the Edge TPU (when possible), fit the ensemble on val,
+    evaluate on test, calibrate the classifier, write manifest.json and the model card."""
+    import json
+
+    from convert.card import write_card
+    from convert.edgetpu import compile_model
+    from convert.gate import check
+    from convert.release import build_manifest, seg_release
+
+    _logging()
+    out.mkdir(parents=True, exist_ok=True)
+    runs = _pairs(seg)
+    members: dict[str, tuple[Path, Path | None]] = {}
+    seg_info: dict[str, dict] = {}
+    gates, tpu = {}, {}
+    for name, run in runs.items():
+        f = out / f"seg_{name}.tflite"
+        if requantize or not f.exists():
+            quantize(run_dir=run, out=f, data_root=data_root, samples=200, seed=123)
+        cfg = json.loads((run / "config.json").read_text())
+        members[name] = (f, run / "best.keras")
+        seg_info[name] = {"file": f.name, "encoder": cfg["arch"], "run": str(run)}
+    cls_model = cls_eval = None
+    if cls is not None:
+        from convert.cells import LABELS6
+        from convert.cls_eval import evaluate_classifier
+
+        cfg = json.loads((cls / "config.json").read_text())
+        f = out / "classifier.tflite"
+        if requantize or not f.exists():
+            quantize(run_dir=cls, out=f, data_root=data_root, samples=300, seed=123)
+        size = int(cfg["input_hw"][0])
+        cls_eval = evaluate_classifier(
+            f,
+            cls / "best.keras",
+            _cells_for(cls, data_root, "val"),
+            _cells_for(cls, data_root, "test"),
+            size,
+            out,
+        )
+        (out / "cls_eval.json").write_text(json.dumps(cls_eval, indent=2))
+        cls_model = {
+            "name": "classifier",
+            "file": f.name,
+            "arch": f"{cfg['arch']} {size}x{size}",
+            "classes": list(LABELS6),
+            "run": str(cls),
+            "temperature": cls_eval["calibration"]["temperature"],
+            "confidence_threshold": cls_eval["calibration"]["confidence_threshold"],
+        }
+    for f in sorted(out.glob("*.tflite")):
+        if f.stem.endswith("_edgetpu"):
+            continue
+        r = check(f)
+        gates[f.name] = {"ok": r.ok, "problems": r.problems, "ops": r.ops}
+        tpu[f.name] = compile_model(f, out)
+        if not r.ok:
+            typer.echo(f"op gate FAILED for {f.name}: {r.problems}", err=True)
+            raise typer.Exit(1)
+    seg_eval = seg_release(members, data_root, out)
+    seg_eval["gate"], seg_eval["edgetpu"] = gates, tpu
+    (out / "seg_eval.json").write_text(json.dumps(seg_eval, indent=2))
+    path = build_manifest(out, seg_info, seg_eval, cls_model, cls_eval)
+    write_card(out, seg_eval, cls_eval, data_root)
+    typer.echo(f"wrote {path} and {out / 'README.md'}")

@@ -1,0 +1,212 @@
+"""models/README.md: the model card, written from the evaluation JSON (never by hand)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from convert.release import DATA_CARDS
+
+SOURCE_NAMES = {
+    "zheng1": "Zheng dataset 1",
+    "zheng2": "Zheng dataset 2",
+    "bccd": "BCCD",
+    "pbc": "PBC",
+    "raabin": "Raabin",
+}
+
+
+def _f(v: Any, nd: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def seg_section(ev: dict[str, Any]) -> list[str]:
+    test = ev["test"]
+    names = [k for k in test if not k.startswith("ensemble")]
+    sources = list(test["ensemble"])
+    lines = [
+        "## Segmentation ensemble",
+        "",
+        "Three int8 U-Nets with different encoders; their probability maps are averaged with the "
+        "weights below (fitted on the validation splits, as is the threshold) — the paper's "
+        "weighted voting. Input: the white-balanced field letterboxed to 256×192 (aspect kept).",
+        "",
+        f"Weights: {', '.join(f'{k} {v}' for k, v in ev['ensemble']['weights'].items())}; "
+        f"threshold {ev['ensemble']['threshold']} (val mean IoU "
+        f"{ev['ensemble']['val_mean_iou']:.4f}).",
+        "",
+        "### Test splits, int8 as shipped (foreground IoU / Dice / two-class mean IoU)",
+        "",
+        "| model | "
+        + " | ".join(f"{SOURCE_NAMES.get(s, s)} (n={test['ensemble'][s]['n']})" for s in sources)
+        + " |",
+        "|---|" + "---|" * len(sources),
+    ]
+    for k in [*names, "ensemble_equal_weights", "ensemble"]:
+        row = test[k]
+        cells = [
+            f"{row[s]['iou']:.4f} / {row[s]['dice']:.4f} / {row[s]['miou2']:.4f}" for s in sources
+        ]
+        label = {
+            "ensemble": "**ensemble (fitted weights)**",
+            "ensemble_equal_weights": "ensemble, equal weights, t=0.5",
+        }.get(k, k)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    best = {s: max(test[k][s]["iou"] for k in names) for s in sources}
+    verdict = ", ".join(
+        f"{SOURCE_NAMES.get(s, s)}: ensemble {test['ensemble'][s]['iou'] - best[s]:+.4f} vs best "
+        "member"
+        for s in sources
+    )
+    lines += ["", f"Is the ensemble better than its best member? {verdict}.", ""]
+    if ev.get("float_vs_int8"):
+        lines += [
+            "### Float vs int8 (test foreground IoU, threshold 0.5)",
+            "",
+            "| model | " + " | ".join(SOURCE_NAMES.get(s, s) for s in sources) + " |",
+            "|---|" + "---|" * len(sources),
+        ]
+        for k, per in ev["float_vs_int8"].items():
+            lines.append(
+                f"| {k} | "
+                + " | ".join(
+                    f"{per[s]['float_iou']:.4f} → {per[s]['int8_iou']:.4f} ({per[s]['delta']:+.4f})"
+                    for s in sources
+                    if s in per
+                )
+                + " |"
+            )
+        lines.append("")
+    if ev.get("figure"):
+        lines += [
+            f"![field, each model's mask, ensemble, reference]({ev['figure']})",
+            "",
+            f"Figure 1 (after the paper's Fig. 1): {ev.get('figure_source', '')}, "
+            "white-balanced field, each member's mask, the ensemble and the reference "
+            "mask.",
+            "",
+        ]
+    return lines
+
+
+def cls_section(ev: dict[str, Any]) -> list[str]:
+    cal = ev["calibration"]
+    lines = [
+        "## Cell classifier",
+        "",
+        "Crops are made by the device's rule (square, side = 1.5 × the cell box's longer side, "
+        "from the white-balanced field). PBC and Zheng cells were boxed by the segmenter, BCCD "
+        "cells by their reference masks (fields whose type list matches their cells). Six "
+        "outputs: the five types and `other` (PBC's immature granulocytes, erythroblasts, "
+        "platelets), which never enters the differential.",
+        "",
+        f"Calibration: temperature {cal['temperature']:.3f}; cells whose calibrated confidence "
+        f"is below {cal['confidence_threshold']:.3f} go to *unidentified* ({cal['fitted_on']}).",
+        "",
+        "### Test splits, int8 as shipped",
+        "",
+        "| source | n | accuracy (5 classes) | float accuracy | macro-F1 | unidentified | "
+        "accuracy on identified | predicted `other` |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s, e in ev["test"].items():
+        lines.append(
+            f"| {SOURCE_NAMES.get(s, s)} | {e['n']} | {_f(e['accuracy_5class'])} | "
+            f"{_f(e.get('float_accuracy_5class'))} | {_f(e['macro_f1'])} | "
+            f"{_f(e['unidentified_rate'])} | {_f(e['accuracy_identified'])} | "
+            f"{_f(e['predicted_other_rate'])} |"
+        )
+    lines += ["", "### Per class (precision / recall / F1, support)", ""]
+    for s, e in ev["test"].items():
+        lines += [
+            f"**{SOURCE_NAMES.get(s, s)}**",
+            "",
+            "| class | precision | recall | F1 | n |",
+            "|---|---|---|---|---|",
+        ]
+        for c, v in e["per_class"].items():
+            lines.append(
+                f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | "
+                f"{v['support']} |"
+            )
+        lines += ["", f"![confusion matrix {s}](confusion_{s}.png)", ""]
+    if ev.get("shifts_pbc_test"):
+        clean = ev["shifts_pbc_test"].get("clean", 0.0)
+        lines += [
+            "### Colour shift (PBC test, 5-class accuracy)",
+            "",
+            "| shift | accuracy | vs clean |",
+            "|---|---|---|",
+        ]
+        for k, v in ev["shifts_pbc_test"].items():
+            lines.append(f"| {k} | {v:.4f} | {v - clean:+.4f} |")
+        lines.append("")
+    lines += ["![accuracy vs coverage](accuracy_vs_coverage.png)", ""]
+    cands = ev.get("label_error_candidates", [])
+    if cands:
+        lines += [
+            "### Confident disagreements (candidates for label errors)",
+            "",
+            "| source | image | label | predicted | confidence |",
+            "|---|---|---|---|---|",
+        ]
+        for c in cands[:40]:
+            lines.append(
+                f"| {c['source']} | {c['image']} | {c['label']} | {c['predicted']} | "
+                f"{c['confidence']:.3f} |"
+            )
+        lines.append("")
+    return lines
+
+
+def write_card(
+    out: Path, seg_eval: dict[str, Any], cls_eval: dict[str, Any] | None, data_root: Path
+) -> Path:
+    lines = [
+        "# edge-wbc models",
+        "",
+        f"Generated by `edge-wbc-convert release` on "
+        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC from the evaluation JSON in "
+        "this folder (`seg_eval.json`, `cls_eval.json`). Every number is measured on the test "
+        "splits only, with the int8 files as shipped, through the device's own preprocessing "
+        "and interpreter code. `manifest.json` carries the same numbers per model, with "
+        "sha256, input quantisation and preprocessing.",
+        "",
+        "Intended use: screening support for a manual leukocyte differential on stained "
+        "peripheral blood smears; every cell stays reviewable, low-confidence cells go to "
+        "*unidentified*. Not a diagnostic device.",
+        "",
+    ]
+    lines += seg_section(seg_eval)
+    if cls_eval:
+        lines += cls_section(cls_eval)
+    lines += ["## Op gate and Edge TPU", "", "| file | op gate | Edge TPU |", "|---|---|---|"]
+    for f, g in seg_eval.get("gate", {}).items():
+        t = seg_eval.get("edgetpu", {}).get(f, {})
+        lines.append(
+            f"| {f} | {'PASS' if g['ok'] else 'FAIL ' + '; '.join(g['problems'])} | "
+            f"{t.get('message', '–')} |"
+        )
+    lines += [
+        "",
+        "## Training data and licences",
+        "",
+        "| source | licence | where |",
+        "|---|---|---|",
+    ]
+    for v in DATA_CARDS.values():
+        lines.append(f"| {v['name']} | {v['licence']} | {v['url']} |")
+    lines += [
+        "",
+        "Models trained on GPL-3.0 data (Zheng) are distributed with that notice; "
+        "see each dataset's licence before redistribution.",
+        "",
+    ]
+    path = out / "README.md"
+    path.write_text("\n".join(lines))
+    return path

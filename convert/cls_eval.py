@@ -1,0 +1,284 @@
+"""Classifier evaluation: calibration on val, then per source / per class metrics on test,
+float vs int8, accuracy vs coverage, colour-shift robustness, suspected label errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from convert.cells import LABELS6, CellItem
+from edge_wbc import preprocess as pp
+from edge_wbc.results import CLASSES
+
+log = logging.getLogger(__name__)
+N5 = len(CLASSES)
+
+#: The colour shifts of the issue: each applied to the raw image before the device chain.
+SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+
+
+def _hsv(rgb: np.ndarray, dh: float = 0.0, s: float = 1.0, v: float = 1.0) -> np.ndarray:
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL).astype(np.float32)
+    hsv[..., 0] = (hsv[..., 0] + dh * 256) % 256
+    hsv[..., 1] *= s
+    hsv[..., 2] *= v
+    return cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2RGB_FULL)
+
+
+SHIFTS.update(
+    {
+        "hue +0.05": lambda x: _hsv(x, dh=0.05),
+        "hue -0.05": lambda x: _hsv(x, dh=-0.05),
+        "saturation x0.7": lambda x: _hsv(x, s=0.7),
+        "saturation x1.3": lambda x: _hsv(x, s=1.3),
+        "brightness +15%": lambda x: _hsv(x, v=1.15),
+        "brightness -15%": lambda x: _hsv(x, v=0.85),
+        "gaussian blur sigma=1": lambda x: cv2.GaussianBlur(x, (0, 0), 1.0),
+    }
+)
+
+
+def crops(cells: Sequence[CellItem], size: int, shift: Callable | None = None) -> np.ndarray:
+    out = np.empty((len(cells), size, size, 3), np.float32)
+    cache: dict[Path, np.ndarray] = {}
+    for i, c in enumerate(cells):
+        img = cache.get(c.image)
+        if img is None:
+            from convert.data import read_rgb
+
+            img = read_rgb(c.image)
+            if shift is not None:
+                img = shift(img)
+            img = pp.white_balance(img)
+            cache = {c.image: img}  # cells of one field are adjacent; keep memory flat
+        out[i] = pp.to_unit(pp.cell_crop(img, c.box, size))
+    return out
+
+
+def tflite_probs(path: Path, xs: np.ndarray) -> np.ndarray:
+    from edge_wbc.inference import TFLiteModel
+
+    m = TFLiteModel(path, threads=2)
+    return np.stack([m.infer(x)[0].reshape(-1) for x in xs])
+
+
+def keras_probs(model: Any, xs: np.ndarray) -> np.ndarray:
+    return np.concatenate(
+        [np.asarray(model(xs[i : i + 1], training=False)) for i in range(len(xs))]
+    )
+
+
+def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """The device's calibrated softmax (edge_wbc.classify.calibrated_softmax)."""
+    from edge_wbc.classify import calibrated_softmax
+
+    return np.stack([calibrated_softmax(p, temperature, "probabilities") for p in probs])
+
+
+def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
+    best_t, best_nll = 1.0, 1e18
+    for t in np.exp(np.linspace(np.log(0.3), np.log(5.0), 60)):
+        p = calibrate(probs, float(t))
+        nll = -np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-7, 1)))
+        if nll < best_nll:
+            best_t, best_nll = float(t), nll
+    return best_t
+
+
+def five_class(p: np.ndarray) -> np.ndarray:
+    return p[:, :N5].argmax(1)
+
+
+def prf(y: np.ndarray, pred: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, float]]:
+    out = {}
+    for k, name in enumerate(labels):
+        tp = int(((pred == k) & (y == k)).sum())
+        fp = int(((pred == k) & (y != k)).sum())
+        fn = int(((pred != k) & (y == k)).sum())
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        f = 2 * p * r / (p + r) if p + r else 0.0
+        out[name] = {"precision": p, "recall": r, "f1": f, "support": int((y == k).sum())}
+    return out
+
+
+def confusion(y: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
+    m = np.zeros((n, n), int)
+    for a, b in zip(y, pred, strict=True):
+        m[a, b] += 1
+    return m
+
+
+def plot_confusion(m: np.ndarray, labels: Sequence[str], title: str, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=110)
+    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(m.shape[0]), labels[: m.shape[0]], fontsize=8)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if m[i, j]:
+                ax.text(
+                    j,
+                    i,
+                    str(m[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("reference")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_coverage(
+    curves: dict[str, list[tuple[float, float]]], thr_cov: dict[str, float], out: Path
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
+    for name, pts in curves.items():
+        cov, acc = zip(*pts, strict=True)
+        ax.plot(cov, acc, label=name)
+        if name in thr_cov:
+            ax.axvline(thr_cov[name], ls=":", lw=0.8)
+    ax.set_xlabel("coverage (cells not sent to 'unidentified')")
+    ax.set_ylabel("accuracy on covered cells")
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def coverage_curve(p: np.ndarray, y: np.ndarray) -> list[tuple[float, float]]:
+    conf = p.max(1)
+    pred = p.argmax(1)
+    order = np.argsort(-conf)
+    correct = (pred[order] == y[order]).astype(float)
+    n = len(y)
+    pts = []
+    for frac in np.linspace(0.5, 1.0, 26):
+        k = max(1, round(frac * n))
+        pts.append((float(k / n), float(correct[:k].mean())))
+    return pts
+
+
+def evaluate_classifier(
+    tflite: Path,
+    keras_path: Path | None,
+    val: list[CellItem],
+    test: list[CellItem],
+    size: int,
+    out_dir: Path,
+    max_unidentified: float = 0.04,
+) -> dict[str, Any]:
+    yv = np.array([LABELS6.index(c.label) for c in val])
+    pv = tflite_probs(tflite, crops(val, size))
+    temperature = fit_temperature(pv, yv)
+    cv = calibrate(pv, temperature)
+    pbc_v = np.array([c.source == "pbc" for c in val])
+    conf_v = cv.max(1)[pbc_v] if pbc_v.any() else cv.max(1)
+    threshold = float(np.quantile(conf_v, max_unidentified))
+    log.info("temperature %.3f, confidence threshold %.3f", temperature, threshold)
+    report: dict[str, Any] = {
+        "calibration": {
+            "temperature": temperature,
+            "confidence_threshold": threshold,
+            "fitted_on": "val (PBC val: at most 4 % unidentified)",
+        },
+        "test": {},
+        "label_error_candidates": [],
+        "shifts_pbc_test": {},
+    }
+    xt = crops(test, size)
+    yt = np.array([LABELS6.index(c.label) for c in test])
+    pt = calibrate(tflite_probs(tflite, xt), temperature)
+    kt = None
+    if keras_path is not None and keras_path.exists():
+        from convert.quantize import load_keras
+
+        kt = keras_probs(load_keras(keras_path), xt)
+    srcs = [c.source for c in test]
+    curves, thr_cov = {}, {}
+    for s in sorted(set(srcs)):
+        m = np.array([t == s for t in srcs])
+        five = m & (yt < N5)
+        y5, p5 = yt[five], pt[five]
+        pred5 = five_class(p5)
+        acc = float((pred5 == y5).mean()) if five.any() else float("nan")
+        conf = p5.max(1)
+        covered = conf >= threshold
+        entry = {
+            "n": int(five.sum()),
+            "accuracy_5class": acc,
+            "macro_f1": float(
+                np.mean([v["f1"] for k, v in prf(y5, pred5, CLASSES).items() if v["support"]])
+            ),
+            "per_class": prf(y5, pred5, CLASSES),
+            "unidentified_rate": float(1 - covered.mean()) if five.any() else 0.0,
+            "accuracy_identified": float((pred5[covered] == y5[covered]).mean())
+            if covered.any()
+            else float("nan"),
+            "predicted_other_rate": float((pt[five].argmax(1) == N5).mean()) if five.any() else 0,
+        }
+        if kt is not None:
+            entry["float_accuracy_5class"] = float((five_class(kt[five]) == y5).mean())
+        if (m & (yt == N5)).any():
+            o = m & (yt == N5)
+            entry["other_recall"] = float((pt[o].argmax(1) == N5).mean())
+            entry["n_other"] = int(o.sum())
+        report["test"][s] = entry
+        plot_confusion(
+            confusion(y5, pred5, N5), CLASSES, f"{s} test (int8)", out_dir / f"confusion_{s}.png"
+        )
+        curves[s] = coverage_curve(p5[:, :N5], y5)
+        thr_cov[s] = float(covered.mean())
+        # Confident disagreements on small public sets are often label errors: list them.
+        if s != "pbc":
+            idx = np.where(five)[0]
+            for j, i in enumerate(idx):
+                if pred5[j] != y5[j] and conf[j] >= 0.9:
+                    report["label_error_candidates"].append(
+                        {
+                            "source": s,
+                            "image": Path(test[i].image).name,
+                            "box": list(test[i].box),
+                            "label": LABELS6[yt[i]],
+                            "predicted": CLASSES[pred5[j]],
+                            "confidence": float(conf[j]),
+                        }
+                    )
+    plot_coverage(curves, thr_cov, out_dir / "accuracy_vs_coverage.png")
+    report["coverage_curves"] = curves
+    pbc = [c for c in test if c.source == "pbc" and c.label in CLASSES]
+    if pbc:
+        y = np.array([LABELS6.index(c.label) for c in pbc])
+        clean = five_class(calibrate(tflite_probs(tflite, crops(pbc, size)), temperature))
+        report["shifts_pbc_test"]["clean"] = float((clean == y).mean())
+        for name, fn in SHIFTS.items():
+            p = calibrate(tflite_probs(tflite, crops(pbc, size, fn)), temperature)
+            report["shifts_pbc_test"][name] = float((five_class(p) == y).mean())
+            log.info("shift %s: %.4f", name, report["shifts_pbc_test"][name])
+    return report
