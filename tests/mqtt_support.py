@@ -327,15 +327,54 @@ def _session_main(args: argparse.Namespace) -> None:
     store.close()
 
 
+def _bench(n: int) -> None:
+    """Outbox enqueue cost and drain throughput through a local Mosquitto (prints a table)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        conn = outbox.connect(str(d / "o.db"))
+        outbox.ensure_schema(conn)
+        payload = {"slide_id": "s", "action": "counted", "label": "neutrophil",
+                   "probs": dict.fromkeys(CLASSES, 0.2), "bbox": [1, 2, 3, 4]}
+        t = time.perf_counter()
+        for i in range(n):
+            with conn:
+                outbox.enqueue(conn, "cell", {"cell_id": f"c{i}", **payload})
+        enq = time.perf_counter() - t
+        broker = Mosquitto(d / "broker").start()
+        col = Collector(broker.port, "edge-wbc/+/cell").wait_subscribed()
+        pub = MqttPublisher(settings(broker.port, "bench"), d / "o.db")
+        t = time.perf_counter()
+        pub.start()
+        wait_for(lambda: outbox.depth(conn) == 0, 300, "drain")
+        drain = time.perf_counter() - t
+        got = len(col.on("edge-wbc/bench/cell"))
+        pub.stop()
+        col.close()
+        broker.stop()
+    print(f"{'metric':<40}{'value':>14}")
+    print(f"{'events':<40}{n:>14}")
+    print(f"{'enqueue, one transaction each (ms)':<40}{enq / n * 1e3:>14.3f}")
+    print(f"{'drain incl. PUBACK + delete (events/s)':<40}{n / drain:>14.0f}")
+    print(f"{'received by subscriber':<40}{got:>14}")
+
+
 def _main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["sim", "session"])
-    ap.add_argument("--db", required=True)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--station", required=True)
+    ap.add_argument("mode", choices=["sim", "session", "bench"])
+    ap.add_argument("--db")
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--station", default="st1")
+    ap.add_argument("-n", type=int, default=5000, help="bench: number of events")
     ap.add_argument("--captures", type=int, default=0)
     ap.add_argument("--publish", action="store_true", help="connect a publisher")
     args = ap.parse_args()
+    if args.mode == "bench":
+        _bench(args.n)
+        return
+    if args.db is None or args.port is None:
+        ap.error("--db and --port are required for sim/session")
     if args.mode == "session":
         _session_main(args)
         return
