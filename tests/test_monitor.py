@@ -140,3 +140,25 @@ def test_unreachable_broker_is_a_clear_error(tmp_path: Path) -> None:
                                    str(free_port()), "--once"])
     assert res.exit_code == 2
     assert "cannot reach MQTT broker 127.0.0.1" in res.output
+
+
+@pytest.mark.broker
+def test_monitor_with_username_password(tmp_path: Path) -> None:
+    import subprocess
+
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), "central", "c3ntral"], check=True,
+                   capture_output=True)
+    pw.chmod(0o600)
+    b = Mosquitto(tmp_path / "broker", f"allow_anonymous false\npassword_file {pw}\n").start()
+    try:
+        args = ["monitor", "--mqtt-host", "127.0.0.1", "--mqtt-port", str(b.port), "--once",
+                "--username", "central"]
+        ok = CliRunner().invoke(app, args, env={"EDGE_WBC_MQTT_PASSWORD": "c3ntral"})
+        assert ok.exit_code == 0, ok.output
+        assert "0 stations, 0 online" in ok.stdout
+        bad = CliRunner().invoke(app, args, env={"EDGE_WBC_MQTT_PASSWORD": "nope"})
+        assert bad.exit_code == 2
+        assert "refused the connection: Not authorized" in bad.output
+    finally:
+        b.stop()
