@@ -140,8 +140,9 @@ class SessionConfig:
         100, "Leukocytes to count per slide (100 or 200 in most labs).", min=1, max=10000
     )
     data_dir: str = _f(
-        "/var/lib/edge-wbc", "Where the SQLite database, cell crops and reports live. Under "
-        "systemd the unit's StateDirectory is used when this is not set.", path=True,
+        "/var/lib/edge-wbc", "Where the SQLite database, cell crops and reports live. When "
+        "this is not set: the unit's StateDirectory under systemd, /var/lib/edge-wbc when "
+        "writable, else ~/.local/share/edge-wbc.", path=True,
     )
     duplicate_overlap: float = _f(
         0.5, "A field overlapping the previous one by more than this fraction is flagged as a "
@@ -354,6 +355,9 @@ def load_config(
         state = env.get("STATE_DIRECTORY", "")
         if state:
             values["session"]["data_dir"] = state.split(":")[0]
+        elif not _can_create(Path(values["session"]["data_dir"])):
+            # A user trying the station on a laptop: their own data folder, not a failure.
+            values["session"]["data_dir"] = str(_user_data_dir(env))
     creds = env.get("CREDENTIALS_DIRECTORY", "")
     if values["mqtt"]["tls_key"] is None and creds:
         key = Path(creds) / CRED_MQTT_TLS_KEY
@@ -381,6 +385,21 @@ def default_config_path(env: Mapping[str, str] | None = None) -> Path | None:
         if p.is_file():
             return p
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
+def _can_create(d: Path) -> bool:
+    """Can this process use (or make) directory ``d``?"""
+    probe = d
+    while not probe.exists():
+        if probe.parent == probe:
+            return False
+        probe = probe.parent
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
+def _user_data_dir(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_DATA_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local/share")
+    return Path(base) / "edge-wbc"
 
 
 def _hostname() -> str:

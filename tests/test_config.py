@@ -177,6 +177,25 @@ def test_non_loopback_listen_needs_a_token(tmp_path: Path) -> None:
     assert load_config(p, env={"EDGE_WBC_TOKEN": "t"}).station.host == "0.0.0.0"
 
 
+def test_unwritable_default_data_dir_falls_back_to_the_users(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge_wbc import config
+
+    writable = {"/var/lib/edge-wbc": True}
+    monkeypatch.setattr(config, "_can_create", lambda d: writable[str(d)])
+    env = {"XDG_DATA_HOME": str(tmp_path / "xdg")}
+    assert load_config(None, env=env).session.data_dir == "/var/lib/edge-wbc"
+    writable["/var/lib/edge-wbc"] = False  # an ordinary user trying the station
+    assert load_config(None, env=env).session.data_dir == str(tmp_path / "xdg" / "edge-wbc")
+    assert load_config(None, env={"HOME": "/home/tech"}).session.data_dir == (
+        "/home/tech/.local/share/edge-wbc"
+    )
+    # an explicit setting is never second-guessed
+    p = _write(tmp_path, "[session]\ndata_dir = '/nonexistent/x'\n")
+    assert load_config(p, env={}).session.data_dir == "/nonexistent/x"
+
+
 def test_state_directory_from_systemd(tmp_path: Path) -> None:
     assert load_config(None, env={"STATE_DIRECTORY": "/var/lib/edge-wbc2"}).session.data_dir == (
         "/var/lib/edge-wbc2"
