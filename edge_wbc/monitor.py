@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -54,6 +55,19 @@ class StationView:
         total = sum(counts[c] for c in CLASSES)
         return {c: (100.0 * counts[c] / total if total else 0.0) for c in CLASSES}
 
+    def status(self, now: float | None = None) -> str:
+        """``available``, except 'stale' for an 'online' whose periodic stats stopped: after a
+        broker restart a station that died meanwhile has no will left to say 'offline'."""
+        if self.available != "online":
+            return self.available
+        interval = self.stats.get("interval_s")
+        ts = _epoch(self.stats.get("ts"))
+        if isinstance(interval, (int, float)) and ts is not None:
+            now = time.time() if now is None else now
+            if now - ts > 3 * float(interval) + 10.0:
+                return "stale"
+        return self.available
+
     def field(self, key: str) -> Any:
         """slide_id / sample_id: top level (MQTT envelope) or inside the station's 'slide'."""
         if self.differential.get(key) is not None:
@@ -67,6 +81,7 @@ class StationView:
         return {
             "station": self.station,
             "available": self.available,
+            "status": self.status(),
             "slide_id": self.field("slide_id"),
             "sample_id": self.field("sample_id"),
             "counted": d.get("counted"),
@@ -78,6 +93,15 @@ class StationView:
             "outbox_depth": ob.get("depth") if ob else None,
             "seen": self.last_seen,
         }
+
+
+def _epoch(iso: Any) -> float | None:
+    if not isinstance(iso, str):
+        return None
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 class StationTable:
@@ -139,13 +163,13 @@ class StationTable:
                 counted, cols, unid = "-", ["-"] * len(CLASSES), "-"
             ob = v.stats.get("outbox") if isinstance(v.stats.get("outbox"), dict) else None
             age = now - v.last_seen
-            rows.append([sid, v.available, str(v.field("sample_id") or "-"), counted, *cols, unid,
+            rows.append([sid, v.status(now), str(v.field("sample_id") or "-"), counted, *cols, unid,
                          str(ob.get("depth")) if ob else "-",
                          f"{age:.0f}s ago" if age < 3600 else f"{age / 3600:.1f}h ago"])
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                  for r in rows]
-        n_on = sum(1 for v in self.stations.values() if v.available == "online")
+        n_on = sum(1 for v in self.stations.values() if v.status(now) == "online")
         lines.append(f"{len(self.stations)} stations, {n_on} online")
         return "\n".join(lines)
 

@@ -612,6 +612,9 @@ class MqttPublisher:
             "station": self.settings.station_id,
             "ts": utc_now_iso(),
             "uptime_s": round(time.monotonic() - self._started_at, 1),
+            # Lets a consumer call a retained 'online' stale when stats stop coming (a broker
+            # restart forgets the will of a station that then died unseen).
+            "interval_s": self.settings.stats_interval_s,
             "fields": fields,  # analysed since this process started
             "latency_ms": {
                 "last": round(lats[-1], 1) if lats else None,

@@ -55,6 +55,18 @@ def test_table_folds_messages_and_ignores_junk() -> None:
     assert lines[-1] == "2 stations, 1 online"
 
 
+def test_online_without_fresh_stats_is_shown_stale() -> None:
+    t = StationTable()
+    t.handle("edge-wbc/s/available", b"online", now=1000.0)
+    t.handle("edge-wbc/s/stats", json.dumps(
+        {"ts": "1970-01-01T00:16:40Z", "interval_s": 60}).encode(), now=1000.0)  # t = 1000 s
+    assert t.stations["s"].status(now=1100.0) == "online"
+    assert t.stations["s"].status(now=1000.0 + 3 * 60 + 11) == "stale"
+    assert "0 online" in t.render(now=2000.0) and " stale " in t.render(now=2000.0)
+    t.handle("edge-wbc/s/available", b"offline")
+    assert t.stations["s"].status(now=2000.0) == "offline"
+
+
 def test_percentages_computed_when_absent() -> None:
     t = StationTable()
     t.handle("edge-wbc/s/differential", json.dumps(
