@@ -250,12 +250,15 @@ function renderStation() {
 
 /* ------------------------------------------------------------------ rendering: field */
 
+let fieldReq = 0;
 async function loadField() {
-  try {
-    ui.field = await api("/api/fields/last");
-  } catch (e) {
-    ui.field = null;
-  }
+  // Events can trigger overlapping loads; only the newest request may draw, or an answer that
+  // arrives late would show a cell's label from before its review.
+  const mine = ++fieldReq;
+  let f = null;
+  try { f = await api("/api/fields/last"); } catch (e) { f = null; }
+  if (mine !== fieldReq) return;
+  ui.field = f;
   renderField();
 }
 
@@ -318,14 +321,18 @@ function chip(text, cls = "") {
 
 /* ------------------------------------------------------------------ review */
 
+let cellsReq = 0;
 async function loadCells() {
+  const mine = ++cellsReq;
+  let d;
   try {
-    const d = await api("/api/cells");
-    ui.cells = d.cells;
+    d = await api("/api/cells");
   } catch (e) {
     toast(e.message, true);
     return;
   }
+  if (mine !== cellsReq) return;
+  ui.cells = d.cells;
   renderGallery();
 }
 
@@ -352,6 +359,8 @@ function renderGallery() {
   const gal = $("gallery");
   gal.textContent = "";
   const shown = ui.cells.filter((c) => ui.filter === "all" || c.group === ui.filter);
+  // Keep the selection inside the list on screen (after a filter change or a review).
+  if (!shown.some((c) => c.id === ui.sel)) ui.sel = shown.length ? shown[0].id : null;
   if (!shown.length) {
     gal.innerHTML = `<div class="gal-empty">No cells here.</div>`;
   }
@@ -376,8 +385,6 @@ function renderGallery() {
     b.onclick = () => select(c.id);
     gal.appendChild(b);
   }
-  if (ui.sel && !ui.cells.some((c) => c.id === ui.sel)) ui.sel = null;
-  if (!ui.sel && shown.length) ui.sel = shown[0].id;
   renderInspector();
   const selEl = gal.querySelector(".cell.sel");
   if (selEl) selEl.scrollIntoView({ block: "nearest" });
@@ -428,21 +435,32 @@ function renderInspector() {
   acts.appendChild(undo);
 }
 
+window.__reviewsPending = 0;
+
 async function review(id, label, reason) {
   if (ui.state && ui.state.finalised) { toast("The slide is finalised: reviews are closed.", true); return; }
+  const filter = ui.filter;
+  const listed = (f) => ui.cells.filter((c) => f === "all" || c.group === f);
+  const before = listed(filter);
+  const i = before.findIndex((c) => c.id === id);
+  const nextId = (before[i + 1] || before[i - 1] || {}).id;
+  window.__reviewsPending += 1;
   try {
     await api(`/api/cells/${id}/review`, { label, reason });
     toast(label === null ? "Machine label restored" : label === "rejected"
       ? "Cell rejected" : `Counted as ${NAMES[label]}`);
-    // Keep the technician moving: the next cell of the same list gets the focus.
-    const shown = ui.cells.filter((c) => ui.filter === "all" || c.group === ui.filter);
-    const i = shown.findIndex((c) => c.id === id);
-    const next = shown[i + 1] || shown[i - 1];
     await loadCells();
-    if (label !== null && next && ui.cells.some((c) => c.id === next.id) && ui.filter !== "all") select(next.id);
-    else select(id);
+    // Keep the technician moving: when the cell left the list on screen, the next one gets the
+    // focus. If the list was changed meanwhile, the technician's new choice stands.
+    if (ui.filter === filter) {
+      const now = listed(filter);
+      if (now.some((c) => c.id === id)) select(id);
+      else if (nextId && now.some((c) => c.id === nextId)) select(nextId);
+    }
   } catch (e) {
     toast(e.message, true);
+  } finally {
+    window.__reviewsPending -= 1;
   }
 }
 

@@ -1,0 +1,202 @@
+"""The station page in headless Chromium, driven like a technician would: capture until the
+target, reclassify one cell, reject one, resolve the unidentified, finalise, download the report.
+A screenshot of each stage is kept under artefacts/ for CI.
+
+Needs Chromium (Debian package, /usr/bin/chromium) and the playwright Python package; skipped
+without them unless EDGE_WBC_REQUIRE_BROWSER=1 (CI sets it, so a missing browser fails there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from station_fakes import RunningStation  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = ROOT / "samples" / "fields"
+ARTEFACTS = ROOT / "artefacts"
+CHROMIUM = os.environ.get("EDGE_WBC_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.browser
+
+
+def _require_browser() -> None:
+    missing = []
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package (pip install playwright)")
+    if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
+        missing.append(f"Chromium at {CHROMIUM} (apt-get install chromium)")
+    if missing:
+        msg = "browser test needs " + " and ".join(missing)
+        if os.environ.get("EDGE_WBC_REQUIRE_BROWSER") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture()
+def page(tmp_path: Path):
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    rs = RunningStation(tmp_path / "data", f"folder:{SAMPLES}", target=20)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        ctx = browser.new_context(viewport={"width": 800, "height": 480}, accept_downloads=True)
+        pg = ctx.new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(rs.url + "/", wait_until="domcontentloaded")
+        pg.rs = rs  # type: ignore[attr-defined]
+        pg.errors = errors  # type: ignore[attr-defined]
+        try:
+            yield pg
+        finally:
+            browser.close()
+            rs.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def _shot(pg, name: str) -> None:  # noqa: ANN001
+    ARTEFACTS.mkdir(exist_ok=True)
+    pg.screenshot(path=str(ARTEFACTS / f"station-{name}.png"))
+
+
+def _counted(pg) -> int:  # noqa: ANN001
+    return int(pg.locator("#counted").inner_text())
+
+
+def test_technician_flow(page) -> None:  # noqa: ANN001
+    pg, rs = page, page.rs
+    pg.wait_for_function("() => window.__counted === 0")
+    assert pg.locator("#capture").is_enabled()
+
+    # Capture with the on-screen button and the space bar until the target is reached.
+    n = 0
+    while not pg.locator("#banner:not([hidden])").is_visible():
+        before = _counted(pg)
+        if n % 2:
+            pg.keyboard.press("Space")
+        else:
+            pg.click("#capture")
+        pg.wait_for_function(f"() => window.__counted > {before}", timeout=10000)
+        n += 1
+        assert n < 40, "target never reached"
+    pg.wait_for_selector("#field-svg rect")
+    assert "Target reached" in pg.locator("#banner-title").inner_text()
+    assert pg.locator("#capture").is_disabled()
+    state = rs.session.state()
+    assert _counted(pg) == state["counted"] >= 20
+    # The formula on the page is the session's formula.
+    for row in state["classes"]:
+        tr = pg.locator(f"#formula-body tr[data-label={row['label']}]")
+        assert tr.locator("td.n").first.inner_text() == str(row["count"])
+    _shot(pg, "target-reached")
+
+    # Review: the unidentified cells come first; resolve them with the keyboard.
+    pg.click("#tab-review")
+    pg.wait_for_selector(".cell")
+    for _ in range(state["unidentified"]):
+        pg.click(".filters button[data-filter=unidentified]")
+        pg.wait_for_selector(".cell.sel")
+        before = rs.session.state()["counts"]["lymphocyte"]
+        pg.keyboard.press("4")  # lymphocyte
+        _settle(pg)
+        assert rs.session.state()["counts"]["lymphocyte"] == before + 1
+    assert rs.session.state()["unidentified"] == 0
+
+    # Reclassify one neutrophil as a monocyte by click.
+    pg.click(".filters button[data-filter=neutrophil]")
+    pg.wait_for_selector(".cell.sel")
+    cid = pg.locator(".cell.sel").get_attribute("data-id")
+    mono = rs.session.state()["counts"]["monocyte"]
+    pg.click("#insp-actions button[data-action=monocyte]")
+    _settle(pg)
+    assert rs.session.state()["counts"]["monocyte"] == mono + 1
+    cell = rs.session.cells[cid]
+    assert cell["label"] == "neutrophil" and cell["reviewed_label"] == "monocyte"
+
+    # Reject one (counted twice) through the dialog.
+    pg.click(".filters button[data-filter=lymphocyte]")
+    pg.wait_for_selector(".cell.sel")
+    rid = pg.locator(".cell.sel").get_attribute("data-id")
+    pg.click("#insp-actions button[data-action=reject]")
+    pg.click("#dlg-reject button[value=counted_twice]")
+    pg.locator("#toast", has_text="Cell rejected").wait_for()
+    _settle(pg)
+    assert rs.session.cells[rid]["reviewed_label"] == "rejected"
+    assert rs.session.cells[rid]["review_reason"] == "counted_twice"
+    _shot(pg, "review")
+
+    # The rejection took the count below the target: one more capture, then finalise.
+    pg.keyboard.press("Escape")
+    if not rs.session.state()["complete"]:
+        before = _counted(pg)
+        pg.click("#capture")
+        pg.wait_for_function(f"() => window.__counted > {before}", timeout=10000)
+        s = rs.session.state()
+        if s["unidentified"]:
+            for c in list(rs.session.cells.values()):
+                if c["label"] == "unidentified" and not c["reviewed_label"]:
+                    rs.session.review(c["id"], "neutrophil")
+    pg.wait_for_selector("#banner-finalise:not([disabled])")
+    pg.click("#banner-finalise")
+    pg.wait_for_selector("#banner.final")
+    assert "finalised" in pg.locator("#banner-title").inner_text()
+    assert pg.locator("#capture").is_disabled()
+    _shot(pg, "finalised")
+
+    # Download the report from the slide dialog.
+    pg.click("#tab-slide")
+    with pg.expect_download() as dl:
+        pg.click("#report-links a:has-text('JSON')")
+    path = dl.value.path()
+    rep = json.loads(Path(path).read_text())
+    assert rep["counted"] == rs.session.state()["counted"]
+    changes = {c["cell_id"]: c for c in rep["reviewed_changes"]}
+    assert changes[cid]["reviewed_label"] == "monocyte"
+    assert changes[rid]["reviewed_label"] == "rejected"
+    with pg.expect_download() as dl:
+        pg.click("#report-links a:has-text('CSV')")
+    assert Path(dl.value.path()).read_text().startswith("sample_id,slide_id")
+    html = pg.request.get(rs.url + "/api/slide/report.html")
+    assert html.ok and "Leukocyte differential" in html.text()
+    _shot(pg, "slide-dialog")
+
+
+def _settle(pg) -> None:  # noqa: ANN001
+    """Wait until the page has finished its review request and redrawn the gallery."""
+    pg.wait_for_function("() => window.__reviewsPending === 0", timeout=10000)
+
+
+def test_desktop_layout_and_new_slide(page) -> None:  # noqa: ANN001
+    pg, rs = page, page.rs
+    pg.set_viewport_size({"width": 1440, "height": 900})
+    pg.wait_for_function("() => window.__counted === 0")
+    for _ in range(3):
+        before = _counted(pg)
+        pg.click("#capture")
+        pg.wait_for_function(f"() => window.__counted > {before}", timeout=10000)
+    pg.wait_for_selector("#field-svg rect")
+    _shot(pg, "desktop")
+    # New slide with a scanned sample id; the open slide must be explicitly abandoned.
+    pg.click("#tab-slide")
+    pg.fill("#new-sample", "H-2026-0815")
+    pg.click("#btn-new")
+    from playwright.sync_api import expect
+
+    expect(pg.locator("#dlg-err")).to_contain_text("abandon")
+    pg.check("#new-abandon")
+    pg.click("#btn-new")
+    pg.wait_for_function("() => document.getElementById('sample-id').textContent === 'H-2026-0815'")
+    assert _counted(pg) == 0 and rs.session.state()["sample_id"] == "H-2026-0815"
