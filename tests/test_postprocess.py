@@ -206,3 +206,14 @@ def test_params_from_a_config_section() -> None:
     p = PostprocessParams.from_config(cfg.postprocess)
     assert p.cell_diameter_px == cfg.postprocess.cell_diameter_px
     assert p.max_area_ratio == cfg.postprocess.max_area_ratio
+
+
+def test_a_chain_of_three_touching_cells_gives_three() -> None:
+    m = np.zeros((120, 260), np.uint8)
+    for cx in (60, 112, 164):  # r = 30, centres 52 px apart: each pair overlaps
+        _disc(m, cx, 60, 30)
+    lab = _split_one(m, P)
+    cells = measure_cells(lab, m.shape, P)
+    assert len(cells) == 3
+    xs = sorted((c.bbox[0] + c.bbox[2]) / 2 for c in cells)
+    assert np.allclose(xs, [57, 112, 167], atol=6)
