@@ -93,25 +93,29 @@ def _tiff_header(data: bytes) -> ImageHeader:
     if off + 2 > len(data):
         raise ImageError("truncated TIFF: first directory is past the end of the file")
     (count,) = struct.unpack(end + "H", data[off : off + 2])
-    w = h = None
+    values: dict[int, list[int]] = {}
     for k in range(count):
         e = off + 2 + 12 * k
         if e + 12 > len(data):
             raise ImageError("truncated TIFF directory")
-        tag, typ = struct.unpack(end + "HH", data[e : e + 4])
-        if tag in (256, 257):
-            val = (
-                struct.unpack(end + "H", data[e + 8 : e + 10])[0]
-                if typ == 3
-                else struct.unpack(end + "I", data[e + 8 : e + 12])[0]
+        tag, typ, n = struct.unpack(end + "HHI", data[e : e + 8])
+        if tag in (256, 257, 273, 279, 324, 325) and typ in (3, 4):
+            size = 2 if typ == 3 else 4
+            where = e + 8 if n * size <= 4 else struct.unpack(end + "I", data[e + 8 : e + 12])[0]
+            if where + n * size > len(data):
+                raise ImageError("truncated TIFF: a directory entry points past the end")
+            values[tag] = list(
+                struct.unpack(f"{end}{n}{'H' if typ == 3 else 'I'}", data[where : where + n * size])
             )
-            if tag == 256:
-                w = val
-            else:
-                h = val
-    if w is None or h is None:
+    if 256 not in values or 257 not in values:
         raise ImageError("corrupt TIFF: no image width/height")
-    return ImageHeader("tiff", int(w), int(h))
+    # Strip (273/279) or tile (324/325) offsets and byte counts: every pixel byte must be there.
+    for offs, counts in ((273, 279), (324, 325)):
+        if offs in values and counts in values:
+            last = max(o + c for o, c in zip(values[offs], values[counts], strict=False))
+            if last > len(data):
+                raise ImageError(f"truncated TIFF: {len(data)} of {last} bytes")
+    return ImageHeader("tiff", int(values[256][0]), int(values[257][0]))
 
 
 def read_header(data: bytes) -> ImageHeader:

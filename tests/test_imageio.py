@@ -185,3 +185,29 @@ def test_list_images_folders_and_files(tmp_path: Path) -> None:
     explicit = tmp_path / "notes.txt"
     got = list_images([tmp_path, explicit])
     assert [p.name for p in got] == ["a.png", "b.JPG", "c.tiff", "notes.txt"]
+
+
+def _strip_tiff(h: int = 50, w: int = 60) -> bytes:
+    """An RGB TIFF with its directory first and the pixel strip after it (as cameras and
+    libtiff write them), so cutting the file loses pixels, not the directory."""
+    px = np.full((h, w, 3), 100, np.uint8).tobytes()
+    entries = [
+        (256, 3, 1, w), (257, 3, 1, h), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 2),
+        (273, 4, 1, 0), (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(px)),
+    ]  # fmt: skip
+    strip_at = 8 + 2 + 12 * len(entries) + 4
+    out = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries))
+    for tag, typ, n, val in entries:
+        val = strip_at if tag == 273 else val
+        packed = struct.pack("<HH", val, 0) if typ == 3 else struct.pack("<I", val)
+        out += struct.pack("<HHI", tag, typ, n) + packed
+    return out + struct.pack("<I", 0) + px
+
+
+def test_truncated_tiff(tmp_path: Path) -> None:
+    data = _strip_tiff()
+    assert decode_image(data).shape == (50, 60, 3)
+    p = tmp_path / "cut.tif"
+    p.write_bytes(data[:-1000])
+    with pytest.raises(ImageError, match="truncated TIFF"):
+        read_image(p)
