@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from station_fakes import RunningStation  # noqa: E402
+from station_fakes import RunningStation
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "fields"
@@ -67,16 +67,16 @@ def page(tmp_path: Path):
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
-def _shot(pg, name: str) -> None:  # noqa: ANN001
+def _shot(pg, name: str) -> None:
     ARTEFACTS.mkdir(exist_ok=True)
     pg.screenshot(path=str(ARTEFACTS / f"station-{name}.png"))
 
 
-def _counted(pg) -> int:  # noqa: ANN001
+def _counted(pg) -> int:
     return int(pg.locator("#counted").inner_text())
 
 
-def test_technician_flow(page) -> None:  # noqa: ANN001
+def test_technician_flow(page) -> None:
     pg, rs = page, page.rs
     pg.wait_for_function("() => window.__counted === 0")
     assert pg.locator("#capture").is_enabled()
@@ -174,12 +174,12 @@ def test_technician_flow(page) -> None:  # noqa: ANN001
     _shot(pg, "slide-dialog")
 
 
-def _settle(pg) -> None:  # noqa: ANN001
+def _settle(pg) -> None:
     """Wait until the page has finished its review request and redrawn the gallery."""
     pg.wait_for_function("() => window.__reviewsPending === 0", timeout=10000)
 
 
-def test_desktop_layout_and_new_slide(page) -> None:  # noqa: ANN001
+def test_desktop_layout_and_new_slide(page) -> None:
     pg, rs = page, page.rs
     pg.set_viewport_size({"width": 1440, "height": 900})
     pg.wait_for_function("() => window.__counted === 0")

@@ -1,0 +1,195 @@
+"""`edge-wbc station` as a process with the real FieldAnalyzer: on the small hand-weighted fixture
+models always, and on the shipped models (the README's demo: bundled fields to 100 cells) when
+models/manifest.json exists. Also kill -9 and restart, clean SIGTERM, and start-up errors."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples" / "fields"
+FIXTURE_MODELS = ROOT / "tests" / "fixtures" / "models"
+SHIPPED = ROOT / "models"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(port: int, path: str, body: Any = None) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    if body is None:
+        conn.request("GET", path)
+    else:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, json.loads(data) if data else None
+
+
+class Proc:
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        e = {**os.environ, **(env or {})}
+        e.pop("EDGE_WBC_CONFIG", None)
+        self.p = subprocess.Popen(
+            [sys.executable, "-c", "from edge_wbc.cli import app; app()", "station", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=e,
+        )
+
+    def wait_url(self, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.p.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                if self.p.poll() is not None:
+                    raise AssertionError("station exited: " + self.p.stderr.read())  # type: ignore[union-attr]
+                continue
+            m = re.search(r"open (http://\S+)", line)
+            if m:
+                return m.group(1)
+        raise AssertionError("station did not print its URL")
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(10)
+
+
+def wait_fields(port: int, n: int, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        _, s = api(port, "/api/state")
+        if s["fields"] >= n and not s["station"]["busy"] and s["station"]["queue"] == 0:
+            return s
+        assert time.monotonic() < deadline, f"only {s['fields']} of {n} fields analysed"
+        time.sleep(0.05)
+
+
+def test_station_with_real_analyzer_survives_sigkill_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    args = ("--models", str(FIXTURE_MODELS), "--source", f"folder:{SAMPLES}", "--data-dir",
+            str(tmp_path), "--port", str(port), "--target", "100")
+    p = Proc(*args)
+    try:
+        url = p.wait_url()
+        assert url == f"http://127.0.0.1:{port}/"
+        for _ in range(5):
+            status, body = api(port, "/api/capture", {})
+            assert status in (202, 429), body
+            if status == 429:
+                time.sleep(0.3)
+        s1 = wait_fields(port, 4)
+        assert s1["station"]["last_error"] is None
+        assert s1["models"]["models"][0]["name"] == "seg-dark-a"  # the real analyzer's models
+        cells = api(port, "/api/cells")[1]["cells"]
+        if cells:
+            api(port, f"/api/cells/{cells[0]['id']}/review", {"label": "eosinophil"})
+        before = api(port, "/api/state")[1]
+        p.p.send_signal(signal.SIGKILL)
+        p.p.wait(10)
+    finally:
+        p.kill()
+
+    p2 = Proc(*args)
+    try:
+        p2.wait_url()
+        after = api(port, "/api/state")[1]
+        for k in ("slide_id", "sample_id", "counted", "counts", "fields", "ci95", "reviewed"):
+            assert after[k] == before[k], k
+        # Clean stop: SIGTERM finishes and says the count is saved.
+        p2.p.send_signal(signal.SIGTERM)
+        _, err = p2.p.communicate(timeout=30)
+        assert p2.p.returncode == 0, err
+        assert "every counted cell is saved" in err
+    finally:
+        p2.kill()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--models", "/nonexistent/models"), "no manifest.json"),
+        (("--source", "usb:3"), "camera source"),
+        (("--source", "folder:/nonexistent/fields"), "not a folder"),
+        (("--host", "0.0.0.0"), "token"),
+    ],
+)
+def test_startup_errors_are_one_clear_line(tmp_path: Path, args: tuple, message: str) -> None:
+    base = {"--models": str(FIXTURE_MODELS), "--data-dir": str(tmp_path),
+            "--port": str(free_port()), "--source": f"folder:{SAMPLES}"}
+    base.update(dict(zip(args[::2], args[1::2], strict=True)))
+    flat = [x for kv in base.items() for x in kv]
+    env = {"EDGE_WBC_TOKEN": ""}
+    r = subprocess.run([sys.executable, "-c", "from edge_wbc.cli import app; app()", "station",
+                        *flat], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                       env={**os.environ, **env})
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-c", "from edge_wbc.cli import app; app()", "station", "--models",
+             str(FIXTURE_MODELS), "--data-dir", str(tmp_path), "--port", str(port), "--source",
+             f"folder:{SAMPLES}"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "cannot listen" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not (SHIPPED / "manifest.json").is_file(), reason="no shipped models yet")
+def test_readme_demo_reaches_100_cells_with_shipped_models(tmp_path: Path) -> None:
+    port = free_port()
+    p = Proc("--source", f"folder:{SAMPLES}", "--data-dir", str(tmp_path), "--port", str(port),
+             "--models", str(SHIPPED))
+    try:
+        p.wait_url()
+        n = 0
+        while True:
+            s = api(port, "/api/state")[1]
+            if s["complete"]:
+                break
+            status, body = api(port, "/api/capture", {})
+            if status == 429:
+                time.sleep(0.1)
+                continue
+            assert status == 202, body
+            n += 1
+            wait_fields(port, n, timeout=60)
+            assert n <= 116, f"bundled fields gave only {s['counted']} cells"
+        s = wait_fields(port, n)
+        assert s["counted"] >= 100 and s["station"]["last_error"] is None
+        assert abs(sum(r["percent"] for r in s["classes"]) - 100) < 0.5
+        for r in s["classes"]:
+            assert r["ci_low"] <= r["percent"] <= r["ci_high"]
+        # Resolve what the classifier left unidentified, then finalise.
+        for c in api(port, "/api/cells")[1]["cells"]:
+            if c["group"] == "unidentified":
+                best = max(("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte"),
+                           key=lambda k: c["probs"].get(k, 0))
+                assert api(port, f"/api/cells/{c['id']}/review", {"label": best})[0] == 200
+        status, final = api(port, "/api/slide/finalise", {})
+        assert status == 200 and final["finalised"], final
+        status, rep = api(port, "/api/slide/report.json")
+        assert status == 200 and rep["counted"] == final["counted"]
+        assert all(len(m["sha256"]) == 64 for m in rep["models"]["models"])
+    finally:
+        p.kill()
