@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_wbc.inference import TFLiteModel
-from edge_wbc.preprocess import to_unit
 from edge_wbc.results import CLASSES, OTHER, UNIDENTIFIED
 
 
@@ -81,7 +80,7 @@ class CellClassifier:
 
     def classify(self, crop: np.ndarray) -> Prediction:
         """One RGB uint8 crop at the model's input size."""
-        out = self.model.infer(to_unit(crop))[0]
+        out = self.model.infer_pixels(crop)[0]
         probs = calibrated_softmax(out, self.temperature, self.output_type)
         return decide(probs, self.classes, self.confidence_threshold)
 

@@ -257,7 +257,7 @@ def bench(
 ) -> None:
     """Per-stage latency (median, p90), model load time and peak RSS of the field pipeline."""
     from edge_wbc.imageio import ImageError, read_image
-    from edge_wbc.preprocess import letterbox, to_unit, white_balance
+    from edge_wbc.preprocess import letterbox, white_balance
 
     if accelerator is not None and accelerator not in ("cpu", "edgetpu"):
         raise _usage_error(f"--accelerator must be cpu or edgetpu, not {accelerator!r}")
@@ -286,10 +286,10 @@ def bench(
     balanced = white_balance(rgb)
     per_model: dict[str, list[float]] = {}
     for m in analyzer.segmenter.members:
-        x = to_unit(letterbox(balanced, m.model.input_hw)[0])
+        x = letterbox(balanced, m.model.input_hw)[0]
         for _ in range(runs):
             t = time.perf_counter()
-            m.model.infer(x)
+            m.model.infer_pixels(x)
             per_model.setdefault(f"  segmenter {m.name}", []).append(
                 (time.perf_counter() - t) * 1000.0
             )

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from edge_wbc.inference import TFLiteModel
-from edge_wbc.preprocess import letterbox, letterbox_geometry, to_unit, unletterbox
+from edge_wbc.preprocess import letterbox, letterbox_geometry, unletterbox
 
 
 @dataclass
@@ -65,8 +65,8 @@ class EnsembleSegmenter:
         for m in self.members:
             hw = m.model.input_hw
             if hw not in boxed_cache:
-                boxed_cache[hw] = to_unit(letterbox(rgb_balanced, hw)[0])
-            prob = to_probability(m.model.infer(boxed_cache[hw])[0], m.output_type)
+                boxed_cache[hw] = letterbox(rgb_balanced, hw)[0]
+            prob = to_probability(m.model.infer_pixels(boxed_cache[hw])[0], m.output_type)
             if prob.shape != hw:
                 prob = cv2.resize(prob, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
             maps.append(prob)

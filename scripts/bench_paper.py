@@ -62,6 +62,11 @@ class KerasModel:
     def input_hw(self) -> tuple[int, int]:
         return int(self.input.shape[1]), int(self.input.shape[2])
 
+    def infer_pixels(self, pixels: np.ndarray) -> list[np.ndarray]:
+        from edge_wbc.preprocess import to_unit
+
+        return self.infer(to_unit(pixels))
+
     def infer(self, real: np.ndarray) -> list[np.ndarray]:
         x = np.asarray(real, np.float32)
         if x.ndim == 3:

@@ -215,3 +215,14 @@ def test_compiled_file_not_matching_the_manifest_is_not_run(
         TFLiteModel(base, 1, acc, True, rec.runtime, edgetpu_sha256="0" * 64)
     good = sha256_file(tmp_path / "seg_edgetpu.tflite")
     assert TFLiteModel(base, 1, acc, runtime=rec.runtime, edgetpu_sha256=good).kind == "edgetpu"
+
+
+@pytest.mark.parametrize("kind", ["int8", "uint8", "float32"])
+def test_pixel_path_equals_the_float_path(kind: str) -> None:
+    from edge_wbc.preprocess import to_unit
+
+    m = TFLiteModel(FIXTURES / f"affine_{kind}.tflite", threads=1)
+    px = np.random.default_rng(5).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    px[0, 0] = (0, 0, 0)
+    px[0, 1] = (255, 255, 255)
+    np.testing.assert_array_equal(m.infer_pixels(px)[0], m.infer(to_unit(px))[0])

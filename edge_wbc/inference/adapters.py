@@ -106,7 +106,7 @@ def real_range(spec: TensorSpec) -> tuple[float, float] | None:
 
 
 def output_kind(spec: TensorSpec, declared: str | None = None) -> str:
-    """"probabilities" or "logits" for a model output.
+    """ "probabilities" or "logits" for a model output.
 
     The manifest may say; otherwise a quantised output tells by its range: a sigmoid/softmax
     output is quantised to [0, 1], logits need negative values. Float outputs without a
@@ -118,3 +118,31 @@ def output_kind(spec: TensorSpec, declared: str | None = None) -> str:
     if rng is not None and (rng[0] < -1e-3 or rng[1] > 1.0 + 1e-2):
         return "logits"
     return "probabilities"
+
+
+def unit_u8_lut(spec: TensorSpec) -> np.ndarray | None:
+    """For a quantised input fed with pixels scaled to [0, 1] (u / 255): the 256-entry table
+    pixel -> stored integer (as uint8 bit patterns), or None for float inputs.
+
+    Quantising through the table skips the float image entirely (cv2.LUT, ~0.1 ms per field
+    instead of ~1 ms of float arithmetic per model)."""
+    if not spec.quantized or spec.dtype.itemsize != 1:
+        return None
+    # The same arithmetic as preprocess.to_unit, so both paths give identical tensors.
+    q = quantize_to(spec, np.arange(256, dtype=np.float32) * (1.0 / 255.0))
+    return q.view(np.uint8)
+
+
+def set_input_u8(interpreter: Any, spec: TensorSpec, pixels: np.ndarray, lut: np.ndarray) -> None:
+    """Write a uint8 image (real value = pixel / 255) into a quantised 8-bit input tensor."""
+    import cv2
+
+    arr = np.ascontiguousarray(pixels)
+    q = cv2.LUT(arr, lut).view(spec.dtype)
+    if q.ndim == len(spec.shape) - 1:
+        q = q[None]
+    if tuple(q.shape) != spec.shape:
+        raise ValueError(
+            f"input {spec.name!r} expects shape {list(spec.shape)}, got {list(q.shape)}"
+        )
+    interpreter.set_tensor(spec.index, q)

@@ -16,9 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from edge_wbc.inference.adapters import TensorSpec, get_output, input_specs, output_specs, set_input
+from edge_wbc.inference.adapters import (
+    TensorSpec,
+    get_output,
+    input_specs,
+    output_specs,
+    set_input,
+    set_input_u8,
+    unit_u8_lut,
+)
 from edge_wbc.inference.runtime import Runtime, get_runtime
 from edge_wbc.manifest import sha256_file
+from edge_wbc.preprocess import to_unit
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +195,7 @@ class TFLiteModel:
             raise ModelLoadError(f"{base}: expected one input tensor, found {len(ins)}")
         self.input: TensorSpec = ins[0]
         self.outputs: list[TensorSpec] = output_specs(interp)
+        self._u8_lut = unit_u8_lut(self.input)
         self.load_ms = (time.perf_counter() - t0) * 1000.0
 
     @property
@@ -198,5 +208,14 @@ class TFLiteModel:
 
     def infer(self, real: np.ndarray) -> list[np.ndarray]:
         set_input(self.interpreter, self.input, real)
+        self.interpreter.invoke()
+        return [get_output(self.interpreter, s) for s in self.outputs]
+
+    def infer_pixels(self, pixels: np.ndarray) -> list[np.ndarray]:
+        """Like ``infer(pixels / 255)`` for a uint8 image, the models' input convention
+        (preprocess.to_unit), without the float round trip on quantised inputs."""
+        if self._u8_lut is None:
+            return self.infer(to_unit(pixels))
+        set_input_u8(self.interpreter, self.input, pixels, self._u8_lut)
         self.interpreter.invoke()
         return [get_output(self.interpreter, s) for s in self.outputs]
