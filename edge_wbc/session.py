@@ -464,7 +464,13 @@ class SlideSession:
     # ------------------------------------------------------------------ counting
 
     def add_field(
-        self, rgb: np.ndarray, result: FieldResult, *, source: str = "", captured_at: str = ""
+        self,
+        rgb: np.ndarray,
+        result: FieldResult,
+        *,
+        source: str = "",
+        captured_at: str = "",
+        t_trigger: float | None = None,
     ) -> dict[str, Any]:
         """Count one analysed field. Returns the field summary (also published as an event)."""
         rgb = ensure_rgb_uint8(rgb)
@@ -536,6 +542,9 @@ class SlideSession:
             }
             events = [Event("cell", self._cell_payload(c, "counted")) for c in cell_rows
                       if c["status"] == STATUS_COUNTED]
+            if t_trigger is not None:
+                # Trigger -> counted (before the commit), for the MQTT stats topic.
+                field_row["latency_ms"] = round((time.perf_counter() - t_trigger) * 1000, 1)
             fev = Event("field", self._field_payload(field_row))
             new_cells = {c["id"]: c for c in cell_rows}
             prospective = {**self.cells, **new_cells}
@@ -745,6 +754,8 @@ class SlideSession:
         out["field_id"] = out.pop("id")
         out["slide_id"] = f["slide_id"]
         out["sample_id"] = self.slide.get("sample_id")
+        if "latency_ms" in f:
+            out["latency_ms"] = f["latency_ms"]
         return out
 
     def _emit(self, events: list[Event]) -> None:

@@ -171,7 +171,8 @@ class Station:
             return
         try:
             summary = self.session.add_field(
-                job.frame.rgb, result, source=job.frame.source, captured_at=job.frame.captured_at
+                job.frame.rgb, result, source=job.frame.source,
+                captured_at=job.frame.captured_at, t_trigger=job.t0,
             )
         except DiskFullError as e:
             self._set_error("disk", str(e))
