@@ -16,6 +16,13 @@ Counting rules (what a cell contributes):
 Percentages are of all counted leukocytes, unidentified included, so the rows add up to 100 %;
 the slide cannot be finalised while any unidentified cell remains.
 
+Duplicate-field guard: each field keeps a small grey signature; a new field is phase-correlated
+(zero-padded, so overlaps down to ~15 % of the field are found) against the last three, and the
+shift is accepted only when the two fields then agree pixel for pixel (NCC >= 0.6; unrelated
+BCCD fields score < 0.3). Cells whose box lies at least half inside the part already seen are
+marked ``duplicate`` and not counted again; the field is flagged as a duplicate on the page and
+in the report when the overlap exceeds ``duplicate_overlap`` (config: session.duplicate_overlap).
+
 Confidence intervals: exact binomial (Clopper–Pearson) by default, the method behind Rümke's
 table that haematology texts use for differential counts; Wilson's score interval is available
 too. Both are computed here without SciPy (not a device dependency): the beta quantile is found
