@@ -189,12 +189,22 @@ def test_desktop_layout_and_new_slide(page) -> None:
         pg.wait_for_function(f"() => window.__counted > {before}", timeout=10000)
     pg.wait_for_selector("#field-svg rect")
     _shot(pg, "desktop")
+    # A full disk: the page says the field was not counted; the count stays.
+    from playwright.sync_api import expect
+
+    counted = _counted(pg)
+    rs.store.min_free_bytes = 1 << 62
+    pg.click("#capture")
+    expect(pg.locator("#alert")).to_be_visible()
+    expect(pg.locator("#alert-text")).to_contain_text("not counted")
+    assert _counted(pg) == counted == rs.session.state()["counted"]
+    rs.store.min_free_bytes = 0
+    pg.click("#alert-close")
+    expect(pg.locator("#alert")).to_be_hidden()
     # New slide with a scanned sample id; the open slide must be explicitly abandoned.
     pg.click("#tab-slide")
     pg.fill("#new-sample", "H-2026-0815")
     pg.click("#btn-new")
-    from playwright.sync_api import expect
-
     expect(pg.locator("#dlg-err")).to_contain_text("abandon")
     pg.check("#new-abandon")
     pg.click("#btn-new")
