@@ -300,7 +300,7 @@ function renderField() {
     t.textContent = `${NAMES[label] || label}${c.reviewed_label ? " ✓" : ""} ${Math.round(c.score * 100)}%`;
     g.appendChild(r);
     g.appendChild(t);
-    g.addEventListener("click", () => { ui.sel = c.id; setView("review"); });
+    g.addEventListener("click", () => { ui.sel = c.id; ui.filter = "all"; setView("review"); });
     svg.appendChild(g);
   }
   const q = (f.quality && f.quality.flags) || [];
