@@ -31,6 +31,7 @@ by bisection on the regularised incomplete beta function.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import threading
@@ -118,13 +119,17 @@ def beta_ppf(q: float, a: float, b: float) -> float:
             lo = mid
         else:
             hi = mid
-        if hi - lo < 1e-15:
+        if hi - lo < 1e-13:
             break
     return 0.5 * (lo + hi)
 
 
+@functools.lru_cache(maxsize=8192)
 def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Exact binomial interval for k successes in n trials (the basis of Rümke's table)."""
+    """Exact binomial interval for k successes in n trials (the basis of Rümke's table).
+
+    Cached: the state is recomputed on every event and most (k, n) pairs repeat between them.
+    """
     _check_kn(k, n)
     if n == 0:
         return (0.0, 1.0)
