@@ -193,3 +193,45 @@ def test_readme_demo_reaches_100_cells_with_shipped_models(tmp_path: Path) -> No
         assert all(len(m["sha256"]) == 64 for m in rep["models"]["models"])
     finally:
         p.kill()
+
+
+@pytest.mark.broker
+def test_station_publishes_to_mqtt(tmp_path: Path) -> None:
+    """The command's MQTT wiring: outbox in the store's transactions, retained differential,
+    availability. (The publisher itself is tested in test_mqtt*.py.)"""
+    from mqtt_support import MOSQUITTO, Collector, Mosquitto, wait_for
+
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    broker = Mosquitto(tmp_path / "broker").start()
+    col = Collector(broker.port, "edge-wbc/st-7/#").wait_subscribed()
+    port = free_port()
+    p = Proc("--models", str(FIXTURE_MODELS), "--source", f"folder:{SAMPLES}", "--data-dir",
+             str(tmp_path / "data"), "--port", str(port), "--mqtt-host", "127.0.0.1",
+             "--mqtt-port", str(broker.port), "--station-id", "st-7")
+    try:
+        p.wait_url()
+        for _ in range(3):
+            assert api(port, "/api/capture", {})[0] == 202
+            time.sleep(0.4)
+        s = wait_fields(port, 3)
+        wait_for(lambda: len(col.on("edge-wbc/st-7/field")) >= 3, 20, "3 field messages")
+        cells = {m.json()["cell_id"] for m in col.on("edge-wbc/st-7/cell")}
+        assert len(cells) == sum(1 for c in api(port, "/api/cells")[1]["cells"]
+                                 if c["status"] == "counted")
+
+        def diff_matches() -> bool:
+            d = col.last("edge-wbc/st-7/differential")
+            return d is not None and d.json()["counted"] == s["counted"] and \
+                d.json()["slide_id"] == s["slide_id"]
+
+        wait_for(diff_matches, 20, "retained differential equal to the station's state")
+        assert col.last("edge-wbc/st-7/available").payload == b"online"
+        p.p.send_signal(signal.SIGTERM)
+        p.p.wait(30)
+        wait_for(lambda: col.last("edge-wbc/st-7/available").payload == b"stopped", 10,
+                 "available = stopped after a clean exit")
+    finally:
+        p.kill()
+        col.close()
+        broker.stop()
