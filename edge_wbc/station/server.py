@@ -3,6 +3,25 @@
 ``ThreadingHTTPServer`` keeps the device free of a web framework: the page needs a dozen routes,
 one SSE stream and an MJPEG preview, a few requests per second at most.
 
+Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
+
+    GET  /                          the page (static/index.html)
+    GET  /api/state                 the slide's formula (= MQTT differential) + "station" health
+    GET  /api/events                server-sent events: hello (full state), differential, field,
+                                    cell, slide, status
+    GET  /api/preview.mjpg          live camera view (MJPEG); /api/preview.jpg one frame
+    POST /api/capture               {"trigger"?} -> 202 {"capture_id", "queued"}; 409 slide not
+                                    accepting fields, 429 queue full, 503 camera, 422 bad frame
+    GET  /api/fields/last           last field with its cells; /api/fields/<id>.jpg its image
+    GET  /api/cells                 review gallery (unidentified first, least certain first)
+    GET  /api/cells/<id>.jpg        the cell's crop
+    POST /api/cells/<id>/review     {"label": class | "rejected" + "reason" | null (restore)}
+    POST /api/slide/new             {"sample_id", "target", "abandon"}
+    POST /api/slide/sample          {"sample_id"};  POST /api/slide/target {"target"}
+    POST /api/slide/finalise        -> final state; 409 with the reasons when blocked
+    GET  /api/slide/report.html|report.json|report.csv|cells.csv[?slide=<id>][&download=1]
+    GET  /api/slides                recent slides;  POST /api/errors/clear;  GET /healthz
+
 Security: the server binds 127.0.0.1 unless told otherwise; any other address needs a token
 (``EDGE_WBC_TOKEN`` or the systemd credential), given as ``Authorization: Bearer``, the
 ``edge_wbc_token`` cookie, or once as ``?token=`` (which sets the cookie, for a kiosk URL).
