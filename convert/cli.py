@@ -95,10 +95,6 @@ def train_seg(
     typer.echo(f"best model: {best}")
 
 
-if __name__ == "__main__":
-    app()
-
-
 # ----------------------------------------------------------------------------- segmentation
 
 
@@ -377,6 +373,7 @@ def release(
     out: Path = typer.Option(Path("models"), help="the models folder to write"),
     data_root: Path = typer.Option(DEFAULT_DATA),
     requantize: bool = typer.Option(False, help="convert again even if the .tflite exists"),
+    rep_samples: int = typer.Option(200, help="representative inputs per model"),
 ) -> None:
     """Quantize, gate, compile for the Edge TPU (when possible), fit the ensemble on val,
     evaluate on test, calibrate the classifier, write manifest.json and the model card."""
@@ -396,7 +393,7 @@ def release(
     for name, run in runs.items():
         f = out / f"seg_{name}.tflite"
         if requantize or not f.exists():
-            quantize(run_dir=run, out=f, data_root=data_root, samples=200, seed=123)
+            quantize(run_dir=run, out=f, data_root=data_root, samples=rep_samples, seed=123)
         cfg = json.loads((run / "config.json").read_text())
         members[name] = (f, run / "best.keras")
         seg_info[name] = {"file": f.name, "encoder": cfg["arch"], "run": str(run)}
@@ -408,7 +405,7 @@ def release(
         cfg = json.loads((cls / "config.json").read_text())
         f = out / "classifier.tflite"
         if requantize or not f.exists():
-            quantize(run_dir=cls, out=f, data_root=data_root, samples=300, seed=123)
+            quantize(run_dir=cls, out=f, data_root=data_root, samples=rep_samples, seed=123)
         size = int(cfg["input_hw"][0])
         cls_eval = evaluate_classifier(
             f,
@@ -443,3 +440,7 @@ def release(
     path = build_manifest(out, seg_info, seg_eval, cls_model, cls_eval)
     write_card(out, seg_eval, cls_eval, data_root)
     typer.echo(f"wrote {path} and {out / 'README.md'}")
+
+
+if __name__ == "__main__":
+    app()

@@ -147,7 +147,10 @@ def train(
     model1 = build()  # batch 1: what ships
     if last.exists() and state_path.exists():
         state = json.loads(state_path.read_text())
-        trainer = keras.models.load_model(last, compile=True, safe_mode=False)
+        custom = {loss.__name__: loss} if callable(loss) and hasattr(loss, "__name__") else {}
+        trainer = keras.models.load_model(
+            last, compile=True, safe_mode=False, custom_objects=custom
+        )
         log.info("resuming %s at step %d", run, state["step"])
     else:
         state = {"step": 0, "best": -1.0}

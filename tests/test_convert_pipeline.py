@@ -1,0 +1,185 @@
+"""The offline tool end to end on a tiny model: train -> quantize -> verify -> release
+(gate, ensemble fit, classifier calibration, manifest, card), then the device loads the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tensorflow")
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "fixtures" / "data"
+pytestmark = pytest.mark.slow
+
+
+def convert(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "convert.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("convert")
+    seg = work / "runs" / "seg"
+    cls = work / "runs" / "cls"
+    models = work / "models"
+    common = ["--data-root", str(DATA)]
+    convert(
+        "train-seg",
+        "--encoder",
+        "rescnn",
+        "--run-dir",
+        str(seg),
+        "--steps",
+        "4",
+        "--batch",
+        "2",
+        "--eval-every",
+        "2",
+        "--height",
+        "48",
+        "--width",
+        "64",
+        "--sources",
+        "bccd",
+        *common,
+        cwd=work,
+    )
+    metrics = (seg / "metrics.csv").read_text().splitlines()
+    assert metrics[0].startswith("step,loss") and len(metrics) == 3  # one row per eval
+    # Resume: a second call with more steps continues from step 4, not from scratch.
+    convert(
+        "train-seg",
+        "--encoder",
+        "rescnn",
+        "--run-dir",
+        str(seg),
+        "--steps",
+        "6",
+        "--batch",
+        "2",
+        "--eval-every",
+        "2",
+        "--height",
+        "48",
+        "--width",
+        "64",
+        "--sources",
+        "bccd",
+        *common,
+        cwd=work,
+    )
+    assert json.loads((seg / "state.json").read_text())["step"] == 6
+    assert len((seg / "metrics.csv").read_text().splitlines()) == 4
+    tfl = work / "seg.tflite"
+    convert(
+        "quantize", "--run-dir", str(seg), "--out", str(tfl), "--samples", "4", *common, cwd=work
+    )
+    out = convert(
+        "verify",
+        "--keras",
+        str(seg / "best.keras"),
+        "--tflite",
+        str(tfl),
+        "--split",
+        "val",
+        "--max-delta",
+        "1.0",
+        *common,
+        cwd=work,
+    ).stdout
+    assert "float IoU" in out and "bccd" in out
+    convert(
+        "train-cls",
+        "--run-dir",
+        str(cls),
+        "--segmenter",
+        str(tfl),
+        "--size",
+        "48",
+        "--steps",
+        "4",
+        "--batch",
+        "4",
+        "--eval-every",
+        "2",
+        *common,
+        cwd=work,
+    )
+    convert(
+        "release",
+        "--seg",
+        f"a={seg}",
+        "--seg",
+        f"b={seg}",
+        "--cls",
+        str(cls),
+        "--out",
+        str(models),
+        "--rep-samples",
+        "4",
+        *common,
+        cwd=work,
+    )
+    return models
+
+
+def test_release_writes_a_manifest_the_device_accepts(released: Path) -> None:
+    from edge_wbc.manifest import load_manifest
+
+    man = load_manifest(released)
+    assert [m.name for m in man.segmenters] == ["a", "b"]
+    assert man.classifier is not None
+    assert man.classifier.input_shape == (1, 48, 48, 3)
+    assert 0.0 <= man.classifier.confidence_threshold <= 1.0
+    raw = json.loads((released / "manifest.json").read_text())
+    for m in raw["models"]:
+        assert m["input"]["dtype"] == "int8" and m["input"]["shape"][0] == 1
+        assert m["converter"]["tensorflow"] and m["training_data"]
+    card = (released / "README.md").read_text()
+    assert "Segmentation ensemble" in card and "Cell classifier" in card
+    assert (released / "figure1_ensemble.png").stat().st_size > 1000
+
+
+def test_released_models_pass_the_gate_and_run_on_the_device(released: Path) -> None:
+    import numpy as np
+
+    from convert.gate import check
+    from edge_wbc.analysis import FieldAnalyzer
+    from edge_wbc.imageio import read_image
+
+    for f in released.glob("*.tflite"):
+        r = check(f)
+        assert r.ok, r.problems
+    analyzer = FieldAnalyzer(released, threads=1)
+    rgb = read_image(DATA / "bccd" / "JPEGImages" / "BloodImage_00019.jpg")
+    res = analyzer.analyze(np.asarray(rgb), "field.jpg")
+    assert res.error is None and res.width == 640 and res.height == 480
+
+
+def test_tampered_model_is_refused(released: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from edge_wbc.manifest import ManifestError, load_manifest
+
+    copy = tmp_path / "models"
+    shutil.copytree(released, copy)
+    f = next(copy.glob("seg_*.tflite"))
+    f.write_bytes(f.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ManifestError, match="does not match the manifest"):
+        load_manifest(copy)
