@@ -327,6 +327,89 @@ def _session_main(args: argparse.Namespace) -> None:
     store.close()
 
 
+# ---- the real `edge-wbc station` command as a process (fixture models, bundled fields) ------
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_MODELS = ROOT / "tests" / "fixtures" / "models"
+SAMPLES = ROOT / "samples" / "fields"
+
+
+class StationProc:
+    """``edge-wbc station`` in a subprocess, with the real analyzer on the fixture models."""
+
+    def __init__(self, data_dir: Path, mqtt_port: int, station_id: str, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
+        import re
+
+        self._re = re
+        self.http_port = free_port()
+        e = {**os.environ, **(env or {})}
+        e.pop("EDGE_WBC_CONFIG", None)
+        self.p = subprocess.Popen(
+            [sys.executable, "-c", "from edge_wbc.cli import app; app()", "station",
+             "--models", str(FIXTURE_MODELS), "--source", f"folder:{SAMPLES}",
+             "--data-dir", str(data_dir), "--port", str(self.http_port),
+             "--mqtt-host", "127.0.0.1", "--mqtt-port", str(mqtt_port),
+             "--station-id", station_id, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=e)
+
+    def wait_url(self, timeout_s: float = 60) -> None:
+        import select
+
+        assert self.p.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not select.select([self.p.stdout], [], [], 0.5)[0]:
+                if self.p.poll() is not None:
+                    raise AssertionError("station exited: " + (self.p.stderr.read()
+                                                                 if self.p.stderr else ""))
+                continue
+            line = self.p.stdout.readline()
+            if self._re.search(r"open (http://\S+)", line):
+                return
+            if not line and self.p.poll() is not None:
+                raise AssertionError("station exited: " + (self.p.stderr.read()
+                                                             if self.p.stderr else ""))
+        raise AssertionError("station did not print its URL")
+
+    def api(self, path: str, body: Any = None) -> tuple[int, Any]:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=30)
+        if body is None:
+            conn.request("GET", path)
+        else:
+            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        data = r.read()
+        conn.close()
+        return r.status, json.loads(data) if data else None
+
+    def capture(self, n: int, timeout_s: float = 60) -> dict[str, Any]:
+        """n fields through POST /api/capture, waiting for each to be counted."""
+        start = self.api("/api/state")[1]["fields"]
+        for i in range(n):
+            deadline = time.monotonic() + timeout_s
+            while True:
+                status, body = self.api("/api/capture", {})
+                if status == 202:
+                    break
+                assert status == 429 and time.monotonic() < deadline, (status, body)
+                time.sleep(0.1)
+            wait_for(lambda i=i: self.api("/api/state")[1]["fields"] >= start + i + 1,
+                     timeout_s, f"field {start + i + 1} counted")
+        return self.api("/api/state")[1]
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGKILL)
+        self.p.wait(10)
+
+    def terminate(self, timeout_s: float = 30) -> str:
+        self.p.send_signal(signal.SIGTERM)
+        _, err = self.p.communicate(timeout=timeout_s)
+        return err
+
+
 def _bench(n: int) -> None:
     """Outbox enqueue cost and drain throughput through a local Mosquitto (prints a table)."""
     import tempfile

@@ -17,7 +17,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mqtt_support import Collector, Mosquitto, settings, synthetic_field, wait_for
+from mqtt_support import (
+    Collector,
+    Mosquitto,
+    StationProc,
+    settings,
+    synthetic_field,
+    wait_for,
+)
 
 from edge_wbc import outbox
 from edge_wbc.mqtt import MqttPublisher
@@ -163,3 +170,97 @@ def test_sigkilled_station_process_goes_offline_and_resumes_with_everything(
             proc.kill()
         col.close()
     print(f"offline seen {offline_after:.2f} s after SIGKILL")
+
+
+# ---- the real `edge-wbc station` command (real analyzer on the fixture models) ----------------
+def _counted_ids(st: StationProc) -> set[str]:
+    return {c["id"] for c in st.api("/api/cells")[1]["cells"] if c["status"] == "counted"}
+
+
+def _db_depth(data: Path) -> int:
+    import sqlite3
+
+    conn = sqlite3.connect(str(data / "edge-wbc.sqlite3"), timeout=10)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_station_command_sigkill_outage_and_restart_lose_nothing(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    t = "edge-wbc/st-9"
+    col = Collector(broker.port, f"{t}/#", client_id="central-9", persistent=True)
+    col.wait_subscribed()
+    st = StationProc(data, broker.port, "st-9")
+    try:
+        st.wait_url()
+        wait_for(lambda: (m := col.last(f"{t}/available")) is not None
+                 and m.payload == b"online", 15, "online")
+        st.capture(2)
+        t_kill = time.monotonic()
+        st.kill()
+        wait_for(lambda: col.last(f"{t}/available").payload == b"offline",  # type: ignore[union-attr]
+                 45, "last will after SIGKILL")
+        # The default keepalive is 30 s; a killed process's socket is closed by the kernel, so
+        # the broker publishes the will at once rather than after 1.5 x keepalive.
+        assert time.monotonic() - t_kill < 45
+    finally:
+        st.kill()
+    broker.stop()
+    st = StationProc(data, broker.port, "st-9")  # broker down: counts go on locally
+    try:
+        st.wait_url()
+        state = st.capture(3)
+        assert state["counted"] > 0 and _db_depth(data) > 0
+        st.kill()  # killed again, events still only on disk
+    finally:
+        st.kill()
+    broker.start()
+    st = StationProc(data, broker.port, "st-9")
+    try:
+        st.wait_url()
+        wait_for(lambda: col.last(f"{t}/available").payload == b"online",  # type: ignore[union-attr]
+                 20, "online after restart")
+        ids = _counted_ids(st)
+        assert ids
+        wait_for(lambda: {m.json()["cell_id"] for m in col.on(f"{t}/cell")} >= ids, 30,
+                 "every counted cell id delivered")
+        wait_for(lambda: _db_depth(data) == 0, 20, "outbox drained")
+        state = st.api("/api/state")[1]
+        wait_for(lambda: (d := col.last(f"{t}/differential")) is not None
+                 and d.json()["counted"] == state["counted"]
+                 and d.json()["counts"] == state["counts"], 20,
+                 "retained differential equals the station's state")
+        fields = {m.json()["field_id"] for m in col.on(f"{t}/field")}
+        assert len(fields) == state["fields"] == 5
+        st.terminate()
+        wait_for(lambda: col.last(f"{t}/available").payload == b"stopped",  # type: ignore[union-attr]
+                 10, "stopped")
+    finally:
+        st.kill()
+        col.close()
+
+
+def test_station_command_wrong_password_keeps_counting(tmp_path: Path) -> None:
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), "station", "right"], check=True,
+                   capture_output=True)
+    pw.chmod(0o600)
+    b = Mosquitto(tmp_path / "broker", f"allow_anonymous false\npassword_file {pw}\n").start()
+    cfg = tmp_path / "edge-wbc.toml"
+    cfg.write_text('[mqtt]\nusername = "station"\n')
+    st = StationProc(tmp_path / "data", b.port, "st-pw", "--config", str(cfg),
+                     env={"EDGE_WBC_MQTT_PASSWORD": "wrong"})
+    try:
+        st.wait_url()
+        state = st.capture(2)
+        assert state["fields"] == 2 and _db_depth(tmp_path / "data") > 0
+        err = st.terminate()
+        assert "refused the connection: Not authorized" in err
+        assert "counting continues locally" in err
+        assert "wrong" not in err  # the secret itself is never logged
+    finally:
+        st.kill()
+        b.stop()
