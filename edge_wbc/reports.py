@@ -4,8 +4,9 @@ HTML page (the paper record), all from the same numbers.
 Files in the slide's report folder:
 
 * ``report.json`` — schema ``edge-wbc/report/1``: sample, slide, timestamps, target, the formula
-  (count, %, 95 % CI per class), every review change, flagged cells, field summary, models with
-  their sha256, software version;
+  (count, %, 95 % CI per class), every review change (final state per cell, and the full history
+  including undone changes), flagged cells, field summary, models with their sha256, software
+  version;
 * ``report.csv`` — the formula, one row per class (with sample id and timestamps on each row so
   a single row still says what it belongs to);
 * ``cells.csv`` — the audit trail, one row per detected cell: machine label and score, reviewed
@@ -122,6 +123,7 @@ def build_report(
         "unidentified": state["unidentified"],
         "excluded": state["excluded"],
         "reviewed_changes": changes,
+        "review_history": slide.get("review_history", []),
         "flagged_cells": flagged,
         "fields": {
             "captured": len(fields),
@@ -243,7 +245,9 @@ figcaption { line-height: 1.25; }
 .mono { font-family: "DejaVu Sans Mono", monospace; font-size: 8.5pt; word-break: break-all; }
 footer { margin-top: 8mm; font-size: 8.5pt; color: #56616f; border-top: 1px solid #c9d0d9;
          padding-top: 2mm; }
-@media print { body { padding: 0; } h2 { break-after: avoid; } }
+.print { position: fixed; top: 4mm; right: 4mm; font: inherit; font-weight: 700; padding: 2mm 5mm;
+         border: 1.5px solid #1b2430; background: #fff; border-radius: 4px; cursor: pointer; }
+@media print { body { padding: 0; } h2 { break-after: avoid; } .print { display: none; } }
 """
 
 
@@ -291,6 +295,7 @@ def render_html(rep: dict[str, Any], cells: list[dict[str, Any]], data_dir: Path
 <title>Leukocyte differential — {e(rep['sample_id'])}</title>
 <style>{_CSS}</style></head>
 <body>
+<button class=print onclick="window.print()">Print</button>
 <header><div><h1>Leukocyte differential</h1>
 <div class=sub>edge-wbc {e(rep['software']['version'])} · automated count with technologist
 review</div></div><div class=status>FINALISED</div></header>

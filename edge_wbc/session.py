@@ -442,6 +442,13 @@ class SlideSession:
                 raise SessionError("cannot finalise: " + "; ".join(blockers))
             at = now_iso()
             closing = {**self.slide, "status": "finalised", "finalised_at": at}
+            # Every review action in order, including ones later undone: the report's audit trail.
+            closing["review_history"] = [
+                {k: e["payload"].get(k) for k in ("cell_id", "action", "label", "reviewed_label",
+                                                   "review_reason", "at")}
+                for e in self.store.events(self.slide["id"])
+                if e["kind"] == "cell" and e["action"] != "counted"
+            ]
             state = self._state(closing)
             reports: dict[str, str] = {}
             if self.reporter is not None:
@@ -465,6 +472,7 @@ class SlideSession:
                 self.slide["id"], {"status": "finalised", "finalised_at": at, "reports": reports},
                 [ev],
             )
+            closing.pop("review_history", None)
             self.slide = closing
             self._emit([ev])
             return state

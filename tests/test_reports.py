@@ -43,6 +43,8 @@ def finalised(tmp_path: Path) -> tuple[SlideSession, Path]:
     s.review(ids[5], "monocyte")  # the unidentified one
     s.review(ids[0], "lymphocyte")
     s.review(ids[1], "rejected", "not_leukocyte")
+    s.review(ids[2], "basophil")  # changed the mind: undone, so only in the history
+    s.review(ids[2], None)
     s.finalise()
     return s, data
 
@@ -64,6 +66,9 @@ def test_json_report(finalised: tuple[SlideSession, Path]) -> None:
     assert {(c["machine_label"], c["reviewed_label"]) for c in changes.values()} == {
         ("unidentified", "monocyte"), ("neutrophil", "lymphocyte"), ("neutrophil", "rejected")}
     assert rep["models"]["models"][0]["sha256"] == "ab" * 32
+    assert [h["action"] for h in rep["review_history"]] == [
+        "reclassified", "reclassified", "rejected", "reclassified", "restored"]
+    assert rep["review_history"][3]["reviewed_label"] == "basophil"
     assert rep["fields"]["quality_warnings"] == {"out_of_focus": 3}
     assert rep["excluded"]["rejected"] == 1
     reasons = [r for f in rep["flagged_cells"] for r in f["reasons"]]
