@@ -73,6 +73,16 @@ def test_folder_without_loop_reports_end(tmp_path: Path) -> None:
         src.capture()
 
 
+def test_folder_seek(tmp_path: Path) -> None:
+    src = open_source(f"folder:{_folder(tmp_path, 3)}", loop=False)
+    src.seek(2)
+    assert Path(src.capture().source).name == "02.jpg"
+    with pytest.raises(CameraError, match="all 3 fields"):
+        src.capture()
+    src.seek(0)  # a new slide starts at the first field again
+    assert Path(src.capture().source).name == "00.jpg"
+
+
 def test_folder_corrupt_frame_is_a_frame_error_and_moves_on(tmp_path: Path) -> None:
     d = _folder(tmp_path, 2)
     good = (d / "00.jpg").read_bytes()

@@ -111,6 +111,11 @@ def test_station_with_real_analyzer_survives_sigkill_and_stops_cleanly(tmp_path:
         after = api(port, "/api/state")[1]
         for k in ("slide_id", "sample_id", "counted", "counts", "fields", "ci95", "reviewed"):
             assert after[k] == before[k], k
+        # The replayed folder resumes after the last counted field, not at the first one.
+        assert api(port, "/api/capture", {})[0] == 202
+        wait_fields(port, before["fields"] + 1)
+        last = api(port, "/api/fields/last")[1]
+        assert Path(last["source"]).name == sorted(SAMPLES.glob("*.jpg"))[before["fields"]].name
         # Clean stop: SIGTERM finishes and says the count is saved.
         p2.p.send_signal(signal.SIGTERM)
         _, err = p2.p.communicate(timeout=30)

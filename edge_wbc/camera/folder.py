@@ -36,6 +36,14 @@ class FolderSource:
     def position(self) -> int:
         return self._i
 
+    def seek(self, index: int) -> None:
+        """Put the "stage" on field ``index`` (the station resumes a slide where it stopped and
+        starts a new slide at the first field, so a replay never counts a field twice)."""
+        with self._lock:
+            self._i = max(0, int(index)) % len(self.files) if self.loop else \
+                min(max(0, int(index)), len(self.files))
+            self._message = f"field {self._i % len(self.files) + 1} of {len(self.files)}"
+
     def capture(self) -> Frame:
         with self._lock:
             if self._i >= len(self.files):

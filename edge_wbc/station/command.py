@@ -113,10 +113,13 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
         reporter=partial(write_reports, data_dir=store.data_dir),
     )
     try:
-        source = open_source(cfg.camera.source, cfg.camera.width, cfg.camera.height)
+        # A folder is replayed once per slide (loop=False): going round again would count the
+        # same fields twice, which the duplicate guard (last few fields only) would not catch.
+        source = open_source(cfg.camera.source, cfg.camera.width, cfg.camera.height, loop=False)
     except CameraError as e:
         store.close()
         raise StartupError(str(e)) from e
+    _follow_slides(source, session, fanout)
 
     live = sdnotify.Liveness(stuck_after_s=cfg.station.stuck_after_s)
     st = Station(
@@ -196,6 +199,21 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
         live.stop()
         store.close()
         typer.echo("edge-wbc station: stopped; every counted cell is saved", err=True)
+
+
+def _follow_slides(source: Any, session: Any, fanout: Any) -> None:
+    """For a replayed folder: resume at the field after the last one counted on the open slide,
+    and start each new slide at the first field."""
+    seek = getattr(source, "seek", None)
+    if seek is None:
+        return
+    seek(session.state()["fields"])
+
+    def on_event(ev: Any) -> None:
+        if ev.kind == "slide" and ev.payload.get("action") == "started":
+            seek(0)
+
+    fanout.subscribe(on_event)
 
 
 def _url(host: str, port: int) -> str:
