@@ -306,6 +306,10 @@ class Handler(BaseHTTPRequestHandler):
             self._error(500, str(e))
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception as e:  # a bug must answer the page, not drop its connection
+            log.exception("%s %s failed", method, path)
+            with contextlib.suppress(OSError):
+                self._error(500, f"internal error: {e}")
 
     def do_GET(self) -> None:
         self._dispatch("GET")
