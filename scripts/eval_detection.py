@@ -95,10 +95,12 @@ class Tally:
     fn: int = 0
     exact: int = 0
     fields: int = 0
+    iou_sum: float = 0.0
     wrong: list[str] = field(default_factory=list)
 
     def add(self, name: str, pred: list[Box], gt: list[Box]) -> None:
         m = match(pred, gt)
+        self.iou_sum += sum(iou(pred[i], gt[j]) for i, j in m)
         self.tp += len(m)
         self.fp += len(pred) - len(m)
         self.fn += len(gt) - len(m)
@@ -117,6 +119,11 @@ class Tally:
     @property
     def precision(self) -> float:
         return self.tp / max(1, self.tp + self.fp)
+
+    @property
+    def mean_iou(self) -> float:
+        """Mean box IoU of the matched pairs: how well the boxes fit, once found."""
+        return self.iou_sum / max(1, self.tp)
 
     @property
     def exact_rate(self) -> float:
@@ -170,11 +177,13 @@ def evaluate(
         "errors": errors,
         "voc": {
             "recall": voc.recall, "precision": voc.precision, "exact_count_rate": voc.exact_rate,
-            "tp": voc.tp, "fp": voc.fp, "fn": voc.fn, "mismatched_fields": voc.wrong,
+            "tp": voc.tp, "fp": voc.fp, "fn": voc.fn, "mean_box_iou": voc.mean_iou,
+            "mismatched_fields": voc.wrong,
         },
         "reference_masks": {
             "recall": ref.recall, "precision": ref.precision, "exact_count_rate": ref.exact_rate,
-            "tp": ref.tp, "fp": ref.fp, "fn": ref.fn, "mismatched_fields": ref.wrong,
+            "tp": ref.tp, "fp": ref.fp, "fn": ref.fn, "mean_box_iou": ref.mean_iou,
+            "mismatched_fields": ref.wrong,
         },
         "type_accuracy": correct / typed if typed else None,
         "typed_cells": typed,
@@ -193,14 +202,14 @@ def print_report(rep: dict[str, Any], title: str) -> None:
     )
     print(
         f"{'reference':<28} {'recall':>7} {'precision':>9} {'exact count':>11} "
-        f"{'TP':>4} {'FP':>4} {'FN':>4}"
+        f"{'TP':>4} {'FP':>4} {'FN':>4} {'box IoU':>8}"
     )
     for key, label in (("voc", "VOC WBC boxes"), ("reference_masks", "reference masks (Banik)")):
         r = rep[key]
         print(
             f"{label:<28} {r['recall']:>7.3f} {r['precision']:>9.3f} "
             f"{r['exact_count_rate']:>11.3f} "
-            f"{r['tp']:>4} {r['fp']:>4} {r['fn']:>4}"
+            f"{r['tp']:>4} {r['fp']:>4} {r['fn']:>4} {r['mean_box_iou']:>8.3f}"
         )
     if rep.get("mask_iou_pooled") is not None:
         print(f"foreground mask IoU vs reference masks: pooled {rep['mask_iou_pooled']:.3f}, "
@@ -260,11 +269,11 @@ def tune(analyzer: FieldAnalyzer, data: Path, ids: list[str]) -> None:
             voc.add(
                 name, [c.bbox for c in cells], voc_wbc_boxes(data / "Annotations" / f"{name}.xml")
             )
-        rows.append((voc.exact_rate, voc.precision, voc.recall, kv, thr))
-    rows.sort(key=lambda r: (r[0], r[1] + r[2]), reverse=True)
-    print(f"{'exact':>6} {'prec':>6} {'recall':>6}  params")
+        rows.append((voc.exact_rate, voc.precision, voc.recall, voc.mean_iou, kv, thr))
+    rows.sort(key=lambda r: (r[0], r[1] + r[2], r[3]), reverse=True)
+    print(f"{'exact':>6} {'prec':>6} {'recall':>6} {'boxIoU':>6}  params")
     for r in rows[:15]:
-        print(f"{r[0]:>6.3f} {r[1]:>6.3f} {r[2]:>6.3f}  {r[3]} thr={r[4]}")
+        print(f"{r[0]:>6.3f} {r[1]:>6.3f} {r[2]:>6.3f} {r[3]:>6.3f}  {r[4]} thr={r[5]}")
 
 
 def main() -> None:
