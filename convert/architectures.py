@@ -104,21 +104,29 @@ def _rescnn(inp: Any) -> list[Any]:
 
 
 def _pick_features(enc: Any, in_hw: tuple[int, int]) -> list[Any]:
-    """For strides 2..32, the deepest encoder layer at (about) that resolution."""
+    """For strides 2..32, the deepest encoder layer at the resolution nearest that stride.
+
+    Encoders with 'valid' padding (InceptionResNetV2) never hit H/s exactly; the nearest size
+    is used and the decoder resizes the skip to match.
+    """
     H = in_hw[0]
-    feats = []
+    last_at: dict[int, Any] = {}
+    for layer in enc.layers:
+        shape = getattr(getattr(layer, "output", None), "shape", None)
+        if shape is None or len(shape) != 4 or shape[1] is None or shape[1] >= H:
+            continue
+        last_at[int(shape[1])] = layer.output
+    if not last_at:
+        raise ValueError("encoder has no downsampled feature maps")
+    feats, used = [], set()
     for s in (2, 4, 8, 16, 32):
-        best = None
-        for layer in enc.layers:
-            shp = getattr(layer, "output", None)
-            shape = getattr(shp, "shape", None)
-            if shape is None or len(shape) != 4 or shape[1] is None:
-                continue
-            if abs(shape[1] - H / s) <= 2.0:
-                best = layer.output
-        if best is None:
-            raise ValueError(f"encoder has no feature map at stride {s}")
-        feats.append(best)
+        size = min(
+            (h for h in last_at if h not in used), key=lambda h: abs(h - H / s), default=None
+        )
+        if size is None:
+            raise ValueError(f"encoder has no feature map for stride {s}")
+        used.add(size)
+        feats.append(last_at[size])
     return feats
 
 
