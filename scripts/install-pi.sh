@@ -301,31 +301,39 @@ done
 
 # --------------------------------------------------------------------------------------------
 step "systemd units"
-UNITS_CHANGED=0
+UNITS_CHANGED=0    # a unit file changed: systemd must re-read them
+STATION_UNIT_CHANGED=0
+KIOSK_CHANGED=0
+# put_file/put_text set CHANGED (restart the station); the kiosk's files must not, so it is
+# saved and restored around them.
 if put_text /etc/systemd/system/edge-wbc.service 0644 \
-     < <(sed "s#/opt/edge-wbc#$PREFIX#g" "$SRC/systemd/edge-wbc.service"); then UNITS_CHANGED=1; fi
+     < <(sed "s#/opt/edge-wbc#$PREFIX#g" "$SRC/systemd/edge-wbc.service"); then
+  UNITS_CHANGED=1
+  STATION_UNIT_CHANGED=1
+fi
 if [ "$KIOSK" = 1 ]; then
+  SAVED_CHANGED=$CHANGED
   if put_text /etc/systemd/system/edge-wbc-kiosk.service 0644 \
        < <(sed "s#/opt/edge-wbc#$PREFIX#g" "$SRC/systemd/edge-wbc-kiosk.service"); then
     UNITS_CHANGED=1
+    KIOSK_CHANGED=1
+  fi
+  if put_file "$SRC/systemd/edge-wbc-kiosk" "$PREFIX/bin/edge-wbc-kiosk" 0755; then
+    KIOSK_CHANGED=1
   fi
   KUID="$(id -u "$KIOSK_USER" 2>/dev/null || echo 1000)"
-  BROWSER=/usr/bin/chromium-browser
-  if [ ! -e "$ROOT$BROWSER" ] && [ -e "$ROOT/usr/bin/chromium" ]; then BROWSER=/usr/bin/chromium; fi
   kiosk_dropin() {
-    echo "# Written by install-pi.sh: who is logged in on the display, and the browser."
+    echo "# Written by install-pi.sh: the desktop user logged in on the display."
     echo "[Service]"
     echo "User=$KIOSK_USER"
     echo "Environment=XDG_RUNTIME_DIR=/run/user/$KUID"
-    if [ "$BROWSER" != /usr/bin/chromium-browser ]; then
-      echo "ExecStart="
-      # the unit's ExecStart with its continuation lines, pointed at this system's browser
-      awk '/^ExecStart=/{on=1} on{print} on && !/\\$/{exit}' "$SRC/systemd/edge-wbc-kiosk.service" \
-        | sed "s#/usr/bin/chromium-browser#$BROWSER#"
-    fi
   }
   if put_text /etc/systemd/system/edge-wbc-kiosk.service.d/10-user.conf 0644 < <(kiosk_dropin)
-  then UNITS_CHANGED=1; fi
+  then
+    UNITS_CHANGED=1
+    KIOSK_CHANGED=1
+  fi
+  CHANGED=$SAVED_CHANGED
 fi
 if [ "$UNITS_CHANGED" = 1 ]; then run systemctl daemon-reload; fi
 
@@ -360,13 +368,15 @@ else
 fi
 if [ "$START" = 0 ]; then
   note "--no-start: start it with: sudo systemctl start edge-wbc"
-elif [ "$CHANGED" = 1 ] || [ "$UNITS_CHANGED" = 1 ]; then
+elif [ "$CHANGED" = 1 ] || [ "$STATION_UNIT_CHANGED" = 1 ]; then
   run systemctl restart edge-wbc.service
 elif [ "$FAKE" = 0 ] && [ "$DRY" = 0 ] && ! systemctl is-active --quiet edge-wbc.service; then
   run systemctl start edge-wbc.service
 else
   ok "nothing changed: edge-wbc left running as it was"
 fi
+# A running kiosk picks up its new files; one not running (no display yet) starts at login.
+if [ "$KIOSK_CHANGED" = 1 ] && [ "$START" = 1 ]; then run systemctl try-restart edge-wbc-kiosk.service; fi
 
 echo
 echo "Done. Station page: http://127.0.0.1:8080/ on this Pi.  Logs: journalctl -u edge-wbc -f"

@@ -102,6 +102,9 @@ def test_second_run_changes_nothing(src: Path, tmp_path: Path) -> None:
     dropin = (fake / "etc/systemd/system/edge-wbc-kiosk.service.d/10-user.conf").read_text()
     assert "User=tech" in dropin
     assert (fake / "opt/edge-wbc/models/seg_a.tflite").read_bytes() == b"model-a"
+    kiosk = fake / "opt/edge-wbc/bin/edge-wbc-kiosk"
+    assert kiosk.stat().st_mode & 0o777 == 0o755
+    assert "systemctl try-restart edge-wbc-kiosk.service" in recorded
     creds = fake / "etc/edge-wbc/credentials"
     assert oct(creds.stat().st_mode & 0o777) == "0o700"
     assert oct((creds / "mqtt-password").stat().st_mode & 0o777) == "0o600"
@@ -210,6 +213,7 @@ def test_documented_backup_commands_work_on_a_live_wal_database(tmp_path: Path) 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck missing")
 def test_shellcheck_clean() -> None:
-    res = subprocess.run(["shellcheck", "--severity=style", str(SCRIPT)], capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(["shellcheck", "--severity=style", str(SCRIPT),
+                          str(ROOT / "systemd" / "edge-wbc-kiosk")],
+                         capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout
