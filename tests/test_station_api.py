@@ -161,7 +161,12 @@ class _Unplugged:
 
 def test_camera_unplugged_is_reported(st: RunningStation) -> None:
     capture(st)
+    st.station.poll()
+    n = len([e for e in st.events if e.kind == "status"])
     st.station.source = _Unplugged()
+    st.station.poll()  # the command's main loop calls this every second
+    pushed = [e for e in st.events if e.kind == "status"][n:]
+    assert pushed and not pushed[-1].payload["camera"]["ok"]
     status, body = jreq(st.url + "/api/capture", "POST")
     assert status == 503 and "unplugged" in body["error"]
     s = jreq(st.url + "/api/state")[1]

@@ -75,6 +75,7 @@ class Station:
         self.latencies_ms: list[float] = []
         self.fields_done = 0
         self.started_at = now_iso()
+        self._last_cam: tuple[bool, str] | None = None
         self.worker = threading.Thread(target=self._run, name="analysis-worker", daemon=True)
 
     # ------------------------------------------------------------------ lifecycle
@@ -223,6 +224,18 @@ class Station:
         with contextlib.suppress(OSError):
             out["disk_free_mb"] = self.session.store.free_bytes() // (1024 * 1024)
         return out
+
+    def poll(self) -> None:
+        """Called about once a second: pushes a status event when the camera's health changed
+        (a camera unplugged between captures shows on the page before the next capture)."""
+        try:
+            cam = self.source.status()
+        except Exception as e:
+            cam = {"ok": False, "message": str(e)}
+        key = (bool(cam.get("ok")), str(cam.get("message", "")))
+        if key != self._last_cam:
+            self._last_cam = key
+            self._status()
 
     def _status(self) -> None:
         self.publish(Event("status", self.status()))

@@ -185,6 +185,7 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
         signal.signal(signal.SIGINT, _signal)
     try:
         while not stop.wait(1.0):
+            st.poll()
             s = session.state()
             sdnotify.notify_status(f"slide {s['sample_id']}: {s['counted']}/{s['target']} cells")
     finally:
