@@ -49,7 +49,8 @@ _SOURCE_RE = re.compile(r"^(folder:.+|opencv:.+|picamera2(:\d+)?)$")
 
 def _f(default: Any, doc: str, **meta: Any) -> Any:
     """A schema field: its default and the description that check-config and the docs show."""
-    return field(default=default, metadata={"doc": doc, **meta})
+    # Secrets stay out of repr(): a logged config must not leak the broker password.
+    return field(default=default, repr=not meta.get("secret"), metadata={"doc": doc, **meta})
 
 
 # --------------------------------------------------------------------------- schema

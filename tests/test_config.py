@@ -158,7 +158,8 @@ def test_secrets_from_environment_or_credentials(tmp_path: Path) -> None:
     assert cfg.station.token == "tok"
     assert cfg.mqtt.tls_key == str(creds / "mqtt-tls-key")
     assert cfg.to_dict()["mqtt"]["password"] == "***"
-    assert "s3cret" not in repr(cfg.to_dict())
+    assert "s3cret" not in repr(cfg.to_dict()) and "s3cret" not in repr(cfg)
+    assert "tok" not in repr(cfg.station)
     # the environment wins over the credential file
     cfg = load_config(None, env={**env, "EDGE_WBC_MQTT_PASSWORD": "fromenv"})
     assert cfg.mqtt.password == "fromenv"
