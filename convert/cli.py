@@ -38,6 +38,15 @@ def _logging(run_dir: Path | None = None) -> None:
     )
 
 
+def _init_from(model, init: Path | None):
+    """Second-stage training: same architecture, weights of an earlier run's model."""
+    if init is not None:
+        from convert.quantize import load_keras
+
+        model.set_weights(load_keras(init).get_weights())
+    return model
+
+
 @app.command("train-seg")
 def train_seg(
     encoder: str = typer.Option(
@@ -55,6 +64,10 @@ def train_seg(
     sources: str = typer.Option("zheng1,zheng2,bccd,raabin", help="training sources"),
     height: int = 192,
     width: int = 256,
+    init: Path | None = typer.Option(None, help="start from the weights of this .keras model"),
+    native_p: float = typer.Option(
+        0.3, help="share of samples shown exactly as the device sees them (whole, letterboxed)"
+    ),
 ) -> None:
     """Train one U-Net segmenter (resumes from RUN_DIR/last.keras when present)."""
     from convert.architectures import build_unet
@@ -79,7 +92,11 @@ def train_seg(
     )
     items = load_items(data_root, tuple(s for s in sources.split(",") if s))
     sampler = SegSampler(
-        [i for i in items if i.split == "train"], hw, run_dir.parent / "cache", seed
+        [i for i in items if i.split == "train"],
+        hw,
+        run_dir.parent / "cache",
+        seed,
+        native_p=native_p,
     )
     val = seg_eval_pairs(
         [i for i in items if i.split == "val" and i.source != "raabin"], run_dir.parent / "cache"
@@ -88,7 +105,7 @@ def train_seg(
         cfg,
         lambda: sampler.batch(batch),
         seg_evaluator(val, hw),
-        lambda: build_unet(encoder, hw, weights=weights),
+        lambda: _init_from(build_unet(encoder, hw, weights=weights), init),
         seg_loss,
         "iou_mean",
     )
@@ -309,6 +326,7 @@ def train_cls(
     eval_every: int = 500,
     threads: int = 1,
     weights: str | None = None,
+    init: Path | None = typer.Option(None, help="start from the weights of this .keras model"),
 ) -> None:
     """Train the cell classifier (five types + 'other') on crops made by the device's rule."""
     from convert.architectures import build_classifier
@@ -346,7 +364,7 @@ def train_cls(
         cfg,
         lambda: sampler.batch(batch),
         evaluate,
-        lambda: build_classifier(arch, size, len(LABELS6), weights),
+        lambda: _init_from(build_classifier(arch, size, len(LABELS6), weights), init),
         loss,
         "acc_mean",
     )

@@ -392,8 +392,10 @@ class SegSampler:
         cache_dir: Path,
         seed: int = 0,
         augment: bool = True,
+        native_p: float = 0.0,
     ) -> None:
         self.out_hw = out_hw
+        self.native_p = native_p
         self.rng = np.random.default_rng(seed)
         self.augment = augment
         self.color = ColorAug()
@@ -421,6 +423,19 @@ class SegSampler:
         src = self.sources[int(rng.choice(len(self.sources), p=self.p))]
         img, m, d = self.by_source[src][int(rng.integers(len(self.by_source[src])))]
         img, m = geometric(img, m, rng)
+        if rng.random() < self.native_p:
+            # Exactly what the device sees: the whole image letterboxed (single-cell pictures
+            # then sit in background grey at their own magnification).
+            pad = pp.background_rgb(img)
+            img, _ = pp.letterbox(img, self.out_hw, pad=0)
+            img[:] = np.where(
+                pp.letterbox(np.ones_like(m), self.out_hw, pad=0)[0][..., None] > 0,
+                img,
+                pad.astype(np.uint8),
+            )
+            m, _ = pp.letterbox(m, self.out_hw, pad=0)
+            img = self.color(img, rng) if self.augment else pp.white_balance(img)
+            return pp.to_unit(img), (m > 0)[..., None].astype(np.float32)
         # Magnification: mostly around BCCD's (a leukocyte ~40 px across at 256x192), with a
         # wide log-uniform spread for other objectives and cameras.
         target = float(np.exp(rng.uniform(np.log(22), np.log(150))))
