@@ -161,7 +161,7 @@ class FieldAnalyzer:
         lap("segment")
 
         regions, _ = postprocess(
-            self.segmenter.mask(prob), (h, w), self.params, work_hw[0] / h
+            self.segmenter.mask(prob), (h, w), self.params, work_hw[0] / h, prob
         )
         size = self.classifier.input_size if self.classifier else 96
         crop_cells(balanced, regions, size, self.crop_scale)

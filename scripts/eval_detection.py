@@ -251,6 +251,7 @@ def tune(analyzer: FieldAnalyzer, data: Path, ids: list[str]) -> None:
         "close_frac": [0.05, 0.1],
         "watershed_h_frac": [0.04, 0.06, 0.1],
         "min_cell_area_frac": [0.1, 0.2],
+        "min_region_score": [0.0, 0.9, 0.95],
         "threshold": [thr0],
     }
     rows = []
@@ -265,7 +266,7 @@ def tune(analyzer: FieldAnalyzer, data: Path, ids: list[str]) -> None:
             s = work_scale((h, w), p)
             wh, ww = max(1, round(h * s)), max(1, round(w * s))
             small = cv2.resize(prob, (ww, wh), interpolation=cv2.INTER_AREA)
-            cells, _ = postprocess(small >= thr, (h, w), p, wh / h)
+            cells, _ = postprocess(small >= thr, (h, w), p, wh / h, small)
             voc.add(
                 name, [c.bbox for c in cells], voc_wbc_boxes(data / "Annotations" / f"{name}.xml")
             )
