@@ -290,9 +290,8 @@ def bench(
         for _ in range(runs):
             t = time.perf_counter()
             m.model.infer_pixels(x)
-            per_model.setdefault(f"  segmenter {m.name}", []).append(
-                (time.perf_counter() - t) * 1000.0
-            )
+            label = f"  segmenter {m.name}" + (" (weight 0: not run)" if m.weight <= 0 else "")
+            per_model.setdefault(label, []).append((time.perf_counter() - t) * 1000.0)
     if analyzer.classifier is not None:
         crop = (
             result.cells[0].crop

@@ -216,3 +216,29 @@ def _ships_classifier() -> bool:
 def test_golden_labels(shipped_analyzer: FieldAnalyzer, name: str) -> None:
     res = shipped_analyzer.analyze(read_image(FIELDS / f"{name}.jpg"), name)
     assert sorted(c.label for c in res.cells) == sorted(EXPECTED[name]["types"])
+
+
+def test_zero_weight_members_are_not_run(analyzer: FieldAnalyzer, two_cells: np.ndarray) -> None:
+    from edge_wbc.segment import EnsembleSegmenter, Member
+
+    a, b = analyzer.segmenter.members
+    calls: list[str] = []
+
+    class Spy:
+        def __init__(self, name: str, model: TFLiteModel) -> None:
+            self.name, self.model = name, model
+            self.input_hw = model.input_hw
+
+        def infer_pixels(self, px: np.ndarray) -> list[np.ndarray]:
+            calls.append(self.name)
+            return self.model.infer_pixels(px)
+
+    ens = EnsembleSegmenter(
+        [Member("a", Spy("a", a.model), 1.0), Member("b", Spy("b", b.model), 0.0)],  # type: ignore[arg-type]
+        0.5,
+    )
+    solo = EnsembleSegmenter([Member("a", a.model, 1.0)], 0.5)
+    np.testing.assert_array_equal(ens.probability(two_cells), solo.probability(two_cells))
+    assert calls == ["a"]
+    with pytest.raises(ValueError, match="negative"):
+        EnsembleSegmenter([Member("a", a.model, 1.0), Member("b", b.model, -0.5)])
