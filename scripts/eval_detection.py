@@ -271,7 +271,10 @@ def tune(analyzer: FieldAnalyzer, data: Path, ids: list[str]) -> None:
                 name, [c.bbox for c in cells], voc_wbc_boxes(data / "Annotations" / f"{name}.xml")
             )
         rows.append((voc.exact_rate, voc.precision, voc.recall, voc.mean_iou, kv, thr))
-    rows.sort(key=lambda r: (r[0], r[1] + r[2], r[3]), reverse=True)
+    # Right boxes first (F1 at IoU 0.5), then right counts, then tighter boxes.
+    rows.sort(
+        key=lambda r: (round(2 * r[1] * r[2] / max(r[1] + r[2], 1e-9), 4), r[0], r[3]), reverse=True
+    )
     print(f"{'exact':>6} {'prec':>6} {'recall':>6} {'boxIoU':>6}  params")
     for r in rows[:15]:
         print(f"{r[0]:>6.3f} {r[1]:>6.3f} {r[2]:>6.3f} {r[3]:>6.3f}  {r[4]} thr={r[5]}")
