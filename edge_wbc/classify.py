@@ -40,12 +40,13 @@ def calibrated_softmax(
 
 
 def decide(probs: np.ndarray, classes: Sequence[str], confidence_threshold: float) -> Prediction:
-    """Top class, or "unidentified" below the threshold. "other" (not a mature leukocyte) is
-    reported as such when it wins: it must not enter the differential."""
+    """Top class, or "unidentified" below the threshold. A confident "other" (not a mature
+    leukocyte) stays out of the differential; an unsure one goes to the technician like any
+    unsure cell, so a leukocyte is never dropped from the count on a weak vote."""
     k = int(np.argmax(probs))
     score = float(probs[k])
     top = classes[k]
-    if top != OTHER and score < confidence_threshold:
+    if score < confidence_threshold:
         label = UNIDENTIFIED
     elif top == OTHER or top in CLASSES:
         label = top

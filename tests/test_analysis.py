@@ -136,7 +136,9 @@ def test_calibration_and_unidentified() -> None:
     low = decide(probs, CLASSES, 0.6)
     assert low.label == UNIDENTIFIED and low.score == pytest.approx(0.5)
     six = (*CLASSES, OTHER)
-    assert decide(np.array([0.1, 0, 0, 0, 0, 0.9]), six, 0.95).label == OTHER
+    assert decide(np.array([0.1, 0, 0, 0, 0, 0.9]), six, 0.5).label == OTHER
+    # An unsure "other" is not dropped from the count: it goes to review.
+    assert decide(np.array([0.25, 0.2, 0.1, 0.1, 0.05, 0.3]), six, 0.5).label == UNIDENTIFIED
     assert decide(np.array([0.1, 0, 0, 0, 0, 0, 0.9]), (*six, "platelet"), 0.5).label == OTHER
 
 
