@@ -317,7 +317,8 @@ class SlideSession:
         if ci_method not in CI_METHODS:
             raise ValueError(f"unknown CI method {ci_method!r}; expected one of {CI_METHODS}")
         self.store = store
-        self.publish: Publish = publish or (lambda e: None)
+        # `is not None`: an events.Fanout with no listeners yet is falsy (it has __len__).
+        self.publish: Publish = publish if publish is not None else (lambda e: None)
         self.default_target = _check_target(default_target)
         self.duplicate_overlap = float(duplicate_overlap)
         self.ci_method = ci_method

@@ -257,7 +257,12 @@ def test_station_command_wrong_password_keeps_counting(tmp_path: Path) -> None:
         st.wait_url()
         state = st.capture(2)
         assert state["fields"] == 2 and _db_depth(tmp_path / "data") > 0
+        # The technician's page gets the reason through the station's status.
+        mqtt = st.api("/api/state")[1]["station"]["mqtt"]
+        assert mqtt["state"] == "auth_failed" and not mqtt["connected"]
+        assert "Not authorized" in mqtt["warning"] and mqtt["outbox"]["depth"] > 0
         err = st.terminate()
+        assert st.p.returncode == 0, err  # a clean stop, even with the broker refusing us
         assert "refused the connection: Not authorized" in err
         assert "counting continues locally" in err
         assert "wrong" not in err  # the secret itself is never logged

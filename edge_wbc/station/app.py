@@ -65,6 +65,8 @@ class Station:
         self.queue_max = queue_max
         self.liveness = liveness
         self.info = info or {}
+        # Health of optional parts (the MQTT publisher) merged into status(); set by the command.
+        self.extra_status: Callable[[], dict[str, Any]] | None = None
         self._q: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_max)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -223,6 +225,11 @@ class Station:
         }
         with contextlib.suppress(OSError):
             out["disk_free_mb"] = self.session.store.free_bytes() // (1024 * 1024)
+        if self.extra_status is not None:
+            try:
+                out.update(self.extra_status())
+            except Exception:  # health reporting must never break the page
+                log.exception("extra station status failed")
         return out
 
     def poll(self) -> None:

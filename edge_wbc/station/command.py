@@ -146,6 +146,8 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             raise StartupError(f"MQTT: {e}") from e
         if publisher is not None:
             fanout.subscribe(publisher.publish)
+            mqtt_publisher = publisher
+            st.extra_status = lambda: {"mqtt": mqtt_publisher.status()}
     try:
         server = StationServer(st, hub, cfg.station.host, cfg.station.port, cfg.station.token,
                                cfg.camera.preview_fps)
@@ -190,6 +192,8 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             sdnotify.notify_status(f"slide {s['sample_id']}: {s['counted']}/{s['target']} cells")
     finally:
         sdnotify.notify_stopping("shutting down")
+        # Before the worker stops: a watchdog that sees it gone would exit 70 on a clean stop.
+        live.stop()
         server.shutdown()
         server.server_close()
         st.stop()
@@ -197,7 +201,6 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             button.close()
         if publisher is not None:
             publisher.stop()
-        live.stop()
         store.close()
         typer.echo("edge-wbc station: stopped; every counted cell is saved", err=True)
 

@@ -231,7 +231,17 @@ function renderStation() {
   if (st.accelerator) bits.push(st.accelerator.toUpperCase());
   if (st.latency_ms_median != null) bits.push(`${Math.round(st.latency_ms_median)} ms/field`);
   if (st.disk_free_mb != null && st.disk_free_mb < 500) bits.push(`disk ${st.disk_free_mb} MB free`);
-  if (ui.connected) $("status-line").textContent = bits.join(" · ");
+  const mq = st.mqtt;  // only when a broker is configured; counting never depends on it
+  if (mq) {
+    const why = { auth_failed: "login refused", unreachable: "broker unreachable",
+                  tls_error: "TLS error", refused: "refused" }[mq.state];
+    bits.push(mq.connected ? "MQTT ✓" : `MQTT: ${why || "connecting"}`);
+    if (mq.outbox && mq.outbox.full) bits.push("MQTT outbox full");
+  }
+  if (ui.connected) {
+    $("status-line").textContent = bits.join(" · ");
+    $("status-line").title = (mq && mq.warning) || "";
+  }
   const err = st.last_error;
   const al = $("alert");
   if (err) {
