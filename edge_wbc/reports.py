@@ -51,7 +51,7 @@ def flag_reasons(cell: dict[str, Any]) -> list[str]:
         out.append(f"reclassified {cell['label']} → {rl}")
     elif rl:
         out.append("confirmed")
-    if cell["label"] == UNIDENTIFIED:
+    if cell["label"] == UNIDENTIFIED and not rl:
         out.append("unidentified by the classifier")
     if cell["status"] == STATUS_DUPLICATE:
         out.append("in a field overlapping a previous one")
@@ -245,8 +245,9 @@ figcaption { line-height: 1.25; }
 .mono { font-family: "DejaVu Sans Mono", monospace; font-size: 8.5pt; word-break: break-all; }
 footer { margin-top: 8mm; font-size: 8.5pt; color: #56616f; border-top: 1px solid #c9d0d9;
          padding-top: 2mm; }
-.print { position: fixed; top: 4mm; right: 4mm; font: inherit; font-weight: 700; padding: 2mm 5mm;
-         border: 1.5px solid #1b2430; background: #fff; border-radius: 4px; cursor: pointer; }
+.print { position: fixed; bottom: 5mm; right: 5mm; font: inherit; font-weight: 700;
+         padding: 2mm 5mm; border: 1.5px solid #1b2430; background: #fff; border-radius: 4px;
+         cursor: pointer; }
 @media print { body { padding: 0; } h2 { break-after: avoid; } .print { display: none; } }
 """
 
