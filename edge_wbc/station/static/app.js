@@ -408,6 +408,10 @@ function select(id) {
 
 function selected() { return ui.cells.find((c) => c.id === ui.sel) || null; }
 
+function topClass(c) {
+  return CLASSES.reduce((a, b) => ((c.probs || {})[b] || 0) > ((c.probs || {})[a] || 0) ? b : a);
+}
+
 function renderInspector() {
   const c = selected(), box = $("inspector");
   box.hidden = !c;
@@ -428,6 +432,8 @@ function renderInspector() {
     b.title = `Count as ${NAMES[k]} (${i + 1})`;
     b.dataset.action = k;
     if (c.effective_label === k) b.classList.add("cur");
+    // For an unidentified cell, point at the classifier's best guess (the choice stays manual).
+    else if (c.group === "unidentified" && k === topClass(c)) b.classList.add("sugg");
     b.onclick = () => review(c.id, k);
     acts.appendChild(b);
   });
