@@ -90,7 +90,8 @@ class RunningStation:
         self.fanout.subscribe(self.hub)
         self.events: list = []
         self.fanout.subscribe(self.events.append)
-        models = {"manifest": "test", "models": [
+        describe = getattr(self.analyzer, "describe", None)
+        models = describe() if describe else {"manifest": "test", "models": [
             {"name": "fake-analyzer", "file": "-", "sha256": "0" * 64, "task": "segmentation"}]}
         self.session = SlideSession(self.store, self.fanout, default_target=target, models=models,
                                     station_id="test-station",

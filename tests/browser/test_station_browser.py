@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,57 @@ def test_desktop_layout_and_new_slide(page) -> None:
     pg.click("#btn-new")
     pg.wait_for_function("() => document.getElementById('sample-id').textContent === 'H-2026-0815'")
     assert _counted(pg) == 0 and rs.session.state()["sample_id"] == "H-2026-0815"
+
+
+@pytest.mark.skipif(not (ROOT / "models" / "manifest.json").is_file(),
+                    reason="no shipped models yet")
+def test_with_shipped_models(tmp_path: Path) -> None:
+    """The same page over the real FieldAnalyzer and the shipped models: capture to a target of
+    15, resolve what the classifier left unidentified with the keyboard, finalise."""
+    _require_browser()
+    from playwright.sync_api import expect, sync_playwright
+
+    from edge_wbc.analysis import FieldAnalyzer
+
+    analyzer = FieldAnalyzer(ROOT / "models", threads=2)
+    rs = RunningStation(tmp_path / "data", f"folder:{SAMPLES}", target=15, analyzer=analyzer)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            pg = browser.new_page(viewport={"width": 800, "height": 480})
+            errors: list[str] = []
+            pg.on("pageerror", lambda e: errors.append(str(e)))
+            pg.goto(rs.url + "/", wait_until="domcontentloaded")
+            pg.wait_for_function("() => window.__counted === 0")
+            for _ in range(40):
+                if rs.session.state()["complete"]:
+                    break
+                fields = rs.session.state()["fields"]
+                pg.keyboard.press("Space")
+                deadline = time.monotonic() + 20
+                while rs.session.state()["fields"] == fields:
+                    assert time.monotonic() < deadline, "capture was not analysed"
+                    time.sleep(0.02)
+                rs.wait_idle(20)
+            s = rs.session.state()
+            assert s["complete"] and s["counted"] >= 15
+            expect(pg.locator("#counted")).to_have_text(str(s["counted"]))
+            pg.click("#tab-review")
+            pg.wait_for_selector(".cell")
+            while rs.session.state()["unidentified"]:
+                pg.click(".filters button[data-filter=unidentified]")
+                pg.wait_for_selector(".cell.sel")
+                pg.keyboard.press("1")
+                _settle(pg)
+            pg.keyboard.press("Escape")
+            pg.wait_for_selector("#banner-finalise:not([disabled])")
+            pg.click("#banner-finalise")
+            pg.wait_for_selector("#banner.final")
+            _shot(pg, "shipped-models")
+            browser.close()
+            assert not errors, errors
+        assert rs.session.slide["status"] == "finalised"
+        shas = [m["sha256"] for m in rs.session.state()["models"]["models"]]
+        assert shas and all(len(x) == 64 and x != "0" * 64 for x in shas)
+    finally:
+        rs.close()
