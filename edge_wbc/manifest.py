@@ -150,7 +150,9 @@ def load_manifest(models_dir: str | Path, verify: bool = True) -> Manifest:
     root = Path(models_dir)
     path = root / MANIFEST_NAME
     if not path.is_file():
-        raise ManifestError(f"no {MANIFEST_NAME} in {root} (is --models pointing at a models folder?)")
+        raise ManifestError(
+            f"no {MANIFEST_NAME} in {root} (is --models pointing at a models folder?)"
+        )
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -161,7 +163,9 @@ def load_manifest(models_dir: str | Path, verify: bool = True) -> Manifest:
     if not any(e.task == "segmentation" for e in entries):
         raise ManifestError(f"{path}: no segmentation model")
     ens = raw.get("ensemble", {})
-    man = Manifest(root=root, models=entries, seg_threshold=float(ens.get("threshold", 0.5)), raw=raw)
+    man = Manifest(
+        root=root, models=entries, seg_threshold=float(ens.get("threshold", 0.5)), raw=raw
+    )
     if verify:
         verify_files(man)
     return man

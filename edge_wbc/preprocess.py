@@ -47,7 +47,9 @@ class Letterbox:
     new_h: int
     new_w: int
 
-    def to_source(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    def to_source(
+        self, box: tuple[float, float, float, float]
+    ) -> tuple[float, float, float, float]:
         x0, y0, x1, y1 = box
         s = self.scale
         return (
@@ -141,7 +143,7 @@ def letterbox(
     geo = letterbox_geometry(rgb.shape[:2], dst_hw)
     interp = cv2.INTER_AREA if geo.scale < 1 else cv2.INTER_LINEAR
     resized = cv2.resize(rgb, (geo.new_w, geo.new_h), interpolation=interp)
-    out = np.full((geo.dst_h, geo.dst_w) + rgb.shape[2:], pad, dtype=rgb.dtype)
+    out = np.full((geo.dst_h, geo.dst_w, *rgb.shape[2:]), pad, dtype=rgb.dtype)
     out[geo.top : geo.top + geo.new_h, geo.left : geo.left + geo.new_w] = resized
     return out, geo
 
