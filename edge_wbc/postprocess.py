@@ -34,7 +34,7 @@ WORK_DIAMETER_PX = 64.0
 class PostprocessParams:
     #: Expected leukocyte diameter in pixels of the analysed frame. BCCD's 640x480 fields
     #: (the reference) have leukocytes of 110-280 px, median ~185 px (masks).
-    cell_diameter_px: float = 100.0
+    cell_diameter_px: float = 170.0
     #: Opening / closing kernel diameters as fractions of the cell diameter.
     open_frac: float = 0.05
     close_frac: float = 0.05

@@ -134,7 +134,8 @@ def main() -> None:
         ref = [tuple(map(float, b)) for b in boxes]
         raabin.append((rgb, ref))
         # To BCCD's magnification: the leukocyte about 100 px across.
-        diam = float(np.median([max(b[2] - b[0], b[3] - b[1]) for b in ref]))
+        # A field without a leukocyte keeps a typical Raabin scale (a cell ~250 px across).
+        diam = float(np.median([max(b[2] - b[0], b[3] - b[1]) for b in ref])) if ref else 250.0
         s = 100.0 / max(diam, 1.0)
         small = cv2.resize(rgb, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
         raabin_scaled.append((small, [tuple(v * s for v in b) for b in ref]))

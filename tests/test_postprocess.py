@@ -217,3 +217,13 @@ def test_a_chain_of_three_touching_cells_gives_three() -> None:
     assert len(cells) == 3
     xs = sorted((c.bbox[0] + c.bbox[2]) / 2 for c in cells)
     assert np.allclose(xs, [57, 112, 167], atol=6)
+
+
+def test_library_defaults_match_the_config_defaults() -> None:
+    """FieldAnalyzer(models) and FieldAnalyzer.from_config(default config) must analyse alike:
+    the tuned defaults live in the config schema, the library's must not drift from them."""
+    from edge_wbc.config import load_config
+    from edge_wbc.postprocess import PostprocessParams
+
+    cfg = load_config(None, env={})
+    assert PostprocessParams() == PostprocessParams.from_config(cfg.postprocess)
