@@ -66,16 +66,28 @@ def test_split(data: Path, source: str) -> list[tuple[Path, Path]]:
     return [(d / "images" / r["image"], d / "masks" / r["image"]) for r in rows]
 
 
+#: Expected leukocyte diameter per source, as a lab sets it for its objective and camera
+#: (edge-wbc analyze --cell-diameter): Zheng 1 images are ~120 px squares around one cell,
+#: Zheng 2 300 px squares, BCCD 640x480 fields (the config default).
+DIAMETER = {"zheng1": "80", "zheng2": "200", "bccd": "170", "pbc": "110"}
+
+
 def eval_masks(data: Path, models: Path, limit: int | None) -> None:
     print(f"{'source':8} {'n':>4} {'IoU':>7} {'Dice':>7}")
     for src in ("zheng1", "zheng2", "bccd"):
         pairs = test_split(data, src)[:limit]
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            analyze([p for p, _ in pairs], models, ["--masks", str(work / "masks")], work)
+            analyze(
+                [p for p, _ in pairs],
+                models,
+                ["--masks", str(work / "masks"), "--cell-diameter", DIAMETER[src]],
+                work,
+            )
             ious, dices = [], []
-            for i, (img, ref) in enumerate(pairs):
-                pred = cv2.imread(str(work / "masks" / f"{i:05d}_{img.stem}.png"), 0)
+            for img, ref in pairs:
+                # analyze names outputs after the file it read (the link's target).
+                pred = cv2.imread(str(work / "masks" / f"{img.resolve().stem}.png"), 0)
                 gt = cv2.imread(str(ref), 0)
                 if pred is None:
                     ious.append(0.0)
@@ -95,11 +107,16 @@ def eval_pbc(data: Path, models: Path, limit: int | None) -> None:
         rng = np.random.default_rng(0)
         rows = [rows[i] for i in sorted(rng.choice(len(rows), min(limit, len(rows)), False))]
     with tempfile.TemporaryDirectory() as tmp:
-        doc = analyze([data / "pbc" / r["image"] for r in rows], models, [], Path(tmp))
+        doc = analyze(
+            [data / "pbc" / r["image"] for r in rows],
+            models,
+            ["--cell-diameter", DIAMETER["pbc"]],
+            Path(tmp),
+        )
     by_name = {Path(im["path"]).name: im for im in doc["images"]}
     stats = {c: [0, 0, 0] for c in CLASSES}  # correct, total, no cell / unidentified
-    for i, r in enumerate(rows):
-        im = by_name.get(f"{i:05d}_{Path(r['image']).name}")
+    for r in rows:
+        im = by_name.get(Path(r["image"]).name)
         st = stats[r["label"]]
         st[1] += 1
         if im is None or im["error"] or not im["cells"]:
