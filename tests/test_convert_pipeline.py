@@ -39,51 +39,13 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cls = work / "runs" / "cls"
     models = work / "models"
     common = ["--data-root", str(DATA)]
-    convert(
-        "train-seg",
-        "--encoder",
-        "rescnn",
-        "--run-dir",
-        str(seg),
-        "--steps",
-        "4",
-        "--batch",
-        "2",
-        "--eval-every",
-        "2",
-        "--height",
-        "48",
-        "--width",
-        "64",
-        "--sources",
-        "bccd",
-        *common,
-        cwd=work,
-    )
+    tiny = ["--encoder", "rescnn", "--run-dir", str(seg), "--batch", "2", "--eval-every", "2",
+            "--height", "48", "--width", "64", "--sources", "bccd", *common]  # fmt: skip
+    convert("train-seg", *tiny, "--steps", "4", cwd=work)
     metrics = (seg / "metrics.csv").read_text().splitlines()
     assert metrics[0].startswith("step,loss") and len(metrics) == 3  # one row per eval
     # Resume: a second call with more steps continues from step 4, not from scratch.
-    convert(
-        "train-seg",
-        "--encoder",
-        "rescnn",
-        "--run-dir",
-        str(seg),
-        "--steps",
-        "6",
-        "--batch",
-        "2",
-        "--eval-every",
-        "2",
-        "--height",
-        "48",
-        "--width",
-        "64",
-        "--sources",
-        "bccd",
-        *common,
-        cwd=work,
-    )
+    convert("train-seg", *tiny, "--steps", "6", cwd=work)
     assert json.loads((seg / "state.json").read_text())["step"] == 6
     assert len((seg / "metrics.csv").read_text().splitlines()) == 4
     tfl = work / "seg.tflite"
