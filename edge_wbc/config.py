@@ -125,6 +125,11 @@ class PostprocessConfig:
         0.1, "Regions smaller than this fraction of the expected cell area "
         "(pi/4 * cell_diameter_px^2) are noise, whatever the median says.", min=0.0, max=1.0,
     )
+    min_region_score: float = _f(
+        0.95, "A region whose ensemble probability stays below this in its most confident "
+        "10 % is a doubtful vote (a tinted red cell), not a leukocyte; 0 disables the check.",
+        min=0.0, max=1.0,
+    )
     watershed_min_distance_frac: float = _f(
         0.35, "Minimum distance between watershed seeds as a fraction of cell_diameter_px "
         "(smaller splits touching cells more eagerly).", min=0.01, max=2.0,
