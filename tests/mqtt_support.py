@@ -372,17 +372,7 @@ class StationProc:
         raise AssertionError("station did not print its URL")
 
     def api(self, path: str, body: Any = None) -> tuple[int, Any]:
-        import http.client
-
-        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=30)
-        if body is None:
-            conn.request("GET", path)
-        else:
-            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-        r = conn.getresponse()
-        data = r.read()
-        conn.close()
-        return r.status, json.loads(data) if data else None
+        return http_json(self.http_port, path, body)
 
     def capture(self, n: int, timeout_s: float = 60) -> dict[str, Any]:
         """n fields through POST /api/capture, waiting for each to be counted."""
@@ -481,3 +471,18 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+def http_json(port: int, path: str, body: Any = None) -> tuple[int, Any]:
+    """GET (or POST ``body`` as JSON) on the station's API; (status, decoded JSON or None)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    if body is None:
+        conn.request("GET", path)
+    else:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, json.loads(data) if data else None

@@ -6,7 +6,6 @@ import io
 import json
 import sys
 import threading
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -22,13 +21,6 @@ from edge_wbc.cli import app
 from edge_wbc.monitor import Monitor, StationTable, run
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path / "broker").start()
-    yield b
-    b.stop()
 
 
 def test_table_folds_messages_and_ignores_junk() -> None:

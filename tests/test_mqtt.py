@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,13 +36,6 @@ from edge_wbc.mqtt import CommandError, MqttError, MqttPublisher, parse_command
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
 AUTH_REFUSED = "(Bad user name or password|Not authorized)"
 T = "edge-wbc/st1"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path / "broker").start()
-    yield b
-    b.stop()
 
 
 def _strip_envelope(d: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +31,6 @@ from edge_wbc.mqtt import MqttPublisher
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 T = "edge-wbc/bench-1"
 STATE_KEYS = ("counted", "target", "complete", "counts", "percentages", "ci95", "unidentified")
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path / "broker").start()
-    yield b
-    b.stop()
 
 
 def _sub(d: dict[str, Any]) -> dict[str, Any]:

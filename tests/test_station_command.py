@@ -4,8 +4,6 @@ models/manifest.json exists. Also kill -9 and restart, clean SIGTERM, and start-
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import re
 import signal
@@ -14,9 +12,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from mqtt_support import http_json as api
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples" / "fields"
@@ -28,18 +26,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def api(port: int, path: str, body: Any = None) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    if body is None:
-        conn.request("GET", path)
-    else:
-        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-    r = conn.getresponse()
-    data = r.read()
-    conn.close()
-    return r.status, json.loads(data) if data else None
 
 
 class Proc:
