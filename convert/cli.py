@@ -104,7 +104,7 @@ def train_seg(
     best = train(
         cfg,
         lambda: sampler.batch(batch),
-        seg_evaluator(val, hw),
+        seg_evaluator(val),
         lambda: _init_from(build_unet(encoder, hw, weights=weights), init),
         seg_loss,
         "iou_mean",

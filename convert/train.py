@@ -18,8 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from edge_wbc import preprocess as pp
-
 log = logging.getLogger(__name__)
 
 
@@ -82,19 +80,6 @@ def seg_loss(y_true: Any, y_pred: Any) -> Any:
     denom = ops.sum(y_true + y_pred, axis=(1, 2, 3))
     dice = 1.0 - (2.0 * inter + 1.0) / (denom + 1.0)
     return ops.mean(bce, axis=(1, 2)) + dice
-
-
-def predict_prob(model: Any, rgb: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
-    """Float model, device preprocessing: probability map at the source's resolution."""
-    x, geo = pp.segmenter_input(rgb, input_hw)
-    prob = np.asarray(model(x[None], training=False))[0, :, :, 0]
-    return pp.unletterbox(prob, geo)
-
-
-def iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    p, g = pred > 0, gt > 0
-    union = np.logical_or(p, g).sum()
-    return float(np.logical_and(p, g).sum() / union) if union else 1.0
 
 
 def _write_metrics(run: Path, row: dict[str, Any]) -> None:
@@ -201,13 +186,17 @@ def train(
 
 
 def seg_evaluator(
-    pairs: list[tuple[Any, np.ndarray, np.ndarray]], input_hw: tuple[int, int]
+    pairs: list[tuple[Any, np.ndarray, np.ndarray]],
 ) -> Callable[[Any], dict[str, float]]:
+    """Validation IoU per source with the float model through the device's preprocessing
+    (the same measure the release evaluation uses)."""
+    from convert.evaluate import keras_prob_fn, seg_scores
+
     def evaluate(model: Any) -> dict[str, float]:
+        prob = keras_prob_fn(model)
         per: dict[str, list[float]] = {}
         for it, rgb, gt in pairs:
-            prob = predict_prob(model, rgb, input_hw)
-            per.setdefault(it.source, []).append(iou(prob > 0.5, gt))
+            per.setdefault(it.source, []).append(seg_scores(prob(rgb) > 0.5, gt)["iou"])
         out = {f"iou_{k}": float(np.mean(v)) for k, v in per.items()}
         out["iou_mean"] = float(np.mean(list(out.values()))) if out else 0.0
         return out
