@@ -106,7 +106,14 @@ def cls_section(ev: dict[str, Any]) -> list[str]:
         "platelets), which never enters the differential.",
         "",
         f"Calibration: temperature {cal['temperature']:.3f}; cells whose calibrated confidence "
-        f"is below {cal['confidence_threshold']:.3f} go to *unidentified* ({cal['fitted_on']}).",
+        f"is below {cal['confidence_threshold']:.3f} go to *unidentified*"
+        + (
+            f"; an `other` call leaves the count only at {cal['other_threshold']:.3f} or more "
+            "(below it the cell goes to *unidentified*)"
+            if cal.get("other_threshold") is not None
+            else ""
+        )
+        + f" ({cal['fitted_on']}).",
         "",
         "### Test splits, int8 as shipped",
         "",

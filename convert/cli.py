@@ -442,6 +442,7 @@ def release(
             "run": str(cls),
             "temperature": cls_eval["calibration"]["temperature"],
             "confidence_threshold": cls_eval["calibration"]["confidence_threshold"],
+            "other_threshold": cls_eval["calibration"].get("other_threshold"),
         }
     for f in sorted(out.glob("*.tflite")):
         if f.stem.endswith("_edgetpu"):

@@ -90,6 +90,21 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
     return best_t
 
 
+def fit_other_threshold(
+    p: np.ndarray, y: np.ndarray, confidence_threshold: float, max_dropped: float
+) -> float:
+    """Lowest confidence at which an `other` call may leave the count, such that at most
+    ``max_dropped`` of the val leukocytes (five classes, every source) would be dropped."""
+    leuko = y < N5
+    conf_other = p[leuko].max(1)[p[leuko].argmax(1) == N5]
+    allowed = int(np.floor(max_dropped * max(int(leuko.sum()), 1)))
+    if len(conf_other) <= allowed:
+        return float(confidence_threshold)
+    # Above the (allowed+1)-th most confident wrong `other`, at most `allowed` remain.
+    worst = np.sort(conf_other)[::-1]
+    return float(min(1.0, max(confidence_threshold, np.nextafter(worst[allowed], 2.0))))
+
+
 def five_class(p: np.ndarray) -> np.ndarray:
     return p[:, :N5].argmax(1)
 
@@ -193,6 +208,7 @@ def evaluate_classifier(
     size: int,
     out_dir: Path,
     max_unidentified: float = 0.04,
+    max_dropped: float = 0.005,
 ) -> dict[str, Any]:
     yv = np.array([LABELS6.index(c.label) for c in val])
     pv = tflite_probs(tflite, crops(val, size))
@@ -201,12 +217,20 @@ def evaluate_classifier(
     pbc_v = np.array([c.source == "pbc" for c in val])
     conf_v = cv.max(1)[pbc_v] if pbc_v.any() else cv.max(1)
     threshold = float(np.quantile(conf_v, max_unidentified))
-    log.info("temperature %.3f, confidence threshold %.3f", temperature, threshold)
+    other_thr = fit_other_threshold(cv, yv, threshold, max_dropped)
+    log.info(
+        "temperature %.3f, confidence threshold %.3f, other threshold %.3f",
+        temperature,
+        threshold,
+        other_thr,
+    )
     report: dict[str, Any] = {
         "calibration": {
             "temperature": temperature,
             "confidence_threshold": threshold,
-            "fitted_on": "val (PBC val: at most 4 % unidentified)",
+            "other_threshold": other_thr,
+            "fitted_on": "val (PBC val: at most 4 % unidentified; at most "
+            f"{max_dropped:.1%} of val leukocytes called `other`)",
         },
         "test": {},
         "label_error_candidates": [],
@@ -242,12 +266,21 @@ def evaluate_classifier(
             if covered.any()
             else float("nan"),
             "predicted_other_rate": float((pt[five].argmax(1) == N5).mean()) if five.any() else 0,
+            # What the device does at the shipped thresholds: leukocytes that leave the count.
+            "dropped_as_other_rate": float(
+                ((pt[five].argmax(1) == N5) & (pt[five].max(1) >= other_thr)).mean()
+            )
+            if five.any()
+            else 0.0,
         }
         if kt is not None:
             entry["float_accuracy_5class"] = float((five_class(kt[five]) == y5).mean())
         if (m & (yt == N5)).any():
             o = m & (yt == N5)
             entry["other_recall"] = float((pt[o].argmax(1) == N5).mean())
+            entry["other_recall_at_threshold"] = float(
+                ((pt[o].argmax(1) == N5) & (pt[o].max(1) >= other_thr)).mean()
+            )
             entry["n_other"] = int(o.sum())
         report["test"][s] = entry
         plot_confusion(

@@ -281,9 +281,9 @@ class ColorAug:
         gains = np.exp(rng.uniform(-strength, strength, 3)).astype(np.float32)
         gains /= max(gains.max(), 1e-6) if rng.random() < 0.5 else 1.0
         out = rgb.astype(np.float32) * gains
-        if rng.random() < 0.3:  # grey cast: faded, desaturated stain
+        if rng.random() < 0.3:  # grey cast: faded, desaturated stain, down to nearly grey
             g = out.mean(axis=2, keepdims=True)
-            a = rng.uniform(0.2, 0.75)
+            a = rng.uniform(0.2, 0.97)
             out = out * (1 - a) + g * a
         return np.clip(out, 0, 255).astype(np.uint8)
 

@@ -216,6 +216,7 @@ def build_manifest(
                     "method": "temperature scaling of log-probabilities on val",
                     "temperature": cls_model["temperature"],
                     "confidence_threshold": cls_model["confidence_threshold"],
+                    "other_threshold": cls_model.get("other_threshold"),
                 },
                 "metrics": cls_eval or {},
                 "training_data": [

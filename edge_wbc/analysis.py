@@ -97,6 +97,7 @@ class FieldAnalyzer:
                 ce.temperature,
                 ce.confidence_threshold,
                 output_kind(cm.outputs[0], declared),
+                ce.other_threshold,
             )
             self.crop_scale = ce.crop_scale
         else:

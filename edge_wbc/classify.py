@@ -39,14 +39,25 @@ def calibrated_softmax(
     return e / e.sum()
 
 
-def decide(probs: np.ndarray, classes: Sequence[str], confidence_threshold: float) -> Prediction:
+def decide(
+    probs: np.ndarray,
+    classes: Sequence[str],
+    confidence_threshold: float,
+    other_threshold: float | None = None,
+) -> Prediction:
     """Top class, or "unidentified" below the threshold. A confident "other" (not a mature
     leukocyte) stays out of the differential; an unsure one goes to the technician like any
-    unsure cell, so a leukocyte is never dropped from the count on a weak vote."""
+    unsure cell, so a leukocyte is never dropped from the count on a weak vote.
+
+    "other" needs ``other_threshold`` (at least the confidence threshold): the segmenter already
+    voted the region a leukocyte, and dropping a real one from the count silently is worse than
+    one more cell to review, above all on stains and cameras the classifier never saw.
+    """
     k = int(np.argmax(probs))
     score = float(probs[k])
     top = classes[k]
-    if score < confidence_threshold:
+    other_min = max(confidence_threshold, other_threshold or 0.0)
+    if score < confidence_threshold or (top == OTHER and score < other_min):
         label = UNIDENTIFIED
     elif top == OTHER or top in CLASSES:
         label = top
@@ -63,6 +74,7 @@ class CellClassifier:
         temperature: float = 1.0,
         confidence_threshold: float = 0.0,
         output_type: str = "logits",
+        other_threshold: float | None = None,
     ) -> None:
         n_out = int(np.prod(model.outputs[0].shape))
         if n_out != len(classes):
@@ -73,6 +85,7 @@ class CellClassifier:
         self.classes = tuple(classes)
         self.temperature = float(temperature)
         self.confidence_threshold = float(confidence_threshold)
+        self.other_threshold = None if other_threshold is None else float(other_threshold)
         self.output_type = output_type
 
     @property
@@ -83,7 +96,7 @@ class CellClassifier:
         """One RGB uint8 crop at the model's input size."""
         out = self.model.infer_pixels(crop)[0]
         probs = calibrated_softmax(out, self.temperature, self.output_type)
-        return decide(probs, self.classes, self.confidence_threshold)
+        return decide(probs, self.classes, self.confidence_threshold, self.other_threshold)
 
     def classify_all(self, crops: Sequence[np.ndarray]) -> list[Prediction]:
         # Batch 1 models (the op gate demands it): one invoke per crop.

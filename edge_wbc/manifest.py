@@ -37,6 +37,8 @@ class ModelEntry:
     #: goes to "unidentified".
     temperature: float = 1.0
     confidence_threshold: float = 0.0
+    #: the confidence an "other" call needs to leave the count (None: confidence_threshold).
+    other_threshold: float | None = None
     crop_scale: float = 1.5
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -136,6 +138,9 @@ def _entry(d: dict[str, Any], i: int) -> ModelEntry:
         ensemble_weight=float(d.get("ensemble_weight", 1.0)),
         temperature=float(cal.get("temperature", 1.0)),
         confidence_threshold=float(cal.get("confidence_threshold", 0.0)),
+        other_threshold=(
+            float(cal["other_threshold"]) if cal.get("other_threshold") is not None else None
+        ),
         crop_scale=float(pre.get("crop_scale", 1.5)),
         raw=d,
     )

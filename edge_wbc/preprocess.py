@@ -19,7 +19,8 @@ import numpy as np
 
 #: Version of this preprocessing. Written into the manifest; the runtime refuses a model built
 #: for another version because its inputs would silently mean something else.
-PREPROCESS_VERSION = 1
+#: v2 added the chroma floor (``restore_chroma``) to ``white_balance``.
+PREPROCESS_VERSION = 2
 
 #: Channel order of every model input.
 COLOR_ORDER = "RGB"
@@ -27,6 +28,14 @@ COLOR_ORDER = "RGB"
 #: Grey level the plasma background is mapped to by white balancing. Below 255 so that a
 #: slightly brighter region (a glare spot) does not clip.
 BACKGROUND_LEVEL = 225.0
+
+#: Chroma (max - min channel, 0-255) that the most stained 1 % of a balanced field reaches at
+#: least. Stained nuclei reach 95-150 in every training source (Zheng 1 down to ~71); a faded
+#: stain or a grey camera cast leaves ~25. Below the floor, colour is stretched up to it.
+CHROMA_FLOOR = 80.0
+
+#: Most a faded field's chroma is stretched: beyond this it is mostly noise and JPEG artefacts.
+MAX_CHROMA_GAIN = 4.0
 
 #: Crop side as a multiple of the cell's diameter (max side of its box). The same rule for every
 #: source and on the device, so a cell fills the crop the same way whatever the magnification.
@@ -111,10 +120,12 @@ def background_rgb(rgb: np.ndarray, quantile: float = 0.8) -> np.ndarray:
 
 
 def white_balance(rgb: np.ndarray) -> np.ndarray:
-    """Per-channel gain so that the background becomes neutral grey at BACKGROUND_LEVEL.
+    """Per-channel gain so that the background becomes neutral grey at BACKGROUND_LEVEL, then
+    the chroma floor (``restore_chroma``).
 
-    This removes a camera's colour cast (yellow, blue, green lamps and sensors) and most of the
-    exposure differences between labs before the models see the field.
+    This removes a camera's colour cast (yellow, blue, green lamps and sensors), most of the
+    exposure differences between labs, and a grey cast or faded stain before the models see the
+    field.
     """
     bg = np.maximum(background_rgb(rgb), 8.0)
     gains = np.clip(BACKGROUND_LEVEL / bg, 0.4, 6.0).astype(np.float32)
@@ -123,7 +134,33 @@ def white_balance(rgb: np.ndarray) -> np.ndarray:
     out = np.empty_like(rgb)
     for c in range(3):
         out[:, :, c] = cv2.LUT(rgb[:, :, c], lut[:, c])
-    return out
+    return restore_chroma(out)
+
+
+def stain_chroma(rgb: np.ndarray, quantile: float = 0.99) -> float:
+    """Chroma (max - min channel) reached by the most stained pixels of a balanced field."""
+    h, w = rgb.shape[:2]
+    step = max(1, int(max(h, w) // 160))
+    small = rgb[::step, ::step].reshape(-1, 3)
+    c = small.max(axis=1).astype(np.int16) - small.min(axis=1).astype(np.int16)
+    return float(np.quantile(c, quantile)) if c.size else 0.0
+
+
+def restore_chroma(rgb: np.ndarray) -> np.ndarray:
+    """Stretch a faded field's colour around each pixel's grey until its stain reaches
+    CHROMA_FLOOR; a field that already reaches it is returned unchanged.
+
+    White balance cannot undo a grey cast (a desaturating camera, a faded or thin stain): the
+    purple of nuclei against pink red cells is what the models key on, so it is brought back to
+    the weakest level seen in training rather than left for the models to guess.
+    """
+    chroma = stain_chroma(rgb)
+    if chroma >= CHROMA_FLOOR:
+        return rgb
+    gain = min(MAX_CHROMA_GAIN, CHROMA_FLOOR / max(chroma, 1.0))
+    f = rgb.astype(np.float32)
+    grey = f.mean(axis=2, keepdims=True)
+    return np.clip(grey + (f - grey) * gain + 0.5, 0, 255).astype(np.uint8)
 
 
 def letterbox_geometry(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> Letterbox:

@@ -140,6 +140,28 @@ def test_calibration_and_unidentified() -> None:
     # An unsure "other" is not dropped from the count: it goes to review.
     assert decide(np.array([0.25, 0.2, 0.1, 0.1, 0.05, 0.3]), six, 0.5).label == UNIDENTIFIED
     assert decide(np.array([0.1, 0, 0, 0, 0, 0, 0.9]), (*six, "platelet"), 0.5).label == OTHER
+    # "other" has its own, higher bar: below it the cell is reviewed, never silently dropped;
+    # a leukocyte call at the same confidence is counted as usual.
+    p_other = np.array([0.1, 0.05, 0, 0, 0, 0.85])
+    assert decide(p_other, six, 0.5, other_threshold=0.9).label == UNIDENTIFIED
+    assert decide(p_other, six, 0.5, other_threshold=0.8).label == OTHER
+    assert decide(np.array([0.85, 0, 0, 0, 0.05, 0.1]), six, 0.5, 0.9).label == "neutrophil"
+    # A lower other_threshold never lets a cell below the confidence threshold out.
+    assert decide(np.array([0.3, 0.2, 0.1, 0.05, 0.05, 0.3]), six, 0.5, 0.2).label == UNIDENTIFIED
+
+
+def test_other_threshold_is_read_from_the_manifest(tmp_path: Path) -> None:
+    from edge_wbc.manifest import load_manifest
+
+    for f in FIXTURE_MODELS.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    cls = next(m for m in raw["models"] if m["task"] == "classification")
+    assert load_manifest(tmp_path).classifier.other_threshold is None
+    cls.setdefault("calibration", {})["other_threshold"] = 0.93
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert load_manifest(tmp_path).classifier.other_threshold == pytest.approx(0.93)
+    assert FieldAnalyzer(tmp_path, threads=1).classifier.other_threshold == pytest.approx(0.93)
 
 
 def test_from_config() -> None:
