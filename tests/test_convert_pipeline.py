@@ -109,6 +109,9 @@ def test_release_writes_a_manifest_the_device_accepts(released: Path) -> None:
     assert man.classifier is not None
     assert man.classifier.input_shape == (1, 48, 48, 3)
     assert 0.0 <= man.classifier.confidence_threshold <= 1.0
+    # An 'other' call must be at least as sure as any call to leave the count.
+    assert man.classifier.other_threshold is not None
+    assert man.classifier.confidence_threshold <= man.classifier.other_threshold <= 1.0
     raw = json.loads((released / "manifest.json").read_text())
     for m in raw["models"]:
         assert m["input"]["dtype"] == "int8" and m["input"]["shape"][0] == 1
