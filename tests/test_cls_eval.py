@@ -1,0 +1,36 @@
+"""The 'other' threshold: fitted so that at most a set share of leukocytes leave the count."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from convert.cls_eval import N5, fit_other_threshold
+
+
+def _probs(rows: list[tuple[int, float]]) -> np.ndarray:
+    """(top class, its probability) -> six-way probability rows."""
+    out = np.zeros((len(rows), N5 + 1))
+    for i, (k, p) in enumerate(rows):
+        out[i] = (1 - p) / N5
+        out[i, k] = p
+    return out
+
+
+def test_threshold_leaves_at_most_the_allowed_share_of_leukocytes_out() -> None:
+    # 200 leukocytes, 5 of them confidently called 'other'; 20 real 'other' cells.
+    rows = [(0, 0.9)] * 195 + [(N5, c) for c in (0.99, 0.97, 0.95, 0.8, 0.7)] + [(N5, 0.9)] * 20
+    y = np.array([0] * 200 + [N5] * 20)
+    p = _probs(rows)
+    thr = fit_other_threshold(p, y, 0.5, max_dropped=0.005)  # one leukocyte may leave
+    leuko_other = p[:200].max(1)[p[:200].argmax(1) == N5]
+    assert np.sum(leuko_other >= thr) <= 1
+    assert 0.97 < thr <= 0.99
+    # More tolerance, lower bar; never below the confidence threshold.
+    assert fit_other_threshold(p, y, 0.5, max_dropped=0.05) == 0.5
+    assert fit_other_threshold(p, y, 0.75, max_dropped=0.02) >= 0.75
+
+
+def test_no_leukocyte_called_other_keeps_the_confidence_threshold() -> None:
+    p = _probs([(1, 0.8)] * 50 + [(N5, 0.9)] * 5)
+    y = np.array([1] * 50 + [N5] * 5)
+    assert fit_other_threshold(p, y, 0.6, 0.005) == 0.6
