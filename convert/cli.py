@@ -68,6 +68,9 @@ def train_seg(
     native_p: float = typer.Option(
         0.3, help="share of samples shown exactly as the device sees them (whole, letterboxed)"
     ),
+    source_weights: str = typer.Option(
+        "", help="sampling weight per source, e.g. 'zheng2=0.3,bccd=0.35' (others as default)"
+    ),
 ) -> None:
     """Train one U-Net segmenter (resumes from RUN_DIR/last.keras when present)."""
     from convert.architectures import build_unet
@@ -97,6 +100,7 @@ def train_seg(
         run_dir.parent / "cache",
         seed,
         native_p=native_p,
+        weights=_source_weights(source_weights),
     )
     val = seg_eval_pairs(
         [i for i in items if i.split == "val" and i.source != "raabin"], run_dir.parent / "cache"
@@ -110,6 +114,21 @@ def train_seg(
         "iou_mean",
     )
     typer.echo(f"best model: {best}")
+
+
+def _source_weights(spec: str) -> dict[str, float] | None:
+    """'zheng2=0.3,bccd=0.35' -> {'zheng2': 0.3, 'bccd': 0.35}; '' -> None (the defaults)."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            w = float(value)
+        except ValueError:
+            w = -1.0
+        if w < 0:
+            raise typer.BadParameter(f"expected SOURCE=WEIGHT (weight >= 0), got {part!r}")
+        out[name.strip()] = w
+    return out or None
 
 
 # ----------------------------------------------------------------------------- segmentation

@@ -393,7 +393,13 @@ class SegSampler:
         seed: int = 0,
         augment: bool = True,
         native_p: float = 0.0,
+        weights: dict[str, float] | None = None,
     ) -> None:
+        unknown = set(weights or {}) - set(self.WEIGHTS)
+        if unknown:
+            known = list(self.WEIGHTS)
+            raise ValueError(f"no segmentation source {sorted(unknown)}; known: {known}")
+        self.weights = {**self.WEIGHTS, **(weights or {})}
         self.out_hw = out_hw
         self.native_p = native_p
         self.rng = np.random.default_rng(seed)
@@ -401,7 +407,7 @@ class SegSampler:
         self.color = ColorAug()
         self.by_source: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = {}
         for it in items:
-            if it.source not in self.WEIGHTS:
+            if it.source not in self.weights or self.weights[it.source] <= 0:
                 continue
             img = read_rgb(it.image)
             if it.mask is not None:
@@ -411,10 +417,10 @@ class SegSampler:
             else:
                 continue
             self.by_source.setdefault(it.source, []).append((img, m, median_cell_diameter(m)))
-        present = [s for s in self.WEIGHTS if self.by_source.get(s)]
+        present = [s for s in self.weights if self.by_source.get(s)]
         if not present:
             raise ValueError("no segmentation training images in the given items")
-        w = np.array([self.WEIGHTS[s] for s in present])
+        w = np.array([self.weights[s] for s in present])
         self.sources, self.p = present, w / w.sum()
         log.info("seg sampler: %s", {s: len(v) for s, v in self.by_source.items()})
 
