@@ -229,8 +229,8 @@ def evaluate_classifier(
             "temperature": temperature,
             "confidence_threshold": threshold,
             "other_threshold": other_thr,
-            "fitted_on": "val (PBC val: at most 4 % unidentified; at most "
-            f"{max_dropped:.1%} of val leukocytes called `other`)",
+            "fitted_on": "fitted on val: at most 4 % of PBC val unidentified, at most "
+            f"{max_dropped:.1%} of val leukocytes leave the count as `other`",
         },
         "test": {},
         "label_error_candidates": [],
