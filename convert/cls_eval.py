@@ -218,6 +218,11 @@ def evaluate_classifier(
     conf_v = cv.max(1)[pbc_v] if pbc_v.any() else cv.max(1)
     threshold = float(np.quantile(conf_v, max_unidentified))
     other_thr = fit_other_threshold(cv, yv, threshold, max_dropped)
+
+    def leaves_count(p: np.ndarray) -> np.ndarray:
+        """What the device drops from the differential at the shipped thresholds."""
+        return (p.argmax(1) == N5) & (p.max(1) >= other_thr)
+
     log.info(
         "temperature %.3f, confidence threshold %.3f, other threshold %.3f",
         temperature,
@@ -267,20 +272,14 @@ def evaluate_classifier(
             else float("nan"),
             "predicted_other_rate": float((pt[five].argmax(1) == N5).mean()) if five.any() else 0,
             # What the device does at the shipped thresholds: leukocytes that leave the count.
-            "dropped_as_other_rate": float(
-                ((pt[five].argmax(1) == N5) & (pt[five].max(1) >= other_thr)).mean()
-            )
-            if five.any()
-            else 0.0,
+            "dropped_as_other_rate": float(leaves_count(pt[five]).mean()) if five.any() else 0.0,
         }
         if kt is not None:
             entry["float_accuracy_5class"] = float((five_class(kt[five]) == y5).mean())
         if (m & (yt == N5)).any():
             o = m & (yt == N5)
             entry["other_recall"] = float((pt[o].argmax(1) == N5).mean())
-            entry["other_recall_at_threshold"] = float(
-                ((pt[o].argmax(1) == N5) & (pt[o].max(1) >= other_thr)).mean()
-            )
+            entry["other_recall_at_threshold"] = float(leaves_count(pt[o]).mean())
             entry["n_other"] = int(o.sum())
         report["test"][s] = entry
         plot_confusion(

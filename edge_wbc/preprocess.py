@@ -101,6 +101,13 @@ def ensure_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
+def _pixel_sample(rgb: np.ndarray) -> np.ndarray:
+    """The field's pixels on a grid ~160 wide (N x 3): field statistics need no more."""
+    h, w = rgb.shape[:2]
+    step = max(1, int(max(h, w) // 160))
+    return rgb[::step, ::step].reshape(-1, 3)
+
+
 def background_rgb(rgb: np.ndarray, quantile: float = 0.8) -> np.ndarray:
     """Estimate the colour of the plasma background.
 
@@ -108,9 +115,7 @@ def background_rgb(rgb: np.ndarray, quantile: float = 0.8) -> np.ndarray:
     darker, leukocytes purple and darker still. The median colour of the brightest 20 % of pixels
     (on a downscaled copy, for speed) is a robust estimate across stains and camera casts.
     """
-    h, w = rgb.shape[:2]
-    step = max(1, int(max(h, w) // 160))
-    small = rgb[::step, ::step].reshape(-1, 3).astype(np.float32)
+    small = _pixel_sample(rgb).astype(np.float32)
     lum = small @ np.array([0.299, 0.587, 0.114], np.float32)
     thr = np.quantile(lum, quantile)
     bright = small[lum >= thr]
@@ -139,9 +144,7 @@ def white_balance(rgb: np.ndarray) -> np.ndarray:
 
 def stain_chroma(rgb: np.ndarray, quantile: float = 0.99) -> float:
     """Chroma (max - min channel) reached by the most stained pixels of a balanced field."""
-    h, w = rgb.shape[:2]
-    step = max(1, int(max(h, w) // 160))
-    small = rgb[::step, ::step].reshape(-1, 3)
+    small = _pixel_sample(rgb)
     c = small.max(axis=1).astype(np.int16) - small.min(axis=1).astype(np.int16)
     return float(np.quantile(c, quantile)) if c.size else 0.0
 
