@@ -338,6 +338,7 @@ def train_cls(
     data_root: Path = typer.Option(DEFAULT_DATA),
     arch: str = "mnv2",
     size: int = 96,
+    alpha: float = typer.Option(0.5, help="MobileNetV2 width multiplier"),
     steps: int = 4000,
     batch: int = 32,
     lr: float = 2e-3,
@@ -372,6 +373,7 @@ def train_cls(
         (size, size),
         threads,
         weights,
+        alpha,
     )
     sampler = CropSampler([c for c in cells if c.split == "train"], size, seed)
     evaluate = cls_evaluator([c for c in cells if c.split == "val"], size)
@@ -383,7 +385,7 @@ def train_cls(
         cfg,
         lambda: sampler.batch(batch),
         evaluate,
-        lambda: _init_from(build_classifier(arch, size, len(LABELS6), weights), init),
+        lambda: _init_from(build_classifier(arch, size, len(LABELS6), weights, alpha), init),
         loss,
         "acc_mean",
     )
@@ -391,6 +393,11 @@ def train_cls(
 
 
 # ----------------------------------------------------------------------------- release
+
+
+def _alpha_tag(cfg: dict) -> str:
+    a = cfg.get("alpha")
+    return f"-{a:g}" if a is not None and cfg["arch"] == "mnv2" else ""
 
 
 def _pairs(specs: list[str]) -> dict[str, Path]:
@@ -456,7 +463,7 @@ def release(
         cls_model = {
             "name": "classifier",
             "file": f.name,
-            "arch": f"{cfg['arch']} {size}x{size}",
+            "arch": f"{cfg['arch']}{_alpha_tag(cfg)} {size}x{size}",
             "classes": list(LABELS6),
             "run": str(cls),
             "temperature": cls_eval["calibration"]["temperature"],

@@ -35,6 +35,7 @@ class TrainConfig:
     input_hw: tuple[int, int] = (192, 256)
     threads: int = 1
     weights: str | None = None
+    alpha: float | None = None  # classifier width (MobileNetV2 alpha)
 
 
 def set_threads(n: int) -> None:

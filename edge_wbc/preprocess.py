@@ -145,7 +145,9 @@ def white_balance(rgb: np.ndarray) -> np.ndarray:
 def stain_chroma(rgb: np.ndarray, quantile: float = 0.99) -> float:
     """Chroma (max - min channel) reached by the most stained pixels of a balanced field."""
     small = _pixel_sample(rgb)
-    c = small.max(axis=1).astype(np.int16) - small.min(axis=1).astype(np.int16)
+    r, g, b = small[:, 0], small[:, 1], small[:, 2]
+    # Elementwise max/min of three columns: numpy's reduce over a length-3 axis is ~10x slower.
+    c = np.maximum(np.maximum(r, g), b).astype(np.int16) - np.minimum(np.minimum(r, g), b)
     return float(np.quantile(c, quantile)) if c.size else 0.0
 
 

@@ -41,3 +41,48 @@ def test_augmented_fields_come_out_balanced_like_device_inputs() -> None:
         out = aug(rgb, rng)
         bg = pp.background_rgb(out)
         assert np.all(np.abs(bg - pp.BACKGROUND_LEVEL) < 45), bg
+
+
+def _field() -> np.ndarray:
+    bgr = cv2.imread(str(DATA / "bccd" / "JPEGImages" / "BloodImage_00000.jpg"))
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def test_context_patch_crop_matches_the_device_crop() -> None:
+    # Training augments only the cell's surroundings; with no augmentation the crop must be
+    # what the device crops from the whole balanced field.
+    from convert.cells import context_patch
+
+    rgb = _field()
+    box = (250, 180, 360, 290)  # a 110-px box: the patch is downscaled to PATCH_BOX_PX
+    patch, pbox = context_patch(rgb, box)
+    assert max(pbox[2] - pbox[0], pbox[3] - pbox[1]) <= 90
+    ours = pp.cell_crop(pp.white_balance(patch), pbox, 96).astype(np.float32)
+    device = pp.cell_crop(pp.white_balance(rgb), box, 96).astype(np.float32)
+    assert np.abs(ours - device).mean() < 6.0
+
+
+def test_context_patch_at_the_field_corner_is_filled_with_the_field_background() -> None:
+    from convert.cells import context_patch
+
+    rgb = _field()
+    patch, pbox = context_patch(rgb, (0, 0, 40, 40))  # small box: kept at native resolution
+    assert pbox == (28, 28, 68, 68)
+    outside = patch[:20, :20].reshape(-1, 3).astype(np.float32)
+    assert np.allclose(outside, pp.background_rgb(rgb).astype(np.uint8), atol=1)
+
+
+def test_augmented_crop_sampler_gives_unit_crops_of_every_label() -> None:
+    from convert.cells import LABELS6, CellItem, CropSampler
+
+    img = DATA / "bccd" / "JPEGImages" / "BloodImage_00000.jpg"
+    cells = [
+        CellItem("bccd", img, "train", "neutrophil", (250, 180, 360, 290)),
+        CellItem("pbc", img, "train", "other", (0, 0, 40, 40)),
+    ]
+    s = CropSampler(cells, 32, seed=1)
+    x, y = s.batch(16)
+    assert x.shape == (16, 32, 32, 3) and x.dtype == np.float32
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    got = {LABELS6[int(k)] for k in y.argmax(1)}
+    assert got == {"neutrophil", "other"}

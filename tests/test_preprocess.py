@@ -76,3 +76,11 @@ def test_restore_chroma_keeps_shape_and_dtype() -> None:
     tiny[1, 2] = (180, 160, 200)
     out = pp.restore_chroma(tiny)
     assert out.shape == tiny.shape and out.dtype == np.uint8
+
+
+def test_stain_chroma_is_the_quantile_of_max_minus_min_channel() -> None:
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    small = rgb[:: max(1, 300 // 160), :: max(1, 300 // 160)].reshape(-1, 3).astype(np.int16)
+    ref = float(np.quantile(small.max(1) - small.min(1), 0.99))
+    assert pp.stain_chroma(rgb) == ref
