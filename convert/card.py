@@ -105,6 +105,19 @@ def cls_section(ev: dict[str, Any]) -> list[str]:
         "outputs: the five types and `other` (PBC's immature granulocytes, erythroblasts, "
         "platelets), which never enters the differential.",
         "",
+        *(
+            [
+                f"Each crop is classified in {cal['views']} orientations ("
+                + {2: "as it is and mirrored", 4: "the four right-angle rotations"}.get(
+                    cal["views"], "the four right-angle rotations and their mirror images"
+                )
+                + ") and the log-probabilities are averaged: a cell has no up or left. Every "
+                "number below is with those views, as the device runs.",
+                "",
+            ]
+            if cal.get("views", 1) > 1
+            else []
+        ),
         f"Calibration: temperature {cal['temperature']:.3f}; cells whose calibrated confidence "
         f"is below {cal['confidence_threshold']:.3f} go to *unidentified*"
         + (

@@ -418,6 +418,9 @@ def release(
     data_root: Path = typer.Option(DEFAULT_DATA),
     requantize: bool = typer.Option(False, help="convert again even if the .tflite exists"),
     rep_samples: int = typer.Option(200, help="representative inputs per model"),
+    cls_views: int = typer.Option(
+        4, help="views of each crop the classifier averages on the device: 1, 2, 4 or 8"
+    ),
 ) -> None:
     """Quantize, gate, compile for the Edge TPU (when possible), fit the ensemble on val,
     evaluate on test, calibrate the classifier, write manifest.json and the model card."""
@@ -458,6 +461,7 @@ def release(
             _cells_for(cls, data_root, "test"),
             size,
             out,
+            views=cls_views,
         )
         (out / "cls_eval.json").write_text(json.dumps(cls_eval, indent=2))
         cls_model = {
@@ -469,6 +473,7 @@ def release(
             "temperature": cls_eval["calibration"]["temperature"],
             "confidence_threshold": cls_eval["calibration"]["confidence_threshold"],
             "other_threshold": cls_eval["calibration"].get("other_threshold"),
+            "views": cls_views,
         }
     for f in sorted(out.glob("*.tflite")):
         if f.stem.endswith("_edgetpu"):

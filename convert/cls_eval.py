@@ -17,6 +17,7 @@ from edge_wbc.results import CLASSES
 
 log = logging.getLogger(__name__)
 N5 = len(CLASSES)
+PROBS = "probabilities"  # what the classifiers emit (a softmax layer), float and int8 alike
 
 #: The colour shifts of the issue: each applied to the raw image before the device chain.
 SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
@@ -60,30 +61,41 @@ def crops(cells: Sequence[CellItem], size: int, shift: Callable | None = None) -
     return out
 
 
-def tflite_probs(path: Path, xs: np.ndarray) -> np.ndarray:
+def tflite_logits(path: Path, xs: np.ndarray, views: int = 1) -> np.ndarray:
+    """The device's logits per crop: the int8 model on each view, combined as the device
+    combines them (edge_wbc.classify.crop_views / combine_views)."""
+    from edge_wbc.classify import combine_views, crop_views
     from edge_wbc.inference import TFLiteModel
 
     m = TFLiteModel(path, threads=2)
-    return np.stack([m.infer(x)[0].reshape(-1) for x in xs])
-
-
-def keras_probs(model: Any, xs: np.ndarray) -> np.ndarray:
-    return np.concatenate(
-        [np.asarray(model(xs[i : i + 1], training=False)) for i in range(len(xs))]
+    return np.stack(
+        [
+            combine_views([m.infer(v)[0].reshape(-1) for v in crop_views(x, views)], PROBS)
+            for x in xs
+        ]
     )
 
 
-def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
+def keras_logits(model: Any, xs: np.ndarray, views: int = 1) -> np.ndarray:
+    from edge_wbc.classify import combine_views, crop_views
+
+    def one(v: np.ndarray) -> np.ndarray:  # the shipped graph has batch 1
+        return np.asarray(model(v[None], training=False))[0]
+
+    return np.stack([combine_views([one(v) for v in crop_views(x, views)], PROBS) for x in xs])
+
+
+def calibrate(logits: np.ndarray, temperature: float) -> np.ndarray:
     """The device's calibrated softmax (edge_wbc.classify.calibrated_softmax)."""
     from edge_wbc.classify import calibrated_softmax
 
-    return np.stack([calibrated_softmax(p, temperature, "probabilities") for p in probs])
+    return np.stack([calibrated_softmax(v, temperature) for v in logits])
 
 
-def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     best_t, best_nll = 1.0, 1e18
     for t in np.exp(np.linspace(np.log(0.3), np.log(5.0), 60)):
-        p = calibrate(probs, float(t))
+        p = calibrate(logits, float(t))
         nll = -np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-7, 1)))
         if nll < best_nll:
             best_t, best_nll = float(t), nll
@@ -209,9 +221,10 @@ def evaluate_classifier(
     out_dir: Path,
     max_unidentified: float = 0.04,
     max_dropped: float = 0.005,
+    views: int = 1,
 ) -> dict[str, Any]:
     yv = np.array([LABELS6.index(c.label) for c in val])
-    pv = tflite_probs(tflite, crops(val, size))
+    pv = tflite_logits(tflite, crops(val, size), views)
     temperature = fit_temperature(pv, yv)
     cv = calibrate(pv, temperature)
     pbc_v = np.array([c.source == "pbc" for c in val])
@@ -234,6 +247,7 @@ def evaluate_classifier(
             "temperature": temperature,
             "confidence_threshold": threshold,
             "other_threshold": other_thr,
+            "views": views,
             "fitted_on": "fitted on val: at most 4 % of PBC val unidentified, at most "
             f"{max_dropped:.1%} of val leukocytes leave the count as `other`",
         },
@@ -243,12 +257,12 @@ def evaluate_classifier(
     }
     xt = crops(test, size)
     yt = np.array([LABELS6.index(c.label) for c in test])
-    pt = calibrate(tflite_probs(tflite, xt), temperature)
+    pt = calibrate(tflite_logits(tflite, xt, views), temperature)
     kt = None
     if keras_path is not None and keras_path.exists():
         from convert.quantize import load_keras
 
-        kt = keras_probs(load_keras(keras_path), xt)
+        kt = keras_logits(load_keras(keras_path), xt, views)
     srcs = [c.source for c in test]
     curves, thr_cov = {}, {}
     for s in sorted(set(srcs)):
@@ -307,10 +321,10 @@ def evaluate_classifier(
     pbc = [c for c in test if c.source == "pbc" and c.label in CLASSES]
     if pbc:
         y = np.array([LABELS6.index(c.label) for c in pbc])
-        clean = five_class(calibrate(tflite_probs(tflite, crops(pbc, size)), temperature))
+        clean = five_class(calibrate(tflite_logits(tflite, crops(pbc, size), views), temperature))
         report["shifts_pbc_test"]["clean"] = float((clean == y).mean())
         for name, fn in SHIFTS.items():
-            p = calibrate(tflite_probs(tflite, crops(pbc, size, fn)), temperature)
+            p = calibrate(tflite_logits(tflite, crops(pbc, size, fn), views), temperature)
             report["shifts_pbc_test"][name] = float((five_class(p) == y).mean())
             log.info("shift %s: %.4f", name, report["shifts_pbc_test"][name])
     return report

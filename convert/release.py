@@ -212,6 +212,9 @@ def build_manifest(
                     "scale": "x / 255",
                 },
                 "classes": list(cls_model["classes"]),
+                # The device averages the model over this many dihedral views of each crop
+                # (edge_wbc.classify.crop_views); the calibration below was fitted on them.
+                "views": int(cls_model.get("views", 1)),
                 "calibration": {
                     "method": "temperature scaling of log-probabilities on val",
                     "temperature": cls_model["temperature"],

@@ -98,6 +98,7 @@ class FieldAnalyzer:
                 ce.confidence_threshold,
                 output_kind(cm.outputs[0], declared),
                 ce.other_threshold,
+                ce.views,
             )
             self.crop_scale = ce.crop_scale
         else:

@@ -24,15 +24,47 @@ class Prediction:
     probs: dict[str, float]
 
 
-def calibrated_softmax(
-    out: np.ndarray, temperature: float = 1.0, output_type: str = "logits"
-) -> np.ndarray:
-    """Logits (or probabilities, if that is what the model emits) -> softmax(logits / T)."""
+#: How many views of a crop the classifier may average: 1, 2 (with its mirror image), 4 (the four
+#: right-angle rotations) or 8 (the rotations and their mirrors). A cell on a slide has no up
+#: or left, so every view is as true as the others; averaging them removes the part of the
+#: model's answer that depends on how the cell happened to lie.
+VIEW_COUNTS = (1, 2, 4, 8)
+
+
+def crop_views(crop: np.ndarray, n: int) -> list[np.ndarray]:
+    """The first ``n`` of the crop's dihedral views (n in VIEW_COUNTS), each contiguous."""
+    if n not in VIEW_COUNTS:
+        raise ValueError(f"views must be one of {VIEW_COUNTS}, not {n}")
+    if n == 1:
+        return [crop]
+    if n == 2:
+        return [crop, np.ascontiguousarray(crop[:, ::-1])]
+    rots = [np.ascontiguousarray(np.rot90(crop, k)) for k in range(4)]
+    if n == 4:
+        return rots
+    return rots + [np.ascontiguousarray(r[:, ::-1]) for r in rots]
+
+
+def as_logits(out: np.ndarray, output_type: str = "logits") -> np.ndarray:
     v = np.asarray(out, np.float64).reshape(-1)
     if output_type == "probabilities":
         # log p recovers the logits up to a constant; the floor is one int8 output step, so a
         # class quantised to exactly 0 stays finite.
         v = np.log(np.maximum(v, 1.0 / 256.0))
+    return v
+
+
+def combine_views(outs: Sequence[np.ndarray], output_type: str = "logits") -> np.ndarray:
+    """The model's outputs on several views of one crop -> one vector of logits (their mean:
+    a normalised geometric mean of the probabilities)."""
+    return np.mean([as_logits(o, output_type) for o in outs], axis=0)
+
+
+def calibrated_softmax(
+    out: np.ndarray, temperature: float = 1.0, output_type: str = "logits"
+) -> np.ndarray:
+    """Logits (or probabilities, if that is what the model emits) -> softmax(logits / T)."""
+    v = as_logits(out, output_type)
     z = v / max(float(temperature), 1e-6)
     z -= z.max()
     e = np.exp(z)
@@ -75,7 +107,10 @@ class CellClassifier:
         confidence_threshold: float = 0.0,
         output_type: str = "logits",
         other_threshold: float | None = None,
+        views: int = 1,
     ) -> None:
+        if views not in VIEW_COUNTS:
+            raise ValueError(f"classifier views must be one of {VIEW_COUNTS}, not {views}")
         n_out = int(np.prod(model.outputs[0].shape))
         if n_out != len(classes):
             raise ValueError(
@@ -87,15 +122,17 @@ class CellClassifier:
         self.confidence_threshold = float(confidence_threshold)
         self.other_threshold = None if other_threshold is None else float(other_threshold)
         self.output_type = output_type
+        self.views = views
 
     @property
     def input_size(self) -> int:
         return self.model.input_hw[0]
 
     def classify(self, crop: np.ndarray) -> Prediction:
-        """One RGB uint8 crop at the model's input size."""
-        out = self.model.infer_pixels(crop)[0]
-        probs = calibrated_softmax(out, self.temperature, self.output_type)
+        """One RGB uint8 crop at the model's input size (averaged over ``views`` views)."""
+        outs = [self.model.infer_pixels(v)[0] for v in crop_views(crop, self.views)]
+        logits = combine_views(outs, self.output_type)
+        probs = calibrated_softmax(logits, self.temperature)
         return decide(probs, self.classes, self.confidence_threshold, self.other_threshold)
 
     def classify_all(self, crops: Sequence[np.ndarray]) -> list[Prediction]:

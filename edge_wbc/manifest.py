@@ -39,6 +39,9 @@ class ModelEntry:
     confidence_threshold: float = 0.0
     #: the confidence an "other" call needs to leave the count (None: confidence_threshold).
     other_threshold: float | None = None
+    #: classifier only: views of each crop averaged (edge_wbc.classify.VIEW_COUNTS); the
+    #: calibration was fitted with this many.
+    views: int = 1
     crop_scale: float = 1.5
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -127,6 +130,9 @@ def _entry(d: dict[str, Any], i: int) -> ModelEntry:
         if missing:
             raise ManifestError(f"{where}: classifier lacks classes {missing}")
     cal = d.get("calibration", {})
+    views = d.get("views", 1)
+    if views not in (1, 2, 4, 8):
+        raise ManifestError(f"{where}: views {views!r} is not one of 1, 2, 4, 8")
     return ModelEntry(
         name=str(_require(d, "name", where)),
         file=str(_require(d, "file", where)),
@@ -141,6 +147,7 @@ def _entry(d: dict[str, Any], i: int) -> ModelEntry:
         other_threshold=(
             float(cal["other_threshold"]) if cal.get("other_threshold") is not None else None
         ),
+        views=int(views),
         crop_scale=float(pre.get("crop_scale", 1.5)),
         raw=d,
     )

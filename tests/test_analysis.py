@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from edge_wbc.analysis import FieldAnalyzer, draw_overlay
-from edge_wbc.classify import calibrated_softmax, decide
+from edge_wbc.classify import (
+    CellClassifier,
+    calibrated_softmax,
+    combine_views,
+    crop_views,
+    decide,
+)
 from edge_wbc.imageio import read_image
 from edge_wbc.inference import TFLiteModel
 from edge_wbc.manifest import ManifestError
@@ -162,6 +168,75 @@ def test_other_threshold_is_read_from_the_manifest(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     assert load_manifest(tmp_path).classifier.other_threshold == pytest.approx(0.93)
     assert FieldAnalyzer(tmp_path, threads=1).classifier.other_threshold == pytest.approx(0.93)
+
+
+def test_crop_views_are_the_dihedral_orientations() -> None:
+    crop = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    assert crop_views(crop, 1)[0] is crop
+    two = crop_views(crop, 2)
+    np.testing.assert_array_equal(two[1], crop[:, ::-1])
+    eight = crop_views(crop, 8)
+    assert len({v.tobytes() for v in eight}) == 8  # all distinct for an asymmetric crop
+    assert all(v.flags["C_CONTIGUOUS"] for v in eight)
+    np.testing.assert_array_equal(crop_views(crop, 4)[2], crop[::-1, ::-1])
+    with pytest.raises(ValueError, match="views must be one of"):
+        crop_views(crop, 3)
+
+
+class _HalfModel:
+    """A fake classifier that sees which half of the crop is red: not orientation-invariant."""
+
+    class _Out:
+        shape = (1, 6)
+
+    outputs = (_Out(),)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def infer_pixels(self, crop: np.ndarray) -> list[np.ndarray]:
+        self.calls += 1
+        left = crop[:, : crop.shape[1] // 2, 0].mean() / 255.0
+        return [np.array([[4 * left, 1.0, 0.0, 0.0, 0.0, 0.0]])]
+
+
+def test_classifier_averages_logits_over_its_views() -> None:
+    crop = np.zeros((8, 8, 3), np.uint8)
+    crop[:, :4, 0] = 255  # red on the left only
+    one = CellClassifier(_HalfModel(), (*CLASSES, OTHER), 1.0, 0.0)  # type: ignore[arg-type]
+    two_model = _HalfModel()
+    two = CellClassifier(two_model, (*CLASSES, OTHER), 1.0, 0.0, views=2)  # type: ignore[arg-type]
+    p1, p2 = one.classify(crop), two.classify(crop)
+    assert two_model.calls == 2
+    # Mirrored, the red is on the right: the mean of the two views' logits is [2, 1, 0, ...].
+    want = calibrated_softmax(np.array([2.0, 1.0, 0, 0, 0, 0]), 1.0)
+    np.testing.assert_allclose([p2.probs[c] for c in (*CLASSES, OTHER)], want, atol=1e-9)
+    assert p1.probs["neutrophil"] > p2.probs["neutrophil"]
+    # One view of a probability output is exactly the single-view calibrated softmax.
+    p = np.array([0.5, 0.2, 0.1, 0.1, 0.1])
+    np.testing.assert_allclose(
+        calibrated_softmax(combine_views([p], "probabilities"), 1.7),
+        calibrated_softmax(p, 1.7, "probabilities"),
+    )
+    with pytest.raises(ValueError, match="views must be one of"):
+        CellClassifier(_HalfModel(), (*CLASSES, OTHER), views=5)  # type: ignore[arg-type]
+
+
+def test_classifier_views_are_read_from_the_manifest(tmp_path: Path) -> None:
+    from edge_wbc.manifest import load_manifest
+
+    for f in FIXTURE_MODELS.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    cls = next(m for m in raw["models"] if m["task"] == "classification")
+    assert load_manifest(tmp_path).classifier.views == 1  # manifests before views: one view
+    cls["views"] = 4
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert FieldAnalyzer(tmp_path, threads=1).classifier.views == 4
+    cls["views"] = 3
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match="views 3 is not one of"):
+        load_manifest(tmp_path)
 
 
 def test_from_config() -> None:

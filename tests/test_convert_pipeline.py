@@ -112,12 +112,16 @@ def test_release_writes_a_manifest_the_device_accepts(released: Path) -> None:
     # An 'other' call must be at least as sure as any call to leave the count.
     assert man.classifier.other_threshold is not None
     assert man.classifier.confidence_threshold <= man.classifier.other_threshold <= 1.0
+    # Calibrated with the views the device averages (release's default), and the card says so.
+    assert man.classifier.views == 4
+    assert man.classifier.raw["metrics"]["calibration"]["views"] == 4
     raw = json.loads((released / "manifest.json").read_text())
     for m in raw["models"]:
         assert m["input"]["dtype"] == "int8" and m["input"]["shape"][0] == 1
         assert m["converter"]["tensorflow"] and m["training_data"]
     card = (released / "README.md").read_text()
     assert "Segmentation ensemble" in card and "Cell classifier" in card
+    assert "classified in 4 orientations" in card
     assert (released / "figure1_ensemble.png").stat().st_size > 1000
 
 
