@@ -302,7 +302,9 @@ def bench(
             t = time.perf_counter()
             analyzer.classifier.classify(crop)
             per_model.setdefault(
-                f"  classifier {analyzer.classifier.model.path.name} (1 crop)", []
+                f"  classifier {analyzer.classifier.model.path.name} "
+                f"(1 crop, {analyzer.classifier.views} view(s))",
+                [],
             ).append((time.perf_counter() - t) * 1000.0)
 
     h, w = rgb.shape[:2]
