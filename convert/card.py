@@ -181,6 +181,14 @@ def cls_section(ev: dict[str, Any]) -> list[str]:
                 f"{c['confidence']:.3f} |"
             )
         lines.append("")
+    if ev.get("errors_small_sets_figure"):
+        lines += [
+            "Every error on the BCCD and Zheng test sets, as the classifier saw the crop "
+            "(reference -> predicted, calibrated confidence):",
+            "",
+            f"![errors on the small test sets]({ev['errors_small_sets_figure']})",
+            "",
+        ]
     return lines
 
 

@@ -174,6 +174,29 @@ def plot_confusion(m: np.ndarray, labels: Sequence[str], title: str, out: Path) 
     return out
 
 
+def plot_crops(
+    crops_: Sequence[np.ndarray], titles: Sequence[str], out: Path, cols: int = 8
+) -> Path:
+    """A contact sheet of crops (unit floats), each with a short title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(crops_))
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.35, rows * 1.55), dpi=100)
+    for k, ax in enumerate(np.atleast_1d(axes).ravel()):
+        ax.axis("off")
+        if k < len(crops_):
+            ax.imshow(np.clip(crops_[k], 0, 1))
+            ax.set_title(titles[k], fontsize=5.5)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def plot_coverage(
     curves: dict[str, list[tuple[float, float]]], thr_cov: dict[str, float], out: Path
 ) -> Path:
@@ -265,6 +288,7 @@ def evaluate_classifier(
         kt = keras_logits(load_keras(keras_path), xt, views)
     srcs = [c.source for c in test]
     curves, thr_cov = {}, {}
+    errors: list[tuple[np.ndarray, str]] = []  # every error on the small sets, to look at
     for s in sorted(set(srcs)):
         m = np.array([t == s for t in srcs])
         five = m & (yt < N5)
@@ -305,6 +329,14 @@ def evaluate_classifier(
         if s != "pbc":
             idx = np.where(five)[0]
             for j, i in enumerate(idx):
+                if pred5[j] != y5[j]:
+                    errors.append(
+                        (
+                            xt[i],
+                            f"{s} {Path(test[i].image).stem}\n{LABELS6[yt[i]][:5]} -> "
+                            f"{CLASSES[pred5[j]][:5]} {conf[j]:.2f}",
+                        )
+                    )
                 if pred5[j] != y5[j] and conf[j] >= 0.9:
                     report["label_error_candidates"].append(
                         {
@@ -317,6 +349,10 @@ def evaluate_classifier(
                         }
                     )
     plot_coverage(curves, thr_cov, out_dir / "accuracy_vs_coverage.png")
+    if errors:
+        err_crops, err_titles = zip(*errors, strict=True)
+        plot_crops(err_crops, err_titles, out_dir / "errors_small_sets.png")
+        report["errors_small_sets_figure"] = "errors_small_sets.png"
     report["coverage_curves"] = curves
     pbc = [c for c in test if c.source == "pbc" and c.label in CLASSES]
     if pbc:

@@ -1,6 +1,8 @@
-"""The 'other' threshold: fitted so that at most a set share of leukocytes leave the count."""
+"""Classifier evaluation helpers: the 'other' threshold fit, the error contact sheet."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -34,3 +36,14 @@ def test_no_leukocyte_called_other_keeps_the_confidence_threshold() -> None:
     p = _probs([(1, 0.8)] * 50 + [(N5, 0.9)] * 5)
     y = np.array([1] * 50 + [N5] * 5)
     assert fit_other_threshold(p, y, 0.6, 0.005) == 0.6
+
+
+def test_error_contact_sheet_is_written(tmp_path: Path) -> None:
+    import cv2
+
+    from convert.cls_eval import plot_crops
+
+    crops = [np.full((16, 16, 3), v, np.float32) for v in (0.1, 0.5, 0.9)]
+    out = plot_crops(crops, ["a", "b", "c"], tmp_path / "e.png", cols=2)
+    img = cv2.imread(str(out))
+    assert img is not None and img.shape[0] > 100 and img.shape[1] > 100
