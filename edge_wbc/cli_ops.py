@@ -37,10 +37,8 @@ def format_config(cfg: Config) -> str:
 def check_config(
     file: Annotated[
         Path | None,
-        typer.Argument(
-            help="Config file (default: $EDGE_WBC_CONFIG, "
-            "$CONFIGURATION_DIRECTORY/config.toml or /etc/edge-wbc/config.toml)."
-        ),
+        typer.Argument(help="Config file (default: $EDGE_WBC_CONFIG, "
+                       "$CONFIGURATION_DIRECTORY/config.toml or /etc/edge-wbc/config.toml)."),
     ] = None,
     show: Annotated[bool, typer.Option("--show", help="Print the effective settings.")] = False,
 ) -> None:
@@ -62,11 +60,8 @@ def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     only: Annotated[
         list[str] | None,
-        typer.Option(
-            "--only",
-            help="Run just these checks (camera, models, interpreter, "
-            "accelerator, disk, broker, system); repeatable.",
-        ),
+        typer.Option("--only", help="Run just these checks (camera, models, interpreter, "
+                     "accelerator, disk, broker, system); repeatable."),
     ] = None,
     broker_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the broker's TCP port.", min=0.1)
@@ -80,13 +75,8 @@ def doctor(
     try:
         cfg = load_config(path)
     except ConfigError as e:
-        rows = [
-            doc.Check(
-                "config",
-                doc.FAIL,
-                f"{len(e.problems)} problem(s); run edge-wbc check-config {path or ''}".rstrip(),
-            )
-        ]
+        rows = [doc.Check("config", doc.FAIL, f"{len(e.problems)} problem(s); run "
+                          f"edge-wbc check-config {path or ''}".rstrip())]
         if as_json:
             typer.echo(doc.to_json(rows, str(path) if path else None))
         else:
@@ -96,13 +86,10 @@ def doctor(
     names = [n for n, _ in doc.CHECKS]
     for n in only or []:
         if n not in names:
-            raise typer.BadParameter(
-                f"unknown check {n!r}; choose from {', '.join(names)}", param_hint="--only"
-            )
-    rows = [
-        doc.Check("config", doc.OK, str(path) if path else "defaults + environment"),
-        *doc.run_checks(cfg, only, broker_timeout=broker_timeout),
-    ]
+            raise typer.BadParameter(f"unknown check {n!r}; choose from {', '.join(names)}",
+                                     param_hint="--only")
+    rows = [doc.Check("config", doc.OK, str(path) if path else "defaults + environment"),
+            *doc.run_checks(cfg, only, broker_timeout=broker_timeout)]
     if as_json:
         typer.echo(doc.to_json(rows, str(path) if path else None))
     else:

@@ -69,26 +69,21 @@ class CameraConfig:
     )
     height: int = _f(480, "Height in pixels of the analysis frame.", min=64, max=8192)
     preview_fps: float = _f(
-        5.0,
-        "Frames per second of the live preview on the page (0 turns the preview off).",
-        min=0.0,
-        max=60.0,
+        5.0, "Frames per second of the live preview on the page (0 turns the preview off).",
+        min=0.0, max=60.0,
     )
 
 
 @dataclass(frozen=True)
 class ModelsConfig:
     dir: str = _f(
-        "models",
-        "Folder holding manifest.json and the .tflite files it lists (sha256-checked).",
+        "models", "Folder holding manifest.json and the .tflite files it lists (sha256-checked).",
         path=True,
     )
     threads: int = _f(2, "CPU threads for the interpreter.", min=1, max=64)
     accelerator: str = _f(
-        "cpu",
-        "'cpu', or 'edgetpu' for a Coral Edge TPU (falls back to CPU when absent, unless "
-        "require_accelerator is set).",
-        choices=ACCELERATORS,
+        "cpu", "'cpu', or 'edgetpu' for a Coral Edge TPU (falls back to CPU when absent, unless "
+        "require_accelerator is set).", choices=ACCELERATORS,
     )
     edgetpu_device: str = _f(
         "", "Edge TPU to use: '' (first found), 'usb', 'pci', 'usb:0', ':0'.", check="edgetpu"
@@ -102,70 +97,46 @@ class ModelsConfig:
 @dataclass(frozen=True)
 class PostprocessConfig:
     cell_diameter_px: float = _f(
-        170.0,
-        "Expected leukocyte diameter in analysis-frame pixels (set it for your objective "
-        "and camera); every size below scales with it.",
-        min=4.0,
-        max=2000.0,
+        170.0, "Expected leukocyte diameter in analysis-frame pixels (set it for your objective "
+        "and camera); every size below scales with it.", min=4.0, max=2000.0,
     )
     open_frac: float = _f(
-        0.05,
-        "Opening kernel diameter as a fraction of cell_diameter_px (removes specks).",
-        min=0.0,
-        max=1.0,
+        0.05, "Opening kernel diameter as a fraction of cell_diameter_px (removes specks).",
+        min=0.0, max=1.0,
     )
     close_frac: float = _f(
-        0.05,
-        "Closing kernel diameter as a fraction of cell_diameter_px (fills small holes).",
-        min=0.0,
-        max=1.0,
+        0.05, "Closing kernel diameter as a fraction of cell_diameter_px (fills small holes).",
+        min=0.0, max=1.0,
     )
     min_area_ratio: float = _f(
-        0.25,
-        "Regions smaller than this times the median region area are dropped.",
-        min=0.0,
-        max=1.0,
+        0.25, "Regions smaller than this times the median region area are dropped.",
+        min=0.0, max=1.0,
     )
     max_area_ratio: float = _f(
-        4.0,
-        "Regions larger than this times the median region area are dropped.",
-        min=1.0,
-        max=100.0,
+        4.0, "Regions larger than this times the median region area are dropped.",
+        min=1.0, max=100.0,
     )
     watershed_h_frac: float = _f(
-        0.06,
-        "A watershed seed must rise this fraction of cell_diameter_px above the saddle "
+        0.06, "A watershed seed must rise this fraction of cell_diameter_px above the saddle "
         "joining it to another seed; shallower maxima are one cell's uneven outline.",
-        min=0.0,
-        max=1.0,
+        min=0.0, max=1.0,
     )
     min_cell_area_frac: float = _f(
-        0.1,
-        "Regions smaller than this fraction of the expected cell area "
-        "(pi/4 * cell_diameter_px^2) are noise, whatever the median says.",
-        min=0.0,
-        max=1.0,
+        0.1, "Regions smaller than this fraction of the expected cell area "
+        "(pi/4 * cell_diameter_px^2) are noise, whatever the median says.", min=0.0, max=1.0,
     )
     min_region_score: float = _f(
-        0.9,
-        "A region whose ensemble probability stays below this in its most confident "
+        0.9, "A region whose ensemble probability stays below this in its most confident "
         "10 % is a doubtful vote (a tinted red cell), not a leukocyte; 0 disables the check.",
-        min=0.0,
-        max=1.0,
+        min=0.0, max=1.0,
     )
     watershed_min_distance_frac: float = _f(
-        0.35,
-        "Minimum distance between watershed seeds as a fraction of cell_diameter_px "
-        "(smaller splits touching cells more eagerly).",
-        min=0.01,
-        max=2.0,
+        0.35, "Minimum distance between watershed seeds as a fraction of cell_diameter_px "
+        "(smaller splits touching cells more eagerly).", min=0.01, max=2.0,
     )
     border_margin_px: int = _f(
-        0,
-        "Cells whose box comes closer than this to the frame edge are not counted (0 counts "
-        "cut cells too).",
-        min=0,
-        max=1000,
+        0, "Cells whose box comes closer than this to the frame edge are not counted (0 counts "
+        "cut cells too).", min=0, max=1000,
     )
 
 
@@ -175,52 +146,39 @@ class SessionConfig:
         100, "Leukocytes to count per slide (100 or 200 in most labs).", min=1, max=10000
     )
     data_dir: str = _f(
-        "/var/lib/edge-wbc",
-        "Where the SQLite database, cell crops and reports live. When "
+        "/var/lib/edge-wbc", "Where the SQLite database, cell crops and reports live. When "
         "this is not set: the unit's StateDirectory under systemd, /var/lib/edge-wbc when "
-        "writable, else ~/.local/share/edge-wbc.",
-        path=True,
+        "writable, else ~/.local/share/edge-wbc.", path=True,
     )
     duplicate_overlap: float = _f(
-        0.5,
-        "A field overlapping the previous one by more than this fraction is flagged as a "
-        "duplicate and its already-counted cells are not counted again.",
-        min=0.0,
-        max=1.0,
+        0.5, "A field overlapping the previous one by more than this fraction is flagged as a "
+        "duplicate and its already-counted cells are not counted again.", min=0.0, max=1.0,
     )
 
 
 @dataclass(frozen=True)
 class StationConfig:
     host: str = _f(
-        "127.0.0.1",
-        "Address the station's web page and API listen on. Anything but loopback requires a token.",
+        "127.0.0.1", "Address the station's web page and API listen on. Anything but loopback "
+        "requires a token.",
     )
     port: int = _f(8080, "TCP port of the web page and API.", min=1, max=65535)
     token: str | None = _f(
-        None,
-        "Bearer token for the API when listening beyond loopback. Secret: only from "
+        None, "Bearer token for the API when listening beyond loopback. Secret: only from "
         f"EDGE_WBC_TOKEN or the systemd credential '{CRED_TOKEN}', never from this file.",
         secret=True,
     )
     queue_max: int = _f(
-        4,
-        "Captures waiting for analysis before further captures are refused (visibly).",
-        min=1,
-        max=100,
+        4, "Captures waiting for analysis before further captures are refused (visibly).",
+        min=1, max=100,
     )
     gpio_pin: int | None = _f(
-        None,
-        "BCM pin of a capture button or foot pedal (needs the 'pi' extra); unset: none.",
-        min=0,
-        max=53,
+        None, "BCM pin of a capture button or foot pedal (needs the 'pi' extra); unset: none.",
+        min=0, max=53,
     )
     stuck_after_s: float = _f(
-        30.0,
-        "Seconds one field's analysis may take before the station counts itself hung, "
-        "stops its systemd watchdog pings and exits so systemd restarts it.",
-        min=1.0,
-        max=3600.0,
+        30.0, "Seconds one field's analysis may take before the station counts itself hung, "
+        "stops its systemd watchdog pings and exits so systemd restarts it.", min=1.0, max=3600.0,
     )
 
 
@@ -234,36 +192,27 @@ class MqttConfig:
     )
     tls_cert: str | None = _f(None, "Client certificate (PEM) for mutual TLS.", path=True)
     tls_key: str | None = _f(
-        None,
-        "Client key (PEM) for mutual TLS; under systemd the credential "
-        f"'{CRED_MQTT_TLS_KEY}' is used when this is not set.",
-        path=True,
+        None, "Client key (PEM) for mutual TLS; under systemd the credential "
+        f"'{CRED_MQTT_TLS_KEY}' is used when this is not set.", path=True,
     )
     username: str | None = _f(None, "Broker user name.")
     password: str | None = _f(
-        None,
-        "Broker password. Secret: only from EDGE_WBC_MQTT_PASSWORD or the systemd "
+        None, "Broker password. Secret: only from EDGE_WBC_MQTT_PASSWORD or the systemd "
         f"credential '{CRED_MQTT_PASSWORD}', never from this file or the command line.",
         secret=True,
     )
     client_id: str | None = _f(None, "MQTT client id; unset: 'edge-wbc-<station_id>'.")
     prefix: str = _f("edge-wbc", "First level of every topic.", check="topic")
-    station_id: str = _f("", "This station's name in topics; unset: the host name.", check="topic")
-    keepalive: int = _f(
-        30,
-        "Seconds between keepalives; the broker marks the station offline "
-        "after 1.5x this without traffic.",
-        min=5,
-        max=3600,
+    station_id: str = _f(
+        "", "This station's name in topics; unset: the host name.", check="topic"
     )
+    keepalive: int = _f(30, "Seconds between keepalives; the broker marks the station offline "
+                        "after 1.5x this without traffic.", min=5, max=3600)
     commands_enabled: bool = _f(False, "Accept capture/slide commands from the broker.")
     ha_discovery: bool = _f(False, "Publish Home Assistant discovery for the differential sensors.")
     outbox_max: int = _f(
-        100000,
-        "Events kept for the broker while it is unreachable; beyond it the oldest are "
-        "dropped with a warning.",
-        min=100,
-        max=10_000_000,
+        100000, "Events kept for the broker while it is unreachable; beyond it the oldest are "
+        "dropped with a warning.", min=100, max=10_000_000,
     )
     stats_interval_s: float = _f(60.0, "Seconds between health messages.", min=1.0, max=86400.0)
 
@@ -374,7 +323,9 @@ class ConfigError(Exception):
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> Config:
     """Defaults ← TOML file ← environment ← secrets; raises :class:`ConfigError` with all problems.
 
     ``path`` None reads no file (``default_config_path`` picks the system file when it exists).
@@ -397,9 +348,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(
-                [Problem("", _toml_error_line(e), f"not valid TOML: {_toml_msg(e)}", src)]
-            ) from None
+            raise ConfigError([Problem("", _toml_error_line(e), f"not valid TOML: {_toml_msg(e)}",
+                                       src)]) from None
         file_lines = key_lines(text)
         problems += _apply_file(data, values, file_lines, src)
 
@@ -470,14 +420,8 @@ def _apply_file(
     problems: list[Problem] = []
     for sec, table in data.items():
         if sec not in SECTIONS:
-            problems.append(
-                Problem(
-                    sec,
-                    lines.get(sec),
-                    f"unknown section [{sec}] (known: {', '.join(SECTIONS)})",
-                    src,
-                )
-            )
+            problems.append(Problem(sec, lines.get(sec), f"unknown section [{sec}] (known: "
+                                    f"{', '.join(SECTIONS)})", src))
             continue
         if not isinstance(table, dict):
             problems.append(Problem(sec, lines.get(sec), f"'{sec}' must be a [{sec}] table", src))
@@ -505,18 +449,17 @@ def _apply_env(env: Mapping[str, str], values: dict[str, dict[str, Any]]) -> lis
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        rest = name[len(ENV_PREFIX) :].lower()
+        rest = name[len(ENV_PREFIX):].lower()
         sec = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
         if sec is None:
             # EDGE_WBC_CONFIG, EDGE_WBC_TOKEN and test hooks live outside the sections.
             continue
-        key = rest[len(sec) + 1 :]
+        key = rest[len(sec) + 1:]
         dotted = f"{sec}.{key}"
         fdef = _field(sec, key)
         if fdef is None:
-            problems.append(
-                Problem(dotted, None, f"{name}: {_unknown_msg(sec, key)}", "environment")
-            )
+            problems.append(Problem(dotted, None, f"{name}: {_unknown_msg(sec, key)}",
+                                    "environment"))
             continue
         ok, conv, msg = _coerce(fdef, _parse_env(fdef, raw))
         if ok:
@@ -546,9 +489,8 @@ def _apply_secrets(env: Mapping[str, str], values: dict[str, dict[str, Any]]) ->
                     # A trailing newline from `echo secret > file` is not part of the secret.
                     value = p.read_text(encoding="utf-8").rstrip("\r\n")
                 except (OSError, UnicodeDecodeError) as e:
-                    problems.append(
-                        Problem(dotted, None, f"cannot read credential {p}: {e}", "credentials")
-                    )
+                    problems.append(Problem(dotted, None, f"cannot read credential {p}: {e}",
+                                            "credentials"))
                     continue
                 if not value:
                     # The installer creates empty credential files so LoadCredential= never
@@ -572,20 +514,13 @@ def _build(
         problems.append(Problem(f"{sec}.{key}", line_of(sec, key), msg, src))
 
     if not _is_loopback(cfg.station.host) and not cfg.station.token:
-        bad(
-            "station",
-            "host",
-            f"'{cfg.station.host}' is reachable from other machines: set a "
+        bad("station", "host", f"'{cfg.station.host}' is reachable from other machines: set a "
             f"token (EDGE_WBC_TOKEN or the systemd credential '{CRED_TOKEN}') or listen on "
-            "127.0.0.1",
-        )
+            "127.0.0.1")
     m = cfg.mqtt
     if m.tls_cert and not m.tls_key:
-        bad(
-            "mqtt",
-            "tls_cert",
-            f"a client certificate needs tls_key (or the systemd credential '{CRED_MQTT_TLS_KEY}')",
-        )
+        bad("mqtt", "tls_cert", "a client certificate needs tls_key (or the systemd credential "
+            f"'{CRED_MQTT_TLS_KEY}')")
     if m.tls_key and not m.tls_cert:
         bad("mqtt", "tls_key", "a client key needs tls_cert")
     if m.password and not m.username:
@@ -630,14 +565,10 @@ def _similar(a: str, b: str) -> bool:
 
 def _secret_msg(sec: str, key: str) -> str:
     if key == "token":
-        return (
-            f"secrets are not read from here: set EDGE_WBC_TOKEN or the systemd credential "
-            f"'{CRED_TOKEN}'"
-        )
-    return (
-        "secrets are not read from here: set EDGE_WBC_MQTT_PASSWORD or the systemd "
-        f"credential '{CRED_MQTT_PASSWORD}'"
-    )
+        return (f"secrets are not read from here: set EDGE_WBC_TOKEN or the systemd credential "
+                f"'{CRED_TOKEN}'")
+    return ("secrets are not read from here: set EDGE_WBC_MQTT_PASSWORD or the systemd "
+            f"credential '{CRED_MQTT_PASSWORD}'")
 
 
 _HINTS: dict[str, dict[str, Any]] = {}
@@ -669,14 +600,8 @@ _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str:
 
 
 def _describe(value: Any) -> str:
-    kind = {
-        bool: "boolean",
-        int: "integer",
-        float: "number",
-        str: "string",
-        list: "array",
-        dict: "table",
-    }.get(type(value), type(value).__name__)
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "table"}.get(type(value), type(value).__name__)
     return f"{kind} {value!r}" if kind not in ("array", "table") else kind
 
 
@@ -719,26 +644,14 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
         value = os.path.expanduser(value)
     check = meta.get("check")
     if check == "source" and not _SOURCE_RE.match(value):
-        return (
-            False,
-            None,
-            (
-                f"{value!r} is not a camera source: use 'picamera2', 'opencv:0' "
-                "(or 'opencv:/dev/video0') or 'folder:DIR'"
-            ),
-        )
+        return False, None, (f"{value!r} is not a camera source: use 'picamera2', 'opencv:0' "
+                             "(or 'opencv:/dev/video0') or 'folder:DIR'")
     if check == "edgetpu" and value and not re.match(r"^(usb|pci)?(:\d+)?$", value):
-        return (
-            False,
-            None,
-            (f"{value!r} is not an Edge TPU device ('', 'usb', 'pci', 'usb:0', ':0')"),
-        )
+        return False, None, (f"{value!r} is not an Edge TPU device "
+                             "('', 'usb', 'pci', 'usb:0', ':0')")
     if check == "topic" and value and (re.search(r"[#+/\s\x00]", value)):
-        return (
-            False,
-            None,
-            (f"{value!r} must not contain '/', '+', '#' or spaces (it is a topic level)"),
-        )
+        return False, None, (f"{value!r} must not contain '/', '+', '#' or spaces "
+                             "(it is a topic level)")
     return True, value, ""
 
 
@@ -776,10 +689,8 @@ def _as_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 
 _HEADER_RE = re.compile(r"^\s*\[\[?\s*(?P<name>[^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY_RE = re.compile(
-    r"""^\s*(?P<key>(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
-    r"""(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
-)
+_KEY_RE = re.compile(r"""^\s*(?P<key>(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+                     r"""(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
 
 
 def _split_dotted(s: str) -> list[str]:
@@ -814,7 +725,7 @@ def key_lines(text: str) -> dict[str, int]:
         for i in range(1, len(parts)):
             out.setdefault(".".join(parts[:i]), n)
         out[".".join(parts)] = n
-        rest = line[m.end() :]
+        rest = line[m.end():]
         for q in ('"""', "'''"):
             if rest.count(q) == 1:
                 in_ml = q

@@ -59,19 +59,11 @@ def check_camera(cfg: Config) -> Check:
         try:
             import picamera2  # type: ignore[import-not-found]  # noqa: F401
         except ImportError as e:
-            return Check(
-                "camera",
-                FAIL,
-                (
-                    f"picamera2 cannot be imported ({e}); on Raspberry Pi OS: sudo apt install "
-                    "python3-picamera2, and make the venv with --system-site-packages"
-                ),
-            )
-    busy = (
-        " (if the station is running it holds the camera: sudo systemctl stop edge-wbc first)"
-        if not src.startswith("folder:")
-        else ""
-    )
+            return Check("camera", FAIL, (
+                f"picamera2 cannot be imported ({e}); on Raspberry Pi OS: sudo apt install "
+                "python3-picamera2, and make the venv with --system-site-packages"))
+    busy = (" (if the station is running it holds the camera: sudo systemctl stop edge-wbc "
+            "first)" if not src.startswith("folder:") else "")
     try:
         source = open_source(src, cfg.camera.width, cfg.camera.height, loop=True)
     except CameraError as e:
@@ -106,14 +98,11 @@ def check_models(cfg: Config) -> Check:
     except ManifestError as e:
         return Check("models", FAIL, str(e))
     cls = man.classifier
-    parts = [
-        f"{len(man.segmenters)} segmenter(s)",
-        f"classifier {cls.name}" if cls else "no classifier",
-    ]
+    parts = [f"{len(man.segmenters)} segmenter(s)", f"classifier {cls.name}" if cls else
+             "no classifier"]
     status = OK if cls is not None else FAIL
-    return Check(
-        "models", status, f"{Path(cfg.models.dir).resolve()}: {', '.join(parts)}, sha256 verified"
-    )
+    return Check("models", status, f"{Path(cfg.models.dir).resolve()}: {', '.join(parts)}, "
+                 "sha256 verified")
 
 
 def check_interpreter(cfg: Config) -> Check:
@@ -138,12 +127,8 @@ def check_interpreter(cfg: Config) -> Check:
     except (ModelLoadError, OSError, ValueError, RuntimeError) as e:
         return Check("interpreter", FAIL, f"{head}: {e}")
     ms = (time.perf_counter() - t0) * 1000
-    return Check(
-        "interpreter",
-        OK,
-        f"{head}: {len(man.models)} models load on the CPU in "
-        f"{ms:.0f} ms ({cfg.models.threads} threads)",
-    )
+    return Check("interpreter", OK, f"{head}: {len(man.models)} models load on the CPU in "
+                 f"{ms:.0f} ms ({cfg.models.threads} threads)")
 
 
 def _coral_present() -> str | None:
@@ -162,11 +147,8 @@ def _coral_present() -> str | None:
 def check_accelerator(cfg: Config) -> Check:
     present = _coral_present()
     if cfg.models.accelerator == "cpu":
-        hint = (
-            f'; {present} is plugged in: set models.accelerator = "edgetpu" to use it'
-            if present
-            else ""
-        )
+        hint = (f"; {present} is plugged in: set models.accelerator = \"edgetpu\" to use it"
+                if present else "")
         return Check("accelerator", OK, f"CPU configured{hint}")
     try:
         from edge_wbc.inference import AcceleratorError, open_accelerator
@@ -203,9 +185,8 @@ def _missing_edgetpu_files(cfg: Config) -> list[str]:
     return out
 
 
-def check_disk(
-    cfg: Config, min_free: int = MIN_FREE_BYTES, warn_free: int = WARN_FREE_BYTES
-) -> Check:
+def check_disk(cfg: Config, min_free: int = MIN_FREE_BYTES, warn_free: int = WARN_FREE_BYTES
+               ) -> Check:
     d = Path(cfg.session.data_dir)
     probe = d
     # The station creates the folder (systemd's StateDirectory does on a Pi): measure the
@@ -219,12 +200,8 @@ def check_disk(
     free = usage.free
     human = f"{free / 1024**3:.1f} GiB free of {usage.total / 1024**3:.1f} GiB"
     if free < min_free:
-        return Check(
-            "disk",
-            FAIL,
-            f"{d}: only {human}; the station needs at least "
-            f"{min_free // 1024**2} MiB to store cells and reports",
-        )
+        return Check("disk", FAIL, f"{d}: only {human}; the station needs at least "
+                     f"{min_free // 1024**2} MiB to store cells and reports")
     where = f"{d}" if d.exists() else f"{d} (not created yet; on {probe})"
     note = ""
     if d.exists() and not os.access(d, os.W_OK):
@@ -244,14 +221,9 @@ def check_broker(cfg: Config, timeout: float = 3.0) -> Check:
             pass
     except OSError as e:
         why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
-        return Check(
-            "broker",
-            WARN,
-            (
-                f"{m.host}:{m.port} unreachable ({why}); the station keeps counting and delivers "
-                "when the broker is back"
-            ),
-        )
+        return Check("broker", WARN, (
+            f"{m.host}:{m.port} unreachable ({why}); the station keeps counting and delivers "
+            "when the broker is back"))
     ms = (time.perf_counter() - t0) * 1000
     tls = " (TLS configured)" if m.tls or m.tls_ca else ""
     return Check("broker", OK, f"{m.host}:{m.port} accepts TCP connections in {ms:.0f} ms{tls}")
@@ -278,9 +250,8 @@ CHECKS: tuple[tuple[str, Callable[[Config], Check]], ...] = (
 )
 
 
-def run_checks(
-    cfg: Config, only: Iterable[str] | None = None, broker_timeout: float = 3.0
-) -> list[Check]:
+def run_checks(cfg: Config, only: Iterable[str] | None = None,
+               broker_timeout: float = 3.0) -> list[Check]:
     wanted = set(only) if only else None
     rows = []
     for name, fn in CHECKS:
@@ -316,19 +287,12 @@ def summary(rows: list[Check]) -> str:
     warns = [r.name for r in rows if r.status == WARN]
     if fails:
         return f"NOT READY: {', '.join(fails)} failed" + (
-            f"; warnings: {', '.join(warns)}" if warns else ""
-        )
+            f"; warnings: {', '.join(warns)}" if warns else "")
     if warns:
         return f"READY with warnings: {', '.join(warns)}"
     return "READY: every check passed"
 
 
 def to_json(rows: list[Check], config_path: str | None) -> str:
-    return json.dumps(
-        {
-            "config": config_path,
-            "checks": [r.to_json() for r in rows],
-            "ok": not any(r.status == FAIL for r in rows),
-        },
-        indent=2,
-    )
+    return json.dumps({"config": config_path, "checks": [r.to_json() for r in rows],
+                       "ok": not any(r.status == FAIL for r in rows)}, indent=2)

@@ -36,24 +36,22 @@ _expected: tuple[type[BaseException], ...] = (
 
 #: The project's own "the lab must fix this" exceptions, by name so that judging a log record
 #: never imports (or waits for) the module that defines them.
-_EXPECTED_NAMES = frozenset(
-    {
-        "edge_wbc.config.ConfigError",
-        "edge_wbc.manifest.ManifestError",
-        "edge_wbc.imageio.ImageError",
-        "edge_wbc.camera.CameraError",
-        "edge_wbc.camera.FrameError",
-        "edge_wbc.store.StoreError",
-        "edge_wbc.session.SessionError",
-        "edge_wbc.mqtt.MqttError",
-        "edge_wbc.inference.model.AcceleratorError",
-        "edge_wbc.inference.model.ModelLoadError",
-        "edge_wbc.inference.runtime.RuntimeMissing",
-        "edge_wbc.station.app.BusyError",
-        "edge_wbc.station.command.StartupError",
-        "edge_wbc.station.triggers.TriggerError",
-    }
-)
+_EXPECTED_NAMES = frozenset({
+    "edge_wbc.config.ConfigError",
+    "edge_wbc.manifest.ManifestError",
+    "edge_wbc.imageio.ImageError",
+    "edge_wbc.camera.CameraError",
+    "edge_wbc.camera.FrameError",
+    "edge_wbc.store.StoreError",
+    "edge_wbc.session.SessionError",
+    "edge_wbc.mqtt.MqttError",
+    "edge_wbc.inference.model.AcceleratorError",
+    "edge_wbc.inference.model.ModelLoadError",
+    "edge_wbc.inference.runtime.RuntimeMissing",
+    "edge_wbc.station.app.BusyError",
+    "edge_wbc.station.command.StartupError",
+    "edge_wbc.station.triggers.TriggerError",
+})
 
 
 class ExpectedError(Exception):
@@ -81,11 +79,8 @@ def _priority(levelno: int) -> int:
 
 class _Formatter(logging.Formatter):
     def __init__(self, journal: bool, debug: bool) -> None:
-        fmt = (
-            "%(name)s: %(message)s"
-            if journal
-            else ("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-        )
+        fmt = "%(name)s: %(message)s" if journal else (
+            "%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         super().__init__(fmt, datefmt="%Y-%m-%d %H:%M:%S")
         self.journal = journal
         self.debug = debug
@@ -153,9 +148,8 @@ def setup_logging(
     return handler
 
 
-def log_expected(
-    logger: logging.Logger, what: str, exc: BaseException, level: int = logging.ERROR
-) -> None:
+def log_expected(logger: logging.Logger, what: str, exc: BaseException,
+                 level: int = logging.ERROR) -> None:
     """One line for a failure the operator can act on; the traceback only at DEBUG."""
     if logger.isEnabledFor(logging.DEBUG):
         logger.log(level, "%s", what, exc_info=exc)

@@ -27,13 +27,8 @@ from edge_wbc.results import CLASSES, UNIDENTIFIED
 
 log = logging.getLogger(__name__)
 
-_ABBREV = {
-    "neutrophil": "NEU",
-    "eosinophil": "EOS",
-    "basophil": "BAS",
-    "lymphocyte": "LYM",
-    "monocyte": "MON",
-}
+_ABBREV = {"neutrophil": "NEU", "eosinophil": "EOS", "basophil": "BAS", "lymphocyte": "LYM",
+           "monocyte": "MON"}
 
 
 @dataclass
@@ -151,16 +146,8 @@ class StationTable:
 
     def render(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
-        head = [
-            "STATION",
-            "STATUS",
-            "SAMPLE",
-            "COUNTED",
-            *(_ABBREV[c] + "%" for c in CLASSES),
-            "UNID",
-            "OUTBOX",
-            "SEEN",
-        ]
+        head = ["STATION", "STATUS", "SAMPLE", "COUNTED", *(_ABBREV[c] + "%" for c in CLASSES),
+                "UNID", "OUTBOX", "SEEN"]
         rows = [head]
         for sid in sorted(self.stations):
             v = self.stations[sid]
@@ -176,22 +163,12 @@ class StationTable:
                 counted, cols, unid = "-", ["-"] * len(CLASSES), "-"
             ob = v.stats.get("outbox") if isinstance(v.stats.get("outbox"), dict) else None
             age = now - v.last_seen
-            rows.append(
-                [
-                    sid,
-                    v.status(now),
-                    str(v.field("sample_id") or "-"),
-                    counted,
-                    *cols,
-                    unid,
-                    str(ob.get("depth")) if ob else "-",
-                    f"{age:.0f}s ago" if age < 3600 else f"{age / 3600:.1f}h ago",
-                ]
-            )
+            rows.append([sid, v.status(now), str(v.field("sample_id") or "-"), counted, *cols, unid,
+                         str(ob.get("depth")) if ob else "-",
+                         f"{age:.0f}s ago" if age < 3600 else f"{age / 3600:.1f}h ago"])
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = [
-            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-        ]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                 for r in rows]
         n_on = sum(1 for v in self.stations.values() if v.status(now) == "online")
         lines.append(f"{len(self.stations)} stations, {n_on} online")
         return "\n".join(lines)
@@ -200,19 +177,11 @@ class StationTable:
 class Monitor:
     """A paho subscriber feeding a StationTable; ``on_change(station_id)`` after each update."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int = 1883,
-        prefix: str = "edge-wbc",
-        username: str | None = None,
-        password: str | None = None,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        tls: bool = False,
-        on_change: Callable[[str], None] | None = None,
-    ) -> None:
+    def __init__(self, host: str, port: int = 1883, prefix: str = "edge-wbc",
+                 username: str | None = None, password: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, tls: bool = False,
+                 on_change: Callable[[str], None] | None = None) -> None:
         self.host, self.port, self.prefix = host, port, prefix
         self.table = StationTable(prefix)
         self.lock = threading.Lock()
@@ -220,25 +189,21 @@ class Monitor:
         self.subscribed = threading.Event()
         self.error: str | None = None
         self.last_message = time.monotonic()
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"edge-wbc-monitor-{os.getpid()}-{id(self) % 10000}",
-        )
+        self.client = paho.Client(CallbackAPIVersion.VERSION2,
+                                  client_id=f"edge-wbc-monitor-{os.getpid()}-{id(self) % 10000}")
         self.client.suppress_exceptions = True
         if username:
             self.client.username_pw_set(username, password)
         if tls or tls_ca or tls_cert:
-            self.client.tls_set(
-                ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key, cert_reqs=ssl.CERT_REQUIRED
-            )
+            self.client.tls_set(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key,
+                                cert_reqs=ssl.CERT_REQUIRED)
         self.client.reconnect_delay_set(1, 30)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self.subscribed.set()
 
-    def _on_connect(
-        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
-    ) -> None:
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
         if reason.is_failure:
             self.error = f"broker {self.host}:{self.port} refused the connection: {reason}"
             self.subscribed.set()  # wake a waiting --once with the error
@@ -259,14 +224,12 @@ class Monitor:
             self.client.connect(self.host, self.port, keepalive=30)
         except (OSError, ssl.SSLError) as exc:
             raise ConnectionError(
-                f"cannot reach MQTT broker {self.host}:{self.port}: {exc}"
-            ) from exc
+                f"cannot reach MQTT broker {self.host}:{self.port}: {exc}") from exc
         self.client.loop_start()
         if not self.subscribed.wait(timeout_s):
             self.stop()
-            raise ConnectionError(
-                f"no answer from MQTT broker {self.host}:{self.port} within {timeout_s:.0f} s"
-            )
+            raise ConnectionError(f"no answer from MQTT broker {self.host}:{self.port} "
+                                  f"within {timeout_s:.0f} s")
         if self.error:
             self.stop()
             raise ConnectionError(self.error)
@@ -295,14 +258,8 @@ class Monitor:
         self.client.loop_stop()
 
 
-def run(
-    monitor: Monitor,
-    as_json: bool,
-    once: bool,
-    duration_s: float | None,
-    out: TextIO | None = None,
-    stop: threading.Event | None = None,
-) -> None:
+def run(monitor: Monitor, as_json: bool, once: bool, duration_s: float | None,
+        out: TextIO | None = None, stop: threading.Event | None = None) -> None:
     """Print the picture, then updates until ``duration_s`` passed or ``stop`` is set."""
     out = sys.stdout if out is None else out  # looked up late: tests and pipes swap it
     changed: set[str] = set()
@@ -336,9 +293,8 @@ def run(
         monitor.stop()
 
 
-def _emit(
-    monitor: Monitor, as_json: bool, stations: set[str] | None, out: TextIO, tty: bool
-) -> None:
+def _emit(monitor: Monitor, as_json: bool, stations: set[str] | None, out: TextIO,
+          tty: bool) -> None:
     if as_json:
         for view in monitor.snapshot():
             if stations is None or view.station in stations:
@@ -357,22 +313,15 @@ def register(app: typer.Typer) -> None:
         mqtt_port: int = typer.Option(1883, "--mqtt-port", help="Broker port."),
         prefix: str = typer.Option("edge-wbc", "--prefix", help="Topic prefix of the stations."),
         as_json: bool = typer.Option(False, "--json", help="JSON lines, one per station update."),
-        once: bool = typer.Option(
-            False, "--once", help="Print the current picture (retained state) and exit."
-        ),
-        duration: float | None = typer.Option(
-            None, "--duration", min=0.1, help="Stop after this many seconds."
-        ),
-        username: str | None = typer.Option(
-            None, "--username", help="Broker user; the password comes from EDGE_WBC_MQTT_PASSWORD."
-        ),
-        tls_ca: Path | None = typer.Option(
-            None,
-            "--tls-ca",
-            exists=True,
-            dir_okay=False,
-            help="CA certificate of the broker (enables TLS).",
-        ),
+        once: bool = typer.Option(False, "--once",
+                                  help="Print the current picture (retained state) and exit."),
+        duration: float | None = typer.Option(None, "--duration", min=0.1,
+                                              help="Stop after this many seconds."),
+        username: str | None = typer.Option(None, "--username",
+                                            help="Broker user; the password comes from "
+                                                 "EDGE_WBC_MQTT_PASSWORD."),
+        tls_ca: Path | None = typer.Option(None, "--tls-ca", exists=True, dir_okay=False,
+                                           help="CA certificate of the broker (enables TLS)."),
         tls_cert: Path | None = typer.Option(None, "--tls-cert", exists=True, dir_okay=False),
         tls_key: Path | None = typer.Option(None, "--tls-key", exists=True, dir_okay=False),
     ) -> None:
@@ -380,16 +329,10 @@ def register(app: typer.Typer) -> None:
         from edge_wbc.mqtt import read_password
 
         password = read_password(dict(os.environ)) if username else None
-        mon = Monitor(
-            mqtt_host,
-            mqtt_port,
-            prefix,
-            username=username,
-            password=password,
-            tls_ca=str(tls_ca) if tls_ca else None,
-            tls_cert=str(tls_cert) if tls_cert else None,
-            tls_key=str(tls_key) if tls_key else None,
-        )
+        mon = Monitor(mqtt_host, mqtt_port, prefix, username=username, password=password,
+                      tls_ca=str(tls_ca) if tls_ca else None,
+                      tls_cert=str(tls_cert) if tls_cert else None,
+                      tls_key=str(tls_key) if tls_key else None)
         try:
             run(mon, as_json, once, duration)
         except ConnectionError as exc:

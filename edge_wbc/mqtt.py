@@ -98,30 +98,15 @@ class MqttSettings:
         if password is None and getattr(cfg, "username", None):
             password = read_password(os.environ if env is None else env)
         kwargs = {
-            k: getattr(cfg, k)
-            for k in (
-                "port",
-                "tls",
-                "tls_ca",
-                "tls_cert",
-                "tls_key",
-                "username",
-                "prefix",
-                "keepalive",
-                "commands_enabled",
-                "ha_discovery",
-                "outbox_max",
+            k: getattr(cfg, k) for k in (
+                "port", "tls", "tls_ca", "tls_cert", "tls_key", "username", "prefix",
+                "keepalive", "commands_enabled", "ha_discovery", "outbox_max",
                 "stats_interval_s",
-            )
-            if getattr(cfg, k, None) is not None
+            ) if getattr(cfg, k, None) is not None
         }
-        settings = cls(
-            host=str(host),
-            station_id=station,
-            password=password,
-            client_id=getattr(cfg, "client_id", None) or f"edge-wbc-{station}",
-            **kwargs,
-        )
+        settings = cls(host=str(host), station_id=station, password=password,
+                       client_id=getattr(cfg, "client_id", None) or f"edge-wbc-{station}",
+                       **kwargs)
         settings.validate()
         return settings
 
@@ -129,10 +114,8 @@ class MqttSettings:
         for name in ("prefix", "station_id"):
             value = getattr(self, name)
             if not value or any(c in value for c in "+#/\0"):
-                raise MqttError(
-                    f"mqtt.{name} {value!r} must be one non-empty topic level "
-                    "without '+', '#' or '/'"
-                )
+                raise MqttError(f"mqtt.{name} {value!r} must be one non-empty topic level "
+                                "without '+', '#' or '/'")
         for name in ("tls_ca", "tls_cert", "tls_key"):
             path = getattr(self, name)
             if path and not os.access(path, os.R_OK):
@@ -231,12 +214,8 @@ class MqttPublisher:
     # ---- paho client -------------------------------------------------------------------------
     def _make_client(self) -> paho.Client:
         s = self.settings
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=s.client_id,
-            protocol=paho.MQTTv311,
-            clean_session=True,
-        )
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id,
+                             protocol=paho.MQTTv311, clean_session=True)
         # A raising callback would otherwise kill paho's network thread (and keepalives).
         client.suppress_exceptions = True
         client.enable_logger(_PAHO_LOG)
@@ -244,13 +223,8 @@ class MqttPublisher:
             client.username_pw_set(s.username, s.password)
         if s.use_tls:
             try:
-                client.tls_set(
-                    ca_certs=s.tls_ca,
-                    certfile=s.tls_cert,
-                    keyfile=s.tls_key,
-                    cert_reqs=ssl.CERT_REQUIRED,
-                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
-                )
+                client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key,
+                               cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 raise MqttError(f"MQTT TLS settings unusable: {exc}") from exc
         # Before connect: the broker needs the will in CONNECT to announce an unclean death.
@@ -273,24 +247,13 @@ class MqttPublisher:
         self._worker = threading.Thread(target=self._run, name="edge-wbc-mqtt", daemon=True)
         self._worker.start()
         self._set_state("connecting")
-        log.info(
-            "MQTT: connecting to %s:%d as %s (station %s, prefix %s)",
-            self.settings.host,
-            self.settings.port,
-            self.settings.client_id,
-            self.settings.station_id,
-            self.settings.prefix,
-        )
-        if (
-            self.settings.password
-            and not self.settings.use_tls
-            and self.settings.host not in ("localhost", "127.0.0.1", "::1")
-        ):
-            log.warning(
-                "MQTT: the password goes to %s unencrypted; set mqtt.tls_ca (or "
-                "mqtt.tls = true) to use TLS",
-                self.settings.host,
-            )
+        log.info("MQTT: connecting to %s:%d as %s (station %s, prefix %s)", self.settings.host,
+                 self.settings.port, self.settings.client_id, self.settings.station_id,
+                 self.settings.prefix)
+        if self.settings.password and not self.settings.use_tls \
+                and self.settings.host not in ("localhost", "127.0.0.1", "::1"):
+            log.warning("MQTT: the password goes to %s unencrypted; set mqtt.tls_ca (or "
+                        "mqtt.tls = true) to use TLS", self.settings.host)
         # connect_async + loop_start: a broker that is down at boot must not stop the station.
         self.client.connect_async(self.settings.host, self.settings.port, self.settings.keepalive)
         self.client.loop_start()
@@ -377,23 +340,16 @@ class MqttPublisher:
             self._cv.notify_all()
 
     # ---- paho callbacks (network thread: record and wake, nothing slow) ----------------------
-    def _on_connect(
-        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
-    ) -> None:
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
         if reason.is_failure:
             name = str(reason)
             auth = name in _AUTH_REASONS
-            msg = (
-                f"MQTT broker {self.settings.host}:{self.settings.port} refused the "
-                f"connection: {name}"
-                + (
-                    " (check mqtt.username and the EDGE_WBC_MQTT_PASSWORD / mqtt-password "
-                    "credential)"
-                    if auth
-                    else ""
-                )
-                + "; counting continues locally, events wait in the outbox"
-            )
+            msg = (f"MQTT broker {self.settings.host}:{self.settings.port} refused the "
+                   f"connection: {name}"
+                   + (" (check mqtt.username and the EDGE_WBC_MQTT_PASSWORD / mqtt-password "
+                      "credential)" if auth else "")
+                   + "; counting continues locally, events wait in the outbox")
             with self._cv:
                 repeated = self._error == msg
             if not repeated:
@@ -401,12 +357,8 @@ class MqttPublisher:
             self._set_state("auth_failed" if auth else "refused", msg)
             return
         if self.settings.commands_enabled:
-            client.subscribe(
-                [
-                    (self.settings.topic("capture", "set"), 1),
-                    (self.settings.topic("slide", "set"), 1),
-                ]
-            )
+            client.subscribe([(self.settings.topic("capture", "set"), 1),
+                              (self.settings.topic("slide", "set"), 1)])
         with self._cv:
             self._connected = True
             self._just_connected = True
@@ -423,10 +375,8 @@ class MqttPublisher:
             kind, detail = "tls_error", f"TLS handshake with the broker failed: {exc}"
         else:
             kind, detail = "unreachable", f"cannot reach the broker: {exc or 'connection failed'}"
-        msg = (
-            f"MQTT {self.settings.host}:{self.settings.port}: {detail}; retrying with "
-            "back-off, counting continues locally"
-        )
+        msg = (f"MQTT {self.settings.host}:{self.settings.port}: {detail}; retrying with "
+               "back-off, counting continues locally")
         with self._cv:
             repeated = self._error == msg
         if repeated:
@@ -435,9 +385,8 @@ class MqttPublisher:
             log.warning("%s", msg)
         self._set_state(kind, msg)
 
-    def _on_disconnect(
-        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
-    ) -> None:
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
         with self._cv:
             was = self._connected
             self._connected = False
@@ -445,14 +394,11 @@ class MqttPublisher:
                 self._state = "disconnected"
             self._cv.notify_all()
         if was and not self._stopping:
-            log.warning(
-                "MQTT: lost the broker (%s); reconnecting with back-off, events wait in the outbox",
-                reason,
-            )
+            log.warning("MQTT: lost the broker (%s); reconnecting with back-off, events wait "
+                        "in the outbox", reason)
 
-    def _on_publish(
-        self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any
-    ) -> None:
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any,
+                    properties: Any) -> None:
         with self._cv:
             self._diff_mids.discard(mid)
             if mid in self._pending:
@@ -467,14 +413,11 @@ class MqttPublisher:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if msg.retain:
             # A retained command would fire again on every reconnect: refuse it.
-            log.warning(
-                "MQTT: ignoring retained command on %s (publish commands without retain)", msg.topic
-            )
+            log.warning("MQTT: ignoring retained command on %s (publish commands without "
+                        "retain)", msg.topic)
             return
-        kind = {
-            self.settings.topic("capture", "set"): "capture",
-            self.settings.topic("slide", "set"): "slide",
-        }.get(msg.topic)
+        kind = {self.settings.topic("capture", "set"): "capture",
+                self.settings.topic("slide", "set"): "slide"}.get(msg.topic)
         if kind is None:
             return
         with self._cv:
@@ -482,15 +425,8 @@ class MqttPublisher:
             self._cv.notify_all()
 
     # ---- worker thread ------------------------------------------------------------------------
-    def _send(
-        self,
-        topic: str,
-        payload: str | bytes,
-        qos: int,
-        retain: bool,
-        row_id: int | None = None,
-        differential: bool = False,
-    ) -> paho.MQTTMessageInfo | None:
+    def _send(self, topic: str, payload: str | bytes, qos: int, retain: bool,
+              row_id: int | None = None, differential: bool = False) -> paho.MQTTMessageInfo | None:
         try:
             info = self.client.publish(topic, payload, qos=qos, retain=retain)
         except ValueError as exc:
@@ -519,14 +455,9 @@ class MqttPublisher:
         return info
 
     def _has_work(self) -> bool:
-        return (
-            self._stopping
-            or self._wake
-            or self._just_connected
-            or bool(self._acked)
-            or bool(self._commands)
-            or (self._diff_dirty and self._connected and not self._diff_mids)
-        )
+        return (self._stopping or self._wake or self._just_connected or bool(self._acked)
+                or bool(self._commands)
+                or (self._diff_dirty and self._connected and not self._diff_mids))
 
     def _run(self) -> None:
         db = outbox.connect(self.db_path)
@@ -535,9 +466,8 @@ class MqttPublisher:
         try:
             while True:
                 with self._cv:
-                    self._cv.wait_for(
-                        self._has_work, timeout=max(0.05, min(1.0, next_stats - time.monotonic()))
-                    )
+                    self._cv.wait_for(self._has_work,
+                                      timeout=max(0.05, min(1.0, next_stats - time.monotonic())))
                     stopping = self._stopping
                     just_connected, self._just_connected = self._just_connected, False
                     self._wake = False
@@ -603,16 +533,8 @@ class MqttPublisher:
             if not self._connected:
                 break
             body = {**row.payload, "station": self.settings.station_id, "event_seq": row.id}
-            if (
-                self._send(
-                    self.settings.topic(row.topic_suffix),
-                    _dumps(body),
-                    row.qos,
-                    row.retain,
-                    row_id=row.id,
-                )
-                is None
-            ):
+            if self._send(self.settings.topic(row.topic_suffix), _dumps(body), row.qos,
+                          row.retain, row_id=row.id) is None:
                 with self._cv:
                     if row.id not in self._acked:  # not an unpublishable row: retry it later
                         break
@@ -635,19 +557,17 @@ class MqttPublisher:
 
     def _differential_payload(self, state: dict[str, Any]) -> str:
         slide = state.get("slide") if isinstance(state.get("slide"), dict) else {}
-        return _dumps(
-            {
-                **state,
-                # The station's own state schema stays readable next to the MQTT envelope's.
-                "state_schema": state.get("schema"),
-                "schema": MQTT_SCHEMA,
-                "station": self.settings.station_id,
-                "slide_id": state.get("slide_id") or slide.get("slide_id"),
-                "sample_id": state.get("sample_id") or slide.get("sample_id"),
-                "ts": state.get("ts") or state.get("updated_at") or utc_now_iso(),
-                "published_at": utc_now_iso(),
-            }
-        )
+        return _dumps({
+            **state,
+            # The station's own state schema stays readable next to the MQTT envelope's.
+            "state_schema": state.get("schema"),
+            "schema": MQTT_SCHEMA,
+            "station": self.settings.station_id,
+            "slide_id": state.get("slide_id") or slide.get("slide_id"),
+            "sample_id": state.get("sample_id") or slide.get("sample_id"),
+            "ts": state.get("ts") or state.get("updated_at") or utc_now_iso(),
+            "published_at": utc_now_iso(),
+        })
 
     def _publish_differential(self) -> None:
         with self._cv:
@@ -656,13 +576,8 @@ class MqttPublisher:
             state = None if self._diff is None else dict(self._diff)
             self._diff_dirty = False
         if state is not None:
-            self._send(
-                self.settings.topic("differential"),
-                self._differential_payload(state),
-                qos=1,
-                retain=True,
-                differential=True,
-            )
+            self._send(self.settings.topic("differential"), self._differential_payload(state),
+                       qos=1, retain=True, differential=True)
 
     def _announce(self) -> None:
         """After every connect: discovery, retained differential, then ``online``."""
@@ -677,13 +592,8 @@ class MqttPublisher:
         with self._cv:
             self._diff_dirty = False
         if state is not None:
-            self._send(
-                self.settings.topic("differential"),
-                self._differential_payload(state),
-                qos=1,
-                retain=True,
-                differential=True,
-            )
+            self._send(self.settings.topic("differential"), self._differential_payload(state),
+                       qos=1, retain=True, differential=True)
         self._send(self.settings.topic("available"), ONLINE, qos=1, retain=True)
 
     def stats_payload(self, db: Any) -> dict[str, Any]:
@@ -722,9 +632,7 @@ class MqttPublisher:
             payload["slide_fields"] = diff.get("fields")
             payload["accelerator"] = diff.get("accelerator") or (
                 diff.get("models", {}).get("accelerator")
-                if isinstance(diff.get("models"), dict)
-                else None
-            )
+                if isinstance(diff.get("models"), dict) else None)
         if self._health_provider is not None:
             try:
                 payload.update(self._health_provider())
@@ -735,7 +643,8 @@ class MqttPublisher:
     def _publish_stats(self, db: Any) -> None:
         # Retained so a monitor that starts later sees the last health at once; QoS 0: the
         # next one supersedes it anyway.
-        self._send(self.settings.topic("stats"), _dumps(self.stats_payload(db)), qos=0, retain=True)
+        self._send(self.settings.topic("stats"), _dumps(self.stats_payload(db)), qos=0,
+                   retain=True)
 
     def _handle_command(self, kind: str, raw: bytes) -> None:
         request_id = None
@@ -753,14 +662,8 @@ class MqttPublisher:
         except Exception as exc:  # the station refused it (e.g. finalise with unidentified)
             log.warning("MQTT: %s command failed: %s", kind, exc)
             echo = {"ok": False, "error": str(exc) or type(exc).__name__}
-        body = {
-            "schema": MQTT_SCHEMA,
-            "station": self.settings.station_id,
-            "ts": utc_now_iso(),
-            "command": kind,
-            "request_id": request_id,
-            **echo,
-        }
+        body = {"schema": MQTT_SCHEMA, "station": self.settings.station_id, "ts": utc_now_iso(),
+                "command": kind, "request_id": request_id, **echo}
         self._send(self.settings.topic("state"), _dumps(body), qos=1, retain=False)
 
     def _shutdown(self, db: Any) -> None:
@@ -771,15 +674,10 @@ class MqttPublisher:
             # Bounded: a clean exit should not hang on a broker that has just gone away.
             with self._cv:
                 self._cv.wait_for(
-                    lambda: (
-                        not self._connected
-                        or (
-                            mid not in self._pending
-                            and all(row is None for row in self._pending.values())
-                        )
-                    ),
-                    timeout=max(0.0, deadline - time.monotonic()),
-                )
+                    lambda: not self._connected
+                    or (mid not in self._pending
+                        and all(row is None for row in self._pending.values())),
+                    timeout=max(0.0, deadline - time.monotonic()))
         with self._cv:
             acked, self._acked = self._acked, []
         self._ack(db, acked)
@@ -818,9 +716,8 @@ def parse_command(kind: str, raw: bytes) -> dict[str, Any]:
         raise CommandError(f"unknown command {kind!r}")
     action = data.get("action")
     if action not in SLIDE_ACTIONS:
-        raise CommandError(
-            f"slide action must be one of {', '.join(SLIDE_ACTIONS)}, got {action!r}"
-        )
+        raise CommandError(f"slide action must be one of {', '.join(SLIDE_ACTIONS)}, "
+                           f"got {action!r}")
     allowed = {"new": {"sample_id", "target"}, "finalise": set(), "target": {"target"}}[action]
     unknown = set(data) - allowed - {"action", "request_id"}
     if unknown:
@@ -844,81 +741,38 @@ def parse_command(kind: str, raw: bytes) -> dict[str, Any]:
 def ha_discovery_configs(s: MqttSettings) -> list[tuple[str, dict[str, Any]]]:
     """Home Assistant MQTT discovery: one sensor per class percentage plus progress sensors."""
     node = f"edge_wbc_{s.station_id}".replace("-", "_")
-    device = {
-        "identifiers": [node],
-        "name": f"edge-wbc {s.station_id}",
-        "manufacturer": "edge-wbc",
-        "model": "leukocyte differential station",
-    }
-    availability = [
-        {
-            "topic": s.topic("available"),
-            "value_template": "{{ 'online' if value == 'online' else 'offline' }}",
-        }
-    ]
-    common = {
-        "state_topic": s.topic("differential"),
-        "availability": availability,
-        "device": device,
-    }
+    device = {"identifiers": [node], "name": f"edge-wbc {s.station_id}",
+              "manufacturer": "edge-wbc", "model": "leukocyte differential station"}
+    availability = [{"topic": s.topic("available"),
+                     "value_template": "{{ 'online' if value == 'online' else 'offline' }}"}]
+    common = {"state_topic": s.topic("differential"), "availability": availability,
+              "device": device}
     out: list[tuple[str, dict[str, Any]]] = []
     for cls in (*CLASSES, UNIDENTIFIED):
-        out.append(
-            (
-                f"{HA_DISCOVERY_PREFIX}/sensor/{node}/{cls}/config",
-                {
-                    **common,
-                    "name": f"{cls.capitalize()} %",
-                    "unique_id": f"{node}_{cls}_pct",
-                    "unit_of_measurement": "%",
-                    "state_class": "measurement",
-                    "value_template": f"{{{{ value_json.percentages.{cls} | default(0) }}}}",
-                    "json_attributes_topic": s.topic("differential"),
-                    "json_attributes_template": (
-                        f"{{{{ {{'count': value_json.counts.{cls} | default(0), "
-                        f"'ci95': value_json.ci95.{cls} | default(none)}} | tojson }}}}"
-                    ),
-                },
-            )
-        )
+        out.append((f"{HA_DISCOVERY_PREFIX}/sensor/{node}/{cls}/config", {
+            **common, "name": f"{cls.capitalize()} %", "unique_id": f"{node}_{cls}_pct",
+            "unit_of_measurement": "%", "state_class": "measurement",
+            "value_template": f"{{{{ value_json.percentages.{cls} | default(0) }}}}",
+            "json_attributes_topic": s.topic("differential"),
+            "json_attributes_template": (
+                f"{{{{ {{'count': value_json.counts.{cls} | default(0), "
+                f"'ci95': value_json.ci95.{cls} | default(none)}} | tojson }}}}"),
+        }))
     for key, name in (("counted", "Cells counted"), ("target", "Target")):
-        out.append(
-            (
-                f"{HA_DISCOVERY_PREFIX}/sensor/{node}/{key}/config",
-                {
-                    **common,
-                    "name": name,
-                    "unique_id": f"{node}_{key}",
-                    "state_class": "measurement",
-                    "value_template": f"{{{{ value_json.{key} }}}}",
-                },
-            )
-        )
-    out.append(
-        (
-            f"{HA_DISCOVERY_PREFIX}/sensor/{node}/sample/config",
-            {
-                **common,
-                "name": "Sample",
-                "unique_id": f"{node}_sample",
-                "value_template": "{{ value_json.sample_id }}",
-            },
-        )
-    )
+        out.append((f"{HA_DISCOVERY_PREFIX}/sensor/{node}/{key}/config", {
+            **common, "name": name, "unique_id": f"{node}_{key}", "state_class": "measurement",
+            "value_template": f"{{{{ value_json.{key} }}}}",
+        }))
+    out.append((f"{HA_DISCOVERY_PREFIX}/sensor/{node}/sample/config", {
+        **common, "name": "Sample", "unique_id": f"{node}_sample",
+        "value_template": "{{ value_json.sample_id }}",
+    }))
     if s.commands_enabled:
-        out.append(
-            (
-                f"{HA_DISCOVERY_PREFIX}/button/{node}/capture/config",
-                {
-                    "name": "Capture field",
-                    "unique_id": f"{node}_capture",
-                    "command_topic": s.topic("capture", "set"),
-                    "payload_press": "PRESS",
-                    "availability": availability,
-                    "device": device,
-                },
-            )
-        )
+        out.append((f"{HA_DISCOVERY_PREFIX}/button/{node}/capture/config", {
+            "name": "Capture field", "unique_id": f"{node}_capture",
+            "command_topic": s.topic("capture", "set"), "payload_press": "PRESS",
+            "availability": availability, "device": device,
+        }))
     return out
 
 
@@ -938,6 +792,5 @@ def start_publisher(
     if cfg_mqtt is None or not getattr(cfg_mqtt, "host", None):
         return None
     settings = MqttSettings.from_config(cfg_mqtt)
-    return MqttPublisher(
-        settings, db_path, state_provider, command_handler, health_provider
-    ).start()
+    return MqttPublisher(settings, db_path, state_provider, command_handler,
+                         health_provider).start()

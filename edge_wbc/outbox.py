@@ -98,10 +98,8 @@ class OutboxStatus:
         """One line for the station's display while the outbox is full, else None."""
         if not self.full and not self.over_limit:
             return None
-        text = (
-            f"MQTT outbox full: {self.depth}/{self.max_rows} events waiting for the broker; "
-            "oldest field summaries are being dropped"
-        )
+        text = (f"MQTT outbox full: {self.depth}/{self.max_rows} events waiting for the broker; "
+                "oldest field summaries are being dropped")
         if self.over_limit:
             text += "; cell/slide events kept above the limit"
         return text
@@ -136,9 +134,8 @@ def ensure_schema(conn: sqlite3.Connection, max_rows: int | None = None) -> None
     conn.executescript(_SCHEMA_SQL.format(max_rows=int(max_rows or DEFAULT_MAX_ROWS)))
     if max_rows is not None:
         with conn:
-            conn.execute(
-                "UPDATE outbox_meta SET value = ? WHERE key = 'max_rows'", (int(max_rows),)
-            )
+            conn.execute("UPDATE outbox_meta SET value = ? WHERE key = 'max_rows'",
+                         (int(max_rows),))
 
 
 def _meta(conn: sqlite3.Connection) -> dict[str, int]:
@@ -152,11 +149,8 @@ def _bump(conn: sqlite3.Connection, key: str, by: int = 1) -> None:
 def _validate_suffix(topic_suffix: str) -> None:
     if not isinstance(topic_suffix, str) or not topic_suffix:
         raise OutboxError("outbox topic_suffix must be a non-empty string")
-    if (
-        any(c in topic_suffix for c in "+#\0")
-        or topic_suffix.startswith("/")
-        or topic_suffix.endswith("/")
-    ):
+    if any(c in topic_suffix for c in "+#\0") or topic_suffix.startswith("/") \
+            or topic_suffix.endswith("/"):
         raise OutboxError(f"outbox topic_suffix {topic_suffix!r} is not a plain topic level")
 
 
@@ -192,15 +186,9 @@ def enqueue(
     cur = conn.execute(
         "INSERT INTO outbox(topic_suffix, payload, qos, retain, slide_id, action, created_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (
-            topic_suffix,
-            text,
-            qos,
-            int(bool(retain)),
-            None if slide_id is None else str(slide_id),
-            None if action is None else str(action),
-            time.time(),
-        ),
+        (topic_suffix, text, qos, int(bool(retain)),
+         None if slide_id is None else str(slide_id),
+         None if action is None else str(action), time.time()),
     )
     return int(cur.lastrowid)  # type: ignore[arg-type]
 
@@ -208,8 +196,7 @@ def enqueue(
 def _make_room(conn: sqlite3.Connection, topic_suffix: str, meta: dict[str, int]) -> bool:
     """Apply the bounding policy for one new row; False means 'refuse the new row'."""
     row = conn.execute(
-        "SELECT id FROM outbox WHERE topic_suffix = 'field' ORDER BY id LIMIT 1"
-    ).fetchone()
+        "SELECT id FROM outbox WHERE topic_suffix = 'field' ORDER BY id LIMIT 1").fetchone()
     if row is not None:
         conn.execute("DELETE FROM outbox WHERE id = ?", (row[0],))
         _bump(conn, "dropped_field")
@@ -219,9 +206,7 @@ def _make_room(conn: sqlite3.Connection, topic_suffix: str, meta: dict[str, int]
         "SELECT c.id FROM outbox c WHERE c.topic_suffix = 'cell' AND c.slide_id IS NOT NULL"
         " AND EXISTS (SELECT 1 FROM outbox s WHERE s.topic_suffix = 'slide'"
         "   AND s.slide_id = c.slide_id AND s.action IN (?, ?))"
-        " ORDER BY c.id LIMIT 1",
-        _FINALISED,
-    ).fetchone()
+        " ORDER BY c.id LIMIT 1", _FINALISED).fetchone()
     if row is not None:
         conn.execute("DELETE FROM outbox WHERE id = ?", (row[0],))
         _bump(conn, "dropped_cell")
@@ -233,11 +218,8 @@ def _make_room(conn: sqlite3.Connection, topic_suffix: str, meta: dict[str, int]
         return False
     if not meta["over_limit"]:
         conn.execute("UPDATE outbox_meta SET value = 1 WHERE key = 'over_limit'")
-        log.warning(
-            "MQTT outbox over its limit of %d rows: keeping cell/slide events anyway "
-            "(they are never dropped); is the broker reachable?",
-            meta["max_rows"],
-        )
+        log.warning("MQTT outbox over its limit of %d rows: keeping cell/slide events anyway "
+                    "(they are never dropped); is the broker reachable?", meta["max_rows"])
     return True
 
 
@@ -245,18 +227,15 @@ def _warn_shed(meta: dict[str, int], what: str) -> None:
     shed = meta["dropped_field"] + meta["dropped_cell"] + meta["refused_field"]
     # Once at the first shed row, then every 1000, so a long outage cannot flood the journal.
     if shed % 1000 == 0:
-        log.warning(
-            "MQTT outbox full (%d rows): %s (%d shed so far)", meta["max_rows"], what, shed + 1
-        )
+        log.warning("MQTT outbox full (%d rows): %s (%d shed so far)",
+                    meta["max_rows"], what, shed + 1)
 
 
 def peek(conn: sqlite3.Connection, limit: int, after_id: int = 0) -> list[OutboxRow]:
     """The oldest ``limit`` rows with id > ``after_id`` (publish order = enqueue order)."""
     rows = conn.execute(
         "SELECT id, topic_suffix, payload, qos, retain, created_at FROM outbox"
-        " WHERE id > ? ORDER BY id LIMIT ?",
-        (int(after_id), int(limit)),
-    ).fetchall()
+        " WHERE id > ? ORDER BY id LIMIT ?", (int(after_id), int(limit))).fetchall()
     out = []
     for rid, suffix, text, qos, retain, created in rows:
         try:

@@ -178,35 +178,12 @@ def write_reports(
 def _formula_csv(rep: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(
-        [
-            "sample_id",
-            "slide_id",
-            "finalised_at",
-            "class",
-            "count",
-            "percent",
-            "ci95_low_percent",
-            "ci95_high_percent",
-            "counted",
-            "ci_method",
-        ]
-    )
+    w.writerow(["sample_id", "slide_id", "finalised_at", "class", "count", "percent",
+                "ci95_low_percent", "ci95_high_percent", "counted", "ci_method"])
     for row in rep["differential"]:
-        w.writerow(
-            [
-                rep["sample_id"],
-                rep["slide_id"],
-                rep["finalised_at"],
-                row["label"],
-                row["count"],
-                f"{row['percent']:.1f}",
-                f"{row['ci_low']:.1f}",
-                f"{row['ci_high']:.1f}",
-                rep["counted"],
-                rep["ci_method"],
-            ]
-        )
+        w.writerow([rep["sample_id"], rep["slide_id"], rep["finalised_at"], row["label"],
+                    row["count"], f"{row['percent']:.1f}", f"{row['ci_low']:.1f}",
+                    f"{row['ci_high']:.1f}", rep["counted"], rep["ci_method"]])
     return buf.getvalue()
 
 
@@ -215,40 +192,14 @@ def _cells_csv(rep: dict[str, Any], cells: list[dict[str, Any]]) -> str:
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(
-        [
-            "sample_id",
-            "cell_id",
-            "field_id",
-            "x0",
-            "y0",
-            "x1",
-            "y1",
-            "machine_label",
-            "machine_score",
-            "status",
-            "reviewed_label",
-            "review_reason",
-            "reviewed_at",
-            "counted_as",
-        ]
-    )
+    w.writerow(["sample_id", "cell_id", "field_id", "x0", "y0", "x1", "y1", "machine_label",
+                "machine_score", "status", "reviewed_label", "review_reason", "reviewed_at",
+                "counted_as"])
     for c in cells:
-        w.writerow(
-            [
-                rep["sample_id"],
-                c["id"],
-                c["field_id"],
-                *c["bbox"],
-                c["label"],
-                f"{float(c['score']):.4f}",
-                c["status"],
-                c.get("reviewed_label") or "",
-                c.get("review_reason") or "",
-                c.get("reviewed_at") or "",
-                effective_label(c) or "",
-            ]
-        )
+        w.writerow([rep["sample_id"], c["id"], c["field_id"], *c["bbox"], c["label"],
+                    f"{float(c['score']):.4f}", c["status"], c.get("reviewed_label") or "",
+                    c.get("review_reason") or "", c.get("reviewed_at") or "",
+                    effective_label(c) or ""])
     return buf.getvalue()
 
 
@@ -313,16 +264,13 @@ def render_html(rep: dict[str, Any], cells: list[dict[str, Any]], data_dir: Path
             f"<b style='left:{r['ci_low']:.1f}%;width:{max(r['ci_high'] - r['ci_low'], 0.3):.1f}%'>"
             f"</b></div></td></tr>"
         )
-    changes = (
-        "".join(
-            f"<tr><td class=mono>{e(c['cell_id'])}</td><td>{e(c['machine_label'])} "
-            f"({c['machine_score']:.2f})</td><td>{e(c['reviewed_label'])}"
-            f"{' — ' + e(c['reason'].replace('_', ' ')) if c.get('reason') else ''}</td>"
-            f"<td>{e(c.get('reviewed_at') or '')}</td></tr>"
-            for c in rep["reviewed_changes"]
-        )
-        or "<tr><td colspan=4>No cell was changed in review.</td></tr>"
-    )
+    changes = "".join(
+        f"<tr><td class=mono>{e(c['cell_id'])}</td><td>{e(c['machine_label'])} "
+        f"({c['machine_score']:.2f})</td><td>{e(c['reviewed_label'])}"
+        f"{' — ' + e(c['reason'].replace('_', ' ')) if c.get('reason') else ''}</td>"
+        f"<td>{e(c.get('reviewed_at') or '')}</td></tr>"
+        for c in rep["reviewed_changes"]
+    ) or "<tr><td colspan=4>No cell was changed in review.</td></tr>"
     by_id = {c["id"]: c for c in cells}
     figs = []
     for f in rep["flagged_cells"][:MAX_THUMBNAILS]:
@@ -335,49 +283,46 @@ def render_html(rep: dict[str, Any], cells: list[dict[str, Any]], data_dir: Path
     more = len(rep["flagged_cells"]) - MAX_THUMBNAILS
     if more > 0:
         figs.append(f"<p>… and {more} more (see cells.csv)</p>")
-    models = (
-        "".join(
-            f"<tr><td>{e(str(m.get('name')))}</td><td>{e(str(m.get('task')))}</td>"
-            f"<td class=mono>{e(str(m.get('sha256')))}</td></tr>"
-            for m in (rep["models"] or {}).get("models", [])
-        )
-        or "<tr><td colspan=3>Model information not recorded.</td></tr>"
-    )
+    models = "".join(
+        f"<tr><td>{e(str(m.get('name')))}</td><td>{e(str(m.get('task')))}</td>"
+        f"<td class=mono>{e(str(m.get('sha256')))}</td></tr>"
+        for m in (rep["models"] or {}).get("models", [])
+    ) or "<tr><td colspan=3>Model information not recorded.</td></tr>"
     ex = rep["excluded"]
     warn = rep["fields"]["quality_warnings"]
     warn_txt = ", ".join(f"{k.replace('_', ' ')} × {v}" for k, v in warn.items()) or "none"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<title>Leukocyte differential — {e(rep["sample_id"])}</title>
+<title>Leukocyte differential — {e(rep['sample_id'])}</title>
 <style>{_CSS}</style></head>
 <body>
 <button class=print onclick="window.print()">Print</button>
 <header><div><h1>Leukocyte differential</h1>
-<div class=sub>edge-wbc {e(rep["software"]["version"])} · automated count with technologist
+<div class=sub>edge-wbc {e(rep['software']['version'])} · automated count with technologist
 review</div></div><div class=status>FINALISED</div></header>
 <dl>
-<dt>Sample</dt><dd>{e(rep["sample_id"])}</dd><dt>Slide</dt><dd class=mono>{e(rep["slide_id"])}</dd>
-<dt>Started</dt><dd>{e(rep["started_at"])}</dd>
-<dt>Finalised</dt><dd>{e(rep["finalised_at"] or "")}</dd>
-<dt>Station</dt><dd>{e(rep["station_id"] or "—")}</dd><dt>Cells counted</dt>
-<dd>{rep["counted"]} (target {rep["target"]})</dd>
+<dt>Sample</dt><dd>{e(rep['sample_id'])}</dd><dt>Slide</dt><dd class=mono>{e(rep['slide_id'])}</dd>
+<dt>Started</dt><dd>{e(rep['started_at'])}</dd>
+<dt>Finalised</dt><dd>{e(rep['finalised_at'] or '')}</dd>
+<dt>Station</dt><dd>{e(rep['station_id'] or '—')}</dd><dt>Cells counted</dt>
+<dd>{rep['counted']} (target {rep['target']})</dd>
 </dl>
 <h2>Differential</h2>
 <table><thead><tr><th>Class</th><th class=n>Count</th><th class=n>%</th>
-<th class=n>95 % CI (%)</th><th>Share and CI</th></tr></thead><tbody>{"".join(rows)}</tbody></table>
-<p class=sub>95 % confidence intervals: {e(CI_NAMES.get(rep["ci_method"], rep["ci_method"]))}
-on {rep["counted"]} cells. Not counted: {ex["rejected"]}
-rejected in review, {ex["duplicate"]} in overlapping fields, {ex["other"]} not mature leukocytes.
-Fields: {rep["fields"]["captured"]} captured, {rep["fields"]["overlapping_previous"]} overlapping a
+<th class=n>95 % CI (%)</th><th>Share and CI</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
+<p class=sub>95 % confidence intervals: {e(CI_NAMES.get(rep['ci_method'], rep['ci_method']))}
+on {rep['counted']} cells. Not counted: {ex['rejected']}
+rejected in review, {ex['duplicate']} in overlapping fields, {ex['other']} not mature leukocytes.
+Fields: {rep['fields']['captured']} captured, {rep['fields']['overlapping_previous']} overlapping a
 previous field. Field-quality warnings: {e(warn_txt)}.</p>
-<h2>Review changes ({len(rep["reviewed_changes"])})</h2>
+<h2>Review changes ({len(rep['reviewed_changes'])})</h2>
 <table><thead><tr><th>Cell</th><th>Machine</th><th>Reviewed</th><th>When</th></tr></thead>
 <tbody>{changes}</tbody></table>
-<h2>Flagged cells ({len(rep["flagged_cells"])})</h2>
-<div class=thumbs>{"".join(figs) or "<p>None.</p>"}</div>
+<h2>Flagged cells ({len(rep['flagged_cells'])})</h2>
+<div class=thumbs>{''.join(figs) or '<p>None.</p>'}</div>
 <h2>Models</h2>
 <table><thead><tr><th>Model</th><th>Task</th><th>sha256</th></tr></thead><tbody>{models}</tbody></table>
-<footer>Report generated {e(rep["generated_at"])} · schema {e(rep["schema"])} · The machine's
+<footer>Report generated {e(rep['generated_at'])} · schema {e(rep['schema'])} · The machine's
 labels and every review are kept in the station's database (audit trail). For laboratory use
 by trained staff; results require technologist verification.</footer>
 </body></html>

@@ -160,12 +160,8 @@ class Liveness:
         self._hang_after = _int_or_none(self._env.get(ENV_HANG_AFTER))
         self._hang_s = float(self._env.get(ENV_HANG_S, "3600") or 3600)
         if self._hang_after is not None:
-            log.warning(
-                "fault injection on: inference %d will hang for %.0f s (%s)",
-                self._hang_after + 1,
-                self._hang_s,
-                ENV_HANG_AFTER,
-            )
+            log.warning("fault injection on: inference %d will hang for %.0f s (%s)",
+                        self._hang_after + 1, self._hang_s, ENV_HANG_AFTER)
 
     # -- what the station calls
 
@@ -203,10 +199,8 @@ class Liveness:
         """None when healthy, else why not (one line)."""
         t = self.busy_for()
         if t is not None and t > self.stuck_after_s:
-            return (
-                f"{self._busy_what} has been running for {t:.1f} s (limit "
-                f"{self.stuck_after_s:.0f} s): the interpreter or accelerator is stuck"
-            )
+            return (f"{self._busy_what} has been running for {t:.1f} s (limit "
+                    f"{self.stuck_after_s:.0f} s): the interpreter or accelerator is stuck")
         for th in self._threads:
             if not th.is_alive():
                 return f"thread {th.name!r} has died"

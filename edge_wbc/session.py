@@ -398,21 +398,12 @@ class SlideSession:
                     )
                 at = now_iso()
                 self.store.update_slide(
-                    self.slide["id"],
-                    {"status": "abandoned", "finalised_at": at},
-                    [
-                        Event(
-                            "slide",
-                            {"action": "abandoned", **self._slide_payload(self.slide), "at": at},
-                        )
-                    ],
+                    self.slide["id"], {"status": "abandoned", "finalised_at": at},
+                    [Event("slide", {"action": "abandoned", **self._slide_payload(self.slide),
+                                     "at": at})],
                 )
-                events.append(
-                    Event(
-                        "slide",
-                        {"action": "abandoned", **self._slide_payload(self.slide), "at": at},
-                    )
-                )
+                events.append(Event("slide", {"action": "abandoned",
+                                              **self._slide_payload(self.slide), "at": at}))
             events.append(self._start(sample_id, target))
             self._emit(events)
 
@@ -436,13 +427,8 @@ class SlideSession:
         with self._lock:
             self._require_open()
             at = now_iso()
-            payload = {
-                "action": "target",
-                **self._slide_payload(self.slide),
-                "at": at,
-                "previous_target": self.slide["target"],
-                "target": target,
-            }
+            payload = {"action": "target", **self._slide_payload(self.slide), "at": at,
+                       "previous_target": self.slide["target"], "target": target}
             ev = Event("slide", payload)
             self.store.update_slide(self.slide["id"], {"target": target}, [ev])
             self.slide["target"] = target
@@ -459,10 +445,8 @@ class SlideSession:
             closing = {**self.slide, "status": "finalised", "finalised_at": at}
             # Every review action in order, including ones later undone: the report's audit trail.
             closing["review_history"] = [
-                {
-                    k: e["payload"].get(k)
-                    for k in ("cell_id", "action", "label", "reviewed_label", "review_reason", "at")
-                }
+                {k: e["payload"].get(k) for k in ("cell_id", "action", "label", "reviewed_label",
+                                                   "review_reason", "at")}
                 for e in self.store.events(self.slide["id"])
                 if e["kind"] == "cell" and e["action"] != "counted"
             ]
@@ -471,9 +455,7 @@ class SlideSession:
             if self.reporter is not None:
                 try:
                     reports = self.reporter(
-                        closing,
-                        state,
-                        list(self.cells.values()),
+                        closing, state, list(self.cells.values()),
                         self.store.fields(self.slide["id"]),
                         self.store.slide_dir(self.slide["id"]) / "report",
                     )
@@ -485,19 +467,10 @@ class SlideSession:
                     ) from e
             closing["reports"] = reports
             state = self._state(closing)
-            ev = Event(
-                "slide",
-                {
-                    "action": "finalised",
-                    **self._slide_payload(closing),
-                    "at": at,
-                    "report": state,
-                    "files": reports,
-                },
-            )
+            ev = Event("slide", {"action": "finalised", **self._slide_payload(closing), "at": at,
+                                 "report": state, "files": reports})
             self.store.update_slide(
-                self.slide["id"],
-                {"status": "finalised", "finalised_at": at, "reports": reports},
+                self.slide["id"], {"status": "finalised", "finalised_at": at, "reports": reports},
                 [ev],
             )
             closing.pop("review_history", None)
@@ -530,8 +503,7 @@ class SlideSession:
             h, w = rgb.shape[:2]
             sig = field_signature(rgb)
             overlaps = [
-                ov
-                for fid, prev in self._sigs
+                ov for fid, prev in self._sigs
                 if (ov := find_overlap(prev, sig, (h, w), prev_id=fid)) is not None
             ]
             best = max(overlaps, key=lambda o: o.fraction) if overlaps else None
@@ -550,26 +522,24 @@ class SlideSession:
                 else:
                     status = STATUS_COUNTED
                 cid = f"{fid}-C{i + 1:02d}"
-                cell_rows.append(
-                    {
-                        "id": cid,
-                        "slide_id": self.slide["id"],
-                        "field_id": fid,
-                        "seq": seq,
-                        "idx": i + 1,
-                        "bbox": list(box),
-                        "area_px": int(c.area_px),
-                        "label": c.label,
-                        "score": float(c.score),
-                        "probs": {k: float(v) for k, v in c.probs.items()},
-                        "status": status,
-                        "reviewed_label": None,
-                        "review_reason": None,
-                        "reviewed_at": None,
-                        "created_at": at,
-                        "crop_file": None,
-                    }
-                )
+                cell_rows.append({
+                    "id": cid,
+                    "slide_id": self.slide["id"],
+                    "field_id": fid,
+                    "seq": seq,
+                    "idx": i + 1,
+                    "bbox": list(box),
+                    "area_px": int(c.area_px),
+                    "label": c.label,
+                    "score": float(c.score),
+                    "probs": {k: float(v) for k, v in c.probs.items()},
+                    "status": status,
+                    "reviewed_label": None,
+                    "review_reason": None,
+                    "reviewed_at": None,
+                    "created_at": at,
+                    "crop_file": None,
+                })
                 crops[cid] = cell_crop(balanced, box, CROP_PX)
             quality = json_safe(dict(result.quality or {}))
             field_row = {
@@ -591,23 +561,16 @@ class SlideSession:
                 "flagged_duplicate": bool(best and best.fraction > self.duplicate_overlap),
                 "models": self.models,
             }
-            events = [
-                Event("cell", self._cell_payload(c, "counted"))
-                for c in cell_rows
-                if c["status"] == STATUS_COUNTED
-            ]
+            events = [Event("cell", self._cell_payload(c, "counted")) for c in cell_rows
+                      if c["status"] == STATUS_COUNTED]
             if t_trigger is not None:
                 # Trigger -> counted (before the commit), for the MQTT stats topic.
                 field_row["latency_ms"] = round((time.perf_counter() - t_trigger) * 1000, 1)
             fev = Event("field", self._field_payload(field_row))
             new_cells = {c["id"]: c for c in cell_rows}
             prospective = {**self.cells, **new_cells}
-            state_after = self._state(
-                self.slide,
-                prospective,
-                self.n_fields + 1,
-                self.n_fields_flagged + (1 if best else 0),
-            )
+            state_after = self._state(self.slide, prospective, self.n_fields + 1,
+                                      self.n_fields_flagged + (1 if best else 0))
             fev.payload["counted_total"] = state_after["counted"]
             self.store.add_field(field_row, cell_rows, rgb, crops, sig, [*events, fev])
             self.cells = prospective
@@ -641,12 +604,8 @@ class SlideSession:
                 )
             before = effective_label(cell)
             at = now_iso()
-            updated = {
-                **cell,
-                "reviewed_label": label,
-                "review_reason": reason,
-                "reviewed_at": at if label is not None else None,
-            }
+            updated = {**cell, "reviewed_label": label, "review_reason": reason,
+                       "reviewed_at": at if label is not None else None}
             payload = self._cell_payload(updated, action)
             payload["previous_reviewed_label"] = cell.get("reviewed_label")
             payload["previous_effective_label"] = before
@@ -688,15 +647,13 @@ class SlideSession:
         for lab in (*CLASSES, UNIDENTIFIED):
             k = counts[lab]
             lo, hi = interval(k, n, self.ci_method) if n else (0.0, 0.0)
-            rows.append(
-                {
-                    "label": lab,
-                    "count": k,
-                    "percent": round(100.0 * k / n, 1) if n else 0.0,
-                    "ci_low": round(100.0 * lo, 1),
-                    "ci_high": round(100.0 * hi, 1),
-                }
-            )
+            rows.append({
+                "label": lab,
+                "count": k,
+                "percent": round(100.0 * k / n, 1) if n else 0.0,
+                "ci_low": round(100.0 * lo, 1),
+                "ci_high": round(100.0 * hi, 1),
+            })
         reviewed = [c for c in cells.values() if c.get("reviewed_label")]
         unreviewed = [c for c in cells.values() if not c.get("reviewed_label")]
         target = int(slide["target"])
@@ -740,12 +697,8 @@ class SlideSession:
             f = self._last_field
             if f is None:
                 return None
-            return {
-                **f,
-                "cells": [
-                    self.cell_view(c) for c in self.cells.values() if c["field_id"] == f["id"]
-                ],
-            }
+            return {**f, "cells": [self.cell_view(c) for c in self.cells.values()
+                                   if c["field_id"] == f["id"]]}
 
     def gallery(self) -> list[dict[str, Any]]:
         """Every cell of the slide for review, most doubtful first within each group."""
@@ -815,22 +768,9 @@ class SlideSession:
         }
 
     def _field_payload(self, f: dict[str, Any]) -> dict[str, Any]:
-        keys = (
-            "id",
-            "seq",
-            "captured_at",
-            "source",
-            "width",
-            "height",
-            "quality",
-            "timing_ms",
-            "n_cells",
-            "n_counted",
-            "n_duplicate",
-            "overlap_field",
-            "overlap_fraction",
-            "flagged_duplicate",
-        )
+        keys = ("id", "seq", "captured_at", "source", "width", "height", "quality", "timing_ms",
+                "n_cells", "n_counted", "n_duplicate", "overlap_field", "overlap_fraction",
+                "flagged_duplicate")
         out = {k: f[k] for k in keys}
         out["field_id"] = out.pop("id")
         out["slide_id"] = f["slide_id"]
@@ -871,9 +811,8 @@ def _blockers(slide: dict[str, Any], counts: dict[str, int]) -> list[str]:
         out.append(f"{n} of {target} cells counted (or lower the target to finalise early)")
     unid = counts[UNIDENTIFIED]
     if unid:
-        out.append(
-            f"{unid} unidentified cell{'s' if unid != 1 else ''} to resolve (reclassify or reject)"
-        )
+        out.append(f"{unid} unidentified cell{'s' if unid != 1 else ''} to resolve "
+                   "(reclassify or reject)")
     return out
 
 

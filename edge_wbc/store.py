@@ -241,13 +241,8 @@ class Store:
         payload = json.dumps(ev.payload, separators=(",", ":"), default=_json_default)
         self.conn.execute(
             "INSERT INTO events (slide_id, at, kind, action, payload) VALUES (?, ?, ?, ?, ?)",
-            (
-                ev.payload.get("slide_id", slide_id),
-                ev.payload.get("at") or "",
-                ev.kind,
-                ev.payload.get("action"),
-                payload,
-            ),
+            (ev.payload.get("slide_id", slide_id), ev.payload.get("at") or "", ev.kind,
+             ev.payload.get("action"), payload),
         )
         if self._outbox is not None and ev.kind in OUTBOX_KINDS:
             self._outbox.enqueue(self.conn, ev.kind, ev.payload)
@@ -257,17 +252,9 @@ class Store:
             c.execute(
                 "INSERT INTO slides (id, sample_id, target, status, created_at, finalised_at, "
                 "station_id, models, reports) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    slide["id"],
-                    slide["sample_id"],
-                    int(slide["target"]),
-                    slide["status"],
-                    slide["created_at"],
-                    slide.get("finalised_at"),
-                    slide.get("station_id", ""),
-                    _dumps(slide.get("models") or {}),
-                    _dumps(slide.get("reports") or {}),
-                ),
+                (slide["id"], slide["sample_id"], int(slide["target"]), slide["status"],
+                 slide["created_at"], slide.get("finalised_at"), slide.get("station_id", ""),
+                 _dumps(slide.get("models") or {}), _dumps(slide.get("reports") or {})),
             )
 
     def update_slide(self, slide_id: str, changes: dict[str, Any], events: Sequence[Event]) -> None:
@@ -323,27 +310,13 @@ class Store:
                     "quality, timing_ms, n_cells, n_counted, n_duplicate, overlap_field, "
                     "overlap_fraction, overlap_rect, flagged_duplicate, models, image_file, "
                     "signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        field["id"],
-                        field["slide_id"],
-                        field["seq"],
-                        field["captured_at"],
-                        field["source"],
-                        field["width"],
-                        field["height"],
-                        _dumps(field["quality"]),
-                        _dumps(field["timing_ms"]),
-                        field["n_cells"],
-                        field["n_counted"],
-                        field["n_duplicate"],
-                        field["overlap_field"],
-                        field["overlap_fraction"],
-                        _dumps(field["overlap_rect"]),
-                        int(field["flagged_duplicate"]),
-                        _dumps(field.get("models") or {}),
-                        field["image_file"],
-                        np.ascontiguousarray(signature, np.uint8).tobytes(),
-                    ),
+                    (field["id"], field["slide_id"], field["seq"], field["captured_at"],
+                     field["source"], field["width"], field["height"], _dumps(field["quality"]),
+                     _dumps(field["timing_ms"]), field["n_cells"], field["n_counted"],
+                     field["n_duplicate"], field["overlap_field"], field["overlap_fraction"],
+                     _dumps(field["overlap_rect"]), int(field["flagged_duplicate"]),
+                     _dumps(field.get("models") or {}), field["image_file"],
+                     np.ascontiguousarray(signature, np.uint8).tobytes()),
                 )
                 c.executemany(
                     "INSERT INTO cells (id, slide_id, field_id, seq, idx, x0, y0, x1, y1, "
@@ -351,24 +324,10 @@ class Store:
                     "reviewed_at, created_at, crop_file) VALUES "
                     "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (
-                            x["id"],
-                            x["slide_id"],
-                            x["field_id"],
-                            x["seq"],
-                            x["idx"],
-                            *x["bbox"],
-                            x["area_px"],
-                            x["label"],
-                            x["score"],
-                            _dumps(x["probs"]),
-                            x["status"],
-                            x["reviewed_label"],
-                            x["review_reason"],
-                            x["reviewed_at"],
-                            x["created_at"],
-                            x["crop_file"],
-                        )
+                        (x["id"], x["slide_id"], x["field_id"], x["seq"], x["idx"], *x["bbox"],
+                         x["area_px"], x["label"], x["score"], _dumps(x["probs"]), x["status"],
+                         x["reviewed_label"], x["review_reason"], x["reviewed_at"],
+                         x["created_at"], x["crop_file"])
                         for x in cells
                     ],
                 )
@@ -435,9 +394,8 @@ class Store:
         return _slide(row) if row else None
 
     def slides(self, limit: int = 50) -> list[dict[str, Any]]:
-        rows = self._all(
-            "SELECT * FROM slides ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,)
-        )
+        rows = self._all("SELECT * FROM slides ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                         (limit,))
         return [_slide(r) for r in rows]
 
     def cells(self, slide_id: str) -> list[dict[str, Any]]:
@@ -445,7 +403,9 @@ class Store:
         return [_cell(r) for r in rows]
 
     def fields(self, slide_id: str) -> list[dict[str, Any]]:
-        rows = self._all("SELECT * FROM fields WHERE slide_id=? ORDER BY seq", (slide_id,))
+        rows = self._all(
+            "SELECT * FROM fields WHERE slide_id=? ORDER BY seq", (slide_id,)
+        )
         return [_field(r) for r in rows]
 
     def field_signatures(self, slide_id: str, k: int) -> list[tuple[str, np.ndarray]]:
@@ -468,14 +428,8 @@ class Store:
         else:
             rows = self._all("SELECT * FROM events WHERE slide_id=? ORDER BY id", (slide_id,))
         return [
-            {
-                "id": r["id"],
-                "slide_id": r["slide_id"],
-                "at": r["at"],
-                "kind": r["kind"],
-                "action": r["action"],
-                "payload": json.loads(r["payload"]),
-            }
+            {"id": r["id"], "slide_id": r["slide_id"], "at": r["at"], "kind": r["kind"],
+             "action": r["action"], "payload": json.loads(r["payload"])}
             for r in rows
         ]
 

@@ -35,8 +35,7 @@ from edge_wbc.mqtt import MqttPublisher, MqttSettings
 from edge_wbc.results import CLASSES
 
 MOSQUITTO = shutil.which("mosquitto") or (
-    "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
-)
+    "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
 
 
 def free_port() -> int:
@@ -72,10 +71,7 @@ class Mosquitto:
             "persistence true",
             f"persistence_location {self.dir}/",
             f"log_dest file {self.log}",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
+            "log_type error", "log_type warning", "log_type notice", "log_type information",
             "connection_messages true",
         ]
         if os.geteuid() == 0:
@@ -88,19 +84,16 @@ class Mosquitto:
         assert MOSQUITTO, "mosquitto is not installed (apt-get install mosquitto)"
         conf = self.dir / "mosquitto.conf"
         conf.write_text(self.conf_text())
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
 
         def listening() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 log = self.log.read_text() if self.log.exists() else ""
                 raise RuntimeError(f"mosquitto exited: {err}\n{log}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
-            ):
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), timeout=0.2):
                 return True
             return False
 
@@ -134,24 +127,16 @@ class Received:
 class Collector:
     """A central-side subscriber that records everything; reconnects on its own."""
 
-    def __init__(
-        self,
-        port: int,
-        topics: str | list[str] = "#",
-        client_id: str = "",
-        persistent: bool = False,
-        tls: dict[str, Any] | None = None,
-        auth: tuple[str, str] | None = None,
-    ) -> None:
+    def __init__(self, port: int, topics: str | list[str] = "#", client_id: str = "",
+                 persistent: bool = False, tls: dict[str, Any] | None = None,
+                 auth: tuple[str, str] | None = None) -> None:
         self.messages: list[Received] = []
         self.lock = threading.Lock()
         self.topics = [topics] if isinstance(topics, str) else topics
         self.subscribed = threading.Event()
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"collector-{os.getpid()}-{id(self)}",
-            clean_session=not persistent,
-        )
+        self.client = paho.Client(CallbackAPIVersion.VERSION2,
+                                  client_id=client_id or f"collector-{os.getpid()}-{id(self)}",
+                                  clean_session=not persistent)
         if tls:
             self.client.tls_set(**tls)
         if auth:
@@ -163,9 +148,8 @@ class Collector:
         self.client.connect_async("127.0.0.1", port, keepalive=10)
         self.client.loop_start()
 
-    def _on_connect(
-        self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any
-    ) -> None:
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any,
+                    props: Any) -> None:
         if not rc.is_failure:
             client.subscribe([(t, 1) for t in self.topics])
 
@@ -202,14 +186,8 @@ class Event:
 class SimStation:
     """Counts cells into SQLite; each capture writes cells + outbox rows in ONE transaction."""
 
-    def __init__(
-        self,
-        db_path: Path,
-        station: str,
-        target: int = 100,
-        listener: Callable[[Any], None] | None = None,
-        sample_id: str = "S-1",
-    ) -> None:
+    def __init__(self, db_path: Path, station: str, target: int = 100,
+                 listener: Callable[[Any], None] | None = None, sample_id: str = "S-1") -> None:
         self.db_path = db_path
         self.station = station
         # The publisher's worker calls state() from its own thread, as with the real station.
@@ -220,28 +198,18 @@ class SimStation:
             "CREATE TABLE IF NOT EXISTS cells (cell_id TEXT PRIMARY KEY, slide_id TEXT,"
             " label TEXT);"
             "CREATE TABLE IF NOT EXISTS slides (slide_id TEXT PRIMARY KEY, sample_id TEXT,"
-            " target INTEGER);"
-        )
+            " target INTEGER);")
         outbox.ensure_schema(self.conn)
         self.listener = listener
         row = self.conn.execute("SELECT slide_id, sample_id, target FROM slides").fetchone()
         if row is None:
             self.slide_id, self.sample_id, self.target = f"{station}-slide-1", sample_id, target
             with self.conn:
-                self.conn.execute(
-                    "INSERT INTO slides VALUES (?, ?, ?)",
-                    (self.slide_id, self.sample_id, self.target),
-                )
-                outbox.enqueue(
-                    self.conn,
-                    "slide",
-                    {
-                        "slide_id": self.slide_id,
-                        "action": "started",
-                        "sample_id": sample_id,
-                        "target": target,
-                    },
-                )
+                self.conn.execute("INSERT INTO slides VALUES (?, ?, ?)",
+                                  (self.slide_id, self.sample_id, self.target))
+                outbox.enqueue(self.conn, "slide", {"slide_id": self.slide_id,
+                                                    "action": "started",
+                                                    "sample_id": sample_id, "target": target})
         else:
             self.slide_id, self.sample_id, self.target = row
 
@@ -257,15 +225,11 @@ class SimStation:
         counts = self.counts()
         counted = sum(counts.values())
         return {
-            "slide_id": self.slide_id,
-            "sample_id": self.sample_id,
-            "target": self.target,
-            "counted": counted,
-            "complete": counted >= self.target,
+            "slide_id": self.slide_id, "sample_id": self.sample_id, "target": self.target,
+            "counted": counted, "complete": counted >= self.target,
             "counts": counts,
-            "percentages": {
-                k: round(100.0 * v / counted, 1) if counted else 0.0 for k, v in counts.items()
-            },
+            "percentages": {k: round(100.0 * v / counted, 1) if counted else 0.0
+                            for k, v in counts.items()},
             "models": {"classifier": "test"},
         }
 
@@ -276,23 +240,13 @@ class SimStation:
             for i in range(n_cells):
                 cid = f"{self.slide_id}-c{start + i:05d}"
                 label = CLASSES[(start + i) % len(CLASSES)]
-                self.conn.execute("INSERT INTO cells VALUES (?, ?, ?)", (cid, self.slide_id, label))
-                outbox.enqueue(
-                    self.conn,
-                    "cell",
-                    {
-                        "slide_id": self.slide_id,
-                        "cell_id": cid,
-                        "action": "counted",
-                        "label": label,
-                    },
-                )
+                self.conn.execute("INSERT INTO cells VALUES (?, ?, ?)",
+                                  (cid, self.slide_id, label))
+                outbox.enqueue(self.conn, "cell", {"slide_id": self.slide_id, "cell_id": cid,
+                                                   "action": "counted", "label": label})
                 ids.append(cid)
-            outbox.enqueue(
-                self.conn,
-                "field",
-                {"slide_id": self.slide_id, "cells": n_cells, "latency_ms": 42.0},
-            )
+            outbox.enqueue(self.conn, "field", {"slide_id": self.slide_id,
+                                                "cells": n_cells, "latency_ms": 42.0})
         if self.listener:
             for cid in ids:
                 self.listener(Event("cell", {"cell_id": cid}))
@@ -305,24 +259,17 @@ class SimStation:
 
 
 def settings(port: int, station: str, **kw: Any) -> MqttSettings:
-    base: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "port": port,
-        "station_id": station,
-        "client_id": f"edge-wbc-{station}",
-        "keepalive": 5,
-        "reconnect_min_s": 1,
-        "reconnect_max_s": 2,
-        "stats_interval_s": 60.0,
-    }
+    base: dict[str, Any] = {"host": "127.0.0.1", "port": port, "station_id": station,
+                            "client_id": f"edge-wbc-{station}", "keepalive": 5,
+                            "reconnect_min_s": 1, "reconnect_max_s": 2,
+                            "stats_interval_s": 60.0}
     base.update(kw)
     return MqttSettings(**base)
 
 
 @contextlib.contextmanager
-def sim_with_publisher(
-    db_path: Path, s: MqttSettings, **kw: Any
-) -> Iterator[tuple[SimStation, MqttPublisher]]:
+def sim_with_publisher(db_path: Path, s: MqttSettings, **kw: Any
+                       ) -> Iterator[tuple[SimStation, MqttPublisher]]:
     holder: dict[str, SimStation] = {}
     pub = MqttPublisher(s, db_path, state_provider=lambda: holder["sim"].state(), **kw)
     sim = SimStation(db_path, s.station_id, listener=pub.publish)
@@ -347,18 +294,11 @@ def synthetic_field(seed: int, n_cells: int) -> tuple[Any, Any]:
     for i in range(n_cells):
         label = CLASSES[(seed + i) % len(CLASSES)]
         x = 10 + 60 * i
-        cells.append(
-            Cell(
-                bbox=(x, 20, x + 40, 60),
-                label=label,
-                score=0.9,
-                probs={c: (0.9 if c == label else 0.025) for c in CLASSES},
-                area_px=1200,
-            )
-        )
-    return rgb, FieldResult(
-        path=f"field{seed}.png", width=320, height=240, cells=cells, timing_ms={"total": 55.0}
-    )
+        cells.append(Cell(bbox=(x, 20, x + 40, 60), label=label, score=0.9,
+                          probs={c: (0.9 if c == label else 0.025) for c in CLASSES},
+                          area_px=1200))
+    return rgb, FieldResult(path=f"field{seed}.png", width=320, height=240, cells=cells,
+                            timing_ms={"total": 55.0})
 
 
 def _session_main(args: argparse.Namespace) -> None:
@@ -370,11 +310,11 @@ def _session_main(args: argparse.Namespace) -> None:
     store = Store(args.db, mqtt=True)
     fan = Fanout()
     holder: dict[str, Any] = {}
-    pub = MqttPublisher(
-        settings(args.port, args.station), store.db_path, state_provider=lambda: holder["s"].state()
-    )
+    pub = MqttPublisher(settings(args.port, args.station), store.db_path,
+                        state_provider=lambda: holder["s"].state())
     fan.subscribe(pub.publish)
-    session = holder["s"] = SlideSession(store, fan, default_target=100, station_id=args.station)
+    session = holder["s"] = SlideSession(store, fan, default_target=100,
+                                         station_id=args.station)
     pub.start()
     start = session.n_fields
     for i in range(args.captures):
@@ -396,14 +336,8 @@ SAMPLES = ROOT / "samples" / "fields"
 class StationProc:
     """``edge-wbc station`` in a subprocess, with the real analyzer on the fixture models."""
 
-    def __init__(
-        self,
-        data_dir: Path,
-        mqtt_port: int,
-        station_id: str,
-        *extra: str,
-        env: dict[str, str] | None = None,
-    ) -> None:
+    def __init__(self, data_dir: Path, mqtt_port: int, station_id: str, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
         import re
 
         self._re = re
@@ -411,33 +345,12 @@ class StationProc:
         e = {**os.environ, **(env or {})}
         e.pop("EDGE_WBC_CONFIG", None)
         self.p = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from edge_wbc.cli import app; app()",
-                "station",
-                "--models",
-                str(FIXTURE_MODELS),
-                "--source",
-                f"folder:{SAMPLES}",
-                "--data-dir",
-                str(data_dir),
-                "--port",
-                str(self.http_port),
-                "--mqtt-host",
-                "127.0.0.1",
-                "--mqtt-port",
-                str(mqtt_port),
-                "--station-id",
-                station_id,
-                *extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=e,
-        )
+            [sys.executable, "-c", "from edge_wbc.cli import app; app()", "station",
+             "--models", str(FIXTURE_MODELS), "--source", f"folder:{SAMPLES}",
+             "--data-dir", str(data_dir), "--port", str(self.http_port),
+             "--mqtt-host", "127.0.0.1", "--mqtt-port", str(mqtt_port),
+             "--station-id", station_id, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=e)
 
     def wait_url(self, timeout_s: float = 60) -> None:
         import select
@@ -447,17 +360,15 @@ class StationProc:
         while time.monotonic() < deadline:
             if not select.select([self.p.stdout], [], [], 0.5)[0]:
                 if self.p.poll() is not None:
-                    raise AssertionError(
-                        "station exited: " + (self.p.stderr.read() if self.p.stderr else "")
-                    )
+                    raise AssertionError("station exited: " + (self.p.stderr.read()
+                                                                 if self.p.stderr else ""))
                 continue
             line = self.p.stdout.readline()
             if self._re.search(r"open (http://\S+)", line):
                 return
             if not line and self.p.poll() is not None:
-                raise AssertionError(
-                    "station exited: " + (self.p.stderr.read() if self.p.stderr else "")
-                )
+                raise AssertionError("station exited: " + (self.p.stderr.read()
+                                                             if self.p.stderr else ""))
         raise AssertionError("station did not print its URL")
 
     def api(self, path: str, body: Any = None) -> tuple[int, Any]:
@@ -474,11 +385,8 @@ class StationProc:
                     break
                 assert status == 429 and time.monotonic() < deadline, (status, body)
                 time.sleep(0.1)
-            wait_for(
-                lambda i=i: self.api("/api/state")[1]["fields"] >= start + i + 1,
-                timeout_s,
-                f"field {start + i + 1} counted",
-            )
+            wait_for(lambda i=i: self.api("/api/state")[1]["fields"] >= start + i + 1,
+                     timeout_s, f"field {start + i + 1} counted")
         return self.api("/api/state")[1]
 
     def kill(self) -> None:
@@ -500,13 +408,8 @@ def _bench(n: int) -> None:
         d = Path(tmp)
         conn = outbox.connect(str(d / "o.db"))
         outbox.ensure_schema(conn)
-        payload = {
-            "slide_id": "s",
-            "action": "counted",
-            "label": "neutrophil",
-            "probs": dict.fromkeys(CLASSES, 0.2),
-            "bbox": [1, 2, 3, 4],
-        }
+        payload = {"slide_id": "s", "action": "counted", "label": "neutrophil",
+                   "probs": dict.fromkeys(CLASSES, 0.2), "bbox": [1, 2, 3, 4]}
         t = time.perf_counter()
         for i in range(n):
             with conn:
@@ -550,11 +453,8 @@ def _main() -> None:
         return
     s = settings(args.port, args.station)
     holder: dict[str, SimStation] = {}
-    pub = (
-        MqttPublisher(s, args.db, state_provider=lambda: holder["sim"].state())
-        if args.publish
-        else None
-    )
+    pub = MqttPublisher(s, args.db, state_provider=lambda: holder["sim"].state()) \
+        if args.publish else None
     sim = SimStation(Path(args.db), args.station, listener=pub.publish if pub else None)
     holder["sim"] = sim
     if pub:

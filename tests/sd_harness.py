@@ -59,7 +59,9 @@ class NotifyHarness:
                 continue
             except OSError:
                 return
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            fields = dict(
+                line.split("=", 1) for line in data.decode().splitlines() if "=" in line
+            )
             with self._lock:
                 self.messages.append(Message(time.monotonic(), fields))
 
@@ -68,22 +70,14 @@ class NotifyHarness:
             return list(self.messages)
 
     def times(self, key: str, value: str | None = None) -> list[float]:
-        return [
-            m.t
-            for m in self.snapshot()
-            if key in m.fields and (value is None or m.fields[key] == value)
-        ]
+        return [m.t for m in self.snapshot()
+                if key in m.fields and (value is None or m.fields[key] == value)]
 
     def statuses(self) -> list[tuple[float, str]]:
         return [(m.t, m.fields["STATUS"]) for m in self.snapshot() if "STATUS" in m.fields]
 
-    def wait_for(
-        self,
-        key: str,
-        value: str | None = None,
-        timeout: float = 10.0,
-        proc: subprocess.Popen[bytes] | None = None,
-    ) -> float:
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 10.0,
+                 proc: subprocess.Popen[bytes] | None = None) -> float:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             ts = self.times(key, value)

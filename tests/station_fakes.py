@@ -19,18 +19,8 @@ from edge_wbc.results import CLASSES, Cell, FieldResult
 #: The label sequence the fake "classifier" cycles through: mostly neutrophils and lymphocytes,
 #: an unidentified cell now and then so review and finalise blockers are exercised.
 LABEL_CYCLE = (
-    "neutrophil",
-    "lymphocyte",
-    "neutrophil",
-    "monocyte",
-    "neutrophil",
-    "eosinophil",
-    "lymphocyte",
-    "neutrophil",
-    "unidentified",
-    "neutrophil",
-    "basophil",
-    "lymphocyte",
+    "neutrophil", "lymphocyte", "neutrophil", "monocyte", "neutrophil", "eosinophil",
+    "lymphocyte", "neutrophil", "unidentified", "neutrophil", "basophil", "lymphocyte",
 )
 
 
@@ -72,32 +62,17 @@ class FakeAnalyzer:
             with self.lock:
                 label = next(self._labels)
             cells.append(fake_cell(b, label, 0.55 if label == "unidentified" else 0.93))
-        return FieldResult(
-            path=path,
-            width=w,
-            height=h,
-            cells=cells,
-            quality={"flags": []},
-            timing_ms={"total": 1.0},
-        )
+        return FieldResult(path=path, width=w, height=h, cells=cells,
+                           quality={"flags": []}, timing_ms={"total": 1.0})
 
 
 class RunningStation:
     """A station wired exactly as ``edge-wbc station`` wires it, but with an injected analyzer
     (tests only), on a free loopback port, in this process."""
 
-    def __init__(
-        self,
-        data_dir,
-        source: str = "folder:samples/fields",
-        *,
-        analyzer=None,
-        target: int = 100,
-        queue_max: int = 4,
-        token: str | None = None,
-        host: str = "127.0.0.1",
-        preview_fps: float = 5.0,
-    ) -> None:
+    def __init__(self, data_dir, source: str = "folder:samples/fields", *, analyzer=None,
+                 target: int = 100, queue_max: int = 4, token: str | None = None,
+                 host: str = "127.0.0.1", preview_fps: float = 5.0) -> None:
         from functools import partial
 
         from edge_wbc.camera import open_source
@@ -116,38 +91,14 @@ class RunningStation:
         self.events: list = []
         self.fanout.subscribe(self.events.append)
         describe = getattr(self.analyzer, "describe", None)
-        models = (
-            describe()
-            if describe
-            else {
-                "manifest": "test",
-                "models": [
-                    {
-                        "name": "fake-analyzer",
-                        "file": "-",
-                        "sha256": "0" * 64,
-                        "task": "segmentation",
-                    }
-                ],
-            }
-        )
-        self.session = SlideSession(
-            self.store,
-            self.fanout,
-            default_target=target,
-            models=models,
-            station_id="test-station",
-            reporter=partial(write_reports, data_dir=self.store.data_dir),
-        )
+        models = describe() if describe else {"manifest": "test", "models": [
+            {"name": "fake-analyzer", "file": "-", "sha256": "0" * 64, "task": "segmentation"}]}
+        self.session = SlideSession(self.store, self.fanout, default_target=target, models=models,
+                                    station_id="test-station",
+                                    reporter=partial(write_reports, data_dir=self.store.data_dir))
         self.source = open_source(source)
-        self.station = Station(
-            self.source,
-            self.analyzer.analyze,
-            self.session,
-            self.fanout,
-            queue_max=queue_max,
-            info={"accelerator": "cpu"},
-        )
+        self.station = Station(self.source, self.analyzer.analyze, self.session, self.fanout,
+                               queue_max=queue_max, info={"accelerator": "cpu"})
         self.server = StationServer(self.station, self.hub, host, 0, token, preview_fps)
         self.url = f"http://127.0.0.1:{self.server.port}"
         self.station.start()

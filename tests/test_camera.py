@@ -27,13 +27,9 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "fields"
 
 @pytest.mark.parametrize(
     ("spec", "kind", "arg"),
-    [
-        ("folder:samples/fields", "folder", "samples/fields"),
-        ("opencv:0", "opencv", "0"),
-        ("opencv:/dev/video2", "opencv", "/dev/video2"),
-        ("picamera2", "picamera2", "0"),
-        ("picamera2:1", "picamera2", "1"),
-    ],
+    [("folder:samples/fields", "folder", "samples/fields"), ("opencv:0", "opencv", "0"),
+     ("opencv:/dev/video2", "opencv", "/dev/video2"), ("picamera2", "picamera2", "0"),
+     ("picamera2:1", "picamera2", "1")],
 )
 def test_parse_source(spec: str, kind: str, arg: str) -> None:
     assert parse_source(spec) == (kind, arg)
@@ -109,9 +105,8 @@ def test_folder_errors(tmp_path: Path) -> None:
 def test_odd_frames_are_fitted_to_the_analysis_size(tmp_path: Path) -> None:
     d = tmp_path / "odd"
     d.mkdir()
-    cv2.imwrite(
-        str(d / "grey16.png"), (np.arange(800 * 1000) % 65535).reshape(800, 1000).astype(np.uint16)
-    )
+    cv2.imwrite(str(d / "grey16.png"), (np.arange(800 * 1000) % 65535).reshape(800, 1000)
+                .astype(np.uint16))
     frame = open_source(f"folder:{d}").capture()
     assert frame.rgb.shape == (480, 640, 3) and frame.rgb.dtype == np.uint8
     wide = np.zeros((100, 400, 3), np.uint8)

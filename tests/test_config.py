@@ -151,11 +151,8 @@ def test_secrets_from_environment_or_credentials(tmp_path: Path) -> None:
     (creds / "mqtt-password").write_text("s3cret\n")
     (creds / "token").write_text("tok")
     (creds / "mqtt-tls-key").write_text("KEY")
-    env = {
-        "CREDENTIALS_DIRECTORY": str(creds),
-        "EDGE_WBC_MQTT_USERNAME": "u",
-        "EDGE_WBC_MQTT_TLS_CERT": str(tmp_path / "c.pem"),
-    }
+    env = {"CREDENTIALS_DIRECTORY": str(creds), "EDGE_WBC_MQTT_USERNAME": "u",
+           "EDGE_WBC_MQTT_TLS_CERT": str(tmp_path / "c.pem")}
     cfg = load_config(None, env=env)
     assert cfg.mqtt.password == "s3cret"  # the trailing newline is not part of it
     assert cfg.station.token == "tok"

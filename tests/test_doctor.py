@@ -36,33 +36,15 @@ def _manifest(models: Path, files: dict[str, bytes], tamper: str | None = None) 
         if name == tamper:
             digest = "0" * 64
         seg = i < len(files) - 1
-        entries.append(
-            {
-                "name": name.split(".")[0],
-                "file": name,
-                "sha256": digest,
-                "task": "segmentation" if seg else "classification",
-                "input": {"shape": [1, 192, 256, 3] if seg else [1, 96, 96, 3], "dtype": "int8"},
-                **(
-                    {}
-                    if seg
-                    else {
-                        "classes": [
-                            "neutrophil",
-                            "eosinophil",
-                            "basophil",
-                            "lymphocyte",
-                            "monocyte",
-                        ]
-                    }
-                ),
-            }
-        )
-    (models / "manifest.json").write_text(
-        json.dumps(
-            {"schema": "edge-wbc/manifest/1", "models": entries, "ensemble": {"threshold": 0.5}}
-        )
-    )
+        entries.append({
+            "name": name.split(".")[0], "file": name, "sha256": digest,
+            "task": "segmentation" if seg else "classification",
+            "input": {"shape": [1, 192, 256, 3] if seg else [1, 96, 96, 3], "dtype": "int8"},
+            **({} if seg else {"classes": ["neutrophil", "eosinophil", "basophil",
+                                           "lymphocyte", "monocyte"]}),
+        })
+    (models / "manifest.json").write_text(json.dumps(
+        {"schema": "edge-wbc/manifest/1", "models": entries, "ensemble": {"threshold": 0.5}}))
 
 
 @pytest.fixture
@@ -170,11 +152,9 @@ def test_doctor_cli_table_json_and_exit_status(tmp_path: Path, listener: int) ->
     fields.mkdir()
     shutil.copy(next((ROOT / "samples" / "fields").glob("*.jpg")), fields / "a.jpg")
     conf = tmp_path / "c.toml"
-    conf.write_text(
-        f"[camera]\nsource = 'folder:{fields}'\n[models]\ndir = '{tmp_path / 'none'}'\n"
-        f"[session]\ndata_dir = '{tmp_path}'\n"
-        f"[mqtt]\nhost = '127.0.0.1'\nport = {listener}\n"
-    )
+    conf.write_text(f"[camera]\nsource = 'folder:{fields}'\n[models]\ndir = '{tmp_path / 'none'}'\n"
+                    f"[session]\ndata_dir = '{tmp_path}'\n"
+                    f"[mqtt]\nhost = '127.0.0.1'\nport = {listener}\n")
     res = runner.invoke(app, ["doctor", "--config", str(conf)])
     assert res.exit_code == 1  # no models: the station cannot run
     rows = re.findall(r"^(\w+) +(OK|WARN|FAIL|SKIP) ", res.output, re.M)
@@ -182,9 +162,8 @@ def test_doctor_cli_table_json_and_exit_status(tmp_path: Path, listener: int) ->
     assert lines == {"config": "OK", "camera": "OK", "models": "FAIL", "disk": "OK", "broker": "OK"}
     assert "NOT READY: models" in res.output
 
-    res = runner.invoke(
-        app, ["doctor", "--config", str(conf), "--only", "camera", "--only", "broker", "--json"]
-    )
+    res = runner.invoke(app, ["doctor", "--config", str(conf), "--only", "camera", "--only",
+                              "broker", "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert data["ok"] and [c["name"] for c in data["checks"]] == ["config", "camera", "broker"]
@@ -210,9 +189,7 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert res.exit_code == 1
     for ln in (f"{bad}:2: mqtt.port", f"{bad}:3: mqtt.keepalive", f"{bad}:5: station.queue_max"):
         assert ln in res.output
-    res = runner.invoke(
-        app,
-        ["check-config", str(ROOT / "edge_wbc" / "config.example.toml"), "--show"],
-        env={"EDGE_WBC_MQTT_PASSWORD": "pw", "EDGE_WBC_MQTT_USERNAME": "u"},
-    )
-    assert res.exit_code == 0 and 'password = "***"' in res.output and 'pw"' not in res.output
+    res = runner.invoke(app, ["check-config", str(ROOT / "edge_wbc" / "config.example.toml"),
+                              "--show"], env={"EDGE_WBC_MQTT_PASSWORD": "pw",
+                                              "EDGE_WBC_MQTT_USERNAME": "u"})
+    assert res.exit_code == 0 and 'password = "***"' in res.output and "pw\"" not in res.output

@@ -31,9 +31,8 @@ def src(tmp_path: Path) -> Path:
     s = tmp_path / "src"
     s.mkdir()
     shutil.copy2(ROOT / "pyproject.toml", s / "pyproject.toml")
-    shutil.copytree(
-        ROOT / "edge_wbc", s / "edge_wbc", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-    )
+    shutil.copytree(ROOT / "edge_wbc", s / "edge_wbc",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copytree(ROOT / "systemd", s / "systemd")
     (s / "docs").mkdir()
     shutil.copy2(ROOT / "docs" / "pi.md", s / "docs" / "pi.md")
@@ -49,13 +48,8 @@ def src(tmp_path: Path) -> Path:
 
 def _run(src: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "SUDO_USER"}
-    res = subprocess.run(
-        ["bash", str(src / "scripts" / "install-pi.sh"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    res = subprocess.run(["bash", str(src / "scripts" / "install-pi.sh"), *args],
+                         capture_output=True, text=True, timeout=120, env=env)
     if check:
         assert res.returncode == 0, res.stdout + res.stderr
     return res
@@ -85,17 +79,11 @@ def test_dry_run_lists_every_step_and_changes_nothing(src: Path, tmp_path: Path)
     steps = [ln for ln in res.stdout.splitlines() if ln.startswith("[")]
     assert [s.split("]")[0] + "]" for s in steps] == [f"[{i}]" for i in range(1, 9)]
     cmds = _commands(res.stdout)
-    assert any(
-        "apt-get install" in c
-        and "python3-picamera2" in c
-        and "libedgetpu1-std" in c
-        and "chromium-browser" in c
-        for c in cmds
-    )
+    assert any("apt-get install" in c and "python3-picamera2" in c and "libedgetpu1-std" in c
+               and "chromium-browser" in c for c in cmds)
     assert any("venv --system-site-packages" in c for c in cmds)
-    assert any(
-        "pip install" in c and "[pi]" in c.replace("\\", "") and "numpy\\<2" in c for c in cmds
-    )
+    assert any("pip install" in c and "[pi]" in c.replace("\\", "") and "numpy\\<2" in c
+               for c in cmds)
     assert any(c.startswith("systemctl enable edge-wbc.service") for c in cmds)
     assert "install /etc/edge-wbc/config.toml" in res.stdout
     assert "dry run" in res.stdout
@@ -202,20 +190,14 @@ def test_documented_backup_commands_work_on_a_live_wal_database(tmp_path: Path) 
     try:
         docs = (ROOT / "docs" / "pi.md").read_text()
         assert ".backup '" in docs and "VACUUM INTO '" in docs
-        for i, cmd in enumerate(
-            (f".backup '{tmp_path / 'b1.sqlite3'}'", f"VACUUM INTO '{tmp_path / 'b2.sqlite3'}'")
-        ):
-            res = subprocess.run(
-                ["sqlite3", str(db), cmd], capture_output=True, text=True, timeout=60
-            )
+        for i, cmd in enumerate((f".backup '{tmp_path / 'b1.sqlite3'}'",
+                                 f"VACUUM INTO '{tmp_path / 'b2.sqlite3'}'")):
+            res = subprocess.run(["sqlite3", str(db), cmd], capture_output=True, text=True,
+                                 timeout=60)
             assert res.returncode == 0, res.stderr
             copy = tmp_path / f"b{i + 1}.sqlite3"
-            check = subprocess.run(
-                ["sqlite3", str(copy), "PRAGMA integrity_check"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            check = subprocess.run(["sqlite3", str(copy), "PRAGMA integrity_check"],
+                                   capture_output=True, text=True, timeout=60)
             assert check.stdout.strip() == "ok"
     finally:
         stop.set()
@@ -231,10 +213,7 @@ def test_documented_backup_commands_work_on_a_live_wal_database(tmp_path: Path) 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck missing")
 def test_shellcheck_clean() -> None:
-    res = subprocess.run(
-        ["shellcheck", "--severity=style", str(SCRIPT), str(ROOT / "systemd" / "edge-wbc-kiosk")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    res = subprocess.run(["shellcheck", "--severity=style", str(SCRIPT),
+                          str(ROOT / "systemd" / "edge-wbc-kiosk")],
+                         capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout

@@ -25,14 +25,9 @@ pytestmark = pytest.mark.timeout(120)
 
 def test_table_folds_messages_and_ignores_junk() -> None:
     t = StationTable("edge-wbc")
-    diff = {
-        "slide": {"slide_id": "s1", "sample_id": "LAB-42"},
-        "target": 100,
-        "counted": 50,
-        "complete": False,
-        "counts": {"neutrophil": 30, "lymphocyte": 20, "unidentified": 1},
-        "percentages": {"neutrophil": 60.0, "lymphocyte": 40.0},
-    }
+    diff = {"slide": {"slide_id": "s1", "sample_id": "LAB-42"}, "target": 100, "counted": 50,
+            "complete": False, "counts": {"neutrophil": 30, "lymphocyte": 20, "unidentified": 1},
+            "percentages": {"neutrophil": 60.0, "lymphocyte": 40.0}}
     assert t.handle("edge-wbc/bench-1/differential", json.dumps(diff).encode(), now=100.0)
     assert t.handle("edge-wbc/bench-1/available", b"online", now=100.0) == "bench-1"
     assert t.handle("edge-wbc/bench-2/available", b"offline", now=50.0) == "bench-2"
@@ -46,17 +41,8 @@ def test_table_folds_messages_and_ignores_junk() -> None:
     text = t.render(now=110.0)
     lines = text.splitlines()
     assert lines[0].split()[:4] == ["STATION", "STATUS", "SAMPLE", "COUNTED"]
-    assert lines[1].split()[:9] == [
-        "bench-1",
-        "online",
-        "LAB-42",
-        "50/100",
-        "60.0",
-        "0.0",
-        "0.0",
-        "40.0",
-        "0.0",
-    ]
+    assert lines[1].split()[:9] == ["bench-1", "online", "LAB-42", "50/100", "60.0", "0.0",
+                                    "0.0", "40.0", "0.0"]
     assert lines[2].split()[:4] == ["bench-2", "offline", "-", "-"]
     assert lines[-1] == "2 stations, 1 online"
 
@@ -64,11 +50,8 @@ def test_table_folds_messages_and_ignores_junk() -> None:
 def test_online_without_fresh_stats_is_shown_stale() -> None:
     t = StationTable()
     t.handle("edge-wbc/s/available", b"online", now=1000.0)
-    t.handle(
-        "edge-wbc/s/stats",
-        json.dumps({"ts": "1970-01-01T00:16:40Z", "interval_s": 60}).encode(),
-        now=1000.0,
-    )  # t = 1000 s
+    t.handle("edge-wbc/s/stats", json.dumps(
+        {"ts": "1970-01-01T00:16:40Z", "interval_s": 60}).encode(), now=1000.0)  # t = 1000 s
     assert t.stations["s"].status(now=1100.0) == "online"
     assert t.stations["s"].status(now=1000.0 + 3 * 60 + 11) == "stale"
     assert "0 online" in t.render(now=2000.0) and " stale " in t.render(now=2000.0)
@@ -78,27 +61,21 @@ def test_online_without_fresh_stats_is_shown_stale() -> None:
 
 def test_percentages_computed_when_absent() -> None:
     t = StationTable()
-    t.handle(
-        "edge-wbc/s/differential",
-        json.dumps(
-            {"counted": 4, "target": 100, "counts": {"neutrophil": 3, "monocyte": 1}}
-        ).encode(),
-    )
+    t.handle("edge-wbc/s/differential", json.dumps(
+        {"counted": 4, "target": 100, "counts": {"neutrophil": 3, "monocyte": 1}}).encode())
     pct = t.stations["s"].percentages()
     assert pct["neutrophil"] == 75.0 and pct["monocyte"] == 25.0
 
 
 @pytest.mark.broker
 def test_twenty_stations_on_one_broker_all_shown_with_correct_counts(
-    broker: Mosquitto, tmp_path: Path
-) -> None:
+        broker: Mosquitto, tmp_path: Path) -> None:
     n = 20
     with ExitStack() as stack:
         sims = []
         for i in range(n):
-            sim, pub = stack.enter_context(
-                sim_with_publisher(tmp_path / f"st{i:02d}.db", settings(broker.port, f"st{i:02d}"))
-            )
+            sim, pub = stack.enter_context(sim_with_publisher(
+                tmp_path / f"st{i:02d}.db", settings(broker.port, f"st{i:02d}")))
             for _ in range(i % 7 + 1):
                 sim.capture(i % 3 + 1)
             sims.append((sim, pub))
@@ -113,53 +90,30 @@ def test_twenty_stations_on_one_broker_all_shown_with_correct_counts(
         runner = CliRunner()
 
         def snapshot() -> dict[str, dict]:
-            res = runner.invoke(
-                app,
-                [
-                    "monitor",
-                    "--mqtt-host",
-                    "127.0.0.1",
-                    "--mqtt-port",
-                    str(broker.port),
-                    "--json",
-                    "--once",
-                ],
-            )
+            res = runner.invoke(app, ["monitor", "--mqtt-host", "127.0.0.1", "--mqtt-port",
+                                      str(broker.port), "--json", "--once"])
             assert res.exit_code == 0, res.output
             return {d["station"]: d for d in map(json.loads, res.stdout.splitlines())}
 
         def matches() -> bool:
             got = snapshot()
             return len(got) == n and all(
-                got[s]["counted"] == st["counted"]
-                and got[s]["counts"] == {**st["counts"], "unidentified": 0}
-                and got[s]["available"] == "online"
-                for s, st in expected().items()
-            )
+                got[s]["counted"] == st["counted"] and got[s]["counts"] == {
+                    **st["counts"], "unidentified": 0} and got[s]["available"] == "online"
+                for s, st in expected().items())
 
         wait_for(matches, 20, "monitor showing all 20 stations with their counts", step=0.5)
-        table = runner.invoke(
-            app, ["monitor", "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port), "--once"]
-        )
+        table = runner.invoke(app, ["monitor", "--mqtt-host", "127.0.0.1", "--mqtt-port",
+                                    str(broker.port), "--once"])
         assert table.exit_code == 0, table.output
-        rows = {ln.split()[0]: ln.split() for ln in table.stdout.splitlines()[1 : n + 1]}
+        rows = {ln.split()[0]: ln.split() for ln in table.stdout.splitlines()[1:n + 1]}
         assert len(rows) == n
         for s, st in expected().items():
             assert rows[s][1] == "online" and rows[s][3] == f"{st['counted']}/100"
         assert f"{n} stations, {n} online" in table.stdout
     # Every station exited cleanly: the central view says so.
-    res = CliRunner().invoke(
-        app,
-        [
-            "monitor",
-            "--mqtt-host",
-            "127.0.0.1",
-            "--mqtt-port",
-            str(broker.port),
-            "--json",
-            "--once",
-        ],
-    )
+    res = CliRunner().invoke(app, ["monitor", "--mqtt-host", "127.0.0.1", "--mqtt-port",
+                                   str(broker.port), "--json", "--once"])
     assert {json.loads(x)["available"] for x in res.stdout.splitlines()} == {"stopped"}
 
 
@@ -186,9 +140,8 @@ def test_live_updates_as_json_lines(broker: Mosquitto, tmp_path: Path) -> None:
 def test_unreachable_broker_is_a_clear_error(tmp_path: Path) -> None:
     from mqtt_support import free_port
 
-    res = CliRunner().invoke(
-        app, ["monitor", "--mqtt-host", "127.0.0.1", "--mqtt-port", str(free_port()), "--once"]
-    )
+    res = CliRunner().invoke(app, ["monitor", "--mqtt-host", "127.0.0.1", "--mqtt-port",
+                                   str(free_port()), "--once"])
     assert res.exit_code == 2
     assert "cannot reach MQTT broker 127.0.0.1" in res.output
 
@@ -198,24 +151,13 @@ def test_monitor_with_username_password(tmp_path: Path) -> None:
     import subprocess
 
     pw = tmp_path / "passwd"
-    subprocess.run(
-        ["mosquitto_passwd", "-c", "-b", str(pw), "central", "c3ntral"],
-        check=True,
-        capture_output=True,
-    )
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), "central", "c3ntral"], check=True,
+                   capture_output=True)
     pw.chmod(0o600)
     b = Mosquitto(tmp_path / "broker", f"allow_anonymous false\npassword_file {pw}\n").start()
     try:
-        args = [
-            "monitor",
-            "--mqtt-host",
-            "127.0.0.1",
-            "--mqtt-port",
-            str(b.port),
-            "--once",
-            "--username",
-            "central",
-        ]
+        args = ["monitor", "--mqtt-host", "127.0.0.1", "--mqtt-port", str(b.port), "--once",
+                "--username", "central"]
         ok = CliRunner().invoke(app, args, env={"EDGE_WBC_MQTT_PASSWORD": "c3ntral"})
         assert ok.exit_code == 0, ok.output
         assert "0 stations, 0 online" in ok.stdout

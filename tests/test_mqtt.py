@@ -39,11 +39,8 @@ T = "edge-wbc/st1"
 
 
 def _strip_envelope(d: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: v
-        for k, v in d.items()
-        if k not in ("schema", "state_schema", "station", "ts", "published_at")
-    }
+    return {k: v for k, v in d.items()
+            if k not in ("schema", "state_schema", "station", "ts", "published_at")}
 
 
 def _retained(port: int, topic: str, timeout_s: float = 5.0, **kw: Any) -> dict[str, Any] | str:
@@ -77,14 +74,8 @@ def test_events_availability_and_retained_differential(broker: Mosquitto, tmp_pa
         assert len(fields) == 5 and all(f["latency_ms"] == 42.0 for f in fields)
         assert [m.json()["action"] for m in col.on(f"{T}/slide")] == ["started"]
         assert _retained(broker.port, f"{T}/available") == "online"
-        wait_for(
-            lambda: (
-                _strip_envelope(_retained(broker.port, f"{T}/differential"))  # type: ignore[arg-type]
-                == sim.state()
-            ),
-            10,
-            "retained differential == station state",
-        )
+        wait_for(lambda: _strip_envelope(_retained(broker.port, f"{T}/differential"))  # type: ignore[arg-type]
+                 == sim.state(), 10, "retained differential == station state")
         st = pub.status()
         assert st["state"] == "connected" and st["error"] is None and st["warning"] is None
     assert _retained(broker.port, f"{T}/available") == "stopped"
@@ -94,9 +85,8 @@ def test_events_availability_and_retained_differential(broker: Mosquitto, tmp_pa
 def _outage_run(broker: Mosquitto, tmp_path: Path, outage_s: float) -> None:
     # A central consumer as docs/mqtt.md recommends: persistent session, QoS 1 subscription,
     # so the broker queues for it while it reconnects after the broker restart.
-    col = Collector(
-        broker.port, "edge-wbc/#", client_id="central-1", persistent=True
-    ).wait_subscribed()
+    col = Collector(broker.port, "edge-wbc/#", client_id="central-1",
+                    persistent=True).wait_subscribed()
     s = settings(broker.port, "st1")
     with sim_with_publisher(tmp_path / "st.db", s) as (sim, pub):
         ids: list[str] = []
@@ -116,30 +106,20 @@ def _outage_run(broker: Mosquitto, tmp_path: Path, outage_s: float) -> None:
         for _ in range(15):
             ids += sim.capture(2)
         assert len(ids) == 100
-        wait_for(
-            lambda: {m.json()["cell_id"] for m in col.on("edge-wbc/st1/cell")} >= set(ids),
-            30,
-            "every cell id at the subscriber",
-        )
+        wait_for(lambda: {m.json()["cell_id"] for m in col.on("edge-wbc/st1/cell")} >= set(ids),
+                 30, "every cell id at the subscriber")
         wait_for(lambda: outbox.depth(sim.conn) == 0, 15, "outbox drained")
         got = {m.json()["cell_id"] for m in col.on("edge-wbc/st1/cell")}
         assert got == set(ids)
         # After reconnect the retained differential is the station's current state.
-        wait_for(
-            lambda: (
-                _strip_envelope(_retained(broker.port, f"{T}/differential"))  # type: ignore[arg-type]
-                == sim.state()
-            ),
-            10,
-            "retained differential == station state",
-        )
+        wait_for(lambda: _strip_envelope(_retained(broker.port, f"{T}/differential"))  # type: ignore[arg-type]
+                 == sim.state(), 10, "retained differential == station state")
         assert _retained(broker.port, f"{T}/available") == "online"
     col.close()
 
 
 def test_broker_outage_in_the_middle_of_50_captures_loses_nothing(
-    broker: Mosquitto, tmp_path: Path
-) -> None:
+        broker: Mosquitto, tmp_path: Path) -> None:
     _outage_run(broker, tmp_path, outage_s=5.0)
 
 
@@ -151,23 +131,9 @@ def test_broker_outage_of_60_s_loses_nothing(broker: Mosquitto, tmp_path: Path) 
 def _spawn_station(db: Path, port: int, captures: int) -> subprocess.Popen[str]:
     support = Path(__file__).resolve().parent / "mqtt_support.py"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(support),
-            "sim",
-            "--db",
-            str(db),
-            "--port",
-            str(port),
-            "--station",
-            "st1",
-            "--captures",
-            str(captures),
-            "--publish",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+        [sys.executable, str(support), "sim", "--db", str(db), "--port", str(port),
+         "--station", "st1", "--captures", str(captures), "--publish"],
+        stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 30)
     if not ready:
@@ -179,27 +145,20 @@ def _spawn_station(db: Path, port: int, captures: int) -> subprocess.Popen[str]:
 
 
 def test_sigkill_gives_offline_within_keepalive_and_restart_drains(
-    broker: Mosquitto, tmp_path: Path
-) -> None:
+        broker: Mosquitto, tmp_path: Path) -> None:
     db = tmp_path / "st.db"
     col = Collector(broker.port).wait_subscribed()
     proc = _spawn_station(db, broker.port, captures=3)
     try:
-        wait_for(
-            lambda: (m := col.last(f"{T}/available")) is not None and m.payload == b"online",
-            10,
-            "online",
-        )
+        wait_for(lambda: (m := col.last(f"{T}/available")) is not None and m.payload == b"online",
+                 10, "online")
         wait_for(lambda: len(col.on(f"{T}/cell")) >= 6, 10, "first cells")
         t_kill = time.monotonic()
         proc.send_signal(signal.SIGKILL)
         proc.wait(5)
         keepalive = settings(broker.port, "st1").keepalive
-        wait_for(
-            lambda: col.last(f"{T}/available").payload == b"offline",  # type: ignore[union-attr]
-            keepalive * 1.5,
-            "last will 'offline'",
-        )
+        wait_for(lambda: col.last(f"{T}/available").payload == b"offline",  # type: ignore[union-attr]
+                 keepalive * 1.5, "last will 'offline'")
         assert time.monotonic() - t_kill <= keepalive * 1.5
     finally:
         if proc.poll() is None:
@@ -211,24 +170,15 @@ def test_sigkill_gives_offline_within_keepalive_and_restart_drains(
     offline.close()
     proc = _spawn_station(db, broker.port, captures=0)
     try:
-        wait_for(
-            lambda: col.last(f"{T}/available").payload == b"online",  # type: ignore[union-attr]
-            10,
-            "online again",
-        )
-        wait_for(
-            lambda: {m.json()["cell_id"] for m in col.on(f"{T}/cell")} >= set(queued),
-            10,
-            "queued cells delivered after restart",
-        )
+        wait_for(lambda: col.last(f"{T}/available").payload == b"online",  # type: ignore[union-attr]
+                 10, "online again")
+        wait_for(lambda: {m.json()["cell_id"] for m in col.on(f"{T}/cell")} >= set(queued),
+                 10, "queued cells delivered after restart")
         check = SimStation(db, "st1")
         wait_for(lambda: outbox.depth(check.conn) == 0, 10, "outbox drained")
         assert check.state()["counted"] == 14
-        wait_for(
-            lambda: col.last(f"{T}/differential").json()["counted"] == 14,  # type: ignore[union-attr]
-            10,
-            "differential republished on connect",
-        )
+        wait_for(lambda: col.last(f"{T}/differential").json()["counted"] == 14,  # type: ignore[union-attr]
+                 10, "differential republished on connect")
         check.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
@@ -242,28 +192,17 @@ def test_sigkill_gives_offline_within_keepalive_and_restart_drains(
 # ---- authentication and TLS ----------------------------------------------------------------
 def _password_broker(tmp_path: Path) -> Mosquitto:
     pw = tmp_path / "passwd"
-    subprocess.run(
-        ["mosquitto_passwd", "-c", "-b", str(pw), "station", "s3cret!"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        ["mosquitto_passwd", "-b", str(pw), "central", "c3ntral"], check=True, capture_output=True
-    )
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), "station", "s3cret!"], check=True,
+                   capture_output=True)
+    subprocess.run(["mosquitto_passwd", "-b", str(pw), "central", "c3ntral"], check=True,
+                   capture_output=True)
     pw.chmod(0o600)
     return Mosquitto(tmp_path / "broker", f"allow_anonymous false\npassword_file {pw}\n").start()
 
 
 def _cfg(port: int, **kw: Any) -> SimpleNamespace:
-    base = {
-        "host": "127.0.0.1",
-        "port": port,
-        "station_id": "st1",
-        "keepalive": 5,
-        "username": None,
-        "password": None,
-        "stats_interval_s": 60.0,
-    }
+    base = {"host": "127.0.0.1", "port": port, "station_id": "st1", "keepalive": 5,
+            "username": None, "password": None, "stats_interval_s": 60.0}
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -272,24 +211,19 @@ def test_username_password_from_env_and_credentials_dir(tmp_path: Path) -> None:
     b = _password_broker(tmp_path)
     try:
         col = Collector(b.port, auth=("central", "c3ntral")).wait_subscribed()
-        s = edge_mqtt.MqttSettings.from_config(
-            _cfg(b.port, username="station"), env={"EDGE_WBC_MQTT_PASSWORD": "s3cret!"}
-        )
+        s = edge_mqtt.MqttSettings.from_config(_cfg(b.port, username="station"),
+                                               env={"EDGE_WBC_MQTT_PASSWORD": "s3cret!"})
         assert s.password == "s3cret!"
         with sim_with_publisher(tmp_path / "a.db", s) as (sim, pub):
             ids = sim.capture(2)
-            wait_for(
-                lambda: {m.json()["cell_id"] for m in col.on(f"{T}/cell")} >= set(ids),
-                10,
-                "cells through an authenticated connection",
-            )
+            wait_for(lambda: {m.json()["cell_id"] for m in col.on(f"{T}/cell")} >= set(ids),
+                     10, "cells through an authenticated connection")
             assert pub.status()["state"] == "connected"
         creds = tmp_path / "creds"
         creds.mkdir()
         (creds / "mqtt-password").write_text("s3cret!\n")
-        s2 = edge_mqtt.MqttSettings.from_config(
-            _cfg(b.port, username="station"), env={"CREDENTIALS_DIRECTORY": str(creds)}
-        )
+        s2 = edge_mqtt.MqttSettings.from_config(_cfg(b.port, username="station"),
+                                                env={"CREDENTIALS_DIRECTORY": str(creds)})
         assert s2.password == "s3cret!"
         col.close()
     finally:
@@ -297,15 +231,12 @@ def test_username_password_from_env_and_credentials_dir(tmp_path: Path) -> None:
 
 
 def test_wrong_password_is_a_clear_error_and_counting_continues(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     b = _password_broker(tmp_path)
     try:
         s = settings(b.port, "st1", username="station", password="wrong")
-        with (
-            caplog.at_level(logging.ERROR, logger="edge_wbc.mqtt"),
-            sim_with_publisher(tmp_path / "a.db", s) as (sim, pub),
-        ):
+        with caplog.at_level(logging.ERROR, logger="edge_wbc.mqtt"), \
+                sim_with_publisher(tmp_path / "a.db", s) as (sim, pub):
             assert pub.wait_until(lambda st: st["state"] == "auth_failed", 10)
             for _ in range(3):
                 sim.capture(2)
@@ -332,93 +263,39 @@ def _make_pki(d: Path) -> None:
     d.mkdir(parents=True, exist_ok=True)
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     for ca in ("ca", "other-ca"):
-        _openssl(
-            "req",
-            "-x509",
-            *ec,
-            "-keyout",
-            f"{ca}.key",
-            "-out",
-            f"{ca}.crt",
-            "-days",
-            "2",
-            "-subj",
-            f"/CN=edge-wbc test {ca}",
-            cwd=d,
-        )
+        _openssl("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-days", "2",
+                 "-subj", f"/CN=edge-wbc test {ca}", cwd=d)
     (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
-        _openssl(
-            "req",
-            *ec,
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            f"/CN={name}",
-            cwd=d,
-        )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.crt",
-            "-days",
-            "2",
-            *ext,
-            cwd=d,
-        )
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", *ext, cwd=d)
 
 
 def test_tls_with_client_certificate_and_wrong_ca(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
     _make_pki(pki)
     b = Mosquitto(tmp_path / "broker")
-    b.extra_conf = (
-        f"cafile {pki}/ca.crt\ncertfile {pki}/server.crt\nkeyfile {pki}/server.key\n"
-        "require_certificate true\n"
-    )
+    b.extra_conf = (f"cafile {pki}/ca.crt\ncertfile {pki}/server.crt\nkeyfile {pki}/server.key\n"
+                    "require_certificate true\n")
     b.start()
     try:
-        tls = {
-            "ca_certs": str(pki / "ca.crt"),
-            "certfile": str(pki / "client.crt"),
-            "keyfile": str(pki / "client.key"),
-        }
+        tls = {"ca_certs": str(pki / "ca.crt"), "certfile": str(pki / "client.crt"),
+               "keyfile": str(pki / "client.key")}
         col = Collector(b.port, tls=tls).wait_subscribed()
-        s = edge_mqtt.MqttSettings.from_config(
-            _cfg(
-                b.port,
-                tls_ca=str(pki / "ca.crt"),
-                tls_cert=str(pki / "client.crt"),
-                tls_key=str(pki / "client.key"),
-            )
-        )
+        s = edge_mqtt.MqttSettings.from_config(_cfg(
+            b.port, tls_ca=str(pki / "ca.crt"), tls_cert=str(pki / "client.crt"),
+            tls_key=str(pki / "client.key")))
         assert s.use_tls
         with sim_with_publisher(tmp_path / "a.db", s) as (sim, pub):
             ids = sim.capture(2)
-            wait_for(
-                lambda: {m.json()["cell_id"] for m in col.on(f"{T}/cell")} >= set(ids),
-                10,
-                "cells over mutual TLS",
-            )
+            wait_for(lambda: {m.json()["cell_id"] for m in col.on(f"{T}/cell")} >= set(ids),
+                     10, "cells over mutual TLS")
             assert pub.status()["state"] == "connected"
         col.close()
-        bad = settings(
-            b.port,
-            "st2",
-            tls_ca=str(pki / "other-ca.crt"),
-            tls_cert=str(pki / "client.crt"),
-            tls_key=str(pki / "client.key"),
-        )
+        bad = settings(b.port, "st2", tls_ca=str(pki / "other-ca.crt"),
+                       tls_cert=str(pki / "client.crt"), tls_key=str(pki / "client.key"))
         with sim_with_publisher(tmp_path / "b.db", bad) as (sim, pub):
             assert pub.wait_until(lambda st: st["state"] == "tls_error", 10), pub.status()
             assert "certificate verify failed" in pub.status()["error"]
@@ -442,9 +319,8 @@ def test_unusable_settings_fail_at_startup_with_the_reason(tmp_path: Path) -> No
 def test_real_config_section_is_accepted(tmp_path: Path) -> None:
     from edge_wbc.config import MqttConfig
 
-    s = edge_mqtt.MqttSettings.from_config(
-        MqttConfig(host="broker.lab", station_id="bench-3", commands_enabled=True)
-    )
+    s = edge_mqtt.MqttSettings.from_config(MqttConfig(host="broker.lab", station_id="bench-3",
+                                                      commands_enabled=True))
     assert s.host == "broker.lab" and s.port == 1883 and s.prefix == "edge-wbc"
     assert s.topic("differential") == "edge-wbc/bench-3/differential"
     assert s.commands_enabled and s.keepalive == 30
@@ -472,37 +348,26 @@ def test_parse_command_accepts_the_documented_forms_only() -> None:
     assert parse_command("capture", b"PRESS") == {}
     assert parse_command("capture", b'{"request_id": "r1"}') == {"request_id": "r1"}
     assert parse_command("slide", b'{"action": "new", "sample_id": " S-9 ", "target": 200}') == {
-        "action": "new",
-        "sample_id": "S-9",
-        "target": 200,
-    }
+        "action": "new", "sample_id": "S-9", "target": 200}
     assert parse_command("slide", b'{"action": "finalise"}') == {"action": "finalise"}
     assert parse_command("slide", b'{"action": "target", "target": 150}') == {
-        "action": "target",
-        "target": 150,
-    }
-    for kind, raw in [
-        ("capture", b"boom"),
-        ("capture", b'{"extra": 1}'),
-        ("capture", b"[1]"),
-        ("slide", b"{"),
-        ("slide", b'{"action": "explode"}'),
-        ("slide", b'{"action": "target", "target": "200"}'),
-        ("slide", b'{"action": "target", "target": true}'),
-        ("slide", b'{"action": "target", "target": 0}'),
-        ("slide", b'{"action": "new"}'),
-        ("slide", b'{"action": "finalise", "target": 3}'),
-        ("slide", b"\xff\xfe"),
-        ("slide", b'{"action": "new", "sample_id": "' + b"x" * 5000 + b'"}'),
-        ("slide", b'{"action": "finalise", "request_id": 5}'),
-    ]:
+        "action": "target", "target": 150}
+    for kind, raw in [("capture", b"boom"), ("capture", b'{"extra": 1}'), ("capture", b"[1]"),
+                      ("slide", b"{"), ("slide", b'{"action": "explode"}'),
+                      ("slide", b'{"action": "target", "target": "200"}'),
+                      ("slide", b'{"action": "target", "target": true}'),
+                      ("slide", b'{"action": "target", "target": 0}'),
+                      ("slide", b'{"action": "new"}'),
+                      ("slide", b'{"action": "finalise", "target": 3}'),
+                      ("slide", b"\xff\xfe"), ("slide", b'{"action": "new", "sample_id": "'
+                                                         + b"x" * 5000 + b'"}'),
+                      ("slide", b'{"action": "finalise", "request_id": 5}')]:
         with pytest.raises(CommandError):
             parse_command(kind, raw)
 
 
 def test_commands_are_handled_echoed_and_malformed_ones_ignored(
-    broker: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+        broker: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     calls: list[tuple[str, dict[str, Any]]] = []
 
     def handler(kind: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -516,31 +381,24 @@ def test_commands_are_handled_echoed_and_malformed_ones_ignored(
     # Left retained on the broker by some careless client: it would fire on every reconnect.
     sender.client.publish(f"{T}/capture/set", "PRESS", qos=1, retain=True).wait_for_publish(5)
     s = settings(broker.port, "st1", commands_enabled=True)
-    with (
-        caplog.at_level(logging.WARNING, logger="edge_wbc.mqtt"),
-        sim_with_publisher(tmp_path / "a.db", s, command_handler=handler) as (_sim, pub),
-    ):
+    with caplog.at_level(logging.WARNING, logger="edge_wbc.mqtt"), \
+            sim_with_publisher(tmp_path / "a.db", s, command_handler=handler) as (_sim, pub):
         wait_for(lambda: pub.connected, 10, "connected")
         wait_for(lambda: "ignoring retained command" in caplog.text, 10, "retained refused")
         sender.client.publish(f"{T}/capture/set", "PRESS", qos=1)
         wait_for(lambda: len(col.on(f"{T}/state")) >= 1, 10, "capture echo")
         sender.client.publish(f"{T}/slide/set", "not json", qos=1)
-        sender.client.publish(
-            f"{T}/slide/set",
-            json.dumps({"action": "new", "sample_id": "S-2", "target": 200, "request_id": "r1"}),
-            qos=1,
-        )
+        sender.client.publish(f"{T}/slide/set", json.dumps(
+            {"action": "new", "sample_id": "S-2", "target": 200, "request_id": "r1"}), qos=1)
         sender.client.publish(f"{T}/slide/set", '{"action": "finalise"}', qos=1)
         wait_for(lambda: len(col.on(f"{T}/state")) >= 4, 10, "4 echoes")
         time.sleep(0.3)
         echoes = [m.json() for m in col.on(f"{T}/state")]
     sender.client.publish(f"{T}/capture/set", b"", qos=1, retain=True).wait_for_publish(5)
     sender.close()
-    assert calls == [
-        ("capture", {}),
-        ("slide", {"action": "new", "sample_id": "S-2", "target": 200}),
-        ("slide", {"action": "finalise"}),
-    ]
+    assert calls == [("capture", {}), ("slide", {"action": "new", "sample_id": "S-2",
+                                                  "target": 200}),
+                     ("slide", {"action": "finalise"})]
     assert echoes[0]["ok"] and echoes[0]["command"] == "capture"
     assert echoes[0]["result"] == {"queued": 1}
     assert not echoes[1]["ok"] and "not JSON" in echoes[1]["error"]
@@ -554,11 +412,8 @@ def test_commands_are_handled_echoed_and_malformed_ones_ignored(
 
 def test_commands_disabled_means_not_subscribed(broker: Mosquitto, tmp_path: Path) -> None:
     calls: list[Any] = []
-    with sim_with_publisher(
-        tmp_path / "a.db",
-        settings(broker.port, "st1"),
-        command_handler=lambda k, a: calls.append(k),
-    ) as (_sim, pub):
+    with sim_with_publisher(tmp_path / "a.db", settings(broker.port, "st1"),
+                            command_handler=lambda k, a: calls.append(k)) as (_sim, pub):
         wait_for(lambda: pub.connected, 10, "connected")
         sender = Collector(broker.port, "nothing/here").wait_subscribed()
         sender.client.publish(f"{T}/capture/set", "PRESS", qos=1).wait_for_publish(5)
@@ -569,25 +424,21 @@ def test_commands_disabled_means_not_subscribed(broker: Mosquitto, tmp_path: Pat
 
 def test_home_assistant_discovery_and_stats(broker: Mosquitto, tmp_path: Path) -> None:
     col = Collector(broker.port, ["homeassistant/#", f"{T}/stats"]).wait_subscribed()
-    s = settings(broker.port, "st1", ha_discovery=True, stats_interval_s=1.0, commands_enabled=True)
+    s = settings(broker.port, "st1", ha_discovery=True, stats_interval_s=1.0,
+                 commands_enabled=True)
     with sim_with_publisher(tmp_path / "a.db", s) as (sim, _pub):
         sim.capture(3)
         wait_for(lambda: len(col.on(f"{T}/stats")) >= 1, 10, "stats")
-        wait_for(
-            lambda: col.last(f"{T}/stats").json()["fields"] >= 1,
-            5,  # type: ignore[union-attr]
-            "stats counting the field",
-        )
+        wait_for(lambda: col.last(f"{T}/stats").json()["fields"] >= 1, 5,  # type: ignore[union-attr]
+                 "stats counting the field")
         stats = col.last(f"{T}/stats").json()  # type: ignore[union-attr]
         configs = {m.topic: m.json() for m in col.messages if m.topic.startswith("homeassistant/")}
     neu = configs["homeassistant/sensor/edge_wbc_st1/neutrophil/config"]
     assert neu["state_topic"] == f"{T}/differential"
     assert neu["value_template"] == "{{ value_json.percentages.neutrophil | default(0) }}"
     assert neu["availability"][0]["topic"] == f"{T}/available"
-    assert (
-        configs["homeassistant/button/edge_wbc_st1/capture/config"]["command_topic"]
-        == f"{T}/capture/set"
-    )
+    assert configs["homeassistant/button/edge_wbc_st1/capture/config"]["command_topic"] == \
+        f"{T}/capture/set"
     assert "homeassistant/sensor/edge_wbc_st1/counted/config" in configs
     assert stats["schema"] == outbox.MQTT_SCHEMA and stats["uptime_s"] >= 0
     assert stats["latency_ms"]["last"] == 42.0 and stats["outbox"]["max"] == s.outbox_max
@@ -619,11 +470,8 @@ def test_publisher_listener_never_raises_into_the_session(tmp_path: Path) -> Non
 
 
 def test_disk_full_while_acknowledging_neither_loses_nor_resends(
-    broker: Mosquitto,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+        broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     import sqlite3
 
     real = outbox.ack_many
@@ -637,10 +485,8 @@ def test_disk_full_while_acknowledging_neither_loses_nor_resends(
 
     monkeypatch.setattr(outbox, "ack_many", flaky)
     col = Collector(broker.port).wait_subscribed()
-    with (
-        caplog.at_level(logging.ERROR, logger="edge_wbc.mqtt"),
-        sim_with_publisher(tmp_path / "a.db", settings(broker.port, "st1")) as (sim, pub),
-    ):
+    with caplog.at_level(logging.ERROR, logger="edge_wbc.mqtt"), \
+            sim_with_publisher(tmp_path / "a.db", settings(broker.port, "st1")) as (sim, pub):
         ids = [cid for _ in range(3) for cid in sim.capture(2)]
         wait_for(lambda: outbox.depth(sim.conn) == 0, 15, "acks applied once the disk recovers")
         assert pub.connected

@@ -38,8 +38,7 @@ def _sub(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_session_events_reach_the_broker_through_the_store_outbox(
-    broker: Mosquitto, tmp_path: Path
-) -> None:
+        broker: Mosquitto, tmp_path: Path) -> None:
     from edge_wbc.events import Fanout
     from edge_wbc.session import SlideSession
     from edge_wbc.store import Store
@@ -47,15 +46,13 @@ def test_session_events_reach_the_broker_through_the_store_outbox(
     store = Store(tmp_path / "data", mqtt=True)
     fan = Fanout()
     holder: dict[str, SlideSession] = {}
-    pub = MqttPublisher(
-        settings(broker.port, "bench-1"),
-        store.db_path,
-        state_provider=lambda: holder["session"].state(),
-    )
+    pub = MqttPublisher(settings(broker.port, "bench-1"), store.db_path,
+                        state_provider=lambda: holder["session"].state())
     # Subscribed before the session exists: an empty Fanout is falsy (it has __len__), and the
     # session keeps ``publish or no-op``.
     fan.subscribe(pub.publish)
-    session = holder["session"] = SlideSession(store, fan, default_target=10, station_id="bench-1")
+    session = holder["session"] = SlideSession(store, fan, default_target=10,
+                                               station_id="bench-1")
     col = Collector(broker.port, "edge-wbc/#", client_id="central", persistent=True)
     col.wait_subscribed()
     pub.start()
@@ -70,38 +67,23 @@ def test_session_events_reach_the_broker_through_the_store_outbox(
         broker.start()
         counted = [c["id"] for c in store.cells(session.slide["id"])]
         assert len(counted) == 10
-        wait_for(
-            lambda: {m.json()["cell_id"] for m in col.on(f"{T}/cell")} >= set(counted),
-            20,
-            "every counted cell id at the subscriber",
-        )
+        wait_for(lambda: {m.json()["cell_id"] for m in col.on(f"{T}/cell")} >= set(counted),
+                 20, "every counted cell id at the subscriber")
         target = counted[0]
-        session.review(
-            target, "monocyte" if session.cells[target]["label"] != "monocyte" else "neutrophil"
-        )
-        wait_for(
-            lambda: any(m.json()["action"] == "reclassified" for m in col.on(f"{T}/cell")),
-            10,
-            "reclassified event",
-        )
+        session.review(target, "monocyte" if session.cells[target]["label"] != "monocyte"
+                       else "neutrophil")
+        wait_for(lambda: any(m.json()["action"] == "reclassified" for m in col.on(f"{T}/cell")),
+                 10, "reclassified event")
         wait_for(lambda: outbox.depth(store.conn) == 0, 10, "outbox drained")
-        wait_for(
-            lambda: (
-                (m := col.last(f"{T}/differential")) is not None
-                and _sub(m.json()) == _sub(session.state())
-            ),
-            10,
-            "retained differential == session state",
-        )
+        wait_for(lambda: (m := col.last(f"{T}/differential")) is not None
+                 and _sub(m.json()) == _sub(session.state()), 10,
+                 "retained differential == session state")
         diff = col.last(f"{T}/differential").json()  # type: ignore[union-attr]
         assert diff["sample_id"] == session.slide["sample_id"]
         assert diff["slide_id"] == session.slide["id"] and diff["station"] == "bench-1"
         session.finalise()
-        wait_for(
-            lambda: any(m.json()["action"] == "finalised" for m in col.on(f"{T}/slide")),
-            10,
-            "final report on the slide topic",
-        )
+        wait_for(lambda: any(m.json()["action"] == "finalised" for m in col.on(f"{T}/slide")),
+                 10, "final report on the slide topic")
         final = next(m.json() for m in col.on(f"{T}/slide") if m.json()["action"] == "finalised")
         assert final["report"]["counted"] == 10
         fields = [m.json() for m in col.on(f"{T}/field")]
@@ -118,22 +100,9 @@ def test_session_events_reach_the_broker_through_the_store_outbox(
 def _spawn(data: Path, port: int, captures: int) -> subprocess.Popen[str]:
     support = Path(__file__).resolve().parent / "mqtt_support.py"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(support),
-            "session",
-            "--db",
-            str(data),
-            "--port",
-            str(port),
-            "--station",
-            "bench-1",
-            "--captures",
-            str(captures),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+        [sys.executable, str(support), "session", "--db", str(data), "--port", str(port),
+         "--station", "bench-1", "--captures", str(captures)],
+        stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     if not select.select([proc.stdout], [], [], 30)[0]:
         proc.kill()
@@ -143,8 +112,7 @@ def _spawn(data: Path, port: int, captures: int) -> subprocess.Popen[str]:
 
 
 def test_sigkilled_station_process_goes_offline_and_resumes_with_everything(
-    broker: Mosquitto, tmp_path: Path
-) -> None:
+        broker: Mosquitto, tmp_path: Path) -> None:
     """kill -9 of a process running the real store/session/publisher while the broker is down:
     its counted cells are in the outbox; the restarted process resumes the slide and sends them.
     """
@@ -153,19 +121,13 @@ def test_sigkilled_station_process_goes_offline_and_resumes_with_everything(
     col.wait_subscribed()
     proc = _spawn(data, broker.port, captures=3)
     try:
-        wait_for(
-            lambda: (m := col.last(f"{T}/available")) is not None and m.payload == b"online",
-            10,
-            "online",
-        )
+        wait_for(lambda: (m := col.last(f"{T}/available")) is not None
+                 and m.payload == b"online", 10, "online")
         t_kill = time.monotonic()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
-        wait_for(
-            lambda: col.last(f"{T}/available").payload == b"offline",  # type: ignore[union-attr]
-            7.5,
-            "'offline' within 1.5 x keepalive (5 s)",
-        )
+        wait_for(lambda: col.last(f"{T}/available").payload == b"offline",  # type: ignore[union-attr]
+                 7.5, "'offline' within 1.5 x keepalive (5 s)")
         offline_after = time.monotonic() - t_kill
     finally:
         if proc.poll() is None:
@@ -178,31 +140,19 @@ def test_sigkilled_station_process_goes_offline_and_resumes_with_everything(
     broker.start()
     proc = _spawn(data, broker.port, captures=0)
     try:
-        wait_for(
-            lambda: col.last(f"{T}/available").payload == b"online",  # type: ignore[union-attr]
-            15,
-            "online after restart",
-        )
+        wait_for(lambda: col.last(f"{T}/available").payload == b"online",  # type: ignore[union-attr]
+                 15, "online after restart")
         from edge_wbc.store import Store
 
         store = Store(data)
         cells = store.cells(store.open_slide()["id"])  # type: ignore[index]
         assert len(cells) == 10  # 5 fields x 2: the open slide resumed with every cell
-        wait_for(
-            lambda: {m.json()["cell_id"] for m in col.on(f"{T}/cell")} >= {c["id"] for c in cells},
-            15,
-            "every counted cell id delivered",
-        )
-        wait_for(
-            lambda: store.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0,
-            10,
-            "outbox drained",
-        )
-        wait_for(
-            lambda: col.last(f"{T}/differential").json()["counted"] == 10,  # type: ignore[union-attr]
-            10,
-            "retained differential is the resumed state",
-        )
+        wait_for(lambda: {m.json()["cell_id"] for m in col.on(f"{T}/cell")}
+                 >= {c["id"] for c in cells}, 15, "every counted cell id delivered")
+        wait_for(lambda: store.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0,
+                 10, "outbox drained")
+        wait_for(lambda: col.last(f"{T}/differential").json()["counted"] == 10,  # type: ignore[union-attr]
+                 10, "retained differential is the resumed state")
         store.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
@@ -230,8 +180,7 @@ def _db_depth(data: Path) -> int:
 
 
 def test_station_command_sigkill_outage_and_restart_lose_nothing(
-    broker: Mosquitto, tmp_path: Path
-) -> None:
+        broker: Mosquitto, tmp_path: Path) -> None:
     data = tmp_path / "data"
     t = "edge-wbc/st-9"
     col = Collector(broker.port, f"{t}/#", client_id="central-9", persistent=True)
@@ -239,19 +188,13 @@ def test_station_command_sigkill_outage_and_restart_lose_nothing(
     st = StationProc(data, broker.port, "st-9")
     try:
         st.wait_url()
-        wait_for(
-            lambda: (m := col.last(f"{t}/available")) is not None and m.payload == b"online",
-            15,
-            "online",
-        )
+        wait_for(lambda: (m := col.last(f"{t}/available")) is not None
+                 and m.payload == b"online", 15, "online")
         st.capture(2)
         t_kill = time.monotonic()
         st.kill()
-        wait_for(
-            lambda: col.last(f"{t}/available").payload == b"offline",  # type: ignore[union-attr]
-            45,
-            "last will after SIGKILL",
-        )
+        wait_for(lambda: col.last(f"{t}/available").payload == b"offline",  # type: ignore[union-attr]
+                 45, "last will after SIGKILL")
         # The default keepalive is 30 s; a killed process's socket is closed by the kernel, so
         # the broker publishes the will at once rather than after 1.5 x keepalive.
         assert time.monotonic() - t_kill < 45
@@ -270,37 +213,23 @@ def test_station_command_sigkill_outage_and_restart_lose_nothing(
     st = StationProc(data, broker.port, "st-9")
     try:
         st.wait_url()
-        wait_for(
-            lambda: col.last(f"{t}/available").payload == b"online",  # type: ignore[union-attr]
-            20,
-            "online after restart",
-        )
+        wait_for(lambda: col.last(f"{t}/available").payload == b"online",  # type: ignore[union-attr]
+                 20, "online after restart")
         ids = _counted_ids(st)
         assert ids
-        wait_for(
-            lambda: {m.json()["cell_id"] for m in col.on(f"{t}/cell")} >= ids,
-            30,
-            "every counted cell id delivered",
-        )
+        wait_for(lambda: {m.json()["cell_id"] for m in col.on(f"{t}/cell")} >= ids, 30,
+                 "every counted cell id delivered")
         wait_for(lambda: _db_depth(data) == 0, 20, "outbox drained")
         state = st.api("/api/state")[1]
-        wait_for(
-            lambda: (
-                (d := col.last(f"{t}/differential")) is not None
-                and d.json()["counted"] == state["counted"]
-                and d.json()["counts"] == state["counts"]
-            ),
-            20,
-            "retained differential equals the station's state",
-        )
+        wait_for(lambda: (d := col.last(f"{t}/differential")) is not None
+                 and d.json()["counted"] == state["counted"]
+                 and d.json()["counts"] == state["counts"], 20,
+                 "retained differential equals the station's state")
         fields = {m.json()["field_id"] for m in col.on(f"{t}/field")}
         assert len(fields) == state["fields"] == 5
         st.terminate()
-        wait_for(
-            lambda: col.last(f"{t}/available").payload == b"stopped",  # type: ignore[union-attr]
-            10,
-            "stopped",
-        )
+        wait_for(lambda: col.last(f"{t}/available").payload == b"stopped",  # type: ignore[union-attr]
+                 10, "stopped")
     finally:
         st.kill()
         col.close()
@@ -308,23 +237,14 @@ def test_station_command_sigkill_outage_and_restart_lose_nothing(
 
 def test_station_command_wrong_password_keeps_counting(tmp_path: Path) -> None:
     pw = tmp_path / "passwd"
-    subprocess.run(
-        ["mosquitto_passwd", "-c", "-b", str(pw), "station", "right"],
-        check=True,
-        capture_output=True,
-    )
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), "station", "right"], check=True,
+                   capture_output=True)
     pw.chmod(0o600)
     b = Mosquitto(tmp_path / "broker", f"allow_anonymous false\npassword_file {pw}\n").start()
     cfg = tmp_path / "edge-wbc.toml"
     cfg.write_text('[mqtt]\nusername = "station"\n')
-    st = StationProc(
-        tmp_path / "data",
-        b.port,
-        "st-pw",
-        "--config",
-        str(cfg),
-        env={"EDGE_WBC_MQTT_PASSWORD": "wrong"},
-    )
+    st = StationProc(tmp_path / "data", b.port, "st-pw", "--config", str(cfg),
+                     env={"EDGE_WBC_MQTT_PASSWORD": "wrong"})
     try:
         st.wait_url()
         state = st.capture(2)

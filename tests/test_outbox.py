@@ -115,9 +115,8 @@ def test_corrupt_row_is_skipped_not_fatal(tmp_path: Path) -> None:
     conn = _db(tmp_path)
     with conn:
         outbox.enqueue(conn, "cell", {"cell_id": "ok1"})
-        conn.execute(
-            "INSERT INTO outbox(topic_suffix, payload, created_at) VALUES ('cell', '{broken', 0)"
-        )
+        conn.execute("INSERT INTO outbox(topic_suffix, payload, created_at) VALUES "
+                     "('cell', '{broken', 0)")
         outbox.enqueue(conn, "cell", {"cell_id": "ok2"})
     assert [r.payload["cell_id"] for r in outbox.peek(conn, 10)] == ["ok1", "ok2"]
     assert outbox.depth(conn) == 2
@@ -135,10 +134,8 @@ def test_full_outbox_sheds_field_summaries_first_and_keeps_every_cell(tmp_path: 
 
     with conn:  # full: the oldest field summary makes room
         assert outbox.enqueue(conn, "cell", {"slide_id": "s1", "cell_id": "c"}) is not None
-    kinds = [
-        (r.topic_suffix, r.payload.get("cell_id") or r.payload.get("n"))
-        for r in outbox.peek(conn, 10)
-    ]
+    kinds = [(r.topic_suffix, r.payload.get("cell_id") or r.payload.get("n"))
+             for r in outbox.peek(conn, 10)]
     assert kinds == [("cell", "a"), ("field", 2), ("cell", "b"), ("cell", "c")]
     with conn:
         outbox.enqueue(conn, "cell", {"slide_id": "s1", "cell_id": "d"})
@@ -160,16 +157,12 @@ def test_queued_final_report_supersedes_that_slides_cell_events(tmp_path: Path) 
     with conn:
         outbox.enqueue(conn, "cell", {"slide_id": "s1", "cell_id": "a", "action": "counted"})
         outbox.enqueue(conn, "cell", {"slide_id": "s1", "cell_id": "b", "action": "counted"})
-        outbox.enqueue(
-            conn, "slide", {"slide_id": "s1", "action": "finalised", "counts": {"neutrophil": 2}}
-        )
+        outbox.enqueue(conn, "slide", {"slide_id": "s1", "action": "finalised",
+                                       "counts": {"neutrophil": 2}})
         outbox.enqueue(conn, "cell", {"slide_id": "s2", "cell_id": "x", "action": "counted"})
     rows = outbox.peek(conn, 10)
     assert [(r.topic_suffix, r.payload.get("cell_id")) for r in rows] == [
-        ("cell", "b"),
-        ("slide", None),
-        ("cell", "x"),
-    ]
+        ("cell", "b"), ("slide", None), ("cell", "x")]
     st = outbox.status(conn)
     assert st.dropped_cell == 1 and not st.over_limit
     # The open slide's cells are never the ones shed.

@@ -18,39 +18,26 @@ from edge_wbc.session import SessionError, SlideSession
 from edge_wbc.store import Store
 
 FIELDS = sorted((Path(__file__).resolve().parent.parent / "samples" / "fields").glob("*.jpg"))
-MODELS = {
-    "manifest": "models/manifest.json",
-    "created": "2026-11-25T20:00:00Z",
-    "models": [
-        {"name": "unet-a", "file": "a.tflite", "sha256": "ab" * 32, "task": "segmentation"},
-        {"name": "cls", "file": "c.tflite", "sha256": "cd" * 32, "task": "classification"},
-    ],
-}
+MODELS = {"manifest": "models/manifest.json", "created": "2026-11-25T20:00:00Z", "models": [
+    {"name": "unet-a", "file": "a.tflite", "sha256": "ab" * 32, "task": "segmentation"},
+    {"name": "cls", "file": "c.tflite", "sha256": "cd" * 32, "task": "classification"},
+]}
 
 
 @pytest.fixture()
 def finalised(tmp_path: Path) -> tuple[SlideSession, Path]:
     data = tmp_path / "data"
     store = Store(data)
-    s = SlideSession(
-        store,
-        default_target=8,
-        models=MODELS,
-        station_id="bench-1",
-        reporter=lambda sl, st, cs, fs, out: write_reports(sl, st, cs, fs, out, data),
-    )
+    s = SlideSession(store, default_target=8, models=MODELS, station_id="bench-1",
+                     reporter=lambda sl, st, cs, fs, out: write_reports(sl, st, cs, fs, out, data))
     s.set_sample_id("H-<b>7</b>")  # markup in a sample id must come out as text
-    labels = [
-        ["neutrophil", "neutrophil", "lymphocyte"],
-        ["neutrophil", "monocyte", "unidentified"],
-        ["eosinophil", "neutrophil", "lymphocyte"],
-    ]
+    labels = [["neutrophil", "neutrophil", "lymphocyte"],
+              ["neutrophil", "monocyte", "unidentified"],
+              ["eosinophil", "neutrophil", "lymphocyte"]]
     for i, labs in enumerate(labels):
         rgb = cv2.cvtColor(cv2.imread(str(FIELDS[i])), cv2.COLOR_BGR2RGB)
-        cells = [
-            fake_cell((30 + 150 * j, 40, 130 + 150 * j, 140), lab, 0.95 - 0.1 * j)
-            for j, lab in enumerate(labs)
-        ]
+        cells = [fake_cell((30 + 150 * j, 40, 130 + 150 * j, 140), lab, 0.95 - 0.1 * j)
+                 for j, lab in enumerate(labs)]
         s.add_field(rgb, FieldResult("f", 640, 480, cells, quality={"flags": ["out_of_focus"]}))
     ids = list(s.cells)
     s.review(ids[5], "monocyte")  # the unidentified one
@@ -77,18 +64,10 @@ def test_json_report(finalised: tuple[SlideSession, Path]) -> None:
     changes = {c["cell_id"]: c for c in rep["reviewed_changes"]}
     assert len(changes) == 3
     assert {(c["machine_label"], c["reviewed_label"]) for c in changes.values()} == {
-        ("unidentified", "monocyte"),
-        ("neutrophil", "lymphocyte"),
-        ("neutrophil", "rejected"),
-    }
+        ("unidentified", "monocyte"), ("neutrophil", "lymphocyte"), ("neutrophil", "rejected")}
     assert rep["models"]["models"][0]["sha256"] == "ab" * 32
     assert [h["action"] for h in rep["review_history"]] == [
-        "reclassified",
-        "reclassified",
-        "rejected",
-        "reclassified",
-        "restored",
-    ]
+        "reclassified", "reclassified", "rejected", "reclassified", "restored"]
     assert rep["review_history"][3]["reviewed_label"] == "basophil"
     assert rep["fields"]["quality_warnings"] == {"out_of_focus": 3}
     assert rep["excluded"]["rejected"] == 1
@@ -99,13 +78,8 @@ def test_json_report(finalised: tuple[SlideSession, Path]) -> None:
 def test_csv_reports(finalised: tuple[SlideSession, Path]) -> None:
     s, data = finalised
     rows = list(csv.DictReader((data / s.slide["reports"]["csv"]).open()))
-    assert [r["class"] for r in rows] == [
-        "neutrophil",
-        "eosinophil",
-        "basophil",
-        "lymphocyte",
-        "monocyte",
-    ]
+    assert [r["class"] for r in rows] == ["neutrophil", "eosinophil", "basophil", "lymphocyte",
+                                         "monocyte"]
     assert sum(int(r["count"]) for r in rows) == 8
     assert rows[3]["percent"] == "37.5" and rows[3]["ci95_low_percent"] == "8.5"
     cells = list(csv.DictReader((data / s.slide["reports"]["cells_csv"]).open()))

@@ -48,20 +48,12 @@ def harness(tmp_path: Path) -> Iterator[NotifyHarness]:
     h.close()
 
 
-def _run_child(
-    h: NotifyHarness,
-    stuck_after: float,
-    fields: int,
-    extra_env: dict[str, str],
-    watchdog_usec: int = 400_000,
-) -> subprocess.Popen[bytes]:
+def _run_child(h: NotifyHarness, stuck_after: float, fields: int, extra_env: dict[str, str],
+               watchdog_usec: int = 400_000) -> subprocess.Popen[bytes]:
     env = {**h.env(watchdog_usec), "PYTHONPATH": str(ROOT), **extra_env}
     return subprocess.Popen(
         [sys.executable, "-c", CHILD, str(stuck_after), str(fields)],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
 
 
@@ -82,9 +74,7 @@ def test_healthy_process_pings_until_done(harness: NotifyHarness) -> None:
 def test_hung_inference_stops_pings_and_exits_nonzero(harness: NotifyHarness) -> None:
     stuck_after = 1.0
     proc = _run_child(
-        harness,
-        stuck_after=stuck_after,
-        fields=50,
+        harness, stuck_after=stuck_after, fields=50,
         extra_env={sdnotify.ENV_HANG_AFTER: "5", sdnotify.ENV_HANG_S: "60"},
     )
     ready = harness.wait_for("READY", "1", proc=proc)
@@ -101,9 +91,8 @@ def test_hung_inference_stops_pings_and_exits_nonzero(harness: NotifyHarness) ->
     # no ping once the inference has been stuck past the limit (+ one check interval of slack)
     assert max(pings) <= hang_start + stuck_after + 0.5
     # ... and systemd is told why; the journal gets one clear line
-    assert any(
-        s.startswith("unhealthy: field analysis has been running") for _, s in harness.statuses()
-    )
+    assert any(s.startswith("unhealthy: field analysis has been running") for _, s in
+               harness.statuses())
     assert b"exiting with status 70" in err
     assert not harness.times("STOPPING", "1")  # it did not get to finish normally
 
@@ -133,13 +122,8 @@ def test_dead_socket_is_logged_not_raised(tmp_path: Path) -> None:
 
 def test_liveness_in_process_reports_stuck_and_dead_threads() -> None:
     found: list[str] = []
-    live = Liveness(
-        stuck_after_s=0.3,
-        env={},
-        exit_on_unhealthy=False,
-        check_interval_s=0.05,
-        on_unhealthy=found.append,
-    )
+    live = Liveness(stuck_after_s=0.3, env={}, exit_on_unhealthy=False,
+                    check_interval_s=0.05, on_unhealthy=found.append)
     with live.busy("quick"):
         assert live.health() is None
     assert live.busy_for() is None
@@ -153,13 +137,8 @@ def test_liveness_in_process_reports_stuck_and_dead_threads() -> None:
     worker.join()
     assert "analysis-worker" in (live.health() or "")
 
-    live2 = Liveness(
-        stuck_after_s=0.3,
-        env={},
-        exit_on_unhealthy=False,
-        check_interval_s=0.05,
-        on_unhealthy=found.append,
-    ).start()
+    live2 = Liveness(stuck_after_s=0.3, env={}, exit_on_unhealthy=False,
+                     check_interval_s=0.05, on_unhealthy=found.append).start()
     with live2.busy("field analysis"):
         time.sleep(0.6)
     live2.stop()
@@ -211,7 +190,7 @@ def test_journal_lines_carry_priority_and_no_timestamp() -> None:
     )
     # an unexpected error keeps its traceback, every line at the same priority
     tb = [ln for ln in lines if "Traceback" in ln]
-    assert tb and all(ln.startswith("<3>") for ln in lines[1 : lines.index(tb[0]) + 3])
+    assert tb and all(ln.startswith("<3>") for ln in lines[1:lines.index(tb[0]) + 3])
     assert "<4>edge_wbc.test: disk low" in lines
     assert not any("details" in ln for ln in lines)  # below INFO
     assert not any(re.match(r"^<\d>\d{4}-\d\d-\d\d", ln) for ln in lines)
@@ -252,12 +231,8 @@ def _http(method: str, url: str) -> tuple[int, dict[str, object]]:
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(
-        url,
-        method=method,
-        data=b"{}" if method == "POST" else None,
-        headers={"Content-Type": "application/json"},
-    )
+    req = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None,
+                                 headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, json.loads(r.read() or b"{}")
@@ -290,25 +265,15 @@ def test_station_under_systemd_harness_ready_then_watchdog_stops_on_hang(
     env.pop("EDGE_WBC_CONFIG", None)
     t_start = time.monotonic()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from edge_wbc.cli import app; app()",
-            "station",
-            "--config",
-            str(conf),
-        ],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        [sys.executable, "-c", "from edge_wbc.cli import app; app()", "station",
+         "--config", str(conf)],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
         ready = harness.wait_for("READY", "1", timeout=90, proc=proc)
         # READY carries the URL, so the page was listening when it was sent
-        ready_status = next(
-            m.fields.get("STATUS", "") for m in harness.snapshot() if m.fields.get("READY") == "1"
-        )
+        ready_status = next(m.fields.get("STATUS", "") for m in harness.snapshot()
+                            if m.fields.get("READY") == "1")
         assert f":{port}/" in ready_status
         code, state = _http("GET", f"http://127.0.0.1:{port}/api/state")
         assert code == 200
@@ -343,15 +308,14 @@ def test_station_under_systemd_harness_ready_then_watchdog_stops_on_hang(
     pings = harness.times("WATCHDOG", "1")
     assert min(pings) >= t_start
     # the last ping is no later than the hang limit (+ a 0.5 s check/ping period and slack)
-    assert max(pings) <= t_hang + stuck_after + 1.0, max(pings) - t_hang
+    assert max(pings) <= t_hang + stuck_after + 1.0, (max(pings) - t_hang)
     assert any("field analysis has been running" in s for _, s in harness.statuses())
     assert b"exiting with status 70" in err
     assert not harness.times("STOPPING", "1")
 
 
-def test_station_with_missing_models_never_sends_ready(
-    harness: NotifyHarness, tmp_path: Path
-) -> None:
+def test_station_with_missing_models_never_sends_ready(harness: NotifyHarness,
+                                                       tmp_path: Path) -> None:
     conf = tmp_path / "config.toml"
     conf.write_text(
         f"[camera]\nsource = 'folder:{ROOT / 'tests' / 'fixtures' / 'fields'}'\n"
@@ -362,19 +326,9 @@ def test_station_with_missing_models_never_sends_ready(
     env = {**harness.env(watchdog_usec=1_000_000), "PYTHONPATH": str(ROOT)}
     env.pop("EDGE_WBC_CONFIG", None)
     res = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from edge_wbc.cli import app; app()",
-            "station",
-            "--config",
-            str(conf),
-        ],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, "-c", "from edge_wbc.cli import app; app()", "station",
+         "--config", str(conf)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )
     time.sleep(0.2)
     assert res.returncode != 0
@@ -397,18 +351,9 @@ def test_station_stops_cleanly_on_sigterm(harness: NotifyHarness, tmp_path: Path
     env = {**harness.env(watchdog_usec=2_000_000), "PYTHONPATH": str(ROOT)}
     env.pop("EDGE_WBC_CONFIG", None)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from edge_wbc.cli import app; app()",
-            "station",
-            "--config",
-            str(conf),
-        ],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        [sys.executable, "-c", "from edge_wbc.cli import app; app()", "station",
+         "--config", str(conf)],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
         harness.wait_for("READY", "1", timeout=90, proc=proc)

@@ -114,13 +114,9 @@ def session(tmp_path: Path):
     fan = Fanout()
     fan.subscribe(events.append)
     store = Store(tmp_path / "data")
-    s = SlideSession(
-        store,
-        fan,
-        default_target=10,
-        models={"models": []},
-        reporter=lambda sl, st, cs, fs, out: write_reports(sl, st, cs, fs, out, tmp_path / "data"),
-    )
+    s = SlideSession(store, fan, default_target=10, models={"models": []},
+                     reporter=lambda sl, st, cs, fs, out: write_reports(
+                         sl, st, cs, fs, out, tmp_path / "data"))
     s.events = events  # type: ignore[attr-defined]
     yield s
     store.close()
@@ -144,14 +140,8 @@ def test_counts_percentages_and_cis(session: SlideSession) -> None:
     st = session.state()
     # 'other' is never counted; unidentified is a leukocyte of unknown type and is.
     assert st["counted"] == 10
-    assert st["counts"] == {
-        "neutrophil": 5,
-        "eosinophil": 1,
-        "basophil": 0,
-        "lymphocyte": 2,
-        "monocyte": 1,
-        "unidentified": 1,
-    }
+    assert st["counts"] == {"neutrophil": 5, "eosinophil": 1, "basophil": 0, "lymphocyte": 2,
+                            "monocyte": 1, "unidentified": 1}
     assert st["percentages"]["neutrophil"] == 50.0
     assert st["percentages"]["lymphocyte"] == 20.0
     # 5/10 exact: I^-1(0.025; 5, 6) = 0.187086, I^-1(0.975; 6, 5) = 0.812914.
@@ -286,15 +276,8 @@ def test_overlapping_field_cells_not_counted_twice(session: SlideSession) -> Non
     # Field A: a cell at x 300..380; in field B (moved 200 px right) the same cell is at
     # x 100..180 — inside B's first 440 columns, which A already showed.
     session.add_field(a, _field([fake_cell((300, 200, 380, 280), "neutrophil")]))
-    f = session.add_field(
-        b,
-        _field(
-            [
-                fake_cell((100, 200, 180, 280), "neutrophil"),
-                fake_cell((520, 300, 600, 380), "lymphocyte"),
-            ]
-        ),
-    )
+    f = session.add_field(b, _field([fake_cell((100, 200, 180, 280), "neutrophil"),
+                                     fake_cell((520, 300, 600, 380), "lymphocyte")]))
     assert f["overlap_field"] and f["overlap_fraction"] == pytest.approx(440 / 640, abs=0.03)
     assert f["n_duplicate"] == 1 and f["n_counted"] == 1
     assert f["flagged_duplicate"]  # 69 % > duplicate_overlap 0.5

@@ -21,13 +21,8 @@ from edge_wbc.results import FieldResult
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "fields"
 
 
-def req(
-    url: str,
-    method: str = "GET",
-    body: Any = None,
-    headers: dict | None = None,
-    raw: bytes | None = None,
-) -> tuple[int, dict, bytes]:
+def req(url: str, method: str = "GET", body: Any = None, headers: dict | None = None,
+        raw: bytes | None = None) -> tuple[int, dict, bytes]:
     u = urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
     h = dict(headers or {})
@@ -111,9 +106,8 @@ def test_sse_pushes_state_and_events(st: RunningStation) -> None:
 
 
 def test_busy_queue_refuses_visibly_and_loses_nothing(tmp_path: Path) -> None:
-    rs = RunningStation(
-        tmp_path / "d", f"folder:{SAMPLES}", analyzer=FakeAnalyzer(delay_s=0.4), queue_max=1
-    )
+    rs = RunningStation(tmp_path / "d", f"folder:{SAMPLES}", analyzer=FakeAnalyzer(delay_s=0.4),
+                        queue_max=1)
     try:
         codes = [jreq(rs.url + "/api/capture", "POST") for _ in range(4)]
         statuses = [c[0] for c in codes]
@@ -140,10 +134,8 @@ def test_corrupt_frame_is_reported_and_next_works(tmp_path: Path) -> None:
         status, body = jreq(rs.url + "/api/capture", "POST")
         assert status == 422 and "a.jpg" in body["error"]
         status, s = jreq(rs.url + "/api/state")
-        assert (
-            s["station"]["last_error"]["kind"] == "frame"
-            and "a.jpg" in s["station"]["last_error"]["message"]
-        )
+        assert s["station"]["last_error"]["kind"] == "frame" and "a.jpg" in \
+            s["station"]["last_error"]["message"]
         capture(rs)
         assert rs.session.state()["counted"] == 1
         assert rs.station.status()["last_error"] is None
@@ -231,11 +223,8 @@ def test_review_target_finalise_report(st: RunningStation) -> None:
     status, c = jreq(st.url + f"/api/cells/{unid}/review", "POST", {"label": "monocyte"})
     assert status == 200 and c["effective_label"] == "monocyte" and c["label"] == "unidentified"
     neu = next(c for c in cells if c["group"] == "neutrophil")["id"]
-    status, c = jreq(
-        st.url + f"/api/cells/{neu}/review",
-        "POST",
-        {"label": "rejected", "reason": "counted_twice"},
-    )
+    status, c = jreq(st.url + f"/api/cells/{neu}/review", "POST",
+                     {"label": "rejected", "reason": "counted_twice"})
     assert status == 200 and c["effective_label"] is None
     assert jreq(st.url + f"/api/cells/{neu}/review", "POST", {"label": "platelet"})[0] == 409
     assert jreq(st.url + f"/api/cells/{neu}/review", "POST", {})[0] == 400
@@ -299,22 +288,11 @@ def test_request_hygiene(st: RunningStation) -> None:
     assert req(st.url + "/api/state", headers={"Host": "evil.example:80"})[0] == 403
     assert req(st.url + "/api/state", headers={"Host": "localhost:1234"})[0] == 200
     # A cross-site form post (not JSON) does not capture.
-    status, _, _ = req(
-        st.url + "/api/capture",
-        "POST",
-        raw=b"x=1",
-        headers={"Content-Type": "application/x-www-form-urlencoded"},
-    )
+    status, _, _ = req(st.url + "/api/capture", "POST", raw=b"x=1",
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 415
-    assert (
-        req(
-            st.url + "/api/capture",
-            "POST",
-            raw=b"{nope",
-            headers={"Content-Type": "application/json"},
-        )[0]
-        == 400
-    )
+    assert req(st.url + "/api/capture", "POST", raw=b"{nope",
+               headers={"Content-Type": "application/json"})[0] == 400
     assert req(st.url + "/api/nothing")[0] == 404
     assert st.session.state()["fields"] == 0
 
@@ -326,9 +304,8 @@ def test_token_required_beyond_loopback(tmp_path: Path) -> None:
     try:
         assert req(rs.url + "/api/state")[0] == 401
         assert req(rs.url + "/api/state", headers={"Authorization": "Bearer wrong"})[0] == 401
-        assert (
-            req(rs.url + "/api/state", headers={"Authorization": "Bearer s3cret-token"})[0] == 200
-        )
+        assert req(rs.url + "/api/state",
+                   headers={"Authorization": "Bearer s3cret-token"})[0] == 200
         status, h, _ = req(rs.url + "/?token=s3cret-token")
         assert status == 303 and h["Location"] == "/" and "HttpOnly" in h["Set-Cookie"]
         cookie = h["Set-Cookie"].split(";")[0]

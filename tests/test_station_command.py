@@ -34,11 +34,7 @@ class Proc:
         e.pop("EDGE_WBC_CONFIG", None)
         self.p = subprocess.Popen(
             [sys.executable, "-c", "from edge_wbc.cli import app; app()", "station", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=e,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=e,
         )
 
     def wait_url(self, timeout: float = 60) -> str:
@@ -72,18 +68,8 @@ def wait_fields(port: int, n: int, timeout: float = 30) -> dict:
 
 def test_station_with_real_analyzer_survives_sigkill_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
-    args = (
-        "--models",
-        str(FIXTURE_MODELS),
-        "--source",
-        f"folder:{SAMPLES}",
-        "--data-dir",
-        str(tmp_path),
-        "--port",
-        str(port),
-        "--target",
-        "100",
-    )
+    args = ("--models", str(FIXTURE_MODELS), "--source", f"folder:{SAMPLES}", "--data-dir",
+            str(tmp_path), "--port", str(port), "--target", "100")
     p = Proc(*args)
     try:
         url = p.wait_url()
@@ -135,23 +121,14 @@ def test_station_with_real_analyzer_survives_sigkill_and_stops_cleanly(tmp_path:
     ],
 )
 def test_startup_errors_are_one_clear_line(tmp_path: Path, args: tuple, message: str) -> None:
-    base = {
-        "--models": str(FIXTURE_MODELS),
-        "--data-dir": str(tmp_path),
-        "--port": str(free_port()),
-        "--source": f"folder:{SAMPLES}",
-    }
+    base = {"--models": str(FIXTURE_MODELS), "--data-dir": str(tmp_path),
+            "--port": str(free_port()), "--source": f"folder:{SAMPLES}"}
     base.update(dict(zip(args[::2], args[1::2], strict=True)))
     flat = [x for kv in base.items() for x in kv]
     env = {"EDGE_WBC_TOKEN": ""}
-    r = subprocess.run(
-        [sys.executable, "-c", "from edge_wbc.cli import app; app()", "station", *flat],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        env={**os.environ, **env},
-    )
+    r = subprocess.run([sys.executable, "-c", "from edge_wbc.cli import app; app()", "station",
+                        *flat], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                       env={**os.environ, **env})
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
     assert "Traceback" not in r.stderr
@@ -163,41 +140,17 @@ def test_port_in_use(tmp_path: Path) -> None:
         s.listen()
         port = s.getsockname()[1]
         r = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "from edge_wbc.cli import app; app()",
-                "station",
-                "--models",
-                str(FIXTURE_MODELS),
-                "--data-dir",
-                str(tmp_path),
-                "--port",
-                str(port),
-                "--source",
-                f"folder:{SAMPLES}",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=60,
-        )
+            [sys.executable, "-c", "from edge_wbc.cli import app; app()", "station", "--models",
+             str(FIXTURE_MODELS), "--data-dir", str(tmp_path), "--port", str(port), "--source",
+             f"folder:{SAMPLES}"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2 and "cannot listen" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.skipif(not (SHIPPED / "manifest.json").is_file(), reason="no shipped models yet")
 def test_readme_demo_reaches_100_cells_with_shipped_models(tmp_path: Path) -> None:
     port = free_port()
-    p = Proc(
-        "--source",
-        f"folder:{SAMPLES}",
-        "--data-dir",
-        str(tmp_path),
-        "--port",
-        str(port),
-        "--models",
-        str(SHIPPED),
-    )
+    p = Proc("--source", f"folder:{SAMPLES}", "--data-dir", str(tmp_path), "--port", str(port),
+             "--models", str(SHIPPED))
     try:
         p.wait_url()
         n = 0
@@ -221,10 +174,8 @@ def test_readme_demo_reaches_100_cells_with_shipped_models(tmp_path: Path) -> No
         # Resolve what the classifier left unidentified, then finalise.
         for c in api(port, "/api/cells")[1]["cells"]:
             if c["group"] == "unidentified":
-                best = max(
-                    ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte"),
-                    key=lambda k: c["probs"].get(k, 0),
-                )
+                best = max(("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte"),
+                           key=lambda k: c["probs"].get(k, 0))
                 assert api(port, f"/api/cells/{c['id']}/review", {"label": best})[0] == 200
         status, final = api(port, "/api/slide/finalise", {})
         assert status == 200 and final["finalised"], final
@@ -246,22 +197,9 @@ def test_station_publishes_to_mqtt(tmp_path: Path) -> None:
     broker = Mosquitto(tmp_path / "broker").start()
     col = Collector(broker.port, "edge-wbc/st-7/#").wait_subscribed()
     port = free_port()
-    p = Proc(
-        "--models",
-        str(FIXTURE_MODELS),
-        "--source",
-        f"folder:{SAMPLES}",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--port",
-        str(port),
-        "--mqtt-host",
-        "127.0.0.1",
-        "--mqtt-port",
-        str(broker.port),
-        "--station-id",
-        "st-7",
-    )
+    p = Proc("--models", str(FIXTURE_MODELS), "--source", f"folder:{SAMPLES}", "--data-dir",
+             str(tmp_path / "data"), "--port", str(port), "--mqtt-host", "127.0.0.1",
+             "--mqtt-port", str(broker.port), "--station-id", "st-7")
     try:
         p.wait_url()
         for _ in range(3):
@@ -270,27 +208,20 @@ def test_station_publishes_to_mqtt(tmp_path: Path) -> None:
         s = wait_fields(port, 3)
         wait_for(lambda: len(col.on("edge-wbc/st-7/field")) >= 3, 20, "3 field messages")
         cells = {m.json()["cell_id"] for m in col.on("edge-wbc/st-7/cell")}
-        assert len(cells) == sum(
-            1 for c in api(port, "/api/cells")[1]["cells"] if c["status"] == "counted"
-        )
+        assert len(cells) == sum(1 for c in api(port, "/api/cells")[1]["cells"]
+                                 if c["status"] == "counted")
 
         def diff_matches() -> bool:
             d = col.last("edge-wbc/st-7/differential")
-            return (
-                d is not None
-                and d.json()["counted"] == s["counted"]
-                and d.json()["slide_id"] == s["slide_id"]
-            )
+            return d is not None and d.json()["counted"] == s["counted"] and \
+                d.json()["slide_id"] == s["slide_id"]
 
         wait_for(diff_matches, 20, "retained differential equal to the station's state")
         assert col.last("edge-wbc/st-7/available").payload == b"online"
         p.p.send_signal(signal.SIGTERM)
         p.p.wait(30)
-        wait_for(
-            lambda: col.last("edge-wbc/st-7/available").payload == b"stopped",
-            10,
-            "available = stopped after a clean exit",
-        )
+        wait_for(lambda: col.last("edge-wbc/st-7/available").payload == b"stopped", 10,
+                 "available = stopped after a clean exit")
     finally:
         p.kill()
         col.close()

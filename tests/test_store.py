@@ -92,16 +92,10 @@ _CHILD = textwrap.dedent(
 
 
 def _run_child(data: Path, files: list[Path], stream: bool) -> subprocess.Popen:
-    code = _CHILD.format(
-        tests=str(ROOT / "tests"), files=[str(f) for f in files], data=str(data), stream=stream
-    )
-    return subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    code = _CHILD.format(tests=str(ROOT / "tests"), files=[str(f) for f in files],
+                         data=str(data), stream=stream)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
 def test_sigkill_between_captures_resumes_same_slide(tmp_path: Path) -> None:
@@ -185,10 +179,8 @@ def test_database_full_rolls_back_and_removes_images(tmp_path: Path) -> None:
     after = _comparable(s.state())
     assert after == before
     n_files = len(list((tmp_path / "slides").rglob("*.jpg")))
-    n_rows = (
-        store.conn.execute("SELECT COUNT(*) FROM fields").fetchone()[0]
-        + store.conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
-    )
+    n_rows = store.conn.execute("SELECT COUNT(*) FROM fields").fetchone()[0] + \
+        store.conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
     assert n_files == n_rows  # no orphan images from the refused field
     store.conn.execute("PRAGMA max_page_count=1073741823")
     s.add_field(_rgb(7), _field(["monocyte"]))  # space back: counting goes on
@@ -252,3 +244,4 @@ def test_outbox_rows_written_in_same_transaction(tmp_path: Path) -> None:
     res.quality = {"focus": float("nan"), "flags": []}
     s.add_field(_rgb(2), res)
     assert s.state()["counted"] == 3
+

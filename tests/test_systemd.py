@@ -51,9 +51,7 @@ def _verify(paths: list[Path]) -> subprocess.CompletedProcess[str]:
     assert SYSTEMD_ANALYZE is not None
     return subprocess.run(
         [SYSTEMD_ANALYZE, "verify", *map(str, paths)],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        capture_output=True, text=True, timeout=120,
     )
 
 
@@ -124,35 +122,23 @@ def test_kiosk_unit_contract() -> None:
     assert one["WantedBy"] == "graphical.target"
 
 
-def _kiosk(
-    tmp_path: Path, runtime: Path, browser: str | None, wait_s: str = "3", system_path: bool = True
-) -> subprocess.CompletedProcess[str]:
+def _kiosk(tmp_path: Path, runtime: Path, browser: str | None, wait_s: str = "3",
+           system_path: bool = True) -> subprocess.CompletedProcess[str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     if browser:
         fake = bin_dir / browser
         # stands in for Chromium: shows how it was started
-        fake.write_text(
-            "#!/bin/sh\n"
-            'echo "WAYLAND_DISPLAY=${WAYLAND_DISPLAY:-} DISPLAY=${DISPLAY:-}"\n'
-            'for a in "$@"; do echo "ARG $a"; done\n'
-        )
+        fake.write_text('#!/bin/sh\n'
+                        'echo "WAYLAND_DISPLAY=${WAYLAND_DISPLAY:-} DISPLAY=${DISPLAY:-}"\n'
+                        'for a in "$@"; do echo "ARG $a"; done\n')
         fake.chmod(0o755)
     path = f"{bin_dir}:/usr/bin:/bin" if system_path else str(bin_dir)
-    env = {
-        "PATH": path,
-        "XDG_RUNTIME_DIR": str(runtime),
-        "EDGE_WBC_KIOSK_URL": "http://127.0.0.1:8123/",
-        "EDGE_WBC_KIOSK_WAIT_S": wait_s,
-    }
+    env = {"PATH": path, "XDG_RUNTIME_DIR": str(runtime),
+           "EDGE_WBC_KIOSK_URL": "http://127.0.0.1:8123/", "EDGE_WBC_KIOSK_WAIT_S": wait_s}
     sh = shutil.which("sh") or "/bin/sh"
-    return subprocess.run(
-        [sh, str(ROOT / "systemd" / "edge-wbc-kiosk")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return subprocess.run([sh, str(ROOT / "systemd" / "edge-wbc-kiosk")], env=env,
+                          capture_output=True, text=True, timeout=30)
 
 
 def test_kiosk_script_finds_the_wayland_session_and_opens_the_page(tmp_path: Path) -> None:

@@ -37,9 +37,9 @@ class Frame:
     rgb: np.ndarray
     source: str  # file path, or the camera's name
     captured_at: str = field(
-        default_factory=lambda: (
-            datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        )
+        default_factory=lambda: datetime.now(timezone.utc)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
     )
 
 

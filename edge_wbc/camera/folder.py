@@ -17,9 +17,8 @@ from edge_wbc.imageio import ImageError, list_images, read_image
 
 
 class FolderSource:
-    def __init__(
-        self, folder: str | Path, width: int = 640, height: int = 480, *, loop: bool = True
-    ) -> None:
+    def __init__(self, folder: str | Path, width: int = 640, height: int = 480, *,
+                 loop: bool = True) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CameraError(f"folder source: {self.folder} is not a folder")
@@ -41,11 +40,8 @@ class FolderSource:
         """Put the "stage" on field ``index`` (the station resumes a slide where it stopped and
         starts a new slide at the first field, so a replay never counts a field twice)."""
         with self._lock:
-            self._i = (
-                max(0, int(index)) % len(self.files)
-                if self.loop
-                else min(max(0, int(index)), len(self.files))
-            )
+            self._i = max(0, int(index)) % len(self.files) if self.loop else \
+                min(max(0, int(index)), len(self.files))
             self._message = f"field {self._i % len(self.files) + 1} of {len(self.files)}"
 
     def capture(self) -> Frame:
@@ -73,9 +69,8 @@ class FolderSource:
         if cached is not None and cached[0] == i:
             return cached[1]
         try:
-            img: np.ndarray | None = preview_of(
-                fit_frame(read_image(self.files[i]), self.width, self.height)
-            )
+            img: np.ndarray | None = preview_of(fit_frame(read_image(self.files[i]),
+                                                          self.width, self.height))
         except ImageError:
             img = None  # the capture reports the error; the preview just shows nothing
         with self._lock:

@@ -25,9 +25,8 @@ REOPEN_S = 2.0
 
 
 class OpenCVSource:
-    def __init__(
-        self, device: str, width: int = 640, height: int = 480, open_timeout_s: float = 5.0
-    ) -> None:
+    def __init__(self, device: str, width: int = 640, height: int = 480,
+                 open_timeout_s: float = 5.0) -> None:
         self.device: int | str = int(device) if device.isdigit() else device
         self.width, self.height = width, height
         self.name = f"USB camera {device}" if isinstance(self.device, int) else f"camera {device}"
@@ -66,13 +65,10 @@ class OpenCVSource:
     def _grab(self) -> None:
         while not self._stop.is_set():
             cap = self._cap
-            ok, bgr = cap.read() if cap is not None else (False, None)
+            ok, bgr = (cap.read() if cap is not None else (False, None))
             if ok and bgr is not None and bgr.size:
-                rgb = (
-                    cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-                    if bgr.ndim == 3
-                    else cv2.cvtColor(bgr, cv2.COLOR_GRAY2RGB)
-                )
+                rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if bgr.ndim == 3 else \
+                    cv2.cvtColor(bgr, cv2.COLOR_GRAY2RGB)
                 with self._lock:
                     self._latest, self._latest_t = rgb, time.monotonic()
                     self._frames += 1

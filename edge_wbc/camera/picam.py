@@ -69,11 +69,8 @@ class Picamera2Source:
             raise CameraError(f"{self.name}: capture failed ({e})") from e
         self._error = ""
         # picamera2's "RGB888" is B, G, R in memory (libcamera's naming is little-endian).
-        rgb = (
-            np.ascontiguousarray(arr[:, :, 2::-1])
-            if arr.ndim == 3
-            else cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
-        )
+        rgb = np.ascontiguousarray(arr[:, :, 2::-1]) if arr.ndim == 3 else \
+            cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
         return Frame(fit_frame(rgb, self.width, self.height), self.name)
 
     def preview(self) -> np.ndarray | None:

@@ -114,10 +114,8 @@ class Station:
         with self._lock:
             waiting = self._q.qsize()
             if waiting >= self.queue_max:
-                msg = (
-                    f"capture refused: {waiting} fields are already waiting for analysis; "
-                    "wait a moment and capture again"
-                )
+                msg = (f"capture refused: {waiting} fields are already waiting for analysis; "
+                       "wait a moment and capture again")
                 self._set_error("busy", msg)
                 raise BusyError(msg)
             t0 = time.perf_counter()
@@ -135,12 +133,8 @@ class Station:
             except queue.Full:  # cannot happen under the lock, but never lose it silently
                 raise BusyError("capture refused: analysis queue full") from None
         self._status()
-        return {
-            "capture_id": job.capture_id,
-            "queued": self._q.qsize(),
-            "busy": self._busy is not None,
-            "source": frame.source,
-        }
+        return {"capture_id": job.capture_id, "queued": self._q.qsize(),
+                "busy": self._busy is not None, "source": frame.source}
 
     # ------------------------------------------------------------------ worker
 
@@ -180,11 +174,8 @@ class Station:
             return
         try:
             summary = self.session.add_field(
-                job.frame.rgb,
-                result,
-                source=job.frame.source,
-                captured_at=job.frame.captured_at,
-                t_trigger=job.t0,
+                job.frame.rgb, result, source=job.frame.source,
+                captured_at=job.frame.captured_at, t_trigger=job.t0,
             )
         except DiskFullError as e:
             self._set_error("disk", str(e))
@@ -195,20 +186,10 @@ class Station:
         ms = (time.perf_counter() - job.t0) * 1000.0
         self.latencies_ms = [*self.latencies_ms[-199:], ms]
         self.fields_done += 1
-        self.last_field = {
-            "field_id": summary["id"],
-            "capture_id": job.capture_id,
-            "latency_ms": round(ms, 1),
-            "trigger": job.trigger,
-        }
-        if self.last_error and self.last_error["kind"] in (
-            "frame",
-            "disk",
-            "store",
-            "analysis",
-            "camera",
-            "busy",
-        ):
+        self.last_field = {"field_id": summary["id"], "capture_id": job.capture_id,
+                           "latency_ms": round(ms, 1), "trigger": job.trigger}
+        if self.last_error and self.last_error["kind"] in ("frame", "disk", "store", "analysis",
+                                                           "camera", "busy"):
             self.last_error = None  # a field went through: the problem is over
 
     # ------------------------------------------------------------------ health

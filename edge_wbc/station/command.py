@@ -26,43 +26,27 @@ def _fail(msg: str) -> typer.Exit:
 
 def station(
     source: str | None = typer.Option(
-        None,
-        "--source",
-        help="folder:DIR (replay images), picamera2[:N] or opencv:N | "
-        "opencv:/dev/videoN. Default: camera.source of the config.",
-    ),
+        None, "--source", help="folder:DIR (replay images), picamera2[:N] or opencv:N | "
+        "opencv:/dev/videoN. Default: camera.source of the config."),
     port: int | None = typer.Option(None, "--port", help="TCP port of the page and API."),
     host: str | None = typer.Option(
-        None,
-        "--host",
-        help="Address to listen on (127.0.0.1 by default; any other address "
-        "needs a token in EDGE_WBC_TOKEN).",
-    ),
+        None, "--host", help="Address to listen on (127.0.0.1 by default; any other address "
+        "needs a token in EDGE_WBC_TOKEN)."),
     target: int | None = typer.Option(
-        None,
-        "--target",
-        help="Cells per slide for new slides (100 or 200 in most labs; a "
-        "resumed slide keeps its own target).",
-    ),
+        None, "--target", help="Cells per slide for new slides (100 or 200 in most labs; a "
+        "resumed slide keeps its own target)."),
     data_dir: Path | None = typer.Option(
-        None, "--data-dir", help="Where the database, crops and reports are kept."
-    ),
+        None, "--data-dir", help="Where the database, crops and reports are kept."),
     config: Path | None = typer.Option(
-        None,
-        "--config",
-        help="TOML config file (default: $EDGE_WBC_CONFIG or "
-        "/etc/edge-wbc/config.toml when present).",
-    ),
+        None, "--config", help="TOML config file (default: $EDGE_WBC_CONFIG or "
+        "/etc/edge-wbc/config.toml when present)."),
     models: Path | None = typer.Option(
-        None, "--models", help="Models folder with manifest.json (default: models.dir)."
-    ),
+        None, "--models", help="Models folder with manifest.json (default: models.dir)."),
     mqtt_host: str | None = typer.Option(
-        None, "--mqtt-host", help="MQTT broker; without one the station runs without MQTT."
-    ),
+        None, "--mqtt-host", help="MQTT broker; without one the station runs without MQTT."),
     mqtt_port: int | None = typer.Option(None, "--mqtt-port", help="MQTT broker port."),
     station_id: str | None = typer.Option(
-        None, "--station-id", help="This station's name in MQTT topics (default: host name)."
-    ),
+        None, "--station-id", help="This station's name in MQTT topics (default: host name)."),
 ) -> None:
     """Run the microscope station: live preview, capture, running formula, review, reports."""
     from edge_wbc.config import ConfigError, default_config_path, load_config
@@ -71,15 +55,10 @@ def station(
     try:
         cfg = load_config(config if config is not None else default_config_path())
         cfg = cfg.replace(
-            camera_source=source,
-            station_port=port,
-            station_host=host,
-            session_target=target,
+            camera_source=source, station_port=port, station_host=host, session_target=target,
             session_data_dir=str(data_dir) if data_dir else None,
-            models_dir=str(models) if models else None,
-            mqtt_host=mqtt_host,
-            mqtt_port=mqtt_port,
-            mqtt_station_id=station_id,
+            models_dir=str(models) if models else None, mqtt_host=mqtt_host,
+            mqtt_port=mqtt_port, mqtt_station_id=station_id,
         )
     except ConfigError as e:
         raise _fail(str(e)) from None
@@ -116,28 +95,20 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
     except (OSError, RuntimeError, ValueError) as e:
         raise StartupError(f"cannot load the models from {cfg.models.dir}: {e}") from e
     models = analyzer.describe()
-    log.info(
-        "models loaded from %s in %.0f ms on %s",
-        cfg.models.dir,
-        analyzer.load_ms,
-        analyzer.accelerator,
-    )
+    log.info("models loaded from %s in %.0f ms on %s", cfg.models.dir, analyzer.load_ms,
+             analyzer.accelerator)
 
     try:
-        store = Store(
-            cfg.session.data_dir, mqtt=bool(cfg.mqtt.host), outbox_max=cfg.mqtt.outbox_max
-        )
+        store = Store(cfg.session.data_dir, mqtt=bool(cfg.mqtt.host),
+                      outbox_max=cfg.mqtt.outbox_max)
     except StoreError as e:
         raise StartupError(str(e)) from e
     fanout = Fanout()
     hub = EventHub()
     fanout.subscribe(hub)
     session = SlideSession(
-        store,
-        fanout,
-        default_target=cfg.session.target,
-        duplicate_overlap=cfg.session.duplicate_overlap,
-        models=models,
+        store, fanout, default_target=cfg.session.target,
+        duplicate_overlap=cfg.session.duplicate_overlap, models=models,
         station_id=cfg.mqtt.station_id,
         reporter=partial(write_reports, data_dir=store.data_dir),
     )
@@ -152,18 +123,11 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
 
     live = sdnotify.Liveness(stuck_after_s=cfg.station.stuck_after_s)
     st = Station(
-        source,
-        analyzer.analyze,
-        session,
-        fanout,
-        queue_max=cfg.station.queue_max,
+        source, analyzer.analyze, session, fanout, queue_max=cfg.station.queue_max,
         liveness=live,
-        info={
-            "accelerator": analyzer.accelerator,
-            "station_id": cfg.mqtt.station_id,
-            "models": [m["name"] for m in models.get("models", [])],
-            "data_dir": str(store.data_dir),
-        },
+        info={"accelerator": analyzer.accelerator, "station_id": cfg.mqtt.station_id,
+              "models": [m["name"] for m in models.get("models", [])],
+              "data_dir": str(store.data_dir)},
     )
     publisher = None
     if cfg.mqtt.host:
@@ -171,14 +135,10 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
 
         try:
             publisher = edge_mqtt.start_publisher(
-                cfg.mqtt,
-                store.db_path,
-                state_provider=session.state,
+                cfg.mqtt, store.db_path, state_provider=session.state,
                 command_handler=partial(_mqtt_command, st),
-                health_provider=lambda: {
-                    "accelerator": analyzer.accelerator,
-                    "queue": st.status()["queue"],
-                },
+                health_provider=lambda: {"accelerator": analyzer.accelerator,
+                                         "queue": st.status()["queue"]},
             )
         except edge_mqtt.MqttError as e:
             source.close()
@@ -189,9 +149,8 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             mqtt_publisher = publisher
             st.extra_status = lambda: {"mqtt": mqtt_publisher.status()}
     try:
-        server = StationServer(
-            st, hub, cfg.station.host, cfg.station.port, cfg.station.token, cfg.camera.preview_fps
-        )
+        server = StationServer(st, hub, cfg.station.host, cfg.station.port, cfg.station.token,
+                               cfg.camera.preview_fps)
     except (OSError, ValueError) as e:
         source.close()
         if publisher is not None:
@@ -294,3 +253,4 @@ def _mqtt_command(st: Any, kind: str, args: dict[str, Any]) -> dict[str, Any]:
 
 def register(app: typer.Typer) -> None:
     app.command("station")(station)
+

@@ -66,12 +66,8 @@ MAX_BODY = 64 * 1024
 _CELL = re.compile(r"^/api/cells/([A-Za-z0-9_:-]+)(/review|\.jpg)$")
 _FIELD = re.compile(r"^/api/fields/([A-Za-z0-9_:-]+)(\.jpg)?$")
 _REPORT = re.compile(r"^/api/slide/(report\.html|report\.json|report\.csv|cells\.csv)$")
-_REPORT_KEYS = {
-    "report.html": "html",
-    "report.json": "json",
-    "report.csv": "csv",
-    "cells.csv": "cells_csv",
-}
+_REPORT_KEYS = {"report.html": "html", "report.json": "json", "report.csv": "csv",
+                "cells.csv": "cells_csv"}
 
 
 def is_loopback(host: str) -> bool:
@@ -182,9 +178,8 @@ class StationServer(ThreadingHTTPServer):
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
-    ok, buf = cv2.imencode(
-        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
-    )
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise ValueError("JPEG encoding failed")
     return buf.tobytes()
@@ -203,9 +198,8 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ plumbing
 
-    def _send(
-        self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None
-    ) -> None:
+    def _send(self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None
+              ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -279,17 +273,15 @@ class Handler(BaseHTTPRequestHandler):
             return
         ok, set_cookie = self._authorised(query)
         if not ok:
-            self._error(
-                401, "token required: open the page with ?token=… or send 'Authorization: Bearer …'"
-            )
+            self._error(401, "token required: open the page with ?token=… or send "
+                             "'Authorization: Bearer …'")
             return
         if set_cookie is not None:
             # Strip the token from the address bar (and from the kiosk's history).
             self.send_response(303)
             self.send_header("Location", path)
-            self.send_header(
-                "Set-Cookie", f"{COOKIE}={set_cookie}; HttpOnly; SameSite=Strict; Path=/"
-            )
+            self.send_header("Set-Cookie", f"{COOKIE}={set_cookie}; HttpOnly; SameSite=Strict; "
+                             "Path=/")
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -336,7 +328,7 @@ class Handler(BaseHTTPRequestHandler):
         if path in ("/", "/index.html"):
             self._static("index.html")
         elif path.startswith("/static/"):
-            self._static(path[len("/static/") :])
+            self._static(path[len("/static/"):])
         elif path == "/healthz":
             s = st.status()
             healthy = s["worker_alive"]
@@ -383,17 +375,13 @@ class Handler(BaseHTTPRequestHandler):
             self._json(202, st.capture(str(body.get("trigger") or "api")[:16]))
         elif (m := _CELL.match(path)) and m.group(2) == "/review":
             if "label" not in body:
-                raise _ApiError(
-                    400,
-                    "give 'label' (a class, 'rejected' with 'reason', or null "
-                    "to restore the machine's label)",
-                )
+                raise _ApiError(400, "give 'label' (a class, 'rejected' with 'reason', or null "
+                                     "to restore the machine's label)")
             cell = session.review(m.group(1), body["label"], body.get("reason"))
             self._json(200, session.cell_view(cell))
         elif path == "/api/slide/new":
-            session.new_slide(
-                body.get("sample_id") or "", body.get("target"), abandon=bool(body.get("abandon"))
-            )
+            session.new_slide(body.get("sample_id") or "", body.get("target"),
+                              abandon=bool(body.get("abandon")))
             self._json(200, session.state())
         elif path == "/api/slide/sample":
             session.set_sample_id(body.get("sample_id") or "")
@@ -436,19 +424,15 @@ class Handler(BaseHTTPRequestHandler):
         rel = (slide.get("reports") or {}).get(_REPORT_KEYS[name])
         if not rel:
             raise _ApiError(404, f"slide {slide['sample_id']} has no report yet: finalise it first")
-        ctype = {
-            "html": "text/html; charset=utf-8",
-            "json": "application/json",
-            "csv": "text/csv; charset=utf-8",
-        }[name.rsplit(".", 1)[1]]
+        ctype = {"html": "text/html; charset=utf-8", "json": "application/json",
+                 "csv": "text/csv; charset=utf-8"}[name.rsplit(".", 1)[1]]
         p = session.store.data_dir / rel
         if not p.is_file():
             raise _ApiError(404, f"report file {rel} is missing")
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", slide["sample_id"])
         disp = "inline" if name.endswith(".html") and not query.get("download") else "attachment"
-        self._send(
-            200, p.read_bytes(), ctype, {"Content-Disposition": f'{disp}; filename="{safe}-{name}"'}
-        )
+        self._send(200, p.read_bytes(), ctype,
+                   {"Content-Disposition": f'{disp}; filename="{safe}-{name}"'})
 
     def _sse(self) -> None:
         srv = self.server
@@ -503,9 +487,7 @@ class Handler(BaseHTTPRequestHandler):
                 if data is not None:
                     self.wfile.write(
                         f"--{boundary}\r\nContent-Type: image/jpeg\r\nContent-Length: "
-                        f"{len(data)}\r\n\r\n".encode()
-                        + data
-                        + b"\r\n"
+                        f"{len(data)}\r\n\r\n".encode() + data + b"\r\n"
                     )
                     self.wfile.flush()
                 srv.stopping.wait(max(0.0, period - (time.monotonic() - t)))

@@ -24,14 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "fields"
 ARTEFACTS = ROOT / "artefacts"
 CHROMIUM = os.environ.get("EDGE_WBC_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
 
 pytestmark = pytest.mark.browser
 
@@ -219,9 +213,8 @@ def test_desktop_layout_and_new_slide(page) -> None:
     assert _counted(pg) == 0 and rs.session.state()["sample_id"] == "H-2026-0815"
 
 
-@pytest.mark.skipif(
-    not (ROOT / "models" / "manifest.json").is_file(), reason="no shipped models yet"
-)
+@pytest.mark.skipif(not (ROOT / "models" / "manifest.json").is_file(),
+                    reason="no shipped models yet")
 def test_with_shipped_models(tmp_path: Path) -> None:
     """The same page over the real FieldAnalyzer and the shipped models: capture to a target of
     15, resolve what the classifier left unidentified with the keyboard, finalise."""
