@@ -163,7 +163,19 @@ class CropSampler:
     }
     CLASS_WEIGHT: ClassVar[dict[str, float]] = {c: 1.0 for c in CLASSES} | {"other": 0.5}
 
-    def __init__(self, cells: list[CellItem], size: int, seed: int = 0, augment: bool = True):
+    def __init__(
+        self,
+        cells: list[CellItem],
+        size: int,
+        seed: int = 0,
+        augment: bool = True,
+        source_weights: dict[str, float] | None = None,
+    ):
+        unknown = set(source_weights or {}) - set(self.SOURCE_WEIGHT)
+        if unknown:
+            known = list(self.SOURCE_WEIGHT)
+            raise ValueError(f"no classifier source {sorted(unknown)}; known: {known}")
+        self.source_weight = {**self.SOURCE_WEIGHT, **(source_weights or {})}
         self.size, self.augment = size, augment
         self.rng = np.random.default_rng(seed)
         self.color = ColorAug()
@@ -214,7 +226,7 @@ class CropSampler:
         rng = self.rng
         lab = self.labels[int(rng.choice(len(self.labels), p=self.p))]
         srcs = list(self.index[lab])
-        w = np.array([self.SOURCE_WEIGHT.get(s, 0.1) for s in srcs])
+        w = np.array([self.source_weight.get(s, 0.1) for s in srcs])
         src = srcs[int(rng.choice(len(srcs), p=w / w.sum()))]
         pool = self.index[lab][src]
         c = pool[int(rng.integers(len(pool)))]

@@ -347,6 +347,9 @@ def train_cls(
     threads: int = 1,
     weights: str | None = None,
     init: Path | None = typer.Option(None, help="start from the weights of this .keras model"),
+    source_weights: str = typer.Option(
+        "", help="override sampling weights of sources within a class, e.g. 'bccd=0.5'"
+    ),
 ) -> None:
     """Train the cell classifier (five types + 'other') on crops made by the device's rule."""
     from convert.architectures import build_classifier
@@ -375,7 +378,12 @@ def train_cls(
         weights,
         alpha,
     )
-    sampler = CropSampler([c for c in cells if c.split == "train"], size, seed)
+    sampler = CropSampler(
+        [c for c in cells if c.split == "train"],
+        size,
+        seed,
+        source_weights=_source_weights(source_weights),
+    )
     evaluate = cls_evaluator([c for c in cells if c.split == "val"], size)
 
     import keras

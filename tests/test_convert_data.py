@@ -86,3 +86,26 @@ def test_augmented_crop_sampler_gives_unit_crops_of_every_label() -> None:
     assert x.min() >= 0.0 and x.max() <= 1.0
     got = {LABELS6[int(k)] for k in y.argmax(1)}
     assert got == {"neutrophil", "other"}
+
+
+def test_crop_sampler_source_weights_override_and_unknown_source_is_an_error() -> None:
+    from convert.cells import CellItem, CropSampler
+
+    img = DATA / "bccd" / "JPEGImages" / "BloodImage_00000.jpg"
+    cells = [
+        CellItem("bccd", img, "train", "neutrophil", (250, 180, 360, 290)),
+        CellItem("pbc", img, "train", "neutrophil", (0, 0, 40, 40)),
+    ]
+    only_bccd = CropSampler(cells, 32, seed=2, augment=False, source_weights={"pbc": 0.0})
+    assert only_bccd.source_weight["pbc"] == 0.0 and only_bccd.source_weight["bccd"] == 0.25
+    seen: list[str] = []
+
+    def record(c: CellItem, rng: object, augment: bool) -> np.ndarray:
+        seen.append(c.source)
+        return np.zeros((32, 32, 3), np.float32)
+
+    only_bccd.crop = record  # type: ignore[method-assign]
+    only_bccd.batch(20)
+    assert set(seen) == {"bccd"}
+    with pytest.raises(ValueError, match="no classifier source"):
+        CropSampler(cells, 32, source_weights={"raabin": 1.0})
