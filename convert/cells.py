@@ -127,14 +127,9 @@ def context_patch(rgb: np.ndarray, box: Box) -> tuple[np.ndarray, Box]:
     Outside the field the patch is filled with the field's own background colour, so white
     balance of the patch sees what white balance of the field sees.
     """
-    h, w = rgb.shape[:2]
-    wx0, wy0, wx1, wy1 = pp.crop_window(box, CONTEXT_SCALE)
-    fill = pp.background_rgb(rgb).astype(np.uint8)
-    canvas = np.empty((wy1 - wy0, wx1 - wx0, 3), np.uint8)
-    canvas[:] = fill
-    sx0, sy0, sx1, sy1 = max(wx0, 0), max(wy0, 0), min(wx1, w), min(wy1, h)
-    if sx1 > sx0 and sy1 > sy0:
-        canvas[sy0 - wy0 : sy1 - wy0, sx0 - wx0 : sx1 - wx0] = rgb[sy0:sy1, sx0:sx1]
+    window = pp.crop_window(box, CONTEXT_SCALE)
+    wx0, wy0 = window[:2]
+    canvas = pp.window_canvas(rgb, window, pp.background_rgb(rgb).astype(np.uint8))
     side = max(box[2] - box[0], box[3] - box[1], 1)
     s = min(1.0, PATCH_BOX_PX / side)
     if s < 1.0:
@@ -186,11 +181,6 @@ class CropSampler:
             if c.image not in self.images:
                 self.images[c.image] = read_rgb(c.image)
             self.index.setdefault(c.label, {}).setdefault(c.source, []).append(c)
-        if augment:
-            # Augmenting a whole 640x480 field to train on one 96-px crop cost 3/4 of every
-            # training step; the cell's surroundings are all the crop (and white balance) need.
-            for c in cells:
-                self.patches[id(c)] = context_patch(self.images[c.image], c.box)
         self.labels = [lab for lab in LABELS6 if lab in self.index]
         w = np.array([self.CLASS_WEIGHT[lab] for lab in self.labels])
         self.p = w / w.sum()
@@ -204,6 +194,8 @@ class CropSampler:
                 img = read_rgb(c.image)
             return pp.to_unit(pp.cell_crop(pp.white_balance(img), c.box, self.size))
         if id(c) not in self.patches:
+            # Augmenting a whole 640x480 field to train on one 96-px crop cost 3/4 of every
+            # training step; the cell's surroundings are all the crop (and white balance) need.
             img = self.images.get(c.image)
             self.patches[id(c)] = context_patch(read_rgb(c.image) if img is None else img, c.box)
         patch, box = self.patches[id(c)]

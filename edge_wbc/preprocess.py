@@ -226,6 +226,20 @@ def crop_window(
     )
 
 
+def window_canvas(
+    rgb: np.ndarray, window: tuple[int, int, int, int], fill: float | np.ndarray
+) -> np.ndarray:
+    """The pixels of a window that may reach past the field; the part outside is ``fill``."""
+    h, w = rgb.shape[:2]
+    wx0, wy0, wx1, wy1 = window
+    canvas = np.empty((wy1 - wy0, wx1 - wx0, 3), np.uint8)
+    canvas[:] = fill
+    sx0, sy0, sx1, sy1 = max(wx0, 0), max(wy0, 0), min(wx1, w), min(wy1, h)
+    if sx1 > sx0 and sy1 > sy0:
+        canvas[sy0 - wy0 : sy1 - wy0, sx0 - wx0 : sx1 - wx0] = rgb[sy0:sy1, sx0:sx1]
+    return canvas
+
+
 def cell_crop(
     rgb_balanced: np.ndarray,
     box: tuple[float, float, float, float],
@@ -237,12 +251,7 @@ def cell_crop(
     The part of the window outside the field is filled with background grey, so a cell at the
     border is centred like any other.
     """
-    h, w = rgb_balanced.shape[:2]
-    wx0, wy0, wx1, wy1 = crop_window(box, scale)
-    canvas = np.full((wy1 - wy0, wx1 - wx0, 3), BACKGROUND_LEVEL, np.uint8)
-    sx0, sy0, sx1, sy1 = max(wx0, 0), max(wy0, 0), min(wx1, w), min(wy1, h)
-    if sx1 > sx0 and sy1 > sy0:
-        canvas[sy0 - wy0 : sy1 - wy0, sx0 - wx0 : sx1 - wx0] = rgb_balanced[sy0:sy1, sx0:sx1]
+    canvas = window_canvas(rgb_balanced, crop_window(box, scale), BACKGROUND_LEVEL)
     side = canvas.shape[0]
     interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     return cv2.resize(canvas, (size, size), interpolation=interp)
