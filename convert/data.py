@@ -258,6 +258,23 @@ def median_cell_diameter(mask: np.ndarray) -> float:
 # --------------------------------------------------------------------------- augmentation
 
 
+#: Ruifrok & Johnston's haematoxylin / eosin / DAB optical densities (rows), as in
+#: skimage.color: a Romanowsky stain's azure (purple) and eosin (pink) separate along the first
+#: two closely enough to vary them apart.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
+RGB_FROM_HED /= np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED).astype(np.float32)
+
+
+def mix_stains(rgb: np.ndarray, azure: float, eosin: float) -> np.ndarray:
+    """Scale the optical density of the purple (azure/haematoxylin) and pink (eosin) dyes."""
+    od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
+    c = od.reshape(-1, 3) @ HED_FROM_RGB
+    c *= np.array([azure, eosin, 1.0], np.float32)
+    od = (c @ RGB_FROM_HED).reshape(rgb.shape)
+    return np.clip(256.0 * np.exp(-od) - 1.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 @dataclass
 class ColorAug:
     """Stain, camera-cast, exposure and optics variation.
@@ -268,8 +285,22 @@ class ColorAug:
     """
 
     p: float = 0.9
+    #: Half-range of the independent gain on each stain's optical density (``stain_mix``).
+    stain_gain: float = 0.35
+
+    def stain_mix(self, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Vary the amount of each dye independently (HED jitter, Tellez et al. 2018).
+
+        A hue rotation moves every colour together; a smear stained longer in eosin, or in
+        azure, is pinker or bluer *relative to its nuclei*. Without this the classifier read a
+        pinker stain's neutrophils as eosinophils (BCCD), having only seen PBC's ratio.
+        """
+        g = self.stain_gain
+        return mix_stains(rgb, rng.uniform(1 - g, 1 + g), rng.uniform(1 - g, 1 + g))
 
     def stain(self, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.stain_gain > 0 and rng.random() < 0.7:
+            rgb = self.stain_mix(rgb, rng)
         hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL).astype(np.float32)
         hsv[..., 0] = (hsv[..., 0] + rng.uniform(-18, 18)) % 256
         hsv[..., 1] *= rng.uniform(0.55, 1.5)

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from convert.data import ColorAug, SegSampler, load_items
+from convert.data import RGB_FROM_HED, ColorAug, SegSampler, load_items, mix_stains
 from edge_wbc import preprocess as pp
 
 DATA = Path(__file__).parent / "fixtures" / "data"
@@ -36,11 +36,43 @@ def test_augmented_fields_come_out_balanced_like_device_inputs() -> None:
     bgr = cv2.imread(str(DATA / "bccd" / "JPEGImages" / "BloodImage_00000.jpg"))
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     rng = np.random.default_rng(0)
+    # A dark exposure under a strong cast can leave a channel past the balance's gain limit
+    # (about 1 draw in 50): most draws, not all, come out balanced; unbalanced, ~90 % would not.
     aug = ColorAug(p=1.0)
-    for _ in range(8):
-        out = aug(rgb, rng)
-        bg = pp.background_rgb(out)
-        assert np.all(np.abs(bg - pp.BACKGROUND_LEVEL) < 45), bg
+    off = [pp.background_rgb(aug(rgb, rng)) for _ in range(60)]
+    balanced = [bool(np.all(np.abs(bg - pp.BACKGROUND_LEVEL) < 45)) for bg in off]
+    assert sum(balanced) >= 54, off
+
+
+def _dye(row: int, od: float) -> np.ndarray:
+    """One pixel of a single dye at the given optical density."""
+    return np.clip(256.0 * np.exp(-od * RGB_FROM_HED[row]) - 0.5, 0, 255).astype(np.uint8)[
+        None, None
+    ]
+
+
+def test_mix_stains_changes_one_dye_and_leaves_the_other_and_the_background() -> None:
+    azure, eosin, white = _dye(0, 0.6), _dye(1, 0.6), np.full((1, 1, 3), 255, np.uint8)
+    img = np.concatenate([azure, eosin, white], axis=1)
+    assert np.abs(mix_stains(img, 1.0, 1.0).astype(int) - img).max() <= 1
+    more_eosin = mix_stains(img, 1.0, 1.4).astype(int)
+    assert np.abs(more_eosin[0, 0] - azure[0, 0]).max() <= 2  # the nucleus dye is untouched
+    assert more_eosin[0, 1, 1] < int(eosin[0, 0, 1]) - 10  # eosin absorbs green: pinker
+    assert np.abs(more_eosin[0, 2] - 255).max() <= 1  # no dye, no change
+    less_azure = mix_stains(img, 0.6, 1.0).astype(int)
+    assert (
+        less_azure[0, 0].sum() > int(azure.sum()) + 30
+        and abs(less_azure[0, 1] - eosin[0, 0]).max() <= 2
+    )
+
+
+def test_stain_mix_draws_gains_within_the_configured_range() -> None:
+    rgb = _field()[:64, :64]
+    rng = np.random.default_rng(3)
+    assert np.array_equal(ColorAug(stain_gain=0.0).stain_mix(rgb, rng), mix_stains(rgb, 1.0, 1.0))
+    outs = [ColorAug(stain_gain=0.35).stain_mix(rgb, rng) for _ in range(6)]
+    assert any(np.abs(o.astype(int) - rgb).mean() > 1.0 for o in outs)
+    assert all(o.shape == rgb.shape and o.dtype == np.uint8 for o in outs)
 
 
 def _field() -> np.ndarray:
