@@ -166,6 +166,19 @@ def cls_section(ev: dict[str, Any]) -> list[str]:
         for k, v in ev["shifts_pbc_test"].items():
             lines.append(f"| {k} | {v:.4f} | {v - clean:+.4f} |")
         lines.append("")
+    casts = ev.get("casts_test") or {}
+    if casts:
+        names = list(next(iter(casts.values())))
+        lines += [
+            "### Camera casts (test, 5-class accuracy; the cast applied to the raw image, "
+            "before the device's white balance)",
+            "",
+            "| source | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
+        for src, row in casts.items():
+            lines.append(f"| {src} | " + " | ".join(f"{row[k]:.3f}" for k in names) + " |")
+        lines.append("")
     lines += ["![accuracy vs coverage](accuracy_vs_coverage.png)", ""]
     cands = ev.get("label_error_candidates", [])
     if cands:

@@ -47,3 +47,26 @@ def test_error_contact_sheet_is_written(tmp_path: Path) -> None:
     out = plot_crops(crops, ["a", "b", "c"], tmp_path / "e.png", cols=2)
     img = cv2.imread(str(out))
     assert img is not None and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_camera_casts_are_strong_and_the_device_balance_undoes_them() -> None:
+    import cv2
+
+    from convert.cls_eval import CASTS
+    from edge_wbc import preprocess as pp
+
+    field = Path(__file__).parent / "fixtures" / "data" / "bccd" / "JPEGImages"
+    rgb = cv2.cvtColor(cv2.imread(str(field / "BloodImage_00000.jpg")), cv2.COLOR_BGR2RGB)
+    chroma = pp.stain_chroma(pp.white_balance(rgb))
+    for name, cast in CASTS.items():
+        raw = cast(rgb)
+        bg = pp.background_rgb(raw)
+        balanced = pp.white_balance(raw)
+        if name.startswith("grey"):
+            assert pp.stain_chroma(raw) < 0.3 * pp.stain_chroma(rgb), name
+        else:
+            assert bg.max() - bg.min() > 40, (name, bg)  # a cast a technician would see
+        assert np.abs(pp.background_rgb(balanced) - pp.BACKGROUND_LEVEL).max() < 12, name
+        # The chroma floor brings a faded stain back, by at most MAX_CHROMA_GAIN.
+        reachable = min(chroma, pp.CHROMA_FLOOR, pp.MAX_CHROMA_GAIN * pp.stain_chroma(raw))
+        assert pp.stain_chroma(balanced) >= reachable - 8, name

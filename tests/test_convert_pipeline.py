@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
+from convert.cls_eval import CASTS
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "fixtures" / "data"
 pytestmark = pytest.mark.slow
@@ -122,6 +124,9 @@ def test_release_writes_a_manifest_the_device_accepts(released: Path) -> None:
     card = (released / "README.md").read_text()
     assert "Segmentation ensemble" in card and "Cell classifier" in card
     assert "classified in 4 orientations" in card
+    casts = man.classifier.raw["metrics"]["casts_test"]
+    assert casts and all(set(r) == {"clean", *CASTS} for r in casts.values())
+    assert "### Camera casts" in card and "yellow cast" in card
     assert (released / "figure1_ensemble.png").stat().st_size > 1000
 
 
