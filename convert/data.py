@@ -292,8 +292,9 @@ class ColorAug:
         """Vary the amount of each dye independently (HED jitter, Tellez et al. 2018).
 
         A hue rotation moves every colour together; a smear stained longer in eosin, or in
-        azure, is pinker or bluer *relative to its nuclei*. Without this the classifier read a
-        pinker stain's neutrophils as eosinophils (BCCD), having only seen PBC's ratio.
+        azure, is pinker or bluer *relative to its nuclei*. The classifier's commonest error on
+        BCCD is such a stain's neutrophil read as an eosinophil, having learnt mostly PBC's
+        ratio (this variation lifted val, not yet BCCD test: see the README).
         """
         g = self.stain_gain
         return mix_stains(rgb, rng.uniform(1 - g, 1 + g), rng.uniform(1 - g, 1 + g))
