@@ -12,8 +12,8 @@ yellow, blue, green or grey casts and several cells per field), each under every
    cell, every box that lies whole in its tile is a reference). The tiles keep their own
    backgrounds, which is harder than one real smear: one white balance serves four cameras.
 
-Casts are applied in linear light (gamma 2.2), as a lamp or sensor would, with a haze (black
-level lifted) or a desaturation for the grey ones. Recall/precision count every detected cell
+The casts are ``convert.casts.CASTS`` (linear light, with haze or desaturation for the grey
+ones). Recall/precision count every detected cell
 that is not `other` (unidentified cells are found leukocytes waiting for review).
 
     python scripts/eval_robustness.py [--models models] [--data-root ../shared/data] [--json F]
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from eval_detection import match, voc_wbc_boxes  # noqa: E402
 
+from convert.casts import CASTS  # noqa: E402
 from edge_wbc.analysis import FieldAnalyzer  # noqa: E402
 from edge_wbc.imageio import read_image  # noqa: E402
 
@@ -44,38 +44,6 @@ Field = tuple[np.ndarray, list[Box]]
 
 #: BCCD's leukocyte diameter at 640x480 (the postprocess default is set for it).
 BCCD_CELL_PX = 170.0
-
-
-def cast(
-    r: float, g: float, b: float, haze: float = 0.0, saturation: float = 1.0
-) -> Callable[[np.ndarray], np.ndarray]:
-    """A colour cast in linear light, optional desaturation and haze, back to sRGB-ish."""
-
-    def f(x: np.ndarray) -> np.ndarray:
-        y = (x.astype(np.float32) / 255.0) ** 2.2 * np.array([r, g, b], np.float32)
-        if saturation != 1.0:
-            m = y.mean(axis=2, keepdims=True)
-            y = m + (y - m) * saturation
-        y = np.clip(y, 0, 1) ** (1 / 2.2)
-        y = y * (1 - haze) + haze
-        return np.clip(y * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-    return f
-
-
-CASTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "none": lambda x: x,
-    "yellow": cast(1.0, 0.85, 0.35),
-    "yellow, strong": cast(1.0, 0.8, 0.2),
-    "blue": cast(0.45, 0.7, 1.0),
-    "blue, strong + haze": cast(0.3, 0.55, 1.0, haze=0.15),
-    "green": cast(0.55, 1.0, 0.5),
-    "green, strong": cast(0.35, 1.0, 0.3),
-    "grey (saturation 0.4)": cast(1, 1, 1, saturation=0.4),
-    "grey (saturation 0.25)": cast(1, 1, 1, saturation=0.25),
-    "grey + haze": cast(0.9, 0.9, 0.9, haze=0.25, saturation=0.35),
-    "dark + blur": lambda x: cv2.GaussianBlur((x * 0.55).astype(np.uint8), (0, 0), 1.5),
-}
 
 
 def run(analyzer: FieldAnalyzer, fields: list[Field]) -> dict[str, dict]:

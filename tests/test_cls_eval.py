@@ -52,13 +52,13 @@ def test_error_contact_sheet_is_written(tmp_path: Path) -> None:
 def test_camera_casts_are_strong_and_the_device_balance_undoes_them() -> None:
     import cv2
 
-    from convert.cls_eval import CASTS
+    from convert.casts import CLASSIFIER_CASTS
     from edge_wbc import preprocess as pp
 
     field = Path(__file__).parent / "fixtures" / "data" / "bccd" / "JPEGImages"
     rgb = cv2.cvtColor(cv2.imread(str(field / "BloodImage_00000.jpg")), cv2.COLOR_BGR2RGB)
     chroma = pp.stain_chroma(pp.white_balance(rgb))
-    for name, cast in CASTS.items():
+    for name, cast in CLASSIFIER_CASTS.items():
         raw = cast(rgb)
         bg = pp.background_rgb(raw)
         balanced = pp.white_balance(raw)

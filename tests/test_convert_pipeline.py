@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from convert.cls_eval import CASTS
+from convert.casts import CLASSIFIER_CASTS
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "fixtures" / "data"
@@ -125,8 +125,8 @@ def test_release_writes_a_manifest_the_device_accepts(released: Path) -> None:
     assert "Segmentation ensemble" in card and "Cell classifier" in card
     assert "classified in 4 orientations" in card
     casts = man.classifier.raw["metrics"]["casts_test"]
-    assert casts and all(set(r) == {"clean", *CASTS} for r in casts.values())
-    assert "### Camera casts" in card and "yellow cast" in card
+    assert casts and all(set(r) == {"clean", *CLASSIFIER_CASTS} for r in casts.values())
+    assert "### Camera casts" in card and "yellow, strong" in card
     assert (released / "figure1_ensemble.png").stat().st_size > 1000
 
 
