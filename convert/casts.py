@@ -42,6 +42,8 @@ CASTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "grey (saturation 0.4)": cast(1, 1, 1, saturation=0.4),
     "grey (saturation 0.25)": cast(1, 1, 1, saturation=0.25),
     "grey + haze": cast(0.9, 0.9, 0.9, haze=0.25, saturation=0.35),
+    "grey (saturation 0.1)": cast(1, 1, 1, saturation=0.1),
+    "monochrome": cast(1, 1, 1, saturation=0.0),
     "dark + blur": lambda x: cv2.GaussianBlur((x * 0.55).astype(np.uint8), (0, 0), 1.5),
 }
 

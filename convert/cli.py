@@ -71,6 +71,9 @@ def train_seg(
     source_weights: str = typer.Option(
         "", help="sampling weight per source, e.g. 'zheng2=0.3,bccd=0.35' (others as default)"
     ),
+    mono_p: float = typer.Option(
+        0.08, help="share of fields made fully grey before white balance (monochrome cameras)"
+    ),
 ) -> None:
     """Train one U-Net segmenter (resumes from RUN_DIR/last.keras when present)."""
     from convert.architectures import build_unet
@@ -101,6 +104,7 @@ def train_seg(
         seed,
         native_p=native_p,
         weights=_source_weights(source_weights),
+        mono_p=mono_p,
     )
     val = seg_eval_pairs(
         [i for i in items if i.split == "val" and i.source != "raabin"], run_dir.parent / "cache"

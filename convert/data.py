@@ -287,6 +287,10 @@ class ColorAug:
     p: float = 0.9
     #: Half-range of the independent gain on each stain's optical density (``stain_mix``).
     stain_gain: float = 0.35
+    #: Share of fields drained of all colour before white balance (a monochrome camera, or a
+    #: grey cast past what the chroma floor can restore). The grey casts alone stop at 97 %
+    #: desaturation and left the segmenters blind to fully grey fields (recall 0.6).
+    mono_p: float = 0.0
 
     def stain_mix(self, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Vary the amount of each dye independently (HED jitter, Tellez et al. 2018).
@@ -309,11 +313,15 @@ class ColorAug:
         hsv = np.clip(hsv, 0, 255).astype(np.uint8)
         return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
-    def cast(self, rgb: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    def cast(
+        self, rgb: np.ndarray, rng: np.random.Generator, strength: float, mono_p: float = 0.0
+    ) -> np.ndarray:
         gains = np.exp(rng.uniform(-strength, strength, 3)).astype(np.float32)
         gains /= max(gains.max(), 1e-6) if rng.random() < 0.5 else 1.0
         out = rgb.astype(np.float32) * gains
-        if rng.random() < 0.3:  # grey cast: faded, desaturated stain, down to nearly grey
+        if mono_p > 0 and rng.random() < mono_p:  # no draw otherwise: older runs replay
+            out = np.repeat(out.mean(axis=2, keepdims=True), 3, axis=2)
+        elif rng.random() < 0.3:  # grey cast: faded, desaturated stain, down to nearly grey
             g = out.mean(axis=2, keepdims=True)
             a = rng.uniform(0.2, 0.97)
             out = out * (1 - a) + g * a
@@ -344,7 +352,7 @@ class ColorAug:
         out = rgb
         if rng.random() < self.p:
             out = self.stain(out, rng)
-            out = self.cast(out, rng, 0.6)
+            out = self.cast(out, rng, 0.6, self.mono_p)
             out = self.exposure(out, rng)
             out = self.optics(out, rng)
         out = pp.white_balance(out)
@@ -426,6 +434,7 @@ class SegSampler:
         augment: bool = True,
         native_p: float = 0.0,
         weights: dict[str, float] | None = None,
+        mono_p: float = 0.0,
     ) -> None:
         unknown = set(weights or {}) - set(self.WEIGHTS)
         if unknown:
@@ -436,7 +445,7 @@ class SegSampler:
         self.native_p = native_p
         self.rng = np.random.default_rng(seed)
         self.augment = augment
-        self.color = ColorAug()
+        self.color = ColorAug(mono_p=mono_p)
         self.by_source: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = {}
         for it in items:
             if it.source not in self.weights or self.weights[it.source] <= 0:

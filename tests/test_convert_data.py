@@ -44,6 +44,20 @@ def test_augmented_fields_come_out_balanced_like_device_inputs() -> None:
     assert sum(balanced) >= 54, off
 
 
+def test_monochrome_share_drains_all_colour_and_is_off_unless_asked(tmp_path: Path) -> None:
+    rgb = cv2.cvtColor(
+        cv2.imread(str(DATA / "bccd" / "JPEGImages" / "BloodImage_00000.jpg")), cv2.COLOR_BGR2RGB
+    )
+    rng = np.random.default_rng(1)
+    grey = ColorAug(mono_p=1.0).cast(rgb, rng, 0.6, 1.0).astype(int)
+    assert np.abs(grey - grey[..., :1]).max() <= 1  # every pixel: R = G = B
+    # Off (the classifier's setting) no draw of the 60 leaves a field without colour.
+    spread = [np.ptp(ColorAug().cast(rgb, rng, 0.6).astype(int), axis=2).max() for _ in range(60)]
+    assert min(spread) > 3
+    s = SegSampler(_items(), (48, 64), tmp_path, mono_p=0.25)
+    assert s.color.mono_p == 0.25 and SegSampler(_items(), (48, 64), tmp_path).color.mono_p == 0
+
+
 def _dye(row: int, od: float) -> np.ndarray:
     """One pixel of a single dye at the given optical density."""
     return np.clip(256.0 * np.exp(-od * RGB_FROM_HED[row]) - 0.5, 0, 255).astype(np.uint8)[
