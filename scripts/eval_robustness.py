@@ -13,8 +13,8 @@ yellow, blue, green or grey casts and several cells per field), each under every
    backgrounds, which is harder than one real smear: one white balance serves four cameras.
 
 The casts are ``convert.casts.CASTS`` (linear light, with haze or desaturation for the grey
-ones). Recall/precision count every detected cell
-that is not `other` (unidentified cells are found leukocytes waiting for review).
+ones). Recall/precision count every detected cell that is not `other` (unidentified cells are
+found leukocytes waiting for review).
 
     python scripts/eval_robustness.py [--models models] [--data-root ../shared/data] [--json F]
 """
