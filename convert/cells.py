@@ -2,11 +2,14 @@
 
 Boxes come from segmentation: for PBC and Zheng (single centred cells) the segmenter's component
 nearest the image centre; for BCCD fields the ground-truth mask components (the device crops
-from mask boxes too), on fields whose type list can be matched to their cells.
+from mask boxes too), on fields whose type list can be matched to their cells; for Raabin-WBC
+(another lab's stain and cameras, boxes without types) the boxed cells whose type a blinded
+read settled (``reads/raabin_blinded_reads.csv``).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections.abc import Callable
@@ -25,6 +28,10 @@ log = logging.getLogger(__name__)
 LABELS6 = (*CLASSES, "other")
 
 Box = tuple[int, int, int, int]
+
+#: Blinded reads of Raabin-WBC's boxed leukocytes: split, sheet_no, image, x0, y0, x1, y1, read
+#: (blank: the image does not settle the type). See scripts/eval_other_lab_types.py.
+RAABIN_READS = Path(__file__).resolve().parent / "reads" / "raabin_blinded_reads.csv"
 
 
 @dataclass
@@ -96,6 +103,32 @@ def bccd_cells(items: list[Item]) -> list[CellItem]:
     return out
 
 
+def read_reads(path: Path = RAABIN_READS) -> list[dict[str, str]]:
+    """Rows of a reads file (lines starting with # are comments); a misspelt type is an error,
+    not a silently dropped cell."""
+    with open(path) as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    bad = sorted({r["read"] for r in rows if r["read"] and r["read"] not in CLASSES})
+    if bad:
+        raise ValueError(f"{path}: unknown type(s) {bad}; known: {CLASSES}")
+    return rows
+
+
+def raabin_cells(items: list[Item], reads: Path = RAABIN_READS) -> list[CellItem]:
+    """Raabin cells with a settled type, in their image's own split (TXL-PBC's)."""
+    by_name = {it.image.name: it for it in items if it.source == "raabin"}
+    if not by_name:
+        return []
+    out = []
+    for r in read_reads(reads):
+        it = by_name.get(r["image"])
+        if it is None or not r["read"]:
+            continue
+        box = (int(r["x0"]), int(r["y0"]), int(r["x1"]), int(r["y1"]))
+        out.append(CellItem("raabin", it.image, it.split, r["read"], box))
+    return out
+
+
 def cell_items(items: list[Item], boxes: dict[str, Box | None]) -> tuple[list[CellItem], dict]:
     """All labelled cells; returns (cells, counts of images without a usable box per source)."""
     cells: list[CellItem] = []
@@ -110,6 +143,7 @@ def cell_items(items: list[Item], boxes: dict[str, Box | None]) -> tuple[list[Ce
                 continue
             cells.append(CellItem(it.source, it.image, it.split, it.label, b))
     cells.extend(bccd_cells(items))
+    cells.extend(raabin_cells(items))
     return cells, missing
 
 
@@ -155,6 +189,7 @@ class CropSampler:
         "bccd": 0.25,
         "zheng1": 0.15,
         "zheng2": 0.1,
+        "raabin": 0.2,
     }
     CLASS_WEIGHT: ClassVar[dict[str, float]] = {c: 1.0 for c in CLASSES} | {"other": 0.5}
 

@@ -287,7 +287,7 @@ def prepare_cells(run_dir: Path, data_root: Path, segmenter: Path) -> list:
     from convert.data import load_items
     from convert.evaluate import tflite_prob_fn
 
-    items = load_items(data_root, ("pbc", "zheng1", "zheng2", "bccd"))
+    items = load_items(data_root, ("pbc", "zheng1", "zheng2", "bccd", "raabin"))
     prob = tflite_prob_fn(segmenter, threads=1)
     singles = [i for i in items if i.source in ("pbc", "zheng1", "zheng2")]
     boxes = segmented_boxes(

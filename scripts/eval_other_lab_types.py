@@ -2,8 +2,9 @@
 """Cell *types* on another lab's stain and cameras: the classifier against blinded reads.
 
 Raabin-WBC (TXL-PBC's part; other microscopes and smartphone cameras, a different stain) has
-leukocyte boxes but no types, and the classifier never trained on it. Its val and test cells
-were read blind (``reviews/raabin_blinded_reads.csv``): each cell was shown as the device crops
+leukocyte boxes but no types. Its cells were read blind (``convert/reads/raabin_blinded_reads.csv``;
+the train split's reads are classifier training data, val and test are only measured here
+and in the release): each cell was shown as the device crops
 it (white-balanced, 200 px), shuffled, with no prediction, and given a type only where the image
 settles it (eosinophil: coarse orange-red granules, usually two lobes; basophil: dark purple
 granules over the nucleus; neutrophil: 3-5 lobes or a band in pale cytoplasm; lymphocyte: a
@@ -21,7 +22,6 @@ the shipped classifier with its views, calibration and threshold.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections import Counter
 from pathlib import Path
@@ -29,17 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from convert.cells import read_reads  # noqa: E402
 from edge_wbc.analysis import FieldAnalyzer  # noqa: E402
 from edge_wbc.imageio import read_image  # noqa: E402
 from edge_wbc.preprocess import cell_crop, ensure_rgb_uint8, white_balance  # noqa: E402
 
-READS = Path(__file__).resolve().parent / "reviews" / "raabin_blinded_reads.csv"
 CLASSES = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte")
-
-
-def load_reads(path: Path = READS) -> list[dict[str, str]]:
-    with open(path) as f:
-        return list(csv.DictReader(line for line in f if not line.startswith("#")))
 
 
 def main() -> None:
@@ -54,7 +49,7 @@ def main() -> None:
     if an.classifier is None:
         sys.exit(f"no classifier in {args.models}")
     clf = an.classifier
-    rows = load_reads()
+    rows = read_reads()
     for split in ("test", "val"):
         part = [r for r in rows if r["split"] == split]
         called = [r for r in part if r["read"]]

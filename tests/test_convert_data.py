@@ -155,3 +155,37 @@ def test_crop_sampler_source_weights_override_and_unknown_source_is_an_error() -
     assert set(seen) == {"bccd"}
     with pytest.raises(ValueError, match="no classifier source"):
         CropSampler(cells, 32, source_weights={"raabin": 1.0})
+
+
+def test_raabin_reads_become_typed_cells_in_their_images_split(tmp_path: Path) -> None:
+    from convert.cells import RAABIN_READS, raabin_cells, read_reads
+    from convert.data import Item
+
+    reads = tmp_path / "reads.csv"
+    reads.write_text(
+        "# comment line\n"
+        "split,sheet_no,image,x0,y0,x1,y1,read\n"
+        "train,0,a.jpg,1,2,30,40,eosinophil\n"
+        "train,1,a.jpg,50,60,90,99,\n"  # not callable: no cell
+        "test,2,b.jpg,5,6,70,80,basophil\n"
+        "val,3,gone.jpg,5,6,70,80,monocyte\n"  # an image the data folder lacks
+    )
+    items = [
+        Item(source="raabin", image=tmp_path / "a.jpg", split="train", boxes=[]),
+        Item(source="raabin", image=tmp_path / "b.jpg", split="test", boxes=[]),
+        Item(source="bccd", image=tmp_path / "gone.jpg", split="val", boxes=[]),
+    ]
+    cells = raabin_cells(items, reads)
+    assert [(c.image.name, c.split, c.label, c.box) for c in cells] == [
+        ("a.jpg", "train", "eosinophil", (1, 2, 30, 40)),
+        ("b.jpg", "test", "basophil", (5, 6, 70, 80)),
+    ]
+    assert all(c.source == "raabin" for c in cells)
+    assert raabin_cells([i for i in items if i.source == "bccd"], reads) == []
+
+    reads.write_text("split,sheet_no,image,x0,y0,x1,y1,read\ntrain,0,a.jpg,1,2,3,4,eosinophill\n")
+    with pytest.raises(ValueError, match="eosinophill"):
+        raabin_cells(items, reads)
+    # The shipped reads parse, and every split has callable cells.
+    rows = read_reads(RAABIN_READS)
+    assert {r["split"] for r in rows if r["read"]} == {"train", "val", "test"}
