@@ -6,7 +6,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from convert.release import DATA_CARDS
+from convert.release import CLS_DATA_NOTES, DATA_CARDS
 
 SOURCE_NAMES = {
     "zheng1": "Zheng dataset 1",
@@ -101,7 +101,15 @@ def cls_section(ev: dict[str, Any]) -> list[str]:
         "",
         "Crops are made by the device's rule (square, side = 1.5 × the cell box's longer side, "
         "from the white-balanced field). PBC and Zheng cells were boxed by the segmenter, BCCD "
-        "cells by their reference masks (fields whose type list matches their cells). Six "
+        "cells by their reference masks (fields whose type list matches their cells)"
+        + (
+            ", Raabin-WBC cells by their reference boxes, typed by a blinded read (not by a "
+            "haematologist; cells whose type the image does not settle are left out, so Raabin "
+            "numbers are on the clear cells of another lab's stain and cameras)"
+            if "raabin" in ev.get("test", {})
+            else ""
+        )
+        + ". Six "
         "outputs: the five types and `other` (PBC's immature granulocytes, erythroblasts, "
         "platelets), which never enters the differential.",
         "",
@@ -196,7 +204,7 @@ def cls_section(ev: dict[str, Any]) -> list[str]:
         lines.append("")
     if ev.get("errors_small_sets_figure"):
         lines += [
-            "Every error on the BCCD and Zheng test sets, as the classifier saw the crop "
+            "Every error on the small test sets (all but PBC), as the classifier saw the crop "
             "(reference -> predicted, calibrated confidence):",
             "",
             f"![errors on the small test sets]({ev['errors_small_sets_figure']})",
@@ -240,8 +248,10 @@ def write_card(
         "| source | licence | where |",
         "|---|---|---|",
     ]
-    for v in DATA_CARDS.values():
-        lines.append(f"| {v['name']} | {v['licence']} | {v['url']} |")
+    cls_sources = set((cls_eval or {}).get("test", {}))
+    for k, v in DATA_CARDS.items():
+        name = CLS_DATA_NOTES[k]["name"] if k in CLS_DATA_NOTES and k in cls_sources else v["name"]
+        lines.append(f"| {name} | {v['licence']} | {v['url']} |")
     lines += [
         "",
         "Models trained on GPL-3.0 data (Zheng) are distributed with that notice; "

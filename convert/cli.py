@@ -486,6 +486,7 @@ def release(
             "confidence_threshold": cls_eval["calibration"]["confidence_threshold"],
             "other_threshold": cls_eval["calibration"].get("other_threshold"),
             "views": cls_views,
+            "sources": sorted({c.source for c in _cells_for(cls, data_root, "train")}),
         }
     for f in sorted(out.glob("*.tflite")):
         if f.stem.endswith("_edgetpu"):

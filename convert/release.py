@@ -51,6 +51,15 @@ DATA_CARDS = {
     },
 }
 
+#: What a source gives the classifier where it differs from what it gives the segmenters.
+CLS_DATA_NOTES: dict[str, dict[str, str]] = {
+    "raabin": {
+        "name": "Raabin-WBC part of TXL-PBC (boxes; GrabCut pseudo-masks for the segmenters; "
+        "for the classifier, types from blinded reads in convert/reads/, cells whose type the "
+        "image does not settle left out)"
+    },
+}
+
 
 def tensor_quant(path: Path) -> dict[str, Any]:
     from edge_wbc.inference import TFLiteModel
@@ -145,7 +154,7 @@ def build_manifest(
     cls_eval: dict[str, Any] | None,
 ) -> Path:
     """seg_models: name -> {"file", "encoder", "run"}; cls_model: {"file", "arch", "classes",
-    "temperature", "confidence_threshold", "run"}."""
+    "temperature", "confidence_threshold", "run", "sources" (its training sources)}."""
     from convert.quantize import converter_versions
 
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -223,7 +232,8 @@ def build_manifest(
                 },
                 "metrics": cls_eval or {},
                 "training_data": [
-                    DATA_CARDS[s] | {"split": "train"} for s in ("pbc", "bccd", "zheng1", "zheng2")
+                    DATA_CARDS[s] | CLS_DATA_NOTES.get(s, {}) | {"split": "train"}
+                    for s in cls_model.get("sources", ("pbc", "bccd", "zheng1", "zheng2"))
                 ],
                 "converter": conv,
                 "date": now,

@@ -154,7 +154,7 @@ def test_crop_sampler_source_weights_override_and_unknown_source_is_an_error() -
     only_bccd.batch(20)
     assert set(seen) == {"bccd"}
     with pytest.raises(ValueError, match="no classifier source"):
-        CropSampler(cells, 32, source_weights={"raabin": 1.0})
+        CropSampler(cells, 32, source_weights={"zheng3": 1.0})
 
 
 def test_raabin_reads_become_typed_cells_in_their_images_split(tmp_path: Path) -> None:
