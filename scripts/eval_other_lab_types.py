@@ -17,6 +17,7 @@ Each cell goes through the device's own path: white balance of the whole field, 
 the shipped classifier with its views, calibration and threshold.
 
     python scripts/eval_other_lab_types.py [--models models] [--data-root ../shared/data]
+        [--cell-px 170] [--casts]
 """
 
 from __future__ import annotations
@@ -24,23 +25,98 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+
+import cv2
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from convert.casts import CASTS  # noqa: E402
 from convert.cells import read_reads  # noqa: E402
 from edge_wbc.analysis import FieldAnalyzer  # noqa: E402
 from edge_wbc.imageio import read_image  # noqa: E402
 from edge_wbc.preprocess import cell_crop, ensure_rgb_uint8, white_balance  # noqa: E402
 
 CLASSES = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte")
+Box = tuple[float, float, float, float]
+
+
+def rescale(rgb: np.ndarray, box: Box, cell_px: float) -> tuple[np.ndarray, Box]:
+    """The field resized so the cell's box is ``cell_px`` across (another magnification)."""
+    s = cell_px / max(box[2] - box[0], box[3] - box[1], 1.0)
+    h, w = rgb.shape[:2]
+    out = cv2.resize(
+        rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA
+    )
+    return out, (box[0] * s, box[1] * s, box[2] * s, box[3] * s)
+
+
+def score(
+    an: FieldAnalyzer,
+    images: Path,
+    part: list[dict[str, str]],
+    cell_px: float = 0.0,
+    cast: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict:
+    """Each read cell through the device's path: (rescale,) cast, white balance, crop, classify."""
+    clf = an.classifier
+    assert clf is not None
+    top_ok: Counter[str] = Counter()
+    per: Counter[str] = Counter()
+    shown: Counter[str] = Counter()
+    named = named_ok = 0
+    wrong = []
+    for r in part:
+        rgb = ensure_rgb_uint8(read_image(images / r["image"]))
+        box: Box = tuple(float(r[k]) for k in ("x0", "y0", "x1", "y1"))  # type: ignore[assignment]
+        if cell_px:
+            rgb, box = rescale(rgb, box, cell_px)
+        if cast is not None:
+            rgb = cast(rgb)
+        p = clf.classify(cell_crop(white_balance(rgb), box, clf.input_size, an.crop_scale))
+        shown[p.label] += 1
+        if not r["read"]:
+            continue
+        top = max(p.probs, key=lambda k: p.probs[k])
+        per[r["read"]] += 1
+        top_ok[r["read"]] += top == r["read"]
+        if p.label in CLASSES:
+            named += 1
+            named_ok += p.label == r["read"]
+        if top != r["read"]:
+            wrong.append(
+                f"{r['image'][:8]} read {r['read']}, top {top} {p.probs[top]:.2f}"
+                f" -> shown {p.label}"
+            )
+    n = sum(per.values())
+    return {
+        "n": n,
+        "top_ok": sum(top_ok.values()),
+        "named": named,
+        "named_ok": named_ok,
+        "per": per,
+        "per_ok": top_ok,
+        "shown": shown,
+        "wrong": wrong,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=Path, default=ROOT / "models")
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument(
+        "--cell-px",
+        type=float,
+        default=0.0,
+        help="resize each field so the cell is this many px across (170: BCCD's magnification)",
+    )
+    ap.add_argument(
+        "--casts", action="store_true", help="a table under every camera cast of convert.casts"
+    )
     args = ap.parse_args()
     images = args.data_root / "raabin_txl" / "images"
     if not images.is_dir():
@@ -48,51 +124,40 @@ def main() -> None:
     an = FieldAnalyzer(args.models, threads=2)
     if an.classifier is None:
         sys.exit(f"no classifier in {args.models}")
-    clf = an.classifier
     rows = read_reads()
+    mag = f", cells rescaled to {args.cell_px:g} px" if args.cell_px else ""
+    if args.casts:
+        print(f"split cast{mag:<24} top agrees   named right  to review")
+        for split in ("test", "val"):
+            part = [r for r in rows if r["split"] == split and r["read"]]
+            for name, fn in CASTS.items():
+                r = score(an, images, part, args.cell_px, fn)
+                print(
+                    f"{split:5} {name:28} {r['top_ok']:3d}/{r['n']:<3d} {r['top_ok'] / r['n']:.3f}"
+                    f"  {r['named_ok']:3d}/{r['named']:<3d}  {r['n'] - r['named']:4d}"
+                )
+        return
     for split in ("test", "val"):
         part = [r for r in rows if r["split"] == split]
-        called = [r for r in part if r["read"]]
-        top_ok: Counter[str] = Counter()
-        per: Counter[str] = Counter()
-        named = named_ok = 0
-        shown: Counter[str] = Counter()
-        wrong = []
-        for r in part:
-            rgb = white_balance(ensure_rgb_uint8(read_image(images / r["image"])))
-            box = tuple(float(r[k]) for k in ("x0", "y0", "x1", "y1"))
-            p = clf.classify(cell_crop(rgb, box, clf.input_size, an.crop_scale))
-            shown[p.label] += 1
-            if not r["read"]:
-                continue
-            top = max(p.probs, key=lambda k: p.probs[k])
-            per[r["read"]] += 1
-            top_ok[r["read"]] += top == r["read"]
-            if p.label in CLASSES:
-                named += 1
-                named_ok += p.label == r["read"]
-            if top != r["read"]:
-                wrong.append(
-                    f"{r['image'][:8]} read {r['read']}, top {top} {p.probs[top]:.2f}"
-                    f" -> shown {p.label}"
-                )
-        n = len(called)
-        ok = sum(top_ok.values())
-        print(f"\n{split}: {len(part)} cells, {n} callable")
-        print(f"  top class agrees with the read: {ok}/{n} = {ok / max(n, 1):.3f}")
+        r = score(an, images, part, args.cell_px)
+        n = r["n"]
+        print(f"\n{split}{mag}: {len(part)} cells, {n} callable")
         print(
-            f"  at the shipped threshold: named {named}, right {named_ok} "
-            f"({named_ok / max(named, 1):.3f}), to review {n - named}"
+            f"  top class agrees with the read: {r['top_ok']}/{n} = {r['top_ok'] / max(n, 1):.3f}"
+        )
+        print(
+            f"  at the shipped threshold: named {r['named']}, right {r['named_ok']} "
+            f"({r['named_ok'] / max(r['named'], 1):.3f}), to review {n - r['named']}"
         )
         print(
             "  per read class (top agrees / called): "
-            + ", ".join(f"{c} {top_ok[c]}/{per[c]}" for c in CLASSES if per[c])
+            + ", ".join(f"{c} {r['per_ok'][c]}/{r['per'][c]}" for c in CLASSES if r["per"][c])
         )
         print(
             "  all cells as the station shows them: "
-            + ", ".join(f"{k} {v}" for k, v in sorted(shown.items()))
+            + ", ".join(f"{k} {v}" for k, v in sorted(r["shown"].items()))
         )
-        for w in wrong:
+        for w in r["wrong"]:
             print("   ", w)
 
 
