@@ -111,7 +111,14 @@ def cls_section(ev: dict[str, Any]) -> list[str]:
         )
         + ". Six "
         "outputs: the five types and `other` (PBC's immature granulocytes, erythroblasts, "
-        "platelets), which never enters the differential.",
+        "platelets"
+        + (
+            "; red cells and platelets from BCCD fields' boxes, so that a doubtful segmented "
+            "region on a red cell leaves the count"
+            if "bccd" in ev.get("other_sources", ())
+            else ""
+        )
+        + "), which never enters the differential.",
         "",
         *(
             [

@@ -20,7 +20,7 @@ from typing import ClassVar
 import cv2
 import numpy as np
 
-from convert.data import ColorAug, Item, mask_boxes, read_mask, read_rgb
+from convert.data import ColorAug, Item, mask_boxes, read_mask, read_rgb, voc_boxes
 from edge_wbc import preprocess as pp
 from edge_wbc.results import CLASSES
 
@@ -129,6 +129,34 @@ def raabin_cells(items: list[Item], reads: Path = RAABIN_READS) -> list[CellItem
     return out
 
 
+#: Red cells and platelets from BCCD fields as `other`, per split: the device classifies every
+#: region the segmenters keep, and on grey fields some of those are red cells.
+FIELD_OTHER_PER_SPLIT: dict[str, int] = {"train": 500, "val": 120}
+
+
+def bccd_other_cells(
+    items: list[Item], per_split: dict[str, int] | None = None, seed: int = 7
+) -> list[CellItem]:
+    """A fixed random sample of BCCD's VOC red-cell and platelet boxes (>= 12 px a side)."""
+    per_split = FIELD_OTHER_PER_SPLIT if per_split is None else per_split
+    rng = np.random.default_rng(seed)
+    out: list[CellItem] = []
+    for split, n in per_split.items():
+        cand = []
+        for it in items:
+            if it.source != "bccd" or it.split != split:
+                continue
+            xml = it.image.parent.parent / "Annotations" / f"{it.image.stem}.xml"
+            if not xml.exists():
+                continue
+            for name in ("RBC", "Platelets"):
+                for b in voc_boxes(xml, name):
+                    if b[2] - b[0] >= 12 and b[3] - b[1] >= 12:
+                        cand.append(CellItem("bccd", it.image, split, "other", b))
+        out.extend(cand[i] for i in rng.permutation(len(cand))[:n])
+    return out
+
+
 def cell_items(items: list[Item], boxes: dict[str, Box | None]) -> tuple[list[CellItem], dict]:
     """All labelled cells; returns (cells, counts of images without a usable box per source)."""
     cells: list[CellItem] = []
@@ -144,6 +172,7 @@ def cell_items(items: list[Item], boxes: dict[str, Box | None]) -> tuple[list[Ce
             cells.append(CellItem(it.source, it.image, it.split, it.label, b))
     cells.extend(bccd_cells(items))
     cells.extend(raabin_cells(items))
+    cells.extend(bccd_other_cells(items))
     return cells, missing
 
 

@@ -475,6 +475,8 @@ def release(
             out,
             views=cls_views,
         )
+        train_cells = _cells_for(cls, data_root, "train")
+        cls_eval["other_sources"] = sorted({c.source for c in train_cells if c.label == "other"})
         (out / "cls_eval.json").write_text(json.dumps(cls_eval, indent=2))
         cls_model = {
             "name": "classifier",
@@ -486,7 +488,7 @@ def release(
             "confidence_threshold": cls_eval["calibration"]["confidence_threshold"],
             "other_threshold": cls_eval["calibration"].get("other_threshold"),
             "views": cls_views,
-            "sources": sorted({c.source for c in _cells_for(cls, data_root, "train")}),
+            "sources": sorted({c.source for c in train_cells}),
         }
     for f in sorted(out.glob("*.tflite")):
         if f.stem.endswith("_edgetpu"):

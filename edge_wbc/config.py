@@ -126,7 +126,7 @@ class PostprocessConfig:
         "(pi/4 * cell_diameter_px^2) are noise, whatever the median says.", min=0.0, max=1.0,
     )
     min_region_score: float = _f(
-        0.9, "A region whose ensemble probability stays below this in its most confident "
+        0.8, "A region whose ensemble probability stays below this in its most confident "
         "10 % is a doubtful vote (a tinted red cell), not a leukocyte; 0 disables the check.",
         min=0.0, max=1.0,
     )

@@ -189,3 +189,21 @@ def test_raabin_reads_become_typed_cells_in_their_images_split(tmp_path: Path) -
     # The shipped reads parse, and every split has callable cells.
     rows = read_reads(RAABIN_READS)
     assert {r["split"] for r in rows if r["read"]} == {"train", "val", "test"}
+
+
+def test_field_red_cells_and_platelets_become_a_fixed_other_sample() -> None:
+    from convert.cells import bccd_other_cells
+    from convert.data import voc_boxes
+
+    items = load_items(DATA, ("bccd",))
+    cells = bccd_other_cells(items, {"train": 5, "val": 3})
+    assert cells and all(c.label == "other" and c.source == "bccd" for c in cells)
+    by_split = {s: [c for c in cells if c.split == s] for s in ("train", "val", "test")}
+    assert len(by_split["train"]) <= 5 and len(by_split["val"]) <= 3 and not by_split["test"]
+    for c in cells:
+        xml = c.image.parent.parent / "Annotations" / f"{c.image.stem}.xml"
+        assert c.box in voc_boxes(xml, "RBC") + voc_boxes(xml, "Platelets")
+        assert c.box[2] - c.box[0] >= 12 and c.box[3] - c.box[1] >= 12
+        assert c.box not in voc_boxes(xml, "WBC")
+    # The same sample every time: a release must rebuild the cells a run was trained on.
+    assert bccd_other_cells(items, {"train": 5, "val": 3}) == cells
