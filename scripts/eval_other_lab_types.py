@@ -39,8 +39,8 @@ from convert.cells import read_reads  # noqa: E402
 from edge_wbc.analysis import FieldAnalyzer  # noqa: E402
 from edge_wbc.imageio import read_image  # noqa: E402
 from edge_wbc.preprocess import cell_crop, ensure_rgb_uint8, white_balance  # noqa: E402
+from edge_wbc.results import CLASSES  # noqa: E402
 
-CLASSES = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte")
 Box = tuple[float, float, float, float]
 
 
