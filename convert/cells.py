@@ -19,10 +19,10 @@ from typing import ClassVar
 
 import cv2
 import numpy as np
+from edge_wbc_convert.data import ColorAug, Item, mask_boxes, read_mask, read_rgb, voc_boxes
 
-from convert.data import ColorAug, Item, mask_boxes, read_mask, read_rgb, voc_boxes
-from edge_wbc import preprocess as pp
-from edge_wbc.results import CLASSES
+from edge_wbc.pipeline import preprocess as pp
+from edge_wbc.pipeline.results import CLASSES
 
 log = logging.getLogger(__name__)
 LABELS6 = (*CLASSES, "other")

@@ -41,7 +41,7 @@ def _logging(run_dir: Path | None = None) -> None:
 def _init_from(model, init: Path | None):
     """Second-stage training: same architecture, weights of an earlier run's model."""
     if init is not None:
-        from convert.quantize import load_keras
+        from edge_wbc_convert.quantize import load_keras
 
         model.set_weights(load_keras(init).get_weights())
     return model
@@ -76,9 +76,9 @@ def train_seg(
     ),
 ) -> None:
     """Train one U-Net segmenter (resumes from RUN_DIR/last.keras when present)."""
-    from convert.architectures import build_unet
-    from convert.data import SegSampler, load_items, seg_eval_pairs
-    from convert.train import TrainConfig, seg_evaluator, seg_loss, train
+    from edge_wbc_convert.architectures import build_unet
+    from edge_wbc_convert.data import SegSampler, load_items, seg_eval_pairs
+    from edge_wbc_convert.train import TrainConfig, seg_evaluator, seg_loss, train
 
     _logging(run_dir)
     hw = (height, width)
@@ -139,7 +139,7 @@ def _source_weights(spec: str) -> dict[str, float] | None:
 
 
 def _seg_split(data_root: Path, split: str, cache: Path) -> list:
-    from convert.data import load_items, seg_eval_pairs
+    from edge_wbc_convert.data import load_items, seg_eval_pairs
 
     items = load_items(data_root, ("zheng1", "zheng2", "bccd"))
     return seg_eval_pairs([i for i in items if i.split == split], cache)
@@ -156,15 +156,15 @@ def quantize(
     """Full-integer int8 conversion with a representative set from the training distribution."""
     import json
 
-    from convert.data import load_items
-    from convert.quantize import load_keras, to_int8
+    from edge_wbc_convert.data import load_items
+    from edge_wbc_convert.quantize import load_keras, to_int8
 
     _logging()
     cfg = json.loads((run_dir / "config.json").read_text())
     model = load_keras(run_dir / "best.keras")
     items = [i for i in load_items(data_root, tuple(_sources(cfg))) if i.split == "train"]
     if cfg["task"] == "segmentation":
-        from convert.data import SegSampler
+        from edge_wbc_convert.data import SegSampler
 
         hw = tuple(cfg["input_hw"])
         sampler = SegSampler(items, hw, run_dir.parent / "cache", seed)  # type: ignore[arg-type]
@@ -175,7 +175,7 @@ def quantize(
                 sampler.augment = k < half
                 yield sampler.sample()[0]
     else:
-        from convert.cells import CropSampler
+        from edge_wbc_convert.cells import CropSampler
 
         cells = _cells_for(run_dir, data_root, "train")
         sampler = CropSampler(cells, int(cfg["input_hw"][0]), seed)
@@ -197,7 +197,7 @@ def _sources(cfg: dict) -> list[str]:
 @app.command()
 def gate(files: list[Path] = typer.Argument(..., help=".tflite files (or folders)")) -> None:
     """The op gate: int8 input, batch 1, no dynamic-shape ops, no float convs, <= 4 MB."""
-    from convert.gate import check
+    from edge_wbc_convert.gate import check
 
     paths = [p for f in files for p in (sorted(f.glob("*.tflite")) if f.is_dir() else [f])]
     paths = [p for p in paths if not p.stem.endswith("_edgetpu")]
@@ -223,7 +223,7 @@ def edgetpu(
     out_dir: Path = typer.Option(None, help="default: next to each file"),
 ) -> None:
     """Compile for the Coral Edge TPU when edgetpu_compiler is on PATH; record the mapping."""
-    from convert.edgetpu import compile_model
+    from edge_wbc_convert.edgetpu import compile_model
 
     for f in files:
         r = compile_model(f, out_dir or f.parent)
@@ -239,8 +239,8 @@ def verify(
     max_delta: float = typer.Option(0.01, help="fail when int8 IoU is lower by more"),
 ) -> None:
     """Float vs int8 foreground IoU per source on a split."""
-    from convert.evaluate import by_source, keras_prob_fn, tflite_prob_fn
-    from convert.quantize import load_keras
+    from edge_wbc_convert.evaluate import by_source, keras_prob_fn, tflite_prob_fn
+    from edge_wbc_convert.quantize import load_keras
 
     _logging()
     pairs = _seg_split(data_root, split, Path("runs/cache"))
@@ -268,7 +268,7 @@ def _cells_for(run_dir: Path, data_root: Path, split: str | None = None) -> list
     """The labelled cells of a classifier run (boxes fixed when the run started)."""
     import json
 
-    from convert.cells import CellItem
+    from edge_wbc_convert.cells import CellItem
 
     raw = json.loads((run_dir / "cells.json").read_text())
     cells = [
@@ -283,9 +283,9 @@ def prepare_cells(run_dir: Path, data_root: Path, segmenter: Path) -> list:
     import json
     from dataclasses import asdict
 
-    from convert.cells import cell_items, segmented_boxes
-    from convert.data import load_items
-    from convert.evaluate import tflite_prob_fn
+    from edge_wbc_convert.cells import cell_items, segmented_boxes
+    from edge_wbc_convert.data import load_items
+    from edge_wbc_convert.evaluate import tflite_prob_fn
 
     items = load_items(data_root, ("pbc", "zheng1", "zheng2", "bccd", "raabin"))
     prob = tflite_prob_fn(segmenter, threads=1)
@@ -305,8 +305,7 @@ def prepare_cells(run_dir: Path, data_root: Path, segmenter: Path) -> list:
 
 def cls_evaluator(cells: list, size: int, max_per_source: int = 600):
     import numpy as np
-
-    from convert.cells import LABELS6, CropSampler
+    from edge_wbc_convert.cells import LABELS6, CropSampler
 
     rng = np.random.default_rng(0)
     by_src: dict[str, list] = {}
@@ -356,9 +355,9 @@ def train_cls(
     ),
 ) -> None:
     """Train the cell classifier (five types + 'other') on crops made by the device's rule."""
-    from convert.architectures import build_classifier
-    from convert.cells import LABELS6, CropSampler
-    from convert.train import TrainConfig, train
+    from edge_wbc_convert.architectures import build_classifier
+    from edge_wbc_convert.cells import LABELS6, CropSampler
+    from edge_wbc_convert.train import TrainConfig, train
 
     _logging(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -438,10 +437,10 @@ def release(
     evaluate on test, calibrate the classifier, write manifest.json and the model card."""
     import json
 
-    from convert.card import write_card
-    from convert.edgetpu import compile_model
-    from convert.gate import check
-    from convert.release import build_manifest, seg_release
+    from edge_wbc_convert.card import write_card
+    from edge_wbc_convert.edgetpu import compile_model
+    from edge_wbc_convert.gate import check
+    from edge_wbc_convert.release import build_manifest, seg_release
 
     _logging()
     out.mkdir(parents=True, exist_ok=True)
@@ -458,8 +457,8 @@ def release(
         seg_info[name] = {"file": f.name, "encoder": cfg["arch"], "run": str(run)}
     cls_model = cls_eval = None
     if cls is not None:
-        from convert.cells import LABELS6
-        from convert.cls_eval import evaluate_classifier
+        from edge_wbc_convert.cells import LABELS6
+        from edge_wbc_convert.cls_eval import evaluate_classifier
 
         cfg = json.loads((cls / "config.json").read_text())
         f = out / "classifier.tflite"

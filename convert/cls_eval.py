@@ -10,11 +10,11 @@ from typing import Any
 
 import cv2
 import numpy as np
+from edge_wbc_convert.casts import CLASSIFIER_CASTS
+from edge_wbc_convert.cells import LABELS6, CellItem
 
-from convert.casts import CLASSIFIER_CASTS
-from convert.cells import LABELS6, CellItem
-from edge_wbc import preprocess as pp
-from edge_wbc.results import CLASSES
+from edge_wbc.pipeline import preprocess as pp
+from edge_wbc.pipeline.results import CLASSES
 
 log = logging.getLogger(__name__)
 N5 = len(CLASSES)
@@ -51,7 +51,7 @@ def crops(cells: Sequence[CellItem], size: int, shift: Callable | None = None) -
     for i, c in enumerate(cells):
         img = cache.get(c.image)
         if img is None:
-            from convert.data import read_rgb
+            from edge_wbc_convert.data import read_rgb
 
             img = read_rgb(c.image)
             if shift is not None:
@@ -64,9 +64,9 @@ def crops(cells: Sequence[CellItem], size: int, shift: Callable | None = None) -
 
 def tflite_logits(path: Path, xs: np.ndarray, views: int = 1) -> np.ndarray:
     """The device's logits per crop: the int8 model on each view, combined as the device
-    combines them (edge_wbc.classify.crop_views / combine_views)."""
-    from edge_wbc.classify import combine_views, crop_views
-    from edge_wbc.inference import TFLiteModel
+    combines them (edge_wbc.pipeline.classify.crop_views / combine_views)."""
+    from edge_wbc.pipeline.classify import combine_views, crop_views
+    from edge_wbc.pipeline.inference import TFLiteModel
 
     m = TFLiteModel(path, threads=2)
     return np.stack(
@@ -78,7 +78,7 @@ def tflite_logits(path: Path, xs: np.ndarray, views: int = 1) -> np.ndarray:
 
 
 def keras_logits(model: Any, xs: np.ndarray, views: int = 1) -> np.ndarray:
-    from edge_wbc.classify import combine_views, crop_views
+    from edge_wbc.pipeline.classify import combine_views, crop_views
 
     def one(v: np.ndarray) -> np.ndarray:  # the shipped graph has batch 1
         return np.asarray(model(v[None], training=False))[0]
@@ -87,8 +87,8 @@ def keras_logits(model: Any, xs: np.ndarray, views: int = 1) -> np.ndarray:
 
 
 def calibrate(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """The device's calibrated softmax (edge_wbc.classify.calibrated_softmax)."""
-    from edge_wbc.classify import calibrated_softmax
+    """The device's calibrated softmax (edge_wbc.pipeline.classify.calibrated_softmax)."""
+    from edge_wbc.pipeline.classify import calibrated_softmax
 
     return np.stack([calibrated_softmax(v, temperature) for v in logits])
 
@@ -284,7 +284,7 @@ def evaluate_classifier(
     pt = calibrate(tflite_logits(tflite, xt, views), temperature)
     kt = None
     if keras_path is not None and keras_path.exists():
-        from convert.quantize import load_keras
+        from edge_wbc_convert.quantize import load_keras
 
         kt = keras_logits(load_keras(keras_path), xt, views)
     srcs = [c.source for c in test]

@@ -1,8 +1,8 @@
 """Readers for the shared data layout and the augmentations that matter for other labs.
 
 Everything is numpy/OpenCV so this module can also feed evaluation without TensorFlow. The
-pixel path into the models is edge_wbc.preprocess (white balance, letterbox, crop): the same
-functions the device runs.
+pixel path into the models is edge_wbc.pipeline.preprocess (white balance, letterbox,
+crop): the same functions the device runs.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import ClassVar
 import cv2
 import numpy as np
 
-from edge_wbc import preprocess as pp
-from edge_wbc.results import CLASSES
+from edge_wbc.pipeline import preprocess as pp
+from edge_wbc.pipeline.results import CLASSES
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Metrics of the segmenters (single and ensemble, float and int8) and the ensemble fit.
 
-Probability maps are computed with the device's own code path (edge_wbc.preprocess,
-edge_wbc.inference, edge_wbc.segment.to_probability) so that what is measured is what ships.
+Probability maps are computed with the device's own code path (edge_wbc.pipeline.preprocess,
+edge_wbc.pipeline.inference, edge_wbc.pipeline.segment.to_probability) so that
+what is measured is what ships.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge_wbc import preprocess as pp
+from edge_wbc.pipeline import preprocess as pp
 
 ProbFn = Callable[[np.ndarray], np.ndarray]
 
 
 def tflite_prob_fn(path: str | Path, threads: int = 1) -> ProbFn:
     """int8 model -> probability map at the source resolution, exactly as on the device."""
-    from edge_wbc.inference import TFLiteModel
-    from edge_wbc.segment import to_probability
+    from edge_wbc.pipeline.inference import TFLiteModel
+    from edge_wbc.pipeline.segment import to_probability
 
     model = TFLiteModel(path, threads=threads)
     hw = model.input_hw

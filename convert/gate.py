@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from convert import tflite_schema as fb
+from edge_wbc_convert import tflite_schema as fb
 
 MAX_BYTES = 4 * 1024 * 1024
 #: Ops that mean dynamic shapes or nearest upsampling crept in, which the Edge TPU compiler

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from convert.evaluate import (
+from edge_wbc_convert.evaluate import (
     by_source,
     ensemble_maps,
     figure,
@@ -18,8 +17,9 @@ from convert.evaluate import (
     keras_prob_fn,
     tflite_prob_fn,
 )
-from edge_wbc import preprocess as pp
-from edge_wbc.manifest import sha256_file, write_manifest
+
+from edge_wbc.pipeline import preprocess as pp
+from edge_wbc.pipeline.manifest import sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ CLS_DATA_NOTES: dict[str, dict[str, str]] = {
 
 
 def tensor_quant(path: Path) -> dict[str, Any]:
-    from edge_wbc.inference import TFLiteModel
+    from edge_wbc.pipeline.inference import TFLiteModel
 
     m = TFLiteModel(path, threads=1)
 
@@ -86,8 +86,8 @@ def seg_release(
     """members: name -> (int8 .tflite, float .keras or None). Fit weights/threshold on val,
     then report every model and the ensemble per source on test (int8 as shipped), with the
     float-vs-int8 delta per model."""
-    from convert.cli import _seg_split
-    from convert.quantize import load_keras
+    from edge_wbc_convert.cli import _seg_split
+    from edge_wbc_convert.quantize import load_keras
 
     val = _seg_split(data_root, "val", cache)
     test = _seg_split(data_root, "test", cache)
@@ -155,7 +155,7 @@ def build_manifest(
 ) -> Path:
     """seg_models: name -> {"file", "encoder", "run"}; cls_model: {"file", "arch", "classes",
     "temperature", "confidence_threshold", "run", "sources" (its training sources)}."""
-    from convert.quantize import converter_versions
+    from edge_wbc_convert.quantize import converter_versions
 
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     conv = converter_versions() | {"tool": "edge-wbc-convert 0.1.0"}
@@ -222,7 +222,7 @@ def build_manifest(
                 },
                 "classes": list(cls_model["classes"]),
                 # The device averages the model over this many dihedral views of each crop
-                # (edge_wbc.classify.crop_views); the calibration below was fitted on them.
+                # (edge_wbc.pipeline.classify.crop_views); the calibration below was fitted on them.
                 "views": int(cls_model.get("views", 1)),
                 "calibration": {
                     "method": "temperature scaling of log-probabilities on val",

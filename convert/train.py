@@ -120,8 +120,7 @@ def train(
 ) -> Path:
     """Generic loop. Returns the path of the best batch-1 model (``best.keras``)."""
     import keras
-
-    from convert.architectures import with_batch
+    from edge_wbc_convert.architectures import with_batch
 
     set_threads(cfg.threads)
     keras.utils.set_random_seed(cfg.seed)
@@ -191,7 +190,7 @@ def seg_evaluator(
 ) -> Callable[[Any], dict[str, float]]:
     """Validation IoU per source with the float model through the device's preprocessing
     (the same measure the release evaluation uses)."""
-    from convert.evaluate import keras_prob_fn, seg_scores
+    from edge_wbc_convert.evaluate import keras_prob_fn, seg_scores
 
     def evaluate(model: Any) -> dict[str, float]:
         prob = keras_prob_fn(model)

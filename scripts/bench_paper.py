@@ -35,13 +35,14 @@ sys.path.insert(0, str(ROOT))
 
 
 class KerasModel:
-    """Stands in for edge_wbc.inference.TFLiteModel: same ``infer`` contract (real-valued in,
+    """Stands in for edge_wbc.pipeline.inference.TFLiteModel:
+    same ``infer`` contract (real-valued in,
     list of float32 outputs), backed by a float Keras model run through one tf.function."""
 
     def __init__(self, model: Any, name: str) -> None:
         import tensorflow as tf
 
-        from edge_wbc.inference.adapters import TensorSpec
+        from edge_wbc.pipeline.inference.adapters import TensorSpec
 
         self.keras_model = model
         self.name = name
@@ -63,7 +64,7 @@ class KerasModel:
         return int(self.input.shape[1]), int(self.input.shape[2])
 
     def infer_pixels(self, pixels: np.ndarray) -> list[np.ndarray]:
-        from edge_wbc.preprocess import to_unit
+        from edge_wbc.pipeline.preprocess import to_unit
 
         return self.infer(to_unit(pixels))
 
@@ -137,7 +138,7 @@ def _unet_nearest_features(encoder: str, input_hw: tuple[int, int]) -> Any:
 
 
 def _unet(encoder: str, input_hw: tuple[int, int]) -> Any:
-    from convert.architectures import build_unet
+    from edge_wbc_convert.architectures import build_unet
 
     try:
         return build_unet(encoder, input_hw)
@@ -150,8 +151,7 @@ def _unet(encoder: str, input_hw: tuple[int, int]) -> Any:
 def build_paper(args: argparse.Namespace, analyzer: Any) -> tuple[dict[str, float], list[Any]]:
     """Build (and save + reload, to time a realistic load) the paper's four models."""
     import keras
-
-    from convert.architectures import build_classifier
+    from edge_wbc_convert.architectures import build_classifier
 
     seg_hw = analyzer.segmenter.members[0].model.input_hw
     cls_size = analyzer.classifier.input_size if analyzer.classifier else 96
@@ -210,13 +210,13 @@ def main() -> None:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
-    from edge_wbc.analysis import FieldAnalyzer
-    from edge_wbc.classify import CellClassifier
-    from edge_wbc.cli_analyze import BENCH_FIELD
+    from edge_wbc.cli.analyze import BENCH_FIELD
     from edge_wbc.config import load_config
-    from edge_wbc.imageio import read_image
-    from edge_wbc.results import CLASSES
-    from edge_wbc.segment import EnsembleSegmenter, Member
+    from edge_wbc.pipeline.analysis import FieldAnalyzer
+    from edge_wbc.pipeline.classify import CellClassifier
+    from edge_wbc.pipeline.imageio import read_image
+    from edge_wbc.pipeline.results import CLASSES
+    from edge_wbc.pipeline.segment import EnsembleSegmenter, Member
 
     cfg = load_config(None, env={}).replace(
         models_dir=str(args.models), models_threads=args.threads

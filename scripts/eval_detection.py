@@ -34,9 +34,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge_wbc.analysis import FieldAnalyzer  # noqa: E402
-from edge_wbc.imageio import read_image  # noqa: E402
-from edge_wbc.postprocess import postprocess, work_scale  # noqa: E402
+from edge_wbc.pipeline.analysis import FieldAnalyzer  # noqa: E402
+from edge_wbc.pipeline.imageio import read_image  # noqa: E402
+from edge_wbc.pipeline.postprocess import postprocess, work_scale  # noqa: E402
 
 Box = tuple[int, int, int, int]
 
@@ -261,7 +261,7 @@ def run_pipeline(analyzer: FieldAnalyzer, data: Path, ids: list[str]) -> tuple[d
 
 def tune(analyzer: FieldAnalyzer, data: Path, ids: list[str]) -> None:
     """Grid over the postprocess parameters with the ensemble maps computed once per field."""
-    from edge_wbc.preprocess import white_balance
+    from edge_wbc.pipeline.preprocess import white_balance
 
     probs = {}
     for name in ids:

@@ -34,12 +34,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from convert.casts import CASTS  # noqa: E402
-from convert.cells import read_reads  # noqa: E402
-from edge_wbc.analysis import FieldAnalyzer  # noqa: E402
-from edge_wbc.imageio import read_image  # noqa: E402
-from edge_wbc.preprocess import cell_crop, ensure_rgb_uint8, white_balance  # noqa: E402
-from edge_wbc.results import CLASSES  # noqa: E402
+from edge_wbc_convert.casts import CASTS  # noqa: E402
+from edge_wbc_convert.cells import read_reads  # noqa: E402
+
+from edge_wbc.pipeline.analysis import FieldAnalyzer  # noqa: E402
+from edge_wbc.pipeline.imageio import read_image  # noqa: E402
+from edge_wbc.pipeline.preprocess import cell_crop, ensure_rgb_uint8, white_balance  # noqa: E402
+from edge_wbc.pipeline.results import CLASSES  # noqa: E402
 
 Box = tuple[float, float, float, float]
 

@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from edge_wbc_convert.casts import CASTS  # noqa: E402
 from eval_detection import match, voc_wbc_boxes  # noqa: E402
 
-from convert.casts import CASTS  # noqa: E402
-from edge_wbc.analysis import FieldAnalyzer  # noqa: E402
-from edge_wbc.imageio import read_image  # noqa: E402
+from edge_wbc.pipeline.analysis import FieldAnalyzer  # noqa: E402
+from edge_wbc.pipeline.imageio import read_image  # noqa: E402
 
 Box = tuple[float, float, float, float]
 Field = tuple[np.ndarray, list[Box]]

@@ -28,7 +28,7 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[dev,convert]'
+.venv/bin/python -m pip install -q -e '.[dev]' -e ./convert
 
 .venv/bin/ruff check .
 # The browser test must fail, not skip, when Chromium is missing.

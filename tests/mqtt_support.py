@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_wbc import outbox
-from edge_wbc.mqtt import MqttPublisher, MqttSettings
-from edge_wbc.results import CLASSES
+from edge_wbc.comms.mqtt import MqttPublisher, MqttSettings
+from edge_wbc.counting import outbox
+from edge_wbc.pipeline.results import CLASSES
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
@@ -177,7 +177,8 @@ class Collector:
 # ---- a simulated station: same transaction discipline as the real store ------------------------
 @dataclass
 class Event:
-    """Shape of contract 3 (edge_wbc.events.Event) for tests that do not need the station."""
+    """Shape of contract 3 (edge_wbc.counting.events.Event)
+    for tests that do not need the station."""
 
     kind: str
     payload: dict[str, Any] = field(default_factory=dict)
@@ -287,7 +288,7 @@ def synthetic_field(seed: int, n_cells: int) -> tuple[Any, Any]:
     ``n_cells`` cells labelled round-robin, as if analysed."""
     import numpy as np
 
-    from edge_wbc.results import Cell, FieldResult
+    from edge_wbc.pipeline.results import Cell, FieldResult
 
     rgb = np.random.default_rng(seed).integers(0, 255, (240, 320, 3), dtype=np.uint8)
     cells = []
@@ -303,9 +304,9 @@ def synthetic_field(seed: int, n_cells: int) -> tuple[Any, Any]:
 
 def _session_main(args: argparse.Namespace) -> None:
     """The real store + slide session + publisher, as the station wires them."""
-    from edge_wbc.events import Fanout
-    from edge_wbc.session import SlideSession
-    from edge_wbc.store import Store
+    from edge_wbc.counting.events import Fanout
+    from edge_wbc.counting.session import SlideSession
+    from edge_wbc.counting.store import Store
 
     store = Store(args.db, mqtt=True)
     fan = Fanout()

@@ -14,7 +14,7 @@ import time
 import cv2
 import numpy as np
 
-from edge_wbc.results import CLASSES, Cell, FieldResult
+from edge_wbc.pipeline.results import CLASSES, Cell, FieldResult
 
 #: The label sequence the fake "classifier" cycles through: mostly neutrophils and lymphocytes,
 #: an unidentified cell now and then so review and finalise blockers are exercised.
@@ -76,12 +76,12 @@ class RunningStation:
         from functools import partial
 
         from edge_wbc.camera import open_source
-        from edge_wbc.events import Fanout
-        from edge_wbc.reports import write_reports
-        from edge_wbc.session import SlideSession
+        from edge_wbc.counting.events import Fanout
+        from edge_wbc.counting.reports import write_reports
+        from edge_wbc.counting.session import SlideSession
+        from edge_wbc.counting.store import Store
         from edge_wbc.station.app import Station
         from edge_wbc.station.server import EventHub, StationServer, serve_in_thread
-        from edge_wbc.store import Store
 
         self.analyzer = analyzer or FakeAnalyzer()
         self.store = Store(data_dir)

@@ -10,19 +10,19 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_wbc.analysis import FieldAnalyzer, draw_overlay
-from edge_wbc.classify import (
+from edge_wbc.pipeline.analysis import FieldAnalyzer, draw_overlay
+from edge_wbc.pipeline.classify import (
     CellClassifier,
     calibrated_softmax,
     combine_views,
     crop_views,
     decide,
 )
-from edge_wbc.imageio import read_image
-from edge_wbc.inference import TFLiteModel
-from edge_wbc.manifest import ManifestError
-from edge_wbc.postprocess import PostprocessParams
-from edge_wbc.results import CLASSES, OTHER, UNIDENTIFIED
+from edge_wbc.pipeline.imageio import read_image
+from edge_wbc.pipeline.inference import TFLiteModel
+from edge_wbc.pipeline.manifest import ManifestError
+from edge_wbc.pipeline.postprocess import PostprocessParams
+from edge_wbc.pipeline.results import CLASSES, OTHER, UNIDENTIFIED
 
 TESTS = Path(__file__).parent
 FIXTURE_MODELS = TESTS / "fixtures" / "models"
@@ -112,7 +112,7 @@ def test_odd_arrays_are_converted(analyzer: FieldAnalyzer, two_cells: np.ndarray
 def test_other_cells_are_not_in_the_mask(
     analyzer: FieldAnalyzer, two_cells: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from edge_wbc.classify import Prediction
+    from edge_wbc.pipeline.classify import Prediction
 
     clf = analyzer.classifier
     assert clf is not None
@@ -157,7 +157,7 @@ def test_calibration_and_unidentified() -> None:
 
 
 def test_other_threshold_is_read_from_the_manifest(tmp_path: Path) -> None:
-    from edge_wbc.manifest import load_manifest
+    from edge_wbc.pipeline.manifest import load_manifest
 
     for f in FIXTURE_MODELS.iterdir():
         shutil.copy(f, tmp_path / f.name)
@@ -223,7 +223,7 @@ def test_classifier_averages_logits_over_its_views() -> None:
 
 
 def test_classifier_views_are_read_from_the_manifest(tmp_path: Path) -> None:
-    from edge_wbc.manifest import load_manifest
+    from edge_wbc.pipeline.manifest import load_manifest
 
     for f in FIXTURE_MODELS.iterdir():
         shutil.copy(f, tmp_path / f.name)
@@ -338,7 +338,7 @@ def test_golden_answers_of_the_shipped_models(shipped_analyzer: FieldAnalyzer, n
 
 
 def test_zero_weight_members_are_not_run(analyzer: FieldAnalyzer, two_cells: np.ndarray) -> None:
-    from edge_wbc.segment import EnsembleSegmenter, Member
+    from edge_wbc.pipeline.segment import EnsembleSegmenter, Member
 
     a, b = analyzer.segmenter.members
     calls: list[str] = []

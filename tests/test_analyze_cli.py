@@ -12,7 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from edge_wbc import cli_analyze
+from edge_wbc.cli import analyze as cli_analyze
 
 TESTS = Path(__file__).parent
 FIXTURE_MODELS = TESTS / "fixtures" / "models"

@@ -10,14 +10,14 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from convert.architectures import (
+from edge_wbc_convert.architectures import (
     EDGE_ENCODERS,
     PAPER_ENCODERS,
     build_classifier,
     build_unet,
 )
-from convert.gate import check
-from convert.quantize import to_int8
+from edge_wbc_convert.gate import check
+from edge_wbc_convert.quantize import to_int8
 
 
 def _convert(model, out: Path) -> Path:
@@ -27,7 +27,7 @@ def _convert(model, out: Path) -> Path:
 
 
 def _run_tflite(path: Path) -> np.ndarray:
-    from edge_wbc.inference import TFLiteModel
+    from edge_wbc.pipeline.inference import TFLiteModel
 
     m = TFLiteModel(path, threads=1)
     return m.infer(np.full(m.input_shape[1:], 0.5, np.float32))[0]

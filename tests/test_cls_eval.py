@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from convert.cls_eval import N5, fit_other_threshold
+from edge_wbc_convert.cls_eval import N5, fit_other_threshold
 
 
 def _probs(rows: list[tuple[int, float]]) -> np.ndarray:
@@ -40,8 +39,7 @@ def test_no_leukocyte_called_other_keeps_the_confidence_threshold() -> None:
 
 def test_error_contact_sheet_is_written(tmp_path: Path) -> None:
     import cv2
-
-    from convert.cls_eval import plot_crops
+    from edge_wbc_convert.cls_eval import plot_crops
 
     crops = [np.full((16, 16, 3), v, np.float32) for v in (0.1, 0.5, 0.9)]
     out = plot_crops(crops, ["a", "b", "c"], tmp_path / "e.png", cols=2)
@@ -51,9 +49,9 @@ def test_error_contact_sheet_is_written(tmp_path: Path) -> None:
 
 def test_camera_casts_are_strong_and_the_device_balance_undoes_them() -> None:
     import cv2
+    from edge_wbc_convert.casts import CLASSIFIER_CASTS
 
-    from convert.casts import CLASSIFIER_CASTS
-    from edge_wbc import preprocess as pp
+    from edge_wbc.pipeline import preprocess as pp
 
     field = Path(__file__).parent / "fixtures" / "data" / "bccd" / "JPEGImages"
     rgb = cv2.cvtColor(cv2.imread(str(field / "BloodImage_00000.jpg")), cv2.COLOR_BGR2RGB)

@@ -7,9 +7,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from edge_wbc_convert.data import RGB_FROM_HED, ColorAug, SegSampler, load_items, mix_stains
 
-from convert.data import RGB_FROM_HED, ColorAug, SegSampler, load_items, mix_stains
-from edge_wbc import preprocess as pp
+from edge_wbc.pipeline import preprocess as pp
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 
@@ -97,7 +97,7 @@ def _field() -> np.ndarray:
 def test_context_patch_crop_matches_the_device_crop() -> None:
     # Training augments only the cell's surroundings; with no augmentation the crop must be
     # what the device crops from the whole balanced field.
-    from convert.cells import context_patch
+    from edge_wbc_convert.cells import context_patch
 
     rgb = _field()
     box = (250, 180, 360, 290)  # a 110-px box: the patch is downscaled to PATCH_BOX_PX
@@ -109,7 +109,7 @@ def test_context_patch_crop_matches_the_device_crop() -> None:
 
 
 def test_context_patch_at_the_field_corner_is_filled_with_the_field_background() -> None:
-    from convert.cells import context_patch
+    from edge_wbc_convert.cells import context_patch
 
     rgb = _field()
     patch, pbox = context_patch(rgb, (0, 0, 40, 40))  # small box: kept at native resolution
@@ -119,7 +119,7 @@ def test_context_patch_at_the_field_corner_is_filled_with_the_field_background()
 
 
 def test_augmented_crop_sampler_gives_unit_crops_of_every_label() -> None:
-    from convert.cells import LABELS6, CellItem, CropSampler
+    from edge_wbc_convert.cells import LABELS6, CellItem, CropSampler
 
     img = DATA / "bccd" / "JPEGImages" / "BloodImage_00000.jpg"
     cells = [
@@ -135,7 +135,7 @@ def test_augmented_crop_sampler_gives_unit_crops_of_every_label() -> None:
 
 
 def test_crop_sampler_source_weights_override_and_unknown_source_is_an_error() -> None:
-    from convert.cells import CellItem, CropSampler
+    from edge_wbc_convert.cells import CellItem, CropSampler
 
     img = DATA / "bccd" / "JPEGImages" / "BloodImage_00000.jpg"
     cells = [
@@ -158,8 +158,8 @@ def test_crop_sampler_source_weights_override_and_unknown_source_is_an_error() -
 
 
 def test_raabin_reads_become_typed_cells_in_their_images_split(tmp_path: Path) -> None:
-    from convert.cells import RAABIN_READS, raabin_cells, read_reads
-    from convert.data import Item
+    from edge_wbc_convert.cells import RAABIN_READS, raabin_cells, read_reads
+    from edge_wbc_convert.data import Item
 
     reads = tmp_path / "reads.csv"
     reads.write_text(
@@ -192,8 +192,8 @@ def test_raabin_reads_become_typed_cells_in_their_images_split(tmp_path: Path) -
 
 
 def test_field_red_cells_and_platelets_become_a_fixed_other_sample() -> None:
-    from convert.cells import bccd_other_cells
-    from convert.data import voc_boxes
+    from edge_wbc_convert.cells import bccd_other_cells
+    from edge_wbc_convert.data import voc_boxes
 
     items = load_items(DATA, ("bccd",))
     cells = bccd_other_cells(items, {"train": 5, "val": 3})

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from convert.casts import CLASSIFIER_CASTS
+from edge_wbc_convert.casts import CLASSIFIER_CASTS
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "fixtures" / "data"
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def convert(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
-        [sys.executable, "-m", "convert.cli", *args],
+        [sys.executable, "-m", "edge_wbc_convert.cli", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -104,7 +104,7 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_release_writes_a_manifest_the_device_accepts(released: Path) -> None:
-    from edge_wbc.manifest import load_manifest
+    from edge_wbc.pipeline.manifest import load_manifest
 
     man = load_manifest(released)
     assert [m.name for m in man.segmenters] == ["a", "b"]
@@ -132,10 +132,10 @@ def test_release_writes_a_manifest_the_device_accepts(released: Path) -> None:
 
 def test_released_models_pass_the_gate_and_run_on_the_device(released: Path) -> None:
     import numpy as np
+    from edge_wbc_convert.gate import check
 
-    from convert.gate import check
-    from edge_wbc.analysis import FieldAnalyzer
-    from edge_wbc.imageio import read_image
+    from edge_wbc.pipeline.analysis import FieldAnalyzer
+    from edge_wbc.pipeline.imageio import read_image
 
     for f in released.glob("*.tflite"):
         r = check(f)
@@ -149,7 +149,7 @@ def test_released_models_pass_the_gate_and_run_on_the_device(released: Path) -> 
 def test_tampered_model_is_refused(released: Path, tmp_path: Path) -> None:
     import shutil
 
-    from edge_wbc.manifest import ManifestError, load_manifest
+    from edge_wbc.pipeline.manifest import ManifestError, load_manifest
 
     copy = tmp_path / "models"
     shutil.copytree(released, copy)

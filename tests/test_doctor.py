@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from edge_wbc import doctor
-from edge_wbc.cli import app
+from edge_wbc.cli import app, doctor
 from edge_wbc.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

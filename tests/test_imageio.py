@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_wbc.imageio import (
+from edge_wbc.pipeline.imageio import (
     MAX_PIXELS,
     ImageError,
     decode_image,

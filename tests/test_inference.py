@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_wbc.inference import (
+from edge_wbc.pipeline.inference import (
     AcceleratorError,
     ModelLoadError,
     RuntimeMissing,
@@ -22,8 +22,8 @@ from edge_wbc.inference import (
     output_kind,
     quantize_to,
 )
-from edge_wbc.inference import runtime as runtime_mod
-from edge_wbc.inference.runtime import Runtime
+from edge_wbc.pipeline.inference import runtime as runtime_mod
+from edge_wbc.pipeline.inference.runtime import Runtime
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 
@@ -201,7 +201,7 @@ def test_compiled_file_not_matching_the_manifest_is_not_run(
 ) -> None:
     import ctypes
 
-    from edge_wbc.manifest import sha256_file
+    from edge_wbc.pipeline.manifest import sha256_file
 
     monkeypatch.setattr(ctypes, "CDLL", lambda name: None)
     rec = _Recorder()
@@ -219,7 +219,7 @@ def test_compiled_file_not_matching_the_manifest_is_not_run(
 
 @pytest.mark.parametrize("kind", ["int8", "uint8", "float32"])
 def test_pixel_path_equals_the_float_path(kind: str) -> None:
-    from edge_wbc.preprocess import to_unit
+    from edge_wbc.pipeline.preprocess import to_unit
 
     m = TFLiteModel(FIXTURES / f"affine_{kind}.tflite", threads=1)
     px = np.random.default_rng(5).integers(0, 256, (4, 4, 3), dtype=np.uint8)

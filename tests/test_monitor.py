@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mqtt_support import Mosquitto, settings, sim_with_publisher, wait_for
 
-from edge_wbc import outbox
 from edge_wbc.cli import app
-from edge_wbc.monitor import Monitor, StationTable, run
+from edge_wbc.comms.monitor import Monitor, StationTable, run
+from edge_wbc.counting import outbox
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -28,9 +28,9 @@ from mqtt_support import (
     wait_for,
 )
 
-from edge_wbc import mqtt as edge_mqtt
-from edge_wbc import outbox
-from edge_wbc.mqtt import CommandError, MqttError, MqttPublisher, parse_command
+from edge_wbc.comms import mqtt as edge_mqtt
+from edge_wbc.comms.mqtt import CommandError, MqttError, MqttPublisher, parse_command
+from edge_wbc.counting import outbox
 
 # A hung broker or client must fail the test, not the CI job (every wait is bounded too).
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
@@ -235,7 +235,7 @@ def test_wrong_password_is_a_clear_error_and_counting_continues(
     b = _password_broker(tmp_path)
     try:
         s = settings(b.port, "st1", username="station", password="wrong")
-        with caplog.at_level(logging.ERROR, logger="edge_wbc.mqtt"), \
+        with caplog.at_level(logging.ERROR, logger="edge_wbc.comms.mqtt"), \
                 sim_with_publisher(tmp_path / "a.db", s) as (sim, pub):
             assert pub.wait_until(lambda st: st["state"] == "auth_failed", 10)
             for _ in range(3):
@@ -381,7 +381,7 @@ def test_commands_are_handled_echoed_and_malformed_ones_ignored(
     # Left retained on the broker by some careless client: it would fire on every reconnect.
     sender.client.publish(f"{T}/capture/set", "PRESS", qos=1, retain=True).wait_for_publish(5)
     s = settings(broker.port, "st1", commands_enabled=True)
-    with caplog.at_level(logging.WARNING, logger="edge_wbc.mqtt"), \
+    with caplog.at_level(logging.WARNING, logger="edge_wbc.comms.mqtt"), \
             sim_with_publisher(tmp_path / "a.db", s, command_handler=handler) as (_sim, pub):
         wait_for(lambda: pub.connected, 10, "connected")
         wait_for(lambda: "ignoring retained command" in caplog.text, 10, "retained refused")
@@ -485,7 +485,7 @@ def test_disk_full_while_acknowledging_neither_loses_nor_resends(
 
     monkeypatch.setattr(outbox, "ack_many", flaky)
     col = Collector(broker.port).wait_subscribed()
-    with caplog.at_level(logging.ERROR, logger="edge_wbc.mqtt"), \
+    with caplog.at_level(logging.ERROR, logger="edge_wbc.comms.mqtt"), \
             sim_with_publisher(tmp_path / "a.db", settings(broker.port, "st1")) as (sim, pub):
         ids = [cid for _ in range(3) for cid in sim.capture(2)]
         wait_for(lambda: outbox.depth(sim.conn) == 0, 15, "acks applied once the disk recovers")

@@ -25,8 +25,8 @@ from mqtt_support import (
     wait_for,
 )
 
-from edge_wbc import outbox
-from edge_wbc.mqtt import MqttPublisher
+from edge_wbc.comms.mqtt import MqttPublisher
+from edge_wbc.counting import outbox
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 T = "edge-wbc/bench-1"
@@ -39,9 +39,9 @@ def _sub(d: dict[str, Any]) -> dict[str, Any]:
 
 def test_session_events_reach_the_broker_through_the_store_outbox(
         broker: Mosquitto, tmp_path: Path) -> None:
-    from edge_wbc.events import Fanout
-    from edge_wbc.session import SlideSession
-    from edge_wbc.store import Store
+    from edge_wbc.counting.events import Fanout
+    from edge_wbc.counting.session import SlideSession
+    from edge_wbc.counting.store import Store
 
     store = Store(tmp_path / "data", mqtt=True)
     fan = Fanout()
@@ -142,7 +142,7 @@ def test_sigkilled_station_process_goes_offline_and_resumes_with_everything(
     try:
         wait_for(lambda: col.last(f"{T}/available").payload == b"online",  # type: ignore[union-attr]
                  15, "online after restart")
-        from edge_wbc.store import Store
+        from edge_wbc.counting.store import Store
 
         store = Store(data)
         cells = store.cells(store.open_slide()["id"])  # type: ignore[index]

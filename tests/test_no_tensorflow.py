@@ -20,8 +20,8 @@ for name in names:
     except Exception as e:  # reported, so a broken module cannot hide from this test
         errors[name] = f"{type(e).__name__}: {e}"
 # Build the analysis pipeline too: an import inside a function would not show above.
-from edge_wbc.analysis import FieldAnalyzer
-from edge_wbc.imageio import read_image
+from edge_wbc.pipeline.analysis import FieldAnalyzer
+from edge_wbc.pipeline.imageio import read_image
 a = FieldAnalyzer("tests/fixtures/models")
 a.analyze(read_image("tests/fixtures/fields/BloodImage_00007.jpg"))
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf_keras"))
@@ -39,6 +39,7 @@ def test_no_edge_wbc_module_imports_tensorflow() -> None:
         check=True,
     )
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert "edge_wbc.analysis" in res["modules"] and "edge_wbc.inference.model" in res["modules"]
+    assert "edge_wbc.pipeline.analysis" in res["modules"]
+    assert "edge_wbc.pipeline.inference.model" in res["modules"]
     assert res["errors"] == {}, res["errors"]
     assert res["heavy"] == [], f"TensorFlow/Keras imported: {res['heavy'][:5]}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_wbc import outbox
+from edge_wbc.counting import outbox
 
 
 def _db(tmp_path: Path, max_rows: int | None = None) -> sqlite3.Connection:

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_wbc.postprocess import (
+from edge_wbc.pipeline.postprocess import (
     Labels,
     PostprocessParams,
     crop_cells,
@@ -223,7 +223,7 @@ def test_library_defaults_match_the_config_defaults() -> None:
     """FieldAnalyzer(models) and FieldAnalyzer.from_config(default config) must analyse alike:
     the tuned defaults live in the config schema, the library's must not drift from them."""
     from edge_wbc.config import load_config
-    from edge_wbc.postprocess import PostprocessParams
+    from edge_wbc.pipeline.postprocess import PostprocessParams
 
     cfg = load_config(None, env={})
     assert PostprocessParams() == PostprocessParams.from_config(cfg.postprocess)

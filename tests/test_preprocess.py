@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_wbc import preprocess as pp
+from edge_wbc.pipeline import preprocess as pp
 
 FIELDS = Path(__file__).parent / "fixtures" / "fields"
 

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_wbc.imageio import read_image
-from edge_wbc.quality import (
+from edge_wbc.pipeline.imageio import read_image
+from edge_wbc.pipeline.quality import (
     CROWDED,
     NO_CELLS,
     OUT_OF_FOCUS,

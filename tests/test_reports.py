@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from station_fakes import fake_cell
 
-from edge_wbc.reports import REPORT_SCHEMA, write_reports
-from edge_wbc.results import FieldResult
-from edge_wbc.session import SessionError, SlideSession
-from edge_wbc.store import Store
+from edge_wbc.counting.reports import REPORT_SCHEMA, write_reports
+from edge_wbc.counting.session import SessionError, SlideSession
+from edge_wbc.counting.store import Store
+from edge_wbc.pipeline.results import FieldResult
 
 FIELDS = sorted((Path(__file__).resolve().parent.parent / "samples" / "fields").glob("*.jpg"))
 MODELS = {"manifest": "models/manifest.json", "created": "2026-11-25T20:00:00Z", "models": [

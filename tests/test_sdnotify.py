@@ -198,9 +198,9 @@ def test_journal_lines_carry_priority_and_no_timestamp() -> None:
 
 def test_project_errors_are_expected_without_registration() -> None:
     from edge_wbc.camera import CameraError
+    from edge_wbc.counting.store import DiskFullError
     from edge_wbc.logs import is_expected
-    from edge_wbc.manifest import ManifestError
-    from edge_wbc.store import DiskFullError
+    from edge_wbc.pipeline.manifest import ManifestError
 
     assert is_expected(CameraError("unplugged")) and is_expected(ManifestError("x"))
     assert is_expected(DiskFullError("full"))  # a subclass of StoreError

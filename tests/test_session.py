@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from station_fakes import fake_cell
 
-from edge_wbc.events import Event, Fanout
-from edge_wbc.reports import write_reports
-from edge_wbc.results import FieldResult
-from edge_wbc.session import (
+from edge_wbc.counting.events import Event, Fanout
+from edge_wbc.counting.reports import write_reports
+from edge_wbc.counting.session import (
     SessionError,
     SlideSession,
     beta_ppf,
@@ -24,7 +23,8 @@ from edge_wbc.session import (
     find_overlap,
     wilson,
 )
-from edge_wbc.store import Store
+from edge_wbc.counting.store import Store
+from edge_wbc.pipeline.results import FieldResult
 
 FIELDS = sorted((Path(__file__).parent.parent / "samples" / "fields").glob("*.jpg"))
 

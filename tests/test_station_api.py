@@ -16,7 +16,7 @@ import pytest
 from station_fakes import FakeAnalyzer, RunningStation
 
 from edge_wbc.camera import CameraError, Frame
-from edge_wbc.results import FieldResult
+from edge_wbc.pipeline.results import FieldResult
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "fields"
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from station_fakes import FakeAnalyzer, fake_cell
 
-from edge_wbc.results import FieldResult
-from edge_wbc.session import SlideSession
-from edge_wbc.store import DiskFullError, Store, StoreError
+from edge_wbc.counting.session import SlideSession
+from edge_wbc.counting.store import DiskFullError, Store, StoreError
+from edge_wbc.pipeline.results import FieldResult
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = sorted((ROOT / "samples" / "fields").glob("*.jpg"))
@@ -69,8 +69,8 @@ _CHILD = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import cv2
     from station_fakes import FakeAnalyzer
-    from edge_wbc.session import SlideSession
-    from edge_wbc.store import Store
+    from edge_wbc.counting.session import SlideSession
+    from edge_wbc.counting.store import Store
     files = {files!r}
     store = Store({data!r})
     s = SlideSession(store, default_target=100)
@@ -224,7 +224,7 @@ def test_schema_mismatch_is_refused(tmp_path: Path) -> None:
 
 
 def test_outbox_rows_written_in_same_transaction(tmp_path: Path) -> None:
-    outbox = pytest.importorskip("edge_wbc.outbox")
+    outbox = pytest.importorskip("edge_wbc.counting.outbox")
     store = Store(tmp_path, mqtt=True, outbox_max=1000)
     s = SlideSession(store)
     start = outbox.depth(store.conn)  # the 'slide started' event

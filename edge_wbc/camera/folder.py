@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_wbc.camera import CameraError, Frame, FrameError, fit_frame, preview_of
-from edge_wbc.imageio import ImageError, list_images, read_image
+from edge_wbc.pipeline.imageio import ImageError, list_images, read_image
 
 
 class FolderSource:

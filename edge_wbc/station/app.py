@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from edge_wbc.camera import CameraError, Frame, FrameError, FrameSource
-from edge_wbc.events import Event, Publish
-from edge_wbc.results import FieldResult
-from edge_wbc.session import SessionError, SlideSession, now_iso
-from edge_wbc.store import DiskFullError, StoreError
+from edge_wbc.counting.events import Event, Publish
+from edge_wbc.counting.session import SessionError, SlideSession, now_iso
+from edge_wbc.counting.store import DiskFullError, StoreError
+from edge_wbc.pipeline.results import FieldResult
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from edge_wbc.session import SessionError
+from edge_wbc.counting.session import SessionError
 
 log = logging.getLogger("edge_wbc.station")
 
@@ -77,17 +77,17 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
     """Start everything, serve until SIGTERM/SIGINT (or ``stop``), then shut down in order."""
     from edge_wbc import sdnotify
     from edge_wbc.camera import CameraError, open_source
-    from edge_wbc.events import Fanout
-    from edge_wbc.manifest import ManifestError
-    from edge_wbc.reports import write_reports
-    from edge_wbc.session import SlideSession
+    from edge_wbc.counting.events import Fanout
+    from edge_wbc.counting.reports import write_reports
+    from edge_wbc.counting.session import SlideSession
+    from edge_wbc.counting.store import Store, StoreError
+    from edge_wbc.pipeline.manifest import ManifestError
     from edge_wbc.station.app import Station
     from edge_wbc.station.server import EventHub, StationServer, serve_in_thread
-    from edge_wbc.store import Store, StoreError
 
     stop = stop or threading.Event()
     try:
-        from edge_wbc.analysis import FieldAnalyzer
+        from edge_wbc.pipeline.analysis import FieldAnalyzer
 
         analyzer = FieldAnalyzer.from_config(cfg)
     except ManifestError as e:
@@ -131,7 +131,7 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
     )
     publisher = None
     if cfg.mqtt.host:
-        from edge_wbc import mqtt as edge_mqtt
+        from edge_wbc.comms import mqtt as edge_mqtt
 
         try:
             publisher = edge_mqtt.start_publisher(

@@ -51,10 +51,10 @@ import cv2
 import numpy as np
 
 from edge_wbc.camera import CameraError, FrameError
-from edge_wbc.events import Event
-from edge_wbc.session import SessionError
+from edge_wbc.counting.events import Event
+from edge_wbc.counting.session import SessionError
+from edge_wbc.counting.store import DiskFullError, StoreError
 from edge_wbc.station.app import BusyError, Station
-from edge_wbc.store import DiskFullError, StoreError
 
 log = logging.getLogger(__name__)
 

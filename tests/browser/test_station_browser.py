@@ -221,7 +221,7 @@ def test_with_shipped_models(tmp_path: Path) -> None:
     _require_browser()
     from playwright.sync_api import expect, sync_playwright
 
-    from edge_wbc.analysis import FieldAnalyzer
+    from edge_wbc.pipeline.analysis import FieldAnalyzer
 
     analyzer = FieldAnalyzer(ROOT / "models", threads=2)
     rs = RunningStation(tmp_path / "data", f"folder:{SAMPLES}", target=15, analyzer=analyzer)

@@ -16,9 +16,9 @@ app = typer.Typer(
 
 # One line per module that owns commands; each exposes register(app: typer.Typer) -> None.
 _COMMAND_MODULES: tuple[str, ...] = (
-    "edge_wbc.cli_ops",
-    "edge_wbc.cli_analyze",
-    "edge_wbc.monitor",
+    "edge_wbc.cli.ops",
+    "edge_wbc.cli.analyze",
+    "edge_wbc.comms.monitor",
     "edge_wbc.station.command",
 )
 

@@ -3,7 +3,7 @@
 Everything above this package deals in real-valued numpy arrays.
 """
 
-from edge_wbc.inference.adapters import (
+from edge_wbc.pipeline.inference.adapters import (
     TensorSpec,
     dequantize_from,
     get_output,
@@ -11,7 +11,7 @@ from edge_wbc.inference.adapters import (
     quantize_to,
     set_input,
 )
-from edge_wbc.inference.model import (
+from edge_wbc.pipeline.inference.model import (
     ACCELERATORS,
     Accelerator,
     AcceleratorError,
@@ -20,7 +20,7 @@ from edge_wbc.inference.model import (
     edgetpu_variant,
     open_accelerator,
 )
-from edge_wbc.inference.runtime import Runtime, RuntimeMissing, get_runtime
+from edge_wbc.pipeline.inference.runtime import Runtime, RuntimeMissing, get_runtime
 
 __all__ = [
     "ACCELERATORS",

@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from edge_wbc.preprocess import CROP_SCALE, cell_crop
+from edge_wbc.pipeline.preprocess import CROP_SCALE, cell_crop
 
 #: Cell diameter (pixels) at the working resolution of postprocessing.
 WORK_DIAMETER_PX = 64.0

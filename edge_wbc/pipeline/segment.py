@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edge_wbc.inference import TFLiteModel
-from edge_wbc.preprocess import letterbox, letterbox_geometry, unletterbox
+from edge_wbc.pipeline.inference import TFLiteModel
+from edge_wbc.pipeline.preprocess import letterbox, letterbox_geometry, unletterbox
 
 
 @dataclass

@@ -16,13 +16,13 @@ import cv2
 import numpy as np
 import typer
 
-from edge_wbc.results import ANALYSIS_SCHEMA, FieldResult
+from edge_wbc.pipeline.results import ANALYSIS_SCHEMA, FieldResult
 
 log = logging.getLogger(__name__)
 
 #: A 640x480 BCCD test field with two leukocytes (BloodImage_00031, MIT licence), so the
 #: benchmark runs the whole pipeline including classification, on any install.
-BENCH_FIELD = Path(__file__).parent / "data" / "bench_field.jpg"
+BENCH_FIELD = Path(__file__).resolve().parent.parent / "data" / "bench_field.jpg"
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -77,11 +77,11 @@ def _build_analyzer(
     accelerator: str | None,
     cell_diameter: float | None,
 ) -> Any:
-    from edge_wbc.analysis import FieldAnalyzer
     from edge_wbc.config import ConfigError
-    from edge_wbc.inference import AcceleratorError, ModelLoadError, RuntimeMissing
     from edge_wbc.logs import setup_logging
-    from edge_wbc.manifest import ManifestError
+    from edge_wbc.pipeline.analysis import FieldAnalyzer
+    from edge_wbc.pipeline.inference import AcceleratorError, ModelLoadError, RuntimeMissing
+    from edge_wbc.pipeline.manifest import ManifestError
 
     cfg = _load_settings(config)
     setup_logging(cfg.logging.level)
@@ -150,7 +150,7 @@ def analyze(
 ) -> None:
     """Count and type the leukocytes of each field. Exit 0: all analysed; 1: some images failed
     (their entries carry "error"); 2: usage error (nothing analysed)."""
-    from edge_wbc.imageio import ImageError, list_images, read_image
+    from edge_wbc.pipeline.imageio import ImageError, list_images, read_image
 
     if accelerator is not None and accelerator not in ("cpu", "edgetpu"):
         raise _usage_error(f"--accelerator must be cpu or edgetpu, not {accelerator!r}")
@@ -206,7 +206,7 @@ def analyze(
                 if masks is not None and res.error is None and res.mask is not None:
                     _write_png(masks / f"{p.stem}.png", res.mask)
                 if overlays is not None and res.error is None:
-                    from edge_wbc.analysis import draw_overlay
+                    from edge_wbc.pipeline.analysis import draw_overlay
 
                     _write_jpeg(overlays / f"{p.stem}.jpg", draw_overlay(rgb, res))
             except OSError as e:
@@ -256,8 +256,8 @@ def bench(
     json_out: Path | None = typer.Option(None, "--json", help="Also write the numbers as JSON."),
 ) -> None:
     """Per-stage latency (median, p90), model load time and peak RSS of the field pipeline."""
-    from edge_wbc.imageio import ImageError, read_image
-    from edge_wbc.preprocess import letterbox, white_balance
+    from edge_wbc.pipeline.imageio import ImageError, read_image
+    from edge_wbc.pipeline.preprocess import letterbox, white_balance
 
     if accelerator is not None and accelerator not in ("cpu", "edgetpu"):
         raise _usage_error(f"--accelerator must be cpu or edgetpu, not {accelerator!r}")

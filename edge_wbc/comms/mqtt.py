@@ -5,7 +5,7 @@ Availability contract (as Frigate's comms/mqtt.py and the paho README): the last
 republished, then ``online``; a clean exit publishes ``stopped``. Subscriptions are (re)made in
 ``on_connect`` so they survive a broker restart.
 
-Durability: cell/field/slide events are rows of the outbox (``edge_wbc.outbox``) that the
+Durability: cell/field/slide events are rows of the outbox (``edge_wbc.counting.outbox``) that the
 station's store wrote in the same transaction as its counts. This publisher only drains them:
 publish at QoS 1, delete the row after the broker's PUBACK for that message id. A broker outage
 or a restart therefore loses nothing; a crash between PUBACK and delete re-sends a message,
@@ -38,9 +38,9 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_wbc import outbox
-from edge_wbc.outbox import MQTT_SCHEMA, utc_now_iso
-from edge_wbc.results import CLASSES, UNIDENTIFIED
+from edge_wbc.counting import outbox
+from edge_wbc.counting.outbox import MQTT_SCHEMA, utc_now_iso
+from edge_wbc.pipeline.results import CLASSES, UNIDENTIFIED
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class _PahoNoise(logging.Filter):
         return not str(record.msg).startswith("Client is not connected")
 
 
-_PAHO_LOG = logging.getLogger("edge_wbc.mqtt.paho")
+_PAHO_LOG = logging.getLogger("edge_wbc.comms.mqtt.paho")
 _PAHO_LOG.addFilter(_PahoNoise())
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_wbc.preprocess import ensure_rgb_uint8
+from edge_wbc.pipeline.preprocess import ensure_rgb_uint8
 
 #: File name endings treated as images when a folder is listed.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")

@@ -69,7 +69,7 @@ def doctor(
 ) -> None:
     """Check that this station can run: camera, models (sha256), interpreter, Edge TPU, disk,
     broker. Exit 1 when a required check fails."""
-    from edge_wbc import doctor as doc
+    from edge_wbc.cli import doctor as doc
 
     path = _config_path(config)
     try:

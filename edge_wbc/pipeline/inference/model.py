@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_wbc.inference.adapters import (
+from edge_wbc.pipeline.inference.adapters import (
     TensorSpec,
     get_output,
     input_specs,
@@ -25,9 +25,9 @@ from edge_wbc.inference.adapters import (
     set_input_u8,
     unit_u8_lut,
 )
-from edge_wbc.inference.runtime import Runtime, get_runtime
-from edge_wbc.manifest import sha256_file
-from edge_wbc.preprocess import to_unit
+from edge_wbc.pipeline.inference.runtime import Runtime, get_runtime
+from edge_wbc.pipeline.manifest import sha256_file
+from edge_wbc.pipeline.preprocess import to_unit
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge_wbc.events import Event
+from edge_wbc.counting.events import Event
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class Store:
                     f"{SCHEMA_VERSION}; upgrade edge-wbc or use another --data-dir"
                 )
             if mqtt:
-                from edge_wbc import outbox  # only with MQTT: the station runs without it
+                from edge_wbc.counting import outbox  # only with MQTT: the station runs without it
 
                 self._outbox = outbox
                 outbox.ensure_schema(self.conn, max_rows=outbox_max)
@@ -409,7 +409,7 @@ class Store:
         return [_field(r) for r in rows]
 
     def field_signatures(self, slide_id: str, k: int) -> list[tuple[str, np.ndarray]]:
-        from edge_wbc.session import SIG_H, SIG_W
+        from edge_wbc.counting.session import SIG_H, SIG_W
 
         rows = self._all(
             "SELECT id, signature FROM fields WHERE slide_id=? ORDER BY seq DESC LIMIT ?",

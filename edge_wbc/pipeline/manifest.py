@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_wbc.preprocess import COLOR_ORDER, PREPROCESS_VERSION
+from edge_wbc.pipeline.preprocess import COLOR_ORDER, PREPROCESS_VERSION
 
 MANIFEST_SCHEMA = "edge-wbc/manifest/1"
 MANIFEST_NAME = "manifest.json"
@@ -39,7 +39,7 @@ class ModelEntry:
     confidence_threshold: float = 0.0
     #: the confidence an "other" call needs to leave the count (None: confidence_threshold).
     other_threshold: float | None = None
-    #: classifier only: views of each crop averaged (edge_wbc.classify.VIEW_COUNTS); the
+    #: classifier only: views of each crop averaged (edge_wbc.pipeline.classify.VIEW_COUNTS); the
     #: calibration was fitted with this many.
     views: int = 1
     crop_scale: float = 1.5

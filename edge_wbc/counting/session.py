@@ -43,9 +43,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge_wbc.events import Event, Publish
-from edge_wbc.preprocess import cell_crop, ensure_rgb_uint8, white_balance
-from edge_wbc.results import CLASSES, OTHER, UNIDENTIFIED, FieldResult
+from edge_wbc.counting.events import Event, Publish
+from edge_wbc.pipeline.preprocess import cell_crop, ensure_rgb_uint8, white_balance
+from edge_wbc.pipeline.results import CLASSES, OTHER, UNIDENTIFIED, FieldResult
 
 STATE_SCHEMA = "edge-wbc/state/1"
 Z95 = 1.959963984540054
@@ -297,7 +297,8 @@ class SlideSession:
     """Counts, targets, review and finalisation of the open slide.
 
     Thread-safe: the analysis worker adds fields while HTTP threads review cells and read state.
-    ``store`` is an :class:`edge_wbc.store.Store`; ``publish`` receives events after each commit.
+    ``store`` is a :class:`edge_wbc.counting.store.Store`;
+    ``publish`` receives events after each commit.
     ``reporter`` (slide, cells, fields, out_dir) -> {format: path} writes the report on finalise.
     """
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_wbc.inference import TFLiteModel
-from edge_wbc.results import CLASSES, OTHER, UNIDENTIFIED
+from edge_wbc.pipeline.inference import TFLiteModel
+from edge_wbc.pipeline.results import CLASSES, OTHER, UNIDENTIFIED
 
 
 @dataclass(frozen=True)

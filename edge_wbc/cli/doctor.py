@@ -91,7 +91,7 @@ def check_camera(cfg: Config) -> Check:
 
 
 def check_models(cfg: Config) -> Check:
-    from edge_wbc.manifest import ManifestError, load_manifest
+    from edge_wbc.pipeline.manifest import ManifestError, load_manifest
 
     try:
         man = load_manifest(cfg.models.dir, verify=True)
@@ -107,10 +107,15 @@ def check_models(cfg: Config) -> Check:
 
 def check_interpreter(cfg: Config) -> Check:
     try:
-        from edge_wbc.inference import ModelLoadError, RuntimeMissing, TFLiteModel, get_runtime
-        from edge_wbc.manifest import ManifestError, load_manifest
+        from edge_wbc.pipeline.inference import (
+            ModelLoadError,
+            RuntimeMissing,
+            TFLiteModel,
+            get_runtime,
+        )
+        from edge_wbc.pipeline.manifest import ManifestError, load_manifest
     except ImportError as e:  # the device package itself is incomplete
-        return Check("interpreter", FAIL, f"edge_wbc.inference cannot be imported: {e}")
+        return Check("interpreter", FAIL, f"edge_wbc.pipeline.inference cannot be imported: {e}")
     try:
         rt = get_runtime()
     except RuntimeMissing as e:
@@ -151,9 +156,9 @@ def check_accelerator(cfg: Config) -> Check:
                 if present else "")
         return Check("accelerator", OK, f"CPU configured{hint}")
     try:
-        from edge_wbc.inference import AcceleratorError, open_accelerator
+        from edge_wbc.pipeline.inference import AcceleratorError, open_accelerator
     except ImportError as e:
-        return Check("accelerator", FAIL, f"edge_wbc.inference cannot be imported: {e}")
+        return Check("accelerator", FAIL, f"edge_wbc.pipeline.inference cannot be imported: {e}")
     required = cfg.models.require_accelerator
     try:
         acc = open_accelerator("edgetpu", cfg.models.edgetpu_device, require=required)
@@ -171,7 +176,7 @@ def check_accelerator(cfg: Config) -> Check:
 
 
 def _missing_edgetpu_files(cfg: Config) -> list[str]:
-    from edge_wbc.manifest import ManifestError, load_manifest
+    from edge_wbc.pipeline.manifest import ManifestError, load_manifest
 
     try:
         man = load_manifest(cfg.models.dir, verify=False)

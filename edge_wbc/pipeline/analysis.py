@@ -16,19 +16,19 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge_wbc.classify import CellClassifier, Prediction
-from edge_wbc.inference import (
+from edge_wbc.pipeline.classify import CellClassifier, Prediction
+from edge_wbc.pipeline.inference import (
     TFLiteModel,
     get_runtime,
     open_accelerator,
     output_kind,
 )
-from edge_wbc.manifest import Manifest, ManifestError, ModelEntry, load_manifest
-from edge_wbc.postprocess import PostprocessParams, crop_cells, postprocess, work_scale
-from edge_wbc.preprocess import ensure_rgb_uint8, white_balance
-from edge_wbc.quality import QualityParams, assess
-from edge_wbc.results import OTHER, UNIDENTIFIED, Cell, FieldResult
-from edge_wbc.segment import EnsembleSegmenter, Member
+from edge_wbc.pipeline.manifest import Manifest, ManifestError, ModelEntry, load_manifest
+from edge_wbc.pipeline.postprocess import PostprocessParams, crop_cells, postprocess, work_scale
+from edge_wbc.pipeline.preprocess import ensure_rgb_uint8, white_balance
+from edge_wbc.pipeline.quality import QualityParams, assess
+from edge_wbc.pipeline.results import OTHER, UNIDENTIFIED, Cell, FieldResult
+from edge_wbc.pipeline.segment import EnsembleSegmenter, Member
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_wbc import __version__
-from edge_wbc.results import CLASSES, UNIDENTIFIED
+from edge_wbc.pipeline.results import CLASSES, UNIDENTIFIED
 
 REPORT_SCHEMA = "edge-wbc/report/1"
 #: A counted cell the machine was less sure of than this is shown among the flagged cells.
@@ -41,7 +41,7 @@ CI_NAMES = {
 
 def flag_reasons(cell: dict[str, Any]) -> list[str]:
     """Why a cell deserves a second look in the report (empty: it does not)."""
-    from edge_wbc.session import REJECTED, STATUS_DUPLICATE, STATUS_OTHER
+    from edge_wbc.counting.session import REJECTED, STATUS_DUPLICATE, STATUS_OTHER
 
     out = []
     rl = cell.get("reviewed_label")
@@ -69,7 +69,7 @@ def build_report(
     fields: list[dict[str, Any]],
     generated_at: str,
 ) -> dict[str, Any]:
-    from edge_wbc.session import effective_label
+    from edge_wbc.counting.session import effective_label
 
     changes = [
         {
@@ -135,7 +135,7 @@ def build_report(
 
 
 def _quality_flags(q: dict[str, Any]) -> list[str]:
-    """The analysis' quality block lists its warnings under 'flags' (edge_wbc.quality)."""
+    """The analysis' quality block lists its warnings under 'flags' (edge_wbc.pipeline.quality)."""
     flags = q.get("flags")
     return [str(x) for x in flags] if isinstance(flags, list) else []
 
@@ -153,7 +153,7 @@ def write_reports(
     Each file is written to a temporary name and renamed, so a report on disk is never half a
     report (a full disk fails the finalise, which then leaves the slide open).
     """
-    from edge_wbc.session import now_iso
+    from edge_wbc.counting.session import now_iso
 
     out = Path(out_dir)
     data = Path(data_dir)
@@ -188,7 +188,7 @@ def _formula_csv(rep: dict[str, Any]) -> str:
 
 
 def _cells_csv(rep: dict[str, Any], cells: list[dict[str, Any]]) -> str:
-    from edge_wbc.session import effective_label
+    from edge_wbc.counting.session import effective_label
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

@@ -23,7 +23,7 @@ import paho.mqtt.client as paho
 import typer
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_wbc.results import CLASSES, UNIDENTIFIED
+from edge_wbc.pipeline.results import CLASSES, UNIDENTIFIED
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ def register(app: typer.Typer) -> None:
         tls_key: Path | None = typer.Option(None, "--tls-key", exists=True, dir_okay=False),
     ) -> None:
         """Central monitoring: live table of every station's running differential."""
-        from edge_wbc.mqtt import read_password
+        from edge_wbc.comms.mqtt import read_password
 
         password = read_password(dict(os.environ)) if username else None
         mon = Monitor(mqtt_host, mqtt_port, prefix, username=username, password=password,
