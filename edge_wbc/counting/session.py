@@ -16,40 +16,28 @@ Counting rules (what a cell contributes):
 Percentages are of all counted leukocytes, unidentified included, so the rows add up to 100 %;
 the slide cannot be finalised while any unidentified cell remains.
 
-Duplicate-field guard: each field keeps a small grey signature; a new field is phase-correlated
-(zero-padded, so overlaps down to ~15 % of the field are found) against the last three, and the
-shift is accepted only when the two fields then agree pixel for pixel (NCC >= 0.6; unrelated
-BCCD fields score < 0.3). Cells whose box lies at least half inside the part already seen are
-marked ``duplicate`` and not counted again; the field is flagged as a duplicate on the page and
-in the report when the overlap exceeds ``duplicate_overlap`` (config: session.duplicate_overlap).
-
-Confidence intervals: exact binomial (Clopper–Pearson) by default, the method behind Rümke's
-table that haematology texts use for differential counts; Wilson's score interval is available
-too. Both are computed here without SciPy (not a device dependency): the beta quantile is found
-by bisection on the regularised incomplete beta function.
+The intervals live in :mod:`edge_wbc.counting.stats`, the duplicate-field guard in
+:mod:`edge_wbc.counting.overlap`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import secrets
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-import cv2
 import numpy as np
 
 from edge_wbc.counting.events import Event, Publish
+from edge_wbc.counting.overlap import box_fraction_inside, field_signature, find_overlap
+from edge_wbc.counting.stats import CI_METHODS, interval
 from edge_wbc.pipeline.preprocess import cell_crop, ensure_rgb_uint8, white_balance
 from edge_wbc.pipeline.results import CLASSES, OTHER, UNIDENTIFIED, FieldResult
 
 STATE_SCHEMA = "edge-wbc/state/1"
-Z95 = 1.959963984540054
-CI_METHODS = ("clopper-pearson", "wilson")
 REJECT_REASONS = ("not_leukocyte", "counted_twice", "unusable")
 REJECTED = "rejected"
 #: Cell status decided by the machine when the field was counted.
@@ -62,212 +50,6 @@ CROP_PX = 128
 
 class SessionError(Exception):
     """A request the session refuses; the message is meant for the technician."""
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    # Continued fraction of the incomplete beta function (modified Lentz, Numerical Recipes 6.4).
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 400):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta function I_x(a, b) for a, b > 0."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    ln_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    front = math.exp(ln_front)
-    # The continued fraction converges fast only on one side of the mean; use symmetry otherwise.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def beta_ppf(q: float, a: float, b: float) -> float:
-    """Quantile of the Beta(a, b) distribution (bisection: monotone, exact to ~1e-15)."""
-    lo, hi = 0.0, 1.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if betainc(a, b, mid) < q:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-13:
-            break
-    return 0.5 * (lo + hi)
-
-
-@functools.lru_cache(maxsize=8192)
-def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Exact binomial interval for k successes in n trials (the basis of Rümke's table).
-
-    Cached: the state is recomputed on every event and most (k, n) pairs repeat between them.
-    """
-    _check_kn(k, n)
-    if n == 0:
-        return (0.0, 1.0)
-    alpha = 1.0 - confidence
-    lo = 0.0 if k == 0 else beta_ppf(alpha / 2, k, n - k + 1)
-    hi = 1.0 if k == n else beta_ppf(1 - alpha / 2, k + 1, n - k)
-    return (lo, hi)
-
-
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval (closed form; slightly narrower than Clopper–Pearson)."""
-    _check_kn(k, n)
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def interval(k: int, n: int, method: str = "clopper-pearson") -> tuple[float, float]:
-    if method == "clopper-pearson":
-        return clopper_pearson(k, n)
-    if method == "wilson":
-        return wilson(k, n)
-    raise ValueError(f"unknown CI method {method!r}; expected one of {CI_METHODS}")
-
-
-def _check_kn(k: int, n: int) -> None:
-    if n < 0 or k < 0 or k > n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-
-
-# --------------------------------------------------------------------------- duplicate guard
-
-#: Size of the grey signature kept per field. Small enough that phase correlation takes well
-#: under a millisecond, large enough to keep the red-cell texture that makes a match unique.
-SIG_W, SIG_H = 160, 120
-
-
-@dataclass(frozen=True)
-class Overlap:
-    """Where the new field repeats a previous one, in the new field's pixels."""
-
-    field_id: str
-    dx: float  # content shift from the previous field to this one (full-res pixels)
-    dy: float
-    fraction: float  # share of this field's area that was already in the previous field
-    rect: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive) of the repeated region
-    ncc: float  # agreement of the two fields over the repeated region (-1..1)
-
-
-def field_signature(rgb: np.ndarray) -> np.ndarray:
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    return cv2.resize(grey, (SIG_W, SIG_H), interpolation=cv2.INTER_AREA)
-
-
-def find_overlap(
-    prev_sig: np.ndarray,
-    cur_sig: np.ndarray,
-    full_hw: tuple[int, int],
-    prev_id: str = "",
-    min_fraction: float = 0.05,
-    min_ncc: float = 0.6,
-) -> Overlap | None:
-    """Phase-correlate two field signatures; return the overlap when it is real.
-
-    A stained smear's red-cell carpet is self-similar, so the correlation peak alone is not
-    trusted: the two signatures must also agree pixel for pixel (normalised cross-correlation)
-    over the region the shift says they share.
-    """
-    if prev_sig.shape != cur_sig.shape:
-        return None
-    a = _texture(prev_sig)
-    b = _texture(cur_sig)
-    h, w = a.shape
-    # Zero-padding to twice the size turns the FFT's circular shift into a linear one: without
-    # it overlaps under ~30 % of the field are missed (measured on shifted BCCD fields).
-    pa = np.zeros((2 * h, 2 * w), np.float32)
-    pb = np.zeros((2 * h, 2 * w), np.float32)
-    pa[:h, :w] = a
-    pb[:h, :w] = b
-    (sx, sy), _response = cv2.phaseCorrelate(pa, pb)
-    # The peak can be a pixel or two off; the NCC over a small neighbourhood settles the shift
-    # and doubles as the check.
-    best: tuple[float, int, int, float] | None = None
-    for ix in range(round(sx) - 2, round(sx) + 3):
-        for iy in range(round(sy) - 2, round(sy) + 3):
-            r = _ncc_at(a, b, ix, iy)
-            if r is not None and (best is None or r[0] > best[0]):
-                best = (r[0], ix, iy, r[1])
-    if best is None:
-        return None
-    ncc, ix, iy, frac = best
-    if ncc < min_ncc or frac < min_fraction:
-        return None
-    h, w = a.shape
-    bx0, bx1 = max(0, ix), min(w, w + ix)
-    by0, by1 = max(0, iy), min(h, h + iy)
-    fh, fw = full_hw
-    kx, ky = fw / w, fh / h
-    rect = (round(bx0 * kx), round(by0 * ky), round(bx1 * kx), round(by1 * ky))
-    return Overlap(prev_id, ix * kx, iy * ky, frac, rect, ncc)
-
-
-def _ncc_at(a: np.ndarray, b: np.ndarray, ix: int, iy: int) -> tuple[float, float] | None:
-    """NCC of b(x, y) against a(x - ix, y - iy) over the shared region, and its area fraction."""
-    h, w = a.shape
-    bx0, bx1 = max(0, ix), min(w, w + ix)
-    by0, by1 = max(0, iy), min(h, h + iy)
-    if bx1 - bx0 < 8 or by1 - by0 < 8:
-        return None
-    pa = a[by0 - iy : by1 - iy, bx0 - ix : bx1 - ix]
-    pb = b[by0:by1, bx0:bx1]
-    pa = pa - pa.mean()
-    pb = pb - pb.mean()
-    den = float(np.sqrt((pa * pa).sum() * (pb * pb).sum()))
-    if den < 1e-3:
-        return None  # flat fields (no specimen) cannot be matched
-    return float((pa * pb).sum() / den), (bx1 - bx0) * (by1 - by0) / float(w * h)
-
-
-def _texture(sig: np.ndarray) -> np.ndarray:
-    # Illumination falls off towards the corners the same way in every field of a microscope;
-    # left in, it makes any two fields look alike. Only the cells' texture identifies a place.
-    g = sig.astype(np.float32)
-    return g - cv2.GaussianBlur(g, (0, 0), 6.0)
-
-
-def box_fraction_inside(box: tuple[int, int, int, int], rect: tuple[int, int, int, int]) -> float:
-    x0, y0, x1, y1 = box
-    rx0, ry0, rx1, ry1 = rect
-    iw = max(0, min(x1, rx1) - max(x0, rx0))
-    ih = max(0, min(y1, ry1) - max(y0, ry0))
-    area = max(1, (x1 - x0) * (y1 - y0))
-    return iw * ih / area
 
 
 # --------------------------------------------------------------------------- the session

@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from edge_wbc.counting.events import Event
+from edge_wbc.counting.overlap import SIG_H, SIG_W
 
 log = logging.getLogger(__name__)
 
@@ -409,8 +410,6 @@ class Store:
         return [_field(r) for r in rows]
 
     def field_signatures(self, slide_id: str, k: int) -> list[tuple[str, np.ndarray]]:
-        from edge_wbc.counting.session import SIG_H, SIG_W
-
         rows = self._all(
             "SELECT id, signature FROM fields WHERE slide_id=? ORDER BY seq DESC LIMIT ?",
             (slide_id, k),
