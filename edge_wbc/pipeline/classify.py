@@ -80,7 +80,8 @@ def decide(
 ) -> Prediction:
     """Top class, or "unidentified" below the threshold. A confident "other" (not a
     leukocyte: any class of the taxonomy's non_wbc group) stays out of the differential; an
-    unsure one goes to the technician like any unsure cell, so a leukocyte is never dropped from the count on a weak vote.
+    unsure one goes to the technician like any unsure cell, so a leukocyte is never dropped from
+    the count on a weak vote.
 
     "other" needs ``other_threshold`` (at least the confidence threshold): the segmenter already
     voted the region a leukocyte, and dropping a real one from the count silently is worse than
