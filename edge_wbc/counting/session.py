@@ -247,8 +247,10 @@ class SlideSession:
             reports: dict[str, str] = {}
             if self.reporter is not None:
                 try:
+                    # Each cell with the row it counted in: the report need not redo the formula.
                     reports = self.reporter(
-                        closing, state, list(self.cells.values()),
+                        closing, state,
+                        [{**c, "counted_as": self._row_key(c)} for c in self.cells.values()],
                         self.store.fields(self.slide["id"]),
                         self.store.slide_dir(self.slide["id"]) / "report",
                     )

@@ -198,6 +198,9 @@ class Formula:
                      for r in self.rows],
             "flags": [f.rule for f in self.flags],
             "review_classes": self.review_classes(),
+            # The page's words for every class and group (one table, here).
+            "names": dict(NAMES),
+            "short": dict(SHORT),
         }
 
 
