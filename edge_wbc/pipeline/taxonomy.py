@@ -183,6 +183,8 @@ class Formula:
         other class of the table; ``other`` is left out (rejecting says "not a leukocyte")."""
         out: list[str] = []
         for r in self.rows:
+            if r.key == UNIDENTIFIED:
+                continue  # only the machine leaves a cell unidentified
             # A group row offers its first member: "neutrophil" for five-part's neutrophils.
             pick = r.key if r.key in GROUP_OF else r.classes[0]
             if pick not in out:
