@@ -257,7 +257,7 @@ def test_bad_labels_are_refused_whole(tmp_path: Path) -> None:
     assert s.state()["cells_detected"] == 0 and s.state()["fields"] == 0
     _add(s, ["neutrophil"])
     with pytest.raises(SessionError, match="cannot reclassify as 'unicorn'"):
-        s.review(list(s.cells)[0], "unicorn")
+        s.review(next(iter(s.cells)), "unicorn")
 
 
 # --------------------------------------------------------------------------- monitor

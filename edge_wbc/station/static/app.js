@@ -151,8 +151,10 @@ function renderState() {
       continue;
     }
     if (r.label === "unidentified") tr.className = "unid" + (r.count ? " has" : "");
+    // A leukocyte class the lab's formula has no row for still counts: say so on its row.
+    const note = r.configured === false ? ` <span class="muted" title="not a row of the lab's formula: assign a formula class in review">*</span>` : "";
     tr.innerHTML = `
-      <td><span class="name"><span class="sw" style="background:${col}"></span>${r.name || nameOf(r.label)}</span></td>
+      <td><span class="name"><span class="sw" style="background:${col}"></span>${r.name || nameOf(r.label)}${note}</span></td>
       <td class="n">${r.count}</td>
       <td class="n pct">${s.counted ? fmt(r.percent) : "–"}</td>
       <td class="ci"><div class="cibar"><div class="p" style="width:${r.percent}%;background:${col}"></div>
