@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_wbc.inputs import MAX_TARGET, hidden_char
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -143,7 +145,7 @@ class PostprocessConfig:
 @dataclass(frozen=True)
 class SessionConfig:
     target: int = _f(
-        100, "Leukocytes to count per slide (100 or 200 in most labs).", min=1, max=10000
+        100, "Leukocytes to count per slide (100 or 200 in most labs).", min=1, max=MAX_TARGET
     )
     data_dir: str = _f(
         "/var/lib/edge-wbc", "Where the SQLite database, cell crops and reports live. When "
@@ -513,7 +515,7 @@ def _build(
     def bad(sec: str, key: str, msg: str) -> None:
         problems.append(Problem(f"{sec}.{key}", line_of(sec, key), msg, src))
 
-    if not _is_loopback(cfg.station.host) and not cfg.station.token:
+    if not is_loopback(cfg.station.host) and not cfg.station.token:
         bad("station", "host", f"'{cfg.station.host}' is reachable from other machines: set a "
             f"token (EDGE_WBC_TOKEN or the systemd credential '{CRED_TOKEN}') or listen on "
             "127.0.0.1")
@@ -528,9 +530,11 @@ def _build(
     return cfg, problems
 
 
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach ``host``. "" is the wildcard address (every interface) to
+    ``bind``, so it is not loopback; "localhost" is."""
+    if host == "localhost":
+        return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -625,8 +629,10 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
     elif base is str:
         if not isinstance(value, str):
             return False, None, f"must be a string, got {_describe(value)}"
-        if "\x00" in value:
-            return False, None, "must not contain NUL characters"
+        bad = hidden_char(value)
+        if bad is not None:
+            # A station id or path that displays as something else misleads whoever reads it.
+            return False, None, f"must not contain {bad}"
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and value < lo:
         return False, None, f"{value!r} is below the minimum {lo!r}"
