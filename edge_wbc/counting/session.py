@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_wbc.config import MAX_TARGET
 from edge_wbc.counting.events import Event, Publish
 from edge_wbc.counting.overlap import box_fraction_inside, field_signature, find_overlap
 from edge_wbc.counting.records import CellRecord, FieldRecord, SlideRecord
@@ -44,7 +45,6 @@ REJECT_REASONS = ("not_leukocyte", "counted_twice", "unusable")
 REJECTED = "rejected"
 #: Cell status decided by the machine when the field was counted.
 STATUS_COUNTED, STATUS_DUPLICATE, STATUS_OTHER = "counted", "duplicate", "other"
-MAX_TARGET = 10000
 #: Side of the stored cell thumbnail (px). Larger than the classifier's input so the technician
 #: sees the cell comfortably on a desktop screen as well.
 CROP_PX = 128

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_wbc.pipeline.inference import TFLiteModel
+from edge_wbc.pipeline.inference import Model
 from edge_wbc.pipeline.results import CLASSES, OTHER, UNIDENTIFIED
 
 
@@ -101,7 +101,7 @@ def decide(
 class CellClassifier:
     def __init__(
         self,
-        model: TFLiteModel,
+        model: Model,
         classes: Sequence[str],
         temperature: float = 1.0,
         confidence_threshold: float = 0.0,
