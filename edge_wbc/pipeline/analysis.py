@@ -26,7 +26,7 @@ from edge_wbc.pipeline.inference import (
 )
 from edge_wbc.pipeline.manifest import Manifest, ManifestError, ModelEntry, load_manifest
 from edge_wbc.pipeline.postprocess import PostprocessParams, crop_cells, postprocess, work_scale
-from edge_wbc.pipeline.preprocess import ensure_rgb_uint8, white_balance
+from edge_wbc.pipeline.preprocess import CROP_SCALE, ensure_rgb_uint8, white_balance
 from edge_wbc.pipeline.quality import QualityParams, assess
 from edge_wbc.pipeline.results import OTHER, UNIDENTIFIED, Cell, FieldResult
 from edge_wbc.pipeline.segment import EnsembleSegmenter, Member
@@ -110,7 +110,7 @@ class FieldAnalyzer:
             log.warning(
                 "%s lists no classifier: every cell will be 'unidentified'", self.manifest.root
             )
-            self.crop_scale = 1.5
+            self.crop_scale = CROP_SCALE
         #: Every interpreter, segmenters first (what runs where: ``accelerator``).
         self.models = loaded
         self.load_ms = (time.perf_counter() - t0) * 1000.0
