@@ -17,6 +17,7 @@ import unicodedata
 from typing import Any
 
 MAX_SAMPLE_ID_CHARS = 64
+#: The most leukocytes a slide may be set to count (config's session.target obeys it too).
 MAX_TARGET = 10000
 
 # Unicode general categories that render as nothing (or reorder what follows) rather than as a
