@@ -29,6 +29,7 @@ import math
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -37,7 +38,9 @@ import numpy as np
 from edge_wbc.counting.events import Event, Publish
 from edge_wbc.counting.formula import Tally, tally
 from edge_wbc.counting.overlap import box_fraction_inside, field_signature, find_overlap
+from edge_wbc.counting.records import CellRecord, FieldRecord, SlideRecord
 from edge_wbc.counting.stats import CI_METHODS
+from edge_wbc.inputs import InputError, check_sample_id, check_target
 from edge_wbc.pipeline import taxonomy
 from edge_wbc.pipeline.preprocess import cell_crop, ensure_rgb_uint8, white_balance
 from edge_wbc.pipeline.results import FieldResult
@@ -49,7 +52,6 @@ REJECT_REASONS = ("not_leukocyte", "counted_twice", "unusable")
 REJECTED = "rejected"
 #: Cell status decided by the machine when the field was counted.
 STATUS_COUNTED, STATUS_DUPLICATE, STATUS_OTHER = "counted", "duplicate", "other"
-MAX_TARGET = 10000
 #: Side of the stored cell thumbnail (px). Larger than the classifier's input so the technician
 #: sees the cell comfortably on a desktop screen as well.
 CROP_PX = 128
@@ -66,7 +68,7 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def effective_label(cell: dict[str, Any]) -> str | None:
+def effective_label(cell: CellRecord) -> str | None:
     """The class a cell stands as (the formula says where it counts), or None when it does not
     stand: rejected in review, or a duplicate the technician left alone."""
     rl = cell.get("reviewed_label")
@@ -120,11 +122,11 @@ class SlideSession:
         self.guard_history = guard_history
         self.formula = formula if formula is not None else taxonomy.formula_or_raise()
         self._lock = threading.RLock()
-        self.slide: dict[str, Any] = {}
-        self.cells: dict[str, dict[str, Any]] = {}  # insertion order = capture order
+        self.slide: SlideRecord  # set by _resume_or_start below
+        self.cells: dict[str, CellRecord] = {}  # insertion order = capture order
         self.n_fields = 0
         self.n_fields_flagged = 0
-        self._last_field: dict[str, Any] | None = None
+        self._last_field: FieldRecord | None = None
         self._sigs: list[tuple[str, np.ndarray]] = []
         self._resume_or_start()
 
@@ -138,7 +140,7 @@ class SlideSession:
                 return
             self._load(slide)
 
-    def _load(self, slide: dict[str, Any]) -> None:
+    def _load(self, slide: SlideRecord) -> None:
         self.slide = slide
         self.cells = {c["id"]: c for c in self.store.cells(slide["id"])}
         fields = self.store.fields(slide["id"])
@@ -153,7 +155,7 @@ class SlideSession:
         sid = _new_slide_id()
         at = now_iso()
         sample = sample_id.strip() or "unnamed-" + sid[1:16]
-        slide = {
+        slide: SlideRecord = {
             "id": sid,
             "sample_id": sample,
             "target": target,
@@ -235,7 +237,7 @@ class SlideSession:
             if blockers:
                 raise SessionError("cannot finalise: " + "; ".join(blockers))
             at = now_iso()
-            closing = {**self.slide, "status": "finalised", "finalised_at": at}
+            closing: SlideRecord = {**self.slide, "status": "finalised", "finalised_at": at}
             # Every review action in order, including ones later undone: the report's audit trail.
             closing["review_history"] = [
                 {k: e["payload"].get(k) for k in ("cell_id", "action", "label", "reviewed_label",
@@ -287,7 +289,7 @@ class SlideSession:
         source: str = "",
         captured_at: str = "",
         t_trigger: float | None = None,
-    ) -> dict[str, Any]:
+    ) -> FieldRecord:
         """Count one analysed field. Returns the field summary (also published as an event)."""
         rgb = ensure_rgb_uint8(rgb)
         if result.error:
@@ -306,7 +308,7 @@ class SlideSession:
             fid = f"{self.slide['id']}-F{seq:04d}"
             at = captured_at or now_iso()
             balanced = white_balance(rgb) if result.cells else rgb
-            cell_rows: list[dict[str, Any]] = []
+            cell_rows: list[CellRecord] = []
             crops: dict[str, np.ndarray] = {}
             unknown = sorted({c.label for c in result.cells
                               if c.label != UNIDENTIFIED and c.label not in taxonomy.GROUP_OF})
@@ -314,7 +316,8 @@ class SlideSession:
                 raise SessionError(f"field not counted: unknown cell class(es) {unknown} "
                                    f"(known: {', '.join(taxonomy.CLASSES)})")
             for i, c in enumerate(result.cells):
-                box = tuple(int(v) for v in c.bbox)
+                x0, y0, x1, y1 = (int(v) for v in c.bbox)
+                box = (x0, y0, x1, y1)
                 leukocyte = taxonomy.is_leukocyte(c.label)
                 if not leukocyte and self.formula.row_for(c.label) is None:
                     status = STATUS_OTHER  # set aside before the overlap test, as always
@@ -343,7 +346,7 @@ class SlideSession:
                 })
                 crops[cid] = cell_crop(balanced, box, CROP_PX)
             quality = json_safe(dict(result.quality or {}))
-            field_row = {
+            field_row: FieldRecord = {
                 "id": fid,
                 "slide_id": self.slide["id"],
                 "seq": seq,
@@ -383,7 +386,7 @@ class SlideSession:
             self._emit([*events, fev])
             return field_row
 
-    def review(self, cell_id: str, label: str | None, reason: str | None = None) -> dict[str, Any]:
+    def review(self, cell_id: str, label: str | None, reason: str | None = None) -> CellRecord:
         """Reclassify (label: any class of the taxonomy), reject (label 'rejected' + reason) or
         restore (None) a cell. The machine's label is never overwritten; both are kept."""
         with self._lock:
@@ -406,7 +409,7 @@ class SlideSession:
                 )
             before = effective_label(cell)
             at = now_iso()
-            updated = {**cell, "reviewed_label": label, "review_reason": reason,
+            updated: CellRecord = {**cell, "reviewed_label": label, "review_reason": reason,
                        "reviewed_at": at if label is not None else None}
             payload = self._cell_payload(updated, action)
             payload["previous_reviewed_label"] = cell.get("reviewed_label")
@@ -419,11 +422,11 @@ class SlideSession:
 
     # ------------------------------------------------------------------ reading
 
-    def tally(self, cells: dict[str, dict[str, Any]] | None = None) -> Tally:
+    def tally(self, cells: dict[str, CellRecord] | None = None) -> Tally:
         labels = (effective_label(c) for c in (self.cells if cells is None else cells).values())
         return tally(self.formula, (lab for lab in labels if lab is not None), self.ci_method)
 
-    def counts(self, cells: dict[str, dict[str, Any]] | None = None) -> dict[str, int]:
+    def counts(self, cells: dict[str, CellRecord] | None = None) -> dict[str, int]:
         """Cells per shown row of the formula (counted, per-100 and count-only rows)."""
         return self.tally(cells).counts()
 
@@ -437,8 +440,8 @@ class SlideSession:
 
     def _state(
         self,
-        slide: dict[str, Any],
-        cells: dict[str, dict[str, Any]] | None = None,
+        slide: SlideRecord,
+        cells: dict[str, CellRecord] | None = None,
         n_fields: int | None = None,
         n_flagged: int | None = None,
     ) -> dict[str, Any]:
@@ -506,12 +509,12 @@ class SlideSession:
             cells = [self.cell_view(c) for c in self.cells.values()]
         return sorted(cells, key=lambda c: (c["group_order"], c["score"]))
 
-    def _row_key(self, c: dict[str, Any]) -> str | None:
+    def _row_key(self, c: CellRecord) -> str | None:
         eff = effective_label(c)
         row = self.formula.row_for(eff) if eff is not None else None
         return row.key if row is not None else None
 
-    def cell_view(self, c: dict[str, Any]) -> dict[str, Any]:
+    def cell_view(self, c: CellRecord) -> dict[str, Any]:
         eff = effective_label(c)
         row = self._row_key(c)
         if row is not None:
@@ -557,7 +560,7 @@ class SlideSession:
                 "start a new slide"
             )
 
-    def _slide_payload(self, slide: dict[str, Any]) -> dict[str, Any]:
+    def _slide_payload(self, slide: SlideRecord) -> dict[str, Any]:
         return {
             "slide_id": slide["id"],
             "sample_id": slide["sample_id"],
@@ -567,7 +570,7 @@ class SlideSession:
             "finalised_at": slide.get("finalised_at"),
         }
 
-    def _cell_payload(self, c: dict[str, Any], action: str) -> dict[str, Any]:
+    def _cell_payload(self, c: CellRecord, action: str) -> dict[str, Any]:
         return {
             "cell_id": c["id"],
             "slide_id": c["slide_id"],
@@ -587,11 +590,12 @@ class SlideSession:
             "at": c.get("reviewed_at") or c.get("created_at"),
         }
 
-    def _field_payload(self, f: dict[str, Any]) -> dict[str, Any]:
+    def _field_payload(self, f: FieldRecord) -> dict[str, Any]:
         keys = ("id", "seq", "captured_at", "source", "width", "height", "quality", "timing_ms",
                 "n_cells", "n_counted", "n_duplicate", "overlap_field", "overlap_fraction",
                 "flagged_duplicate")
-        out = {k: f[k] for k in keys}
+        row: Mapping[str, Any] = f  # keys from a runtime tuple, not literals
+        out = {k: row[k] for k in keys}
         out["field_id"] = out.pop("id")
         out["slide_id"] = f["slide_id"]
         out["sample_id"] = self.slide.get("sample_id")
@@ -621,7 +625,7 @@ def json_safe(v: Any) -> Any:
     return v
 
 
-def _blockers(slide: dict[str, Any], t: Tally) -> list[str]:
+def _blockers(slide: SlideRecord, t: Tally) -> list[str]:
     out = []
     n = t.counted
     target = int(slide["target"])
@@ -638,22 +642,13 @@ def _blockers(slide: dict[str, Any], t: Tally) -> list[str]:
 
 def _check_target(target: Any) -> int:
     try:
-        t = int(target)
-    except (TypeError, ValueError):
-        raise SessionError(f"target must be a whole number of cells, got {target!r}") from None
-    if isinstance(target, float) and target != t:
-        raise SessionError(f"target must be a whole number of cells, got {target!r}")
-    if not 1 <= t <= MAX_TARGET:
-        raise SessionError(f"target must be between 1 and {MAX_TARGET} cells, got {t}")
-    return t
+        return check_target(target)
+    except InputError as e:
+        raise SessionError(str(e)) from None
 
 
 def _check_sample_id(sample_id: Any) -> str:
-    if sample_id is None:
-        return ""
-    if not isinstance(sample_id, str):
-        raise SessionError("the sample id must be text")
-    s = sample_id.strip()
-    if len(s) > 64 or any(ord(ch) < 32 for ch in s):
-        raise SessionError("the sample id must be at most 64 printable characters")
-    return s
+    try:
+        return check_sample_id(sample_id)
+    except InputError as e:
+        raise SessionError(str(e)) from None
