@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import typer
 
+from edge_wbc.accelerators import ACCELERATORS
 from edge_wbc.pipeline.results import ANALYSIS_SCHEMA, FieldResult
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,14 @@ def _write_jpeg(path: Path, rgb: np.ndarray) -> None:
     if not ok:  # pragma: no cover
         raise OSError(f"could not encode {path.name}")
     _atomic_write_bytes(path, buf.tobytes())
+
+
+def _check_accelerator(accelerator: str | None) -> None:
+    # Before any image is read, so a typo costs nothing.
+    if accelerator is not None and accelerator not in ACCELERATORS:
+        raise _usage_error(
+            f"--accelerator must be {' or '.join(ACCELERATORS)}, not {accelerator!r}"
+        )
 
 
 def _load_settings(config: Path | None) -> Any:
@@ -138,7 +147,9 @@ def analyze(
     threads: int | None = typer.Option(
         None, "--threads", min=1, max=64, help="Interpreter threads."
     ),
-    accelerator: str | None = typer.Option(None, "--accelerator", help="cpu or edgetpu."),
+    accelerator: str | None = typer.Option(
+        None, "--accelerator", help=" or ".join(ACCELERATORS) + "."
+    ),
     cell_diameter: float | None = typer.Option(
         None,
         "--cell-diameter",
@@ -152,8 +163,7 @@ def analyze(
     (their entries carry "error"); 2: usage error (nothing analysed)."""
     from edge_wbc.pipeline.imageio import ImageError, list_images, read_image
 
-    if accelerator is not None and accelerator not in ("cpu", "edgetpu"):
-        raise _usage_error(f"--accelerator must be cpu or edgetpu, not {accelerator!r}")
+    _check_accelerator(accelerator)
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise _usage_error("no such file or folder: " + ", ".join(missing))
@@ -269,7 +279,9 @@ def bench(
         None, "--models", help="Models folder (with manifest.json)."
     ),
     threads: int | None = typer.Option(None, "--threads", min=1, max=64),
-    accelerator: str | None = typer.Option(None, "--accelerator", help="cpu or edgetpu."),
+    accelerator: str | None = typer.Option(
+        None, "--accelerator", help=" or ".join(ACCELERATORS) + "."
+    ),
     config: Path | None = typer.Option(None, "--config", help="Config file."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the numbers as JSON."),
 ) -> None:
@@ -277,8 +289,7 @@ def bench(
     from edge_wbc.pipeline.imageio import ImageError, read_image
     from edge_wbc.pipeline.preprocess import letterbox, white_balance
 
-    if accelerator is not None and accelerator not in ("cpu", "edgetpu"):
-        raise _usage_error(f"--accelerator must be cpu or edgetpu, not {accelerator!r}")
+    _check_accelerator(accelerator)
     rss_start = _peak_rss_mb()
     t0 = time.perf_counter()
     analyzer = _build_analyzer(config, models, threads, accelerator, None)

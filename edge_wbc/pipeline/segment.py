@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edge_wbc.pipeline.inference import TFLiteModel
+from edge_wbc.pipeline.inference import Model
 from edge_wbc.pipeline.preprocess import letterbox, letterbox_geometry, unletterbox
 
 
 @dataclass
 class Member:
     name: str
-    model: TFLiteModel
+    model: Model
     weight: float
     #: "probabilities" (sigmoid/softmax inside the model) or "logits".
     output_type: str = "probabilities"
