@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_wbc.accelerators import ACCELERATORS, CPU, DELEGATES
+from edge_wbc.inputs import MAX_TARGET, hidden_char
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,8 +46,6 @@ CRED_MQTT_PASSWORD = "mqtt-password"
 CRED_MQTT_TLS_KEY = "mqtt-tls-key"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-#: The most leukocytes a slide may be set to count.
-MAX_TARGET = 10000
 _SOURCE_RE = re.compile(r"^(folder:.+|opencv:.+|picamera2(:\d+)?)$")
 
 
@@ -524,7 +523,7 @@ def _build(
     def bad(sec: str, key: str, msg: str) -> None:
         problems.append(Problem(f"{sec}.{key}", line_of(sec, key), msg, src))
 
-    if not _is_loopback(cfg.station.host) and not cfg.station.token:
+    if not is_loopback(cfg.station.host) and not cfg.station.token:
         bad("station", "host", f"'{cfg.station.host}' is reachable from other machines: set a "
             f"token (EDGE_WBC_TOKEN or the systemd credential '{CRED_TOKEN}') or listen on "
             "127.0.0.1")
@@ -539,9 +538,11 @@ def _build(
     return cfg, problems
 
 
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach ``host``. "" is the wildcard address (every interface) to
+    ``bind``, so it is not loopback; "localhost" is."""
+    if host == "localhost":
+        return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -636,8 +637,10 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
     elif base is str:
         if not isinstance(value, str):
             return False, None, f"must be a string, got {_describe(value)}"
-        if "\x00" in value:
-            return False, None, "must not contain NUL characters"
+        bad = hidden_char(value)
+        if bad is not None:
+            # A station id or path that displays as something else misleads whoever reads it.
+            return False, None, f"must not contain {bad}"
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and value < lo:
         return False, None, f"{value!r} is below the minimum {lo!r}"
