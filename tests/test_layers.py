@@ -1,7 +1,8 @@
 """The package's folders are layers, as in the README's data-flow diagram: each imports only
 the layers below it (and itself), so the data flow cannot quietly grow a loop.
 
-    cli > station > comms > counting > camera > pipeline > config, logs, sdnotify, accelerators
+    cli > station > comms > counting > camera > pipeline > config, logs, sdnotify, accelerators,
+                                                            inputs
 
 Read from the source (every ``import``, inside functions too), so a lazy import breaks the rule
 as visibly as a top-level one. That nothing imports TensorFlow at run time is
@@ -19,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "edge_wbc"
 
 #: Lowest first. A module of layer i may import layers 0..i.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"", "config", "logs", "sdnotify", "accelerators"}),
+    frozenset({"", "config", "logs", "sdnotify", "accelerators", "inputs"}),
     frozenset({"pipeline"}),
     frozenset({"camera"}),
     frozenset({"counting"}),
