@@ -30,12 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_wbc import taxonomy
 from edge_wbc.accelerators import ACCELERATORS, CPU, DELEGATES
 from edge_wbc.inputs import MAX_TARGET, hidden_char
-
-# The one table of cell classes is data with no imports of its own: the config, the foundation,
-# checks [formula] against it without pulling in anything above.
-from edge_wbc.pipeline import taxonomy
 
 if sys.version_info >= (3, 11):
     import tomllib

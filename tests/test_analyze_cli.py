@@ -13,7 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from edge_wbc.cli import analyze as cli_analyze
-from edge_wbc.pipeline.taxonomy import group_of
+from edge_wbc.taxonomy import group_of
 
 TESTS = Path(__file__).parent
 FIXTURE_MODELS = TESTS / "fixtures" / "models"

@@ -14,13 +14,13 @@ import pytest
 from station_fakes import fake_cell
 from typer.testing import CliRunner
 
+from edge_wbc import taxonomy
 from edge_wbc.cli import app
 from edge_wbc.comms.monitor import StationTable
 from edge_wbc.config import ConfigError, load_config
 from edge_wbc.counting.reports import ROW_KEYS, write_reports
 from edge_wbc.counting.session import SessionError, SlideSession
 from edge_wbc.counting.store import Store
-from edge_wbc.pipeline import taxonomy
 from edge_wbc.pipeline.results import Cell, FieldResult
 
 FIELDS = sorted((Path(__file__).resolve().parent.parent / "samples" / "fields").glob("*.jpg"))

@@ -26,7 +26,7 @@ import typer
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_wbc.pipeline.results import CLASSES, UNIDENTIFIED
-from edge_wbc.pipeline.taxonomy import COUNT_ONLY, COUNTED, PER_100_WBC, SHORT
+from edge_wbc.taxonomy import COUNT_ONLY, COUNTED, PER_100_WBC, SHORT
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """A slide's cells counted by the lab's formula: rows, percentages, intervals and flags.
 
 The formula itself (which rows exist, which count toward the target, which flags) is the
-configuration's, built from :mod:`edge_wbc.pipeline.taxonomy`; here the session's effective
+configuration's, built from :mod:`edge_wbc.taxonomy`; here the session's effective
 labels become the numbers the page, the report and MQTT show.
 
 * counted rows (leukocytes, ``unidentified`` included): percent of the counted leukocytes, with
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_wbc.counting.stats import interval
-from edge_wbc.pipeline.taxonomy import (
+from edge_wbc.taxonomy import (
     COUNTED,
     NAMES,
     UNIDENTIFIED,

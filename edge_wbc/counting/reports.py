@@ -26,10 +26,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edge_wbc import __version__
+from edge_wbc import __version__, taxonomy
 from edge_wbc.counting.records import CellRecord, FieldRecord, SlideRecord
-from edge_wbc.pipeline import taxonomy
-from edge_wbc.pipeline.taxonomy import UNIDENTIFIED
+from edge_wbc.taxonomy import UNIDENTIFIED
 
 #: 2: differential rows carry group, kind and classes; formula and flags are new.
 REPORT_SCHEMA = "edge-wbc/report/2"

@@ -8,7 +8,7 @@ of it, so what they show can always be rebuilt from the database after a crash.
 Counting rules (what a cell contributes):
 
 * a cell stands as its *effective label*: the technician's reviewed label when there is one (any
-  class of :mod:`edge_wbc.pipeline.taxonomy`), else the machine's; ``rejected`` (not a
+  class of :mod:`edge_wbc.taxonomy`), else the machine's; ``rejected`` (not a
   leukocyte / counted twice / unusable) and ``duplicate`` cells (inside the part of the field
   already seen in a previous field) do not stand at all;
 * the lab's formula (``[formula]`` in the config, :mod:`edge_wbc.counting.formula`) puts each
@@ -35,16 +35,16 @@ from typing import Any
 
 import numpy as np
 
+from edge_wbc import taxonomy
 from edge_wbc.counting.events import Event, Publish
 from edge_wbc.counting.formula import Tally, tally
 from edge_wbc.counting.overlap import box_fraction_inside, field_signature, find_overlap
 from edge_wbc.counting.records import CellRecord, FieldRecord, SlideRecord
 from edge_wbc.counting.stats import CI_METHODS
 from edge_wbc.inputs import InputError, check_sample_id, check_target
-from edge_wbc.pipeline import taxonomy
 from edge_wbc.pipeline.preprocess import cell_crop, ensure_rgb_uint8, white_balance
 from edge_wbc.pipeline.results import FieldResult
-from edge_wbc.pipeline.taxonomy import UNIDENTIFIED, Formula
+from edge_wbc.taxonomy import UNIDENTIFIED, Formula
 
 #: 2: rows carry kind/group/classes; the formula and its raised flags ride along.
 STATE_SCHEMA = "edge-wbc/state/2"

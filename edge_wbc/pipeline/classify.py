@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_wbc.pipeline import taxonomy
+from edge_wbc import taxonomy
 from edge_wbc.pipeline.inference import Model
 from edge_wbc.pipeline.manifest import VIEW_COUNTS
 from edge_wbc.pipeline.results import UNIDENTIFIED

@@ -3,7 +3,7 @@
 ``FieldResult.to_json()`` is the per-image entry of ``edge-wbc analyze --json``
 (schema ``edge-wbc/analysis/2``: each cell's fine ``label`` and its ``group``); keep it stable
 and bump the schema when it changes. The classes and groups are
-:mod:`edge_wbc.pipeline.taxonomy`'s.
+:mod:`edge_wbc.taxonomy`'s.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_wbc.pipeline import taxonomy
+from edge_wbc import taxonomy
 
 ANALYSIS_SCHEMA = "edge-wbc/analysis/2"
 #: The five types of a five-part differential (group names), in report order.

@@ -19,8 +19,8 @@ from mqtt_support import Collector, Mosquitto, settings, wait_for
 from station_fakes import RunningStation
 from test_station_browser import CHROMIUM, CHROMIUM_ARGS, SAMPLES, _require_browser, _shot
 
+from edge_wbc import taxonomy
 from edge_wbc.comms.mqtt import MqttPublisher
-from edge_wbc.pipeline import taxonomy
 
 pytestmark = [pytest.mark.browser, pytest.mark.broker, pytest.mark.timeout(180)]
 T = "edge-wbc/bench-7"

@@ -2,7 +2,7 @@
 "use strict";
 
 /* The classes, their names and the lab's formula come with the state (the one table lives in
-   edge_wbc/pipeline/taxonomy.py); these are only the page's own words for what is not a class. */
+   edge_wbc/taxonomy.py); these are only the page's own words for what is not a class. */
 const NAMES = { other: "Not a leukocyte", duplicate: "Already counted", rejected: "Rejected" };
 const SHORT = { unidentified: "?", other: "OTH", duplicate: "DUP", rejected: "REJ" };
 const nameOf = (k) => NAMES[k] || ((ui.state && ui.state.formula && ui.state.formula.names) || {})[k] || k;

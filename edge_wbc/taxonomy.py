@@ -16,8 +16,10 @@ Three kinds of name live here:
 toward the target but belong to no five-part type and to no maturing granulocyte stage, and that
 a lab always wants to see on their own.
 
-This module imports nothing from edge_wbc: the config (the foundation) validates ``[formula]``
-against it, and every layer above reads the same table.
+It sits in the bottom layer, beside the config, and imports nothing from edge_wbc: the config
+validates ``[formula]`` against it (check-config names the key and line of an unknown class),
+and every layer above — the classifier's decision, the session, reports, MQTT, the page —
+reads the same table.
 """
 
 from __future__ import annotations
