@@ -330,9 +330,10 @@ def _decode_other(data: bytes, hdr: ImageHeader, target: tuple[int, int] | None)
     return img
 
 
-def decode(data: bytes, max_pixels: int = ANALYSIS_MAX_PIXELS) -> DecodedImage:
-    """Bytes -> a field as RGB uint8, reduced to at most ``max_pixels``. Raises ImageError
-    with the reason (never a decoder's exception)."""
+def decode(data: bytes, max_pixels: int | None = None) -> DecodedImage:
+    """Bytes -> a field as RGB uint8, reduced to at most ``max_pixels`` (default
+    ANALYSIS_MAX_PIXELS). Raises ImageError with the reason (never a decoder's exception)."""
+    max_pixels = ANALYSIS_MAX_PIXELS if max_pixels is None else max_pixels
     if not data:
         raise ImageError("empty file")
     hdr = read_header(data)
@@ -353,12 +354,12 @@ def decode(data: bytes, max_pixels: int = ANALYSIS_MAX_PIXELS) -> DecodedImage:
     if target is not None:
         notes.append(
             f"{hdr.width}x{hdr.height} analysed reduced to {rgb.shape[1]}x{rgb.shape[0]} "
-            f"(more than {max_pixels / 1e6:.0f} MP); positions are given in the file's pixels"
+            f"(more than {max_pixels / 1e6:g} MP); positions are given in the file's pixels"
         )
     return DecodedImage(rgb, hdr.width, hdr.height, tuple(notes))
 
 
-def decode_image(data: bytes, max_pixels: int = ANALYSIS_MAX_PIXELS) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     """Bytes -> RGB uint8 HxWx3 (reduced to at most ``max_pixels``). Raises ImageError."""
     return decode(data, max_pixels).rgb
 
@@ -403,12 +404,12 @@ def _read_file(path: Path) -> bytes:
     return data
 
 
-def read_field(path: str | Path, max_pixels: int = ANALYSIS_MAX_PIXELS) -> DecodedImage:
+def read_field(path: str | Path, max_pixels: int | None = None) -> DecodedImage:
     """Read a field from disk (reduced to at most ``max_pixels``). Raises ImageError."""
     return decode(_read_file(Path(path)), max_pixels)
 
 
-def read_image(path: str | Path, max_pixels: int = ANALYSIS_MAX_PIXELS) -> np.ndarray:
+def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Read a field from disk as RGB uint8. Raises ImageError (never a decoder crash)."""
     return read_field(path, max_pixels).rgb
 
