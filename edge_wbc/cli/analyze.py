@@ -244,7 +244,7 @@ def analyze(
             try:
                 if masks is not None and res.error is None and res.mask is not None:
                     _write_png(masks / f"{p.stem}.png", res.mask)
-                if overlay is not None and res.error is None:
+                if overlays is not None and overlay is not None and res.error is None:
                     _write_jpeg(overlays / f"{p.stem}.jpg", overlay)
             except OSError as e:
                 res.error = f"could not write output: {e.strerror or e}"
