@@ -95,7 +95,7 @@ def decide(
     return Prediction(label, score, {c: float(p) for c, p in zip(classes, probs, strict=True)})
 
 
-def embedding_size(model: TFLiteModel) -> int | None:
+def embedding_size(model: Model) -> int | None:
     """Length of the model's embedding output (output 1: the pooled features in front of the
     class head, [1, D]), or None when the model has only its class output."""
     if len(model.outputs) < 2:
@@ -157,8 +157,8 @@ class CellClassifier:
         if self.embedding_dim is None:
             return pred
         # Averaged over the views like the logits, so the embedding does not depend on how the
-        # cell happened to lie either; float64 sum, as 1280 x 4 int8 steps lose nothing.
-        emb = np.mean([o[1].reshape(-1) for o in outs], axis=0, dtype=np.float64)
+        # cell happened to lie either.
+        emb = np.stack([o[1].reshape(-1) for o in outs]).mean(axis=0, dtype=np.float64)
         return replace(pred, embedding=emb.astype(np.float32))
 
     def classify_all(self, crops: Sequence[np.ndarray]) -> list[Prediction]:
