@@ -102,15 +102,20 @@ class FieldAnalyzer:
             if cm.input_hw[0] != cm.input_hw[1]:
                 raise ManifestError(f"{ce.file}: classifier input must be square, is {cm.input_hw}")
             declared = (ce.raw.get("output") or {}).get("type")
-            self.classifier = CellClassifier(
-                cm,
-                ce.classes,
-                ce.temperature,
-                ce.confidence_threshold,
-                output_kind(cm.outputs[0], declared),
-                ce.other_threshold,
-                ce.views,
-            )
+            try:
+                classifier = CellClassifier(
+                    cm,
+                    ce.classes,
+                    ce.temperature,
+                    ce.confidence_threshold,
+                    output_kind(cm.outputs[0], declared),
+                    ce.other_threshold,
+                    ce.views,
+                    ce.embedding_dim,
+                )
+            except ValueError as e:
+                raise ManifestError(f"{ce.file}: {e}") from e
+            self.classifier = classifier
             self.crop_scale = ce.crop_scale
         else:
             log.warning(
@@ -202,7 +207,16 @@ class FieldAnalyzer:
         lap("classify")
 
         cells = [
-            Cell(r.bbox, p.label, p.score, p.probs, r.area_px, crop=r.crop, mask=r.mask)
+            Cell(
+                r.bbox,
+                p.label,
+                p.score,
+                p.probs,
+                r.area_px,
+                crop=r.crop,
+                mask=r.mask,
+                embedding=p.embedding,
+            )
             for r, p in zip(regions, preds, strict=True)
         ]
         mask = np.zeros((h, w), np.uint8)
