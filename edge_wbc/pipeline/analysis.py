@@ -274,7 +274,7 @@ def at_file_scale(result: FieldResult, width: int, height: int, mask: bool = Tru
     if mask:
         full = np.zeros((height, width), np.uint8)
         for c in cells:
-            if c.label != OTHER and c.mask is not None:
+            if c.counted and c.mask is not None:
                 x0, y0, x1, y1 = c.bbox
                 full[y0:y1, x0:x1][c.mask] = 255
     return dataclasses.replace(result, width=width, height=height, cells=cells, mask=full)
