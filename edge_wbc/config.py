@@ -46,7 +46,7 @@ CRED_MQTT_PASSWORD = "mqtt-password"
 CRED_MQTT_TLS_KEY = "mqtt-tls-key"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_SOURCE_RE = re.compile(r"^(folder:.+|opencv:.+|picamera2(:\d+)?)$")
+_SOURCE_RE = re.compile(r"^(samples|folder:.+|opencv:.+|picamera2(:\d+)?)$")
 
 
 def _f(default: Any, doc: str, **meta: Any) -> Any:
@@ -61,9 +61,10 @@ def _f(default: Any, doc: str, **meta: Any) -> Any:
 @dataclass(frozen=True)
 class CameraConfig:
     source: str = _f(
-        "folder:samples/fields",
+        "samples",
         "Where fields come from: 'picamera2' (Pi camera), 'opencv:N' or 'opencv:/dev/videoN' "
-        "(USB/UVC microscope camera), or 'folder:DIR' (replays the images in DIR; demo and tests).",
+        "(USB/UVC microscope camera), 'folder:DIR' (replays the images in DIR) or 'samples' (the "
+        "sample fields inside the package; the demo).",
         check="source",
     )
     width: int = _f(
@@ -78,9 +79,10 @@ class CameraConfig:
 
 @dataclass(frozen=True)
 class ModelsConfig:
-    dir: str = _f(
-        "models", "Folder holding manifest.json and the .tflite files it lists (sha256-checked).",
-        path=True,
+    dir: str | None = _f(
+        None, "Folder holding manifest.json and the .tflite files it lists (sha256-checked). "
+        "Unset: $EDGE_WBC_MODELS, then /opt/edge-wbc/models (what install-pi.sh writes), then "
+        "the models inside the installed package.", path=True,
     )
     threads: int = _f(2, "CPU threads for the interpreter.", min=1, max=64)
     accelerator: str = _f(
@@ -662,7 +664,7 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
     check = meta.get("check")
     if check == "source" and not _SOURCE_RE.match(value):
         return False, None, (f"{value!r} is not a camera source: use 'picamera2', 'opencv:0' "
-                             "(or 'opencv:/dev/video0') or 'folder:DIR'")
+                             "(or 'opencv:/dev/video0'), 'folder:DIR' or 'samples'")
     tpu = DELEGATES["edgetpu"]
     if check == "edgetpu" and value and not tpu.device_ok(value):
         spellings = ", ".join(repr(s) for s in tpu.device_spellings)

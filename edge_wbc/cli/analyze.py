@@ -251,6 +251,24 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return float(np.median(a)), float(np.percentile(a, 90))
 
 
+def machine_description() -> str:
+    """What a benchmark figure was measured on: the same code takes 12 ms per field on one VM
+    and 34-46 ms on another, so a number without its machine means little."""
+    import os
+    import platform
+
+    cpu = platform.processor() or ""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        info = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
+        # x86 says "model name"; a Raspberry Pi says "Model" (board) and "Hardware" (SoC).
+        cpu = info.get("model name") or info.get("model") or info.get("hardware") or cpu
+    except OSError:
+        pass
+    return (f"{platform.machine()}, {os.cpu_count()} core(s), {cpu or 'unknown CPU'}, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+
+
 def bench(
     image: Path = typer.Option(
         BENCH_FIELD, "--image", help="Field to analyse (default: a bundled BCCD field)."
@@ -326,7 +344,8 @@ def bench(
         f"{runs} runs after {warmup} warm-up\n"
         f"runtime {analyzer.runtime.name} {analyzer.runtime.version}, "
         f"{analyzer.threads} thread(s), "
-        f"accelerator {analyzer.accelerator}, models {analyzer.manifest.root}"
+        f"accelerator {analyzer.accelerator}, models {analyzer.models_location.describe()}\n"
+        f"machine: {machine_description()}"
     )
     width = max(len(r[0]) for r in rows)
     typer.echo(f"{'stage':<{width}}  {'median ms':>10}  {'p90 ms':>8}")
@@ -338,6 +357,11 @@ def bench(
     typer.echo(
         f"{'peak RSS (whole process)':<{width}}  {peak:>10.0f} MB  (at start {rss_start:.0f} MB)"
     )
+    field_ms = _stats(stages["decode + total"])[0]
+    typer.echo(
+        f"{'whole field, decode included':<{width}}  {field_ms:>10.1f} ms = "
+        f"{1000.0 / max(field_ms, 1e-9):.1f} fields per second on this machine"
+    )
     if json_out is not None:
         doc = {
             "image": str(image),
@@ -345,6 +369,10 @@ def bench(
             "runtime": f"{analyzer.runtime.name} {analyzer.runtime.version}",
             "threads": analyzer.threads,
             "accelerator": analyzer.accelerator,
+            "machine": machine_description(),
+            "models_dir": str(analyzer.models_location.path),
+            "models_source": analyzer.models_location.source,
+            "fields_per_second": 1000.0 / max(field_ms, 1e-9),
             "cells": len(result.cells),
             "load_ms": load_ms,
             "peak_rss_mb": peak,

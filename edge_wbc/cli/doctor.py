@@ -24,6 +24,7 @@ from pathlib import Path
 
 from edge_wbc import __version__
 from edge_wbc.accelerators import CPU, DELEGATES, Delegate
+from edge_wbc.bundled import locate_models
 from edge_wbc.config import Config
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
@@ -94,16 +95,17 @@ def check_camera(cfg: Config) -> Check:
 def check_models(cfg: Config) -> Check:
     from edge_wbc.pipeline.manifest import ManifestError, load_manifest
 
+    where = locate_models(cfg.models.dir or "")
     try:
-        man = load_manifest(cfg.models.dir, verify=True)
+        man = load_manifest(where.path, verify=True)
     except ManifestError as e:
-        return Check("models", FAIL, str(e))
+        return Check("models", FAIL, f"{e} (models from {where.source})")
     cls = man.classifier
     parts = [f"{len(man.segmenters)} segmenter(s)", f"classifier {cls.name}" if cls else
              "no classifier"]
     status = OK if cls is not None else FAIL
-    return Check("models", status, f"{Path(cfg.models.dir).resolve()}: {', '.join(parts)}, "
-                 "sha256 verified")
+    return Check("models", status, f"{where.path.resolve()} ({where.source}): "
+                 f"{', '.join(parts)}, sha256 verified")
 
 
 def check_interpreter(cfg: Config) -> Check:
@@ -123,7 +125,7 @@ def check_interpreter(cfg: Config) -> Check:
         return Check("interpreter", FAIL, str(e))
     head = f"{rt.name} {rt.version}"
     try:
-        man = load_manifest(cfg.models.dir, verify=False)
+        man = load_manifest(locate_models(cfg.models.dir or "").path, verify=False)
     except ManifestError:
         return Check("interpreter", WARN, f"{head} imports; models not loadable (see models)")
     t0 = time.perf_counter()
@@ -182,7 +184,7 @@ def _missing_compiled_files(cfg: Config, spec: Delegate) -> list[str]:
     from edge_wbc.pipeline.manifest import ManifestError, load_manifest
 
     try:
-        man = load_manifest(cfg.models.dir, verify=False)
+        man = load_manifest(locate_models(cfg.models.dir or "").path, verify=False)
     except ManifestError:
         return []
     out = []

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,7 +138,7 @@ def default_station_id() -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
 
-def read_password(env: dict[str, str]) -> str | None:
+def read_password(env: Mapping[str, str]) -> str | None:
     """Same sources as edge_wbc.config: environment, then the systemd credential; never argv."""
     if env.get("EDGE_WBC_MQTT_PASSWORD"):
         return env["EDGE_WBC_MQTT_PASSWORD"]
@@ -609,7 +609,8 @@ class MqttPublisher:
             return None if self._diff is None else dict(self._diff)
 
     def _differential_payload(self, state: dict[str, Any]) -> str:
-        slide = state.get("slide") if isinstance(state.get("slide"), dict) else {}
+        raw_slide = state.get("slide")
+        slide: dict[str, Any] = raw_slide if isinstance(raw_slide, dict) else {}
         return _dumps({
             **state,
             # The station's own state schema stays readable next to the MQTT envelope's.

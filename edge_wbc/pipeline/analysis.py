@@ -16,6 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edge_wbc.bundled import locate_models
 from edge_wbc.pipeline.classify import CellClassifier, Prediction
 from edge_wbc.pipeline.inference import (
     CPU,
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 class FieldAnalyzer:
     def __init__(
         self,
-        models_dir: str | Path = "models",
+        models_dir: str | Path | None = None,
         threads: int = 2,
         accelerator: str = CPU,
         edgetpu_device: str = "",
@@ -46,7 +47,10 @@ class FieldAnalyzer:
         quality: QualityParams | None = None,
     ) -> None:
         t0 = time.perf_counter()
-        self.manifest: Manifest = load_manifest(models_dir)
+        # None: the one resolution rule (--models, models.dir, $EDGE_WBC_MODELS, installed,
+        # packaged) in edge_wbc.bundled.
+        self.models_location = locate_models("" if models_dir is None else str(models_dir))
+        self.manifest: Manifest = load_manifest(self.models_location.path)
         self.runtime = get_runtime()
         self.threads = int(threads)
         self.accel = open_accelerator(
@@ -96,15 +100,20 @@ class FieldAnalyzer:
             if cm.input_hw[0] != cm.input_hw[1]:
                 raise ManifestError(f"{ce.file}: classifier input must be square, is {cm.input_hw}")
             declared = (ce.raw.get("output") or {}).get("type")
-            self.classifier = CellClassifier(
-                cm,
-                ce.classes,
-                ce.temperature,
-                ce.confidence_threshold,
-                output_kind(cm.outputs[0], declared),
-                ce.other_threshold,
-                ce.views,
-            )
+            try:
+                classifier = CellClassifier(
+                    cm,
+                    ce.classes,
+                    ce.temperature,
+                    ce.confidence_threshold,
+                    output_kind(cm.outputs[0], declared),
+                    ce.other_threshold,
+                    ce.views,
+                    ce.embedding_dim,
+                )
+            except ValueError as e:
+                raise ManifestError(f"{ce.file}: {e}") from e
+            self.classifier = classifier
             self.crop_scale = ce.crop_scale
         else:
             log.warning(
@@ -120,7 +129,7 @@ class FieldAnalyzer:
         """Build from an ``edge_wbc.config.Config`` (models + postprocess sections)."""
         m = cfg.models
         return cls(
-            models_dir=m.dir,
+            models_dir=m.dir,  # None: resolved by edge_wbc.bundled.locate_models
             threads=m.threads,
             accelerator=m.accelerator,
             edgetpu_device=m.edgetpu_device,
@@ -138,6 +147,8 @@ class FieldAnalyzer:
         """The "models" block of an analysis document."""
         return {
             **self.manifest.summary(),
+            "models_dir": str(self.models_location.path),
+            "models_source": self.models_location.source,
             "runtime": f"{self.runtime.name} {self.runtime.version}",
             "accelerator": self.accelerator,
             "accelerator_note": self.accel.message,
@@ -180,7 +191,16 @@ class FieldAnalyzer:
         lap("classify")
 
         cells = [
-            Cell(r.bbox, p.label, p.score, p.probs, r.area_px, crop=r.crop, mask=r.mask)
+            Cell(
+                r.bbox,
+                p.label,
+                p.score,
+                p.probs,
+                r.area_px,
+                crop=r.crop,
+                mask=r.mask,
+                embedding=p.embedding,
+            )
             for r, p in zip(regions, preds, strict=True)
         ]
         mask = np.zeros((h, w), np.uint8)

@@ -85,7 +85,7 @@ def _disk(diameter: float) -> np.ndarray | None:
 def open_close(mask: np.ndarray, params: PostprocessParams, scale: float = 1.0) -> np.ndarray:
     """Step 1: opening then closing (elliptic kernels), then holes filled: a leukocyte is one
     solid region however its nucleus and cytoplasm were scored."""
-    m = mask.astype(np.uint8)
+    m: np.ndarray = mask.astype(np.uint8)
     k_open = _disk(params.px(params.open_frac, scale))
     if k_open is not None:
         m = cv2.morphologyEx(m, cv2.MORPH_OPEN, k_open)
@@ -339,7 +339,7 @@ def postprocess_mask(mask: np.ndarray, params: PostprocessParams) -> tuple[list[
     h, w = mask.shape[:2]
     s = work_scale((h, w), params)
     wh, ww = max(1, round(h * s)), max(1, round(w * s))
-    small = mask.astype(np.float32)
+    small: np.ndarray = mask.astype(np.float32)
     if (wh, ww) != (h, w):
         small = cv2.resize(small, (ww, wh), interpolation=cv2.INTER_AREA)
     return postprocess(small >= 0.5, (h, w), params, wh / h)

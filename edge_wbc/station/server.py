@@ -282,8 +282,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         # StreamRequestHandler applies this to the socket: reads and writes that make no
-        # progress for this long end the connection.
-        self.timeout = self.server.idle_timeout_s
+        # progress for this long end the connection. (Typeshed calls it a ClassVar; setup reads
+        # it from the instance, so a per-server value belongs there.)
+        self.timeout = self.server.idle_timeout_s  # type: ignore[misc]
         super().setup()
 
     def handle_one_request(self) -> None:
