@@ -69,6 +69,9 @@ class LisDelivery:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._backoff = float(cfg.retry_s)
+        # While the LIS is away nothing is tried before this (time.monotonic()); one clock for
+        # the whole queue keeps the reports in order.
+        self._resume_at = 0.0
         self.reachable: bool | None = None  # None until the first attempt
         self.last_outcome: str | None = None
 
@@ -101,18 +104,17 @@ class LisDelivery:
             self._wake.clear()
 
     def run_once(self) -> float:
-        """Try every report that is due; returns seconds until the next one is due."""
+        """Try the waiting reports in order; returns seconds until it is worth looking again."""
         while not self._stop.is_set():
+            wait = self._resume_at - time.monotonic()
+            if wait > 0:
+                return min(POLL_S, wait)
             with self._lock:
-                row = outbox.due(self.conn, time.time())
+                row = outbox.due(self.conn)
             if row is None:
                 break
-            outcome = self._attempt(row)
-            if not outcome.ok and not outcome.held:
-                break  # the LIS is away: the rest would fail the same way
-        with self._lock:
-            nxt = outbox.next_try(self.conn)
-        return POLL_S if nxt is None else max(0.05, min(POLL_S, nxt - time.time()))
+            self._attempt(row)
+        return POLL_S
 
     def _attempt(self, row: outbox.Row) -> Outcome:
         try:
@@ -125,17 +127,19 @@ class LisDelivery:
             if outcome.ok:
                 outbox.delivered(self.conn, row, self.transport.destination, outcome.detail)
                 self._backoff = float(self.cfg.retry_s)
+                self._resume_at = 0.0
                 self.reachable = True
                 log.info("LIS: sample %s (slide %s) delivered to %s: %s", row.sample_id,
                          row.slide_id, self.transport.destination, outcome.detail)
             elif outcome.held:
-                outbox.failed(self.conn, row, outcome.detail, held=True, retry_at=0)
+                outbox.failed(self.conn, row, outcome.detail, held=True)
                 self.reachable = True
                 log.warning("LIS refused sample %s (slide %s): %s; kept, release it with "
                             "`edge-wbc lis retry`", row.sample_id, row.slide_id, outcome.detail)
             else:
-                outbox.failed(self.conn, row, outcome.detail, held=False,
-                              retry_at=time.time() + self._backoff)
+                # The LIS is away: the reports after this one would fail the same way.
+                outbox.failed(self.conn, row, outcome.detail, held=False)
+                self._resume_at = time.monotonic() + self._backoff
                 log.warning("LIS: sample %s not delivered (%s); next try in %.0f s",
                             row.sample_id, outcome.detail, self._backoff)
                 self._backoff = min(self._backoff * 2, MAX_RETRY_S)

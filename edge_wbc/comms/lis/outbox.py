@@ -28,7 +28,6 @@ CREATE TABLE IF NOT EXISTS lis_outbox (
     report_file TEXT NOT NULL,      -- report.json, relative to the data directory
     queued_at TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    next_try REAL NOT NULL DEFAULT 0,   -- unix time of the next attempt
     last_try_at TEXT,
     last_error TEXT,
     held INTEGER NOT NULL DEFAULT 0    -- 1: the LIS refused it; kept until released
@@ -86,7 +85,7 @@ def enqueue(conn: sqlite3.Connection, slide_id: str, sample_id: str, report_file
     conn.execute(
         "INSERT INTO lis_outbox (slide_id, sample_id, report_file, queued_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (slide_id) DO UPDATE SET report_file = excluded.report_file, held = 0,"
-        " next_try = 0, attempts = 0, last_error = NULL",
+        " attempts = 0, last_error = NULL",
         (slide_id, sample_id, report_file, now_iso()),
     )
 
@@ -103,17 +102,12 @@ def hook(conn: sqlite3.Connection, event: Any) -> None:
             str((p.get("files") or {}).get("json") or ""))
 
 
-def due(conn: sqlite3.Connection, now: float) -> Row | None:
-    """The oldest report that may be tried now (delivery keeps the order of finalising)."""
+def due(conn: sqlite3.Connection) -> Row | None:
+    """The oldest report not held: delivery keeps the order of finalising."""
     r = conn.execute(
         "SELECT id, slide_id, sample_id, report_file, attempts, last_error FROM lis_outbox"
-        " WHERE held = 0 AND next_try <= ? ORDER BY id LIMIT 1", (now,)).fetchone()
+        " WHERE held = 0 ORDER BY id LIMIT 1").fetchone()
     return Row(*r) if r else None
-
-
-def next_try(conn: sqlite3.Connection) -> float | None:
-    r = conn.execute("SELECT MIN(next_try) FROM lis_outbox WHERE held = 0").fetchone()
-    return None if r is None or r[0] is None else float(r[0])
 
 
 def delivered(conn: sqlite3.Connection, row: Row, destination: str, detail: str) -> None:
@@ -125,22 +119,20 @@ def delivered(conn: sqlite3.Connection, row: Row, destination: str, detail: str)
             (row.slide_id, row.sample_id, now_iso(), destination, detail))
 
 
-def failed(conn: sqlite3.Connection, row: Row, error: str, *, held: bool, retry_at: float
-           ) -> None:
+def failed(conn: sqlite3.Connection, row: Row, error: str, *, held: bool) -> None:
     with _txn(conn):
         conn.execute(
             "UPDATE lis_outbox SET attempts = attempts + 1, last_try_at = ?, last_error = ?,"
-            " held = ?, next_try = ? WHERE id = ?",
-            (now_iso(), error, int(held), retry_at, row.id))
+            " held = ? WHERE id = ?", (now_iso(), error, int(held), row.id))
 
 
 def release(conn: sqlite3.Connection, slide_id: str | None = None) -> int:
     """Send held (refused) reports again: one slide, or all. Returns how many."""
     with _txn(conn):
         if slide_id is None:
-            cur = conn.execute("UPDATE lis_outbox SET held = 0, next_try = 0 WHERE held = 1")
+            cur = conn.execute("UPDATE lis_outbox SET held = 0 WHERE held = 1")
         else:
-            cur = conn.execute("UPDATE lis_outbox SET held = 0, next_try = 0 WHERE slide_id = ?",
+            cur = conn.execute("UPDATE lis_outbox SET held = 0 WHERE slide_id = ?",
                                (slide_id,))
         return cur.rowcount
 
