@@ -490,3 +490,65 @@ def test_config_requires_the_destination_and_keeps_the_token_secret(tmp_path: Pa
                                  "EDGE_WBC_LIS_FHIR_URL": "https://x/fhir"})
     assert cfg.lis.fhir_token == "from-systemd"
     assert "from-systemd" not in repr(cfg) and cfg.to_dict()["lis"]["fhir_token"] == "***"
+
+
+# --------------------------------------------------------------------------- doctor and CLI
+
+
+def test_doctor_and_cli_show_the_outbox(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edge_wbc.cli import app
+    from edge_wbc.cli import doctor as doc
+
+    assert doc.check_lis(_cfg(tmp_path)).status == doc.SKIP
+    port = free_port()
+    st, d = _make(tmp_path, delivery="mllp", host="127.0.0.1", port=str(port))
+    sid = st.finalise_slide("H-1")
+    d.run_once()
+    env = {"HOME": str(tmp_path), "EDGE_WBC_SESSION_DATA_DIR": str(tmp_path / "data"),
+           "EDGE_WBC_LIS_DELIVERY": "mllp", "EDGE_WBC_LIS_HOST": "127.0.0.1",
+           "EDGE_WBC_LIS_PORT": str(port)}
+    cfg = load_config(None, env=env)
+    row = doc.check_lis(cfg, timeout=0.5)
+    assert row.status == doc.WARN and "unreachable" in row.detail
+    assert "1 report(s) waiting" in row.detail
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["lis", "status", "--json"], env=env)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["waiting"] == 1
+    with mllp_peer() as peer:
+        peer.script = ["AR"]
+        d2 = LisDelivery(load_config(None, env={**env, "EDGE_WBC_LIS_PORT": str(peer.port)}).lis,
+                         st.store.db_path, st.data)
+        d2.run_once()
+        r = runner.invoke(app, ["lis", "status"], env=env)
+        assert "REFUSED  sample H-1" in r.output and "LIS answered AR" in r.output
+        row = doc.check_lis(load_config(None, env={**env, "EDGE_WBC_LIS_PORT": str(peer.port)}))
+        assert row.status == doc.WARN and "1 refused by the LIS" in row.detail
+        assert "edge-wbc lis retry" in row.detail
+        r = runner.invoke(app, ["lis", "retry"], env=env)
+        assert "1 report(s) released" in r.output
+        d2.run_once()
+        assert peer.acked == [control_id(sid)]
+        # On demand: a delivered slide sent again, and its report in every format.
+        r = runner.invoke(app, ["lis", "send", "--slide", sid], env=env)
+        assert r.exit_code == 0 and "queued for the LIS" in r.output
+        d2.run_once()
+        assert peer.acked == [control_id(sid)] * 2
+        d2.stop()
+    for fmt in ("hl7", "fhir", "json", "csv", "html"):
+        r = runner.invoke(app, ["report", "--slide", sid, "--format", fmt], env=env)
+        assert r.exit_code == 0, (fmt, r.output)
+        assert r.stdout_bytes
+    r = runner.invoke(app, ["report", "--slide", "nope", "--format", "hl7"], env=env)
+    assert r.exit_code == 1 and "no slide 'nope'" in r.output
+    st.session.new_slide("H-open", 3)
+    r = runner.invoke(app, ["report", "--slide", st.session.slide["id"], "--format", "hl7"],
+                      env=env)
+    assert r.exit_code == 1 and "not finalised" in r.output
+    r = runner.invoke(app, ["report", "--slide", sid, "--format", "pdf"], env=env)
+    assert r.exit_code != 0
+    d.stop()
+    st.close()
