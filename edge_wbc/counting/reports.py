@@ -176,9 +176,32 @@ def write_reports(
     return paths
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula: a sample ID
+# "=HYPERLINK(...)" typed at the station would run on whoever opens the report (OWASP's CSV
+# injection). Such a cell gets a leading apostrophe, which spreadsheets show as text.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` safe to open in a spreadsheet; numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+class _SafeWriter:
+    """csv.writer that neutralises every cell, so no column can be forgotten."""
+
+    def __init__(self, buf: io.StringIO) -> None:
+        self._w = csv.writer(buf, lineterminator="\n")
+
+    def writerow(self, row: list[Any]) -> None:
+        self._w.writerow([csv_cell(v) for v in row])
+
+
 def _formula_csv(rep: dict[str, Any]) -> str:
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = _SafeWriter(buf)
     w.writerow(["sample_id", "slide_id", "finalised_at", "class", "count", "percent",
                 "ci95_low_percent", "ci95_high_percent", "counted", "ci_method"])
     for row in rep["differential"]:
@@ -192,7 +215,7 @@ def _cells_csv(rep: dict[str, Any], cells: list[CellRecord]) -> str:
     from edge_wbc.counting.session import effective_label
 
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = _SafeWriter(buf)
     w.writerow(["sample_id", "cell_id", "field_id", "x0", "y0", "x1", "y1", "machine_label",
                 "machine_score", "status", "reviewed_label", "review_reason", "reviewed_at",
                 "counted_as"])

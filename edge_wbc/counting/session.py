@@ -36,6 +36,7 @@ from edge_wbc.counting.events import Event, Publish
 from edge_wbc.counting.overlap import box_fraction_inside, field_signature, find_overlap
 from edge_wbc.counting.records import CellRecord, FieldRecord, SlideRecord
 from edge_wbc.counting.stats import CI_METHODS, interval
+from edge_wbc.inputs import InputError, check_sample_id, check_target
 from edge_wbc.pipeline.preprocess import cell_crop, ensure_rgb_uint8, white_balance
 from edge_wbc.pipeline.results import CLASSES, OTHER, UNIDENTIFIED, FieldResult
 
@@ -44,7 +45,6 @@ REJECT_REASONS = ("not_leukocyte", "counted_twice", "unusable")
 REJECTED = "rejected"
 #: Cell status decided by the machine when the field was counted.
 STATUS_COUNTED, STATUS_DUPLICATE, STATUS_OTHER = "counted", "duplicate", "other"
-MAX_TARGET = 10000
 #: Side of the stored cell thumbnail (px). Larger than the classifier's input so the technician
 #: sees the cell comfortably on a desktop screen as well.
 CROP_PX = 128
@@ -605,22 +605,13 @@ def _blockers(slide: SlideRecord, counts: dict[str, int]) -> list[str]:
 
 def _check_target(target: Any) -> int:
     try:
-        t = int(target)
-    except (TypeError, ValueError):
-        raise SessionError(f"target must be a whole number of cells, got {target!r}") from None
-    if isinstance(target, float) and target != t:
-        raise SessionError(f"target must be a whole number of cells, got {target!r}")
-    if not 1 <= t <= MAX_TARGET:
-        raise SessionError(f"target must be between 1 and {MAX_TARGET} cells, got {t}")
-    return t
+        return check_target(target)
+    except InputError as e:
+        raise SessionError(str(e)) from None
 
 
 def _check_sample_id(sample_id: Any) -> str:
-    if sample_id is None:
-        return ""
-    if not isinstance(sample_id, str):
-        raise SessionError("the sample id must be text")
-    s = sample_id.strip()
-    if len(s) > 64 or any(ord(ch) < 32 for ch in s):
-        raise SessionError("the sample id must be at most 64 printable characters")
-    return s
+    try:
+        return check_sample_id(sample_id)
+    except InputError as e:
+        raise SessionError(str(e)) from None

@@ -31,6 +31,9 @@ class Cell:
     crop: np.ndarray | None = field(default=None, repr=False)
     #: boolean mask of the cell within bbox; not serialised.
     mask: np.ndarray | None = field(default=None, repr=False)
+    #: the classifier's pooled features (float32, edge_wbc.pipeline.classify.Prediction);
+    #: None when the classifier emits none; not serialised.
+    embedding: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def counted(self) -> bool:

@@ -59,9 +59,10 @@ class LisDelivery:
     ) -> None:
         self.cfg = cfg
         self.data_dir = Path(data_dir)
-        self.transport = transport or make_transport(cfg, station_id)
-        if self.transport is None:
+        chosen = transport or make_transport(cfg, station_id)
+        if chosen is None:
             raise ValueError("lis.delivery is 'off': nothing to deliver to")
+        self.transport: Transport = chosen
         self.conn = outbox.connect(str(db_path))
         self.on_change = on_change
         self._lock = threading.Lock()
