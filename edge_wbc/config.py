@@ -227,8 +227,11 @@ class MqttConfig:
     commands_enabled: bool = _f(False, "Accept capture/slide commands from the broker.")
     ha_discovery: bool = _f(False, "Publish Home Assistant discovery for the differential sensors.")
     outbox_max: int = _f(
-        100000, "Events kept for the broker while it is unreachable; beyond it the oldest are "
-        "dropped with a warning.", min=100, max=10_000_000,
+        100000, "Events kept for the broker while it is unreachable. When full, the oldest "
+        "field summary is dropped to make room, else the oldest cell event of a slide whose final "
+        "report is queued; cell and slide events of open slides are never dropped (kept above "
+        "the limit, a new field summary refused). A warning shows on the page and in stats; the "
+        "database keeps everything.", min=100, max=10_000_000,
     )
     stats_interval_s: float = _f(60.0, "Seconds between health messages.", min=1.0, max=86400.0)
 

@@ -234,7 +234,8 @@ function renderStation() {
   const mq = st.mqtt;  // only when a broker is configured; counting never depends on it
   if (mq) {
     const why = { auth_failed: "login refused", unreachable: "broker unreachable",
-                  tls_error: "TLS error", refused: "refused" }[mq.state];
+                  tls_error: "TLS error", tls_mismatch: "TLS/plain port mismatch",
+                  refused: "refused" }[mq.state];
     bits.push(mq.connected ? "MQTT ✓" : `MQTT: ${why || "connecting"}`);
     if (mq.outbox && mq.outbox.full) bits.push("MQTT outbox full");
   }
