@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import sqlite3
 import threading
 from functools import partial
 from pathlib import Path
@@ -78,7 +79,7 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
     """Start everything, serve until SIGTERM/SIGINT (or ``stop``), then shut down in order."""
     from edge_wbc import sdnotify
     from edge_wbc.camera import CameraError, open_source
-    from edge_wbc.counting.events import Fanout
+    from edge_wbc.counting.events import Event, Fanout
     from edge_wbc.counting.reports import write_reports
     from edge_wbc.counting.session import SlideSession
     from edge_wbc.counting.store import Store, StoreError
@@ -104,6 +105,19 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
                       outbox_max=cfg.mqtt.outbox_max)
     except StoreError as e:
         raise StartupError(str(e)) from e
+    lis = None
+    if cfg.lis.delivery != "off":
+        from edge_wbc.comms.lis.delivery import LisDelivery
+
+        try:
+            # Its tables exist before the store's first finalise runs the hook.
+            lis = LisDelivery(cfg.lis, store.db_path, store.data_dir,
+                              station_id=cfg.mqtt.station_id,
+                              on_change=lambda: on_lis_change())
+        except (OSError, sqlite3.Error) as e:
+            store.close()
+            raise StartupError(f"LIS delivery: {e}") from e
+        store.add_transaction_hook(lis.hook)
     fanout = Fanout()
     hub = EventHub()
     fanout.subscribe(hub)
@@ -119,6 +133,8 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
         # same fields twice, which the duplicate guard (last few fields only) would not catch.
         source = open_source(cfg.camera.source, cfg.camera.width, cfg.camera.height, loop=False)
     except CameraError as e:
+        if lis is not None:
+            lis.stop()
         store.close()
         raise StartupError(str(e)) from e
     _follow_slides(source, session, fanout)
@@ -131,6 +147,14 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
               "models": [m["name"] for m in models.get("models", [])],
               "data_dir": str(store.data_dir)},
     )
+    extra: dict[str, Any] = {}
+    if lis is not None:
+        extra["lis"] = lis.status
+    st.extra_status = lambda: {k: f() for k, f in extra.items()}
+
+    def on_lis_change() -> None:
+        fanout(Event("status", st.status()))
+
     publisher = None
     if cfg.mqtt.host:
         from edge_wbc.comms import mqtt as edge_mqtt
@@ -144,19 +168,22 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             )
         except edge_mqtt.MqttError as e:
             source.close()
+            if lis is not None:
+                lis.stop()
             store.close()
             raise StartupError(f"MQTT: {e}") from e
         if publisher is not None:
             fanout.subscribe(publisher.publish)
-            mqtt_publisher = publisher
-            st.extra_status = lambda: {"mqtt": mqtt_publisher.status()}
+            extra["mqtt"] = publisher.status
     try:
         server = StationServer(st, hub, cfg.station.host, cfg.station.port, cfg.station.token,
-                               cfg.camera.preview_fps)
+                               cfg.camera.preview_fps, lis=cfg.lis)
     except (OSError, ValueError) as e:
         source.close()
         if publisher is not None:
             publisher.stop()
+        if lis is not None:
+            lis.stop()
         store.close()
         raise StartupError(f"cannot listen on {cfg.station.host}:{cfg.station.port}: {e}") from e
 
@@ -170,6 +197,8 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             log.warning("%s (the on-screen button and the space bar still work)", e)
 
     st.start()
+    if lis is not None:
+        lis.start()
     live.watch_thread(st.worker)
     live.start()
     serve_in_thread(server)
@@ -203,6 +232,8 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             button.close()
         if publisher is not None:
             publisher.stop()
+        if lis is not None:
+            lis.stop()
         store.close()
         typer.echo("edge-wbc station: stopped; every counted cell is saved", err=True)
 
