@@ -32,7 +32,8 @@ def _problems(exc: pytest.ExceptionInfo[ConfigError]) -> dict[str, tuple[int | N
 
 def test_defaults_run_without_a_file() -> None:
     cfg = load_config(None, env={})
-    assert cfg.camera.source == "folder:samples/fields"
+    assert cfg.camera.source == "samples"
+    assert cfg.models.dir is None  # resolved by edge_wbc.bundled.locate_models
     assert cfg.models.accelerator == "cpu"
     assert cfg.session.target == 100
     assert cfg.station.host == "127.0.0.1" and cfg.station.token is None

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_wbc import __version__
+from edge_wbc.accelerators import CPU, DELEGATES, Delegate
+from edge_wbc.bundled import locate_models
 from edge_wbc.config import Config
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
@@ -93,16 +95,17 @@ def check_camera(cfg: Config) -> Check:
 def check_models(cfg: Config) -> Check:
     from edge_wbc.pipeline.manifest import ManifestError, load_manifest
 
+    where = locate_models(cfg.models.dir or "")
     try:
-        man = load_manifest(cfg.models.dir, verify=True)
+        man = load_manifest(where.path, verify=True)
     except ManifestError as e:
-        return Check("models", FAIL, str(e))
+        return Check("models", FAIL, f"{e} (models from {where.source})")
     cls = man.classifier
     parts = [f"{len(man.segmenters)} segmenter(s)", f"classifier {cls.name}" if cls else
              "no classifier"]
     status = OK if cls is not None else FAIL
-    return Check("models", status, f"{Path(cfg.models.dir).resolve()}: {', '.join(parts)}, "
-                 "sha256 verified")
+    return Check("models", status, f"{where.path.resolve()} ({where.source}): "
+                 f"{', '.join(parts)}, sha256 verified")
 
 
 def check_interpreter(cfg: Config) -> Check:
@@ -122,7 +125,7 @@ def check_interpreter(cfg: Config) -> Check:
         return Check("interpreter", FAIL, str(e))
     head = f"{rt.name} {rt.version}"
     try:
-        man = load_manifest(cfg.models.dir, verify=False)
+        man = load_manifest(locate_models(cfg.models.dir or "").path, verify=False)
     except ManifestError:
         return Check("interpreter", WARN, f"{head} imports; models not loadable (see models)")
     t0 = time.perf_counter()
@@ -151,7 +154,7 @@ def _coral_present() -> str | None:
 
 def check_accelerator(cfg: Config) -> Check:
     present = _coral_present()
-    if cfg.models.accelerator == "cpu":
+    if cfg.models.accelerator == CPU:
         hint = (f"; {present} is plugged in: set models.accelerator = \"edgetpu\" to use it"
                 if present else "")
         return Check("accelerator", OK, f"CPU configured{hint}")
@@ -160,32 +163,34 @@ def check_accelerator(cfg: Config) -> Check:
     except ImportError as e:
         return Check("accelerator", FAIL, f"edge_wbc.pipeline.inference cannot be imported: {e}")
     required = cfg.models.require_accelerator
+    spec = DELEGATES[cfg.models.accelerator]
     try:
-        acc = open_accelerator("edgetpu", cfg.models.edgetpu_device, require=required)
+        acc = open_accelerator(spec.name, cfg.models.edgetpu_device, require=required)
     except AcceleratorError as e:
         return Check("accelerator", FAIL, str(e))
     except Exception as e:  # a delegate failing in an unforeseen way is still a finding
-        return Check("accelerator", FAIL if required else WARN, f"Edge TPU: {e}")
-    if acc.kind != "edgetpu":
+        return Check("accelerator", FAIL if required else WARN, f"{spec.label}: {e}")
+    if acc.kind != spec.name:
         return Check("accelerator", WARN, acc.message)
-    missing = _missing_edgetpu_files(cfg)
+    missing = _missing_compiled_files(cfg, spec)
     if missing:
-        msg = f"Edge TPU opens, but no compiled model for {', '.join(missing)}: those run on CPU"
+        msg = (f"{spec.label} opens, but no compiled model for {', '.join(missing)}: "
+               "those run on CPU")
         return Check("accelerator", FAIL if required else WARN, msg)
     return Check("accelerator", OK, acc.message)
 
 
-def _missing_edgetpu_files(cfg: Config) -> list[str]:
+def _missing_compiled_files(cfg: Config, spec: Delegate) -> list[str]:
     from edge_wbc.pipeline.manifest import ManifestError, load_manifest
 
     try:
-        man = load_manifest(cfg.models.dir, verify=False)
+        man = load_manifest(locate_models(cfg.models.dir or "").path, verify=False)
     except ManifestError:
         return []
     out = []
     for e in man.models:
         p = man.path(e)
-        if not p.with_name(f"{p.stem}_edgetpu{p.suffix}").is_file():
+        if not p.with_name(f"{p.stem}{spec.compiled_suffix}{p.suffix}").is_file():
             out.append(e.name)
     return out
 

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_wbc.counting import outbox
 from edge_wbc.counting.outbox import MQTT_SCHEMA, utc_now_iso
+from edge_wbc.inputs import InputError, check_sample_id, check_target, parse_json_object
 from edge_wbc.pipeline.results import CLASSES, UNIDENTIFIED
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def default_station_id() -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
 
-def read_password(env: dict[str, str]) -> str | None:
+def read_password(env: Mapping[str, str]) -> str | None:
     """Same sources as edge_wbc.config: environment, then the systemd credential; never argv."""
     if env.get("EDGE_WBC_MQTT_PASSWORD"):
         return env["EDGE_WBC_MQTT_PASSWORD"]
@@ -556,7 +557,8 @@ class MqttPublisher:
             return None if self._diff is None else dict(self._diff)
 
     def _differential_payload(self, state: dict[str, Any]) -> str:
-        slide = state.get("slide") if isinstance(state.get("slide"), dict) else {}
+        raw_slide = state.get("slide")
+        slide: dict[str, Any] = raw_slide if isinstance(raw_slide, dict) else {}
         return _dumps({
             **state,
             # The station's own state schema stays readable next to the MQTT envelope's.
@@ -699,11 +701,9 @@ def parse_command(kind: str, raw: bytes) -> dict[str, Any]:
     if kind == "capture" and text in ("", "PRESS", "capture"):
         return {}
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CommandError(f"payload is not JSON: {exc.msg}") from exc
-    if not isinstance(data, dict):
-        raise CommandError("payload must be a JSON object")
+        data = parse_json_object(raw, "payload")
+    except InputError as exc:
+        raise CommandError(str(exc)) from None
     request_id = data.get("request_id")
     if request_id is not None and not isinstance(request_id, str):
         raise CommandError("request_id must be a string")
@@ -725,16 +725,16 @@ def parse_command(kind: str, raw: bytes) -> dict[str, Any]:
     out: dict[str, Any] = {"action": action}
     if request_id:
         out["request_id"] = request_id
-    if "target" in data or action == "target":
-        target = data.get("target")
-        if isinstance(target, bool) or not isinstance(target, int) or not 1 <= target <= 10000:
-            raise CommandError(f"target must be an integer 1..10000, got {target!r}")
-        out["target"] = target
-    if action == "new":
-        sample = data.get("sample_id")
-        if not isinstance(sample, str) or not sample.strip() or len(sample) > 128:
-            raise CommandError("new slide needs a sample_id (non-empty string, <= 128 chars)")
-        out["sample_id"] = sample.strip()
+    try:
+        if "target" in data or action == "target":
+            out["target"] = check_target(data.get("target"))
+        if action == "new":
+            sample = check_sample_id(data.get("sample_id"))
+            if not sample:
+                raise CommandError("new slide needs a sample_id")
+            out["sample_id"] = sample
+    except InputError as exc:
+        raise CommandError(str(exc)) from None
     return out
 
 

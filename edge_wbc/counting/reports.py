@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_wbc import __version__
+from edge_wbc.counting.records import CellRecord, FieldRecord, SlideRecord
 from edge_wbc.pipeline.results import CLASSES, UNIDENTIFIED
 
 REPORT_SCHEMA = "edge-wbc/report/1"
@@ -39,7 +40,7 @@ CI_NAMES = {
 }
 
 
-def flag_reasons(cell: dict[str, Any]) -> list[str]:
+def flag_reasons(cell: CellRecord) -> list[str]:
     """Why a cell deserves a second look in the report (empty: it does not)."""
     from edge_wbc.counting.session import REJECTED, STATUS_DUPLICATE, STATUS_OTHER
 
@@ -63,10 +64,10 @@ def flag_reasons(cell: dict[str, Any]) -> list[str]:
 
 
 def build_report(
-    slide: dict[str, Any],
+    slide: SlideRecord,
     state: dict[str, Any],
-    cells: list[dict[str, Any]],
-    fields: list[dict[str, Any]],
+    cells: list[CellRecord],
+    fields: list[FieldRecord],
     generated_at: str,
 ) -> dict[str, Any]:
     from edge_wbc.counting.session import effective_label
@@ -141,10 +142,10 @@ def _quality_flags(q: dict[str, Any]) -> list[str]:
 
 
 def write_reports(
-    slide: dict[str, Any],
+    slide: SlideRecord,
     state: dict[str, Any],
-    cells: list[dict[str, Any]],
-    fields: list[dict[str, Any]],
+    cells: list[CellRecord],
+    fields: list[FieldRecord],
     out_dir: str | Path,
     data_dir: str | Path,
 ) -> dict[str, str]:
@@ -175,9 +176,32 @@ def write_reports(
     return paths
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula: a sample ID
+# "=HYPERLINK(...)" typed at the station would run on whoever opens the report (OWASP's CSV
+# injection). Such a cell gets a leading apostrophe, which spreadsheets show as text.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` safe to open in a spreadsheet; numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+class _SafeWriter:
+    """csv.writer that neutralises every cell, so no column can be forgotten."""
+
+    def __init__(self, buf: io.StringIO) -> None:
+        self._w = csv.writer(buf, lineterminator="\n")
+
+    def writerow(self, row: list[Any]) -> None:
+        self._w.writerow([csv_cell(v) for v in row])
+
+
 def _formula_csv(rep: dict[str, Any]) -> str:
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = _SafeWriter(buf)
     w.writerow(["sample_id", "slide_id", "finalised_at", "class", "count", "percent",
                 "ci95_low_percent", "ci95_high_percent", "counted", "ci_method"])
     for row in rep["differential"]:
@@ -187,11 +211,11 @@ def _formula_csv(rep: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def _cells_csv(rep: dict[str, Any], cells: list[dict[str, Any]]) -> str:
+def _cells_csv(rep: dict[str, Any], cells: list[CellRecord]) -> str:
     from edge_wbc.counting.session import effective_label
 
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = _SafeWriter(buf)
     w.writerow(["sample_id", "cell_id", "field_id", "x0", "y0", "x1", "y1", "machine_label",
                 "machine_score", "status", "reviewed_label", "review_reason", "reviewed_at",
                 "counted_as"])
@@ -203,7 +227,7 @@ def _cells_csv(rep: dict[str, Any], cells: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _thumb(cell: dict[str, Any], data_dir: Path) -> str:
+def _thumb(cell: CellRecord, data_dir: Path) -> str:
     f = cell.get("crop_file")
     if not f:
         return ""
@@ -252,7 +276,7 @@ footer { margin-top: 8mm; font-size: 8.5pt; color: #56616f; border-top: 1px soli
 """
 
 
-def render_html(rep: dict[str, Any], cells: list[dict[str, Any]], data_dir: Path) -> str:
+def render_html(rep: dict[str, Any], cells: list[CellRecord], data_dir: Path) -> str:
     e = html.escape
     rows = []
     for r in rep["differential"]:

@@ -26,6 +26,7 @@ import math
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -33,7 +34,9 @@ import numpy as np
 
 from edge_wbc.counting.events import Event, Publish
 from edge_wbc.counting.overlap import box_fraction_inside, field_signature, find_overlap
+from edge_wbc.counting.records import CellRecord, FieldRecord, SlideRecord
 from edge_wbc.counting.stats import CI_METHODS, interval
+from edge_wbc.inputs import InputError, check_sample_id, check_target
 from edge_wbc.pipeline.preprocess import cell_crop, ensure_rgb_uint8, white_balance
 from edge_wbc.pipeline.results import CLASSES, OTHER, UNIDENTIFIED, FieldResult
 
@@ -42,7 +45,6 @@ REJECT_REASONS = ("not_leukocyte", "counted_twice", "unusable")
 REJECTED = "rejected"
 #: Cell status decided by the machine when the field was counted.
 STATUS_COUNTED, STATUS_DUPLICATE, STATUS_OTHER = "counted", "duplicate", "other"
-MAX_TARGET = 10000
 #: Side of the stored cell thumbnail (px). Larger than the classifier's input so the technician
 #: sees the cell comfortably on a desktop screen as well.
 CROP_PX = 128
@@ -59,7 +61,7 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def effective_label(cell: dict[str, Any]) -> str | None:
+def effective_label(cell: CellRecord) -> str | None:
     """The label a cell is counted as, or None when it does not count."""
     rl = cell.get("reviewed_label")
     if rl == REJECTED:
@@ -110,11 +112,11 @@ class SlideSession:
         self.reporter = reporter
         self.guard_history = guard_history
         self._lock = threading.RLock()
-        self.slide: dict[str, Any] = {}
-        self.cells: dict[str, dict[str, Any]] = {}  # insertion order = capture order
+        self.slide: SlideRecord  # set by _resume_or_start below
+        self.cells: dict[str, CellRecord] = {}  # insertion order = capture order
         self.n_fields = 0
         self.n_fields_flagged = 0
-        self._last_field: dict[str, Any] | None = None
+        self._last_field: FieldRecord | None = None
         self._sigs: list[tuple[str, np.ndarray]] = []
         self._resume_or_start()
 
@@ -128,7 +130,7 @@ class SlideSession:
                 return
             self._load(slide)
 
-    def _load(self, slide: dict[str, Any]) -> None:
+    def _load(self, slide: SlideRecord) -> None:
         self.slide = slide
         self.cells = {c["id"]: c for c in self.store.cells(slide["id"])}
         fields = self.store.fields(slide["id"])
@@ -143,7 +145,7 @@ class SlideSession:
         sid = _new_slide_id()
         at = now_iso()
         sample = sample_id.strip() or "unnamed-" + sid[1:16]
-        slide = {
+        slide: SlideRecord = {
             "id": sid,
             "sample_id": sample,
             "target": target,
@@ -225,7 +227,7 @@ class SlideSession:
             if blockers:
                 raise SessionError("cannot finalise: " + "; ".join(blockers))
             at = now_iso()
-            closing = {**self.slide, "status": "finalised", "finalised_at": at}
+            closing: SlideRecord = {**self.slide, "status": "finalised", "finalised_at": at}
             # Every review action in order, including ones later undone: the report's audit trail.
             closing["review_history"] = [
                 {k: e["payload"].get(k) for k in ("cell_id", "action", "label", "reviewed_label",
@@ -276,7 +278,7 @@ class SlideSession:
         captured_at: str = "",
         t_trigger: float | None = None,
         capture_id: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> FieldRecord:
         """Count one analysed field. Returns the field summary (also published as an event).
         ``capture_id``: the store's record of the capture, closed in the field's transaction."""
         rgb = ensure_rgb_uint8(rgb)
@@ -296,10 +298,11 @@ class SlideSession:
             fid = f"{self.slide['id']}-F{seq:04d}"
             at = captured_at or now_iso()
             balanced = white_balance(rgb) if result.cells else rgb
-            cell_rows: list[dict[str, Any]] = []
+            cell_rows: list[CellRecord] = []
             crops: dict[str, np.ndarray] = {}
             for i, c in enumerate(result.cells):
-                box = tuple(int(v) for v in c.bbox)
+                x0, y0, x1, y1 = (int(v) for v in c.bbox)
+                box = (x0, y0, x1, y1)
                 if c.label == OTHER:
                     status = STATUS_OTHER
                 elif any(box_fraction_inside(box, o.rect) >= 0.5 for o in overlaps):
@@ -327,7 +330,7 @@ class SlideSession:
                 })
                 crops[cid] = cell_crop(balanced, box, CROP_PX)
             quality = json_safe(dict(result.quality or {}))
-            field_row = {
+            field_row: FieldRecord = {
                 "id": fid,
                 "slide_id": self.slide["id"],
                 "seq": seq,
@@ -368,7 +371,7 @@ class SlideSession:
             self._emit([*events, fev])
             return field_row
 
-    def review(self, cell_id: str, label: str | None, reason: str | None = None) -> dict[str, Any]:
+    def review(self, cell_id: str, label: str | None, reason: str | None = None) -> CellRecord:
         """Reclassify (label in CLASSES), reject (label 'rejected' + reason) or restore (None)
         a cell. The machine's label is never overwritten; both are kept."""
         with self._lock:
@@ -390,7 +393,7 @@ class SlideSession:
                 )
             before = effective_label(cell)
             at = now_iso()
-            updated = {**cell, "reviewed_label": label, "review_reason": reason,
+            updated: CellRecord = {**cell, "reviewed_label": label, "review_reason": reason,
                        "reviewed_at": at if label is not None else None}
             payload = self._cell_payload(updated, action)
             # Its own time: a restore has no reviewed_at and would otherwise carry the capture
@@ -406,7 +409,7 @@ class SlideSession:
 
     # ------------------------------------------------------------------ reading
 
-    def counts(self, cells: dict[str, dict[str, Any]] | None = None) -> dict[str, int]:
+    def counts(self, cells: dict[str, CellRecord] | None = None) -> dict[str, int]:
         out = dict.fromkeys((*CLASSES, UNIDENTIFIED), 0)
         for c in (self.cells if cells is None else cells).values():
             lab = effective_label(c)
@@ -424,8 +427,8 @@ class SlideSession:
 
     def _state(
         self,
-        slide: dict[str, Any],
-        cells: dict[str, dict[str, Any]] | None = None,
+        slide: SlideRecord,
+        cells: dict[str, CellRecord] | None = None,
         n_fields: int | None = None,
         n_flagged: int | None = None,
     ) -> dict[str, Any]:
@@ -495,7 +498,7 @@ class SlideSession:
             cells = [self.cell_view(c) for c in self.cells.values()]
         return sorted(cells, key=lambda c: (c["group_order"], c["score"]))
 
-    def cell_view(self, c: dict[str, Any]) -> dict[str, Any]:
+    def cell_view(self, c: CellRecord) -> dict[str, Any]:
         eff = effective_label(c)
         if eff is not None:
             group = eff
@@ -529,7 +532,7 @@ class SlideSession:
                 "start a new slide"
             )
 
-    def _slide_payload(self, slide: dict[str, Any]) -> dict[str, Any]:
+    def _slide_payload(self, slide: SlideRecord) -> dict[str, Any]:
         return {
             "slide_id": slide["id"],
             "sample_id": slide["sample_id"],
@@ -539,7 +542,7 @@ class SlideSession:
             "finalised_at": slide.get("finalised_at"),
         }
 
-    def _cell_payload(self, c: dict[str, Any], action: str) -> dict[str, Any]:
+    def _cell_payload(self, c: CellRecord, action: str) -> dict[str, Any]:
         return {
             "cell_id": c["id"],
             "slide_id": c["slide_id"],
@@ -556,11 +559,12 @@ class SlideSession:
             "at": c.get("reviewed_at") or c.get("created_at"),
         }
 
-    def _field_payload(self, f: dict[str, Any]) -> dict[str, Any]:
+    def _field_payload(self, f: FieldRecord) -> dict[str, Any]:
         keys = ("id", "seq", "captured_at", "source", "width", "height", "quality", "timing_ms",
                 "n_cells", "n_counted", "n_duplicate", "overlap_field", "overlap_fraction",
                 "flagged_duplicate")
-        out = {k: f[k] for k in keys}
+        row: Mapping[str, Any] = f  # keys from a runtime tuple, not literals
+        out = {k: row[k] for k in keys}
         out["field_id"] = out.pop("id")
         out["slide_id"] = f["slide_id"]
         out["sample_id"] = self.slide.get("sample_id")
@@ -590,7 +594,7 @@ def json_safe(v: Any) -> Any:
     return v
 
 
-def _blockers(slide: dict[str, Any], counts: dict[str, int]) -> list[str]:
+def _blockers(slide: SlideRecord, counts: dict[str, int]) -> list[str]:
     out = []
     n = sum(counts.values())
     target = int(slide["target"])
@@ -607,22 +611,13 @@ def _blockers(slide: dict[str, Any], counts: dict[str, int]) -> list[str]:
 
 def _check_target(target: Any) -> int:
     try:
-        t = int(target)
-    except (TypeError, ValueError):
-        raise SessionError(f"target must be a whole number of cells, got {target!r}") from None
-    if isinstance(target, float) and target != t:
-        raise SessionError(f"target must be a whole number of cells, got {target!r}")
-    if not 1 <= t <= MAX_TARGET:
-        raise SessionError(f"target must be between 1 and {MAX_TARGET} cells, got {t}")
-    return t
+        return check_target(target)
+    except InputError as e:
+        raise SessionError(str(e)) from None
 
 
 def _check_sample_id(sample_id: Any) -> str:
-    if sample_id is None:
-        return ""
-    if not isinstance(sample_id, str):
-        raise SessionError("the sample id must be text")
-    s = sample_id.strip()
-    if len(s) > 64 or any(ord(ch) < 32 for ch in s):
-        raise SessionError("the sample id must be at most 64 printable characters")
-    return s
+    try:
+        return check_sample_id(sample_id)
+    except InputError as e:
+        raise SessionError(str(e)) from None

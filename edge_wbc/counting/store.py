@@ -47,6 +47,7 @@ import numpy as np
 
 from edge_wbc.counting.events import Event
 from edge_wbc.counting.overlap import SIG_H, SIG_W
+from edge_wbc.counting.records import CellRecord, EventRecord, FieldRecord, SlideRecord
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +397,7 @@ class Store:
         if self._outbox is not None and ev.kind in OUTBOX_KINDS:
             self._outbox.enqueue(self.conn, ev.kind, ev.payload)
 
-    def create_slide(self, slide: dict[str, Any], events: Sequence[Event]) -> None:
+    def create_slide(self, slide: SlideRecord, events: Sequence[Event]) -> None:
         with self._transaction(events, slide["id"]) as c:
             c.execute(
                 "INSERT INTO slides (id, sample_id, target, status, created_at, finalised_at, "
@@ -422,8 +423,8 @@ class Store:
 
     def add_field(
         self,
-        field: dict[str, Any],
-        cells: Sequence[dict[str, Any]],
+        field: FieldRecord,
+        cells: Sequence[CellRecord],
         rgb: np.ndarray,
         crops: dict[str, np.ndarray],
         signature: np.ndarray,
@@ -631,26 +632,26 @@ class Store:
         with self._lock:
             return self.conn.execute(sql, args).fetchall()
 
-    def open_slide(self) -> dict[str, Any] | None:
+    def open_slide(self) -> SlideRecord | None:
         row = self._one(
             "SELECT * FROM slides WHERE status='open' ORDER BY created_at DESC, rowid DESC LIMIT 1"
         )
         return _slide(row) if row else None
 
-    def slide(self, slide_id: str) -> dict[str, Any] | None:
+    def slide(self, slide_id: str) -> SlideRecord | None:
         row = self._one("SELECT * FROM slides WHERE id=?", (slide_id,))
         return _slide(row) if row else None
 
-    def slides(self, limit: int = 50) -> list[dict[str, Any]]:
+    def slides(self, limit: int = 50) -> list[SlideRecord]:
         rows = self._all("SELECT * FROM slides ORDER BY created_at DESC, rowid DESC LIMIT ?",
                          (limit,))
         return [_slide(r) for r in rows]
 
-    def cells(self, slide_id: str) -> list[dict[str, Any]]:
+    def cells(self, slide_id: str) -> list[CellRecord]:
         rows = self._all("SELECT * FROM cells WHERE slide_id=? ORDER BY seq, idx", (slide_id,))
         return [_cell(r) for r in rows]
 
-    def fields(self, slide_id: str) -> list[dict[str, Any]]:
+    def fields(self, slide_id: str) -> list[FieldRecord]:
         rows = self._all(
             "SELECT * FROM fields WHERE slide_id=? ORDER BY seq", (slide_id,)
         )
@@ -668,7 +669,7 @@ class Store:
                 out.append((r["id"], np.frombuffer(blob, np.uint8).reshape(SIG_H, SIG_W).copy()))
         return out
 
-    def events(self, slide_id: str | None = None) -> list[dict[str, Any]]:
+    def events(self, slide_id: str | None = None) -> list[EventRecord]:
         if slide_id is None:
             rows = self._all("SELECT * FROM events ORDER BY id")
         else:
@@ -759,7 +760,7 @@ def _json_default(v: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(v).__name__}")
 
 
-def _slide(r: sqlite3.Row) -> dict[str, Any]:
+def _slide(r: sqlite3.Row) -> SlideRecord:
     return {
         "id": r["id"],
         "sample_id": r["sample_id"],
@@ -773,7 +774,7 @@ def _slide(r: sqlite3.Row) -> dict[str, Any]:
     }
 
 
-def _cell(r: sqlite3.Row) -> dict[str, Any]:
+def _cell(r: sqlite3.Row) -> CellRecord:
     return {
         "id": r["id"],
         "slide_id": r["slide_id"],
@@ -794,7 +795,7 @@ def _cell(r: sqlite3.Row) -> dict[str, Any]:
     }
 
 
-def _field(r: sqlite3.Row) -> dict[str, Any]:
+def _field(r: sqlite3.Row) -> FieldRecord:
     return {
         "id": r["id"],
         "slide_id": r["slide_id"],

@@ -16,8 +16,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edge_wbc.bundled import locate_models
 from edge_wbc.pipeline.classify import CellClassifier, Prediction
 from edge_wbc.pipeline.inference import (
+    CPU,
     TFLiteModel,
     get_runtime,
     open_accelerator,
@@ -25,7 +27,7 @@ from edge_wbc.pipeline.inference import (
 )
 from edge_wbc.pipeline.manifest import Manifest, ManifestError, ModelEntry, load_manifest
 from edge_wbc.pipeline.postprocess import PostprocessParams, crop_cells, postprocess, work_scale
-from edge_wbc.pipeline.preprocess import ensure_rgb_uint8, white_balance
+from edge_wbc.pipeline.preprocess import CROP_SCALE, ensure_rgb_uint8, white_balance
 from edge_wbc.pipeline.quality import QualityParams, assess
 from edge_wbc.pipeline.results import OTHER, UNIDENTIFIED, Cell, FieldResult
 from edge_wbc.pipeline.segment import EnsembleSegmenter, Member
@@ -36,16 +38,19 @@ log = logging.getLogger(__name__)
 class FieldAnalyzer:
     def __init__(
         self,
-        models_dir: str | Path = "models",
+        models_dir: str | Path | None = None,
         threads: int = 2,
-        accelerator: str = "cpu",
+        accelerator: str = CPU,
         edgetpu_device: str = "",
         require_accelerator: bool = False,
         postprocess: PostprocessParams | None = None,
         quality: QualityParams | None = None,
     ) -> None:
         t0 = time.perf_counter()
-        self.manifest: Manifest = load_manifest(models_dir)
+        # None: the one resolution rule (--models, models.dir, $EDGE_WBC_MODELS, installed,
+        # packaged) in edge_wbc.bundled.
+        self.models_location = locate_models("" if models_dir is None else str(models_dir))
+        self.manifest: Manifest = load_manifest(self.models_location.path)
         self.runtime = get_runtime()
         self.threads = int(threads)
         self.accel = open_accelerator(
@@ -54,15 +59,18 @@ class FieldAnalyzer:
         self.params = postprocess or PostprocessParams()
         self.quality_params = quality or QualityParams()
 
+        loaded: list[TFLiteModel] = []
+
         def load(entry: ModelEntry) -> TFLiteModel:
-            compiled = entry.raw.get("edgetpu") or {}
+            # The manifest keeps the compiled file's digest under the accelerator's name.
+            compiled = (entry.raw.get(self.accel.kind) if self.accel.kind != CPU else None) or {}
             model = TFLiteModel(
                 self.manifest.path(entry),
                 self.threads,
                 self.accel,
                 require_accelerator,
                 self.runtime,
-                edgetpu_sha256=compiled.get("sha256") if isinstance(compiled, dict) else None,
+                compiled_sha256=compiled.get("sha256") if isinstance(compiled, dict) else None,
             )
             if tuple(model.input_shape) != tuple(entry.input_shape):
                 raise ManifestError(
@@ -74,6 +82,7 @@ class FieldAnalyzer:
                     f"{entry.file}: the model's input is {model.input.dtype.name} but the "
                     f"manifest says {entry.input_dtype}"
                 )
+            loaded.append(model)
             return model
 
         members = []
@@ -105,10 +114,9 @@ class FieldAnalyzer:
             log.warning(
                 "%s lists no classifier: every cell will be 'unidentified'", self.manifest.root
             )
-            self.crop_scale = 1.5
-        self.models = [m.model for m in members] + (
-            [self.classifier.model] if self.classifier else []
-        )
+            self.crop_scale = CROP_SCALE
+        #: Every interpreter, segmenters first (what runs where: ``accelerator``).
+        self.models = loaded
         self.load_ms = (time.perf_counter() - t0) * 1000.0
 
     @classmethod
@@ -116,7 +124,7 @@ class FieldAnalyzer:
         """Build from an ``edge_wbc.config.Config`` (models + postprocess sections)."""
         m = cfg.models
         return cls(
-            models_dir=m.dir,
+            models_dir=m.dir,  # None: resolved by edge_wbc.bundled.locate_models
             threads=m.threads,
             accelerator=m.accelerator,
             edgetpu_device=m.edgetpu_device,
@@ -134,6 +142,8 @@ class FieldAnalyzer:
         """The "models" block of an analysis document."""
         return {
             **self.manifest.summary(),
+            "models_dir": str(self.models_location.path),
+            "models_source": self.models_location.source,
             "runtime": f"{self.runtime.name} {self.runtime.version}",
             "accelerator": self.accelerator,
             "accelerator_note": self.accel.message,

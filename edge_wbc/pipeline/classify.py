@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_wbc.pipeline.inference import TFLiteModel
+from edge_wbc.pipeline.inference import Model
+from edge_wbc.pipeline.manifest import VIEW_COUNTS
 from edge_wbc.pipeline.results import CLASSES, OTHER, UNIDENTIFIED
 
 
@@ -22,13 +23,6 @@ class Prediction:
     label: str
     score: float  # calibrated probability of the top class
     probs: dict[str, float]
-
-
-#: How many views of a crop the classifier may average: 1, 2 (with its mirror image), 4 (the four
-#: right-angle rotations) or 8 (the rotations and their mirrors). A cell on a slide has no up
-#: or left, so every view is as true as the others; averaging them removes the part of the
-#: model's answer that depends on how the cell happened to lie.
-VIEW_COUNTS = (1, 2, 4, 8)
 
 
 def crop_views(crop: np.ndarray, n: int) -> list[np.ndarray]:
@@ -101,7 +95,7 @@ def decide(
 class CellClassifier:
     def __init__(
         self,
-        model: TFLiteModel,
+        model: Model,
         classes: Sequence[str],
         temperature: float = 1.0,
         confidence_threshold: float = 0.0,

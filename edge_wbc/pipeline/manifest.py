@@ -11,12 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_wbc.pipeline.preprocess import COLOR_ORDER, PREPROCESS_VERSION
+from edge_wbc.pipeline.preprocess import COLOR_ORDER, CROP_SCALE, PREPROCESS_VERSION
+from edge_wbc.pipeline.results import CLASSES
 
 MANIFEST_SCHEMA = "edge-wbc/manifest/1"
 MANIFEST_NAME = "manifest.json"
-CLASSES = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte")
 TASKS = ("segmentation", "classification")
+#: How many views of a crop the classifier may average: 1, 2 (with its mirror image), 4 (the four
+#: right-angle rotations) or 8 (the rotations and their mirrors). A cell on a slide has no up
+#: or left, so every view is as true as the others; averaging them removes the part of the
+#: model's answer that depends on how the cell happened to lie.
+VIEW_COUNTS = (1, 2, 4, 8)
 
 
 class ManifestError(Exception):
@@ -39,10 +44,10 @@ class ModelEntry:
     confidence_threshold: float = 0.0
     #: the confidence an "other" call needs to leave the count (None: confidence_threshold).
     other_threshold: float | None = None
-    #: classifier only: views of each crop averaged (edge_wbc.pipeline.classify.VIEW_COUNTS); the
-    #: calibration was fitted with this many.
+    #: classifier only: views of each crop averaged (one of VIEW_COUNTS); the calibration was
+    #: fitted with this many.
     views: int = 1
-    crop_scale: float = 1.5
+    crop_scale: float = CROP_SCALE
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -131,8 +136,10 @@ def _entry(d: dict[str, Any], i: int) -> ModelEntry:
             raise ManifestError(f"{where}: classifier lacks classes {missing}")
     cal = d.get("calibration", {})
     views = d.get("views", 1)
-    if views not in (1, 2, 4, 8):
-        raise ManifestError(f"{where}: views {views!r} is not one of 1, 2, 4, 8")
+    if views not in VIEW_COUNTS:
+        raise ManifestError(
+            f"{where}: views {views!r} is not one of {', '.join(map(str, VIEW_COUNTS))}"
+        )
     return ModelEntry(
         name=str(_require(d, "name", where)),
         file=str(_require(d, "file", where)),
@@ -148,7 +155,7 @@ def _entry(d: dict[str, Any], i: int) -> ModelEntry:
             float(cal["other_threshold"]) if cal.get("other_threshold") is not None else None
         ),
         views=int(views),
-        crop_scale=float(pre.get("crop_scale", 1.5)),
+        crop_scale=float(pre.get("crop_scale", CROP_SCALE)),
         raw=d,
     )
 

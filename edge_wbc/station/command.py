@@ -41,7 +41,8 @@ def station(
         None, "--config", help="TOML config file (default: $EDGE_WBC_CONFIG or "
         "/etc/edge-wbc/config.toml when present)."),
     models: Path | None = typer.Option(
-        None, "--models", help="Models folder with manifest.json (default: models.dir)."),
+        None, "--models", help="Models folder with manifest.json (default: models.dir, "
+        "$EDGE_WBC_MODELS, /opt/edge-wbc/models, then the packaged models)."),
     mqtt_host: str | None = typer.Option(
         None, "--mqtt-host", help="MQTT broker; without one the station runs without MQTT."),
     mqtt_port: int | None = typer.Option(None, "--mqtt-port", help="MQTT broker port."),
@@ -106,10 +107,10 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
         raise StartupError(f"models: {e}") from e
     except (OSError, RuntimeError, ValueError) as e:
         store.close()
-        raise StartupError(f"cannot load the models from {cfg.models.dir}: {e}") from e
+        raise StartupError(f"cannot load the models: {e}") from e
     models = analyzer.describe()
-    log.info("models loaded from %s in %.0f ms on %s", cfg.models.dir, analyzer.load_ms,
-             analyzer.accelerator)
+    log.info("models loaded from %s in %.0f ms on %s", analyzer.models_location.describe(),
+             analyzer.load_ms, analyzer.accelerator)
     fanout = Fanout()
     hub = EventHub()
     fanout.subscribe(hub)
