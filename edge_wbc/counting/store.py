@@ -241,6 +241,8 @@ class Store:
         self.backups_keep = backups_keep
         #: Outcome of the last backup (path or error, and when), for the station's status.
         self.last_backup: dict[str, Any] | None = None
+        self._backup_thread: threading.Thread | None = None
+        self._backup_again = False
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             probe = self.data_dir / ".write-test"
@@ -323,7 +325,7 @@ class Store:
     def _damaged_message(self, problem: str) -> str:
         backups = self.backups()
         if backups:
-            restore = (f"restore the newest backup ({backups[-1]}, {len(backups)} in "
+            restore = (f"restore the newest backup ({backups[-1].name}, {len(backups)} in "
                        f"{self.backup_dir}) as docs/pi.md 'Restore a backup' shows")
         else:
             restore = "restore a copy you made (docs/pi.md, 'Restore a backup'); there is none " \
@@ -336,6 +338,8 @@ class Store:
         )
 
     def close(self) -> None:
+        # A backup under way finishes first: the folder stays locked while anything writes in it.
+        self.wait_for_backup()
         with self._lock:
             self.conn.close()
             self._dir_lock.release()
@@ -419,7 +423,7 @@ class Store:
             if cur.rowcount != 1:
                 raise StoreError(f"no slide {slide_id}")
         if changes.get("status") == "finalised":
-            self.backup()
+            self.backup_in_background()
 
     def add_field(
         self,
@@ -551,10 +555,40 @@ class Store:
         """Backups in the backup folder, oldest first."""
         return sorted(self.backup_dir.glob(BACKUP_GLOB))
 
+    def backup_in_background(self) -> None:
+        """Start :meth:`backup` on its own thread (a large database takes seconds to copy on a
+        Pi, and the finalise that asked for it must not wait). One at a time: a request while
+        one runs makes one more afterwards, so the newest state is always backed up."""
+        if self.backups_keep <= 0:
+            return
+        with self._lock:
+            if self._backup_thread is not None and self._backup_thread.is_alive():
+                self._backup_again = True
+                return
+            self._backup_thread = threading.Thread(target=self._backup_loop,
+                                                   name="db-backup", daemon=False)
+            self._backup_thread.start()
+
+    def _backup_loop(self) -> None:
+        while True:
+            self.backup()
+            with self._lock:
+                if not self._backup_again:
+                    return
+                self._backup_again = False
+
+    def wait_for_backup(self, timeout: float | None = None) -> None:
+        t = self._backup_thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+
     def backup(self) -> Path | None:
         """Snapshot the database with SQLite's online backup API into ``backups/``, keep the
         newest ``backups_keep``. Never raises: the change that asked for it is already saved; a
-        failure is logged and kept in ``last_backup``. Returns the new file, None when skipped."""
+        failure is logged and kept in ``last_backup``. Returns the new file, None when skipped.
+
+        Reads through a connection of its own, in one step: one read transaction, so the copy
+        is a consistent snapshot while the station goes on writing (WAL lets both proceed)."""
         if self.backups_keep <= 0:
             return None
         at = _utc_stamp()
@@ -566,16 +600,17 @@ class Store:
                 # Counting needs the space more than a backup does.
                 raise OSError(errno.ENOSPC, f"under {need // (1024 * 1024)} MB free")
             self.backup_dir.mkdir(exist_ok=True)
+            src = sqlite3.connect(self.db_path, timeout=30.0)
             dst = sqlite3.connect(tmp)
             try:
-                with self._lock:
-                    self.conn.backup(dst)
+                src.backup(dst)
                 # A backup that is itself damaged must not push a good one out of the rotation.
                 problem = _quick_check(dst)
                 if problem is not None:
                     raise sqlite3.DatabaseError(f"the backup {problem}")
             finally:
                 dst.close()
+                src.close()
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, dest)
