@@ -44,8 +44,12 @@ DEFAULT_CONFIG_PATH = Path("/etc/edge-wbc/config.toml")
 CRED_TOKEN = "token"
 CRED_MQTT_PASSWORD = "mqtt-password"
 CRED_MQTT_TLS_KEY = "mqtt-tls-key"
+CRED_LIS_FHIR_TOKEN = "lis-fhir-token"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LIS_DELIVERIES = ("off", "folder", "mllp", "fhir")
+LIS_FORMATS = ("hl7", "fhir")
+HL7_PROCESSING_IDS = ("P", "T", "D")
 _SOURCE_RE = re.compile(r"^(samples|folder:.+|opencv:.+|picamera2(:\d+)?)$")
 
 
@@ -227,10 +231,60 @@ class MqttConfig:
     commands_enabled: bool = _f(False, "Accept capture/slide commands from the broker.")
     ha_discovery: bool = _f(False, "Publish Home Assistant discovery for the differential sensors.")
     outbox_max: int = _f(
-        100000, "Events kept for the broker while it is unreachable; beyond it the oldest are "
-        "dropped with a warning.", min=100, max=10_000_000,
+        100000, "Events kept for the broker while it is unreachable. When full, the oldest "
+        "field summary is dropped to make room, else the oldest cell event of a slide whose final "
+        "report is queued; cell and slide events of open slides are never dropped (kept above "
+        "the limit, a new field summary refused). A warning shows on the page and in stats; the "
+        "database keeps everything.", min=100, max=10_000_000,
     )
     stats_interval_s: float = _f(60.0, "Seconds between health messages.", min=1.0, max=86400.0)
+
+
+@dataclass(frozen=True)
+class LisConfig:
+    delivery: str = _f(
+        "off", "How finalised slides reach the laboratory information system: 'off', 'folder' "
+        "(one file per slide, written atomically), 'mllp' (HL7 v2 over TCP, waits for the "
+        "ACK) or 'fhir' (POST of a FHIR R4 transaction Bundle).", choices=LIS_DELIVERIES,
+    )
+    folder: str | None = _f(
+        None, "Folder the 'folder' delivery writes to (e.g. a share the LIS imports from).",
+        path=True,
+    )
+    format: str = _f(
+        "hl7", "File format of the 'folder' delivery: 'hl7' (ORU^R01) or 'fhir' (Bundle JSON).",
+        choices=LIS_FORMATS,
+    )
+    host: str | None = _f(None, "MLLP: the LIS interface engine's host name or address.")
+    port: int = _f(2575, "MLLP: its TCP port (2575 is HL7's registered port).", min=1,
+                   max=65535)
+    fhir_url: str | None = _f(
+        None, "FHIR: the server's base URL (https://...); the Bundle is POSTed to it.",
+        check="url",
+    )
+    fhir_token: str | None = _f(
+        None, "FHIR: bearer token. Secret: only from EDGE_WBC_LIS_FHIR_TOKEN or the systemd "
+        f"credential '{CRED_LIS_FHIR_TOKEN}', never from this file.", secret=True,
+    )
+    timeout_s: float = _f(
+        10.0, "Seconds to wait for a connection and for the LIS's answer (ACK or HTTP status) "
+        "before the attempt counts as failed and is retried.", min=0.1, max=600.0,
+    )
+    retry_s: float = _f(
+        30.0, "Seconds before the first retry while the LIS is unreachable; doubles after "
+        "each failure, up to 10 minutes.", min=1.0, max=3600.0,
+    )
+    sending_application: str = _f("EDGE-WBC", "HL7 MSH-3: this station's application name.",
+                                  check="hl7")
+    sending_facility: str = _f(
+        "", "HL7 MSH-4: the laboratory (unset: the station id).", check="hl7"
+    )
+    receiving_application: str = _f("", "HL7 MSH-5: the LIS application.", check="hl7")
+    receiving_facility: str = _f("", "HL7 MSH-6: the LIS facility.", check="hl7")
+    processing_id: str = _f(
+        "P", "HL7 MSH-11: 'P' production, 'T' training, 'D' debugging.",
+        choices=HL7_PROCESSING_IDS,
+    )
 
 
 @dataclass(frozen=True)
@@ -247,6 +301,7 @@ SECTIONS: dict[str, type] = {
     "session": SessionConfig,
     "station": StationConfig,
     "mqtt": MqttConfig,
+    "lis": LisConfig,
     "logging": LoggingConfig,
 }
 
@@ -259,6 +314,7 @@ class Config:
     session: SessionConfig = field(default_factory=SessionConfig)
     station: StationConfig = field(default_factory=StationConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    lis: LisConfig = field(default_factory=LisConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: The file this came from (None: defaults and environment only).
     path: Path | None = field(default=None, compare=False)
@@ -491,6 +547,7 @@ def _apply_secrets(env: Mapping[str, str], values: dict[str, dict[str, Any]]) ->
     for dotted, env_names, cred in (
         ("station.token", ("EDGE_WBC_TOKEN", "EDGE_WBC_STATION_TOKEN"), CRED_TOKEN),
         ("mqtt.password", ("EDGE_WBC_MQTT_PASSWORD",), CRED_MQTT_PASSWORD),
+        ("lis.fhir_token", ("EDGE_WBC_LIS_FHIR_TOKEN",), CRED_LIS_FHIR_TOKEN),
     ):
         sec, key = dotted.split(".")
         value: str | None = None
@@ -541,7 +598,22 @@ def _build(
         bad("mqtt", "tls_key", "a client key needs tls_cert")
     if m.password and not m.username:
         bad("mqtt", "username", "a password is set but no username")
+    lis = cfg.lis
+    needs = {"folder": ("folder", "a folder to write to"), "mllp": ("host", "the LIS host"),
+             "fhir": ("fhir_url", "the FHIR server's base URL")}.get(lis.delivery)
+    if needs and not getattr(lis, needs[0]):
+        bad("lis", needs[0], f"delivery = '{lis.delivery}' needs {needs[1]} ({needs[0]})")
+    if lis.fhir_token and lis.fhir_url and lis.fhir_url.startswith("http://") \
+            and not is_loopback(_url_host(lis.fhir_url)):
+        bad("lis", "fhir_url", "a bearer token would cross the network in clear text: use "
+            "https:// (plain http only to this machine)")
     return cfg, problems
+
+
+def _url_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or ""
 
 
 def is_loopback(host: str) -> bool:
@@ -585,6 +657,9 @@ def _secret_msg(sec: str, key: str) -> str:
     if key == "token":
         return (f"secrets are not read from here: set EDGE_WBC_TOKEN or the systemd credential "
                 f"'{CRED_TOKEN}'")
+    if sec == "lis":
+        return ("secrets are not read from here: set EDGE_WBC_LIS_FHIR_TOKEN or the systemd "
+                f"credential '{CRED_LIS_FHIR_TOKEN}'")
     return ("secrets are not read from here: set EDGE_WBC_MQTT_PASSWORD or the systemd "
             f"credential '{CRED_MQTT_PASSWORD}'")
 
@@ -654,7 +729,7 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
         return False, None, f"{value!r} is above the maximum {hi!r}"
     choices = meta.get("choices")
     if choices:
-        v = value.upper() if choices is LOG_LEVELS else value.lower()
+        v = value.upper() if all(c.isupper() for c in choices) else value.lower()
         if v not in choices:
             return False, None, f"{value!r} is not one of {', '.join(choices)}"
         value = v
@@ -670,6 +745,11 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
     if check == "edgetpu" and value and not tpu.device_ok(value):
         spellings = ", ".join(repr(s) for s in tpu.device_spellings)
         return False, None, f"{value!r} is not an {tpu.label} device ({spellings})"
+    if check == "url" and value and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        return False, None, f"{value!r} is not an http:// or https:// URL"
+    if check == "hl7" and re.search(r"[|^~\\&\r\n]", value):
+        return False, None, (f"{value!r} must not contain the HL7 delimiters | ^ ~ \\ & "
+                             "(it goes into one MSH field)")
     if check == "topic" and value and (re.search(r"[#+/\s\x00]", value)):
         return False, None, (f"{value!r} must not contain '/', '+', '#' or spaces "
                              "(it is a topic level)")

@@ -175,6 +175,23 @@ def test_lock_is_per_open_store_and_released_on_close(tmp_path: Path) -> None:
     Store(tmp_path).close()
 
 
+def test_operator_reader_beside_the_station_takes_no_lock_and_cannot_write(
+        tmp_path: Path) -> None:
+    ids = _history(tmp_path, slides=1)
+    station = Store(tmp_path)
+    try:
+        reader = Store(tmp_path, read_only=True)  # `edge-wbc report` while the station runs
+        assert [s["id"] for s in reader.slides()] == ids
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            reader.conn.execute("DELETE FROM slides")
+        reader.close()
+        assert len(station.slides()) == 1
+    finally:
+        station.close()
+    with pytest.raises(StoreError, match="missing"):
+        Store(tmp_path / "elsewhere", read_only=True)
+
+
 # --------------------------------------------------------------------------- 2 + 4. damaged db
 
 

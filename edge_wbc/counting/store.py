@@ -37,7 +37,7 @@ import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -149,6 +149,9 @@ CREATE INDEX IF NOT EXISTS captures_status ON captures (status);
 """
 
 
+TransactionHook = Callable[[sqlite3.Connection, Event], None]
+
+
 class StoreError(Exception):
     """The data directory or database cannot be used; the message says why."""
 
@@ -232,7 +235,11 @@ class Store:
         jpeg_quality: int = 90,
         backups_keep: int = 7,
         reset: bool = False,
+        read_only: bool = False,
     ) -> None:
+        """``read_only``: for operator commands beside a running station (``edge-wbc report``,
+        ``edge-wbc lis ...``): takes no lock, creates and migrates nothing, and SQLite refuses
+        any write through it (``query_only``); the station's own start checks the file."""
         self.data_dir = Path(data_dir)
         self.mqtt = mqtt
         self.outbox_max = outbox_max
@@ -243,6 +250,17 @@ class Store:
         self.last_backup: dict[str, Any] | None = None
         self._backup_thread: threading.Thread | None = None
         self._backup_again = False
+        self.db_path = self.data_dir / DB_NAME
+        self.backup_dir = self.data_dir / BACKUP_DIR
+        self._lock = threading.RLock()
+        self._outbox: Any = None
+        # Listeners that keep their own durable queue (the LIS outbox) write it here, in the
+        # transaction of the change itself; counting only runs them and knows none of them.
+        self._txn_hooks: list[TransactionHook] = []
+        self._dir_lock: DataDirLock | None = None
+        if read_only:
+            self._open_read_only()
+            return
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             probe = self.data_dir / ".write-test"
@@ -253,17 +271,32 @@ class Store:
                 f"data directory {self.data_dir} is not writable ({e.strerror or e}); choose "
                 "another with --data-dir or fix its permissions"
             ) from e
-        self.db_path = self.data_dir / DB_NAME
-        self.backup_dir = self.data_dir / BACKUP_DIR
         # First, before the database is even looked at: a second process must change nothing.
-        self._dir_lock = DataDirLock(self.data_dir)
-        self._lock = threading.RLock()
-        self._outbox: Any = None
+        dir_lock = self._dir_lock = DataDirLock(self.data_dir)
         try:
             self._open(reset)
         except BaseException:
-            self._dir_lock.release()
+            dir_lock.release()
             raise
+
+    def _open_read_only(self) -> None:
+        problem = _file_problem(self.db_path)
+        if problem is None and not self.db_path.exists():
+            raise StoreError(f"no station database in {self.data_dir} ({DB_NAME} missing)")
+        if problem is not None:
+            raise DatabaseDamagedError(self._damaged_message(problem))
+        try:
+            self.conn = self._connect()
+            self.conn.execute("PRAGMA query_only=ON")
+            row = self.conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.db_path}: cannot read the database: {e}") from e
+        if row is None or int(row["value"]) != SCHEMA_VERSION:
+            self.conn.close()
+            raise StoreError(
+                f"{self.db_path} has schema {row['value'] if row else 'none'}, this edge-wbc "
+                f"reads {SCHEMA_VERSION}"
+            )
 
     def _open(self, reset: bool) -> None:
         problem = _file_problem(self.db_path)
@@ -342,7 +375,8 @@ class Store:
         self.wait_for_backup()
         with self._lock:
             self.conn.close()
-            self._dir_lock.release()
+            if self._dir_lock is not None:
+                self._dir_lock.release()
 
     # ------------------------------------------------------------------ paths
 
@@ -400,6 +434,14 @@ class Store:
         )
         if self._outbox is not None and ev.kind in OUTBOX_KINDS:
             self._outbox.enqueue(self.conn, ev.kind, ev.payload)
+        for hook in self._txn_hooks:
+            hook(self.conn, ev)
+
+    def add_transaction_hook(self, hook: TransactionHook) -> None:
+        """``hook(conn, event)`` runs for every event inside the transaction that writes it
+        (must not commit); if it raises, the change is rolled back with it."""
+        with self._lock:
+            self._txn_hooks.append(hook)
 
     def create_slide(self, slide: SlideRecord, events: Sequence[Event]) -> None:
         with self._transaction(events, slide["id"]) as c:

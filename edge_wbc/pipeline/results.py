@@ -31,6 +31,9 @@ class Cell:
     crop: np.ndarray | None = field(default=None, repr=False)
     #: boolean mask of the cell within bbox; not serialised.
     mask: np.ndarray | None = field(default=None, repr=False)
+    #: the classifier's pooled features (float32, edge_wbc.pipeline.classify.Prediction);
+    #: None when the classifier emits none; not serialised.
+    embedding: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def counted(self) -> bool:
@@ -57,9 +60,12 @@ class FieldResult:
     error: str | None = None
     #: uint8 HxW, 255 on counted cells after postprocessing; not serialised.
     mask: np.ndarray | None = field(default=None, repr=False)
+    #: how the file was read, when a user should know (a multi-page TIFF's page 1 used, a large
+    #: frame analysed reduced); added to schema 1 as an optional key, absent when empty.
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "path": self.path,
             "width": int(self.width),
             "height": int(self.height),
@@ -68,3 +74,6 @@ class FieldResult:
             "quality": self.quality,
             "timing_ms": {k: round(float(v), 2) for k, v in self.timing_ms.items()},
         }
+        if self.notes:
+            doc["notes"] = list(self.notes)
+        return doc

@@ -234,13 +234,26 @@ function renderStation() {
   const mq = st.mqtt;  // only when a broker is configured; counting never depends on it
   if (mq) {
     const why = { auth_failed: "login refused", unreachable: "broker unreachable",
-                  tls_error: "TLS error", refused: "refused" }[mq.state];
+                  tls_error: "TLS error", tls_mismatch: "TLS/plain port mismatch",
+                  refused: "refused" }[mq.state];
     bits.push(mq.connected ? "MQTT ✓" : `MQTT: ${why || "connecting"}`);
     if (mq.outbox && mq.outbox.full) bits.push("MQTT outbox full");
   }
+  const lis = st.lis;  // only when [lis] delivery is on (docs/lis.md)
+  const lisWhy = [];
+  if (lis) {
+    const n = (k) => `${k} report${k === 1 ? "" : "s"}`;
+    if (lis.held) bits.push(`LIS refused ${n(lis.held)}`);
+    if (lis.state === "unreachable") bits.push(`LIS unreachable · ${n(lis.waiting)} waiting`);
+    else if (lis.waiting) bits.push(`LIS: sending ${n(lis.waiting)}`);
+    else if (!lis.held) bits.push("LIS ✓");
+    for (const p of lis.problems || []) {
+      lisWhy.push(`${p.held ? "Refused" : "Not sent"}: sample ${p.sample_id} — ${p.error}`);
+    }
+  }
   if (ui.connected) {
     $("status-line").textContent = bits.join(" · ");
-    $("status-line").title = (mq && mq.warning) || "";
+    $("status-line").title = [(mq && mq.warning) || "", ...lisWhy].filter(Boolean).join("\n");
   }
   const err = st.last_error;
   const al = $("alert");
