@@ -156,7 +156,7 @@ class LisDelivery:
     def status(self) -> dict[str, Any]:
         with self._lock:
             st = outbox.status(self.conn)
-        state = ("refused" if st["held"] else "unreachable" if self.reachable is False
-                 else "sending" if st["waiting"] else "ok")
+        state = ("refused" if st["held"] else "ok" if not st["waiting"]
+                 else "unreachable" if self.reachable is False else "sending")
         return {"delivery": self.cfg.delivery, "destination": self.transport.destination,
                 "state": state, **st}
