@@ -79,8 +79,12 @@ class LisDelivery:
     # The store calls this inside the finalising transaction (see outbox.hook).
     def hook(self, conn: Any, event: Any) -> None:
         outbox.hook(conn, event)
-        if event.kind == "slide":
-            self._wake.set()  # the row is visible once the store commits; the loop re-polls
+
+    def __call__(self, event: Any) -> None:
+        """Session listener: events arrive after their commit, so a finalised slide's row is
+        visible now; send it without waiting for the next poll."""
+        if event.kind == "slide" and event.payload.get("action") in ("finalised", "finalized"):
+            self._wake.set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lis-delivery", daemon=True)
