@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_wbc import taxonomy
 from edge_wbc.accelerators import ACCELERATORS, CPU, DELEGATES
 from edge_wbc.inputs import MAX_TARGET, hidden_char
 
@@ -237,6 +238,43 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class FormulaConfig:
+    preset: str = _f(
+        taxonomy.DEFAULT_PRESET, "The leukocyte formula to start from: 'five-part' (neutrophil, "
+        "eosinophil, basophil, lymphocyte, monocyte) or 'ru' (basophils, eosinophils, "
+        "myelocytes, metamyelocytes, band, segmented, lymphocytes, monocytes, plasma cells).",
+        choices=tuple(taxonomy.PRESETS),
+    )
+    counted: tuple[str, ...] | None = _f(
+        None, "Rows that count toward the target, in the order shown: classes or groups "
+        "(a group row such as 'neutrophil' holds band and segmented too). Unset: the preset's. "
+        "A leukocyte class no row lists still counts, in a row of its own.",
+    )
+    per_100_wbc: tuple[str, ...] | None = _f(
+        None, "Rows reported per 100 counted leukocytes and not counted ('erythroblast' or "
+        "'nrbc'). Unset: the preset's (an erythroblast then gets a row when one is seen).",
+    )
+    count_only: tuple[str, ...] | None = _f(
+        None, "Rows reported as counts only: smudge cells, platelets, giant platelets, "
+        "artefacts, other. Unset: the preset's (none: such cells are set aside as "
+        "'not a leukocyte').",
+    )
+    flags: tuple[str, ...] | None = _f(
+        None, "Alerts shown on the page, written in the report and sent over MQTT: "
+        "'<class or group> > N' (cells) or '<class or group> > N%' (per 100 counted "
+        "leukocytes), e.g. 'blast > 0', 'band_neutrophil > 6%', 'erythroblast > 1%'. "
+        "Unset: the preset's ('blast > 0').",
+    )
+
+    def build(self) -> taxonomy.Formula:
+        """The formula this section describes (validated when the config was loaded)."""
+        return taxonomy.formula_or_raise(
+            preset=self.preset, counted=self.counted, per_100_wbc=self.per_100_wbc,
+            count_only=self.count_only, flags=self.flags,
+        )
+
+
+@dataclass(frozen=True)
 class LisConfig:
     delivery: str = _f(
         "off", "How finalised slides reach the laboratory information system: 'off', 'folder' "
@@ -297,6 +335,7 @@ SECTIONS: dict[str, type] = {
     "session": SessionConfig,
     "station": StationConfig,
     "mqtt": MqttConfig,
+    "formula": FormulaConfig,
     "lis": LisConfig,
     "logging": LoggingConfig,
 }
@@ -310,6 +349,7 @@ class Config:
     session: SessionConfig = field(default_factory=SessionConfig)
     station: StationConfig = field(default_factory=StationConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    formula: FormulaConfig = field(default_factory=FormulaConfig)
     lis: LisConfig = field(default_factory=LisConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: The file this came from (None: defaults and environment only).
@@ -402,6 +442,7 @@ def load_config(
     problems: list[Problem] = []
     values = _as_dict(Config())
     file_lines: dict[str, int] = {}
+    text = ""
     src = "defaults"
     cfg_path = Path(path) if path is not None else None
 
@@ -440,7 +481,8 @@ def load_config(
     if not values["mqtt"]["station_id"]:
         values["mqtt"]["station_id"] = _hostname()
 
-    cfg, more = _build(values, lambda s, k: file_lines.get(f"{s}.{k}"), src, cfg_path)
+    cfg, more = _build(values, lambda s, k: file_lines.get(f"{s}.{k}"), src, cfg_path,
+                       lambda s, k, item: _item_line(text, file_lines.get(f"{s}.{k}"), item))
     problems += more
     if problems:
         raise ConfigError(problems)
@@ -574,6 +616,7 @@ def _build(
     line_of: typing.Callable[[str, str], int | None],
     src: str,
     path: Path | None,
+    item_line: typing.Callable[[str, str, str], int | None] | None = None,
 ) -> tuple[Config, list[Problem]]:
     """Construct the tree and run the checks that involve more than one key."""
     cfg = Config(**{s: cls(**values[s]) for s, cls in SECTIONS.items()}, path=path)
@@ -594,6 +637,15 @@ def _build(
         bad("mqtt", "tls_key", "a client key needs tls_cert")
     if m.password and not m.username:
         bad("mqtt", "username", "a password is set but no username")
+    fc = cfg.formula
+    _, fproblems = taxonomy.build_formula(fc.preset, fc.counted, fc.per_100_wbc, fc.count_only,
+                                          fc.flags)
+    for fp in fproblems:
+        line = None
+        if fp.item is not None and item_line is not None:
+            line = item_line("formula", fp.key, fp.item)
+        problems.append(Problem(f"formula.{fp.key}", line or line_of("formula", fp.key),
+                                fp.message, src))
     lis = cfg.lis
     needs = {"folder": ("folder", "a folder to write to"), "mllp": ("host", "the LIS host"),
              "fhir": ("fhir_url", "the FHIR server's base URL")}.get(lis.delivery)
@@ -711,6 +763,10 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             return False, None, "must be a finite number"
+    elif typing.get_origin(base) is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            return False, None, f"must be an array of strings, got {_describe(value)}"
+        value = tuple(v.strip() for v in value)
     elif base is str:
         if not isinstance(value, str):
             return False, None, f"must be a string, got {_describe(value)}"
@@ -775,6 +831,9 @@ def _parse_env(fdef: dataclasses.Field[Any], raw: str) -> Any:
             return float(s)
         except ValueError:
             return raw
+    if typing.get_origin(base) is tuple:
+        # A list in one variable: EDGE_WBC_FORMULA_FLAGS="blast > 0, eosinophil > 5%".
+        return [p.strip() for p in s.split(",") if p.strip()]
     return raw
 
 
@@ -827,6 +886,21 @@ def key_lines(text: str) -> dict[str, int]:
             if rest.count(q) == 1:
                 in_ml = q
     return out
+
+
+def _item_line(text: str, key_line: int | None, item: str) -> int | None:
+    """The line of one string inside an array that starts at ``key_line`` (an array written
+    over several lines puts each problem on its own line)."""
+    if key_line is None:
+        return None
+    lines = text.splitlines()
+    for n in range(key_line, len(lines) + 1):
+        line = lines[n - 1]
+        if f'"{item}"' in line or f"'{item}'" in line:
+            return n
+        if n > key_line and ("]" in line.split("#", 1)[0] or _KEY_RE.match(line)):
+            break
+    return key_line
 
 
 def _toml_error_line(e: Exception) -> int | None:

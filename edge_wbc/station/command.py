@@ -128,6 +128,7 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
         duplicate_overlap=cfg.session.duplicate_overlap, models=models,
         station_id=cfg.mqtt.station_id,
         reporter=partial(write_reports, data_dir=store.data_dir),
+        formula=cfg.formula.build(),
     )
     try:
         # A folder is replayed once per slide (loop=False): going round again would count the
