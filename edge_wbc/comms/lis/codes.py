@@ -184,7 +184,8 @@ def result_rows(rep: dict[str, Any]) -> list[ResultRow]:
 
 def unplaced_flags(rep: dict[str, Any]) -> list[str]:
     """Texts of raised flags no differential row holds (sent as a report-level note)."""
-    rows = rep.get("differential") if isinstance(rep.get("differential"), list) else []
+    diff = rep.get("differential")
+    rows: list[Any] = diff if isinstance(diff, list) else []
     placed = {id(f) for fs in _report_flags(rep, rows).values() for f in fs}
     return [str(f.get("text") or f.get("rule") or f.get("name"))
             for f in rep.get("flags") or [] if isinstance(f, dict) and id(f) not in placed]
