@@ -171,6 +171,10 @@ class SessionConfig:
         0.5, "A field overlapping the previous one by more than this fraction is flagged as a "
         "duplicate and its already-counted cells are not counted again.", min=0.0, max=1.0,
     )
+    backups_keep: int = _f(
+        7, "Database backups kept in <data_dir>/backups (one is made at each finalised slide, "
+        "the oldest dropped beyond this number); 0 makes none.", min=0, max=1000,
+    )
 
 
 @dataclass(frozen=True)

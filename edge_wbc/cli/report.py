@@ -37,7 +37,7 @@ def _store(data_dir: Path | None, cfg: Any) -> Any:
     if not (d / DB_NAME).is_file():
         raise _fail(f"no station database in {d} ({DB_NAME} missing): give --data-dir")
     try:
-        return Store(d)
+        return Store(d, read_only=True)  # beside the running station, which holds the folder
     except StoreError as e:
         raise _fail(str(e)) from None
 

@@ -49,6 +49,9 @@ def station(
     mqtt_port: int | None = typer.Option(None, "--mqtt-port", help="MQTT broker port."),
     station_id: str | None = typer.Option(
         None, "--station-id", help="This station's name in MQTT topics (default: host name)."),
+    reset: bool = typer.Option(
+        False, "--reset", help="Only when the station refuses a damaged database: move it aside "
+        "(renamed, never deleted) and start an empty one."),
 ) -> None:
     """Run the microscope station: live preview, capture, running formula, review, reports."""
     from edge_wbc.config import ConfigError, default_config_path, load_config
@@ -66,7 +69,7 @@ def station(
         raise _fail(str(e)) from None
     setup_logging(cfg.logging.level)
     try:
-        run(cfg)
+        run(cfg, reset=reset)
     except StartupError as e:
         raise _fail(str(e)) from None
 
@@ -75,7 +78,7 @@ class StartupError(Exception):
     """The station cannot start; the message says what to fix."""
 
 
-def run(cfg: Any, stop: threading.Event | None = None) -> None:
+def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> None:
     """Start everything, serve until SIGTERM/SIGINT (or ``stop``), then shut down in order."""
     from edge_wbc import sdnotify
     from edge_wbc.camera import CameraError, open_source
@@ -88,23 +91,27 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
     from edge_wbc.station.server import EventHub, StationServer, serve_in_thread
 
     stop = stop or threading.Event()
+    # The store first: it takes the data folder's lock, so a second station on the same folder
+    # stops here, before it loads models, opens the camera or touches the broker.
+    try:
+        store = Store(cfg.session.data_dir, mqtt=bool(cfg.mqtt.host),
+                      outbox_max=cfg.mqtt.outbox_max, backups_keep=cfg.session.backups_keep,
+                      reset=reset)
+    except StoreError as e:
+        raise StartupError(str(e)) from e
     try:
         from edge_wbc.pipeline.analysis import FieldAnalyzer
 
         analyzer = FieldAnalyzer.from_config(cfg)
     except ManifestError as e:
+        store.close()
         raise StartupError(f"models: {e}") from e
     except (OSError, RuntimeError, ValueError) as e:
+        store.close()
         raise StartupError(f"cannot load the models: {e}") from e
     models = analyzer.describe()
     log.info("models loaded from %s in %.0f ms on %s", analyzer.models_location.describe(),
              analyzer.load_ms, analyzer.accelerator)
-
-    try:
-        store = Store(cfg.session.data_dir, mqtt=bool(cfg.mqtt.host),
-                      outbox_max=cfg.mqtt.outbox_max)
-    except StoreError as e:
-        raise StartupError(str(e)) from e
     lis = None
     if cfg.lis.delivery != "off":
         from edge_wbc.comms.lis.delivery import LisDelivery
@@ -267,6 +274,7 @@ def _url(host: str, port: int) -> str:
 def _mqtt_command(st: Any, kind: str, args: dict[str, Any]) -> dict[str, Any]:
     """Commands from the broker (only when mqtt.commands_enabled): the same paths as the page."""
     from edge_wbc.camera import CameraError, FrameError
+    from edge_wbc.counting.store import StoreError
     from edge_wbc.station.app import BusyError
 
     try:
@@ -282,7 +290,7 @@ def _mqtt_command(st: Any, kind: str, args: dict[str, Any]) -> dict[str, Any]:
         else:
             raise ValueError(f"unknown slide action {action!r}")
         return {"ok": True, "state": st.session.state()}
-    except (SessionError, BusyError, CameraError, FrameError) as e:
+    except (SessionError, BusyError, CameraError, FrameError, StoreError) as e:
         raise ValueError(str(e)) from e
 
 

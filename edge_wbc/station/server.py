@@ -11,7 +11,8 @@ Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
                                     cell, slide, status
     GET  /api/preview.mjpg          live camera view (MJPEG); /api/preview.jpg one frame
     POST /api/capture               {"trigger"?} -> 202 {"capture_id", "queued"}; 409 slide not
-                                    accepting fields, 429 queue full, 503 camera, 422 bad frame
+                                    accepting fields, 429 queue full, 503 camera, 422 bad frame,
+                                    507 disk below its margin
     GET  /api/fields/last           last field with its cells; /api/fields/<id>.jpg its image
     GET  /api/cells                 review gallery (unidentified first, least certain first)
     GET  /api/cells/<id>.jpg        the cell's crop
