@@ -302,6 +302,7 @@ class Store:
         problem = _file_problem(self.db_path)
         if problem is None and not self.db_path.exists():
             _create_database(self.db_path)
+            reset = False  # nothing there to move aside: a first start
         try:
             if problem is None:
                 self.conn = self._connect()
