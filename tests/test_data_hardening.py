@@ -390,6 +390,17 @@ def test_backup_while_counting_is_a_consistent_snapshot(tmp_path: Path) -> None:
                                     (fid,)).fetchone()[0] == n
 
 
+def test_a_backup_cut_short_is_cleared_and_never_counted(tmp_path: Path) -> None:
+    store = Store(tmp_path, backups_keep=1)
+    store.backup_dir.mkdir()
+    cut = store.backup_dir / "edge-wbc-20260101T000000000000Z.tmp"
+    cut.write_bytes(b"SQLite format 3\x00" + b"\0" * 100)  # a kill in the middle of a copy
+    assert store.backups() == []
+    made = store.backup()
+    store.close()
+    assert made is not None and store.backups() == [made] and not cut.exists()
+
+
 def test_no_backups_when_turned_off(tmp_path: Path) -> None:
     _history(tmp_path, slides=1, backups_keep=0)
     assert not (tmp_path / "backups").exists()
