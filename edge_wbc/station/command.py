@@ -128,6 +128,8 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
     fanout = Fanout()
     hub = EventHub()
     fanout.subscribe(hub)
+    if lis is not None:
+        fanout.subscribe(lis)
     session = SlideSession(
         store, fanout, default_target=cfg.session.target,
         duplicate_overlap=cfg.session.duplicate_overlap, models=models,

@@ -36,6 +36,7 @@ from edge_wbc.comms.lis.codes import (
     is_manual,
     panel_code,
     result_rows,
+    unplaced_flags,
 )
 
 #: Identifier systems of what the station names itself.
@@ -189,8 +190,9 @@ def build_bundle(rep: dict[str, Any]) -> dict[str, Any]:
         "issued": done,
         "specimen": [{"reference": spec_url}],
         "result": results,
-        "conclusion": (f"Leukocyte differential, {method}: {rep.get('counted', '')} cells "
-                       f"counted, 95 % CI by {rep.get('ci_method', '')}."),
+        "conclusion": " ".join([
+            f"Leukocyte differential, {method}: {rep.get('counted', '')} cells counted, 95 % CI "
+            f"by {rep.get('ci_method', '')}.", *(f"Flag: {t}." for t in unplaced_flags(rep))]),
     }
     entries.append(_entry(_uuid(slide_id, "report"), report, rep_id))
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}

@@ -31,6 +31,7 @@ from edge_wbc.comms.lis.codes import (
     is_manual,
     panel_code,
     result_rows,
+    unplaced_flags,
 )
 
 VERSION = "2.5.1"
@@ -145,6 +146,8 @@ def build_oru(
         f"edge-wbc {rep.get('software', {}).get('version', '')}: {method}; "
         f"{rep.get('counted', sum(r.count for r in rows))} leukocytes counted "
         f"(target {rep.get('target', '')}), 95 % CI by {rep.get('ci_method', '')}")})
+    for i, text in enumerate(unplaced_flags(rep), 2):
+        b.seg("NTE", {1: str(i), 2: "L", 3: f"flag: {text}"})
     n = 0
     for i, row in enumerate(rows, 1):
         code = row.code(manual)

@@ -8,6 +8,7 @@ broke, the server had a 5xx). Nothing here raises for a peer's behaviour.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -139,7 +140,13 @@ class MllpTransport:
         except ReportError as e:
             return Outcome.refused(f"report cannot be converted: {e}")
         cid = hl7v2.control_id(str(rep["slide_id"]))
-        return asyncio.run(self._exchange(text, cid))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self._exchange(text, cid))
+        # Called from inside an event loop (an async host): the exchange gets a thread of its own.
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            return ex.submit(asyncio.run, self._exchange(text, cid)).result()
 
     async def _exchange(self, text: str, cid: str) -> Outcome:
         from hl7.mllp import InvalidBlockError, open_hl7_connection
