@@ -73,10 +73,14 @@ def tally(formula: Formula, labels: Iterable[str], ci_method: str) -> Tally:
         value = cells if f.unit == "count" else (100.0 * cells / n if n else 0.0)
         if f.raised(value):
             shown_value = str(cells) if f.unit == "count" else f"{value:.1f} %"
+            # The shown rows holding the flag's classes: a consumer (the LIS) puts the flag on
+            # them ("row": the first, for a flag on one class).
+            on_rows = [r.key for r in shown if any(c in r.classes for c in members(f.name))]
             flags.append({
                 "rule": f.rule, "name": f.name, "unit": f.unit, "threshold": f.threshold,
                 "count": cells, "value": round(value, 1),
                 "text": f"{NAMES.get(f.name, f.name)}: {shown_value} ({f.rule})",
+                "row": on_rows[0] if on_rows else None, "rows": on_rows,
             })
     return Tally(rows, n, by_class, set_aside, flags)
 
