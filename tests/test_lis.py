@@ -412,6 +412,13 @@ def test_fhir_server_201_400_500_and_timeout(tmp_path: Path) -> None:
         assert held == 1 and err == ("FHIR server answered HTTP 400: Observation.code: unknown "
                                      "code system")
 
+        peer.script = [302]
+        moved = st.finalise_slide("H-302")
+        d.run_once()
+        held, err = st.conn.execute("SELECT held, last_error FROM lis_outbox WHERE slide_id = ?",
+                                    (moved,)).fetchone()
+        assert held == 1 and "HTTP 302" in err and peer.gets == 0
+
         for mode, why in ((500, "HTTP 500: db down"), ("timeout", "no answer")):
             peer.script = [mode]
             sid = st.finalise_slide(f"H-{mode}")
