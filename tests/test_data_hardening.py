@@ -281,6 +281,7 @@ def test_reset_refuses_a_healthy_database(tmp_path: Path) -> None:
     store = Store(tmp_path)
     assert len(store.slides()) == 1
     store.close()
+    Store(tmp_path / "new", reset=True).close()  # a first start has nothing to refuse
 
 
 def test_station_command_refuses_damaged_database_with_the_way_out(tmp_path: Path) -> None:
@@ -387,6 +388,17 @@ def test_backup_while_counting_is_a_consistent_snapshot(tmp_path: Path) -> None:
             for fid, n in conn.execute("SELECT id, n_cells FROM fields"):
                 assert conn.execute("SELECT COUNT(*) FROM cells WHERE field_id=?",
                                     (fid,)).fetchone()[0] == n
+
+
+def test_a_backup_cut_short_is_cleared_and_never_counted(tmp_path: Path) -> None:
+    store = Store(tmp_path, backups_keep=1)
+    store.backup_dir.mkdir()
+    cut = store.backup_dir / "edge-wbc-20260101T000000000000Z.tmp"
+    cut.write_bytes(b"SQLite format 3\x00" + b"\0" * 100)  # a kill in the middle of a copy
+    assert store.backups() == []
+    made = store.backup()
+    store.close()
+    assert made is not None and store.backups() == [made] and not cut.exists()
 
 
 def test_no_backups_when_turned_off(tmp_path: Path) -> None:

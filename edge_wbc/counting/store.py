@@ -302,6 +302,7 @@ class Store:
         problem = _file_problem(self.db_path)
         if problem is None and not self.db_path.exists():
             _create_database(self.db_path)
+            reset = False  # nothing there to move aside: a first start
         try:
             if problem is None:
                 self.conn = self._connect()
@@ -642,6 +643,10 @@ class Store:
                 # Counting needs the space more than a backup does.
                 raise OSError(errno.ENOSPC, f"under {need // (1024 * 1024)} MB free")
             self.backup_dir.mkdir(exist_ok=True)
+            for stale in self.backup_dir.glob("edge-wbc-*.tmp*"):
+                # A copy cut short by a kill (e.g. systemd's stop timeout) is never a backup.
+                with contextlib.suppress(OSError):
+                    stale.unlink()
             src = sqlite3.connect(self.db_path, timeout=30.0)
             dst = sqlite3.connect(tmp)
             try:
