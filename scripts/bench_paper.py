@@ -35,9 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 
 class KerasModel:
-    """Stands in for edge_wbc.pipeline.inference.TFLiteModel:
-    same ``infer`` contract (real-valued in,
-    list of float32 outputs), backed by a float Keras model run through one tf.function."""
+    """An ``edge_wbc.pipeline.inference.Model`` (real-valued or uint8 pixels in, list of float32
+    outputs) backed by a float Keras model run through one tf.function."""
 
     def __init__(self, model: Any, name: str) -> None:
         import tensorflow as tf
@@ -148,7 +147,9 @@ def _unet(encoder: str, input_hw: tuple[int, int]) -> Any:
         return _unet_nearest_features(encoder, input_hw)
 
 
-def build_paper(args: argparse.Namespace, analyzer: Any) -> tuple[dict[str, float], list[Any]]:
+def build_paper(
+    args: argparse.Namespace, analyzer: Any
+) -> tuple[dict[str, float], list[KerasModel]]:
     """Build (and save + reload, to time a realistic load) the paper's four models."""
     import keras
     from edge_wbc_convert.architectures import build_classifier
@@ -233,14 +234,14 @@ def main() -> None:
     weights = [1.0, 1.0, 1.0]
     analyzer.segmenter = EnsembleSegmenter(
         [
-            Member(b2.name, b2, weights[0], "probabilities"),  # type: ignore[arg-type]
-            Member(b7.name, b7, weights[1], "probabilities"),  # type: ignore[arg-type]
-            Member(irv2.name, irv2, weights[2], "probabilities"),  # type: ignore[arg-type]
+            Member(b2.name, b2, weights[0], "probabilities"),
+            Member(b7.name, b7, weights[1], "probabilities"),
+            Member(irv2.name, irv2, weights[2], "probabilities"),
         ],
         analyzer.segmenter.threshold,
     )
     classes = analyzer.classifier.classes if analyzer.classifier else CLASSES
-    analyzer.classifier = CellClassifier(cls, classes, 1.0, 0.0, "probabilities")  # type: ignore[arg-type]
+    analyzer.classifier = CellClassifier(cls, classes, 1.0, 0.0, "probabilities")
 
     rgb = read_image(args.image or BENCH_FIELD)
     # Untrained segmenters output noise, which would make the postprocess and classify times

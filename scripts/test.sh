@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: installs what the tests need (Debian packages, a venv with the
-# project and its converter/dev extras), then runs ruff and the whole test suite.
+# project and its converter/dev extras), then runs ruff, mypy (edge_wbc/) and the whole test suite.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k mqtt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,9 @@ fi
 .venv/bin/python -m pip install -q -e '.[dev]' -e ./convert
 
 .venv/bin/ruff check .
+.venv/bin/mypy
 # The browser test must fail, not skip, when Chromium is missing.
 export EDGE_WBC_REQUIRE_BROWSER=1
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# An installed wheel (not the checkout) must analyse on its own: models and samples packaged.
+[ "$#" -gt 0 ] || bash scripts/check-wheel.sh .venv/bin/python

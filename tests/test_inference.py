@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from edge_wbc.pipeline.inference import (
+    DELEGATES,
     AcceleratorError,
     ModelLoadError,
     RuntimeMissing,
     TensorSpec,
     TFLiteModel,
+    compiled_variant,
     dequantize_from,
-    edgetpu_variant,
     get_runtime,
     open_accelerator,
     output_kind,
@@ -173,7 +174,7 @@ def test_edgetpu_uses_the_compiled_file_when_present(
         TFLiteModel(base, 2, acc, require_accelerator=True, runtime=rec.runtime)
 
     shutil.copy(base, tmp_path / "seg_edgetpu.tflite")
-    assert edgetpu_variant(base) == tmp_path / "seg_edgetpu.tflite"
+    assert compiled_variant(base, DELEGATES["edgetpu"]) == tmp_path / "seg_edgetpu.tflite"
     m = TFLiteModel(base, 2, acc, runtime=rec.runtime)
     assert m.kind == "edgetpu" and m.path.name == "seg_edgetpu.tflite"
     assert rec.calls[-1]["experimental_delegates"] == [acc.delegate]
@@ -209,12 +210,12 @@ def test_compiled_file_not_matching_the_manifest_is_not_run(
     shutil.copy(FIXTURES / "affine_int8.tflite", base)
     shutil.copy(FIXTURES / "affine_uint8.tflite", tmp_path / "seg_edgetpu.tflite")
     acc = open_accelerator("edgetpu", runtime=rec.runtime)
-    m = TFLiteModel(base, 1, acc, runtime=rec.runtime, edgetpu_sha256="0" * 64)
+    m = TFLiteModel(base, 1, acc, runtime=rec.runtime, compiled_sha256="0" * 64)
     assert m.kind == "cpu" and m.path == base and "does not match" in m.note
     with pytest.raises(AcceleratorError, match="does not match"):
-        TFLiteModel(base, 1, acc, True, rec.runtime, edgetpu_sha256="0" * 64)
+        TFLiteModel(base, 1, acc, True, rec.runtime, compiled_sha256="0" * 64)
     good = sha256_file(tmp_path / "seg_edgetpu.tflite")
-    assert TFLiteModel(base, 1, acc, runtime=rec.runtime, edgetpu_sha256=good).kind == "edgetpu"
+    assert TFLiteModel(base, 1, acc, runtime=rec.runtime, compiled_sha256=good).kind == "edgetpu"
 
 
 @pytest.mark.parametrize("kind", ["int8", "uint8", "float32"])

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_wbc.counting import outbox
 from edge_wbc.counting.outbox import MQTT_SCHEMA, utc_now_iso
+from edge_wbc.inputs import InputError, check_sample_id, check_target, parse_json_object
 from edge_wbc.pipeline.results import CLASSES, UNIDENTIFIED
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def default_station_id() -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
 
-def read_password(env: dict[str, str]) -> str | None:
+def read_password(env: Mapping[str, str]) -> str | None:
     """Same sources as edge_wbc.config: environment, then the systemd credential; never argv."""
     if env.get("EDGE_WBC_MQTT_PASSWORD"):
         return env["EDGE_WBC_MQTT_PASSWORD"]
@@ -150,15 +151,31 @@ def read_password(env: dict[str, str]) -> str | None:
 
 
 class _PahoNoise(logging.Filter):
-    """paho 2.2 logs 'Client is not connected' at ERROR on every reconnect attempt while the
-    broker is away; our own callbacks already say that once, with the cause."""
+    """paho 2.2 logs 'Client is not connected' and 'failed to receive on socket' at ERROR on
+    every reconnect attempt while the broker is away or speaks another protocol (TLS against
+    plain); our own callbacks say that once, with the likely cause, so these go to DEBUG."""
+
+    _REPEATED = ("Client is not connected", "failed to receive on socket")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Client is not connected")
+        if str(record.msg).startswith(self._REPEATED):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
 
 
 _PAHO_LOG = logging.getLogger("edge_wbc.comms.mqtt.paho")
 _PAHO_LOG.addFilter(_PahoNoise())
+
+
+def _closed_in_handshake(exc: BaseException | None) -> bool:
+    """The peer hung up (or sent something that is not TLS) in the middle of the handshake."""
+    if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, ssl.SSLEOFError,
+                        ssl.SSLZeroReturnError)):
+        return True
+    reason = getattr(exc, "reason", None)
+    return isinstance(exc, ssl.SSLError) and reason in (
+        "WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+        "UNEXPECTED_EOF_WHILE_READING")
 
 
 def _dumps(payload: dict[str, Any]) -> str:
@@ -316,7 +333,9 @@ class MqttPublisher:
                 "inflight": len(self._inflight_rows),
                 "published": self._published,
                 "outbox": ob.to_json() if ob else None,
-                "warning": self._error or (ob.warning if ob else None),
+                # Both when both hold: a broker away for long is what fills the outbox.
+                "warning": "; ".join(w for w in (self._error, ob.warning if ob else None) if w)
+                or None,
             }
 
     @property
@@ -371,10 +390,21 @@ class MqttPublisher:
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         # paho calls this inside its `except OSError`, so the cause is still in sys.exc_info().
         exc = sys.exc_info()[1]
-        if isinstance(exc, ssl.SSLError):
+        port = self.settings.port
+        if self.settings.use_tls and _closed_in_handshake(exc):
+            # A plain MQTT listener reads the TLS hello as a malformed packet and hangs up.
+            kind, detail = "tls_mismatch", (
+                f"the broker closed the connection during the TLS handshake ({exc}): port "
+                f"{port} is probably a plain MQTT listener; use the broker's TLS port (usually "
+                "8883) or set mqtt.tls = false without mqtt.tls_ca")
+        elif isinstance(exc, ssl.SSLError):
             kind, detail = "tls_error", f"TLS handshake with the broker failed: {exc}"
         else:
             kind, detail = "unreachable", f"cannot reach the broker: {exc or 'connection failed'}"
+        self._report_attempt(kind, detail)
+
+    def _report_attempt(self, kind: str, detail: str) -> None:
+        """A failed connection attempt: logged when the reason changes, not on every retry."""
         msg = (f"MQTT {self.settings.host}:{self.settings.port}: {detail}; retrying with "
                "back-off, counting continues locally")
         with self._cv:
@@ -392,10 +422,24 @@ class MqttPublisher:
             self._connected = False
             if self._state in ("connected", "connecting"):
                 self._state = "disconnected"
+            answered = self._state in ("auth_failed", "refused")
             self._cv.notify_all()
-        if was and not self._stopping:
+        if self._stopping:
+            return
+        if was:
             log.warning("MQTT: lost the broker (%s); reconnecting with back-off, events wait "
                         "in the outbox", reason)
+        elif not answered:
+            # The TCP connection was made, then closed before any CONNACK.
+            if self.settings.use_tls:
+                self._report_attempt("disconnected", (
+                    f"the broker closed the connection before answering CONNECT ({reason}); "
+                    "its log says why (a client certificate it does not accept?)"))
+            else:
+                self._report_attempt("tls_mismatch", (
+                    f"the broker closed the connection before answering CONNECT ({reason}): "
+                    f"port {self.settings.port} is probably a TLS listener; set mqtt.tls = "
+                    "true (or mqtt.tls_ca) or use the broker's plain port (usually 1883)"))
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
@@ -490,6 +534,10 @@ class MqttPublisher:
                         self._publish_differential()
                     if self._connected:
                         self._drain(db)
+                    else:
+                        # The store keeps queueing (and shedding) while the broker is away;
+                        # the page and stats must see that, not the depth at the last drain.
+                        self._refresh_outbox_status(db)
                     if time.monotonic() >= next_stats:
                         next_stats = time.monotonic() + self.settings.stats_interval_s
                         if self._connected:
@@ -505,6 +553,11 @@ class MqttPublisher:
                     time.sleep(1.0)
         finally:
             db.close()
+
+    def _refresh_outbox_status(self, db: Any) -> None:
+        st = outbox.status(db)
+        with self._cv:
+            self._outbox_status = st
 
     def _ack(self, db: Any, rows: list[int]) -> None:
         if not rows:
@@ -556,7 +609,8 @@ class MqttPublisher:
             return None if self._diff is None else dict(self._diff)
 
     def _differential_payload(self, state: dict[str, Any]) -> str:
-        slide = state.get("slide") if isinstance(state.get("slide"), dict) else {}
+        raw_slide = state.get("slide")
+        slide: dict[str, Any] = raw_slide if isinstance(raw_slide, dict) else {}
         return _dumps({
             **state,
             # The station's own state schema stays readable next to the MQTT envelope's.
@@ -699,11 +753,9 @@ def parse_command(kind: str, raw: bytes) -> dict[str, Any]:
     if kind == "capture" and text in ("", "PRESS", "capture"):
         return {}
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CommandError(f"payload is not JSON: {exc.msg}") from exc
-    if not isinstance(data, dict):
-        raise CommandError("payload must be a JSON object")
+        data = parse_json_object(raw, "payload")
+    except InputError as exc:
+        raise CommandError(str(exc)) from None
     request_id = data.get("request_id")
     if request_id is not None and not isinstance(request_id, str):
         raise CommandError("request_id must be a string")
@@ -725,16 +777,16 @@ def parse_command(kind: str, raw: bytes) -> dict[str, Any]:
     out: dict[str, Any] = {"action": action}
     if request_id:
         out["request_id"] = request_id
-    if "target" in data or action == "target":
-        target = data.get("target")
-        if isinstance(target, bool) or not isinstance(target, int) or not 1 <= target <= 10000:
-            raise CommandError(f"target must be an integer 1..10000, got {target!r}")
-        out["target"] = target
-    if action == "new":
-        sample = data.get("sample_id")
-        if not isinstance(sample, str) or not sample.strip() or len(sample) > 128:
-            raise CommandError("new slide needs a sample_id (non-empty string, <= 128 chars)")
-        out["sample_id"] = sample.strip()
+    try:
+        if "target" in data or action == "target":
+            out["target"] = check_target(data.get("target"))
+        if action == "new":
+            sample = check_sample_id(data.get("sample_id"))
+            if not sample:
+                raise CommandError("new slide needs a sample_id")
+            out["sample_id"] = sample
+    except InputError as exc:
+        raise CommandError(str(exc)) from None
     return out
 
 

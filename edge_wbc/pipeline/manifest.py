@@ -11,12 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_wbc.pipeline.preprocess import COLOR_ORDER, PREPROCESS_VERSION
+from edge_wbc.pipeline.preprocess import COLOR_ORDER, CROP_SCALE, PREPROCESS_VERSION
+from edge_wbc.pipeline.results import CLASSES
 
 MANIFEST_SCHEMA = "edge-wbc/manifest/1"
 MANIFEST_NAME = "manifest.json"
-CLASSES = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte")
 TASKS = ("segmentation", "classification")
+#: How many views of a crop the classifier may average: 1, 2 (with its mirror image), 4 (the four
+#: right-angle rotations) or 8 (the rotations and their mirrors). A cell on a slide has no up
+#: or left, so every view is as true as the others; averaging them removes the part of the
+#: model's answer that depends on how the cell happened to lie.
+VIEW_COUNTS = (1, 2, 4, 8)
 
 
 class ManifestError(Exception):
@@ -39,10 +44,13 @@ class ModelEntry:
     confidence_threshold: float = 0.0
     #: the confidence an "other" call needs to leave the count (None: confidence_threshold).
     other_threshold: float | None = None
-    #: classifier only: views of each crop averaged (edge_wbc.pipeline.classify.VIEW_COUNTS); the
-    #: calibration was fitted with this many.
+    #: classifier only: views of each crop averaged (one of VIEW_COUNTS); the calibration was
+    #: fitted with this many.
     views: int = 1
-    crop_scale: float = 1.5
+    crop_scale: float = CROP_SCALE
+    #: classifier only: length of output 1, the pooled features in front of the class head
+    #: (manifest "embedding"); None when the model emits only its classes.
+    embedding_dim: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -129,10 +137,29 @@ def _entry(d: dict[str, Any], i: int) -> ModelEntry:
         missing = [c for c in CLASSES if c not in classes]
         if missing:
             raise ManifestError(f"{where}: classifier lacks classes {missing}")
+    emb = d.get("embedding")
+    embedding_dim = None
+    if emb is not None:
+        eshape = emb.get("shape") if isinstance(emb, dict) else None
+        if (
+            task != "classification"
+            or not isinstance(eshape, list)
+            or len(eshape) != 2
+            or eshape[0] != 1
+            or not isinstance(eshape[1], int)
+            or eshape[1] < 1
+            or emb.get("output_index", 1) != 1
+        ):
+            raise ManifestError(
+                f"{where}.embedding: expected a classifier's output 1 shaped [1, D], got {emb!r}"
+            )
+        embedding_dim = int(eshape[1])
     cal = d.get("calibration", {})
     views = d.get("views", 1)
-    if views not in (1, 2, 4, 8):
-        raise ManifestError(f"{where}: views {views!r} is not one of 1, 2, 4, 8")
+    if views not in VIEW_COUNTS:
+        raise ManifestError(
+            f"{where}: views {views!r} is not one of {', '.join(map(str, VIEW_COUNTS))}"
+        )
     return ModelEntry(
         name=str(_require(d, "name", where)),
         file=str(_require(d, "file", where)),
@@ -148,7 +175,8 @@ def _entry(d: dict[str, Any], i: int) -> ModelEntry:
             float(cal["other_threshold"]) if cal.get("other_threshold") is not None else None
         ),
         views=int(views),
-        crop_scale=float(pre.get("crop_scale", 1.5)),
+        crop_scale=float(pre.get("crop_scale", CROP_SCALE)),
+        embedding_dim=embedding_dim,
         raw=d,
     )
 

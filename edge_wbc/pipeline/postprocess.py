@@ -15,15 +15,16 @@ and camera (``cell_diameter_px``) adapts all of them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
+from edge_wbc.config import PostprocessConfig
 from edge_wbc.pipeline.preprocess import CROP_SCALE, cell_crop
 
 #: Cell diameter (pixels) at the working resolution of postprocessing.
@@ -31,33 +32,12 @@ WORK_DIAMETER_PX = 64.0
 
 
 @dataclass(frozen=True)
-class PostprocessParams:
-    #: Expected leukocyte diameter in pixels of the analysed frame. BCCD's 640x480 fields
-    #: (the reference) have leukocytes of 110-280 px, median ~185 px (masks).
-    cell_diameter_px: float = 170.0
-    #: Opening / closing kernel diameters as fractions of the cell diameter.
-    open_frac: float = 0.05
-    close_frac: float = 0.05
-    #: Regions below / above these multiples of the median region area are not cells.
-    min_area_ratio: float = 0.25
-    max_area_ratio: float = 4.0
-    #: Minimum distance between watershed seeds, as a fraction of the cell diameter.
-    watershed_min_distance_frac: float = 0.35
-    #: Cells whose box lies closer than this to the frame edge are not counted (0: all are).
-    border_margin_px: int = 0
-    #: A seed must rise this much (fraction of the diameter) above the saddle joining it to
-    #: another seed; shallower maxima are the uneven outline of one cell, not two cells.
-    watershed_h_frac: float = 0.06
-    #: Regions smaller than this fraction of the expected cell area are noise whatever the
-    #: median says (keeps a field of specks from defining its own "typical cell").
-    min_cell_area_frac: float = 0.1
-    #: A region whose ensemble probability stays below this in its most confident 10 % is a
-    #: doubtful vote (a tinted red cell, a platelet lying on one), not a leukocyte. On grey
-    #: fields the segmenters' vote on real leukocytes weakens, so a strict filter loses them;
-    #: 0.8 since the classifier learnt red cells and platelets as `other` and removes the
-    #: doubtful regions that then pass (val, mean over 13 casts: mosaic recall 0.938 -> 0.949,
-    #: monochrome 0.737 -> 0.800, BCCD precision 0.976 -> 0.977). 0 disables the check.
-    min_region_score: float = 0.8
+class PostprocessParams(PostprocessConfig):
+    """The ``[postprocess]`` settings with the sizes derived from them.
+
+    Fields and defaults are the config schema's (:class:`edge_wbc.config.PostprocessConfig`, where
+    each one is described), so a library caller and the station cannot drift apart.
+    """
 
     def px(self, frac: float, scale: float = 1.0) -> float:
         return frac * self.cell_diameter_px * scale
@@ -67,10 +47,8 @@ class PostprocessParams:
         return math.pi / 4.0 * self.cell_diameter_px**2
 
     @classmethod
-    def from_config(cls, section: Any) -> PostprocessParams:
-        """Take the fields this class has from a config section (extra fields ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{n: getattr(section, n) for n in names if hasattr(section, n)})
+    def from_config(cls, section: PostprocessConfig) -> PostprocessParams:
+        return cls(**dataclasses.asdict(section))
 
 
 @dataclass
@@ -107,7 +85,7 @@ def _disk(diameter: float) -> np.ndarray | None:
 def open_close(mask: np.ndarray, params: PostprocessParams, scale: float = 1.0) -> np.ndarray:
     """Step 1: opening then closing (elliptic kernels), then holes filled: a leukocyte is one
     solid region however its nucleus and cytoplasm were scored."""
-    m = mask.astype(np.uint8)
+    m: np.ndarray = mask.astype(np.uint8)
     k_open = _disk(params.px(params.open_frac, scale))
     if k_open is not None:
         m = cv2.morphologyEx(m, cv2.MORPH_OPEN, k_open)
@@ -361,7 +339,7 @@ def postprocess_mask(mask: np.ndarray, params: PostprocessParams) -> tuple[list[
     h, w = mask.shape[:2]
     s = work_scale((h, w), params)
     wh, ww = max(1, round(h * s)), max(1, round(w * s))
-    small = mask.astype(np.float32)
+    small: np.ndarray = mask.astype(np.float32)
     if (wh, ww) != (h, w):
         small = cv2.resize(small, (ww, wh), interpolation=cv2.INTER_AREA)
     return postprocess(small >= 0.5, (h, w), params, wh / h)

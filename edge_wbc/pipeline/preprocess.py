@@ -255,15 +255,3 @@ def cell_crop(
     side = canvas.shape[0]
     interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     return cv2.resize(canvas, (size, size), interpolation=interp)
-
-
-def quantize(x: np.ndarray, scale: float, zero_point: int, dtype: np.dtype) -> np.ndarray:
-    """Real values -> the integer tensor a quantised model expects (params from the model)."""
-    info = np.iinfo(dtype)
-    q = np.round(x / scale) + zero_point
-    return np.clip(q, info.min, info.max).astype(dtype)
-
-
-def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
-    # int64 first: int8 - zero_point overflows in the tensor's own dtype.
-    return ((q.astype(np.int64) - zero_point) * scale).astype(np.float32)

@@ -63,7 +63,9 @@ def measure(rgb: np.ndarray, cell_diameter_px: float) -> dict[str, float]:
     small = grey if s >= 1.0 else cv2.resize(grey, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
     r, g, b = cv2.split(rgb)
     brightest = cv2.max(cv2.max(r, g), b)
-    clipped = cv2.countNonZero(cv2.compare(brightest, 253, cv2.CMP_GT)) / brightest.size
+    # OpenCV's stubs take no scalar second operand, which cv2.compare accepts at run time.
+    over = cv2.compare(brightest, 253, cv2.CMP_GT)  # type: ignore[call-overload]
+    clipped = cv2.countNonZero(over) / brightest.size
     return {
         "focus": round(focus_score(small), 4),
         "background": float(_percentile_u8(small, 0.8)),

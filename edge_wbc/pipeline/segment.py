@@ -7,20 +7,20 @@ single member fade in the average.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from edge_wbc.pipeline.inference import TFLiteModel
+from edge_wbc.pipeline.inference import Model
 from edge_wbc.pipeline.preprocess import letterbox, letterbox_geometry, unletterbox
 
 
 @dataclass
 class Member:
     name: str
-    model: TFLiteModel
+    model: Model
     weight: float
     #: "probabilities" (sigmoid/softmax inside the model) or "logits".
     output_type: str = "probabilities"
@@ -43,6 +43,11 @@ def to_probability(out: np.ndarray, output_type: str = "probabilities") -> np.nd
             arr = e / e.sum(axis=2, keepdims=True)
     fg = arr[:, :, 0] if arr.shape[2] == 1 else 1.0 - arr[:, :, 0]
     return np.clip(fg, 0.0, 1.0).astype(np.float32)
+
+
+def _weighted_sum(weights: Sequence[float], maps: Iterable[np.ndarray]) -> np.ndarray:
+    out: np.ndarray = sum(wt * p for wt, p in zip(weights, maps, strict=True))  # type: ignore[assignment]
+    return out
 
 
 class EnsembleSegmenter:
@@ -86,11 +91,9 @@ class EnsembleSegmenter:
         maps = self.member_maps(rgb_balanced)
         # Average at model resolution when all members share it: one unletterbox, not three.
         if len({p.shape for p in maps}) == 1:
-            avg = sum(wt * p for wt, p in zip(self.weights, maps, strict=True))
+            avg = _weighted_sum(self.weights, maps)
             return self._unbox(avg, (h, w), out_hw)
-        return sum(
-            wt * self._unbox(p, (h, w), out_hw) for wt, p in zip(self.weights, maps, strict=True)
-        )
+        return _weighted_sum(self.weights, (self._unbox(p, (h, w), out_hw) for p in maps))
 
     @staticmethod
     def _unbox(prob: np.ndarray, src_hw: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:

@@ -11,7 +11,8 @@ Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
                                     cell, slide, status
     GET  /api/preview.mjpg          live camera view (MJPEG); /api/preview.jpg one frame
     POST /api/capture               {"trigger"?} -> 202 {"capture_id", "queued"}; 409 slide not
-                                    accepting fields, 429 queue full, 503 camera, 422 bad frame
+                                    accepting fields, 429 queue full, 503 camera, 422 bad frame,
+                                    507 disk below its margin
     GET  /api/fields/last           last field with its cells; /api/fields/<id>.jpg its image
     GET  /api/cells                 review gallery (unidentified first, least certain first)
     GET  /api/cells/<id>.jpg        the cell's crop
@@ -20,6 +21,8 @@ Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
     POST /api/slide/sample          {"sample_id"};  POST /api/slide/target {"target"}
     POST /api/slide/finalise        -> final state; 409 with the reasons when blocked
     GET  /api/slide/report.html|report.json|report.csv|cells.csv[?slide=<id>][&download=1]
+    GET  /api/slide/report.hl7|report.fhir.json[?slide=<id>]   the finalised report as the LIS
+                                    gets it (HL7 v2.5.1 ORU^R01, FHIR R4 Bundle; docs/lis.md)
     GET  /api/slides                recent slides;  POST /api/errors/clear;  GET /healthz
 
 Security: the server binds 127.0.0.1 unless told otherwise; any other address needs a token
@@ -34,12 +37,12 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import mimetypes
 import queue
 import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,9 +54,11 @@ import cv2
 import numpy as np
 
 from edge_wbc.camera import CameraError, FrameError
+from edge_wbc.config import is_loopback
 from edge_wbc.counting.events import Event
 from edge_wbc.counting.session import SessionError
 from edge_wbc.counting.store import DiskFullError, StoreError
+from edge_wbc.inputs import InputError, parse_json_object
 from edge_wbc.station.app import BusyError, Station
 
 log = logging.getLogger(__name__)
@@ -63,20 +68,28 @@ COOKIE = "edge_wbc_token"
 SSE_CLIENT_QUEUE = 256
 SSE_HEARTBEAT_S = 15.0
 MAX_BODY = 64 * 1024
+# The page loads its script and stylesheet from here and sets colours and bar widths through
+# style attributes (hence style-src-attr, which leaves <style> elements and inline scripts
+# blocked); images are crops, fields, the preview and the empty data: favicon.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
+            "style-src-attr 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+# The printed report is one self-contained file: an inline stylesheet and data: thumbnails.
+REPORT_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
+              "form-action 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",  # frame-ancestors for browsers that predate it
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 _CELL = re.compile(r"^/api/cells/([A-Za-z0-9_:-]+)(/review|\.jpg)$")
 _FIELD = re.compile(r"^/api/fields/([A-Za-z0-9_:-]+)(\.jpg)?$")
-_REPORT = re.compile(r"^/api/slide/(report\.html|report\.json|report\.csv|cells\.csv)$")
+_TRIGGER = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+_REPORT = re.compile(
+    r"^/api/slide/(report\.html|report\.json|report\.csv|cells\.csv|report\.hl7|"
+    r"report\.fhir\.json)$")
 _REPORT_KEYS = {"report.html": "html", "report.json": "json", "report.csv": "csv",
-                "cells.csv": "cells_csv"}
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+                "cells.csv": "cells_csv", "report.hl7": "hl7", "report.fhir.json": "fhir"}
 
 
 class _ApiError(Exception):
@@ -132,8 +145,23 @@ class EventHub:
 
 
 class StationServer(ThreadingHTTPServer):
+    """One thread per connection, bounded.
+
+    A connection that has not sent a whole request head is *waiting*: it holds a thread but may
+    lose it. When all ``max_handlers`` threads are taken, the longest-waiting connection is
+    closed to make room, so idle or trickling clients (a forgotten browser tab, a slowloris)
+    cannot lock the technician out; only when every thread is busy with a request or a stream
+    (page events, preview) is a new connection answered 503 after ``slot_wait_s``. A connection
+    silent for ``idle_timeout_s`` is closed; streams write at least every 15 s, so they stay.
+    """
+
     daemon_threads = True
     allow_reuse_address = True
+    # listen(2) backlog; the standard library's 5 reset a burst of 60 concurrent POSTs.
+    request_queue_size = 128
+    max_handlers = 64
+    idle_timeout_s = 30.0
+    slot_wait_s = 5.0
 
     def __init__(
         self,
@@ -143,6 +171,7 @@ class StationServer(ThreadingHTTPServer):
         port: int = 8080,
         token: str | None = None,
         preview_fps: float = 5.0,
+        lis: Any = None,
     ) -> None:
         if not is_loopback(host) and not token:
             raise ValueError(
@@ -153,8 +182,12 @@ class StationServer(ThreadingHTTPServer):
         self.hub = hub
         self.token = token or None
         self.preview_fps = preview_fps
+        self.lis = lis  # the [lis] section: the HL7 header of on-demand messages
         self.stopping = threading.Event()
         self.bind_host = host
+        self._slots = threading.BoundedSemaphore(self.max_handlers)
+        self._waiting: dict[Handler, float] = {}
+        self._waiting_lock = threading.Lock()
         super().__init__((host, port), Handler)
         self.port = self.server_address[1]
         self._jpeg_cache: tuple[int, bytes] | None = None
@@ -176,6 +209,65 @@ class StationServer(ThreadingHTTPServer):
         self.hub.close_all()
         super().shutdown()
 
+    # ------------------------------------------------------------------ connection bound
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            deadline = time.monotonic() + self.slot_wait_s
+            # One connection closed per slot needed; retried while none is waiting yet (a
+            # thread just started has not reached its first read).
+            closed = False
+            while True:
+                closed = closed or self._close_longest_waiting()
+                if self._slots.acquire(timeout=0.05):
+                    break
+                if time.monotonic() >= deadline:
+                    self._turn_away(request)
+                    return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def waiting(self, handler: Handler) -> None:
+        with self._waiting_lock:
+            self._waiting[handler] = time.monotonic()
+
+    def working(self, handler: Handler) -> bool:
+        """The request head is in; False when the connection was closed to make room."""
+        with self._waiting_lock:
+            return self._waiting.pop(handler, None) is not None
+
+    def _close_longest_waiting(self) -> bool:
+        with self._waiting_lock:
+            if not self._waiting:
+                return False
+            handler = min(self._waiting, key=self._waiting.__getitem__)
+            del self._waiting[handler]
+        # Wakes its thread (a read returns end-of-stream), which then ends and frees its slot.
+        with contextlib.suppress(OSError):
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        return True
+
+    def _turn_away(self, request: Any) -> None:
+        body = json.dumps({"error": "the station is busy: too many open connections; try "
+                                    "again", "status": 503}).encode()
+        head = ["HTTP/1.1 503 Service Unavailable", "Content-Type: application/json",
+                f"Content-Length: {len(body)}", "Retry-After: 1", "Connection: close",
+                f"Content-Security-Policy: {PAGE_CSP}",
+                *(f"{k}: {v}" for k, v in SECURITY_HEADERS.items())]
+        with contextlib.suppress(OSError):
+            request.settimeout(1.0)
+            request.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        self.shutdown_request(request)
+
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
@@ -192,6 +284,22 @@ class Handler(BaseHTTPRequestHandler):
     # Headers and body go out in separate writes; with Nagle on, keep-alive connections stall
     # ~40 ms per response waiting for a delayed ACK (measured: +100 ms capture-to-display).
     disable_nagle_algorithm = True
+    # The policy for the response being written (end_headers sends it, then resets it).
+    _csp = PAGE_CSP
+
+    def setup(self) -> None:
+        # StreamRequestHandler applies this to the socket: reads and writes that make no
+        # progress for this long end the connection. (Typeshed calls it a ClassVar; setup reads
+        # it from the instance, so a per-server value belongs there.)
+        self.timeout = self.server.idle_timeout_s  # type: ignore[misc]
+        super().setup()
+
+    def handle_one_request(self) -> None:
+        self.server.waiting(self)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.working(self)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -204,12 +312,20 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def end_headers(self) -> None:
+        # Here rather than in _send: every response (errors of the standard library, SSE, the
+        # preview, redirects) carries them. The report's own policy replaces the page's.
+        self.send_header("Content-Security-Policy", self._csp)
+        self._csp = PAGE_CSP
+        for k, v in SECURITY_HEADERS.items():
+            self.send_header(k, v)
+        super().end_headers()
 
     def _json(self, status: int, obj: Any) -> None:
         body = json.dumps(obj, separators=(",", ":"), default=str).encode()
@@ -220,26 +336,43 @@ class Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> dict[str, Any]:
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        length = int(self.headers.get("Content-Length") or 0)
+        if self.headers.get("Transfer-Encoding"):
+            # Without a length the body's end is unknown to this server; guessing would leave
+            # part of it to be read as the next request on a keep-alive connection.
+            self.close_connection = True
+            raise _ApiError(411, "send the body with a Content-Length, not chunked")
+        declared = self.headers.get_all("Content-Length") or []
+        if len(set(declared)) > 1:
+            self.close_connection = True
+            raise _ApiError(400, "conflicting Content-Length headers")
+        text = (declared[0] if declared else "0").strip()
+        if not text.isascii() or not text.isdigit():
+            # -5 would read to the end of the stream (a hung thread), abc is no length at all.
+            self.close_connection = True
+            raise _ApiError(400, f"Content-Length must be a whole number of bytes, got {text!r}")
+        length = int(text)
         if length > MAX_BODY:
+            self.close_connection = True
             raise _ApiError(413, "request body too large")
         raw = self.rfile.read(length) if length else b""
+        if len(raw) < length:
+            self.close_connection = True
+            raise _ApiError(400, f"body ended after {len(raw)} of {length} bytes")
         if ctype != "application/json":
             raise _ApiError(415, "send JSON (Content-Type: application/json)")
         if not raw:
             return {}
         try:
-            obj = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _ApiError(400, f"body is not valid JSON: {e}") from None
-        if not isinstance(obj, dict):
-            raise _ApiError(400, "body must be a JSON object")
-        return obj
+            return parse_json_object(raw)
+        except InputError as e:
+            raise _ApiError(400, str(e)) from None
 
     def _host_ok(self) -> bool:
         host = (self.headers.get("Host") or "").strip()
         if self.server.token:
             return True  # the token is the access control when the station is on the network
+        if not host:
+            return True  # every browser sends Host: a request without one is no rebinding page
         name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
         name = name.strip("[]")
         return is_loopback(name)
@@ -265,14 +398,19 @@ class Handler(BaseHTTPRequestHandler):
         return ok, set_cookie if ok else None
 
     def _dispatch(self, method: str) -> None:
+        if not self.server.working(self):
+            self.close_connection = True  # closed to make room for another connection
+            return
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         path = url.path
         if not self._host_ok():
+            self.close_connection = True  # a POST's body was not read: do not parse it as a request
             self._error(403, "unknown Host header: open the station as http://127.0.0.1:PORT/")
             return
         ok, set_cookie = self._authorised(query)
         if not ok:
+            self.close_connection = True
             self._error(401, "token required: open the page with ?token=… or send "
                              "'Authorization: Bearer …'")
             return
@@ -372,7 +510,10 @@ class Handler(BaseHTTPRequestHandler):
         session = st.session
         body = self._body()
         if path == "/api/capture":
-            self._json(202, st.capture(str(body.get("trigger") or "api")[:16]))
+            trigger = body.get("trigger", "api")
+            if not isinstance(trigger, str) or not _TRIGGER.match(trigger):
+                raise _ApiError(400, "trigger must be a short name (letters, digits, - or _)")
+            self._json(202, st.capture(trigger))
         elif (m := _CELL.match(path)) and m.group(2) == "/review":
             if "label" not in body:
                 raise _ApiError(400, "give 'label' (a class, 'rejected' with 'reason', or null "
@@ -421,18 +562,32 @@ class Handler(BaseHTTPRequestHandler):
         slide = session.store.slide(sid)
         if slide is None:
             raise _ApiError(404, f"no slide {sid}")
-        rel = (slide.get("reports") or {}).get(_REPORT_KEYS[name])
+        key = _REPORT_KEYS[name]
+        rel = (slide.get("reports") or {}).get("json" if key in ("hl7", "fhir") else key)
         if not rel:
             raise _ApiError(404, f"slide {slide['sample_id']} has no report yet: finalise it first")
-        ctype = {"html": "text/html; charset=utf-8", "json": "application/json",
-                 "csv": "text/csv; charset=utf-8"}[name.rsplit(".", 1)[1]]
         p = session.store.data_dir / rel
         if not p.is_file():
             raise _ApiError(404, f"report file {rel} is missing")
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", slide["sample_id"])
         disp = "inline" if name.endswith(".html") and not query.get("download") else "attachment"
-        self._send(200, p.read_bytes(), ctype,
-                   {"Content-Disposition": f'{disp}; filename="{safe}-{name}"'})
+        headers = {"Content-Disposition": f'{disp}; filename="{safe}-{name}"'}
+        if key in ("hl7", "fhir"):
+            from edge_wbc.comms.lis import FORMATS, ReportError, render
+            from edge_wbc.comms.lis.delivery import load_report
+
+            try:
+                text = render(load_report(session.store.data_dir, rel), key, self.server.lis,
+                              slide.get("station_id") or "")
+            except ReportError as e:
+                raise _ApiError(422, f"slide {slide['sample_id']}: {e}") from e
+            self._send(200, text.encode("utf-8"), FORMATS[key][0], headers)
+            return
+        ctype = {"html": "text/html; charset=utf-8", "json": "application/json",
+                 "csv": "text/csv; charset=utf-8"}[name.rsplit(".", 1)[1]]
+        if name.endswith(".html"):
+            self._csp = REPORT_CSP
+        self._send(200, p.read_bytes(), ctype, headers)
 
     def _sse(self) -> None:
         srv = self.server

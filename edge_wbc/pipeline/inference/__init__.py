@@ -1,8 +1,9 @@
-"""Interpreter layer: runtime shim, accelerator, quantisation-aware tensors.
+"""Interpreter layer: runtime shim, accelerators, quantisation-aware tensors.
 
-Everything above this package deals in real-valued numpy arrays.
+Everything above this package deals in real-valued numpy arrays, through :class:`Model`.
 """
 
+from edge_wbc.accelerators import ACCELERATORS, CPU, DELEGATES, Delegate
 from edge_wbc.pipeline.inference.adapters import (
     TensorSpec,
     dequantize_from,
@@ -12,29 +13,35 @@ from edge_wbc.pipeline.inference.adapters import (
     set_input,
 )
 from edge_wbc.pipeline.inference.model import (
-    ACCELERATORS,
     Accelerator,
     AcceleratorError,
+    Model,
     ModelLoadError,
     TFLiteModel,
-    edgetpu_variant,
+    compiled_variant,
+    make_interpreter,
     open_accelerator,
 )
 from edge_wbc.pipeline.inference.runtime import Runtime, RuntimeMissing, get_runtime
 
 __all__ = [
     "ACCELERATORS",
+    "CPU",
+    "DELEGATES",
     "Accelerator",
     "AcceleratorError",
+    "Delegate",
+    "Model",
     "ModelLoadError",
     "Runtime",
     "RuntimeMissing",
     "TFLiteModel",
     "TensorSpec",
+    "compiled_variant",
     "dequantize_from",
-    "edgetpu_variant",
     "get_output",
     "get_runtime",
+    "make_interpreter",
     "open_accelerator",
     "output_kind",
     "quantize_to",

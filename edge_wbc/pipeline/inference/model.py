@@ -1,4 +1,4 @@
-"""One TFLite model on this device: CPU (XNNPACK) or a Coral Edge TPU.
+"""One TFLite model on this device: CPU (XNNPACK) or a delegate (a Coral Edge TPU).
 
 Interpreters are built once here and reused for every field: building one costs tens of
 milliseconds and allocates its tensor arena, which a per-field build would churn.
@@ -12,10 +12,11 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from edge_wbc.accelerators import ACCELERATORS, CPU, DELEGATES, Delegate
 from edge_wbc.pipeline.inference.adapters import (
     TensorSpec,
     get_output,
@@ -31,14 +32,6 @@ from edge_wbc.pipeline.preprocess import to_unit
 
 log = logging.getLogger(__name__)
 
-ACCELERATORS = ("cpu", "edgetpu")
-
-_EDGETPU_LIBRARY = {
-    "Linux": "libedgetpu.so.1",
-    "Darwin": "libedgetpu.1.dylib",
-    "Windows": "edgetpu.dll",
-}
-
 
 class AcceleratorError(RuntimeError):
     """The configuration demands an accelerator that cannot be used."""
@@ -53,68 +46,99 @@ class Accelerator:
     """What the models will actually run on, and why (for logs, doctor and reports)."""
 
     requested: str
-    kind: str  # "cpu" or "edgetpu": what is really used
+    kind: str  # CPU or a DELEGATES name: what is really used
     device: str = ""
     delegate: Any = None
     message: str = ""
 
 
-def edgetpu_device_ok(device: str) -> bool:
-    # pycoral's spellings: "" (first found), ":<N>", "usb", "usb:<N>", "pci", "pci:<N>".
-    if device in ("", "usb", "pci"):
-        return True
-    head, _, num = device.partition(":")
-    return head in ("", "usb", "pci") and num.isdigit()
+class Model(Protocol):
+    """What the segmenter, the classifier and the benchmarks need of a model: real-valued (or
+    uint8 pixel) input in, float32 outputs out, whatever runs it (a TFLite interpreter here, a
+    Keras model in scripts/bench_paper.py)."""
+
+    @property
+    def input(self) -> TensorSpec: ...
+
+    @property
+    def outputs(self) -> list[TensorSpec]: ...
+
+    @property
+    def input_hw(self) -> tuple[int, int]: ...
+
+    def infer(self, real: np.ndarray) -> list[np.ndarray]: ...
+
+    def infer_pixels(self, pixels: np.ndarray) -> list[np.ndarray]: ...
+
+
+def make_interpreter(
+    model_path: str | Path,
+    *,
+    threads: int = 2,
+    delegate: Any = None,
+    runtime: Runtime | None = None,
+) -> Any:
+    """An interpreter for ``model_path`` with its tensors allocated, on ``delegate`` when one is
+    given (a loaded delegate, as :attr:`Accelerator.delegate`), else on the CPU (pycoral's
+    ``make_interpreter``). Raises ValueError or RuntimeError from the runtime when the file or
+    the delegate refuses."""
+    rt = runtime or get_runtime()
+    kw: dict[str, Any] = {"model_path": str(model_path), "num_threads": threads}
+    if delegate is not None:
+        kw["experimental_delegates"] = [delegate]
+    interp = rt.interpreter_cls(**kw)
+    interp.allocate_tensors()
+    return interp
 
 
 def open_accelerator(
-    accelerator: str = "cpu",
+    accelerator: str = CPU,
     device: str = "",
     require: bool = False,
     runtime: Runtime | None = None,
 ) -> Accelerator:
-    """Load the Edge TPU delegate once for all models, or explain why the CPU is used.
+    """Load the accelerator's delegate once for all models, or explain why the CPU is used.
 
-    A missing delegate library and a missing/unplugged TPU both end up here: without
+    A missing delegate library and a missing/unplugged device both end up here: without
     ``require`` the station still counts (on the CPU, slower) and says so once; with
     ``require`` it refuses to start, because the operator asked for guaranteed throughput.
     """
     if accelerator not in ACCELERATORS:
         raise AcceleratorError(f"unknown accelerator {accelerator!r}; choose one of {ACCELERATORS}")
-    if accelerator == "cpu":
-        return Accelerator("cpu", "cpu", message="running on the CPU")
-    if not edgetpu_device_ok(device):
+    if accelerator == CPU:
+        return Accelerator(CPU, CPU, message="running on the CPU")
+    spec = DELEGATES[accelerator]
+    if not spec.device_ok(device):
         raise AcceleratorError(
-            f"Edge TPU device {device!r} not understood; "
-            "use '', ':0', 'usb', 'usb:0', 'pci' or 'pci:0'"
+            f"{spec.label} device {device!r} not understood; use "
+            + " or ".join(", ".join(repr(d) for d in spec.device_spellings).rsplit(", ", 1))
         )
     rt = runtime or get_runtime()
-    lib = _EDGETPU_LIBRARY.get(platform.system(), "libedgetpu.so.1")
-    options = {"device": device} if device else {}
+    lib = spec.library(platform.system())
     try:
-        # Loading the library first tells "not installed" apart from "no TPU plugged in", and
+        # Loading the library first tells "not installed" apart from "no device plugged in", and
         # spares LiteRT's half-built Delegate object (its __del__ prints a traceback).
         ctypes.CDLL(lib)
-        delegate = rt.load_delegate(lib, options)
+        delegate = rt.load_delegate(lib, spec.options(device))
     except (ValueError, OSError, RuntimeError) as e:
         if isinstance(e, OSError) or "cannot open" in str(e) or "not found" in str(e).lower():
-            why = (
-                f"the Edge TPU runtime library {lib} is not installed "
-                "(install libedgetpu1-std from Coral's apt repository)"
-            )
+            why = f"the {spec.label} runtime library {lib} is not installed ({spec.install_hint})"
         else:
-            why = f"no Edge TPU found at device {device or 'any'!r} ({e}); is it plugged in?"
+            why = f"no {spec.label} found at device {device or 'any'!r} ({e}); is it plugged in?"
         if require:
-            raise AcceleratorError(f"Edge TPU required by the configuration but {why}") from e
-        msg = f"Edge TPU requested but {why}; falling back to the CPU"
+            raise AcceleratorError(f"{spec.label} required by the configuration but {why}") from e
+        msg = f"{spec.label} requested but {why}; falling back to the CPU"
         log.warning(msg)
-        return Accelerator("edgetpu", "cpu", device, None, msg)
-    return Accelerator("edgetpu", "edgetpu", device, delegate, f"Edge TPU {device or 'default'}")
+        return Accelerator(accelerator, CPU, device, None, msg)
+    return Accelerator(
+        accelerator, accelerator, device, delegate, f"{spec.label} {device or 'default'}"
+    )
 
 
-def edgetpu_variant(path: Path) -> Path | None:
-    """``seg_b0.tflite`` -> ``seg_b0_edgetpu.tflite`` if the compiled file sits next to it."""
-    cand = path.with_name(f"{path.stem}_edgetpu{path.suffix}")
+def compiled_variant(path: Path, spec: Delegate) -> Path | None:
+    """``seg_b0.tflite`` -> ``seg_b0_edgetpu.tflite`` (the file compiled for ``spec``) if it
+    sits next to it."""
+    cand = path.with_name(f"{path.stem}{spec.compiled_suffix}{path.suffix}")
     return cand if cand.is_file() else None
 
 
@@ -132,59 +156,58 @@ class TFLiteModel:
         accel: Accelerator | None = None,
         require_accelerator: bool = False,
         runtime: Runtime | None = None,
-        edgetpu_sha256: str | None = None,
+        compiled_sha256: str | None = None,
     ) -> None:
-        """``edgetpu_sha256``: the compiled file's digest from the manifest; a compiled file
-        that does not match it is not run (the CPU file, which was verified, is used)."""
+        """``compiled_sha256``: the digest of the file compiled for the accelerator, from the
+        manifest; a compiled file that does not match it is not run (the CPU file, which was
+        verified, is used)."""
         self.runtime = runtime or get_runtime()
         base = Path(path)
-        accel = accel or Accelerator("cpu", "cpu")
-        self.kind = "cpu"
+        accel = accel or Accelerator(CPU, CPU)
+        self.kind = CPU
         self.note = ""
         t0 = time.perf_counter()
         interp = None
-        if accel.kind == "edgetpu":
-            compiled = edgetpu_variant(base)
+        spec = DELEGATES.get(accel.kind)
+        if spec is not None:
+            compiled = compiled_variant(base, spec)
             if compiled is None:
                 self.note = (
-                    f"{base.name}: no {base.stem}_edgetpu{base.suffix} next to it; runs on the CPU"
+                    f"{base.name}: no {base.stem}{spec.compiled_suffix}{base.suffix} next to it; "
+                    "runs on the CPU"
                 )
                 if require_accelerator:
                     raise AcceleratorError(
-                        f"Edge TPU required but {self.note.split(';')[0]} "
-                        "(compile it with edgetpu_compiler)"
+                        f"{spec.label} required but {self.note.split(';')[0]} "
+                        f"({spec.compile_hint})"
                     )
                 log.warning(self.note)
-            elif edgetpu_sha256 and sha256_file(compiled) != edgetpu_sha256:
+            elif compiled_sha256 and sha256_file(compiled) != compiled_sha256:
                 self.note = (
                     f"{compiled.name} does not match the manifest's sha256; "
                     "not running it, runs on the CPU"
                 )
                 if require_accelerator:
-                    raise AcceleratorError(f"Edge TPU required but {self.note.split(';')[0]}")
+                    raise AcceleratorError(f"{spec.label} required but {self.note.split(';')[0]}")
                 log.warning(self.note)
             else:
                 try:
-                    interp = self.runtime.interpreter_cls(
-                        model_path=str(compiled),
-                        experimental_delegates=[accel.delegate],
-                        num_threads=threads,
+                    interp = make_interpreter(
+                        compiled, threads=threads, delegate=accel.delegate, runtime=self.runtime
                     )
-                    interp.allocate_tensors()
-                    base, self.kind = compiled, "edgetpu"
+                    base, self.kind = compiled, spec.name
                 except (ValueError, RuntimeError) as e:
-                    # Typically a file compiled by an edgetpu_compiler newer than the runtime.
+                    # Typically a file compiled by a compiler newer than the runtime.
                     self.note = (
-                        f"{compiled.name} did not load on the Edge TPU ({e}); runs on the CPU"
+                        f"{compiled.name} did not load on the {spec.label} ({e}); runs on the CPU"
                     )
                     if require_accelerator:
-                        raise AcceleratorError(f"Edge TPU required but {self.note}") from e
+                        raise AcceleratorError(f"{spec.label} required but {self.note}") from e
                     log.warning(self.note)
                     interp = None
         if interp is None:
             try:
-                interp = self.runtime.interpreter_cls(model_path=str(base), num_threads=threads)
-                interp.allocate_tensors()
+                interp = make_interpreter(base, threads=threads, runtime=self.runtime)
             except (ValueError, RuntimeError) as e:
                 raise ModelLoadError(f"{base}: not a usable TFLite model ({e})") from e
         self.path = base
