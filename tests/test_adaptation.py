@@ -197,19 +197,22 @@ def test_folder_round_trip_and_refusals(tmp_path: Path) -> None:
     fit, head = _fit(tmp_path)
     out = tmp_path / "lab1"
     ad = A.write_adaptation(out, fit, head, {"dirs": ["x"]})
-    assert sorted(p.name for p in out.iterdir()) == ["adaptation.json", "head.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ["adaptation.json", "head.json", "head.npz"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
     doc = json.loads((out / "adaptation.json").read_text())
     assert doc["base_model"]["sha256"] == head.sha256
     assert doc["cells"] == COUNTS and doc["validation"]["adapted"]["n"] == 140
     again = A.load_adaptation(out, head.sha256)
-    np.testing.assert_array_equal(again.W, fit.W)
+    np.testing.assert_allclose(again.head.weight.T, fit.W, rtol=1e-6)
     assert again.sha256 == ad.sha256 and again.id == doc["id"]
+    assert again.describe() == {"id": doc["id"], "sha256": ad.sha256}
     e = np.ones(D, np.float32)
     np.testing.assert_allclose(
-        again.probs(e), A.softmax((e @ fit.W.T + fit.b) / fit.temperature), rtol=1e-5, atol=1e-9
+        again.head.probs(e),
+        A.softmax((e @ fit.W.T + fit.b) / fit.temperature),
+        rtol=1e-4,
+        atol=1e-9,
     )
-
     with pytest.raises(A.AdaptationError, match="never overwritten"):
         A.write_adaptation(out, fit, head)
     with pytest.raises(A.AdaptationError, match="made for classifier sha256 aaaaaaaaaaaa"):
@@ -221,10 +224,16 @@ def test_corrupt_folders_name_the_file(tmp_path: Path) -> None:
     out = tmp_path / "lab1"
     A.write_adaptation(out, fit, head)
     w = out / "head.npz"
-    data = bytearray(w.read_bytes())
+    good = w.read_bytes()
+    data = bytearray(good)
     data[-10] ^= 0xFF
     w.write_bytes(bytes(data))
     with pytest.raises(A.AdaptationError, match=r"head\.npz: sha256 does not match"):
+        A.load_adaptation(out, head.sha256)
+    w.write_bytes(good)
+    h = out / "head.json"
+    h.write_text(h.read_text().replace('"temperature"', '"temperature" ', 1))
+    with pytest.raises(A.AdaptationError, match=r"head\.json: sha256 does not match"):
         A.load_adaptation(out, head.sha256)
     (out / "adaptation.json").write_text("{not json")
     with pytest.raises(A.AdaptationError, match=r"adaptation\.json: not valid JSON"):
@@ -234,3 +243,32 @@ def test_corrupt_folders_name_the_file(tmp_path: Path) -> None:
         A.load_adaptation(out, head.sha256)
     with pytest.raises(A.AdaptationError, match="no such adaptation folder"):
         A.load_adaptation(tmp_path / "nope", head.sha256)
+
+
+def test_shipped_head_is_the_classifier_s_own_last_layer() -> None:
+    """The head read from the int8 graph reproduces the classifier's own probabilities."""
+    from edge_wbc.pipeline.analysis import FieldAnalyzer
+    from edge_wbc.pipeline.classify import calibrated_softmax, combine_views, crop_views
+
+    an = FieldAnalyzer(threads=1)
+    clf = an.classifier
+    assert clf is not None
+    ce = an.manifest.classifier
+    assert ce is not None
+    head = A.shipped_head(
+        an.manifest.path(ce),
+        ce.classes,
+        ce.temperature,
+        ce.confidence_threshold,
+        ce.other_threshold,
+        ce.sha256,
+        an.runtime.interpreter_cls,
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        crop = rng.integers(120, 230, (clf.input_size, clf.input_size, 3), dtype=np.uint8)
+        pred = clf.classify(crop)
+        assert pred.embedding is not None
+        outs = [clf.model.infer_pixels(v)[0] for v in crop_views(crop, clf.views)]
+        ref = calibrated_softmax(combine_views(outs, clf.output_type), clf.temperature)
+        np.testing.assert_allclose(A.base_probs(pred.embedding[None], head)[0], ref, atol=0.03)

@@ -17,8 +17,9 @@ only when it beats the shipped head on those same held-out cells by a paired exa
 On disk an adaptation is a versioned folder written atomically::
 
     OUT/adaptation.json   schema, id, created, base model sha256, classes, temperature,
-                          thresholds, cell counts, validation table, weights file + sha256
-    OUT/head.npz          W (K x D float32), b (K float32)
+                          thresholds, cell counts, validation table, the head's sha256
+    OUT/head.json, .npz   the lab head (edge_wbc.pipeline.heads.LinearHead, tied to the base
+                          classifier's sha256)
 
 It refuses to load against another base model, and a corrupt folder is an AdaptationError that
 names the file (the caller keeps its current model).
@@ -27,7 +28,6 @@ names the file (the caller keeps its current model).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -44,9 +44,13 @@ import numpy as np
 from scipy import optimize, stats
 from threadpoolctl import threadpool_limits
 
+from edge_wbc import taxonomy
+from edge_wbc.pipeline.heads import HeadError, LinearHead
+
 ADAPTATION_SCHEMA = "edge-wbc/adaptation/1"
 ADAPTATION_JSON = "adaptation.json"
-WEIGHTS_FILE = "head.npz"
+#: The lab head inside the folder: HEAD_NAME.json + .npz (edge_wbc.pipeline.heads format).
+HEAD_NAME = "head"
 
 #: The precision a named cell must have on the lab: the threshold is fitted to it and the share of
 #: cells that can be named at it is the figure of merit next to top-1.
@@ -80,11 +84,12 @@ class BaseHead:
     confidence_threshold: float
     other_threshold: float | None
     sha256: str  # of the base classifier file
-    #: class -> the five-part group it counts as (identity for a five-class head).
+    #: class -> the group a lab folder may name instead (default: edge_wbc.taxonomy's groups,
+    #: so ``neutrophil`` stands for band or segmented on a head that splits them).
     groups: Mapping[str, str] = field(default_factory=dict)
 
     def group_of(self, c: str) -> str:
-        return self.groups.get(c, c)
+        return self.groups.get(c) or taxonomy.GROUP_OF.get(c, c)
 
 
 # --- the maths, on arrays --------------------------------------------------------------------
@@ -523,33 +528,99 @@ def fit_adaptation(
         return _fit_adaptation(E, labels, head, keys, folds, lambdas, seed, target, balanced)
 
 
+# --- the base head --------------------------------------------------------------------------
+
+
+def base_head_from_linear(head: LinearHead) -> BaseHead:
+    """A head file (edge_wbc.pipeline.heads, e.g. the fine-class head) as the adaptation's base."""
+    return BaseHead(
+        head.classes,
+        head.weight.T.copy(),
+        head.bias.copy(),
+        head.temperature,
+        head.confidence_threshold,
+        head.other_threshold,
+        head.base_sha256,
+    )
+
+
+def shipped_head(
+    model_path: Path,
+    classes: Sequence[str],
+    temperature: float,
+    confidence_threshold: float,
+    other_threshold: float | None,
+    sha256: str,
+    interpreter_cls: Any,
+) -> BaseHead:
+    """The int8 classifier's own class head, read from its graph: the FULLY_CONNECTED op whose
+    input is the embedding output (weights per-channel int8, bias int32), dequantised.
+
+    ``interpreter_cls``: the runtime's Interpreter (LiteRT or tflite-runtime). The CPU file is
+    read even when the station runs a compiled Edge TPU one: the weights are the same.
+    """
+    try:
+        it = interpreter_cls(model_path=str(model_path))
+        it.allocate_tensors()
+        outs = it.get_output_details()
+        ops = it._get_ops_details()
+    except (ValueError, RuntimeError, AttributeError) as e:
+        raise AdaptationError(f"{model_path}: cannot read the classifier's graph ({e})") from None
+    if len(outs) < 2:
+        raise AdaptationError(
+            f"{model_path}: the classifier emits no embedding, so no lab head can be fitted on it"
+        )
+    emb = int(outs[1]["index"])
+    fcs = [o for o in ops if o["op_name"] == "FULLY_CONNECTED" and int(o["inputs"][0]) == emb]
+    if len(fcs) != 1 or len(fcs[0]["inputs"]) < 3:
+        raise AdaptationError(
+            f"{model_path}: expected one dense layer reading the embedding, found {len(fcs)}"
+        )
+    details = {int(t["index"]): t for t in it.get_tensor_details()}
+
+    def real(idx: int) -> np.ndarray:
+        d = details[idx]
+        q = d.get("quantization_parameters") or {}
+        raw = it.get_tensor(idx).astype(np.float64)
+        scales = np.asarray(q.get("scales", []), np.float64)
+        zps = np.asarray(q.get("zero_points", []), np.float64)
+        if scales.size == 0:
+            return raw
+        shape = (-1,) + (1,) * (raw.ndim - 1)
+        return (raw - zps.reshape(shape)) * scales.reshape(shape)
+
+    W = real(int(fcs[0]["inputs"][1]))
+    b = real(int(fcs[0]["inputs"][2]))
+    if W.shape[0] != len(classes) or b.shape != (len(classes),):
+        raise AdaptationError(
+            f"{model_path}: the dense layer is {W.shape}, the manifest lists {len(classes)} classes"
+        )
+    return BaseHead(
+        tuple(classes), W, b, temperature, confidence_threshold, other_threshold, sha256
+    )
+
+
 # --- the versioned folder --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Adaptation:
-    """A lab head ready to apply: probabilities = softmax((W e + b) / temperature)."""
+    """A lab head ready to apply (``head.predict(embedding)``) and what identifies it."""
 
     id: str
     path: Path
     created: str
-    base_sha256: str
-    classes: tuple[str, ...]
-    W: np.ndarray
-    b: np.ndarray
-    temperature: float
-    confidence_threshold: float
-    other_threshold: float | None
-    sha256: str  # of adaptation.json: names this exact adaptation
+    head: LinearHead
+    sha256: str  # of adaptation.json, which pins the head files' sha256: names this exact version
     doc: dict[str, Any] = field(repr=False, compare=False)
 
-    def probs(self, embedding: np.ndarray) -> np.ndarray:
-        z = (np.asarray(embedding, np.float32) @ self.W.T + self.b) / self.temperature
-        return softmax(z.astype(np.float64))
+    @property
+    def base_sha256(self) -> str:
+        return self.head.base_sha256
 
     def describe(self) -> dict[str, Any]:
         """What a result, report or message records about the adaptation that produced it."""
-        return {"id": self.id, "sha256": self.sha256, "path": str(self.path)}
+        return {"id": self.id, "sha256": self.sha256}
 
 
 def _sha256(data: bytes) -> str:
@@ -559,42 +630,54 @@ def _sha256(data: bytes) -> str:
 def write_adaptation(
     out: Path, fit: FitResult, head: BaseHead, source: Mapping[str, Any] | None = None
 ) -> Adaptation:
-    """Write ``out`` (which must not exist) atomically: built in a sibling temp folder, renamed."""
+    """Write ``out`` (which must not exist) atomically: built in a sibling temp folder, renamed
+    into place only when complete, so a reader sees the whole version or nothing."""
     out = Path(out)
     if out.exists():
         raise AdaptationError(f"{out} exists: an adaptation is a version, never overwritten")
     if not out.parent.is_dir():
         raise AdaptationError(f"{out.parent} is not a folder")
-    buf = io.BytesIO()
-    np.savez(buf, W=fit.W.astype(np.float32), b=fit.b.astype(np.float32))
-    weights = buf.getvalue()
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    doc = {
-        "schema": ADAPTATION_SCHEMA,
-        "id": f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
-        "created": created,
-        "base_model": {"sha256": head.sha256},
-        "classes": list(head.classes),
-        "method": "linear head pulled toward the shipped head (L2), class-balanced, "
-        "temperature and threshold fitted on held-out folds",
-        "penalty": fit.lam,
-        "temperature": fit.temperature,
-        "confidence_threshold": fit.confidence_threshold,
-        "other_threshold": fit.other_threshold,
-        "cells": fit.cells,
-        "too_few_cells": fit.too_few,
-        "validation": fit.validation,
-        "source": dict(source or {}),
-        "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(weights)},
-    }
-    text = (json.dumps(doc, indent=2) + "\n").encode()
+    now = datetime.now(timezone.utc)
+    ident = f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    lab = LinearHead(
+        classes=head.classes,
+        weight=fit.W.T.astype(np.float64),
+        bias=fit.b.astype(np.float64),
+        base_sha256=head.sha256,
+        temperature=fit.temperature,
+        confidence_threshold=fit.confidence_threshold,
+        other_threshold=fit.other_threshold,
+        info={"adaptation": ident},
+    )
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for name, data in ((WEIGHTS_FILE, weights), (ADAPTATION_JSON, text)):
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        jp = lab.save(tmp / HEAD_NAME)
+        doc = {
+            "schema": ADAPTATION_SCHEMA,
+            "id": ident,
+            "created": now.isoformat(timespec="seconds"),
+            "base_model": {"sha256": head.sha256},
+            "classes": list(head.classes),
+            "method": "linear head pulled toward the shipped head (L2), class-balanced, "
+            "temperature and threshold fitted on held-out folds",
+            "penalty": fit.lam,
+            "temperature": fit.temperature,
+            "confidence_threshold": fit.confidence_threshold,
+            "other_threshold": fit.other_threshold,
+            "cells": fit.cells,
+            "too_few_cells": fit.too_few,
+            "validation": fit.validation,
+            "source": dict(source or {}),
+            "head": {
+                "file": jp.name,
+                "sha256": _sha256(jp.read_bytes()),
+                "weights_sha256": _sha256(jp.with_suffix(".npz").read_bytes()),
+            },
+        }
+        with open(tmp / ADAPTATION_JSON, "wb") as f:
+            f.write((json.dumps(doc, indent=2) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -620,12 +703,8 @@ def load_adaptation(path: Path, base_sha256: str) -> Adaptation:
         raise AdaptationError(f"{jpath}: schema is {got!r}, expected {ADAPTATION_SCHEMA!r}")
     try:
         base = str(doc["base_model"]["sha256"])
-        classes = tuple(str(c) for c in doc["classes"])
-        temperature = float(doc["temperature"])
-        thr = float(doc["confidence_threshold"])
-        other = doc.get("other_threshold")
-        other_thr = None if other is None else float(other)
-        wfile, wsha = str(doc["weights"]["file"]), str(doc["weights"]["sha256"])
+        hfile = str(doc["head"]["file"])
+        hsha = str(doc["head"]["sha256"])
         ident = str(doc["id"])
         created = str(doc["created"])
     except (KeyError, TypeError, ValueError) as e:
@@ -635,42 +714,17 @@ def load_adaptation(path: Path, base_sha256: str) -> Adaptation:
             f"{jpath}: made for classifier sha256 {base[:12]}…, but the loaded classifier is "
             f"{base_sha256[:12]}…: an adaptation only applies to the model it was fitted on"
         )
-    if not (temperature > 0 and 0.0 <= thr <= 1.0):
-        raise AdaptationError(f"{jpath}: temperature {temperature} or threshold {thr} out of range")
-    wpath = path / wfile
-    if wpath.parent != path:
-        raise AdaptationError(f"{jpath}: weights file {wfile!r} is outside the folder")
+    hpath = path / Path(hfile).name
     try:
-        data = wpath.read_bytes()
+        hraw = hpath.read_bytes()
     except OSError as e:
-        raise AdaptationError(f"{wpath}: cannot read: {e.strerror or e}") from None
-    if _sha256(data) != wsha:
+        raise AdaptationError(f"{hpath}: cannot read: {e.strerror or e}") from None
+    if _sha256(hraw) != hsha:
         raise AdaptationError(
-            f"{wpath}: sha256 does not match {jpath.name} (the file is damaged or was replaced)"
+            f"{hpath}: sha256 does not match {jpath.name} (the file is damaged or was replaced)"
         )
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            W = np.asarray(z["W"], np.float32)
-            b = np.asarray(z["b"], np.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise AdaptationError(f"{wpath}: not a weights file ({e})") from None
-    if W.ndim != 2 or W.shape[0] != len(classes) or b.shape != (len(classes),):
-        raise AdaptationError(
-            f"{wpath}: weights are {W.shape} + {b.shape}, expected {len(classes)} classes"
-        )
-    if not (np.isfinite(W).all() and np.isfinite(b).all()):
-        raise AdaptationError(f"{wpath}: weights are not finite")
-    return Adaptation(
-        id=ident,
-        path=path,
-        created=created,
-        base_sha256=base,
-        classes=classes,
-        W=W,
-        b=b,
-        temperature=temperature,
-        confidence_threshold=thr,
-        other_threshold=other_thr,
-        sha256=_sha256(raw),
-        doc=doc,
-    )
+        head = LinearHead.load(hpath, base_sha256)
+    except HeadError as e:
+        raise AdaptationError(str(e)) from None
+    return Adaptation(id=ident, path=path, created=created, head=head, sha256=_sha256(raw), doc=doc)
