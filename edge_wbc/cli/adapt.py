@@ -281,13 +281,16 @@ def cells_from_store(data_dir: Path, base_sha256: str) -> LabCells:
 @adapt_app.command("export")
 def export(
     data_dir: Path = typer.Option(..., "--data-dir", help="The station's data folder."),
-    out: Path = typer.Option(..., "--out", help="Folder to write DIR/<class>/<cell>.jpg into."),
+    out: Path = typer.Option(..., "--out", help="Folder to write OUT/<class>/<cell>.jpg into."),
 ) -> None:
     """Write the reviewed (changed or confirmed) cells of a station as OUT/<class>/<cell>.jpg,
-    the layout 'adapt fit' and the offline tool read."""
+    the layout 'adapt fit' reads, with OUT/cells.json saying what each one is."""
+    import json
     import shutil
 
+    from edge_wbc.counting.session import CROP_PX
     from edge_wbc.counting.store import Store, StoreError
+    from edge_wbc.pipeline.preprocess import CROP_SCALE
 
     try:
         rows = Store.reviewed_cells_readonly(data_dir)
@@ -295,18 +298,34 @@ def export(
         raise _usage_error(str(e)) from None
     if not rows:
         raise _usage_error(f"{data_dir}: no reviewed cells (confirm or change cells first)")
-    written = missing = 0
+    listed = []
     for r in rows:
         if r.crop_path is None or not r.crop_path.is_file():
-            missing += 1
             typer.echo(f"skipped cell {r.cell_id}: its crop image is missing", err=True)
             continue
         d = out / r.label
-        d.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(r.crop_path, d / f"{r.cell_id}{r.crop_path.suffix}")
-        written += 1
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(r.crop_path, d / f"{r.cell_id}{r.crop_path.suffix}")
+        except OSError as e:
+            raise _usage_error(f"cannot write {d}: {e.strerror or e}") from None
+        listed.append(
+            {
+                "cell_id": r.cell_id,
+                "file": f"{r.label}/{r.cell_id}{r.crop_path.suffix}",
+                "label": r.label,
+                "review": "confirmed" if r.confirmed else "changed",
+                "machine_label": r.machine_label,
+                "embedding_model": r.embedding_model,
+            }
+        )
+    (out / "cells.json").write_text(json.dumps({"cells": listed}, indent=2) + "\n")
+    # The crops are CROP_PX wide around a box CROP_SCALE times smaller than the crop.
     typer.echo(
-        f"{written} reviewed cell(s) written to {out}" + (f", {missing} skipped" if missing else "")
+        f"{len(listed)} reviewed cell(s) written to {out}"
+        + (f", {len(rows) - len(listed)} skipped" if len(rows) > len(listed) else "")
+        + f"; to fit on them: edge-wbc adapt fit {out} --out OUT "
+        f"--cell-diameter {CROP_PX / CROP_SCALE:.0f} (or --data-dir {data_dir})"
     )
 
 
