@@ -151,6 +151,30 @@ def gate(files: list[Path] = typer.Argument(..., help=".tflite files (or folders
     raise typer.Exit(1 if bad else 0)
 
 
+@app.command("add-embedding")
+def add_embedding(
+    model: Path = typer.Argument(..., help="an int8 classifier .tflite"),
+    out: Path = typer.Option(None, help="default: rewrite MODEL in place"),
+    data_root: Path = typer.Option(DEFAULT_DATA),
+    check_images: int = typer.Option(200, help="real crops on which output 0 must not change"),
+) -> None:
+    """Append the classifier's pooled features (global average pool, 1280-d for MobileNetV2) as
+    a second output. Written only when output 0 is bit-identical on real crops and the op gate
+    passes."""
+    from edge_wbc_convert.graph_edit import GraphEditError, add_embedding_checked
+
+    _logging()
+    out = model if out is None else out
+    try:
+        shapes, n = add_embedding_checked(model, out, data_root, check_images)
+    except (OSError, GraphEditError) as e:
+        typer.echo(f"{model}: {e}", err=True)
+        raise typer.Exit(1) from e
+    typer.echo(
+        f"wrote {out}: outputs {shapes}; output 0 bit-identical on {n} real crops; op gate PASS"
+    )
+
+
 @app.command()
 def edgetpu(
     files: list[Path] = typer.Argument(...),

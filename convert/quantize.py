@@ -99,4 +99,10 @@ def quantize_run(
                 yield crops.sample()[0]
 
         rep = cls_rep
-    return to_int8(model, rep, out)
+    to_int8(model, rep, out)
+    if cfg["task"] != "segmentation":
+        from edge_wbc_convert.graph_edit import add_embedding_output
+
+        # Lab adaptation and the fine-class heads read the pooled features (output 1).
+        add_embedding_output(out)
+    return out

@@ -43,7 +43,19 @@ def tensor_quant(path: Path) -> dict[str, Any]:
             "zero_point": int(s.zero_point),
         }
 
-    return {"input": spec(m.input), "output": spec(m.outputs[0])}
+    out = {"input": spec(m.input), "output": spec(m.outputs[0])}
+    if len(m.outputs) > 1:
+        out["embedding"] = spec(m.outputs[1])
+    return out
+
+
+def embedding_spec(q: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's description of a classifier's output 1 (edge_wbc.pipeline.manifest)."""
+    return {"output_index": 1, **q["embedding"]} | {
+        "type": "embedding",
+        "meaning": "pooled features: the global average pool in front of the class head "
+        "(int8 as emitted; the device dequantises and averages them over the views)",
+    }
 
 
 def seg_release(
@@ -188,6 +200,7 @@ def build_manifest(
                     "crop_scale": pp.CROP_SCALE,
                     "scale": "x / 255",
                 },
+                **({"embedding": embedding_spec(q)} if "embedding" in q else {}),
                 "classes": list(cls_model["classes"]),
                 # The device averages the model over this many dihedral views of each crop
                 # (edge_wbc.pipeline.classify.crop_views); the calibration below was fitted on them.
@@ -259,11 +272,14 @@ def make_release(
         from edge_wbc_convert.cells import LABELS6, run_cells
         from edge_wbc_convert.cls_eval import evaluate_classifier
 
+        from edge_wbc.pipeline.inference import TFLiteModel
+
         cfg = json.loads((cls / "config.json").read_text())
         f = out / "classifier.tflite"
         if requantize or not f.exists():
             quantize_run(cls, f, data_root, samples=rep_samples, seed=123)
         size = int(cfg["input_hw"][0])
+        emb = TFLiteModel(f, threads=1).outputs[1:]
         cls_eval = evaluate_classifier(
             f,
             cls / "best.keras",
@@ -273,6 +289,8 @@ def make_release(
             out,
             views=cls_views,
         )
+        if emb:
+            cls_eval["embedding_dim"] = int(emb[0].shape[-1])
         train_cells = run_cells(cls, "train")
         cls_eval["other_sources"] = sorted({c.source for c in train_cells if c.label == "other"})
         (out / "cls_eval.json").write_text(json.dumps(cls_eval, indent=2))

@@ -35,3 +35,5 @@ fi
 # The browser test must fail, not skip, when Chromium is missing.
 export EDGE_WBC_REQUIRE_BROWSER=1
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# An installed wheel (not the checkout) must analyse on its own: models and samples packaged.
+[ "$#" -gt 0 ] || bash scripts/check-wheel.sh .venv/bin/python

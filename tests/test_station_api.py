@@ -226,7 +226,7 @@ def test_review_target_finalise_report(st: RunningStation) -> None:
     status, c = jreq(st.url + f"/api/cells/{neu}/review", "POST",
                      {"label": "rejected", "reason": "counted_twice"})
     assert status == 200 and c["effective_label"] is None
-    assert jreq(st.url + f"/api/cells/{neu}/review", "POST", {"label": "platelet"})[0] == 409
+    assert jreq(st.url + f"/api/cells/{neu}/review", "POST", {"label": "unicorn"})[0] == 409
     assert jreq(st.url + f"/api/cells/{neu}/review", "POST", {})[0] == 400
     # 9 counted after the rejection: below target again, capture is allowed again.
     s = jreq(st.url + "/api/state")[1]

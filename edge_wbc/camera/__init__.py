@@ -64,8 +64,13 @@ class FrameSource(Protocol):
 
 
 def parse_source(spec: str) -> tuple[str, str]:
-    """'folder:DIR' -> ('folder', 'DIR'); 'opencv:0' -> ('opencv', '0'); 'picamera2[:N]'."""
+    """'folder:DIR' -> ('folder', 'DIR'); 'opencv:0' -> ('opencv', '0'); 'picamera2[:N]';
+    'samples' -> ('folder', the sample fields inside the package)."""
     spec = (spec or "").strip()
+    if spec == "samples":
+        from edge_wbc.bundled import packaged_samples
+
+        return "folder", str(packaged_samples())
     kind, _, arg = spec.partition(":")
     if kind == "folder" and arg:
         return kind, arg
@@ -75,7 +80,7 @@ def parse_source(spec: str) -> tuple[str, str]:
         return kind, arg or "0"
     raise CameraError(
         f"camera source {spec!r} not understood: use folder:DIR, picamera2, picamera2:N, "
-        "opencv:N (USB camera number) or opencv:/dev/videoN"
+        "opencv:N (USB camera number), opencv:/dev/videoN or samples"
     )
 
 

@@ -57,7 +57,12 @@ class FieldRecord(_FieldExtra):
     models: dict[str, Any]
 
 
-class CellRecord(TypedDict):
+class _CellExtra(TypedDict, total=False):
+    #: Only in the cells handed to the reporter on finalise: the formula row it counted in.
+    counted_as: str | None
+
+
+class CellRecord(_CellExtra):
     id: str
     slide_id: str
     field_id: str

@@ -26,7 +26,7 @@ import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,9 @@ CREATE INDEX IF NOT EXISTS events_slide ON events (slide_id, id);
 """
 
 
+TransactionHook = Callable[[sqlite3.Connection, Event], None]
+
+
 class StoreError(Exception):
     """The data directory or database cannot be used; the message says why."""
 
@@ -159,6 +162,9 @@ class Store:
         self.db_path = self.data_dir / DB_NAME
         self._lock = threading.RLock()
         self._outbox: Any = None
+        # Listeners that keep their own durable queue (the LIS outbox) write it here, in the
+        # transaction of the change itself; counting only runs them and knows none of them.
+        self._txn_hooks: list[TransactionHook] = []
         try:
             self.conn = sqlite3.connect(
                 self.db_path, isolation_level=None, check_same_thread=False, timeout=10.0
@@ -248,6 +254,14 @@ class Store:
         )
         if self._outbox is not None and ev.kind in OUTBOX_KINDS:
             self._outbox.enqueue(self.conn, ev.kind, ev.payload)
+        for hook in self._txn_hooks:
+            hook(self.conn, ev)
+
+    def add_transaction_hook(self, hook: TransactionHook) -> None:
+        """``hook(conn, event)`` runs for every event inside the transaction that writes it
+        (must not commit); if it raises, the change is rolled back with it."""
+        with self._lock:
+            self._txn_hooks.append(hook)
 
     def create_slide(self, slide: SlideRecord, events: Sequence[Event]) -> None:
         with self._transaction(events, slide["id"]) as c:

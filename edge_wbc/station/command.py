@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import sqlite3
 import threading
 from functools import partial
 from pathlib import Path
@@ -41,7 +42,8 @@ def station(
         None, "--config", help="TOML config file (default: $EDGE_WBC_CONFIG or "
         "/etc/edge-wbc/config.toml when present)."),
     models: Path | None = typer.Option(
-        None, "--models", help="Models folder with manifest.json (default: models.dir)."),
+        None, "--models", help="Models folder with manifest.json (default: models.dir, "
+        "$EDGE_WBC_MODELS, /opt/edge-wbc/models, then the packaged models)."),
     mqtt_host: str | None = typer.Option(
         None, "--mqtt-host", help="MQTT broker; without one the station runs without MQTT."),
     mqtt_port: int | None = typer.Option(None, "--mqtt-port", help="MQTT broker port."),
@@ -77,7 +79,7 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
     """Start everything, serve until SIGTERM/SIGINT (or ``stop``), then shut down in order."""
     from edge_wbc import sdnotify
     from edge_wbc.camera import CameraError, open_source
-    from edge_wbc.counting.events import Fanout
+    from edge_wbc.counting.events import Event, Fanout
     from edge_wbc.counting.reports import write_reports
     from edge_wbc.counting.session import SlideSession
     from edge_wbc.counting.store import Store, StoreError
@@ -93,16 +95,29 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
     except ManifestError as e:
         raise StartupError(f"models: {e}") from e
     except (OSError, RuntimeError, ValueError) as e:
-        raise StartupError(f"cannot load the models from {cfg.models.dir}: {e}") from e
+        raise StartupError(f"cannot load the models: {e}") from e
     models = analyzer.describe()
-    log.info("models loaded from %s in %.0f ms on %s", cfg.models.dir, analyzer.load_ms,
-             analyzer.accelerator)
+    log.info("models loaded from %s in %.0f ms on %s", analyzer.models_location.describe(),
+             analyzer.load_ms, analyzer.accelerator)
 
     try:
         store = Store(cfg.session.data_dir, mqtt=bool(cfg.mqtt.host),
                       outbox_max=cfg.mqtt.outbox_max)
     except StoreError as e:
         raise StartupError(str(e)) from e
+    lis = None
+    if cfg.lis.delivery != "off":
+        from edge_wbc.comms.lis.delivery import LisDelivery
+
+        try:
+            # Its tables exist before the store's first finalise runs the hook.
+            lis = LisDelivery(cfg.lis, store.db_path, store.data_dir,
+                              station_id=cfg.mqtt.station_id,
+                              on_change=lambda: on_lis_change())
+        except (OSError, sqlite3.Error) as e:
+            store.close()
+            raise StartupError(f"LIS delivery: {e}") from e
+        store.add_transaction_hook(lis.hook)
     fanout = Fanout()
     hub = EventHub()
     fanout.subscribe(hub)
@@ -111,12 +126,15 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
         duplicate_overlap=cfg.session.duplicate_overlap, models=models,
         station_id=cfg.mqtt.station_id,
         reporter=partial(write_reports, data_dir=store.data_dir),
+        formula=cfg.formula.build(),
     )
     try:
         # A folder is replayed once per slide (loop=False): going round again would count the
         # same fields twice, which the duplicate guard (last few fields only) would not catch.
         source = open_source(cfg.camera.source, cfg.camera.width, cfg.camera.height, loop=False)
     except CameraError as e:
+        if lis is not None:
+            lis.stop()
         store.close()
         raise StartupError(str(e)) from e
     _follow_slides(source, session, fanout)
@@ -129,6 +147,14 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
               "models": [m["name"] for m in models.get("models", [])],
               "data_dir": str(store.data_dir)},
     )
+    extra: dict[str, Any] = {}
+    if lis is not None:
+        extra["lis"] = lis.status
+    st.extra_status = lambda: {k: f() for k, f in extra.items()}
+
+    def on_lis_change() -> None:
+        fanout(Event("status", st.status()))
+
     publisher = None
     if cfg.mqtt.host:
         from edge_wbc.comms import mqtt as edge_mqtt
@@ -142,19 +168,22 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             )
         except edge_mqtt.MqttError as e:
             source.close()
+            if lis is not None:
+                lis.stop()
             store.close()
             raise StartupError(f"MQTT: {e}") from e
         if publisher is not None:
             fanout.subscribe(publisher.publish)
-            mqtt_publisher = publisher
-            st.extra_status = lambda: {"mqtt": mqtt_publisher.status()}
+            extra["mqtt"] = publisher.status
     try:
         server = StationServer(st, hub, cfg.station.host, cfg.station.port, cfg.station.token,
-                               cfg.camera.preview_fps)
+                               cfg.camera.preview_fps, lis=cfg.lis)
     except (OSError, ValueError) as e:
         source.close()
         if publisher is not None:
             publisher.stop()
+        if lis is not None:
+            lis.stop()
         store.close()
         raise StartupError(f"cannot listen on {cfg.station.host}:{cfg.station.port}: {e}") from e
 
@@ -168,6 +197,8 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             log.warning("%s (the on-screen button and the space bar still work)", e)
 
     st.start()
+    if lis is not None:
+        lis.start()
     live.watch_thread(st.worker)
     live.start()
     serve_in_thread(server)
@@ -201,6 +232,8 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             button.close()
         if publisher is not None:
             publisher.stop()
+        if lis is not None:
+            lis.stop()
         store.close()
         typer.echo("edge-wbc station: stopped; every counted cell is saved", err=True)
 

@@ -57,6 +57,9 @@ def page(tmp_path: Path):
         pg = ctx.new_page()
         errors: list[str] = []
         pg.on("pageerror", lambda e: errors.append(str(e)))
+        # The server's Content-Security-Policy must allow everything the page does.
+        pg.on("console", lambda m: errors.append(m.text)
+              if "Content Security Policy" in m.text else None)
         pg.goto(rs.url + "/", wait_until="domcontentloaded")
         pg.rs = rs  # type: ignore[attr-defined]
         pg.errors = errors  # type: ignore[attr-defined]
@@ -231,6 +234,8 @@ def test_with_shipped_models(tmp_path: Path) -> None:
             pg = browser.new_page(viewport={"width": 800, "height": 480})
             errors: list[str] = []
             pg.on("pageerror", lambda e: errors.append(str(e)))
+            pg.on("console", lambda m: errors.append(m.text)
+                  if "Content Security Policy" in m.text else None)
             pg.goto(rs.url + "/", wait_until="domcontentloaded")
             pg.wait_for_function("() => window.__counted === 0")
             for _ in range(40):
