@@ -604,3 +604,25 @@ def test_formula_report_rows_and_raised_flags() -> None:
     assert "Flag: Myelocytes: 1 (myelocyte > 0)." in res["DiagnosticReport"][0]["conclusion"]
     nrbc = next(o for o in res["Observation"] if o["code"]["coding"][0]["code"] == "58413-6")
     assert nrbc["valueQuantity"]["code"] == "/100{WBCs}" and "component" in nrbc
+
+
+def test_doctor_reads_a_station_that_never_ran_with_the_lis_without_changing_it(
+        tmp_path: Path) -> None:
+    from edge_wbc.cli import doctor as doc
+
+    store = Store(tmp_path / "data")
+    store.close()
+    db = tmp_path / "data" / "edge-wbc.sqlite3"
+    before = db.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = load_config(None, env={"HOME": str(tmp_path),
+                                 "EDGE_WBC_SESSION_DATA_DIR": str(tmp_path / "data"),
+                                 "EDGE_WBC_LIS_DELIVERY": "folder",
+                                 "EDGE_WBC_LIS_FOLDER": str(out)})
+    row = doc.check_lis(cfg)
+    assert row.status == doc.OK and "0 report(s) waiting, 0 refused" in row.detail
+    assert db.read_bytes() == before
+    out.rmdir()
+    row = doc.check_lis(cfg)
+    assert row.status == doc.WARN and "does not exist" in row.detail

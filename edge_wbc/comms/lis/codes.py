@@ -139,6 +139,14 @@ def is_manual(rep: dict[str, Any]) -> bool:
     return bool(rep.get("reviewed_changes"))
 
 
+def counted(rep: dict[str, Any], rows: list[ResultRow]) -> int:
+    """Leukocytes in the differential: the report's own number, else its percentage rows."""
+    n = rep.get("counted")
+    if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+        return n
+    return sum(r.count for r in rows if r.unit is PERCENT)
+
+
 def result_rows(rep: dict[str, Any]) -> list[ResultRow]:
     """The report's formula rows, whatever classes the lab's formula has.
 
