@@ -590,9 +590,17 @@ def test_formula_report_rows_and_raised_flags() -> None:
         {"rule": "myelocyte > 0", "name": "myelocyte", "op": ">", "threshold": 0,
          "text": "Myelocytes: 1 (myelocyte > 0)"},
     ])
+    # As the formula writes them (edge_wbc.counting.formula): the rows a flag covers.
+    rep["flags"].append({"rule": "neutrophil > 80%", "name": "neutrophil", "op": ">",
+                         "threshold": 80, "rows": ["band_neutrophil", "segmented_neutrophil"],
+                         "text": "Neutrophil: 88.0 % (neutrophil > 80%)"})
+    rep["flags"].append({"rule": "blast > 1", "name": "blast", "rows": ["blast"],
+                         "threshold": 1, "text": "Blast: 2 (blast > 1)"})
     msg = hl7.parse(build_oru(rep))
     obx = {str(o(3)(1)(1)): o for o in _obx(msg)}
     assert str(obx["770-8"](8)) == "H"  # band_neutrophil is one of the neutrophil row's classes
+    assert "flag: Blasts: 2 (blast > 0); Blast: 2 (blast > 1)" in str(msg)
+    assert "NTE|3|L|flag: Neutrophil: 88.0 % (neutrophil > 80%)" in str(msg)
     assert str(obx["blast"](8)) == "H" and str(obx["736-9"](8)) == ""
     assert str(obx["58413-6"](6)(1)(1)) == "/100{WBCs}"
     assert str(obx["non_wbc"](5)) == "14" and str(obx["non_wbc"](8)) == "H"
