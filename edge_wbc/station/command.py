@@ -12,8 +12,6 @@ from typing import Any
 
 import typer
 
-from edge_wbc.counting.session import SessionError
-
 log = logging.getLogger("edge_wbc.station")
 
 EXIT_USAGE = 2
@@ -83,6 +81,7 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
     from edge_wbc.counting.session import SlideSession
     from edge_wbc.counting.store import Store, StoreError
     from edge_wbc.pipeline.manifest import ManifestError
+    from edge_wbc.station.actions import Actions
     from edge_wbc.station.app import Station
     from edge_wbc.station.server import EventHub, StationServer, serve_in_thread
 
@@ -130,6 +129,7 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
               "models": [m["name"] for m in models.get("models", [])],
               "data_dir": str(store.data_dir)},
     )
+    actions = Actions(st)
     publisher = None
     if cfg.mqtt.host:
         from edge_wbc.comms import mqtt as edge_mqtt
@@ -137,7 +137,7 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
         try:
             publisher = edge_mqtt.start_publisher(
                 cfg.mqtt, store.db_path, state_provider=session.state,
-                command_handler=partial(_mqtt_command, st),
+                command_handler=actions.remote,
                 health_provider=lambda: {"accelerator": analyzer.accelerator,
                                          "queue": st.status()["queue"]},
             )
@@ -151,7 +151,7 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             st.extra_status = lambda: {"mqtt": mqtt_publisher.status()}
     try:
         server = StationServer(st, hub, cfg.station.host, cfg.station.port, cfg.station.token,
-                               cfg.camera.preview_fps)
+                               cfg.camera.preview_fps, actions=actions)
     except (OSError, ValueError) as e:
         source.close()
         if publisher is not None:
@@ -164,7 +164,7 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
         from edge_wbc.station.triggers import TriggerError, gpio_button
 
         try:
-            button = gpio_button(cfg.station.gpio_pin, lambda: st.capture("gpio"))
+            button = gpio_button(cfg.station.gpio_pin, lambda: actions.capture("gpio"))
         except TriggerError as e:
             log.warning("%s (the on-screen button and the space bar still work)", e)
 
@@ -228,28 +228,6 @@ def _url(host: str, port: int) -> str:
     elif ":" in host:
         shown = f"[{host}]"
     return f"http://{shown}:{port}/"
-
-
-def _mqtt_command(st: Any, kind: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Commands from the broker (only when mqtt.commands_enabled): the same paths as the page."""
-    from edge_wbc.camera import CameraError, FrameError
-    from edge_wbc.station.app import BusyError
-
-    try:
-        if kind == "capture":
-            return {"ok": True, **st.capture("mqtt")}
-        action = args.get("action")
-        if action == "new":
-            st.session.new_slide(args.get("sample_id") or "", args.get("target"))
-        elif action == "finalise":
-            st.session.finalise()
-        elif action == "target":
-            st.session.set_target(args.get("target"))
-        else:
-            raise ValueError(f"unknown slide action {action!r}")
-        return {"ok": True, "state": st.session.state()}
-    except (SessionError, BusyError, CameraError, FrameError) as e:
-        raise ValueError(str(e)) from e
 
 
 def register(app: typer.Typer) -> None:
