@@ -175,6 +175,19 @@ def test_lock_is_per_open_store_and_released_on_close(tmp_path: Path) -> None:
     Store(tmp_path).close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as `sudo edge-wbc ...` has")
+def test_root_is_refused_in_the_service_users_folder(tmp_path: Path) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, nobody.pw_uid, nobody.pw_gid)
+    with pytest.raises(StoreError, match="sudo -u nobody"):
+        Store(data, reset=True)
+    assert list(data.iterdir()) == []  # not even a lock file left behind
+
+
 def test_operator_reader_beside_the_station_takes_no_lock_and_cannot_write(
         tmp_path: Path) -> None:
     ids = _history(tmp_path, slides=1)
@@ -281,6 +294,7 @@ def test_reset_refuses_a_healthy_database(tmp_path: Path) -> None:
     store = Store(tmp_path)
     assert len(store.slides()) == 1
     store.close()
+    Store(tmp_path / "new", reset=True).close()  # a first start has nothing to refuse
 
 
 def test_station_command_refuses_damaged_database_with_the_way_out(tmp_path: Path) -> None:
@@ -387,6 +401,17 @@ def test_backup_while_counting_is_a_consistent_snapshot(tmp_path: Path) -> None:
             for fid, n in conn.execute("SELECT id, n_cells FROM fields"):
                 assert conn.execute("SELECT COUNT(*) FROM cells WHERE field_id=?",
                                     (fid,)).fetchone()[0] == n
+
+
+def test_a_backup_cut_short_is_cleared_and_never_counted(tmp_path: Path) -> None:
+    store = Store(tmp_path, backups_keep=1)
+    store.backup_dir.mkdir()
+    cut = store.backup_dir / "edge-wbc-20260101T000000000000Z.tmp"
+    cut.write_bytes(b"SQLite format 3\x00" + b"\0" * 100)  # a kill in the middle of a copy
+    assert store.backups() == []
+    made = store.backup()
+    store.close()
+    assert made is not None and store.backups() == [made] and not cut.exists()
 
 
 def test_no_backups_when_turned_off(tmp_path: Path) -> None:

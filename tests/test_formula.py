@@ -293,3 +293,17 @@ def test_a_flag_names_the_rows_it_is_about(tmp_path: Path) -> None:
     assert flags["neutrophil"]["rows"] == ["band_neutrophil", "segmented_neutrophil"]
     assert flags["neutrophil"]["row"] == "band_neutrophil"
     assert (flags["blast"]["row"], flags["blast"]["rows"]) == ("blast", ["blast"])
+
+
+def test_a_reopened_station_counts_the_open_slide_by_the_same_formula(tmp_path: Path) -> None:
+    ru = _formula(preset="ru", per_100_wbc=["nrbc"])
+    s = _session(tmp_path, ru)
+    _add(s, ["band_neutrophil", "erythroblast", "lymphocyte", "platelet"])
+    s.review(list(s.cells)[2], "blast")
+    before = s.state()
+    s.store.close()
+    again = _session(tmp_path, ru)
+    after = again.state()
+    for key in ("classes", "counts", "flags", "class_counts", "excluded", "counted"):
+        assert after[key] == before[key], key
+    assert after["flags"][0]["rule"] == "blast > 0"

@@ -412,6 +412,13 @@ def test_fhir_server_201_400_500_and_timeout(tmp_path: Path) -> None:
         assert held == 1 and err == ("FHIR server answered HTTP 400: Observation.code: unknown "
                                      "code system")
 
+        peer.script = [302]
+        moved = st.finalise_slide("H-302")
+        d.run_once()
+        held, err = st.conn.execute("SELECT held, last_error FROM lis_outbox WHERE slide_id = ?",
+                                    (moved,)).fetchone()
+        assert held == 1 and "HTTP 302" in err and peer.gets == 0
+
         for mode, why in ((500, "HTTP 500: db down"), ("timeout", "no answer")):
             peer.script = [mode]
             sid = st.finalise_slide(f"H-{mode}")
@@ -583,9 +590,17 @@ def test_formula_report_rows_and_raised_flags() -> None:
         {"rule": "myelocyte > 0", "name": "myelocyte", "op": ">", "threshold": 0,
          "text": "Myelocytes: 1 (myelocyte > 0)"},
     ])
+    # As the formula writes them (edge_wbc.counting.formula): the rows a flag covers.
+    rep["flags"].append({"rule": "neutrophil > 80%", "name": "neutrophil", "op": ">",
+                         "threshold": 80, "rows": ["band_neutrophil", "segmented_neutrophil"],
+                         "text": "Neutrophil: 88.0 % (neutrophil > 80%)"})
+    rep["flags"].append({"rule": "blast > 1", "name": "blast", "rows": ["blast"],
+                         "threshold": 1, "text": "Blast: 2 (blast > 1)"})
     msg = hl7.parse(build_oru(rep))
     obx = {str(o(3)(1)(1)): o for o in _obx(msg)}
     assert str(obx["770-8"](8)) == "H"  # band_neutrophil is one of the neutrophil row's classes
+    assert "flag: Blasts: 2 (blast > 0); Blast: 2 (blast > 1)" in str(msg)
+    assert "NTE|3|L|flag: Neutrophil: 88.0 % (neutrophil > 80%)" in str(msg)
     assert str(obx["blast"](8)) == "H" and str(obx["736-9"](8)) == ""
     assert str(obx["58413-6"](6)(1)(1)) == "/100{WBCs}"
     assert str(obx["non_wbc"](5)) == "14" and str(obx["non_wbc"](8)) == "H"
@@ -597,3 +612,25 @@ def test_formula_report_rows_and_raised_flags() -> None:
     assert "Flag: Myelocytes: 1 (myelocyte > 0)." in res["DiagnosticReport"][0]["conclusion"]
     nrbc = next(o for o in res["Observation"] if o["code"]["coding"][0]["code"] == "58413-6")
     assert nrbc["valueQuantity"]["code"] == "/100{WBCs}" and "component" in nrbc
+
+
+def test_doctor_reads_a_station_that_never_ran_with_the_lis_without_changing_it(
+        tmp_path: Path) -> None:
+    from edge_wbc.cli import doctor as doc
+
+    store = Store(tmp_path / "data")
+    store.close()
+    db = tmp_path / "data" / "edge-wbc.sqlite3"
+    before = db.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = load_config(None, env={"HOME": str(tmp_path),
+                                 "EDGE_WBC_SESSION_DATA_DIR": str(tmp_path / "data"),
+                                 "EDGE_WBC_LIS_DELIVERY": "folder",
+                                 "EDGE_WBC_LIS_FOLDER": str(out)})
+    row = doc.check_lis(cfg)
+    assert row.status == doc.OK and "0 report(s) waiting, 0 refused" in row.detail
+    assert db.read_bytes() == before
+    out.rmdir()
+    row = doc.check_lis(cfg)
+    assert row.status == doc.WARN and "does not exist" in row.detail

@@ -114,9 +114,11 @@ def lis_status(
     cfg = _config(config)
     store = _store(data_dir, cfg)
     try:
-        conn = outbox.connect(str(store.db_path))
-        st = {"delivery": cfg.lis.delivery, **outbox.status(conn)}
-        conn.close()
+        conn = outbox.connect_read_only(str(store.db_path))
+        try:
+            st = {"delivery": cfg.lis.delivery, **outbox.status(conn)}
+        finally:
+            conn.close()
     finally:
         store.close()
     if as_json:

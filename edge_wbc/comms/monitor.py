@@ -215,9 +215,10 @@ class StationTable:
                 counted, cols, unid = "-", ["-"] * len(cols_head), "-"
             ob = v.stats.get("outbox") if isinstance(v.stats.get("outbox"), dict) else None
             age = now - v.last_seen
-            raised = d.get("flags") if isinstance(d.get("flags"), list) else []
+            raised = d.get("flags")
             flags = ",".join(str(f.get("rule", "?")).replace(" ", "") for f in raised
-                             if isinstance(f, dict)) or "-"
+                             if isinstance(f, dict)) if isinstance(raised, list) else ""
+            flags = flags or "-"
             rows.append([sid, v.status(now), str(v.field("sample_id") or "-"), counted, *cols, unid,
                          str(ob.get("depth")) if ob else "-",
                          f"{age:.0f}s ago" if age < 3600 else f"{age / 3600:.1f}h ago", flags])

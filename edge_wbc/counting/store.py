@@ -205,6 +205,27 @@ class DataDirLock:
             self._fd = None
 
 
+def _refuse_root_in_users_folder(data_dir: Path) -> None:
+    """Root writing in the service user's folder (``sudo edge-wbc station --reset``) would leave
+    a lock file, a database or backups that the station, running as that user, cannot write."""
+    if os.geteuid() != 0:
+        return
+    owner = data_dir.stat().st_uid
+    if owner == 0:
+        return
+    try:
+        import pwd
+
+        name = pwd.getpwuid(owner).pw_name
+    except (ImportError, KeyError):
+        name = str(owner)
+    raise StoreError(
+        f"data directory {data_dir} belongs to user {name}; run this as that user "
+        f"(sudo -u {name} edge-wbc ...), not as root, or the station could no longer write the "
+        "files root would leave there"
+    )
+
+
 def _holder(path: Path) -> str:
     try:
         pid = path.read_text().strip()
@@ -271,6 +292,7 @@ class Store:
                 f"data directory {self.data_dir} is not writable ({e.strerror or e}); choose "
                 "another with --data-dir or fix its permissions"
             ) from e
+        _refuse_root_in_users_folder(self.data_dir)
         # First, before the database is even looked at: a second process must change nothing.
         dir_lock = self._dir_lock = DataDirLock(self.data_dir)
         try:
@@ -302,6 +324,7 @@ class Store:
         problem = _file_problem(self.db_path)
         if problem is None and not self.db_path.exists():
             _create_database(self.db_path)
+            reset = False  # nothing there to move aside: a first start
         try:
             if problem is None:
                 self.conn = self._connect()
@@ -642,6 +665,10 @@ class Store:
                 # Counting needs the space more than a backup does.
                 raise OSError(errno.ENOSPC, f"under {need // (1024 * 1024)} MB free")
             self.backup_dir.mkdir(exist_ok=True)
+            for stale in self.backup_dir.glob("edge-wbc-*.tmp*"):
+                # A copy cut short by a kill (e.g. systemd's stop timeout) is never a backup.
+                with contextlib.suppress(OSError):
+                    stale.unlink()
             src = sqlite3.connect(self.db_path, timeout=30.0)
             dst = sqlite3.connect(tmp)
             try:

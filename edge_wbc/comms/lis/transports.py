@@ -161,7 +161,8 @@ class MllpTransport:
             return Outcome.retry(f"cannot connect to the LIS at {where}: {why}")
         try:
             writer.writemessage(text)
-            await writer.drain()
+            # A peer that stops reading must not hold the delivery thread beyond the timeout.
+            await asyncio.wait_for(writer.drain(), self.timeout_s)
             ack = await asyncio.wait_for(reader.readmessage(), self.timeout_s)
         except asyncio.TimeoutError:
             return Outcome.retry(f"no ACK from {where} within {self.timeout_s:g} s")
@@ -213,7 +214,7 @@ class FhirTransport:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with _OPENER.open(req, timeout=self.timeout_s) as resp:
                 status = resp.status
                 loc = resp.headers.get("Location") or resp.headers.get("Content-Location") or ""
         except urllib.error.HTTPError as e:
@@ -239,6 +240,17 @@ class FhirTransport:
                 return None
         except OSError as e:
             return "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib turns a POST answered 301/302/303 into a GET of the new address; that GET's 200
+    would count as a delivery. A redirect is reported instead (fix fhir_url)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def _outcome_text(raw: bytes) -> str:
