@@ -109,18 +109,27 @@ class MllpPeer:
 
 
 class FhirPeer:
-    """A FHIR endpoint: each POST gets the next scripted status (201, 400, 500, 'timeout');
+    """A FHIR endpoint: each POST gets the next scripted status (201, 302, 400, 500, 'timeout');
     unscripted: 201. Records the bodies and Authorization headers it was sent."""
 
     def __init__(self) -> None:
         self.script: list[int | str] = []
         self.bodies: list[dict[str, Any]] = []
         self.auth: list[str | None] = []
+        self.gets = 0
         peer = self
 
         class H(BaseHTTPRequestHandler):
             def log_message(self, *a: Any) -> None:
                 pass
+
+            def do_GET(self) -> None:
+                # What a redirected POST would turn into: it must never count as a delivery.
+                peer.gets += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
 
             def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
@@ -138,11 +147,15 @@ class FhirPeer:
                 elif mode == 500:
                     out = {"resourceType": "OperationOutcome", "issue": [
                         {"severity": "fatal", "code": "exception", "diagnostics": "db down"}]}
+                elif mode == 302:
+                    out = {}
                 else:
                     peer.bodies.append(body)
                     out = {"resourceType": "Bundle", "type": "transaction-response"}
                 data = json.dumps(out).encode()
                 self.send_response(int(mode))
+                if mode == 302:
+                    self.send_header("Location", "/elsewhere")
                 self.send_header("Content-Type", "application/fhir+json")
                 self.send_header("Content-Length", str(len(data)))
                 if mode == 201:

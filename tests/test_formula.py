@@ -282,3 +282,28 @@ def test_monitor_shows_each_stations_formula_and_flags(tmp_path: Path) -> None:
     v = t.stations["ru-1"].to_json()
     assert v["formula"] == "ru" and v["flags"] == ["Blast: 1 (blast > 0)"]
     assert {r["label"]: r["count"] for r in v["rows"]}["blast"] == 1
+
+
+def test_a_flag_names_the_rows_it_is_about(tmp_path: Path) -> None:
+    ru = _formula(preset="ru", flags=["neutrophil > 50%", "blast > 0"])
+    s = _session(tmp_path, ru)
+    _add(s, ["band_neutrophil", "segmented_neutrophil", "lymphocyte"])
+    s.review(list(s.cells)[2], "blast")
+    flags = {f["name"]: f for f in s.state()["flags"]}
+    assert flags["neutrophil"]["rows"] == ["band_neutrophil", "segmented_neutrophil"]
+    assert flags["neutrophil"]["row"] == "band_neutrophil"
+    assert (flags["blast"]["row"], flags["blast"]["rows"]) == ("blast", ["blast"])
+
+
+def test_a_reopened_station_counts_the_open_slide_by_the_same_formula(tmp_path: Path) -> None:
+    ru = _formula(preset="ru", per_100_wbc=["nrbc"])
+    s = _session(tmp_path, ru)
+    _add(s, ["band_neutrophil", "erythroblast", "lymphocyte", "platelet"])
+    s.review(list(s.cells)[2], "blast")
+    before = s.state()
+    s.store.close()
+    again = _session(tmp_path, ru)
+    after = again.state()
+    for key in ("classes", "counts", "flags", "class_counts", "excluded", "counted"):
+        assert after[key] == before[key], key
+    assert after["flags"][0]["rule"] == "blast > 0"

@@ -412,6 +412,13 @@ def test_fhir_server_201_400_500_and_timeout(tmp_path: Path) -> None:
         assert held == 1 and err == ("FHIR server answered HTTP 400: Observation.code: unknown "
                                      "code system")
 
+        peer.script = [302]
+        moved = st.finalise_slide("H-302")
+        d.run_once()
+        held, err = st.conn.execute("SELECT held, last_error FROM lis_outbox WHERE slide_id = ?",
+                                    (moved,)).fetchone()
+        assert held == 1 and "HTTP 302" in err and peer.gets == 0
+
         for mode, why in ((500, "HTTP 500: db down"), ("timeout", "no answer")):
             peer.script = [mode]
             sid = st.finalise_slide(f"H-{mode}")
@@ -550,5 +557,97 @@ def test_doctor_and_cli_show_the_outbox(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "not finalised" in r.output
     r = runner.invoke(app, ["report", "--slide", sid, "--format", "pdf"], env=env)
     assert r.exit_code != 0
+    d.stop()
+    st.close()
+
+
+def test_formula_report_rows_and_raised_flags() -> None:
+    """The report rows and flags as the lab's formula writes them (edge-wbc/report/2): kind,
+    group, classes; flags naming a class or group, with their rule."""
+    rep = _report(differential=[
+        {"label": "neutrophil", "name": "Neutrophils", "group": "neutrophil", "kind": "counted",
+         "classes": ["neutrophil", "band_neutrophil", "segmented_neutrophil"], "count": 88,
+         "percent": 88.0, "ci_low": 79.9, "ci_high": 93.6},
+        {"label": "blast", "name": "Blasts", "group": "abnormal_wbc", "kind": "counted",
+         "classes": ["blast"], "count": 2, "percent": 2.0, "ci_low": 0.2, "ci_high": 7.0},
+        {"label": "lymphocyte", "name": "Lymphocytes", "group": "lymphocyte", "kind": "counted",
+         "classes": ["lymphocyte", "reactive_lymphocyte"], "count": 10, "percent": 10.0,
+         "ci_low": 4.9, "ci_high": 17.6},
+        {"label": "nrbc", "name": "NRBC", "group": "nrbc", "kind": "per_100_wbc",
+         "classes": ["erythroblast"], "count": 3, "percent": 3.0, "ci_low": None,
+         "ci_high": None},
+        {"label": "non_wbc", "name": "Not leukocytes", "group": "non_wbc", "kind": "count_only",
+         "classes": ["platelet", "smudge_cell"], "count": 14, "percent": 14.0, "ci_low": None,
+         "ci_high": None},
+    ], flags=[
+        {"rule": "blast > 0", "name": "blast", "op": ">", "unit": "count", "threshold": 0,
+         "count": 2, "value": 2, "text": "Blasts: 2 (blast > 0)"},
+        {"rule": "smudge_cell > 10 %", "name": "smudge_cell", "op": ">", "unit": "percent",
+         "threshold": 10, "count": 12, "value": 12.0, "text": "Smudge cells: 12.0 % (smudge_cell "
+                                                             "> 10 %)"},
+        {"rule": "band_neutrophil > 5 %", "name": "band_neutrophil", "op": ">",
+         "threshold": 5, "text": "Band neutrophils: 7.0 % (band_neutrophil > 5 %)"},
+        {"rule": "myelocyte > 0", "name": "myelocyte", "op": ">", "threshold": 0,
+         "text": "Myelocytes: 1 (myelocyte > 0)"},
+    ])
+    # As the formula writes them (edge_wbc.counting.formula): the rows a flag covers.
+    rep["flags"].append({"rule": "neutrophil > 80%", "name": "neutrophil", "op": ">",
+                         "threshold": 80, "rows": ["band_neutrophil", "segmented_neutrophil"],
+                         "text": "Neutrophil: 88.0 % (neutrophil > 80%)"})
+    rep["flags"].append({"rule": "blast > 1", "name": "blast", "rows": ["blast"],
+                         "threshold": 1, "text": "Blast: 2 (blast > 1)"})
+    msg = hl7.parse(build_oru(rep))
+    obx = {str(o(3)(1)(1)): o for o in _obx(msg)}
+    assert str(obx["770-8"](8)) == "H"  # band_neutrophil is one of the neutrophil row's classes
+    assert "flag: Blasts: 2 (blast > 0); Blast: 2 (blast > 1)" in str(msg)
+    assert "NTE|3|L|flag: Neutrophil: 88.0 % (neutrophil > 80%)" in str(msg)
+    assert str(obx["blast"](8)) == "H" and str(obx["736-9"](8)) == ""
+    assert str(obx["58413-6"](6)(1)(1)) == "/100{WBCs}"
+    assert str(obx["non_wbc"](5)) == "14" and str(obx["non_wbc"](8)) == "H"
+    text = str(msg)
+    assert "flag: Blasts: 2 (blast > 0)" in text
+    # A flag no row holds still reaches the LIS, as a note on the report.
+    assert "NTE|2|L|flag: Myelocytes: 1 (myelocyte > 0)" in text
+    res = _validate_every_resource(build_bundle(rep))
+    assert "Flag: Myelocytes: 1 (myelocyte > 0)." in res["DiagnosticReport"][0]["conclusion"]
+    nrbc = next(o for o in res["Observation"] if o["code"]["coding"][0]["code"] == "58413-6")
+    assert nrbc["valueQuantity"]["code"] == "/100{WBCs}" and "component" in nrbc
+
+
+def test_doctor_reads_a_station_that_never_ran_with_the_lis_without_changing_it(
+        tmp_path: Path) -> None:
+    from edge_wbc.cli import doctor as doc
+
+    store = Store(tmp_path / "data")
+    store.close()
+    db = tmp_path / "data" / "edge-wbc.sqlite3"
+    before = db.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = load_config(None, env={"HOME": str(tmp_path),
+                                 "EDGE_WBC_SESSION_DATA_DIR": str(tmp_path / "data"),
+                                 "EDGE_WBC_LIS_DELIVERY": "folder",
+                                 "EDGE_WBC_LIS_FOLDER": str(out)})
+    row = doc.check_lis(cfg)
+    assert row.status == doc.OK and "0 report(s) waiting, 0 refused" in row.detail
+    assert db.read_bytes() == before
+    out.rmdir()
+    row = doc.check_lis(cfg)
+    assert row.status == doc.WARN and "does not exist" in row.detail
+
+
+def test_a_transport_bug_keeps_the_report_and_backs_off(tmp_path: Path) -> None:
+    st, d = _make(tmp_path, delivery="folder", folder=str(tmp_path))
+
+    def broken(rep: dict[str, Any]) -> Any:
+        raise RuntimeError("boom")
+
+    d.transport.send = broken  # type: ignore[method-assign]
+    st.finalise_slide("H-1")
+    wait = d.run_once()
+    s = d.status()
+    assert s["waiting"] == 1 and s["state"] == "unreachable"
+    assert s["problems"][0]["error"] == "internal error: RuntimeError: boom"
+    assert 0 < wait <= 1.0  # retry_s = 1: nothing is tried again before then
     d.stop()
     st.close()

@@ -258,7 +258,7 @@ def check_lis(cfg: Config, timeout: float = 3.0) -> Check:
         import sqlite3
 
         try:
-            conn = outbox.connect(str(db), timeout_s=timeout)
+            conn = outbox.connect_read_only(str(db), timeout_s=timeout)
             try:
                 st = outbox.status(conn)
             finally:

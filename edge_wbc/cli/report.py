@@ -37,7 +37,7 @@ def _store(data_dir: Path | None, cfg: Any) -> Any:
     if not (d / DB_NAME).is_file():
         raise _fail(f"no station database in {d} ({DB_NAME} missing): give --data-dir")
     try:
-        return Store(d)
+        return Store(d, read_only=True)  # beside the running station, which holds the folder
     except StoreError as e:
         raise _fail(str(e)) from None
 
@@ -114,9 +114,11 @@ def lis_status(
     cfg = _config(config)
     store = _store(data_dir, cfg)
     try:
-        conn = outbox.connect(str(store.db_path))
-        st = {"delivery": cfg.lis.delivery, **outbox.status(conn)}
-        conn.close()
+        conn = outbox.connect_read_only(str(store.db_path))
+        try:
+            st = {"delivery": cfg.lis.delivery, **outbox.status(conn)}
+        finally:
+            conn.close()
     finally:
         store.close()
     if as_json:

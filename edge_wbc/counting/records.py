@@ -57,12 +57,7 @@ class FieldRecord(_FieldExtra):
     models: dict[str, Any]
 
 
-class _CellExtra(TypedDict, total=False):
-    #: Only in the cells handed to the reporter on finalise: the formula row it counted in.
-    counted_as: str | None
-
-
-class CellRecord(_CellExtra):
+class CellRecord(TypedDict):
     id: str
     slide_id: str
     field_id: str

@@ -289,8 +289,10 @@ class SlideSession:
         source: str = "",
         captured_at: str = "",
         t_trigger: float | None = None,
+        capture_id: int | None = None,
     ) -> FieldRecord:
-        """Count one analysed field. Returns the field summary (also published as an event)."""
+        """Count one analysed field. Returns the field summary (also published as an event).
+        ``capture_id``: the store's record of the capture, closed in the field's transaction."""
         rgb = ensure_rgb_uint8(rgb)
         if result.error:
             raise SessionError(f"field not counted: {result.error}")
@@ -376,7 +378,8 @@ class SlideSession:
             state_after = self._state(self.slide, prospective, self.n_fields + 1,
                                       self.n_fields_flagged + (1 if best else 0))
             fev.payload["counted_total"] = state_after["counted"]
-            self.store.add_field(field_row, cell_rows, rgb, crops, sig, [*events, fev])
+            self.store.add_field(field_row, cell_rows, rgb, crops, sig, [*events, fev],
+                                 capture_id=capture_id)
             self.cells = prospective
             self.n_fields += 1
             self.n_fields_flagged += 1 if best else 0
@@ -412,6 +415,9 @@ class SlideSession:
             updated: CellRecord = {**cell, "reviewed_label": label, "review_reason": reason,
                        "reviewed_at": at if label is not None else None}
             payload = self._cell_payload(updated, action)
+            # Its own time: a restore has no reviewed_at and would otherwise carry the capture
+            # time, a wrong audit trail and the same MQTT de-duplication key for every restore.
+            payload["at"] = at
             payload["previous_reviewed_label"] = cell.get("reviewed_label")
             payload["previous_effective_label"] = before
             ev = Event("cell", payload)

@@ -13,8 +13,6 @@ from typing import Any
 
 import typer
 
-from edge_wbc.counting.session import SessionError
-
 log = logging.getLogger("edge_wbc.station")
 
 EXIT_USAGE = 2
@@ -49,6 +47,9 @@ def station(
     mqtt_port: int | None = typer.Option(None, "--mqtt-port", help="MQTT broker port."),
     station_id: str | None = typer.Option(
         None, "--station-id", help="This station's name in MQTT topics (default: host name)."),
+    reset: bool = typer.Option(
+        False, "--reset", help="Only when the station refuses a damaged database: move it aside "
+        "(renamed, never deleted) and start an empty one."),
 ) -> None:
     """Run the microscope station: live preview, capture, running formula, review, reports."""
     from edge_wbc.config import ConfigError, default_config_path, load_config
@@ -66,7 +67,7 @@ def station(
         raise _fail(str(e)) from None
     setup_logging(cfg.logging.level)
     try:
-        run(cfg)
+        run(cfg, reset=reset)
     except StartupError as e:
         raise _fail(str(e)) from None
 
@@ -75,7 +76,7 @@ class StartupError(Exception):
     """The station cannot start; the message says what to fix."""
 
 
-def run(cfg: Any, stop: threading.Event | None = None) -> None:
+def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> None:
     """Start everything, serve until SIGTERM/SIGINT (or ``stop``), then shut down in order."""
     from edge_wbc import sdnotify
     from edge_wbc.camera import CameraError, open_source
@@ -84,27 +85,32 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
     from edge_wbc.counting.session import SlideSession
     from edge_wbc.counting.store import Store, StoreError
     from edge_wbc.pipeline.manifest import ManifestError
+    from edge_wbc.station.actions import Actions
     from edge_wbc.station.app import Station
     from edge_wbc.station.server import EventHub, StationServer, serve_in_thread
 
     stop = stop or threading.Event()
+    # The store first: it takes the data folder's lock, so a second station on the same folder
+    # stops here, before it loads models, opens the camera or touches the broker.
+    try:
+        store = Store(cfg.session.data_dir, mqtt=bool(cfg.mqtt.host),
+                      outbox_max=cfg.mqtt.outbox_max, backups_keep=cfg.session.backups_keep,
+                      reset=reset)
+    except StoreError as e:
+        raise StartupError(str(e)) from e
     try:
         from edge_wbc.pipeline.analysis import FieldAnalyzer
 
         analyzer = FieldAnalyzer.from_config(cfg)
     except ManifestError as e:
+        store.close()
         raise StartupError(f"models: {e}") from e
     except (OSError, RuntimeError, ValueError) as e:
+        store.close()
         raise StartupError(f"cannot load the models: {e}") from e
     models = analyzer.describe()
     log.info("models loaded from %s in %.0f ms on %s", analyzer.models_location.describe(),
              analyzer.load_ms, analyzer.accelerator)
-
-    try:
-        store = Store(cfg.session.data_dir, mqtt=bool(cfg.mqtt.host),
-                      outbox_max=cfg.mqtt.outbox_max)
-    except StoreError as e:
-        raise StartupError(str(e)) from e
     lis = None
     if cfg.lis.delivery != "off":
         from edge_wbc.comms.lis.delivery import LisDelivery
@@ -121,6 +127,8 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
     fanout = Fanout()
     hub = EventHub()
     fanout.subscribe(hub)
+    if lis is not None:
+        fanout.subscribe(lis)
     session = SlideSession(
         store, fanout, default_target=cfg.session.target,
         duplicate_overlap=cfg.session.duplicate_overlap, models=models,
@@ -147,6 +155,7 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
               "models": [m["name"] for m in models.get("models", [])],
               "data_dir": str(store.data_dir)},
     )
+    actions = Actions(st)
     extra: dict[str, Any] = {}
     if lis is not None:
         extra["lis"] = lis.status
@@ -162,7 +171,7 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
         try:
             publisher = edge_mqtt.start_publisher(
                 cfg.mqtt, store.db_path, state_provider=session.state,
-                command_handler=partial(_mqtt_command, st),
+                command_handler=actions.remote,
                 health_provider=lambda: {"accelerator": analyzer.accelerator,
                                          "queue": st.status()["queue"]},
             )
@@ -177,7 +186,7 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             extra["mqtt"] = publisher.status
     try:
         server = StationServer(st, hub, cfg.station.host, cfg.station.port, cfg.station.token,
-                               cfg.camera.preview_fps, lis=cfg.lis)
+                               cfg.camera.preview_fps, lis=cfg.lis, actions=actions)
     except (OSError, ValueError) as e:
         source.close()
         if publisher is not None:
@@ -192,7 +201,7 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
         from edge_wbc.station.triggers import TriggerError, gpio_button
 
         try:
-            button = gpio_button(cfg.station.gpio_pin, lambda: st.capture("gpio"))
+            button = gpio_button(cfg.station.gpio_pin, lambda: actions.capture("gpio"))
         except TriggerError as e:
             log.warning("%s (the on-screen button and the space bar still work)", e)
 
@@ -260,28 +269,6 @@ def _url(host: str, port: int) -> str:
     elif ":" in host:
         shown = f"[{host}]"
     return f"http://{shown}:{port}/"
-
-
-def _mqtt_command(st: Any, kind: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Commands from the broker (only when mqtt.commands_enabled): the same paths as the page."""
-    from edge_wbc.camera import CameraError, FrameError
-    from edge_wbc.station.app import BusyError
-
-    try:
-        if kind == "capture":
-            return {"ok": True, **st.capture("mqtt")}
-        action = args.get("action")
-        if action == "new":
-            st.session.new_slide(args.get("sample_id") or "", args.get("target"))
-        elif action == "finalise":
-            st.session.finalise()
-        elif action == "target":
-            st.session.set_target(args.get("target"))
-        else:
-            raise ValueError(f"unknown slide action {action!r}")
-        return {"ok": True, "state": st.session.state()}
-    except (SessionError, BusyError, CameraError, FrameError) as e:
-        raise ValueError(str(e)) from e
 
 
 def register(app: typer.Typer) -> None:

@@ -139,18 +139,29 @@ def is_manual(rep: dict[str, Any]) -> bool:
     return bool(rep.get("reviewed_changes"))
 
 
+def counted(rep: dict[str, Any], rows: list[ResultRow]) -> int:
+    """Leukocytes in the differential: the report's own number, else its percentage rows."""
+    n = rep.get("counted")
+    if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+        return n
+    return sum(r.count for r in rows if r.unit is PERCENT)
+
+
 def result_rows(rep: dict[str, Any]) -> list[ResultRow]:
     """The report's formula rows, whatever classes the lab's formula has.
 
-    A row names its class in ``label`` (or ``class`` / ``group``), has a ``count`` and, unless it
-    is a counts-only row (``kind`` "count_only" or no percentage), a ``percent`` (or
-    ``per_100_wbc`` for a row reported per 100 leukocytes, such as NRBC).
+    A row names its class or group in ``label`` (or ``class`` / ``group``), has a ``count`` and a
+    ``kind``: ``counted`` (a share of the counted leukocytes: ``percent`` with its CI),
+    ``per_100_wbc`` (e.g. NRBC: ``percent`` read as per 100 leukocytes) or ``count_only``
+    (platelets, smudge cells: the count alone). A row without ``kind`` is ``counted`` when it
+    has a ``percent``. The lab's raised flags (report ``flags``, each naming a class or group)
+    go to the row that holds that class or group.
     """
     rows = rep.get("differential")
     if not isinstance(rows, list) or not rows:
         raise ReportError("the report has no differential rows")
     out = []
-    flags = _report_flags(rep)
+    flags = _report_flags(rep, rows)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ReportError(f"differential row {i} is not an object")
@@ -169,7 +180,7 @@ def result_rows(rep: dict[str, Any]) -> list[ResultRow]:
         else:
             value, unit = _num(row.get("percent"), label), PERCENT
         lo, hi = row.get("ci_low"), row.get("ci_high")
-        flag, text = _flag(row.get("flag", row.get("flags")), flags.get(label))
+        flag, text = _flag(row.get("flag", row.get("flags")), flags.get(i))
         out.append(ResultRow(
             label=label, count=count, value=value, unit=unit,
             ci_low=None if lo is None or value is None else _num(lo, label),
@@ -179,20 +190,48 @@ def result_rows(rep: dict[str, Any]) -> list[ResultRow]:
     return out
 
 
+def unplaced_flags(rep: dict[str, Any]) -> list[str]:
+    """Texts of raised flags no differential row holds (sent as a report-level note)."""
+    diff = rep.get("differential")
+    rows: list[Any] = diff if isinstance(diff, list) else []
+    placed = {id(f) for fs in _report_flags(rep, rows).values() for f in fs}
+    return [str(f.get("text") or f.get("rule") or f.get("name"))
+            for f in rep.get("flags") or [] if isinstance(f, dict) and id(f) not in placed]
+
+
 def _num(v: Any, label: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ReportError(f"differential row {label!r}: {v!r} is not a number")
     return float(v)
 
 
-def _report_flags(rep: dict[str, Any]) -> dict[str, Any]:
-    """Report-level flags, ``[{"class"|"label"|"row": name, ...}]``, keyed by the row they name."""
-    out: dict[str, Any] = {}
+def _report_flags(rep: dict[str, Any], rows: list[Any]) -> dict[int, list[dict[str, Any]]]:
+    """Report-level flags by the index of the row that holds what they name. The formula says
+    which rows a flag covers (``rows``): one row takes it; a flag over several rows (a group
+    split into rows) belongs to none of them and goes to the report. Without ``rows``: the row
+    of that label, else the row listing that class, else the first row of that group."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    dicts = [(i, r) for i, r in enumerate(rows) if isinstance(r, dict)]
     for f in rep.get("flags") or []:
-        if isinstance(f, dict):
-            name = f.get("class") or f.get("label") or f.get("row") or f.get("group")
-            if isinstance(name, str):
-                out.setdefault(name, []).append(f)
+        if not isinstance(f, dict):
+            continue
+        covered = f.get("rows")
+        if isinstance(covered, list):
+            if len(covered) == 1:
+                hit = next((i for i, r in dicts if r.get("label") == covered[0]), None)
+                if hit is not None:
+                    out.setdefault(hit, []).append(f)
+            continue
+        name = f.get("name") or f.get("class") or f.get("label") or f.get("row") or f.get("group")
+        if not isinstance(name, str):
+            continue
+        hit = next((i for i, r in dicts if r.get("label") == name), None)
+        if hit is None:
+            hit = next((i for i, r in dicts if name in (r.get("classes") or ())), None)
+        if hit is None:
+            hit = next((i for i, r in dicts if r.get("group") == name), None)
+        if hit is not None:
+            out.setdefault(hit, []).append(f)
     return out
 
 
@@ -218,7 +257,9 @@ def _flag(row_flag: Any, report_flags: Any) -> tuple[str | None, str | None]:
             c = str(it.get("hl7") or it.get("code") or "").upper()
             if c in HL7_FLAGS:
                 code = c
-            t = it.get("message") or it.get("text") or it.get("name") or it.get("rule")
+            elif str(it.get("op") or "").startswith(">") or "threshold" in it:
+                code = "H"  # the lab's rules flag a value above their limit
+            t = it.get("message") or it.get("text") or it.get("rule") or it.get("name")
             if t:
                 texts.append(str(t))
     return code, "; ".join(texts) or None

@@ -79,8 +79,12 @@ class LisDelivery:
     # The store calls this inside the finalising transaction (see outbox.hook).
     def hook(self, conn: Any, event: Any) -> None:
         outbox.hook(conn, event)
-        if event.kind == "slide":
-            self._wake.set()  # the row is visible once the store commits; the loop re-polls
+
+    def __call__(self, event: Any) -> None:
+        """Session listener: events arrive after their commit, so a finalised slide's row is
+        visible now; send it without waiting for the next poll."""
+        if event.kind == "slide" and event.payload.get("action") in ("finalised", "finalized"):
+            self._wake.set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lis-delivery", daemon=True)
@@ -123,7 +127,11 @@ class LisDelivery:
         except ReportError as e:
             outcome = Outcome.refused(str(e))
         else:
-            outcome = self.transport.send(rep)
+            try:
+                outcome = self.transport.send(rep)
+            except Exception as e:  # a bug: kept and retried with the back-off, never lost
+                log.exception("LIS transport failed on slide %s", row.slide_id)
+                outcome = Outcome.retry(f"internal error: {type(e).__name__}: {e}")
         with self._lock:
             if outcome.ok:
                 outbox.delivered(self.conn, row, self.transport.destination, outcome.detail)
@@ -156,7 +164,7 @@ class LisDelivery:
     def status(self) -> dict[str, Any]:
         with self._lock:
             st = outbox.status(self.conn)
-        state = ("refused" if st["held"] else "unreachable" if self.reachable is False
-                 else "sending" if st["waiting"] else "ok")
+        state = ("refused" if st["held"] else "ok" if not st["waiting"]
+                 else "unreachable" if self.reachable is False else "sending")
         return {"delivery": self.cfg.delivery, "destination": self.transport.destination,
                 "state": state, **st}

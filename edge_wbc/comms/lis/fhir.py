@@ -33,9 +33,11 @@ from edge_wbc.comms.lis.codes import (
     UCUM,
     Code,
     ReportError,
+    counted,
     is_manual,
     panel_code,
     result_rows,
+    unplaced_flags,
 )
 
 #: Identifier systems of what the station names itself.
@@ -170,8 +172,7 @@ def build_bundle(rep: dict[str, Any]) -> dict[str, Any]:
         "issued": done,
         "specimen": {"reference": spec_url},
         "device": {"reference": dev_url},
-        "valueQuantity": _qty(int(rep.get("counted", sum(r.count for r in rows))), CELLS.code,
-                              CELLS.display),
+        "valueQuantity": _qty(counted(rep, rows), CELLS.code, CELLS.display),
     }
     tot_url = _uuid(slide_id, "obs/counted")
     entries.append(_entry(tot_url, total, tot_id))
@@ -189,8 +190,9 @@ def build_bundle(rep: dict[str, Any]) -> dict[str, Any]:
         "issued": done,
         "specimen": [{"reference": spec_url}],
         "result": results,
-        "conclusion": (f"Leukocyte differential, {method}: {rep.get('counted', '')} cells "
-                       f"counted, 95 % CI by {rep.get('ci_method', '')}."),
+        "conclusion": " ".join([
+            f"Leukocyte differential, {method}: {counted(rep, rows)} cells counted, 95 % CI "
+            f"by {rep.get('ci_method', '')}.", *(f"Flag: {t}." for t in unplaced_flags(rep))]),
     }
     entries.append(_entry(_uuid(slide_id, "report"), report, rep_id))
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}

@@ -28,9 +28,11 @@ from edge_wbc.comms.lis.codes import (
     COUNTED_CODE,
     Code,
     ReportError,
+    counted,
     is_manual,
     panel_code,
     result_rows,
+    unplaced_flags,
 )
 
 VERSION = "2.5.1"
@@ -120,8 +122,8 @@ def build_oru(
     processing_id: str = "P",
 ) -> str:
     """The report dict (``edge-wbc/report/1``) as one ORU^R01 message (segments end in CR)."""
-    for key in ("sample_id", "slide_id", "finalised_at"):
-        if not rep.get(key) and key != "sample_id":
+    for key in ("slide_id", "finalised_at"):
+        if not rep.get(key):
             raise ReportError(f"the report has no {key}: only a finalised slide is sent")
     manual = is_manual(rep)
     rows = result_rows(rep)
@@ -143,8 +145,10 @@ def build_oru(
               else "automated count, not reviewed")
     b.seg("NTE", {1: "1", 2: "L", 3: (
         f"edge-wbc {rep.get('software', {}).get('version', '')}: {method}; "
-        f"{rep.get('counted', sum(r.count for r in rows))} leukocytes counted "
+        f"{counted(rep, rows)} leukocytes counted "
         f"(target {rep.get('target', '')}), 95 % CI by {rep.get('ci_method', '')}")})
+    for i, text in enumerate(unplaced_flags(rep), 2):
+        b.seg("NTE", {1: str(i), 2: "L", 3: f"flag: {text}"})
     n = 0
     for i, row in enumerate(rows, 1):
         code = row.code(manual)
@@ -170,7 +174,7 @@ def build_oru(
         if row.value is None and row.flag_text:
             b.seg("NTE", {1: "1", 2: "L", 3: f"flag: {row.flag_text}"})
     n += 1
-    b.seg("OBX", {1: str(n), 2: "NM", 3: _cwe(COUNTED_CODE), 5: str(rep.get("counted", "")),
+    b.seg("OBX", {1: str(n), 2: "NM", 3: _cwe(COUNTED_CODE), 5: str(counted(rep, rows)),
                   6: [CELLS.code, CELLS.display, "UCUM"], 11: "F", 14: done, 18: station,
                   19: done})
     return b.text()

@@ -80,6 +80,14 @@ def connect(db_path: str, timeout_s: float = 30.0) -> sqlite3.Connection:
     return conn
 
 
+def connect_read_only(db_path: str, timeout_s: float = 5.0) -> sqlite3.Connection:
+    """For looking only (doctor, ``edge-wbc lis status``): creates and changes nothing."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=timeout_s,
+                           isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA query_only=ON")
+    return conn
+
+
 def enqueue(conn: sqlite3.Connection, slide_id: str, sample_id: str, report_file: str) -> None:
     """Queue a slide (does not commit). Queuing one already queued or held sends it afresh."""
     conn.execute(
@@ -145,6 +153,11 @@ def queue_now(conn: sqlite3.Connection, slide_id: str, sample_id: str, report_fi
 
 def status(conn: sqlite3.Connection) -> dict[str, Any]:
     """Counts and the latest problem and delivery, for the page, the CLI and doctor."""
+    has = {r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE name IN ('lis_outbox', 'lis_delivered')")}
+    if len(has) < 2:  # a station that never ran with [lis] on: nothing queued, nothing sent
+        return {"waiting": 0, "held": 0, "oldest_waiting_since": None, "problems": [],
+                "last_delivered": None}
     waiting, held = conn.execute(
         "SELECT COALESCE(SUM(held = 0), 0), COALESCE(SUM(held = 1), 0) FROM lis_outbox"
     ).fetchone()

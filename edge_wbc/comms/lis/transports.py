@@ -8,6 +8,7 @@ broke, the server had a 5xx). Nothing here raises for a peer's behaviour.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -139,7 +140,13 @@ class MllpTransport:
         except ReportError as e:
             return Outcome.refused(f"report cannot be converted: {e}")
         cid = hl7v2.control_id(str(rep["slide_id"]))
-        return asyncio.run(self._exchange(text, cid))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self._exchange(text, cid))
+        # Called from inside an event loop (an async host): the exchange gets a thread of its own.
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            return ex.submit(asyncio.run, self._exchange(text, cid)).result()
 
     async def _exchange(self, text: str, cid: str) -> Outcome:
         from hl7.mllp import InvalidBlockError, open_hl7_connection
@@ -154,7 +161,8 @@ class MllpTransport:
             return Outcome.retry(f"cannot connect to the LIS at {where}: {why}")
         try:
             writer.writemessage(text)
-            await writer.drain()
+            # A peer that stops reading must not hold the delivery thread beyond the timeout.
+            await asyncio.wait_for(writer.drain(), self.timeout_s)
             ack = await asyncio.wait_for(reader.readmessage(), self.timeout_s)
         except asyncio.TimeoutError:
             return Outcome.retry(f"no ACK from {where} within {self.timeout_s:g} s")
@@ -206,7 +214,7 @@ class FhirTransport:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with _OPENER.open(req, timeout=self.timeout_s) as resp:
                 status = resp.status
                 loc = resp.headers.get("Location") or resp.headers.get("Content-Location") or ""
         except urllib.error.HTTPError as e:
@@ -232,6 +240,17 @@ class FhirTransport:
                 return None
         except OSError as e:
             return "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib turns a POST answered 301/302/303 into a GET of the new address; that GET's 200
+    would count as a delivery. A redirect is reported instead (fix fhir_url)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def _outcome_text(raw: bytes) -> str:

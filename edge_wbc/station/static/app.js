@@ -276,10 +276,11 @@ function renderStation() {
   const lisWhy = [];
   if (lis) {
     const n = (k) => `${k} report${k === 1 ? "" : "s"}`;
-    if (lis.held) bits.push(`LIS refused ${n(lis.held)}`);
-    if (lis.state === "unreachable") bits.push(`LIS unreachable · ${n(lis.waiting)} waiting`);
+    // A report the LIS has not taken goes first: on a narrow screen the line is cut at the end.
+    if (lis.state === "unreachable") bits.unshift(`LIS unreachable · ${n(lis.waiting)} waiting`);
     else if (lis.waiting) bits.push(`LIS: sending ${n(lis.waiting)}`);
-    else if (!lis.held) bits.push("LIS ✓");
+    if (lis.held) bits.unshift(`LIS refused ${n(lis.held)}`);
+    if (!lis.held && !lis.waiting) bits.push("LIS ✓");
     for (const p of lis.problems || []) {
       lisWhy.push(`${p.held ? "Refused" : "Not sent"}: sample ${p.sample_id} — ${p.error}`);
     }
