@@ -11,6 +11,7 @@ installed-models folder that ``install-pi.sh`` and an update write, then the pac
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -48,7 +49,7 @@ def packaged_samples() -> Path:
 def locate_models(
     configured: str = "",
     flag: str | os.PathLike[str] | None = None,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
     installed: Path = INSTALLED_MODELS,
 ) -> ModelsLocation:
     """The models folder to use and why. Explicit choices (flag, config, environment) are

@@ -7,10 +7,11 @@ Layout under the data directory::
     slides/<slide>/crops/<cell>.jpg     the cell as the technician reviews it
     slides/<slide>/report/              report.json, report.csv, report.html on finalise
 
-Every change is one transaction with its events (and, with MQTT on, its outbox rows — contract 4:
-the publisher can never miss an event that was counted, nor publish one that was not). Images are
-written before the transaction and removed again if it fails, so a field is either fully counted
-or not at all. ``synchronous=FULL`` makes a committed field survive a power cut, not only a crash.
+Every change is one transaction with its events (and, with MQTT on, its outbox rows — contract 4
+of docs/architecture.md: the publisher can never miss an event that was counted, nor publish one
+that was not). Images are written before the transaction and removed again if it fails, so a
+field is either fully counted or not at all. ``synchronous=FULL`` makes a committed field survive
+a power cut, not only a crash.
 
 A full disk is reported as :class:`DiskFullError` with a message for the technician; the
 transaction is rolled back so the counts on screen and in the database stay the same.
@@ -215,6 +216,27 @@ class DataDirLock:
             self._fd = None
 
 
+def _refuse_root_in_users_folder(data_dir: Path) -> None:
+    """Root writing in the service user's folder (``sudo edge-wbc station --reset``) would leave
+    a lock file, a database or backups that the station, running as that user, cannot write."""
+    if os.geteuid() != 0:
+        return
+    owner = data_dir.stat().st_uid
+    if owner == 0:
+        return
+    try:
+        import pwd
+
+        name = pwd.getpwuid(owner).pw_name
+    except (ImportError, KeyError):
+        name = str(owner)
+    raise StoreError(
+        f"data directory {data_dir} belongs to user {name}; run this as that user "
+        f"(sudo -u {name} edge-wbc ...), not as root, or the station could no longer write the "
+        "files root would leave there"
+    )
+
+
 def _holder(path: Path) -> str:
     try:
         pid = path.read_text().strip()
@@ -281,6 +303,7 @@ class Store:
                 f"data directory {self.data_dir} is not writable ({e.strerror or e}); choose "
                 "another with --data-dir or fix its permissions"
             ) from e
+        _refuse_root_in_users_folder(self.data_dir)
         # First, before the database is even looked at: a second process must change nothing.
         dir_lock = self._dir_lock = DataDirLock(self.data_dir)
         try:
