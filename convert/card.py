@@ -133,6 +133,19 @@ def cls_section(ev: dict[str, Any]) -> list[str]:
             if cal.get("views", 1) > 1
             else []
         ),
+        *(
+            [
+                f"A second output carries the {ev['embedding_dim']}-d pooled features (the global "
+                "average pool that the class head reads; manifest `embedding`): the device "
+                "averages them over the views and keeps them with each cell for heads fitted on "
+                "them (lab adaptation, finer classes). Listing that tensor as an output changes "
+                "no weight and no op: the class output is bit-identical "
+                "(`edge-wbc-convert add-embedding` checks it on real crops).",
+                "",
+            ]
+            if ev.get("embedding_dim")
+            else []
+        ),
         f"Calibration: temperature {cal['temperature']:.3f}; cells whose calibrated confidence "
         f"is below {cal['confidence_threshold']:.3f} go to *unidentified*"
         + (

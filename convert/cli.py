@@ -185,6 +185,11 @@ def quantize(
                 yield sampler.sample()[0]
 
     to_int8(model, rep, out)
+    if cfg["task"] != "segmentation":
+        from edge_wbc_convert.graph_edit import add_embedding_output
+
+        # Lab adaptation and the fine-class heads read the pooled features (output 1).
+        add_embedding_output(out)
     typer.echo(f"wrote {out}")
 
 
@@ -215,6 +220,64 @@ def gate(files: list[Path] = typer.Argument(..., help=".tflite files (or folders
         )
         bad += not r.ok
     raise typer.Exit(1 if bad else 0)
+
+
+@app.command("add-embedding")
+def add_embedding(
+    model: Path = typer.Argument(..., help="an int8 classifier .tflite"),
+    out: Path = typer.Option(None, help="default: rewrite MODEL in place"),
+    data_root: Path = typer.Option(DEFAULT_DATA),
+    check_images: int = typer.Option(200, help="real crops on which output 0 must not change"),
+) -> None:
+    """Append the classifier's pooled features (global average pool, 1280-d for MobileNetV2) as
+    a second output. Written only when output 0 is bit-identical on real crops and the op gate
+    passes."""
+    import numpy as np
+    from edge_wbc_convert.data import load_items, read_rgb
+    from edge_wbc_convert.gate import check
+    from edge_wbc_convert.graph_edit import GraphEditError, with_embedding_output
+
+    from edge_wbc.pipeline import preprocess as pp
+    from edge_wbc.pipeline.inference import TFLiteModel
+
+    _logging()
+    out = model if out is None else out
+    try:
+        data = with_embedding_output(model.read_bytes())
+    except (OSError, GraphEditError) as e:
+        typer.echo(f"{model}: {e}", err=True)
+        raise typer.Exit(1) from e
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(data)
+    try:
+        gate_rep = check(tmp)
+        if not gate_rep.ok:
+            raise RuntimeError(f"op gate fails: {gate_rep.problems}")
+        a, b = TFLiteModel(model, threads=2), TFLiteModel(tmp, threads=2)
+        if len(b.outputs) != 2:
+            raise RuntimeError(f"edited model has {len(b.outputs)} outputs, not 2")
+        items = load_items(data_root, ("pbc", "bccd", "zheng1", "zheng2", "raabin"))
+        rng = np.random.default_rng(0)
+        picked = [items[i] for i in rng.permutation(len(items))[:check_images]]
+        if not picked:
+            raise RuntimeError(f"no images under {data_root} to check output 0 on")
+        size = a.input_hw[0]
+        for it in picked:
+            rgb = pp.white_balance(read_rgb(it.image))
+            h, w = rgb.shape[:2]
+            box = it.boxes[0] if it.boxes else (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
+            crop = pp.cell_crop(rgb, box, size)
+            if not np.array_equal(a.infer_pixels(crop)[0], b.infer_pixels(crop)[0]):
+                raise RuntimeError(f"output 0 differs on {it.image}")
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        typer.echo(f"{model}: not written: {e}", err=True)
+        raise typer.Exit(1) from e
+    tmp.replace(out)
+    typer.echo(
+        f"wrote {out}: outputs {[list(o.shape) for o in b.outputs]}; output 0 bit-identical on "
+        f"{len(picked)} real crops; op gate PASS"
+    )
 
 
 @app.command()
@@ -460,11 +523,14 @@ def release(
         from edge_wbc_convert.cells import LABELS6
         from edge_wbc_convert.cls_eval import evaluate_classifier
 
+        from edge_wbc.pipeline.inference import TFLiteModel
+
         cfg = json.loads((cls / "config.json").read_text())
         f = out / "classifier.tflite"
         if requantize or not f.exists():
             quantize(run_dir=cls, out=f, data_root=data_root, samples=rep_samples, seed=123)
         size = int(cfg["input_hw"][0])
+        emb = TFLiteModel(f, threads=1).outputs[1:]
         cls_eval = evaluate_classifier(
             f,
             cls / "best.keras",
@@ -474,6 +540,8 @@ def release(
             out,
             views=cls_views,
         )
+        if emb:
+            cls_eval["embedding_dim"] = int(emb[0].shape[-1])
         train_cells = _cells_for(cls, data_root, "train")
         cls_eval["other_sources"] = sorted({c.source for c in train_cells if c.label == "other"})
         (out / "cls_eval.json").write_text(json.dumps(cls_eval, indent=2))

@@ -74,7 +74,19 @@ def tensor_quant(path: Path) -> dict[str, Any]:
             "zero_point": int(s.zero_point),
         }
 
-    return {"input": spec(m.input), "output": spec(m.outputs[0])}
+    out = {"input": spec(m.input), "output": spec(m.outputs[0])}
+    if len(m.outputs) > 1:
+        out["embedding"] = spec(m.outputs[1])
+    return out
+
+
+def embedding_spec(q: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's description of a classifier's output 1 (edge_wbc.pipeline.manifest)."""
+    return {"output_index": 1, **q["embedding"]} | {
+        "type": "embedding",
+        "meaning": "pooled features: the global average pool in front of the class head "
+        "(int8 as emitted; the device dequantises and averages them over the views)",
+    }
 
 
 def seg_release(
@@ -220,6 +232,7 @@ def build_manifest(
                     "crop_scale": pp.CROP_SCALE,
                     "scale": "x / 255",
                 },
+                **({"embedding": embedding_spec(q)} if "embedding" in q else {}),
                 "classes": list(cls_model["classes"]),
                 # The device averages the model over this many dihedral views of each crop
                 # (edge_wbc.pipeline.classify.crop_views); the calibration below was fitted on them.

@@ -13,13 +13,14 @@ import typer
 from typer.testing import CliRunner
 
 from edge_wbc.cli import analyze as cli_analyze
+from edge_wbc.taxonomy import group_of
 
 TESTS = Path(__file__).parent
 FIXTURE_MODELS = TESTS / "fixtures" / "models"
 FIELDS = TESTS / "fixtures" / "fields"
 
 IMAGE_KEYS = {"path", "width", "height", "error", "cells", "quality", "timing_ms"}
-CELL_KEYS = {"bbox", "label", "score", "probs", "area_px"}
+CELL_KEYS = {"bbox", "label", "group", "score", "probs", "area_px"}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_json_contract_masks_and_overlays(
     )  # fmt: skip
     assert code == 0, stdout
     doc = json.loads(out.read_text())
-    assert doc["schema"] == "edge-wbc/analysis/1"
+    assert doc["schema"] == "edge-wbc/analysis/2"
     assert doc["models"]["accelerator"] == "cpu" and len(doc["models"]["models"]) == 3
     assert doc["models"]["cell_diameter_px"] == 170.0
     assert [Path(i["path"]).name for i in doc["images"]] == ["grey16.png", "two.jpg"]
@@ -81,6 +82,7 @@ def test_json_contract_masks_and_overlays(
         assert "flags" in img["quality"]
         for c in img["cells"]:
             assert set(c) == CELL_KEYS
+            assert c["group"] == group_of(c["label"])
             x0, y0, x1, y1 = c["bbox"]
             assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480
             assert c["label"] in (
@@ -215,3 +217,106 @@ def test_bench_prints_the_table(app: typer.Typer, config: Path, tmp_path: Path) 
         assert row in r.stdout
     doc = json.loads((tmp_path / "b.json").read_text())
     assert doc["peak_rss_mb"] > 0 and doc["load_ms"] > 0 and doc["stages_ms"]["total"]["median"] > 0
+
+
+def test_odd_inputs_on_the_command_line_are_each_their_own_error(
+    app: typer.Typer, batch: Path, config: Path, tmp_path: Path
+) -> None:
+    import os
+
+    d = tmp_path / "odd"
+    d.mkdir()
+    data = (FIELDS / "BloodImage_00249.jpg").read_bytes()
+    (d / "cut60.jpg").write_bytes(data[: int(len(data) * 0.6)] + b"\xff\xd9")
+    (d / "short.tif").write_bytes(b"II*\x00\x08")
+    cv2.imwrite(str(d / "tiny.png"), np.full((32, 32, 3), 200, np.uint8))
+    os.mkfifo(d / "fifo.jpg")
+    (d / "loop1.jpg").symlink_to(d / "loop2.jpg")
+    (d / "loop2.jpg").symlink_to(d / "loop1.jpg")
+    (d / "dangling.jpg").symlink_to(d / "never.jpg")
+    (d / "unreadable.jpg").write_bytes(data)
+    real_open = os.open
+
+    def deny(path: object, *args: object, **kw: object) -> int:
+        if str(path).endswith("unreadable.jpg"):  # tests run as root: chmod denies nothing
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kw)  # type: ignore[arg-type]
+
+    names = ["cut60.jpg", "short.tif", "tiny.png", "fifo.jpg", "loop1.jpg", "dangling.jpg",
+             "unreadable.jpg"]  # fmt: skip
+    out = tmp_path / "out.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "open", deny)
+        code, stdout, _ = _run(
+            app, *(str(d / n) for n in names), str(batch / "two.jpg"),
+            "--config", str(config), "--json", str(out),
+        )  # fmt: skip
+    assert code == 1, stdout
+    by_name = {Path(i["path"]).name: i for i in json.loads(out.read_text())["images"]}
+    assert set(by_name) == {*names, "two.jpg"}
+    expected = {
+        "cut60.jpg": "Corrupt JPEG data",
+        "short.tif": "truncated TIFF",
+        "tiny.png": "too small (32x32)",
+        "fifo.jpg": "not a regular file (a FIFO)",
+        "loop1.jpg": "symbolic link loop",
+        "dangling.jpg": "no such file (a link",
+        "unreadable.jpg": "Permission denied",
+    }
+    for name, message in expected.items():
+        assert message in (by_name[name]["error"] or ""), (name, by_name[name]["error"])
+        assert by_name[name]["cells"] == []
+    assert by_name["two.jpg"]["error"] is None and len(by_name["two.jpg"]["cells"]) == 2
+    assert "7 failed" in stdout
+
+
+def test_multi_page_tiff_note(app: typer.Typer, config: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    rgb = cv2.cvtColor(cv2.imread(str(FIELDS / "BloodImage_00249.jpg")), cv2.COLOR_BGR2RGB)
+    pages = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+    p = tmp_path / "stack.tif"
+    pages[0].save(p, save_all=True, append_images=pages[1:])
+    out = tmp_path / "out.json"
+    code, stdout, _ = _run(app, str(p), "--config", str(config), "--json", str(out))
+    assert code == 0, stdout
+    img = json.loads(out.read_text())["images"][0]
+    assert img["notes"] == ["the file has 2 pages: page 1 was used"]
+    assert len(img["cells"]) == 2
+    assert "note: the file has 2 pages: page 1 was used" in stdout
+
+
+def test_a_large_frame_is_analysed_reduced_in_the_files_pixels(
+    app: typer.Typer, batch: Path, config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The 640x480 field stands in for a frame over ANALYSIS_MAX_PIXELS (4 MP, slow in a test).
+    from edge_wbc.pipeline import imageio
+
+    field = batch / "two.jpg"
+    full_out, small_out = tmp_path / "full.json", tmp_path / "small.json"
+    assert _run(app, str(field), "--config", str(config), "--json", str(full_out))[0] == 0
+    monkeypatch.setattr(imageio, "ANALYSIS_MAX_PIXELS", 100_000)
+    code, stdout, _ = _run(
+        app, str(field), "--config", str(config), "--json", str(small_out),
+        "--masks", str(tmp_path / "m"), "--overlays", str(tmp_path / "ov"),
+    )  # fmt: skip
+    assert code == 0, stdout
+    full = json.loads(full_out.read_text())["images"][0]
+    small = json.loads(small_out.read_text())["images"][0]
+    assert (small["width"], small["height"]) == (640, 480)
+    assert "640x480 analysed reduced to 365x273" in small["notes"][0]
+    assert len(small["cells"]) == len(full["cells"]) == 2
+    pairs = zip(
+        sorted(full["cells"], key=lambda c: c["bbox"]),
+        sorted(small["cells"], key=lambda c: c["bbox"]),
+        strict=True,
+    )
+    for a, b in pairs:  # the same cells, in the same place, of the same size and type
+        assert max(abs(u - v) for u, v in zip(a["bbox"], b["bbox"], strict=True)) <= 12
+        assert abs(a["area_px"] - b["area_px"]) / a["area_px"] < 0.15
+        assert a["label"] == b["label"]
+    m = cv2.imread(str(tmp_path / "m" / "two.png"), cv2.IMREAD_UNCHANGED)
+    assert m.shape == (480, 640)
+    counted = [c for c in small["cells"] if c["label"] != "other"]
+    assert int((m == 255).sum()) == sum(c["area_px"] for c in counted)
+    assert cv2.imread(str(tmp_path / "ov" / "two.jpg")).shape[:2] == (273, 365)

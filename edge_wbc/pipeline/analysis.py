@@ -8,7 +8,9 @@ milliseconds. One analyzer belongs to one thread (TFLite interpreters are not re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from edge_wbc.pipeline.manifest import Manifest, ManifestError, ModelEntry, load
 from edge_wbc.pipeline.postprocess import PostprocessParams, crop_cells, postprocess, work_scale
 from edge_wbc.pipeline.preprocess import CROP_SCALE, ensure_rgb_uint8, white_balance
 from edge_wbc.pipeline.quality import QualityParams, assess
-from edge_wbc.pipeline.results import OTHER, UNIDENTIFIED, Cell, FieldResult
+from edge_wbc.pipeline.results import UNIDENTIFIED, Cell, FieldResult
 from edge_wbc.pipeline.segment import EnsembleSegmenter, Member
 
 log = logging.getLogger(__name__)
@@ -100,15 +102,20 @@ class FieldAnalyzer:
             if cm.input_hw[0] != cm.input_hw[1]:
                 raise ManifestError(f"{ce.file}: classifier input must be square, is {cm.input_hw}")
             declared = (ce.raw.get("output") or {}).get("type")
-            self.classifier = CellClassifier(
-                cm,
-                ce.classes,
-                ce.temperature,
-                ce.confidence_threshold,
-                output_kind(cm.outputs[0], declared),
-                ce.other_threshold,
-                ce.views,
-            )
+            try:
+                classifier = CellClassifier(
+                    cm,
+                    ce.classes,
+                    ce.temperature,
+                    ce.confidence_threshold,
+                    output_kind(cm.outputs[0], declared),
+                    ce.other_threshold,
+                    ce.views,
+                    ce.embedding_dim,
+                )
+            except ValueError as e:
+                raise ManifestError(f"{ce.file}: {e}") from e
+            self.classifier = classifier
             self.crop_scale = ce.crop_scale
         else:
             log.warning(
@@ -151,8 +158,22 @@ class FieldAnalyzer:
             "cell_diameter_px": self.params.cell_diameter_px,
         }
 
-    def analyze(self, rgb: np.ndarray, path: str = "") -> FieldResult:
-        """Analyse one field (RGB uint8, any size; other layouts are converted)."""
+    def analyze(self, rgb: np.ndarray, path: str = "", scale: float = 1.0) -> FieldResult:
+        """Analyse one field (RGB uint8, any size; other layouts are converted).
+
+        ``scale``: pixels of ``rgb`` per pixel of the frame the settings are for, when the field
+        was read reduced (``imageio.DecodedImage.scale``): every size in the settings shrinks
+        with it. Positions stay in ``rgb``'s pixels (``at_file_scale`` maps them back).
+        """
+        if not 0.0 < scale <= 1.0:
+            raise ValueError(f"scale must be in (0, 1], not {scale}")
+        params = self.params
+        if scale != 1.0:
+            params = dataclasses.replace(
+                params,
+                cell_diameter_px=params.cell_diameter_px * scale,
+                border_margin_px=round(params.border_margin_px * scale),
+            )
         timing: dict[str, float] = {}
         t_start = t = time.perf_counter()
 
@@ -167,13 +188,13 @@ class FieldAnalyzer:
         balanced = white_balance(rgb)
         lap("preprocess")
 
-        s = work_scale((h, w), self.params)
+        s = work_scale((h, w), params)
         work_hw = (max(1, round(h * s)), max(1, round(w * s)))
         prob = self.segmenter.probability(balanced, work_hw)
         lap("segment")
 
         regions, _ = postprocess(
-            self.segmenter.mask(prob), (h, w), self.params, work_hw[0] / h, prob
+            self.segmenter.mask(prob), (h, w), params, work_hw[0] / h, prob
         )
         size = self.classifier.input_size if self.classifier else 96
         crop_cells(balanced, regions, size, self.crop_scale)
@@ -186,12 +207,21 @@ class FieldAnalyzer:
         lap("classify")
 
         cells = [
-            Cell(r.bbox, p.label, p.score, p.probs, r.area_px, crop=r.crop, mask=r.mask)
+            Cell(
+                r.bbox,
+                p.label,
+                p.score,
+                p.probs,
+                r.area_px,
+                crop=r.crop,
+                mask=r.mask,
+                embedding=p.embedding,
+            )
             for r, p in zip(regions, preds, strict=True)
         ]
         mask = np.zeros((h, w), np.uint8)
         for c in cells:
-            if c.label != OTHER:
+            if c.counted:
                 x0, y0, x1, y1 = c.bbox
                 mask[y0:y1, x0:x1][c.mask] = 255
         quality = assess(
@@ -199,7 +229,7 @@ class FieldAnalyzer:
             n_cells=sum(1 for c in cells if c.counted),
             foreground_px=int(np.count_nonzero(mask)),
             n_split=sum(1 for r in regions if r.split),
-            cell_diameter_px=self.params.cell_diameter_px,
+            cell_diameter_px=params.cell_diameter_px,
             params=self.quality_params,
         )
         lap("quality")
@@ -215,6 +245,41 @@ class FieldAnalyzer:
         )
 
 
+def at_file_scale(result: FieldResult, width: int, height: int, mask: bool = True) -> FieldResult:
+    """A result computed on a field read reduced, in the pixels of the file (``width`` x
+    ``height``): boxes, cell masks and areas scaled up; the field mask is rebuilt at full size
+    only when ``mask`` is asked for (a 64 MP frame's mask is 64 MB)."""
+    if (result.width, result.height) == (width, height):
+        return result
+    fx, fy = width / result.width, height / result.height
+    cells = []
+    for c in result.cells:
+        x0, y0, x1, y1 = c.bbox
+        bx0, by0 = math.floor(x0 * fx), math.floor(y0 * fy)
+        box = (
+            bx0,
+            by0,
+            min(width, max(bx0 + 1, math.ceil(x1 * fx))),
+            min(height, max(by0 + 1, math.ceil(y1 * fy))),
+        )
+        cm = None
+        area = round(c.area_px * fx * fy)
+        if c.mask is not None:
+            size = (box[2] - box[0], box[3] - box[1])
+            up = cv2.resize(c.mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+            cm = up.astype(bool)
+            area = int(np.count_nonzero(cm))
+        cells.append(dataclasses.replace(c, bbox=box, area_px=area, mask=cm))
+    full = None
+    if mask:
+        full = np.zeros((height, width), np.uint8)
+        for c in cells:
+            if c.counted and c.mask is not None:
+                x0, y0, x1, y1 = c.bbox
+                full[y0:y1, x0:x1][c.mask] = 255
+    return dataclasses.replace(result, width=width, height=height, cells=cells, mask=full)
+
+
 def draw_overlay(rgb: np.ndarray, result: FieldResult) -> np.ndarray:
     """The field with each cell outlined and labelled (RGB uint8), for --overlays and reports."""
     out = ensure_rgb_uint8(rgb).copy()
@@ -228,10 +293,13 @@ def draw_overlay(rgb: np.ndarray, result: FieldResult) -> np.ndarray:
         "lymphocyte": (40, 120, 230),
         "monocyte": (20, 160, 90),
         UNIDENTIFIED: (250, 200, 0),
-        OTHER: (128, 128, 128),
+        "immature_granulocyte": (200, 40, 140),
+        "abnormal_wbc": (120, 0, 0),
+        "nrbc": (150, 90, 40),
+        "non_wbc": (128, 128, 128),
     }
     for c in result.cells:
-        col = colours.get(c.label, (255, 255, 255))
+        col = colours.get(c.label) or colours.get(c.group, (255, 255, 255))
         x0, y0, x1, y1 = c.bbox
         if c.mask is not None and c.mask.any():
             m = np.zeros((h, w), np.uint8)

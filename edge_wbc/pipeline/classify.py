@@ -9,13 +9,14 @@ data, so the score is a probability a threshold can mean something against.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from edge_wbc import taxonomy
 from edge_wbc.pipeline.inference import Model
 from edge_wbc.pipeline.manifest import VIEW_COUNTS
-from edge_wbc.pipeline.results import CLASSES, OTHER, UNIDENTIFIED
+from edge_wbc.pipeline.results import UNIDENTIFIED
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,9 @@ class Prediction:
     label: str
     score: float  # calibrated probability of the top class
     probs: dict[str, float]
+    #: the classifier's pooled features (float32, mean over the views), when the model emits
+    #: them as its second output; None for single-output models.
+    embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def crop_views(crop: np.ndarray, n: int) -> list[np.ndarray]:
@@ -71,9 +75,10 @@ def decide(
     confidence_threshold: float,
     other_threshold: float | None = None,
 ) -> Prediction:
-    """Top class, or "unidentified" below the threshold. A confident "other" (not a mature
-    leukocyte) stays out of the differential; an unsure one goes to the technician like any
-    unsure cell, so a leukocyte is never dropped from the count on a weak vote.
+    """Top class, or "unidentified" below the threshold. A confident "other" (not a
+    leukocyte: any class of the taxonomy's non_wbc group) stays out of the differential; an
+    unsure one goes to the technician like any unsure cell, so a leukocyte is never dropped from
+    the count on a weak vote.
 
     "other" needs ``other_threshold`` (at least the confidence threshold): the segmenter already
     voted the region a leukocyte, and dropping a real one from the count silently is worse than
@@ -83,13 +88,31 @@ def decide(
     score = float(probs[k])
     top = classes[k]
     other_min = max(confidence_threshold, other_threshold or 0.0)
-    if score < confidence_threshold or (top == OTHER and score < other_min):
+    known = top in taxonomy.GROUP_OF
+    # Every class the table knows keeps its name: the lab's formula says where it counts
+    # (an immature granulocyte or an erythroblast is never folded into "other"). A class that
+    # says "not a leukocyte" needs the stricter threshold, like "other" always did; a class
+    # the table does not know goes to the technician rather than out of the count.
+    if (score < confidence_threshold or not known
+            or (taxonomy.kind_of(top) == taxonomy.COUNT_ONLY and score < other_min)):
         label = UNIDENTIFIED
-    elif top == OTHER or top in CLASSES:
+    else:
         label = top
-    else:  # a class the station does not count (a model trained with extra classes)
-        label = OTHER
     return Prediction(label, score, {c: float(p) for c, p in zip(classes, probs, strict=True)})
+
+
+def embedding_size(model: Model) -> int | None:
+    """Length of the model's embedding output (output 1: the pooled features in front of the
+    class head, [1, D]), or None when the model has only its class output."""
+    if len(model.outputs) < 2:
+        return None
+    shape = tuple(model.outputs[1].shape)
+    if len(model.outputs) > 2 or len(shape) != 2 or shape[0] != 1:
+        raise ValueError(
+            f"classifier outputs {[list(o.shape) for o in model.outputs]}: expected the class "
+            "output and at most one embedding output shaped [1, D]"
+        )
+    return int(shape[1])
 
 
 class CellClassifier:
@@ -102,13 +125,22 @@ class CellClassifier:
         output_type: str = "logits",
         other_threshold: float | None = None,
         views: int = 1,
+        embedding_dim: int | None = None,
     ) -> None:
+        """``embedding_dim``: what the manifest declares for output 1 (None: not declared; a
+        model that has one still hands it out)."""
         if views not in VIEW_COUNTS:
             raise ValueError(f"classifier views must be one of {VIEW_COUNTS}, not {views}")
         n_out = int(np.prod(model.outputs[0].shape))
         if n_out != len(classes):
             raise ValueError(
                 f"classifier has {n_out} outputs but the manifest lists {len(classes)} classes"
+            )
+        self.embedding_dim = embedding_size(model)
+        if embedding_dim is not None and embedding_dim != self.embedding_dim:
+            raise ValueError(
+                f"the manifest declares a {embedding_dim}-d embedding output, the model has "
+                + ("none" if self.embedding_dim is None else f"{self.embedding_dim}-d")
             )
         self.model = model
         self.classes = tuple(classes)
@@ -124,10 +156,16 @@ class CellClassifier:
 
     def classify(self, crop: np.ndarray) -> Prediction:
         """One RGB uint8 crop at the model's input size (averaged over ``views`` views)."""
-        outs = [self.model.infer_pixels(v)[0] for v in crop_views(crop, self.views)]
-        logits = combine_views(outs, self.output_type)
+        outs = [self.model.infer_pixels(v) for v in crop_views(crop, self.views)]
+        logits = combine_views([o[0] for o in outs], self.output_type)
         probs = calibrated_softmax(logits, self.temperature)
-        return decide(probs, self.classes, self.confidence_threshold, self.other_threshold)
+        pred = decide(probs, self.classes, self.confidence_threshold, self.other_threshold)
+        if self.embedding_dim is None:
+            return pred
+        # Averaged over the views like the logits, so the embedding does not depend on how the
+        # cell happened to lie either.
+        emb = np.stack([o[1].reshape(-1) for o in outs]).mean(axis=0, dtype=np.float64)
+        return replace(pred, embedding=emb.astype(np.float32))
 
     def classify_all(self, crops: Sequence[np.ndarray]) -> list[Prediction]:
         # Batch 1 models (the op gate demands it): one invoke per crop.

@@ -48,6 +48,9 @@ class ModelEntry:
     #: fitted with this many.
     views: int = 1
     crop_scale: float = CROP_SCALE
+    #: classifier only: length of output 1, the pooled features in front of the class head
+    #: (manifest "embedding"); None when the model emits only its classes.
+    embedding_dim: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -134,6 +137,23 @@ def _entry(d: dict[str, Any], i: int) -> ModelEntry:
         missing = [c for c in CLASSES if c not in classes]
         if missing:
             raise ManifestError(f"{where}: classifier lacks classes {missing}")
+    emb = d.get("embedding")
+    embedding_dim = None
+    if emb is not None:
+        eshape = emb.get("shape") if isinstance(emb, dict) else None
+        if (
+            task != "classification"
+            or not isinstance(eshape, list)
+            or len(eshape) != 2
+            or eshape[0] != 1
+            or not isinstance(eshape[1], int)
+            or eshape[1] < 1
+            or emb.get("output_index", 1) != 1
+        ):
+            raise ManifestError(
+                f"{where}.embedding: expected a classifier's output 1 shaped [1, D], got {emb!r}"
+            )
+        embedding_dim = int(eshape[1])
     cal = d.get("calibration", {})
     views = d.get("views", 1)
     if views not in VIEW_COUNTS:
@@ -156,6 +176,7 @@ def _entry(d: dict[str, Any], i: int) -> ModelEntry:
         ),
         views=int(views),
         crop_scale=float(pre.get("crop_scale", CROP_SCALE)),
+        embedding_dim=embedding_dim,
         raw=d,
     )
 

@@ -1,0 +1,123 @@
+"""edge_wbc_convert.graph_edit: the classifier's pooled features as a second output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edge_wbc_convert.graph_edit import (
+    GraphEditError,
+    add_embedding_output,
+    dense_head,
+    with_embedding_output,
+)
+
+from edge_wbc.pipeline.analysis import FieldAnalyzer
+from edge_wbc.pipeline.classify import CellClassifier
+from edge_wbc.pipeline.imageio import read_image
+from edge_wbc.pipeline.inference import TFLiteModel
+from edge_wbc.pipeline.manifest import ManifestError, load_manifest, sha256_file
+
+TESTS = Path(__file__).parent
+FIXTURE_MODELS = TESTS / "fixtures" / "models"
+SHIPPED = TESTS.parent / "models" / "classifier.tflite"
+
+
+def _crops(n: int, size: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_edit_keeps_output_0_and_adds_the_pool(tmp_path: Path) -> None:
+    src = FIXTURE_MODELS / "cls_colour.tflite"
+    dst = add_embedding_output(src, tmp_path / "cls.tflite")
+    a, b = TFLiteModel(src, threads=1), TFLiteModel(dst, threads=1)
+    assert len(a.outputs) == 1 and [o.shape for o in b.outputs] == [(1, 6), (1, 3)]
+    for x in _crops(8, 32):
+        oa, ob = a.infer_pixels(x), b.infer_pixels(x)
+        np.testing.assert_array_equal(oa[0], ob[0])
+        # cls_colour's pool is the crop's mean colour (to one int8 step of the output).
+        np.testing.assert_allclose(ob[1][0], x.reshape(-1, 3).mean(0) / 255, atol=0.01)
+    assert with_embedding_output(dst.read_bytes()) == dst.read_bytes()  # idempotent
+    w, bias, _ = dense_head(dst.read_bytes())
+    assert w.shape == (3, 6)
+    np.testing.assert_allclose(w[:, :3], 8 * np.eye(3), atol=0.1)  # the fixture's weights
+    np.testing.assert_allclose(bias, [0, 0, 0, 1.5, 1.5, 0.5], atol=0.05)
+
+
+def test_a_model_without_the_pool_is_refused() -> None:
+    with pytest.raises(GraphEditError, match="global_average_pooling2d"):
+        with_embedding_output((FIXTURE_MODELS / "seg_dark.tflite").read_bytes())
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped classifier in models/")
+def test_shipped_classifier_emits_its_embedding_and_head() -> None:
+    m = TFLiteModel(SHIPPED, threads=1)
+    assert [o.shape for o in m.outputs] == [(1, 6), (1, 1280)]
+    w, bias, _ = dense_head(SHIPPED.read_bytes())
+    for x in _crops(3, 96):
+        probs, emb = m.infer_pixels(x)
+        z = emb[0].astype(np.float64) @ w + bias
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        # The dequantised Dense head on the float embedding is the int8 head to a few steps.
+        np.testing.assert_allclose(p, probs[0], atol=6 / 256)
+
+
+def _models_with_embedding(tmp_path: Path, declare: object) -> Path:
+    for f in FIXTURE_MODELS.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    add_embedding_output(tmp_path / "cls_colour.tflite")
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    cls = next(m for m in raw["models"] if m["task"] == "classification")
+    cls["sha256"] = sha256_file(tmp_path / "cls_colour.tflite")
+    if declare is not None:
+        cls["embedding"] = declare
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    return tmp_path
+
+
+def test_cells_carry_the_embedding_mean_over_views(tmp_path: Path) -> None:
+    models = _models_with_embedding(tmp_path, {"output_index": 1, "shape": [1, 3]})
+    assert load_manifest(models).classifier.embedding_dim == 3
+    a = FieldAnalyzer(models, threads=1)
+    res = a.analyze(read_image(TESTS / "fixtures" / "fields" / "BloodImage_00249.jpg"), "f")
+    assert res.cells and all(c.embedding is not None for c in res.cells)
+    for c in res.cells:
+        assert c.embedding.dtype == np.float32 and c.embedding.shape == (3,)
+        np.testing.assert_allclose(c.embedding, c.crop.reshape(-1, 3).mean(0) / 255, atol=0.01)
+        assert "embedding" not in c.to_json()
+    # Four views: each one's pool is dequantised, then averaged.
+    clf = CellClassifier(a.classifier.model, a.classifier.classes, views=4)
+    crop = res.cells[0].crop
+    rots = [np.ascontiguousarray(np.rot90(crop, k)) for k in range(4)]
+    views = [a.classifier.model.infer_pixels(v)[1][0] for v in rots]
+    np.testing.assert_allclose(clf.classify(crop).embedding, np.mean(views, 0), rtol=1e-6)
+
+
+def test_single_output_models_have_no_embedding(tmp_path: Path) -> None:
+    a = FieldAnalyzer(FIXTURE_MODELS, threads=1)
+    assert a.classifier.embedding_dim is None
+    res = a.analyze(read_image(TESTS / "fixtures" / "fields" / "BloodImage_00249.jpg"), "f")
+    assert res.cells and all(c.embedding is None for c in res.cells)
+
+
+def test_manifest_and_model_must_agree_on_the_embedding(tmp_path: Path) -> None:
+    models = _models_with_embedding(tmp_path, {"output_index": 1, "shape": [1, 7]})
+    with pytest.raises(ManifestError, match="declares a 7-d embedding output, the model has 3-d"):
+        FieldAnalyzer(models, threads=1)
+    raw = json.loads((models / "manifest.json").read_text())
+    cls = next(m for m in raw["models"] if m["task"] == "classification")
+    cls["embedding"] = {"shape": [2, 3]}
+    (models / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"models\[2\]\.embedding"):
+        load_manifest(models)
+    # A declared embedding on a model that has none.
+    shutil.copy(FIXTURE_MODELS / "cls_colour.tflite", models / "cls_colour.tflite")
+    cls["embedding"] = {"output_index": 1, "shape": [1, 3]}
+    cls["sha256"] = sha256_file(models / "cls_colour.tflite")
+    (models / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match="3-d embedding output, the model has none"):
+        FieldAnalyzer(models, threads=1)
