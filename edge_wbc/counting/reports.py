@@ -367,6 +367,11 @@ def render_html(rep: dict[str, Any], cells: list[ReportCell], data_dir: Path) ->
         f"<td class=mono>{e(str(m.get('sha256')))}</td></tr>"
         for m in (rep["models"] or {}).get("models", [])
     ) or "<tr><td colspan=3>Model information not recorded.</td></tr>"
+    ad = (rep["models"] or {}).get("adaptation")
+    if isinstance(ad, dict):
+        # The classes came from a lab head fitted on this station's reviews, not the shipped one.
+        models += (f"<tr><td>lab adaptation {e(str(ad.get('id')))}</td><td>classification "
+                   f"head</td><td class=mono>{e(str(ad.get('sha256')))}</td></tr>")
     ex = rep["excluded"]
     warn = rep["fields"]["quality_warnings"]
     warn_txt = ", ".join(f"{k.replace('_', ' ')} × {v}" for k, v in warn.items()) or "none"
