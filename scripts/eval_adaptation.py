@@ -44,6 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edge_wbc_convert.casts import CASTS  # noqa: E402
 from edge_wbc_convert.cells import bccd_cells, central_box, raabin_cells  # noqa: E402
 from edge_wbc_convert.data import load_items, read_mask, voc_boxes  # noqa: E402
 
@@ -71,7 +72,11 @@ def _peak_rss_mb() -> float:
 # --- cells and their embeddings (cached) -------------------------------------------------------
 
 
-def lab_cells(an: FieldAnalyzer, data_root: Path, cache: Path) -> dict[str, Any]:
+def lab_cells(
+    an: FieldAnalyzer, data_root: Path, cache: Path, cast: str = "none", heldout: bool = False
+) -> dict[str, Any]:
+    """``cast``: a camera cast of edge_wbc_convert.casts applied to each field before white
+    balance (a simulated new camera); ``heldout``: only cells outside the train split."""
     if cache.is_file():
         z = np.load(cache)
         return {k: z[k] for k in z.files}
@@ -84,13 +89,16 @@ def lab_cells(an: FieldAnalyzer, data_root: Path, cache: Path) -> dict[str, Any]
             cells.append((it.source, it.image, it.split, it.label, central_box(read_mask(it.mask))))
     for c in bccd_cells(items) + raabin_cells(items):
         cells.append((c.source, c.image, c.split, c.label, c.box))
+    if heldout:
+        cells = [c for c in cells if c[2] != "train"]
+    fn = CASTS[cast]
     E, meta = [], []
     balanced: dict[Path, np.ndarray] = {}
     for src, img, split, label, box in cells:
         if box is None:
             continue
         if img not in balanced:
-            balanced = {img: white_balance(ensure_rgb_uint8(read_image(img)))}
+            balanced = {img: white_balance(fn(ensure_rgb_uint8(read_image(img))))}
         p = clf.classify(cell_crop(balanced[img], box, clf.input_size, an.crop_scale))
         assert p.embedding is not None
         E.append(p.embedding)
@@ -298,6 +306,12 @@ def main() -> None:
     ap.add_argument("--pbc-max", type=int, default=1000, help="PBC test cells for the guard")
     ap.add_argument("--scale", action="store_true", help="also the 0.4x magnification check")
     ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument(
+        "--cast",
+        default="none",
+        help="simulate a new camera: a cast of edge_wbc_convert.casts on every lab field "
+        "(the PBC guard stays as captured)",
+    )
     args = ap.parse_args()
 
     an = FieldAnalyzer(args.models, threads=1)
@@ -308,7 +322,11 @@ def main() -> None:
                           an.runtime.interpreter_cls)  # fmt: skip
     tag = ce.sha256[:12]
     t0 = time.perf_counter()
-    cells = lab_cells(an, args.data_root, args.cache / f"labs_{tag}.npz")
+    if args.cast not in CASTS:
+        sys.exit(f"unknown cast {args.cast!r}; known: {', '.join(CASTS)}")
+    name = "" if args.cast == "none" else "_" + "".join(ch for ch in args.cast if ch.isalnum())
+    cells = lab_cells(an, args.data_root, args.cache / f"labs_{tag}{name}.npz", args.cast,
+                      heldout=args.cast != "none")  # fmt: skip
     pbc = pbc_cells(args.data_root, args.models, args.cache / f"pbc_{tag}_{args.pbc_max}.npz",
                     args.pbc_max)  # fmt: skip
     print(f"embeddings: {len(cells['E'])} lab cells, {len(pbc['E'])} PBC test cells "
@@ -328,7 +346,9 @@ def main() -> None:
 
     print(
         "\n### Leave-one-lab-out: shipped vs what the station uses after `adapt fit` on N "
-        f"reviewed cells (mean of {args.repeats} draws; pool = the lab's val + test cells)\n"
+        f"reviewed cells (mean of {args.repeats} draws; pool = the lab's val + test cells"
+        + ("" if args.cast == "none" else f", every lab field under the '{args.cast}' cast")
+        + ")\n"
     )
     print(
         "| lab | pool | N | test | accepted | top-1 shipped → used | named ≥97 % shipped → used "
