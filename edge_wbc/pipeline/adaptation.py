@@ -69,6 +69,11 @@ NEAR_DUPLICATE_COSINE = 0.999
 #: let none, and needs e.g. 7 cells fixed and none broken.
 ACCEPT_P = 0.01
 
+#: Labels the shipped head agrees with less often than this are not a lab's view of the same
+#: classes (a misnamed folder, labels shuffled among the cells): nothing is fitted to them. A
+#: permutation of a few dozen labels can be learnable on held-out folds (it anti-correlates
+#: with the cells' true types); it always shows as this disagreement first.
+MIN_SHIPPED_AGREEMENT = 0.5
 #: The mean per-class top-1 on held-out cells must rise by at least this much too.
 MIN_BALANCED_GAIN = 0.02
 
@@ -467,7 +472,14 @@ def _fit_adaptation(
     fixed = int(np.sum(ad_ok & ~base_top_ok))
     broken = int(np.sum(base_top_ok & ~ad_ok))
     named_drop = shipped["named_at_target"] - adapted["named_at_target"]
-    if p_val >= ACCEPT_P:
+    if shipped["top1"] < MIN_SHIPPED_AGREEMENT:
+        accepted = False
+        reason = (
+            f"the shipped model agrees with only {shipped['top1']:.0%} of these labels (needs "
+            f">= {MIN_SHIPPED_AGREEMENT:.0%}): an adaptation refines the shipped head, it does "
+            "not replace it; check that each class folder (or review) names its cells right"
+        )
+    elif p_val >= ACCEPT_P:
         accepted = False
         reason = (
             f"not better on held-out cells: top-1 {shipped['top1']:.3f} shipped vs "
