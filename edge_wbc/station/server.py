@@ -15,9 +15,15 @@ Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
                                     507 disk below its margin
     GET  /api/fields/last           last field with its cells; /api/fields/<id>.jpg its image
     GET  /api/cells                 review gallery (unidentified first, least certain first)
-    GET  /api/cells/<id>.jpg        the cell's crop
+    GET  /api/cells/<id>.jpg        the cell's crop; /api/cells/<id>/large.jpg the cell with its
+                                    surroundings at the camera's full resolution
     POST /api/cells/<id>/review     {"label": class | "rejected" + "reason" | null (restore)}
-    POST /api/slide/new             {"sample_id", "target", "abandon"}
+    POST /api/cells/<id>/comment    {"comment": text ('' removes it)}
+    POST /api/cells/add             {"label"}: a cell the camera missed, counted by key
+    GET  /api/fields/<id>           one field of the open slide with its cells
+    POST /api/fields/<id>/discard   {"reason": duplicate | bad_area | unusable | null (take back)}
+    POST /api/slide/new             {"sample_id", "target", "abandon", "operator"}
+    POST /api/slide/notes           {"operator", "signed_off_by", "comment"} (absent: unchanged)
     POST /api/slide/sample          {"sample_id"};  POST /api/slide/target {"target"}
     POST /api/slide/finalise        -> final state; 409 with the reasons when blocked
     GET  /api/slide/report.html|report.json|report.csv|cells.csv[?slide=<id>][&download=1]
@@ -83,8 +89,10 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-_CELL = re.compile(r"^/api/cells/([A-Za-z0-9_:-]+)(/review|\.jpg)$")
-_FIELD = re.compile(r"^/api/fields/([A-Za-z0-9_:-]+)(\.jpg)?$")
+_CELL = re.compile(r"^/api/cells/([A-Za-z0-9_:-]+)(/review|/comment|/large\.jpg|\.jpg)$")
+_FIELD = re.compile(r"^/api/fields/([A-Za-z0-9_:-]+)(\.jpg|/discard)?$")
+#: Context around a cell in its large view, as a fraction of the box on each side.
+LARGE_MARGIN = 0.6
 _TRIGGER = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 _REPORT = re.compile(
     r"^/api/slide/(report\.html|report\.json|report\.csv|cells\.csv|report\.hl7|"
@@ -494,15 +502,22 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"slide_id": session.slide["id"], "cells": session.gallery()})
         elif path == "/api/slides":
             self._json(200, {"slides": session.store.slides(50)})
-        elif m := _FIELD.match(path):
+        elif (m := _FIELD.match(path)) and m.group(2) != "/discard":
             fid, jpg = m.group(1), m.group(2)
             if not jpg:
-                raise _ApiError(404, "use /api/fields/last or /api/fields/<id>.jpg")
+                f = session.field_view(fid)
+                if f is None:
+                    raise _ApiError(404, f"no field {fid} on the open slide")
+                self._json(200, f)
+                return
             p = session.store.field_image(fid)
             self._file(p, "image/jpeg", f"no image for field {fid}")
         elif (m := _CELL.match(path)) and m.group(2) == ".jpg":
             p = session.store.crop_image(m.group(1))
             self._file(p, "image/jpeg", f"no crop for cell {m.group(1)}")
+        elif (m := _CELL.match(path)) and m.group(2) == "/large.jpg":
+            self._send(200, self._large_crop(m.group(1)), "image/jpeg",
+                       {"Cache-Control": "max-age=86400"})
         elif m := _REPORT.match(path):
             self._report(m.group(1), query)
         else:
@@ -521,9 +536,26 @@ class Handler(BaseHTTPRequestHandler):
                 raise _ApiError(400, "give 'label' (a class, 'rejected' with 'reason', or null "
                                      "to restore the machine's label)")
             self._json(200, act.review(m.group(1), body["label"], body.get("reason")))
+        elif (m := _CELL.match(path)) and m.group(2) == "/comment":
+            if "comment" not in body:
+                raise _ApiError(400, "give 'comment' (text; '' removes it)")
+            self._json(200, act.comment_cell(m.group(1), body["comment"]))
+        elif path == "/api/cells/add":
+            if "label" not in body:
+                raise _ApiError(400, "give 'label': the class of the cell to add")
+            self._json(200, act.add_cell(body["label"]))
+        elif (m := _FIELD.match(path)) and m.group(2) == "/discard":
+            if "reason" not in body:
+                raise _ApiError(400, "give 'reason' (duplicate, bad_area, unusable) or null to "
+                                     "take the field back")
+            self._json(200, act.discard_field(m.group(1), body["reason"]))
         elif path == "/api/slide/new":
             self._json(200, act.new_slide(body.get("sample_id"), body.get("target"),
-                                          abandon=bool(body.get("abandon"))))
+                                          abandon=bool(body.get("abandon")),
+                                          operator=body.get("operator")))
+        elif path == "/api/slide/notes":
+            self._json(200, act.set_notes(body.get("operator"), body.get("signed_off_by"),
+                                          body.get("comment")))
         elif path == "/api/slide/sample":
             self._json(200, act.set_sample_id(body.get("sample_id")))
         elif path == "/api/slide/target":
@@ -547,6 +579,28 @@ class Handler(BaseHTTPRequestHandler):
         if ctype.startswith("text/") or ctype in ("application/javascript",):
             ctype += "; charset=utf-8"
         self._send(200, p.read_bytes(), ctype)
+
+    def _large_crop(self, cell_id: str) -> bytes:
+        """The cell with its surroundings from the stored field image, at the camera's own
+        resolution (the gallery's crop is a 128 px thumbnail)."""
+        store = self.server.station.session.store
+        cell = self.server.station.session.cells.get(cell_id)
+        if cell is None:
+            raise _ApiError(404, f"no cell {cell_id} on the open slide")
+        p = store.field_image(cell["field_id"])
+        if p is None or not p.is_file() or cell["bbox"][2] <= cell["bbox"][0]:
+            raise _ApiError(404, f"no image of cell {cell_id} (added by hand, or its field "
+                                 "image is missing)")
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if img is None:
+            raise _ApiError(404, f"the image of field {cell['field_id']} cannot be read")
+        h, w = img.shape[:2]
+        x0, y0, x1, y1 = cell["bbox"]
+        side = max(x1 - x0, y1 - y0) * (1 + 2 * LARGE_MARGIN)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        a0, b0 = max(0, int(cx - side / 2)), max(0, int(cy - side / 2))
+        a1, b1 = min(w, int(cx + side / 2)), min(h, int(cy + side / 2))
+        return encode_jpeg(cv2.cvtColor(img[b0:b1, a0:a1], cv2.COLOR_BGR2RGB), 92)
 
     def _file(self, p: Path | None, ctype: str, missing: str) -> None:
         if p is None or not p.is_file():
