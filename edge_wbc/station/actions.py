@@ -59,6 +59,10 @@ class Actions:
 
     def discard_field(self, field_id: str, reason: str | None) -> dict[str, Any]:
         return self.session.discard_field(field_id, reason)
+    def confirm(self, cell_ids: list[str]) -> dict[str, Any]:
+        """The shown classes are right: the cells become reviewed (labelled) cells."""
+        cells = self.session.confirm(cell_ids)
+        return {"confirmed": [self.session.cell_view(c) for c in cells]}
 
     def clear_error(self) -> dict[str, Any]:
         self.station.clear_error()

@@ -18,6 +18,8 @@ Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
     GET  /api/cells/<id>.jpg        the cell's crop; /api/cells/<id>/large.jpg the cell with its
                                     surroundings at the camera's full resolution
     POST /api/cells/<id>/review     {"label": class | "rejected" + "reason" | null (restore)}
+    POST /api/cells/<id>/confirm    the shown class is right (a reviewed label for adaptation)
+    POST /api/cells/confirm         {"ids": [...]}: confirm several (a gallery group) at once
     POST /api/cells/<id>/comment    {"comment": text ('' removes it)}
     POST /api/cells/add             {"label"}: a cell the camera missed, counted by key
     GET  /api/fields/<id>           one field of the open slide with its cells
@@ -89,7 +91,8 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-_CELL = re.compile(r"^/api/cells/([A-Za-z0-9_:-]+)(/review|/comment|/large\.jpg|\.jpg)$")
+_CELL = re.compile(
+    r"^/api/cells/([A-Za-z0-9_:-]+)(/review|/confirm|/comment|/large\.jpg|\.jpg)$")
 _FIELD = re.compile(r"^/api/fields/([A-Za-z0-9_:-]+)(\.jpg|/discard)?$")
 #: Context around a cell in its large view, as a fraction of the box on each side.
 LARGE_MARGIN = 0.6
@@ -549,6 +552,13 @@ class Handler(BaseHTTPRequestHandler):
                 raise _ApiError(400, "give 'reason' (duplicate, bad_area, unusable) or null to "
                                      "take the field back")
             self._json(200, act.discard_field(m.group(1), body["reason"]))
+        elif (m := _CELL.match(path)) and m.group(2) == "/confirm":
+            self._json(200, act.confirm([m.group(1)]))
+        elif path == "/api/cells/confirm":
+            ids = body.get("ids")
+            if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+                raise _ApiError(400, "give 'ids': a non-empty list of cell ids")
+            self._json(200, act.confirm(ids))
         elif path == "/api/slide/new":
             self._json(200, act.new_slide(body.get("sample_id"), body.get("target"),
                                           abandon=bool(body.get("abandon")),
