@@ -777,6 +777,11 @@ class Store:
                 c.execute(f"UPDATE slide_notes SET {k}=?, updated_at=? WHERE slide_id=?",
                           (v, at, slide_id))
 
+    def audit(self, slide_id: str, events: Sequence[Event]) -> None:
+        """Events with no row to change (a station-wide switch recorded in a slide's trail)."""
+        with self._transaction(events, slide_id):
+            pass
+
     def set_cell_comment(self, cell_id: str, comment: str, at: str,
                          events: Sequence[Event]) -> None:
         """A technician's free-text note on one cell ('' removes it)."""

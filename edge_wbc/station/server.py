@@ -31,6 +31,10 @@ Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
     GET  /api/slide/report.html|report.json|report.csv|cells.csv[?slide=<id>][&download=1]
     GET  /api/slide/report.hl7|report.fhir.json[?slide=<id>]   the finalised report as the LIS
                                     gets it (HL7 v2.5.1 ORU^R01, FHIR R4 Bundle; docs/lis.md)
+    GET  /api/adaptation            the lab adaptation in use, fitted versions, reviewed cells
+    POST /api/adaptation/fit        fit on the reviewed cells -> held-out validation (+ "id" when
+                                    better: written, not yet active); 409 when it cannot be fitted
+    POST /api/adaptation/activate   {"id": version | null (the shipped model)}; 409 when refused
     GET  /api/slides                recent slides;  POST /api/errors/clear;  GET /healthz
 
 Security: the server binds 127.0.0.1 unless told otherwise; any other address needs a token
@@ -185,6 +189,7 @@ class StationServer(ThreadingHTTPServer):
         preview_fps: float = 5.0,
         lis: Any = None,
         actions: Actions | None = None,
+        adaptation: Any = None,
     ) -> None:
         if not is_loopback(host) and not token:
             raise ValueError(
@@ -197,6 +202,8 @@ class StationServer(ThreadingHTTPServer):
         self.token = token or None
         self.preview_fps = preview_fps
         self.lis = lis  # the [lis] section: the HL7 header of on-demand messages
+        #: station.adaptations.LabAdaptation, or None when the analyser cannot be adapted.
+        self.adaptation = adaptation
         self.stopping = threading.Event()
         self.bind_host = host
         self._slots = threading.BoundedSemaphore(self.max_handlers)
@@ -503,6 +510,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, f)
         elif path == "/api/cells":
             self._json(200, {"slide_id": session.slide["id"], "cells": session.gallery()})
+        elif path == "/api/adaptation":
+            self._json(200, self._adaptation().status())
         elif path == "/api/slides":
             self._json(200, {"slides": session.store.slides(50)})
         elif (m := _FIELD.match(path)) and m.group(2) != "/discard":
@@ -576,6 +585,20 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, act.finalise())
         elif path == "/api/errors/clear":
             self._json(200, act.clear_error())
+        elif path in ("/api/adaptation/fit", "/api/adaptation/activate"):
+            from edge_wbc.station.adaptations import AdaptationRefused
+
+            lab = self._adaptation()
+            try:
+                if path.endswith("/fit"):
+                    self._json(200, lab.fit())
+                else:
+                    if "id" not in body or not (body["id"] is None or isinstance(body["id"], str)):
+                        raise _ApiError(400, "give 'id': an adaptation's id, or null for the "
+                                             "shipped model")
+                    self._json(200, lab.activate(body["id"]))
+            except AdaptationRefused as e:
+                raise _ApiError(409, str(e)) from None
         else:
             raise _ApiError(404, f"no such action: {path}")
 
@@ -589,6 +612,12 @@ class Handler(BaseHTTPRequestHandler):
         if ctype.startswith("text/") or ctype in ("application/javascript",):
             ctype += "; charset=utf-8"
         self._send(200, p.read_bytes(), ctype)
+
+    def _adaptation(self) -> Any:
+        if self.server.adaptation is None:
+            raise _ApiError(404, "this station's analyser cannot be adapted (no classifier "
+                                 "embedding)")
+        return self.server.adaptation
 
     def _large_crop(self, cell_id: str) -> bytes:
         """The cell with its surroundings from the stored field image, at the camera's own
