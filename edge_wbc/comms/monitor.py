@@ -382,9 +382,13 @@ def register(app: typer.Typer) -> None:
         tls_key: Path | None = typer.Option(None, "--tls-key", exists=True, dir_okay=False),
     ) -> None:
         """Central monitoring: live table of every station's running differential."""
-        from edge_wbc.comms.mqtt import read_password
+        from edge_wbc.config import read_secret
 
-        password = read_password(dict(os.environ)) if username else None
+        try:
+            password = read_secret("mqtt.password") if username else None
+        except (OSError, UnicodeDecodeError) as exc:
+            typer.echo(f"error: cannot read the mqtt-password credential: {exc}", err=True)
+            raise typer.Exit(2) from exc
         mon = Monitor(mqtt_host, mqtt_port, prefix, username=username, password=password,
                       tls_ca=str(tls_ca) if tls_ca else None,
                       tls_cert=str(tls_cert) if tls_cert else None,
