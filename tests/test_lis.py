@@ -634,3 +634,20 @@ def test_doctor_reads_a_station_that_never_ran_with_the_lis_without_changing_it(
     out.rmdir()
     row = doc.check_lis(cfg)
     assert row.status == doc.WARN and "does not exist" in row.detail
+
+
+def test_a_transport_bug_keeps_the_report_and_backs_off(tmp_path: Path) -> None:
+    st, d = _make(tmp_path, delivery="folder", folder=str(tmp_path))
+
+    def broken(rep: dict[str, Any]) -> Any:
+        raise RuntimeError("boom")
+
+    d.transport.send = broken  # type: ignore[method-assign]
+    st.finalise_slide("H-1")
+    wait = d.run_once()
+    s = d.status()
+    assert s["waiting"] == 1 and s["state"] == "unreachable"
+    assert s["problems"][0]["error"] == "internal error: RuntimeError: boom"
+    assert 0 < wait <= 1.0  # retry_s = 1: nothing is tried again before then
+    d.stop()
+    st.close()

@@ -570,7 +570,8 @@ class MqttPublisher:
     def _announce(self) -> None:
         """After every connect: discovery, retained differential, then ``online``."""
         if self.cfg.ha_discovery:
-            for topic, config in ha_discovery.configs(self.cfg):
+            # The sensors follow the lab's formula, which the station's state carries.
+            for topic, config in ha_discovery.configs(self.cfg, self._current_state()):
                 self._send(topic, _dumps(config), qos=1, retain=True)
         with self._cv:
             # A differential left in flight by the last connection is re-sent by paho now;

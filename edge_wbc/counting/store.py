@@ -7,10 +7,11 @@ Layout under the data directory::
     slides/<slide>/crops/<cell>.jpg     the cell as the technician reviews it
     slides/<slide>/report/              report.json, report.csv, report.html on finalise
 
-Every change is one transaction with its events (and, with MQTT on, its outbox rows — contract 4:
-the publisher can never miss an event that was counted, nor publish one that was not). Images are
-written before the transaction and removed again if it fails, so a field is either fully counted
-or not at all. ``synchronous=FULL`` makes a committed field survive a power cut, not only a crash.
+Every change is one transaction with its events (and, with MQTT on, its outbox rows — contract 4
+of docs/architecture.md: the publisher can never miss an event that was counted, nor publish one
+that was not). Images are written before the transaction and removed again if it fails, so a
+field is either fully counted or not at all. ``synchronous=FULL`` makes a committed field survive
+a power cut, not only a crash.
 
 A full disk is reported as :class:`DiskFullError` with a message for the technician; the
 transaction is rolled back so the counts on screen and in the database stay the same.
