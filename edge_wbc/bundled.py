@@ -55,13 +55,13 @@ def locate_models(
     """The models folder to use and why. Explicit choices (flag, config, environment) are
     returned even when they hold no manifest, so the error names the folder the user chose
     instead of silently falling back to other models."""
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     if flag:
         return ModelsLocation(Path(flag), "--models")
     if configured:
         return ModelsLocation(Path(configured), "models.dir")
-    if env.get(MODELS_ENV):
-        return ModelsLocation(Path(env[MODELS_ENV]), MODELS_ENV)
+    if environ.get(MODELS_ENV):
+        return ModelsLocation(Path(environ[MODELS_ENV]), MODELS_ENV)
     if (installed / MANIFEST).is_file():
         return ModelsLocation(installed, "installed")
     return ModelsLocation(packaged_models(), "packaged")

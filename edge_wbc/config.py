@@ -119,6 +119,11 @@ class ModelsConfig:
         False,
         "Refuse to start when the accelerator cannot be opened instead of falling back to CPU.",
     )
+    adaptation: str | None = _f(
+        None, "This lab's adaptation folder (written by 'edge-wbc adapt fit'): a classifier head "
+        "fitted on the lab's reviewed cells, with its own threshold. Unset: the shipped head. "
+        "It must have been fitted on this classifier (sha256-checked at start).", path=True,
+    )
 
 
 @dataclass(frozen=True)
