@@ -45,6 +45,11 @@ class Actions:
         cell = self.session.review(cell_id, label, reason)
         return self.session.cell_view(cell)
 
+    def confirm(self, cell_ids: list[str]) -> dict[str, Any]:
+        """The shown classes are right: the cells become reviewed (labelled) cells."""
+        cells = self.session.confirm(cell_ids)
+        return {"confirmed": [self.session.cell_view(c) for c in cells]}
+
     def clear_error(self) -> dict[str, Any]:
         self.station.clear_error()
         return {"ok": True}

@@ -17,6 +17,8 @@ Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
     GET  /api/cells                 review gallery (unidentified first, least certain first)
     GET  /api/cells/<id>.jpg        the cell's crop
     POST /api/cells/<id>/review     {"label": class | "rejected" + "reason" | null (restore)}
+    POST /api/cells/<id>/confirm    the shown class is right (a reviewed label for adaptation)
+    POST /api/cells/confirm         {"ids": [...]}: confirm several (a gallery group) at once
     POST /api/slide/new             {"sample_id", "target", "abandon"}
     POST /api/slide/sample          {"sample_id"};  POST /api/slide/target {"target"}
     POST /api/slide/finalise        -> final state; 409 with the reasons when blocked
@@ -83,7 +85,7 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-_CELL = re.compile(r"^/api/cells/([A-Za-z0-9_:-]+)(/review|\.jpg)$")
+_CELL = re.compile(r"^/api/cells/([A-Za-z0-9_:-]+)(/review|/confirm|\.jpg)$")
 _FIELD = re.compile(r"^/api/fields/([A-Za-z0-9_:-]+)(\.jpg)?$")
 _TRIGGER = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 _REPORT = re.compile(
@@ -525,6 +527,13 @@ class Handler(BaseHTTPRequestHandler):
                 raise _ApiError(400, "give 'label' (a class, 'rejected' with 'reason', or null "
                                      "to restore the machine's label)")
             self._json(200, act.review(m.group(1), body["label"], body.get("reason")))
+        elif (m := _CELL.match(path)) and m.group(2) == "/confirm":
+            self._json(200, act.confirm([m.group(1)]))
+        elif path == "/api/cells/confirm":
+            ids = body.get("ids")
+            if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+                raise _ApiError(400, "give 'ids': a non-empty list of cell ids")
+            self._json(200, act.confirm(ids))
         elif path == "/api/slide/new":
             self._json(200, act.new_slide(body.get("sample_id"), body.get("target"),
                                           abandon=bool(body.get("abandon"))))
