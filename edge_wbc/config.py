@@ -51,7 +51,25 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LIS_DELIVERIES = ("off", "folder", "mllp", "fhir")
 LIS_FORMATS = ("hl7", "fhir")
 HL7_PROCESSING_IDS = ("P", "T", "D")
-_SOURCE_RE = re.compile(r"^(samples|folder:.+|opencv:.+|picamera2(:\d+)?)$")
+
+
+#: The camera sources, as messages list them.
+CAMERA_SOURCES = ("'picamera2' (or 'picamera2:N'), 'opencv:0' (or 'opencv:/dev/video0'), "
+                  "'folder:DIR' or 'samples'")
+
+
+def split_camera_source(spec: str) -> tuple[str, str] | None:
+    """The one syntax of ``[camera] source``: 'folder:DIR' -> ('folder', 'DIR'), 'opencv:0' or
+    'opencv:/dev/video0' -> ('opencv', ...), 'picamera2[:N]' -> ('picamera2', N or '0'),
+    'samples' -> ('samples', ''); None for anything else. edge_wbc.camera opens what it names."""
+    if spec == "samples":
+        return "samples", ""
+    kind, _, arg = spec.partition(":")
+    if kind in ("folder", "opencv") and arg:
+        return kind, arg
+    if kind == "picamera2" and (not arg or (arg.isascii() and arg.isdigit())):
+        return kind, arg or "0"
+    return None
 
 
 def _f(default: Any, doc: str, **meta: Any) -> Any:
@@ -844,9 +862,8 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
             return False, None, "must not be empty"
         value = os.path.expanduser(value)
     check = meta.get("check")
-    if check == "source" and not _SOURCE_RE.match(value):
-        return False, None, (f"{value!r} is not a camera source: use 'picamera2', 'opencv:0' "
-                             "(or 'opencv:/dev/video0'), 'folder:DIR' or 'samples'")
+    if check == "source" and split_camera_source(value) is None:
+        return False, None, f"{value!r} is not a camera source: use {CAMERA_SOURCES}"
     tpu = DELEGATES["edgetpu"]
     if check == "edgetpu" and value and not tpu.device_ok(value):
         spellings = ", ".join(repr(s) for s in tpu.device_spellings)

@@ -319,6 +319,10 @@ class Handler(BaseHTTPRequestHandler):
         self.server.waiting(self)
         try:
             super().handle_one_request()
+        except ConnectionError:
+            # The client went away (mid-request or while its answer was written), or the
+            # connection was closed to make room: nobody to answer, nothing to log as a crash.
+            self.close_connection = True
         finally:
             self.server.working(self)
 
