@@ -288,7 +288,13 @@ def _entry(d: Any, i: int) -> ModelEntry:
             f"{where}.label_binding: missing: nothing ties this entry's classes and output to "
             f"{file}; release the models with edge-wbc-convert release"
         )
-    if binding != label_binding(d):
+    try:
+        expected = label_binding(d)
+    except ValueError:  # NaN or Infinity, which JSON itself does not have
+        raise ManifestError(
+            f"{where}: NaN or Infinity in {', '.join(k for k in BOUND_KEYS if k in d)}"
+        ) from None
+    if binding != expected:
         raise ManifestError(
             f"{where}.label_binding: the classes, output or embedding of '{name}' are not the "
             f"ones released with {file} (edited after release?): refusing to relabel its "
