@@ -13,13 +13,14 @@ import typer
 from typer.testing import CliRunner
 
 from edge_wbc.cli import analyze as cli_analyze
+from edge_wbc.taxonomy import group_of
 
 TESTS = Path(__file__).parent
 FIXTURE_MODELS = TESTS / "fixtures" / "models"
 FIELDS = TESTS / "fixtures" / "fields"
 
 IMAGE_KEYS = {"path", "width", "height", "error", "cells", "quality", "timing_ms"}
-CELL_KEYS = {"bbox", "label", "score", "probs", "area_px"}
+CELL_KEYS = {"bbox", "label", "group", "score", "probs", "area_px"}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_json_contract_masks_and_overlays(
     )  # fmt: skip
     assert code == 0, stdout
     doc = json.loads(out.read_text())
-    assert doc["schema"] == "edge-wbc/analysis/1"
+    assert doc["schema"] == "edge-wbc/analysis/2"
     assert doc["models"]["accelerator"] == "cpu" and len(doc["models"]["models"]) == 3
     assert doc["models"]["cell_diameter_px"] == 170.0
     assert [Path(i["path"]).name for i in doc["images"]] == ["grey16.png", "two.jpg"]
@@ -81,6 +82,7 @@ def test_json_contract_masks_and_overlays(
         assert "flags" in img["quality"]
         for c in img["cells"]:
             assert set(c) == CELL_KEYS
+            assert c["group"] == group_of(c["label"])
             x0, y0, x1, y1 = c["bbox"]
             assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480
             assert c["label"] in (

@@ -305,6 +305,41 @@ def test_tls_with_client_certificate_and_wrong_ca(tmp_path: Path) -> None:
         b.stop()
 
 
+def _attempts(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(r.getMessage().startswith(("Sending CONNECT", "Connection failed"))
+               for r in caplog.records)
+
+
+def test_tls_and_plain_port_mismatch_is_named_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pki = tmp_path / "pki"
+    _make_pki(pki)
+    tls_broker = Mosquitto(tmp_path / "tls")
+    tls_broker.extra_conf = (f"cafile {pki}/ca.crt\ncertfile {pki}/server.crt\n"
+                             f"keyfile {pki}/server.key\n")
+    tls_broker.start()
+    plain_broker = Mosquitto(tmp_path / "plain").start()
+    try:
+        cases = [(settings(tls_broker.port, "st1"), "probably a TLS listener; set mqtt.tls"),
+                 (settings(plain_broker.port, "st2", tls_ca=str(pki / "ca.crt")),
+                  "probably a plain MQTT listener")]
+        for i, (s, named) in enumerate(cases):
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="edge_wbc.comms.mqtt"), \
+                    sim_with_publisher(tmp_path / f"{i}.db", s) as (sim, pub):
+                assert pub.wait_until(lambda st: st["state"] == "tls_mismatch", 10), pub.status()
+                assert named in pub.status()["error"]
+                wait_for(lambda: _attempts(caplog) >= 3, 15, "three connection attempts")
+                sim.capture(1)
+                assert sim.state()["counted"] == 1
+            loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert sum(named in m for m in loud) == 1, loud  # once, not per retry
+            assert not [m for m in loud if named not in m], loud  # no paho ERROR per retry
+    finally:
+        tls_broker.stop()
+        plain_broker.stop()
+
+
 def test_unusable_settings_fail_at_startup_with_the_reason(tmp_path: Path) -> None:
     assert edge_mqtt.start_publisher(_cfg(1883, host=None), tmp_path / "x.db") is None
     assert edge_mqtt.start_publisher(None, tmp_path / "x.db") is None
@@ -456,6 +491,14 @@ def test_full_outbox_warning_reaches_status_and_stats(broker: Mosquitto, tmp_pat
         st = outbox.status(sim.conn)
         assert st.full and st.over_limit and st.dropped_field + st.refused_field == 8
         assert outbox.depth(sim.conn) == 17  # 16 cells + the slide event: no cell dropped
+        # What the station's page shows while the broker is away: live, not the depth at start,
+        # and the full outbox named next to the reason nothing goes out (#15.19).
+        assert pub.wait_until(lambda s: s["outbox"]["depth"] == 17, 5), pub.status()
+        status = pub.status()
+        assert status["outbox"]["full"] and status["outbox"]["dropped_field"] + \
+            status["outbox"]["refused_field"] == 8
+        assert "MQTT outbox full: 17/10" in status["warning"]
+        assert "cannot reach the broker" in status["warning"]
         broker.start()
         wait_for(lambda: outbox.depth(sim.conn) == 0, 15, "drained after the outage")
         wait_for(lambda: pub.status()["outbox"]["warning"] is None, 5, "warning cleared")

@@ -147,7 +147,7 @@ def analyze(
     json_out: Path | None = typer.Option(
         None,
         "--json",
-        help="Write the analysis document (schema edge-wbc/analysis/1); '-' for stdout.",
+        help="Write the analysis document (schema edge-wbc/analysis/2); '-' for stdout.",
     ),
     masks: Path | None = typer.Option(
         None,

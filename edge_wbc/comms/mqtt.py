@@ -151,15 +151,31 @@ def read_password(env: Mapping[str, str]) -> str | None:
 
 
 class _PahoNoise(logging.Filter):
-    """paho 2.2 logs 'Client is not connected' at ERROR on every reconnect attempt while the
-    broker is away; our own callbacks already say that once, with the cause."""
+    """paho 2.2 logs 'Client is not connected' and 'failed to receive on socket' at ERROR on
+    every reconnect attempt while the broker is away or speaks another protocol (TLS against
+    plain); our own callbacks say that once, with the likely cause, so these go to DEBUG."""
+
+    _REPEATED = ("Client is not connected", "failed to receive on socket")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Client is not connected")
+        if str(record.msg).startswith(self._REPEATED):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
 
 
 _PAHO_LOG = logging.getLogger("edge_wbc.comms.mqtt.paho")
 _PAHO_LOG.addFilter(_PahoNoise())
+
+
+def _closed_in_handshake(exc: BaseException | None) -> bool:
+    """The peer hung up (or sent something that is not TLS) in the middle of the handshake."""
+    if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, ssl.SSLEOFError,
+                        ssl.SSLZeroReturnError)):
+        return True
+    reason = getattr(exc, "reason", None)
+    return isinstance(exc, ssl.SSLError) and reason in (
+        "WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+        "UNEXPECTED_EOF_WHILE_READING")
 
 
 def _dumps(payload: dict[str, Any]) -> str:
@@ -317,7 +333,9 @@ class MqttPublisher:
                 "inflight": len(self._inflight_rows),
                 "published": self._published,
                 "outbox": ob.to_json() if ob else None,
-                "warning": self._error or (ob.warning if ob else None),
+                # Both when both hold: a broker away for long is what fills the outbox.
+                "warning": "; ".join(w for w in (self._error, ob.warning if ob else None) if w)
+                or None,
             }
 
     @property
@@ -372,10 +390,21 @@ class MqttPublisher:
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         # paho calls this inside its `except OSError`, so the cause is still in sys.exc_info().
         exc = sys.exc_info()[1]
-        if isinstance(exc, ssl.SSLError):
+        port = self.settings.port
+        if self.settings.use_tls and _closed_in_handshake(exc):
+            # A plain MQTT listener reads the TLS hello as a malformed packet and hangs up.
+            kind, detail = "tls_mismatch", (
+                f"the broker closed the connection during the TLS handshake ({exc}): port "
+                f"{port} is probably a plain MQTT listener; use the broker's TLS port (usually "
+                "8883) or set mqtt.tls = false without mqtt.tls_ca")
+        elif isinstance(exc, ssl.SSLError):
             kind, detail = "tls_error", f"TLS handshake with the broker failed: {exc}"
         else:
             kind, detail = "unreachable", f"cannot reach the broker: {exc or 'connection failed'}"
+        self._report_attempt(kind, detail)
+
+    def _report_attempt(self, kind: str, detail: str) -> None:
+        """A failed connection attempt: logged when the reason changes, not on every retry."""
         msg = (f"MQTT {self.settings.host}:{self.settings.port}: {detail}; retrying with "
                "back-off, counting continues locally")
         with self._cv:
@@ -393,10 +422,24 @@ class MqttPublisher:
             self._connected = False
             if self._state in ("connected", "connecting"):
                 self._state = "disconnected"
+            answered = self._state in ("auth_failed", "refused")
             self._cv.notify_all()
-        if was and not self._stopping:
+        if self._stopping:
+            return
+        if was:
             log.warning("MQTT: lost the broker (%s); reconnecting with back-off, events wait "
                         "in the outbox", reason)
+        elif not answered:
+            # The TCP connection was made, then closed before any CONNACK.
+            if self.settings.use_tls:
+                self._report_attempt("disconnected", (
+                    f"the broker closed the connection before answering CONNECT ({reason}); "
+                    "its log says why (a client certificate it does not accept?)"))
+            else:
+                self._report_attempt("tls_mismatch", (
+                    f"the broker closed the connection before answering CONNECT ({reason}): "
+                    f"port {self.settings.port} is probably a TLS listener; set mqtt.tls = "
+                    "true (or mqtt.tls_ca) or use the broker's plain port (usually 1883)"))
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
@@ -491,6 +534,10 @@ class MqttPublisher:
                         self._publish_differential()
                     if self._connected:
                         self._drain(db)
+                    else:
+                        # The store keeps queueing (and shedding) while the broker is away;
+                        # the page and stats must see that, not the depth at the last drain.
+                        self._refresh_outbox_status(db)
                     if time.monotonic() >= next_stats:
                         next_stats = time.monotonic() + self.settings.stats_interval_s
                         if self._connected:
@@ -506,6 +553,11 @@ class MqttPublisher:
                     time.sleep(1.0)
         finally:
             db.close()
+
+    def _refresh_outbox_status(self, db: Any) -> None:
+        st = outbox.status(db)
+        with self._cv:
+            self._outbox_status = st
 
     def _ack(self, db: Any, rows: list[int]) -> None:
         if not rows:

@@ -3,14 +3,15 @@ HTML page (the paper record), all from the same numbers.
 
 Files in the slide's report folder:
 
-* ``report.json`` — schema ``edge-wbc/report/1``: sample, slide, timestamps, target, the formula
-  (count, %, 95 % CI per class), every review change (final state per cell, and the full history
-  including undone changes), flagged cells, field summary, models with their sha256, software
-  version;
-* ``report.csv`` — the formula, one row per class (with sample id and timestamps on each row so
-  a single row still says what it belongs to);
+* ``report.json`` — schema ``edge-wbc/report/2``: sample, slide, timestamps, target, the lab's
+  formula (its name, rows and flag rules), the differential (one generic row per formula row:
+  class or group, kind — counted / per_100_wbc / count_only —, count, %, 95 % CI), the raised
+  flags, every review change (final state per cell, and the full history including undone
+  changes), flagged cells, field summary, models with their sha256, software version;
+* ``report.csv`` — the formula, one row per formula row (with sample id, timestamps and the
+  raised flags on each row so a single row still says what it belongs to);
 * ``cells.csv`` — the audit trail, one row per detected cell: machine label and score, reviewed
-  label, reason and time, whether and as what it was counted;
+  label, reason and time, whether and in which formula row it was counted;
 * ``report.html`` — self-contained (thumbnails inlined), laid out for A4.
 """
 
@@ -25,11 +26,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edge_wbc import __version__
+from edge_wbc import __version__, taxonomy
 from edge_wbc.counting.records import CellRecord, FieldRecord, SlideRecord
-from edge_wbc.pipeline.results import CLASSES, UNIDENTIFIED
+from edge_wbc.taxonomy import UNIDENTIFIED
 
-REPORT_SCHEMA = "edge-wbc/report/1"
+#: 2: differential rows carry group, kind and classes; formula and flags are new.
+REPORT_SCHEMA = "edge-wbc/report/2"
+#: The keys of one differential row (the LIS reads these).
+ROW_KEYS = ("label", "name", "group", "kind", "classes", "count", "percent", "ci_low", "ci_high")
 #: A counted cell the machine was less sure of than this is shown among the flagged cells.
 LOW_CONFIDENCE = 0.7
 MAX_THUMBNAILS = 120
@@ -56,9 +60,10 @@ def flag_reasons(cell: CellRecord) -> list[str]:
         out.append("unidentified by the classifier")
     if cell["status"] == STATUS_DUPLICATE:
         out.append("in a field overlapping a previous one")
-    if cell["status"] == STATUS_OTHER:
-        out.append("not a mature leukocyte (classifier)")
-    if not rl and cell["label"] in CLASSES and float(cell["score"]) < LOW_CONFIDENCE:
+    if cell["status"] == STATUS_OTHER and not rl:
+        out.append(f"not a leukocyte (classifier: {cell['label'].replace('_', ' ')})")
+    if (not rl and cell["label"] in taxonomy.GROUP_OF and taxonomy.is_leukocyte(cell["label"])
+            and float(cell["score"]) < LOW_CONFIDENCE):
         out.append(f"low confidence ({float(cell['score']):.2f})")
     return out
 
@@ -70,8 +75,6 @@ def build_report(
     fields: list[FieldRecord],
     generated_at: str,
 ) -> dict[str, Any]:
-    from edge_wbc.counting.session import effective_label
-
     changes = [
         {
             "cell_id": c["id"],
@@ -92,7 +95,7 @@ def build_report(
             "machine_label": c["label"],
             "score": round(float(c["score"]), 4),
             "reviewed_label": c.get("reviewed_label"),
-            "counted_as": effective_label(c),
+            "counted_as": _counted_as(c),
             "reasons": r,
         }
         for c in cells
@@ -116,11 +119,18 @@ def build_report(
         "counted": state["counted"],
         "ci_method": state["ci_method"],
         "ci_level": 0.95,
+        "formula": {k: v for k, v in (state.get("formula") or {}).items()
+                    if k in ("name", "rows", "flags")},
+        # Every row but unidentified (none is left on a finalised slide): counted rows are a
+        # share of the counted leukocytes with a CI; per_100_wbc and count_only rows are counts,
+        # with `percent` per 100 counted leukocytes and no CI.
         "differential": [
-            {k: row[k] for k in ("label", "count", "percent", "ci_low", "ci_high")}
+            {k: row.get(k) for k in ROW_KEYS}
             for row in state["classes"]
-            if row["label"] in CLASSES
+            if row["label"] != UNIDENTIFIED
         ],
+        "flags": state.get("flags", []),
+        "class_counts": state.get("class_counts", {}),
         "unidentified": state["unidentified"],
         "excluded": state["excluded"],
         "reviewed_changes": changes,
@@ -133,6 +143,15 @@ def build_report(
         },
         "models": models,
     }
+
+
+def _counted_as(cell: dict[str, Any]) -> str | None:
+    """The formula row the session counted the cell in (it hands reports each cell with it)."""
+    if "counted_as" in cell:
+        return cell["counted_as"]
+    from edge_wbc.counting.session import effective_label
+
+    return effective_label(cell)
 
 
 def _quality_flags(q: dict[str, Any]) -> list[str]:
@@ -202,18 +221,23 @@ class _SafeWriter:
 def _formula_csv(rep: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = _SafeWriter(buf)
-    w.writerow(["sample_id", "slide_id", "finalised_at", "class", "count", "percent",
-                "ci95_low_percent", "ci95_high_percent", "counted", "ci_method"])
+    w.writerow(["sample_id", "slide_id", "finalised_at", "class", "group", "kind", "count",
+                "percent", "ci95_low_percent", "ci95_high_percent", "counted", "ci_method",
+                "formula", "flags"])
+    flags = "; ".join(f["text"] for f in rep.get("flags", []))
     for row in rep["differential"]:
         w.writerow([rep["sample_id"], rep["slide_id"], rep["finalised_at"], row["label"],
-                    row["count"], f"{row['percent']:.1f}", f"{row['ci_low']:.1f}",
-                    f"{row['ci_high']:.1f}", rep["counted"], rep["ci_method"]])
+                    row["group"], row["kind"], row["count"], f"{row['percent']:.1f}",
+                    _num(row["ci_low"]), _num(row["ci_high"]), rep["counted"], rep["ci_method"],
+                    (rep.get("formula") or {}).get("name", ""), flags])
     return buf.getvalue()
 
 
-def _cells_csv(rep: dict[str, Any], cells: list[CellRecord]) -> str:
-    from edge_wbc.counting.session import effective_label
+def _num(v: float | None) -> str:
+    return "" if v is None else f"{v:.1f}"
 
+
+def _cells_csv(rep: dict[str, Any], cells: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     w = _SafeWriter(buf)
     w.writerow(["sample_id", "cell_id", "field_id", "x0", "y0", "x1", "y1", "machine_label",
@@ -223,8 +247,12 @@ def _cells_csv(rep: dict[str, Any], cells: list[CellRecord]) -> str:
         w.writerow([rep["sample_id"], c["id"], c["field_id"], *c["bbox"], c["label"],
                     f"{float(c['score']):.4f}", c["status"], c.get("reviewed_label") or "",
                     c.get("review_reason") or "", c.get("reviewed_at") or "",
-                    effective_label(c) or ""])
+                    _counted_as(c) or ""])
     return buf.getvalue()
+
+
+_HOW = {taxonomy.PER_100_WBC: "per 100 leukocytes, not counted",
+        taxonomy.COUNT_ONLY: "count only"}
 
 
 def _thumb(cell: CellRecord, data_dir: Path) -> str:
@@ -269,6 +297,9 @@ figcaption { line-height: 1.25; }
 .mono { font-family: "DejaVu Sans Mono", monospace; font-size: 8.5pt; word-break: break-all; }
 footer { margin-top: 8mm; font-size: 8.5pt; color: #56616f; border-top: 1px solid #c9d0d9;
          padding-top: 2mm; }
+.flags { margin: 5mm 0 0; padding: 2mm 4mm; border: 1px solid #c9d0d9; }
+.flags.raised { border: 2px solid #b3261e; color: #b3261e; }
+.flags ul { margin: 1mm 0 0; padding-left: 5mm; }
 .print { position: fixed; bottom: 5mm; right: 5mm; font: inherit; font-weight: 700;
          padding: 2mm 5mm; border: 1.5px solid #1b2430; background: #fff; border-radius: 4px;
          cursor: pointer; }
@@ -279,15 +310,33 @@ footer { margin-top: 8mm; font-size: 8.5pt; color: #56616f; border-top: 1px soli
 def render_html(rep: dict[str, Any], cells: list[CellRecord], data_dir: Path) -> str:
     e = html.escape
     rows = []
-    for r in rep["differential"]:
+    for r in (r for r in rep["differential"] if r["kind"] == taxonomy.COUNTED):
         rows.append(
-            f"<tr><td>{e(r['label'].capitalize())}</td><td class=n>{r['count']}</td>"
+            f"<tr><td>{e(r.get('name') or r['label'])}</td><td class=n>{r['count']}</td>"
             f"<td class=n>{r['percent']:.1f}</td>"
             f"<td class=n>{r['ci_low']:.1f} – {r['ci_high']:.1f}</td>"
             f"<td><div class=bar><i style='width:{r['percent']:.1f}%'></i>"
             f"<b style='left:{r['ci_low']:.1f}%;width:{max(r['ci_high'] - r['ci_low'], 0.3):.1f}%'>"
             f"</b></div></td></tr>"
         )
+    also = "".join(
+        f"<tr><td>{e(r.get('name') or r['label'])}</td><td class=n>{r['count']}</td>"
+        f"<td class=n>{r['percent']:.1f}</td><td>{_HOW[r['kind']]}</td></tr>"
+        for r in rep["differential"] if r["kind"] != taxonomy.COUNTED
+    )
+    also_html = (
+        "<h2>Also reported</h2><table><thead><tr><th>Class</th><th class=n>Cells</th>"
+        f"<th class=n>per 100 WBC</th><th>How</th></tr></thead><tbody>{also}</tbody></table>"
+        if also else ""
+    )
+    flags = rep.get("flags", [])
+    rules = (rep.get("formula") or {}).get("flags", [])
+    flags_html = (
+        "<div class='flags raised'><b>Flags</b><ul>"
+        + "".join(f"<li>{e(f['text'])}</li>" for f in flags) + "</ul></div>"
+        if flags else
+        f"<div class=flags>No flag raised (rules: {e(', '.join(rules) or 'none set')}).</div>"
+    )
     changes = "".join(
         f"<tr><td class=mono>{e(c['cell_id'])}</td><td>{e(c['machine_label'])} "
         f"({c['machine_score']:.2f})</td><td>{e(c['reviewed_label'])}"
@@ -330,7 +379,9 @@ review</div></div><div class=status>FINALISED</div></header>
 <dt>Finalised</dt><dd>{e(rep['finalised_at'] or '')}</dd>
 <dt>Station</dt><dd>{e(rep['station_id'] or '—')}</dd><dt>Cells counted</dt>
 <dd>{rep['counted']} (target {rep['target']})</dd>
+<dt>Formula</dt><dd>{e(str((rep.get('formula') or {}).get('name', '—')))}</dd>
 </dl>
+{flags_html}
 <h2>Differential</h2>
 <table><thead><tr><th>Class</th><th class=n>Count</th><th class=n>%</th>
 <th class=n>95 % CI (%)</th><th>Share and CI</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
@@ -339,6 +390,7 @@ on {rep['counted']} cells. Not counted: {ex['rejected']}
 rejected in review, {ex['duplicate']} in overlapping fields, {ex['other']} not mature leukocytes.
 Fields: {rep['fields']['captured']} captured, {rep['fields']['overlapping_previous']} overlapping a
 previous field. Field-quality warnings: {e(warn_txt)}.</p>
+{also_html}
 <h2>Review changes ({len(rep['reviewed_changes'])})</h2>
 <table><thead><tr><th>Cell</th><th>Machine</th><th>Reviewed</th><th>When</th></tr></thead>
 <tbody>{changes}</tbody></table>

@@ -7,14 +7,17 @@ of it, so what they show can always be rebuilt from the database after a crash.
 
 Counting rules (what a cell contributes):
 
-* the technician's reviewed label wins: one of the five classes counts as that class,
-  ``rejected`` (not a leukocyte / counted twice / unusable) does not count;
-* otherwise the machine's decision: a cell whose status is ``counted`` counts as its label
-  (one of the five classes or ``unidentified``); ``duplicate`` cells (inside the part of the field
-  already seen in a previous field) and ``other`` cells (not a mature leukocyte) do not count.
+* a cell stands as its *effective label*: the technician's reviewed label when there is one (any
+  class of :mod:`edge_wbc.taxonomy`), else the machine's; ``rejected`` (not a
+  leukocyte / counted twice / unusable) and ``duplicate`` cells (inside the part of the field
+  already seen in a previous field) do not stand at all;
+* the lab's formula (``[formula]`` in the config, :mod:`edge_wbc.counting.formula`) puts each
+  standing cell in a row: leukocytes and ``unidentified`` count toward the target, erythroblasts
+  are reported per 100 leukocytes, platelets, smudge cells and artefacts as counts only; a
+  non-leukocyte class the formula has no row for is set aside (``excluded.other``).
 
-Percentages are of all counted leukocytes, unidentified included, so the rows add up to 100 %;
-the slide cannot be finalised while any unidentified cell remains.
+Percentages of counted rows are of all counted leukocytes, unidentified included, so they add up
+to 100 %; the slide cannot be finalised while any unidentified cell remains.
 
 The intervals live in :mod:`edge_wbc.counting.stats`, the duplicate-field guard in
 :mod:`edge_wbc.counting.overlap`.
@@ -32,15 +35,19 @@ from typing import Any
 
 import numpy as np
 
+from edge_wbc import taxonomy
 from edge_wbc.counting.events import Event, Publish
+from edge_wbc.counting.formula import Tally, tally
 from edge_wbc.counting.overlap import box_fraction_inside, field_signature, find_overlap
 from edge_wbc.counting.records import CellRecord, FieldRecord, SlideRecord
-from edge_wbc.counting.stats import CI_METHODS, interval
+from edge_wbc.counting.stats import CI_METHODS
 from edge_wbc.inputs import InputError, check_sample_id, check_target
 from edge_wbc.pipeline.preprocess import cell_crop, ensure_rgb_uint8, white_balance
-from edge_wbc.pipeline.results import CLASSES, OTHER, UNIDENTIFIED, FieldResult
+from edge_wbc.pipeline.results import FieldResult
+from edge_wbc.taxonomy import UNIDENTIFIED, Formula
 
-STATE_SCHEMA = "edge-wbc/state/1"
+#: 2: rows carry kind/group/classes; the formula and its raised flags ride along.
+STATE_SCHEMA = "edge-wbc/state/2"
 REJECT_REASONS = ("not_leukocyte", "counted_twice", "unusable")
 REJECTED = "rejected"
 #: Cell status decided by the machine when the field was counted.
@@ -62,15 +69,16 @@ def now_iso() -> str:
 
 
 def effective_label(cell: CellRecord) -> str | None:
-    """The label a cell is counted as, or None when it does not count."""
+    """The class a cell stands as (the formula says where it counts), or None when it does not
+    stand: rejected in review, or a duplicate the technician left alone."""
     rl = cell.get("reviewed_label")
     if rl == REJECTED:
         return None
-    if rl in CLASSES:
-        return rl
-    if cell["status"] == STATUS_COUNTED and cell["label"] in (*CLASSES, UNIDENTIFIED):
-        return cell["label"]
-    return None
+    if rl:
+        return str(rl)
+    if cell["status"] == STATUS_DUPLICATE:
+        return None
+    return str(cell["label"])
 
 
 def _new_slide_id() -> str:
@@ -98,6 +106,7 @@ class SlideSession:
         station_id: str = "",
         reporter: Any = None,
         guard_history: int = 3,
+        formula: Formula | None = None,
     ) -> None:
         if ci_method not in CI_METHODS:
             raise ValueError(f"unknown CI method {ci_method!r}; expected one of {CI_METHODS}")
@@ -111,6 +120,7 @@ class SlideSession:
         self.station_id = station_id
         self.reporter = reporter
         self.guard_history = guard_history
+        self.formula = formula if formula is not None else taxonomy.formula_or_raise()
         self._lock = threading.RLock()
         self.slide: SlideRecord  # set by _resume_or_start below
         self.cells: dict[str, CellRecord] = {}  # insertion order = capture order
@@ -239,8 +249,10 @@ class SlideSession:
             reports: dict[str, str] = {}
             if self.reporter is not None:
                 try:
+                    # Each cell with the row it counted in: the report need not redo the formula.
                     reports = self.reporter(
-                        closing, state, list(self.cells.values()),
+                        closing, state,
+                        [{**c, "counted_as": self._row_key(c)} for c in self.cells.values()],
                         self.store.fields(self.slide["id"]),
                         self.store.slide_dir(self.slide["id"]) / "report",
                     )
@@ -265,7 +277,7 @@ class SlideSession:
 
     def finalise_blockers(self) -> list[str]:
         with self._lock:
-            return _blockers(self.slide, self.counts())
+            return _blockers(self.slide, self.tally())
 
     # ------------------------------------------------------------------ counting
 
@@ -277,8 +289,10 @@ class SlideSession:
         source: str = "",
         captured_at: str = "",
         t_trigger: float | None = None,
+        capture_id: int | None = None,
     ) -> FieldRecord:
-        """Count one analysed field. Returns the field summary (also published as an event)."""
+        """Count one analysed field. Returns the field summary (also published as an event).
+        ``capture_id``: the store's record of the capture, closed in the field's transaction."""
         rgb = ensure_rgb_uint8(rgb)
         if result.error:
             raise SessionError(f"field not counted: {result.error}")
@@ -298,15 +312,21 @@ class SlideSession:
             balanced = white_balance(rgb) if result.cells else rgb
             cell_rows: list[CellRecord] = []
             crops: dict[str, np.ndarray] = {}
+            unknown = sorted({c.label for c in result.cells
+                              if c.label != UNIDENTIFIED and c.label not in taxonomy.GROUP_OF})
+            if unknown:
+                raise SessionError(f"field not counted: unknown cell class(es) {unknown} "
+                                   f"(known: {', '.join(taxonomy.CLASSES)})")
             for i, c in enumerate(result.cells):
                 x0, y0, x1, y1 = (int(v) for v in c.bbox)
                 box = (x0, y0, x1, y1)
-                if c.label == OTHER:
-                    status = STATUS_OTHER
+                leukocyte = taxonomy.is_leukocyte(c.label)
+                if not leukocyte and self.formula.row_for(c.label) is None:
+                    status = STATUS_OTHER  # set aside before the overlap test, as always
                 elif any(box_fraction_inside(box, o.rect) >= 0.5 for o in overlaps):
                     status = STATUS_DUPLICATE
                 else:
-                    status = STATUS_COUNTED
+                    status = STATUS_COUNTED if leukocyte else STATUS_OTHER
                 cid = f"{fid}-C{i + 1:02d}"
                 cell_rows.append({
                     "id": cid,
@@ -358,7 +378,8 @@ class SlideSession:
             state_after = self._state(self.slide, prospective, self.n_fields + 1,
                                       self.n_fields_flagged + (1 if best else 0))
             fev.payload["counted_total"] = state_after["counted"]
-            self.store.add_field(field_row, cell_rows, rgb, crops, sig, [*events, fev])
+            self.store.add_field(field_row, cell_rows, rgb, crops, sig, [*events, fev],
+                                 capture_id=capture_id)
             self.cells = prospective
             self.n_fields += 1
             self.n_fields_flagged += 1 if best else 0
@@ -369,8 +390,8 @@ class SlideSession:
             return field_row
 
     def review(self, cell_id: str, label: str | None, reason: str | None = None) -> CellRecord:
-        """Reclassify (label in CLASSES), reject (label 'rejected' + reason) or restore (None)
-        a cell. The machine's label is never overwritten; both are kept."""
+        """Reclassify (label: any class of the taxonomy), reject (label 'rejected' + reason) or
+        restore (None) a cell. The machine's label is never overwritten; both are kept."""
         with self._lock:
             self._require_open()
             cell = self.cells.get(cell_id)
@@ -382,17 +403,21 @@ class SlideSession:
                 if reason not in REJECT_REASONS:
                     raise SessionError(f"reject reason must be one of {', '.join(REJECT_REASONS)}")
                 action = "rejected"
-            elif label in CLASSES:
+            elif isinstance(label, str) and label in taxonomy.GROUP_OF:
                 action, reason = "reclassified", None
             else:
                 raise SessionError(
-                    f"cannot reclassify as {label!r}: use one of {', '.join(CLASSES)}, or reject"
+                    f"cannot reclassify as {label!r}: use one of "
+                    f"{', '.join(self.formula.review_classes())}, or reject"
                 )
             before = effective_label(cell)
             at = now_iso()
             updated: CellRecord = {**cell, "reviewed_label": label, "review_reason": reason,
                        "reviewed_at": at if label is not None else None}
             payload = self._cell_payload(updated, action)
+            # Its own time: a restore has no reviewed_at and would otherwise carry the capture
+            # time, a wrong audit trail and the same MQTT de-duplication key for every restore.
+            payload["at"] = at
             payload["previous_reviewed_label"] = cell.get("reviewed_label")
             payload["previous_effective_label"] = before
             ev = Event("cell", payload)
@@ -403,16 +428,16 @@ class SlideSession:
 
     # ------------------------------------------------------------------ reading
 
+    def tally(self, cells: dict[str, CellRecord] | None = None) -> Tally:
+        labels = (effective_label(c) for c in (self.cells if cells is None else cells).values())
+        return tally(self.formula, (lab for lab in labels if lab is not None), self.ci_method)
+
     def counts(self, cells: dict[str, CellRecord] | None = None) -> dict[str, int]:
-        out = dict.fromkeys((*CLASSES, UNIDENTIFIED), 0)
-        for c in (self.cells if cells is None else cells).values():
-            lab = effective_label(c)
-            if lab is not None:
-                out[lab] += 1
-        return out
+        """Cells per shown row of the formula (counted, per-100 and count-only rows)."""
+        return self.tally(cells).counts()
 
     def counted(self) -> int:
-        return sum(self.counts().values())
+        return self.tally().counted
 
     def state(self) -> dict[str, Any]:
         """The slide as GET /api/state and the 'differential' event show it."""
@@ -427,23 +452,15 @@ class SlideSession:
         n_flagged: int | None = None,
     ) -> dict[str, Any]:
         cells = self.cells if cells is None else cells
-        counts = self.counts(cells)
-        n = sum(counts.values())
-        rows = []
-        for lab in (*CLASSES, UNIDENTIFIED):
-            k = counts[lab]
-            lo, hi = interval(k, n, self.ci_method) if n else (0.0, 0.0)
-            rows.append({
-                "label": lab,
-                "count": k,
-                "percent": round(100.0 * k / n, 1) if n else 0.0,
-                "ci_low": round(100.0 * lo, 1),
-                "ci_high": round(100.0 * hi, 1),
-            })
+        t = self.tally(cells)
+        n = t.counted
+        rows = t.rows
+        counts = t.counts()
+        counted_rows = [r for r in rows if r["kind"] == taxonomy.COUNTED]
         reviewed = [c for c in cells.values() if c.get("reviewed_label")]
         unreviewed = [c for c in cells.values() if not c.get("reviewed_label")]
         target = int(slide["target"])
-        blockers = _blockers(slide, counts) if slide.get("status") == "open" else []
+        blockers = _blockers(slide, t) if slide.get("status") == "open" else []
         return {
             "schema": STATE_SCHEMA,
             "station_id": self.station_id,
@@ -456,18 +473,24 @@ class SlideSession:
             "complete": n >= target,
             "finalised": slide.get("status") == "finalised",
             "progress": round(min(1.0, n / target), 4) if target else 0.0,
+            # Every shown row; `kind` says counted / per_100_wbc / count_only.
             "classes": rows,
             "counts": counts,
             "unidentified": counts[UNIDENTIFIED],
+            # Per 100 counted leukocytes for every row (a share of them for counted rows).
             "percentages": {r["label"]: r["percent"] for r in rows},
-            "ci95": {r["label"]: [r["ci_low"], r["ci_high"]] for r in rows},
+            "ci95": {r["label"]: [r["ci_low"], r["ci_high"]] for r in counted_rows},
             "ci_method": self.ci_method,
+            "class_counts": t.by_class,
+            "formula": self.formula.describe(),
+            "flags": t.flags,
             "fields": self.n_fields if n_fields is None else n_fields,
             "fields_overlapping": self.n_fields_flagged if n_flagged is None else n_flagged,
             "cells_detected": len(cells),
             "excluded": {
                 "duplicate": sum(1 for c in unreviewed if c["status"] == STATUS_DUPLICATE),
-                "other": sum(1 for c in unreviewed if c["status"] == STATUS_OTHER),
+                # Not leukocytes, with no row in the formula (machine or review said so).
+                "other": t.set_aside,
                 "rejected": sum(1 for c in reviewed if c["reviewed_label"] == REJECTED),
             },
             "reviewed": len(reviewed),
@@ -492,16 +515,29 @@ class SlideSession:
             cells = [self.cell_view(c) for c in self.cells.values()]
         return sorted(cells, key=lambda c: (c["group_order"], c["score"]))
 
+    def _row_key(self, c: CellRecord) -> str | None:
+        eff = effective_label(c)
+        row = self.formula.row_for(eff) if eff is not None else None
+        return row.key if row is not None else None
+
     def cell_view(self, c: CellRecord) -> dict[str, Any]:
         eff = effective_label(c)
-        if eff is not None:
-            group = eff
+        row = self._row_key(c)
+        if row is not None:
+            group = row
         elif c.get("reviewed_label") == REJECTED:
             group = REJECTED
+        elif eff is not None:
+            group = STATUS_OTHER  # a non-leukocyte the formula has no row for
         else:
-            group = c["status"]  # duplicate | other
-        # Unidentified first: they block finalising and need the technician most.
-        order = [UNIDENTIFIED, *CLASSES, STATUS_OTHER, STATUS_DUPLICATE, REJECTED]
+            group = c["status"]  # duplicate
+        # Unidentified first: they block finalising and need the technician most; then the
+        # formula's rows in its order, then what does not stand.
+        keys = [r.key for r in self.formula.rows]
+        order = [UNIDENTIFIED, *(k for k in keys if k != UNIDENTIFIED)]
+        tail = [STATUS_OTHER, STATUS_DUPLICATE, REJECTED]
+        group_order = (order.index(group) if group in order
+                       else len(order) + (tail.index(group) + 1 if group in tail else 0))
         return {
             "id": c["id"],
             "field_id": c["field_id"],
@@ -513,8 +549,12 @@ class SlideSession:
             "reviewed_label": c.get("reviewed_label"),
             "review_reason": c.get("review_reason"),
             "effective_label": eff,
+            # The row the cell is counted in (None: it is not), and how that row counts.
+            "counted_as": row,
+            "kind": taxonomy.kind_of(eff) if row is not None and eff is not None else None,
+            "class_group": taxonomy.group_of(eff) if eff is not None else None,
             "group": group,
-            "group_order": order.index(group),
+            "group_order": group_order,
         }
 
     # ------------------------------------------------------------------ helpers
@@ -547,6 +587,9 @@ class SlideSession:
             "reviewed_label": c.get("reviewed_label"),
             "review_reason": c.get("review_reason"),
             "effective_label": effective_label(c),
+            "group": (taxonomy.group_of(eff) if (eff := effective_label(c)) is not None
+                      else None),
+            "counted_as": self._row_key(c),
             "score": round(float(c["score"]), 4),
             "probs": {k: round(float(v), 4) for k, v in c["probs"].items()},
             "bbox": c["bbox"],
@@ -588,15 +631,15 @@ def json_safe(v: Any) -> Any:
     return v
 
 
-def _blockers(slide: SlideRecord, counts: dict[str, int]) -> list[str]:
+def _blockers(slide: SlideRecord, t: Tally) -> list[str]:
     out = []
-    n = sum(counts.values())
+    n = t.counted
     target = int(slide["target"])
     if n == 0:
         out.append("no cells counted yet")
     elif n < target:
         out.append(f"{n} of {target} cells counted (or lower the target to finalise early)")
-    unid = counts[UNIDENTIFIED]
+    unid = t.by_class.get(UNIDENTIFIED, 0)
     if unid:
         out.append(f"{unid} unidentified cell{'s' if unid != 1 else ''} to resolve "
                    "(reclassify or reject)")

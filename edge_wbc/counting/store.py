@@ -14,19 +14,31 @@ or not at all. ``synchronous=FULL`` makes a committed field survive a power cut,
 
 A full disk is reported as :class:`DiskFullError` with a message for the technician; the
 transaction is rolled back so the counts on screen and in the database stay the same.
+
+One process per data directory: :class:`Store` holds an OS lock (``flock`` on ``edge-wbc.lock``,
+the holder's pid written in it) for as long as it is open, so a second station on the same folder
+refuses to start instead of counting into the first one's slides. The kernel drops the lock when
+its holder dies, however it dies, so a stale lock file never blocks a restart.
+
+A database that is empty, unreadable, not SQLite or fails ``PRAGMA quick_check`` is refused at
+open (:class:`DatabaseDamagedError`, saying how to restore a backup) instead of being silently
+replaced or used; ``reset=True`` moves it aside, never deletes it. Every finalised slide leaves a
+backup (SQLite's online backup API) in ``backups/``, the newest ``backups_keep`` kept.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +52,11 @@ from edge_wbc.counting.records import CellRecord, EventRecord, FieldRecord, Slid
 log = logging.getLogger(__name__)
 
 DB_NAME = "edge-wbc.sqlite3"
+LOCK_NAME = "edge-wbc.lock"
+BACKUP_DIR = "backups"
+#: Backups are edge-wbc-<UTC time>.sqlite3: the name sorts by age, pruning touches nothing else.
+BACKUP_GLOB = "edge-wbc-*.sqlite3"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 SCHEMA_VERSION = 1
 #: Below this much free space a capture is refused up front: a field with its crops is ~100 kB,
 #: the margin keeps SQLite's journal and the report writable.
@@ -113,6 +130,27 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_slide ON events (slide_id, id);
 """
 
+# Added after schema 1 shipped; additive, so an existing station's database upgrades in place.
+# One row per accepted capture, so a capture still queued when the process died can be named at
+# the next start instead of vanishing (status: queued -> counted | refused | interrupted).
+_CAPTURES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS captures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    slide_id TEXT,
+    trigger TEXT NOT NULL,
+    source TEXT NOT NULL DEFAULT '',
+    accepted_at TEXT NOT NULL,
+    status TEXT NOT NULL,
+    field_id TEXT,
+    message TEXT,
+    done_at TEXT
+);
+CREATE INDEX IF NOT EXISTS captures_status ON captures (status);
+"""
+
+
+TransactionHook = Callable[[sqlite3.Connection, Event], None]
+
 
 class StoreError(Exception):
     """The data directory or database cannot be used; the message says why."""
@@ -120,6 +158,60 @@ class StoreError(Exception):
 
 class DiskFullError(StoreError):
     """No space left: nothing of the refused change was kept, everything before it was."""
+
+
+class DataDirLockedError(StoreError):
+    """Another process (its pid in the message) has the data directory open."""
+
+
+class DatabaseDamagedError(StoreError):
+    """The database file exists but cannot be trusted; the message says why and the way out."""
+
+
+class DataDirLock:
+    """Exclusive ``flock`` on ``<data_dir>/edge-wbc.lock`` with the holder's pid written in it.
+
+    flock, not the pid file alone: the kernel releases it when the holder exits or is killed, so
+    there is no stale-lock guessing; the pid is only there to name the holder in the refusal. The
+    file is never deleted: unlinking it would let a third process lock a fresh inode while the
+    second still holds the old one.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / LOCK_NAME
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"cannot create the lock file {self.path}: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreError(f"cannot lock {self.path}: {e.strerror or e}") from e
+            raise DataDirLockedError(
+                f"data directory {data_dir} is in use by another edge-wbc process "
+                f"({_holder(self.path)}): only one station may count into one data folder. "
+                "Stop that one first (sudo systemctl stop edge-wbc), or give this one another "
+                "--data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    # Empty while the holder is between its flock and writing its pid (microseconds).
+    return f"pid {pid}" if pid.isdigit() else "pid not yet recorded"
 
 
 def _is_disk_full(e: BaseException) -> bool:
@@ -141,11 +233,34 @@ class Store:
         outbox_max: int | None = None,
         min_free_bytes: int = MIN_FREE_BYTES,
         jpeg_quality: int = 90,
+        backups_keep: int = 7,
+        reset: bool = False,
+        read_only: bool = False,
     ) -> None:
+        """``read_only``: for operator commands beside a running station (``edge-wbc report``,
+        ``edge-wbc lis ...``): takes no lock, creates and migrates nothing, and SQLite refuses
+        any write through it (``query_only``); the station's own start checks the file."""
         self.data_dir = Path(data_dir)
         self.mqtt = mqtt
+        self.outbox_max = outbox_max
         self.min_free_bytes = min_free_bytes
         self.jpeg_quality = jpeg_quality
+        self.backups_keep = backups_keep
+        #: Outcome of the last backup (path or error, and when), for the station's status.
+        self.last_backup: dict[str, Any] | None = None
+        self._backup_thread: threading.Thread | None = None
+        self._backup_again = False
+        self.db_path = self.data_dir / DB_NAME
+        self.backup_dir = self.data_dir / BACKUP_DIR
+        self._lock = threading.RLock()
+        self._outbox: Any = None
+        # Listeners that keep their own durable queue (the LIS outbox) write it here, in the
+        # transaction of the change itself; counting only runs them and knows none of them.
+        self._txn_hooks: list[TransactionHook] = []
+        self._dir_lock: DataDirLock | None = None
+        if read_only:
+            self._open_read_only()
+            return
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             probe = self.data_dir / ".write-test"
@@ -156,18 +271,61 @@ class Store:
                 f"data directory {self.data_dir} is not writable ({e.strerror or e}); choose "
                 "another with --data-dir or fix its permissions"
             ) from e
-        self.db_path = self.data_dir / DB_NAME
-        self._lock = threading.RLock()
-        self._outbox: Any = None
+        # First, before the database is even looked at: a second process must change nothing.
+        dir_lock = self._dir_lock = DataDirLock(self.data_dir)
         try:
-            self.conn = sqlite3.connect(
-                self.db_path, isolation_level=None, check_same_thread=False, timeout=10.0
+            self._open(reset)
+        except BaseException:
+            dir_lock.release()
+            raise
+
+    def _open_read_only(self) -> None:
+        problem = _file_problem(self.db_path)
+        if problem is None and not self.db_path.exists():
+            raise StoreError(f"no station database in {self.data_dir} ({DB_NAME} missing)")
+        if problem is not None:
+            raise DatabaseDamagedError(self._damaged_message(problem))
+        try:
+            self.conn = self._connect()
+            self.conn.execute("PRAGMA query_only=ON")
+            row = self.conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.db_path}: cannot read the database: {e}") from e
+        if row is None or int(row["value"]) != SCHEMA_VERSION:
+            self.conn.close()
+            raise StoreError(
+                f"{self.db_path} has schema {row['value'] if row else 'none'}, this edge-wbc "
+                f"reads {SCHEMA_VERSION}"
             )
-            self.conn.row_factory = sqlite3.Row
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")
-            self.conn.execute("PRAGMA foreign_keys=ON")
+
+    def _open(self, reset: bool) -> None:
+        problem = _file_problem(self.db_path)
+        if problem is None and not self.db_path.exists():
+            _create_database(self.db_path)
+            reset = False  # nothing there to move aside: a first start
+        try:
+            if problem is None:
+                self.conn = self._connect()
+                problem = _quick_check(self.conn)
+                if problem is not None:
+                    self.conn.close()
+            if problem is not None:
+                if not reset:
+                    raise DatabaseDamagedError(self._damaged_message(problem))
+                aside = _move_aside(self.db_path)
+                log.warning("%s %s: moved aside to %s; starting an empty database",
+                            self.db_path, problem, aside)
+                _create_database(self.db_path)
+                self.conn = self._connect()
+            elif reset:
+                self.conn.close()
+                raise StoreError(
+                    f"--reset refused: {self.db_path} is readable and passes its check, so "
+                    "nothing was moved. To start an empty history keep this one and use another "
+                    "--data-dir"
+                )
             self.conn.executescript(_SCHEMA)
+            self.conn.executescript(_CAPTURES_SCHEMA)
             row = self.conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self.conn.execute(
@@ -178,19 +336,48 @@ class Store:
                     f"{self.db_path} has schema {row['value']}, this edge-wbc reads "
                     f"{SCHEMA_VERSION}; upgrade edge-wbc or use another --data-dir"
                 )
-            if mqtt:
+            if self.mqtt:
                 from edge_wbc.counting import outbox  # only with MQTT: the station runs without it
 
                 self._outbox = outbox
-                outbox.ensure_schema(self.conn, max_rows=outbox_max)
+                outbox.ensure_schema(self.conn, max_rows=self.outbox_max)
         except sqlite3.DatabaseError as e:
             if _is_disk_full(e):
                 raise DiskFullError(f"disk full: cannot open {self.db_path}") from e
             raise StoreError(f"{self.db_path}: cannot use the database: {e}") from e
 
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.db_path, isolation_level=None, check_same_thread=False, timeout=10.0
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def _damaged_message(self, problem: str) -> str:
+        backups = self.backups()
+        if backups:
+            restore = (f"restore the newest backup ({backups[-1].name}, {len(backups)} in "
+                       f"{self.backup_dir}) as docs/pi.md 'Restore a backup' shows")
+        else:
+            restore = "restore a copy you made (docs/pi.md, 'Restore a backup'); there is none " \
+                      f"in {self.backup_dir}"
+        return (
+            f"{self.db_path} {problem}. The station does not start on it, so that no counted "
+            f"slide is hidden or damaged further. Either {restore}, or run 'edge-wbc station "
+            "--reset' once to move it aside (it is kept, renamed, next to the new one) and start "
+            "an empty database; the field images and reports in slides/ stay where they are"
+        )
+
     def close(self) -> None:
+        # A backup under way finishes first: the folder stays locked while anything writes in it.
+        self.wait_for_backup()
         with self._lock:
             self.conn.close()
+            if self._dir_lock is not None:
+                self._dir_lock.release()
 
     # ------------------------------------------------------------------ paths
 
@@ -248,6 +435,14 @@ class Store:
         )
         if self._outbox is not None and ev.kind in OUTBOX_KINDS:
             self._outbox.enqueue(self.conn, ev.kind, ev.payload)
+        for hook in self._txn_hooks:
+            hook(self.conn, ev)
+
+    def add_transaction_hook(self, hook: TransactionHook) -> None:
+        """``hook(conn, event)`` runs for every event inside the transaction that writes it
+        (must not commit); if it raises, the change is rolled back with it."""
+        with self._lock:
+            self._txn_hooks.append(hook)
 
     def create_slide(self, slide: SlideRecord, events: Sequence[Event]) -> None:
         with self._transaction(events, slide["id"]) as c:
@@ -270,6 +465,8 @@ class Store:
             cur = c.execute(f"UPDATE slides SET {cols} WHERE id=?", (*vals, slide_id))
             if cur.rowcount != 1:
                 raise StoreError(f"no slide {slide_id}")
+        if changes.get("status") == "finalised":
+            self.backup_in_background()
 
     def add_field(
         self,
@@ -279,18 +476,15 @@ class Store:
         crops: dict[str, np.ndarray],
         signature: np.ndarray,
         events: Sequence[Event],
+        capture_id: int | None = None,
     ) -> None:
         """Write the field image and crops, then the rows and events in one transaction.
 
         Sets ``field["image_file"]`` and each cell's ``crop_file`` (relative to the data dir).
+        ``capture_id`` (a row of :meth:`capture_accepted`) is marked counted in that same
+        transaction, so a kill can never leave a counted field reported as not analysed.
         """
-        free = self.free_bytes()
-        if free < self.min_free_bytes:
-            raise DiskFullError(
-                f"disk almost full ({free // (1024 * 1024)} MB free in {self.data_dir}): this "
-                "field was not counted; everything counted so far is saved. Free space, then "
-                "capture again."
-            )
+        self.require_free("this field was not counted")
         sdir = self.slide_dir(field["slide_id"])
         written: list[Path] = []
         try:
@@ -333,6 +527,11 @@ class Store:
                         for x in cells
                     ],
                 )
+                if capture_id is not None:
+                    c.execute(
+                        "UPDATE captures SET status='counted', field_id=?, done_at=? WHERE id=?",
+                        (field["id"], _now_iso(), capture_id),
+                    )
         except BaseException as e:
             for p in written:
                 with contextlib.suppress(OSError):
@@ -345,6 +544,136 @@ class Store:
             if isinstance(e, OSError):
                 raise StoreError(f"cannot save the field images: {e}") from e
             raise
+
+    def require_free(self, refused: str) -> None:
+        """Raise DiskFullError (``refused`` says what) when the disk is below its margin."""
+        free = self.free_bytes()
+        if free < self.min_free_bytes:
+            raise DiskFullError(
+                f"disk almost full ({free // (1024 * 1024)} MB free in {self.data_dir}): "
+                f"{refused}; everything counted so far is saved. Free space, then capture again."
+            )
+
+    # ------------------------------------------------------------------ captures
+
+    def capture_accepted(self, slide_id: str, trigger: str, source: str, at: str) -> int:
+        """Record a capture before it is queued; returns its id (the API's capture_id)."""
+        with self._transaction((), slide_id) as c:
+            cur = c.execute(
+                "INSERT INTO captures (slide_id, trigger, source, accepted_at, status) "
+                "VALUES (?, ?, ?, ?, 'queued')", (slide_id, trigger, source, at),
+            )
+            return int(cur.lastrowid or 0)
+
+    def capture_refused(self, capture_id: int, message: str, at: str) -> None:
+        with self._transaction((), None) as c:
+            c.execute(
+                "UPDATE captures SET status='refused', message=?, done_at=? WHERE id=?",
+                (message, at, capture_id),
+            )
+
+    def interrupt_captures(self, at: str) -> list[dict[str, Any]]:
+        """Captures accepted but neither counted nor refused: the process that queued them died.
+        Marks them interrupted (so they are reported once) and returns them, oldest first."""
+        with self._transaction((), None) as c:
+            rows = c.execute(
+                "SELECT * FROM captures WHERE status='queued' ORDER BY id"
+            ).fetchall()
+            c.execute(
+                "UPDATE captures SET status='interrupted', done_at=?, message=? "
+                "WHERE status='queued'", (at, "the station stopped before analysing it"),
+            )
+        return [dict(r) for r in rows]
+
+    def captures(self, slide_id: str | None = None) -> list[dict[str, Any]]:
+        if slide_id is None:
+            rows = self._all("SELECT * FROM captures ORDER BY id")
+        else:
+            rows = self._all("SELECT * FROM captures WHERE slide_id=? ORDER BY id", (slide_id,))
+        return [dict(r) for r in rows]
+
+    # ------------------------------------------------------------------ backups
+
+    def backups(self) -> list[Path]:
+        """Backups in the backup folder, oldest first."""
+        return sorted(self.backup_dir.glob(BACKUP_GLOB))
+
+    def backup_in_background(self) -> None:
+        """Start :meth:`backup` on its own thread (a large database takes seconds to copy on a
+        Pi, and the finalise that asked for it must not wait). One at a time: a request while
+        one runs makes one more afterwards, so the newest state is always backed up."""
+        if self.backups_keep <= 0:
+            return
+        with self._lock:
+            if self._backup_thread is not None and self._backup_thread.is_alive():
+                self._backup_again = True
+                return
+            self._backup_thread = threading.Thread(target=self._backup_loop,
+                                                   name="db-backup", daemon=False)
+            self._backup_thread.start()
+
+    def _backup_loop(self) -> None:
+        while True:
+            self.backup()
+            with self._lock:
+                if not self._backup_again:
+                    return
+                self._backup_again = False
+
+    def wait_for_backup(self, timeout: float | None = None) -> None:
+        t = self._backup_thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+
+    def backup(self) -> Path | None:
+        """Snapshot the database with SQLite's online backup API into ``backups/``, keep the
+        newest ``backups_keep``. Never raises: the change that asked for it is already saved; a
+        failure is logged and kept in ``last_backup``. Returns the new file, None when skipped.
+
+        Reads through a connection of its own, in one step: one read transaction, so the copy
+        is a consistent snapshot while the station goes on writing (WAL lets both proceed)."""
+        if self.backups_keep <= 0:
+            return None
+        at = _utc_stamp()
+        dest = self.backup_dir / f"edge-wbc-{at}.sqlite3"
+        tmp = dest.with_suffix(".tmp")
+        try:
+            need = self.db_path.stat().st_size + self.min_free_bytes
+            if self.free_bytes() < need:
+                # Counting needs the space more than a backup does.
+                raise OSError(errno.ENOSPC, f"under {need // (1024 * 1024)} MB free")
+            self.backup_dir.mkdir(exist_ok=True)
+            for stale in self.backup_dir.glob("edge-wbc-*.tmp*"):
+                # A copy cut short by a kill (e.g. systemd's stop timeout) is never a backup.
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+            src = sqlite3.connect(self.db_path, timeout=30.0)
+            dst = sqlite3.connect(tmp)
+            try:
+                src.backup(dst)
+                # A backup that is itself damaged must not push a good one out of the rotation.
+                problem = _quick_check(dst)
+                if problem is not None:
+                    raise sqlite3.DatabaseError(f"the backup {problem}")
+            finally:
+                dst.close()
+                src.close()
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except (sqlite3.Error, OSError) as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            log.warning("database backup to %s failed: %s (the data itself is saved)",
+                        self.backup_dir, e)
+            self.last_backup = {"ok": False, "error": str(e), "at": at}
+            return None
+        for old in self.backups()[: -self.backups_keep]:
+            with contextlib.suppress(OSError):
+                old.unlink()
+        self.last_backup = {"ok": True, "path": str(dest), "at": at}
+        log.info("database backed up to %s", dest)
+        return dest
 
     def update_cell(
         self,
@@ -432,6 +761,71 @@ class Store:
              "action": r["action"], "payload": json.loads(r["payload"])}
             for r in rows
         ]
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _utc_stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why an existing database file cannot even be opened, or None (also when it is absent)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if not head:
+        # SQLite would quietly make a new, empty history in it; the slides would vanish from view.
+        return "is empty (0 bytes)"
+    if head != _SQLITE_MAGIC:
+        return "is not an SQLite database"
+    return None
+
+
+def _quick_check(conn: sqlite3.Connection) -> str | None:
+    """PRAGMA quick_check's findings (the first few), or None when it says ok."""
+    try:
+        rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(5)")]
+    except sqlite3.DatabaseError as e:
+        if _is_disk_full(e):
+            raise
+        return f"is damaged ({e})"
+    if rows == ["ok"]:
+        return None
+    detail = "; ".join(" ".join(r.split()) for r in rows)
+    return f"is damaged (PRAGMA quick_check: {detail[:400]})"
+
+
+def _create_database(path: Path) -> None:
+    """A new database, built under a temporary name and renamed into place: a crash while it is
+    being made can never leave the 0-byte file that the next start would refuse."""
+    tmp = path.with_name(path.name + ".new")
+    for p in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()  # a leftover of an earlier crash at this very step: never held data
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")  # writes the header: the file is never 0 bytes
+    finally:
+        conn.close()  # the last connection checkpoints and removes the -wal file
+    os.replace(tmp, path)
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename the database and its -wal/-shm together (SQLite pairs them by name, so the aside
+    copy stays readable for a recovery attempt). Returns the new name of the main file."""
+    aside = path.with_name(f"{path.stem}-damaged-{_utc_stamp()}{path.suffix}")
+    for suffix in ("-wal", "-shm", ""):
+        src = Path(f"{path}{suffix}")
+        if src.exists():
+            os.replace(src, Path(f"{aside}{suffix}"))
+    return aside
 
 
 def _dumps(v: Any) -> str:

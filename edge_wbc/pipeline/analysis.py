@@ -31,7 +31,7 @@ from edge_wbc.pipeline.manifest import Manifest, ManifestError, ModelEntry, load
 from edge_wbc.pipeline.postprocess import PostprocessParams, crop_cells, postprocess, work_scale
 from edge_wbc.pipeline.preprocess import CROP_SCALE, ensure_rgb_uint8, white_balance
 from edge_wbc.pipeline.quality import QualityParams, assess
-from edge_wbc.pipeline.results import OTHER, UNIDENTIFIED, Cell, FieldResult
+from edge_wbc.pipeline.results import UNIDENTIFIED, Cell, FieldResult
 from edge_wbc.pipeline.segment import EnsembleSegmenter, Member
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class FieldAnalyzer:
         ]
         mask = np.zeros((h, w), np.uint8)
         for c in cells:
-            if c.label != OTHER:
+            if c.counted:
                 x0, y0, x1, y1 = c.bbox
                 mask[y0:y1, x0:x1][c.mask] = 255
         quality = assess(
@@ -274,7 +274,7 @@ def at_file_scale(result: FieldResult, width: int, height: int, mask: bool = Tru
     if mask:
         full = np.zeros((height, width), np.uint8)
         for c in cells:
-            if c.label != OTHER and c.mask is not None:
+            if c.counted and c.mask is not None:
                 x0, y0, x1, y1 = c.bbox
                 full[y0:y1, x0:x1][c.mask] = 255
     return dataclasses.replace(result, width=width, height=height, cells=cells, mask=full)
@@ -293,10 +293,13 @@ def draw_overlay(rgb: np.ndarray, result: FieldResult) -> np.ndarray:
         "lymphocyte": (40, 120, 230),
         "monocyte": (20, 160, 90),
         UNIDENTIFIED: (250, 200, 0),
-        OTHER: (128, 128, 128),
+        "immature_granulocyte": (200, 40, 140),
+        "abnormal_wbc": (120, 0, 0),
+        "nrbc": (150, 90, 40),
+        "non_wbc": (128, 128, 128),
     }
     for c in result.cells:
-        col = colours.get(c.label, (255, 255, 255))
+        col = colours.get(c.label) or colours.get(c.group, (255, 255, 255))
         x0, y0, x1, y1 = c.bbox
         if c.mask is not None and c.mask.any():
             m = np.zeros((h, w), np.uint8)

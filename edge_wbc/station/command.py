@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import sqlite3
 import threading
 from functools import partial
 from pathlib import Path
@@ -48,6 +49,9 @@ def station(
     mqtt_port: int | None = typer.Option(None, "--mqtt-port", help="MQTT broker port."),
     station_id: str | None = typer.Option(
         None, "--station-id", help="This station's name in MQTT topics (default: host name)."),
+    reset: bool = typer.Option(
+        False, "--reset", help="Only when the station refuses a damaged database: move it aside "
+        "(renamed, never deleted) and start an empty one."),
 ) -> None:
     """Run the microscope station: live preview, capture, running formula, review, reports."""
     from edge_wbc.config import ConfigError, default_config_path, load_config
@@ -65,7 +69,7 @@ def station(
         raise _fail(str(e)) from None
     setup_logging(cfg.logging.level)
     try:
-        run(cfg)
+        run(cfg, reset=reset)
     except StartupError as e:
         raise _fail(str(e)) from None
 
@@ -74,11 +78,11 @@ class StartupError(Exception):
     """The station cannot start; the message says what to fix."""
 
 
-def run(cfg: Any, stop: threading.Event | None = None) -> None:
+def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> None:
     """Start everything, serve until SIGTERM/SIGINT (or ``stop``), then shut down in order."""
     from edge_wbc import sdnotify
     from edge_wbc.camera import CameraError, open_source
-    from edge_wbc.counting.events import Fanout
+    from edge_wbc.counting.events import Event, Fanout
     from edge_wbc.counting.reports import write_reports
     from edge_wbc.counting.session import SlideSession
     from edge_wbc.counting.store import Store, StoreError
@@ -87,37 +91,59 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
     from edge_wbc.station.server import EventHub, StationServer, serve_in_thread
 
     stop = stop or threading.Event()
+    # The store first: it takes the data folder's lock, so a second station on the same folder
+    # stops here, before it loads models, opens the camera or touches the broker.
+    try:
+        store = Store(cfg.session.data_dir, mqtt=bool(cfg.mqtt.host),
+                      outbox_max=cfg.mqtt.outbox_max, backups_keep=cfg.session.backups_keep,
+                      reset=reset)
+    except StoreError as e:
+        raise StartupError(str(e)) from e
     try:
         from edge_wbc.pipeline.analysis import FieldAnalyzer
 
         analyzer = FieldAnalyzer.from_config(cfg)
     except ManifestError as e:
+        store.close()
         raise StartupError(f"models: {e}") from e
     except (OSError, RuntimeError, ValueError) as e:
+        store.close()
         raise StartupError(f"cannot load the models: {e}") from e
     models = analyzer.describe()
     log.info("models loaded from %s in %.0f ms on %s", analyzer.models_location.describe(),
              analyzer.load_ms, analyzer.accelerator)
+    lis = None
+    if cfg.lis.delivery != "off":
+        from edge_wbc.comms.lis.delivery import LisDelivery
 
-    try:
-        store = Store(cfg.session.data_dir, mqtt=bool(cfg.mqtt.host),
-                      outbox_max=cfg.mqtt.outbox_max)
-    except StoreError as e:
-        raise StartupError(str(e)) from e
+        try:
+            # Its tables exist before the store's first finalise runs the hook.
+            lis = LisDelivery(cfg.lis, store.db_path, store.data_dir,
+                              station_id=cfg.mqtt.station_id,
+                              on_change=lambda: on_lis_change())
+        except (OSError, sqlite3.Error) as e:
+            store.close()
+            raise StartupError(f"LIS delivery: {e}") from e
+        store.add_transaction_hook(lis.hook)
     fanout = Fanout()
     hub = EventHub()
     fanout.subscribe(hub)
+    if lis is not None:
+        fanout.subscribe(lis)
     session = SlideSession(
         store, fanout, default_target=cfg.session.target,
         duplicate_overlap=cfg.session.duplicate_overlap, models=models,
         station_id=cfg.mqtt.station_id,
         reporter=partial(write_reports, data_dir=store.data_dir),
+        formula=cfg.formula.build(),
     )
     try:
         # A folder is replayed once per slide (loop=False): going round again would count the
         # same fields twice, which the duplicate guard (last few fields only) would not catch.
         source = open_source(cfg.camera.source, cfg.camera.width, cfg.camera.height, loop=False)
     except CameraError as e:
+        if lis is not None:
+            lis.stop()
         store.close()
         raise StartupError(str(e)) from e
     _follow_slides(source, session, fanout)
@@ -130,6 +156,14 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
               "models": [m["name"] for m in models.get("models", [])],
               "data_dir": str(store.data_dir)},
     )
+    extra: dict[str, Any] = {}
+    if lis is not None:
+        extra["lis"] = lis.status
+    st.extra_status = lambda: {k: f() for k, f in extra.items()}
+
+    def on_lis_change() -> None:
+        fanout(Event("status", st.status()))
+
     publisher = None
     if cfg.mqtt.host:
         from edge_wbc.comms import mqtt as edge_mqtt
@@ -143,19 +177,22 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             )
         except edge_mqtt.MqttError as e:
             source.close()
+            if lis is not None:
+                lis.stop()
             store.close()
             raise StartupError(f"MQTT: {e}") from e
         if publisher is not None:
             fanout.subscribe(publisher.publish)
-            mqtt_publisher = publisher
-            st.extra_status = lambda: {"mqtt": mqtt_publisher.status()}
+            extra["mqtt"] = publisher.status
     try:
         server = StationServer(st, hub, cfg.station.host, cfg.station.port, cfg.station.token,
-                               cfg.camera.preview_fps)
+                               cfg.camera.preview_fps, lis=cfg.lis)
     except (OSError, ValueError) as e:
         source.close()
         if publisher is not None:
             publisher.stop()
+        if lis is not None:
+            lis.stop()
         store.close()
         raise StartupError(f"cannot listen on {cfg.station.host}:{cfg.station.port}: {e}") from e
 
@@ -169,6 +206,8 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             log.warning("%s (the on-screen button and the space bar still work)", e)
 
     st.start()
+    if lis is not None:
+        lis.start()
     live.watch_thread(st.worker)
     live.start()
     serve_in_thread(server)
@@ -202,6 +241,8 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             button.close()
         if publisher is not None:
             publisher.stop()
+        if lis is not None:
+            lis.stop()
         store.close()
         typer.echo("edge-wbc station: stopped; every counted cell is saved", err=True)
 
@@ -233,6 +274,7 @@ def _url(host: str, port: int) -> str:
 def _mqtt_command(st: Any, kind: str, args: dict[str, Any]) -> dict[str, Any]:
     """Commands from the broker (only when mqtt.commands_enabled): the same paths as the page."""
     from edge_wbc.camera import CameraError, FrameError
+    from edge_wbc.counting.store import StoreError
     from edge_wbc.station.app import BusyError
 
     try:
@@ -248,7 +290,7 @@ def _mqtt_command(st: Any, kind: str, args: dict[str, Any]) -> dict[str, Any]:
         else:
             raise ValueError(f"unknown slide action {action!r}")
         return {"ok": True, "state": st.session.state()}
-    except (SessionError, BusyError, CameraError, FrameError) as e:
+    except (SessionError, BusyError, CameraError, FrameError, StoreError) as e:
         raise ValueError(str(e)) from e
 
 

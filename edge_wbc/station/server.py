@@ -11,7 +11,8 @@ Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
                                     cell, slide, status
     GET  /api/preview.mjpg          live camera view (MJPEG); /api/preview.jpg one frame
     POST /api/capture               {"trigger"?} -> 202 {"capture_id", "queued"}; 409 slide not
-                                    accepting fields, 429 queue full, 503 camera, 422 bad frame
+                                    accepting fields, 429 queue full, 503 camera, 422 bad frame,
+                                    507 disk below its margin
     GET  /api/fields/last           last field with its cells; /api/fields/<id>.jpg its image
     GET  /api/cells                 review gallery (unidentified first, least certain first)
     GET  /api/cells/<id>.jpg        the cell's crop
@@ -20,6 +21,8 @@ Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
     POST /api/slide/sample          {"sample_id"};  POST /api/slide/target {"target"}
     POST /api/slide/finalise        -> final state; 409 with the reasons when blocked
     GET  /api/slide/report.html|report.json|report.csv|cells.csv[?slide=<id>][&download=1]
+    GET  /api/slide/report.hl7|report.fhir.json[?slide=<id>]   the finalised report as the LIS
+                                    gets it (HL7 v2.5.1 ORU^R01, FHIR R4 Bundle; docs/lis.md)
     GET  /api/slides                recent slides;  POST /api/errors/clear;  GET /healthz
 
 Security: the server binds 127.0.0.1 unless told otherwise; any other address needs a token
@@ -82,9 +85,11 @@ SECURITY_HEADERS = {
 _CELL = re.compile(r"^/api/cells/([A-Za-z0-9_:-]+)(/review|\.jpg)$")
 _FIELD = re.compile(r"^/api/fields/([A-Za-z0-9_:-]+)(\.jpg)?$")
 _TRIGGER = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
-_REPORT = re.compile(r"^/api/slide/(report\.html|report\.json|report\.csv|cells\.csv)$")
+_REPORT = re.compile(
+    r"^/api/slide/(report\.html|report\.json|report\.csv|cells\.csv|report\.hl7|"
+    r"report\.fhir\.json)$")
 _REPORT_KEYS = {"report.html": "html", "report.json": "json", "report.csv": "csv",
-                "cells.csv": "cells_csv"}
+                "cells.csv": "cells_csv", "report.hl7": "hl7", "report.fhir.json": "fhir"}
 
 
 class _ApiError(Exception):
@@ -166,6 +171,7 @@ class StationServer(ThreadingHTTPServer):
         port: int = 8080,
         token: str | None = None,
         preview_fps: float = 5.0,
+        lis: Any = None,
     ) -> None:
         if not is_loopback(host) and not token:
             raise ValueError(
@@ -176,6 +182,7 @@ class StationServer(ThreadingHTTPServer):
         self.hub = hub
         self.token = token or None
         self.preview_fps = preview_fps
+        self.lis = lis  # the [lis] section: the HL7 header of on-demand messages
         self.stopping = threading.Event()
         self.bind_host = host
         self._slots = threading.BoundedSemaphore(self.max_handlers)
@@ -555,17 +562,29 @@ class Handler(BaseHTTPRequestHandler):
         slide = session.store.slide(sid)
         if slide is None:
             raise _ApiError(404, f"no slide {sid}")
-        rel = (slide.get("reports") or {}).get(_REPORT_KEYS[name])
+        key = _REPORT_KEYS[name]
+        rel = (slide.get("reports") or {}).get("json" if key in ("hl7", "fhir") else key)
         if not rel:
             raise _ApiError(404, f"slide {slide['sample_id']} has no report yet: finalise it first")
-        ctype = {"html": "text/html; charset=utf-8", "json": "application/json",
-                 "csv": "text/csv; charset=utf-8"}[name.rsplit(".", 1)[1]]
         p = session.store.data_dir / rel
         if not p.is_file():
             raise _ApiError(404, f"report file {rel} is missing")
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", slide["sample_id"])
         disp = "inline" if name.endswith(".html") and not query.get("download") else "attachment"
         headers = {"Content-Disposition": f'{disp}; filename="{safe}-{name}"'}
+        if key in ("hl7", "fhir"):
+            from edge_wbc.comms.lis import FORMATS, ReportError, render
+            from edge_wbc.comms.lis.delivery import load_report
+
+            try:
+                text = render(load_report(session.store.data_dir, rel), key, self.server.lis,
+                              slide.get("station_id") or "")
+            except ReportError as e:
+                raise _ApiError(422, f"slide {slide['sample_id']}: {e}") from e
+            self._send(200, text.encode("utf-8"), FORMATS[key][0], headers)
+            return
+        ctype = {"html": "text/html; charset=utf-8", "json": "application/json",
+                 "csv": "text/csv; charset=utf-8"}[name.rsplit(".", 1)[1]]
         if name.endswith(".html"):
             self._csp = REPORT_CSP
         self._send(200, p.read_bytes(), ctype, headers)
