@@ -51,7 +51,25 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LIS_DELIVERIES = ("off", "folder", "mllp", "fhir")
 LIS_FORMATS = ("hl7", "fhir")
 HL7_PROCESSING_IDS = ("P", "T", "D")
-_SOURCE_RE = re.compile(r"^(samples|folder:.+|opencv:.+|picamera2(:\d+)?)$")
+
+
+#: The camera sources, as messages list them.
+CAMERA_SOURCES = ("'picamera2' (or 'picamera2:N'), 'opencv:0' (or 'opencv:/dev/video0'), "
+                  "'folder:DIR' or 'samples'")
+
+
+def split_camera_source(spec: str) -> tuple[str, str] | None:
+    """The one syntax of ``[camera] source``: 'folder:DIR' -> ('folder', 'DIR'), 'opencv:0' or
+    'opencv:/dev/video0' -> ('opencv', ...), 'picamera2[:N]' -> ('picamera2', N or '0'),
+    'samples' -> ('samples', ''); None for anything else. edge_wbc.camera opens what it names."""
+    if spec == "samples":
+        return "samples", ""
+    kind, _, arg = spec.partition(":")
+    if kind in ("folder", "opencv") and arg:
+        return kind, arg
+    if kind == "picamera2" and (not arg or (arg.isascii() and arg.isdigit())):
+        return kind, arg or "0"
+    return None
 
 
 def _f(default: Any, doc: str, **meta: Any) -> Any:
@@ -100,6 +118,11 @@ class ModelsConfig:
     require_accelerator: bool = _f(
         False,
         "Refuse to start when the accelerator cannot be opened instead of falling back to CPU.",
+    )
+    adaptation: str | None = _f(
+        None, "This lab's adaptation folder (written by 'edge-wbc adapt fit'): a classifier head "
+        "fitted on the lab's reviewed cells, with its own threshold. Unset: the shipped head. "
+        "It must have been fitted on this classifier (sha256-checked at start).", path=True,
     )
 
 
@@ -239,6 +262,18 @@ class MqttConfig:
         "database keeps everything.", min=100, max=10_000_000,
     )
     stats_interval_s: float = _f(60.0, "Seconds between health messages.", min=1.0, max=86400.0)
+
+    @property
+    def use_tls(self) -> bool:
+        return bool(self.tls or self.tls_ca or self.tls_cert)
+
+    @property
+    def effective_client_id(self) -> str:
+        return self.client_id or f"edge-wbc-{self.station_id}"
+
+    def topic(self, *levels: str) -> str:
+        """``<prefix>/<station_id>/<levels...>``: every topic this station uses."""
+        return "/".join((self.prefix, self.station_id, *levels))
 
 
 @dataclass(frozen=True)
@@ -583,35 +618,42 @@ def _apply_env(env: Mapping[str, str], values: dict[str, dict[str, Any]]) -> lis
     return problems
 
 
+#: Where each secret comes from: environment variables (first set wins), then the systemd
+#: credential of that name in $CREDENTIALS_DIRECTORY.
+SECRETS: dict[str, tuple[tuple[str, ...], str]] = {
+    "station.token": (("EDGE_WBC_TOKEN", "EDGE_WBC_STATION_TOKEN"), CRED_TOKEN),
+    "mqtt.password": (("EDGE_WBC_MQTT_PASSWORD",), CRED_MQTT_PASSWORD),
+    "lis.fhir_token": (("EDGE_WBC_LIS_FHIR_TOKEN",), CRED_LIS_FHIR_TOKEN),
+}
+
+
+def read_secret(dotted: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The secret ``dotted`` (a key of SECRETS) or None; OSError/UnicodeDecodeError when its
+    credential file exists but cannot be read. Also for commands without a config (monitor)."""
+    env = os.environ if env is None else env
+    env_names, cred = SECRETS[dotted]
+    for n in env_names:
+        if env.get(n):
+            return env[n]
+    creds = env.get("CREDENTIALS_DIRECTORY", "")
+    p = Path(creds) / cred
+    if not creds or not p.is_file():
+        return None
+    # A trailing newline from `echo secret > file` is not part of the secret. The installer
+    # creates empty credential files so LoadCredential= never fails: empty means "not set".
+    return p.read_text(encoding="utf-8").rstrip("\r\n") or None
+
+
 def _apply_secrets(env: Mapping[str, str], values: dict[str, dict[str, Any]]) -> list[Problem]:
     problems: list[Problem] = []
-    creds = env.get("CREDENTIALS_DIRECTORY", "")
-    for dotted, env_names, cred in (
-        ("station.token", ("EDGE_WBC_TOKEN", "EDGE_WBC_STATION_TOKEN"), CRED_TOKEN),
-        ("mqtt.password", ("EDGE_WBC_MQTT_PASSWORD",), CRED_MQTT_PASSWORD),
-        ("lis.fhir_token", ("EDGE_WBC_LIS_FHIR_TOKEN",), CRED_LIS_FHIR_TOKEN),
-    ):
+    for dotted in SECRETS:
         sec, key = dotted.split(".")
-        value: str | None = None
-        for n in env_names:
-            if env.get(n):
-                value = env[n]
-                break
-        if value is None and creds:
-            p = Path(creds) / cred
-            if p.is_file():
-                try:
-                    # A trailing newline from `echo secret > file` is not part of the secret.
-                    value = p.read_text(encoding="utf-8").rstrip("\r\n")
-                except (OSError, UnicodeDecodeError) as e:
-                    problems.append(Problem(dotted, None, f"cannot read credential {p}: {e}",
-                                            "credentials"))
-                    continue
-                if not value:
-                    # The installer creates empty credential files so LoadCredential= never
-                    # fails on a missing file: empty means "not set".
-                    value = None
-        values[sec][key] = value
+        try:
+            values[sec][key] = read_secret(dotted, env)
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(Problem(dotted, None, f"cannot read credential "
+                                    f"'{SECRETS[dotted][1]}': {e}", "credentials"))
+            values[sec][key] = None
     return problems
 
 
@@ -641,6 +683,13 @@ def _build(
         bad("mqtt", "tls_key", "a client key needs tls_cert")
     if m.password and not m.username:
         bad("mqtt", "username", "a password is set but no username")
+    if not m.prefix:
+        bad("mqtt", "prefix", "must not be empty (it is the first level of every topic)")
+    if m.host:
+        for key in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(m, key)
+            if path and not os.access(path, os.R_OK):
+                bad("mqtt", key, f"cannot read {path}")
     fc = cfg.formula
     _, fproblems = taxonomy.build_formula(fc.preset, fc.counted, fc.per_100_wbc, fc.count_only,
                                           fc.flags)
@@ -794,9 +843,8 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
             return False, None, "must not be empty"
         value = os.path.expanduser(value)
     check = meta.get("check")
-    if check == "source" and not _SOURCE_RE.match(value):
-        return False, None, (f"{value!r} is not a camera source: use 'picamera2', 'opencv:0' "
-                             "(or 'opencv:/dev/video0'), 'folder:DIR' or 'samples'")
+    if check == "source" and split_camera_source(value) is None:
+        return False, None, f"{value!r} is not a camera source: use {CAMERA_SOURCES}"
     tpu = DELEGATES["edgetpu"]
     if check == "edgetpu" and value and not tpu.device_ok(value):
         spellings = ", ".join(repr(s) for s in tpu.device_spellings)

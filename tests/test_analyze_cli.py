@@ -19,7 +19,7 @@ TESTS = Path(__file__).parent
 FIXTURE_MODELS = TESTS / "fixtures" / "models"
 FIELDS = TESTS / "fixtures" / "fields"
 
-IMAGE_KEYS = {"path", "width", "height", "error", "cells", "quality", "timing_ms"}
+IMAGE_KEYS = {"path", "width", "height", "error", "cells", "quality", "timing_ms", "model"}
 CELL_KEYS = {"bbox", "label", "group", "score", "probs", "area_px"}
 
 
@@ -72,9 +72,12 @@ def test_json_contract_masks_and_overlays(
     assert doc["schema"] == "edge-wbc/analysis/2"
     assert doc["models"]["accelerator"] == "cpu" and len(doc["models"]["models"]) == 3
     assert doc["models"]["cell_diameter_px"] == 170.0
+    cls_sha = json.loads((FIXTURE_MODELS / "manifest.json").read_text())["models"][-1]["sha256"]
+    assert doc["models"]["classifier_sha256"] == cls_sha and doc["models"]["adaptation"] is None
     assert [Path(i["path"]).name for i in doc["images"]] == ["grey16.png", "two.jpg"]
     for img in doc["images"]:
         assert set(img) == IMAGE_KEYS and img["error"] is None
+        assert img["model"] == {"classifier_sha256": cls_sha, "adaptation": None}
         assert (img["width"], img["height"]) == (640, 480)
         assert {"preprocess", "segment", "postprocess", "classify", "total"} <= set(
             img["timing_ms"]

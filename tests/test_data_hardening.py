@@ -175,6 +175,19 @@ def test_lock_is_per_open_store_and_released_on_close(tmp_path: Path) -> None:
     Store(tmp_path).close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as `sudo edge-wbc ...` has")
+def test_root_is_refused_in_the_service_users_folder(tmp_path: Path) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, nobody.pw_uid, nobody.pw_gid)
+    with pytest.raises(StoreError, match="sudo -u nobody"):
+        Store(data, reset=True)
+    assert list(data.iterdir()) == []  # not even a lock file left behind
+
+
 def test_operator_reader_beside_the_station_takes_no_lock_and_cannot_write(
         tmp_path: Path) -> None:
     ids = _history(tmp_path, slides=1)

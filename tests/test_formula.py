@@ -307,3 +307,23 @@ def test_a_reopened_station_counts_the_open_slide_by_the_same_formula(tmp_path: 
     for key in ("classes", "counts", "flags", "class_counts", "excluded", "counted"):
         assert after[key] == before[key], key
     assert after["flags"][0]["rule"] == "blast > 0"
+
+
+def test_home_assistant_sensors_follow_the_formula(tmp_path: Path) -> None:
+    from edge_wbc.comms import ha_discovery
+
+    mqtt = load_config(None, env={"EDGE_WBC_MQTT_HOST": "broker",
+                                  "EDGE_WBC_MQTT_STATION_ID": "st1"}).mqtt
+    s = _session(tmp_path, _formula(preset="ru", per_100_wbc=["nrbc"], count_only=["platelet"]))
+    got = {t.split("/")[3]: c for t, c in ha_discovery.configs(mqtt, s.state())}
+    assert {"band_neutrophil", "segmented_neutrophil", "myelocyte", "nrbc", "platelet",
+            "unidentified", "flags", "counted"} <= set(got)
+    assert "neutrophil" not in got
+    assert got["band_neutrophil"]["value_template"] == (
+        "{{ value_json.percentages.band_neutrophil | default(0) }}")
+    assert got["nrbc"]["unit_of_measurement"] == "per 100 WBC"
+    assert got["platelet"]["value_template"] == "{{ value_json.counts.platelet | default(0) }}"
+    assert got["flags"]["value_template"] == "{{ value_json.flags | default([]) | length }}"
+    # Without a formula in the state (an older station's): five-part, as before.
+    five = {t.split("/")[3] for t, _ in ha_discovery.configs(mqtt, None)}
+    assert {*taxonomy.FIVE_PART, "unidentified"} <= five

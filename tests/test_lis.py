@@ -590,9 +590,17 @@ def test_formula_report_rows_and_raised_flags() -> None:
         {"rule": "myelocyte > 0", "name": "myelocyte", "op": ">", "threshold": 0,
          "text": "Myelocytes: 1 (myelocyte > 0)"},
     ])
+    # As the formula writes them (edge_wbc.counting.formula): the rows a flag covers.
+    rep["flags"].append({"rule": "neutrophil > 80%", "name": "neutrophil", "op": ">",
+                         "threshold": 80, "rows": ["band_neutrophil", "segmented_neutrophil"],
+                         "text": "Neutrophil: 88.0 % (neutrophil > 80%)"})
+    rep["flags"].append({"rule": "blast > 1", "name": "blast", "rows": ["blast"],
+                         "threshold": 1, "text": "Blast: 2 (blast > 1)"})
     msg = hl7.parse(build_oru(rep))
     obx = {str(o(3)(1)(1)): o for o in _obx(msg)}
     assert str(obx["770-8"](8)) == "H"  # band_neutrophil is one of the neutrophil row's classes
+    assert "flag: Blasts: 2 (blast > 0); Blast: 2 (blast > 1)" in str(msg)
+    assert "NTE|3|L|flag: Neutrophil: 88.0 % (neutrophil > 80%)" in str(msg)
     assert str(obx["blast"](8)) == "H" and str(obx["736-9"](8)) == ""
     assert str(obx["58413-6"](6)(1)(1)) == "/100{WBCs}"
     assert str(obx["non_wbc"](5)) == "14" and str(obx["non_wbc"](8)) == "H"
@@ -626,3 +634,20 @@ def test_doctor_reads_a_station_that_never_ran_with_the_lis_without_changing_it(
     out.rmdir()
     row = doc.check_lis(cfg)
     assert row.status == doc.WARN and "does not exist" in row.detail
+
+
+def test_a_transport_bug_keeps_the_report_and_backs_off(tmp_path: Path) -> None:
+    st, d = _make(tmp_path, delivery="folder", folder=str(tmp_path))
+
+    def broken(rep: dict[str, Any]) -> Any:
+        raise RuntimeError("boom")
+
+    d.transport.send = broken  # type: ignore[method-assign]
+    st.finalise_slide("H-1")
+    wait = d.run_once()
+    s = d.status()
+    assert s["waiting"] == 1 and s["state"] == "unreachable"
+    assert s["problems"][0]["error"] == "internal error: RuntimeError: boom"
+    assert 0 < wait <= 1.0  # retry_s = 1: nothing is tried again before then
+    d.stop()
+    st.close()

@@ -20,12 +20,12 @@ from mqtt_support import (
     Collector,
     Mosquitto,
     StationProc,
+    publisher,
     settings,
     synthetic_field,
     wait_for,
 )
 
-from edge_wbc.comms.mqtt import MqttPublisher
 from edge_wbc.counting import outbox
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
@@ -46,8 +46,8 @@ def test_session_events_reach_the_broker_through_the_store_outbox(
     store = Store(tmp_path / "data", mqtt=True)
     fan = Fanout()
     holder: dict[str, SlideSession] = {}
-    pub = MqttPublisher(settings(broker.port, "bench-1"), store.db_path,
-                        state_provider=lambda: holder["session"].state())
+    pub = publisher(settings(broker.port, "bench-1"), store.db_path,
+                    state_provider=lambda: holder["session"].state())
     # Subscribed before the session exists: an empty Fanout is falsy (it has __len__), and the
     # session keeps ``publish or no-op``.
     fan.subscribe(pub.publish)

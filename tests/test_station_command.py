@@ -4,6 +4,7 @@ models/manifest.json exists. Also kill -9 and restart, clean SIGTERM, and start-
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -199,7 +200,8 @@ def test_station_publishes_to_mqtt(tmp_path: Path) -> None:
     port = free_port()
     p = Proc("--models", str(FIXTURE_MODELS), "--source", f"folder:{SAMPLES}", "--data-dir",
              str(tmp_path / "data"), "--port", str(port), "--mqtt-host", "127.0.0.1",
-             "--mqtt-port", str(broker.port), "--station-id", "st-7")
+             "--mqtt-port", str(broker.port), "--station-id", "st-7",
+             env={"EDGE_WBC_MQTT_COMMANDS_ENABLED": "true"})
     try:
         p.wait_url()
         for _ in range(3):
@@ -218,6 +220,16 @@ def test_station_publishes_to_mqtt(tmp_path: Path) -> None:
 
         wait_for(diff_matches, 20, "retained differential equal to the station's state")
         assert col.last("edge-wbc/st-7/available").payload == b"online"
+        # Commands run the page's actions, with the page's rules (edge_wbc.station.actions).
+        col.client.publish("edge-wbc/st-7/slide/set", json.dumps(
+            {"action": "target", "target": 250, "request_id": "r1"}), qos=1)
+        col.client.publish("edge-wbc/st-7/slide/set", json.dumps(
+            {"action": "new", "sample_id": "LAB\u202e-9", "request_id": "r2"}), qos=1)
+        wait_for(lambda: len(col.on("edge-wbc/st-7/state")) >= 2, 20, "2 command echoes")
+        echoes = {m.json()["request_id"]: m.json() for m in col.on("edge-wbc/st-7/state")}
+        assert echoes["r1"]["ok"] and echoes["r1"]["result"]["target"] == 250
+        assert api(port, "/api/state")[1]["target"] == 250
+        assert not echoes["r2"]["ok"] and "U+202E" in echoes["r2"]["error"]
         p.p.send_signal(signal.SIGTERM)
         p.p.wait(30)
         wait_for(lambda: col.last("edge-wbc/st-7/available").payload == b"stopped", 10,

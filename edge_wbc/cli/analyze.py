@@ -85,6 +85,7 @@ def _build_analyzer(
     threads: int | None,
     accelerator: str | None,
     cell_diameter: float | None,
+    adaptation: Path | None = None,
 ) -> Any:
     from edge_wbc.config import ConfigError
     from edge_wbc.logs import setup_logging
@@ -100,6 +101,7 @@ def _build_analyzer(
             models_threads=threads,
             models_accelerator=accelerator,
             postprocess_cell_diameter_px=cell_diameter,
+            models_adaptation=str(adaptation) if adaptation is not None else None,
         )
     except ConfigError as e:
         raise _usage_error(str(e)) from None
@@ -175,6 +177,11 @@ def analyze(
         "--cell-diameter",
         help="Expected leukocyte diameter in pixels (overrides the config).",
     ),
+    adaptation: Path | None = typer.Option(
+        None,
+        "--adaptation",
+        help="A lab's adaptation folder ('edge-wbc adapt fit'; overrides models.adaptation).",
+    ),
     config: Path | None = typer.Option(
         None, "--config", help="Config file (default: the system one, if any)."
     ),
@@ -182,7 +189,7 @@ def analyze(
     """Count and type the leukocytes of each field. Exit 0: all analysed; 1: some images failed
     (their entries carry "error"); 2: usage error (nothing analysed)."""
     from edge_wbc.pipeline.analysis import at_file_scale, draw_overlay
-    from edge_wbc.pipeline.imageio import ImageError, list_images, read_field
+    from edge_wbc.pipeline.imageio import IMAGE_SUFFIXES, ImageError, list_images, read_field
 
     _check_accelerator(accelerator)
     # A name with no directory entry at all is a typing error (nothing analysed); a link that
@@ -192,7 +199,7 @@ def analyze(
         raise _usage_error("no such file or folder: " + ", ".join(missing))
     images = list(dict.fromkeys(_absolute(p) for p in list_images(paths)))
     if not images:
-        raise _usage_error("no images found (looked for .jpg .jpeg .png .bmp .tif .tiff)")
+        raise _usage_error(f"no images found (looked for {' '.join(IMAGE_SUFFIXES)})")
     for out_dir, what in ((masks, "--masks"), (overlays, "--overlays")):
         if out_dir is None:
             continue
@@ -211,7 +218,7 @@ def analyze(
     if json_out is not None and not to_stdout and not json_out.parent.resolve().is_dir():
         raise _usage_error(f"--json: folder {json_out.parent} does not exist")
 
-    analyzer = _build_analyzer(config, models, threads, accelerator, cell_diameter)
+    analyzer = _build_analyzer(config, models, threads, accelerator, cell_diameter, adaptation)
     echo = (lambda s: typer.echo(s, err=True)) if to_stdout else typer.echo
     entries: list[dict[str, Any]] = []
     failed = 0

@@ -215,9 +215,10 @@ class StationTable:
                 counted, cols, unid = "-", ["-"] * len(cols_head), "-"
             ob = v.stats.get("outbox") if isinstance(v.stats.get("outbox"), dict) else None
             age = now - v.last_seen
-            raised = d.get("flags") if isinstance(d.get("flags"), list) else []
+            raised = d.get("flags")
             flags = ",".join(str(f.get("rule", "?")).replace(" ", "") for f in raised
-                             if isinstance(f, dict)) or "-"
+                             if isinstance(f, dict)) if isinstance(raised, list) else ""
+            flags = flags or "-"
             rows.append([sid, v.status(now), str(v.field("sample_id") or "-"), counted, *cols, unid,
                          str(ob.get("depth")) if ob else "-",
                          f"{age:.0f}s ago" if age < 3600 else f"{age / 3600:.1f}h ago", flags])
@@ -381,9 +382,13 @@ def register(app: typer.Typer) -> None:
         tls_key: Path | None = typer.Option(None, "--tls-key", exists=True, dir_okay=False),
     ) -> None:
         """Central monitoring: live table of every station's running differential."""
-        from edge_wbc.comms.mqtt import read_password
+        from edge_wbc.config import read_secret
 
-        password = read_password(dict(os.environ)) if username else None
+        try:
+            password = read_secret("mqtt.password") if username else None
+        except (OSError, UnicodeDecodeError) as exc:
+            typer.echo(f"error: cannot read the mqtt-password credential: {exc}", err=True)
+            raise typer.Exit(2) from exc
         mon = Monitor(mqtt_host, mqtt_port, prefix, username=username, password=password,
                       tls_ca=str(tls_ca) if tls_ca else None,
                       tls_cert=str(tls_cert) if tls_cert else None,

@@ -21,6 +21,7 @@ from typing import Any
 
 from edge_wbc.counting.stats import interval
 from edge_wbc.taxonomy import (
+    CLASSES,
     COUNTED,
     NAMES,
     UNIDENTIFIED,
@@ -57,15 +58,16 @@ def tally(formula: Formula, labels: Iterable[str], ci_method: str) -> Tally:
         by_row[row.key] = by_row.get(row.key, 0) + 1
         if not row.configured:
             extra[row.key] = row
-    n = sum(k for key, k in by_row.items() if _kind(formula, extra, key) == COUNTED)
-    shown: list[Row] = []
-    configured_counted = [r for r in formula.rows if r.kind == COUNTED and r.key != UNIDENTIFIED]
-    shown += configured_counted
+    # Rows a cell needed beyond the lab's, in the table's order (not the order cells came in).
+    added = sorted(extra.values(), key=lambda r: CLASSES.index(r.key))
+    kind_of_row = {r.key: r.kind for r in (*formula.rows, *added)}
+    n = sum(k for key, k in by_row.items() if kind_of_row[key] == COUNTED)
+    shown: list[Row] = [r for r in formula.rows if r.kind == COUNTED and r.key != UNIDENTIFIED]
     # A leukocyte class the formula does not list still counts, after the lab's rows.
-    shown += [r for r in extra.values() if r.kind == COUNTED]
+    shown += [r for r in added if r.kind == COUNTED]
     shown += [r for r in formula.rows if r.key == UNIDENTIFIED]
-    rest = [r for r in formula.rows if r.kind != COUNTED]
-    shown += rest + [r for r in extra.values() if r.kind != COUNTED]
+    shown += [r for r in formula.rows if r.kind != COUNTED]
+    shown += [r for r in added if r.kind != COUNTED]
     rows = [_row(r, by_row.get(r.key, 0), n, ci_method) for r in shown]
     flags = []
     for f in formula.flags:
@@ -83,13 +85,6 @@ def tally(formula: Formula, labels: Iterable[str], ci_method: str) -> Tally:
                 "row": on_rows[0] if on_rows else None, "rows": on_rows,
             })
     return Tally(rows, n, by_class, set_aside, flags)
-
-
-def _kind(formula: Formula, extra: dict[str, Row], key: str) -> str:
-    for r in formula.rows:
-        if r.key == key:
-            return r.kind
-    return extra[key].kind
 
 
 def _row(r: Row, k: int, n: int, ci_method: str) -> dict[str, Any]:

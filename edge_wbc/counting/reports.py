@@ -24,7 +24,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from edge_wbc import __version__, taxonomy
 from edge_wbc.counting.records import CellRecord, FieldRecord, SlideRecord
@@ -42,6 +42,12 @@ CI_NAMES = {
     "clopper-pearson": "Clopper–Pearson (exact binomial, as in Rümke's table)",
     "wilson": "Wilson score interval",
 }
+
+
+class ReportCell(CellRecord, TypedDict, total=False):
+    """A cell as the session hands it to the report: with the formula row it counted in."""
+
+    counted_as: str | None
 
 
 def flag_reasons(cell: CellRecord) -> list[str]:
@@ -71,7 +77,7 @@ def flag_reasons(cell: CellRecord) -> list[str]:
 def build_report(
     slide: SlideRecord,
     state: dict[str, Any],
-    cells: list[CellRecord],
+    cells: list[ReportCell],
     fields: list[FieldRecord],
     generated_at: str,
 ) -> dict[str, Any]:
@@ -145,7 +151,7 @@ def build_report(
     }
 
 
-def _counted_as(cell: dict[str, Any]) -> str | None:
+def _counted_as(cell: ReportCell) -> str | None:
     """The formula row the session counted the cell in (it hands reports each cell with it)."""
     if "counted_as" in cell:
         return cell["counted_as"]
@@ -163,7 +169,7 @@ def _quality_flags(q: dict[str, Any]) -> list[str]:
 def write_reports(
     slide: SlideRecord,
     state: dict[str, Any],
-    cells: list[CellRecord],
+    cells: list[ReportCell],
     fields: list[FieldRecord],
     out_dir: str | Path,
     data_dir: str | Path,
@@ -237,7 +243,7 @@ def _num(v: float | None) -> str:
     return "" if v is None else f"{v:.1f}"
 
 
-def _cells_csv(rep: dict[str, Any], cells: list[dict[str, Any]]) -> str:
+def _cells_csv(rep: dict[str, Any], cells: list[ReportCell]) -> str:
     buf = io.StringIO()
     w = _SafeWriter(buf)
     w.writerow(["sample_id", "cell_id", "field_id", "x0", "y0", "x1", "y1", "machine_label",
@@ -307,7 +313,7 @@ footer { margin-top: 8mm; font-size: 8.5pt; color: #56616f; border-top: 1px soli
 """
 
 
-def render_html(rep: dict[str, Any], cells: list[CellRecord], data_dir: Path) -> str:
+def render_html(rep: dict[str, Any], cells: list[ReportCell], data_dir: Path) -> str:
     e = html.escape
     rows = []
     for r in (r for r in rep["differential"] if r["kind"] == taxonomy.COUNTED):

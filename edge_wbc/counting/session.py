@@ -29,7 +29,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -41,6 +41,7 @@ from edge_wbc.counting.formula import Tally, tally
 from edge_wbc.counting.overlap import box_fraction_inside, field_signature, find_overlap
 from edge_wbc.counting.records import CellRecord, FieldRecord, SlideRecord
 from edge_wbc.counting.stats import CI_METHODS
+from edge_wbc.counting.store import CONFIRMED
 from edge_wbc.inputs import InputError, check_sample_id, check_target
 from edge_wbc.pipeline.preprocess import cell_crop, ensure_rgb_uint8, white_balance
 from edge_wbc.pipeline.results import FieldResult
@@ -312,6 +313,10 @@ class SlideSession:
             balanced = white_balance(rgb) if result.cells else rgb
             cell_rows: list[CellRecord] = []
             crops: dict[str, np.ndarray] = {}
+            # The base classifier's features of each cell, with the model that computed them:
+            # a reviewed cell becomes one of the lab's labelled cells for adaptation.
+            model_sha = (result.model or {}).get("classifier_sha256")
+            embeddings: dict[str, tuple[str, np.ndarray]] = {}
             unknown = sorted({c.label for c in result.cells
                               if c.label != UNIDENTIFIED and c.label not in taxonomy.GROUP_OF})
             if unknown:
@@ -347,6 +352,8 @@ class SlideSession:
                     "crop_file": None,
                 })
                 crops[cid] = cell_crop(balanced, box, CROP_PX)
+                if model_sha and c.embedding is not None:
+                    embeddings[cid] = (str(model_sha), c.embedding)
             quality = json_safe(dict(result.quality or {}))
             field_row: FieldRecord = {
                 "id": fid,
@@ -379,7 +386,7 @@ class SlideSession:
                                       self.n_fields_flagged + (1 if best else 0))
             fev.payload["counted_total"] = state_after["counted"]
             self.store.add_field(field_row, cell_rows, rgb, crops, sig, [*events, fev],
-                                 capture_id=capture_id)
+                                 capture_id=capture_id, embeddings=embeddings)
             self.cells = prospective
             self.n_fields += 1
             self.n_fields_flagged += 1 if best else 0
@@ -424,6 +431,48 @@ class SlideSession:
             self.store.update_cell(cell_id, label, reason, updated["reviewed_at"], [ev])
             self.cells[cell_id] = updated
             self._emit([ev])
+            return updated
+
+    def confirm(self, cell_ids: Sequence[str]) -> list[CellRecord]:
+        """The technician says the shown class is right: each cell's machine label becomes its
+        reviewed label (review_reason 'confirmed'), so it counts exactly as before and is now
+        one of the lab's labelled cells. Cells already reviewed are left as they are. All or
+        nothing: an unknown cell, or one with no class to confirm (unidentified, rejected, a
+        duplicate), refuses the whole request."""
+        with self._lock:
+            self._require_open()
+            todo: list[CellRecord] = []
+            for cid in dict.fromkeys(cell_ids):
+                cell = self.cells.get(cid)
+                if cell is None:
+                    raise SessionError(f"no cell {cid!r} on the open slide")
+                if cell.get("reviewed_label"):
+                    continue
+                if cell["label"] == UNIDENTIFIED or effective_label(cell) is None:
+                    raise SessionError(
+                        f"cell {cid} has no class to confirm ({cell['label']}, "
+                        f"{cell['status']}): choose its class instead"
+                    )
+                todo.append(cell)
+            if not todo:
+                return []
+            at = now_iso()
+            updated: list[CellRecord] = []
+            events: list[Event] = []
+            for cell in todo:
+                u: CellRecord = {**cell, "reviewed_label": cell["label"],
+                                 "review_reason": CONFIRMED, "reviewed_at": at}
+                payload = self._cell_payload(u, "confirmed")
+                payload["previous_reviewed_label"] = None
+                payload["previous_effective_label"] = effective_label(cell)
+                updated.append(u)
+                events.append(Event("cell", payload))
+            self.store.update_cells(
+                [(u["id"], u["reviewed_label"], CONFIRMED, at) for u in updated], events
+            )
+            for u in updated:
+                self.cells[u["id"]] = u
+            self._emit(events)
             return updated
 
     # ------------------------------------------------------------------ reading

@@ -7,10 +7,11 @@ Layout under the data directory::
     slides/<slide>/crops/<cell>.jpg     the cell as the technician reviews it
     slides/<slide>/report/              report.json, report.csv, report.html on finalise
 
-Every change is one transaction with its events (and, with MQTT on, its outbox rows — contract 4:
-the publisher can never miss an event that was counted, nor publish one that was not). Images are
-written before the transaction and removed again if it fails, so a field is either fully counted
-or not at all. ``synchronous=FULL`` makes a committed field survive a power cut, not only a crash.
+Every change is one transaction with its events (and, with MQTT on, its outbox rows — contract 4
+of docs/architecture.md: the publisher can never miss an event that was counted, nor publish one
+that was not). Images are written before the transaction and removed again if it fails, so a
+field is either fully counted or not at all. ``synchronous=FULL`` makes a committed field survive
+a power cut, not only a crash.
 
 A full disk is reported as :class:`DiskFullError` with a message for the technician; the
 transaction is rolled back so the counts on screen and in the database stay the same.
@@ -38,6 +39,7 @@ import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,15 @@ CREATE TABLE IF NOT EXISTS cells (
     crop_file TEXT
 );
 CREATE INDEX IF NOT EXISTS cells_slide ON cells (slide_id, seq, idx);
+-- What a lab adaptation needs of a cell besides its crop: the classifier's pooled features
+-- (float16, little-endian) and which classifier (sha256) computed them. A table of its own, so
+-- a database of schema 1 gains it on open with nothing to migrate.
+CREATE TABLE IF NOT EXISTS cell_embeddings (
+    cell_id TEXT PRIMARY KEY REFERENCES cells (id),
+    model_sha256 TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    vector BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     slide_id TEXT,
@@ -205,6 +216,27 @@ class DataDirLock:
             self._fd = None
 
 
+def _refuse_root_in_users_folder(data_dir: Path) -> None:
+    """Root writing in the service user's folder (``sudo edge-wbc station --reset``) would leave
+    a lock file, a database or backups that the station, running as that user, cannot write."""
+    if os.geteuid() != 0:
+        return
+    owner = data_dir.stat().st_uid
+    if owner == 0:
+        return
+    try:
+        import pwd
+
+        name = pwd.getpwuid(owner).pw_name
+    except (ImportError, KeyError):
+        name = str(owner)
+    raise StoreError(
+        f"data directory {data_dir} belongs to user {name}; run this as that user "
+        f"(sudo -u {name} edge-wbc ...), not as root, or the station could no longer write the "
+        "files root would leave there"
+    )
+
+
 def _holder(path: Path) -> str:
     try:
         pid = path.read_text().strip()
@@ -271,6 +303,7 @@ class Store:
                 f"data directory {self.data_dir} is not writable ({e.strerror or e}); choose "
                 "another with --data-dir or fix its permissions"
             ) from e
+        _refuse_root_in_users_folder(self.data_dir)
         # First, before the database is even looked at: a second process must change nothing.
         dir_lock = self._dir_lock = DataDirLock(self.data_dir)
         try:
@@ -477,8 +510,11 @@ class Store:
         signature: np.ndarray,
         events: Sequence[Event],
         capture_id: int | None = None,
+        embeddings: dict[str, tuple[str, np.ndarray]] | None = None,
     ) -> None:
         """Write the field image and crops, then the rows and events in one transaction.
+
+        ``embeddings``: cell id -> (classifier sha256, pooled features), kept for adaptation.
 
         Sets ``field["image_file"]`` and each cell's ``crop_file`` (relative to the data dir).
         ``capture_id`` (a row of :meth:`capture_accepted`) is marked counted in that same
@@ -527,6 +563,16 @@ class Store:
                         for x in cells
                     ],
                 )
+                if embeddings:
+                    c.executemany(
+                        "INSERT INTO cell_embeddings (cell_id, model_sha256, dim, vector) "
+                        "VALUES (?, ?, ?, ?)",
+                        [
+                            (cid, sha, int(np.size(v)),
+                             np.asarray(v, "<f2").reshape(-1).tobytes())
+                            for cid, (sha, v) in embeddings.items()
+                        ],
+                    )
                 if capture_id is not None:
                     c.execute(
                         "UPDATE captures SET status='counted', field_id=?, done_at=? WHERE id=?",
@@ -692,6 +738,76 @@ class Store:
                 (reviewed_label, reason, reviewed_at, cell_id),
             )
 
+    def update_cells(
+        self, updates: Sequence[tuple[str, str | None, str | None, str | None]],
+        events: Sequence[Event],
+    ) -> None:
+        """Several reviews (cell id, reviewed label, reason, at) in one transaction: a gallery
+        group confirmed in one action is stored whole or not at all."""
+        if not updates:
+            return
+        ids = [u[0] for u in updates]
+        rows = self._all(
+            f"SELECT DISTINCT slide_id FROM cells WHERE id IN ({','.join('?' * len(ids))})", ids
+        )
+        if len(rows) != 1:
+            raise StoreError(f"cells {ids} are not all on one slide")
+        with self._transaction(events, rows[0]["slide_id"]) as c:
+            c.executemany(
+                "UPDATE cells SET reviewed_label=?, review_reason=?, reviewed_at=? WHERE id=?",
+                [(label, reason, at, cid) for cid, label, reason, at in updates],
+            )
+
+    def reviewed_cells(self) -> list[ReviewedCell]:
+        """Every cell a technician reclassified or confirmed (rejected ones are not labels),
+        oldest first, with its crop and stored embedding: a lab's labelled cells."""
+        try:
+            rows = self._all(
+                "SELECT c.id, c.field_id, c.label, c.reviewed_label, c.review_reason, "
+                "c.crop_file, e.model_sha256, e.dim, e.vector FROM cells c "
+                "LEFT JOIN cell_embeddings e ON e.cell_id = c.id "
+                "WHERE c.reviewed_label IS NOT NULL AND c.reviewed_label != 'rejected' "
+                "ORDER BY c.created_at, c.seq, c.idx"
+            )
+        except sqlite3.OperationalError as e:  # a read-only schema-1 file never opened since
+            if "cell_embeddings" not in str(e):
+                raise
+            rows = self._all(
+                "SELECT id, field_id, label, reviewed_label, review_reason, crop_file, "
+                "NULL AS model_sha256, NULL AS dim, NULL AS vector FROM cells "
+                "WHERE reviewed_label IS NOT NULL AND reviewed_label != 'rejected' "
+                "ORDER BY created_at, seq, idx"
+            )
+        out = []
+        for r in rows:
+            vec = None
+            if r["vector"] is not None:
+                vec = np.frombuffer(r["vector"], "<f2").astype(np.float32)
+                if vec.size != r["dim"]:
+                    vec = None
+            out.append(
+                ReviewedCell(
+                    cell_id=r["id"],
+                    field_id=r["field_id"],
+                    label=r["reviewed_label"],
+                    confirmed=r["review_reason"] == CONFIRMED,
+                    machine_label=r["label"],
+                    crop_path=self.data_dir / r["crop_file"] if r["crop_file"] else None,
+                    embedding=vec,
+                    embedding_model=r["model_sha256"],
+                )
+            )
+        return out
+
+    @classmethod
+    def reviewed_cells_readonly(cls, data_dir: str | Path) -> list[ReviewedCell]:
+        """``reviewed_cells`` of a station's data folder, read beside a running station."""
+        store = cls(data_dir, read_only=True)
+        try:
+            return store.reviewed_cells()
+        finally:
+            store.close()
+
     def _write_jpeg(self, path: Path, rgb: np.ndarray, quality: int) -> None:
         ok, buf = cv2.imencode(
             ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
@@ -761,6 +877,22 @@ class Store:
              "action": r["action"], "payload": json.loads(r["payload"])}
             for r in rows
         ]
+
+
+#: review_reason of a cell the technician confirmed (its label kept, now a reviewed label).
+CONFIRMED = "confirmed"
+
+
+@dataclass(frozen=True)
+class ReviewedCell:
+    cell_id: str
+    field_id: str
+    label: str  # the reviewed (confirmed or changed) class
+    confirmed: bool
+    machine_label: str
+    crop_path: Path | None
+    embedding: np.ndarray | None
+    embedding_model: str | None  # sha256 of the classifier that computed the embedding
 
 
 def _now_iso() -> str:

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from edge_wbc.bundled import locate_models
+from edge_wbc.pipeline.adaptation import Adaptation, AdaptationError, load_adaptation
 from edge_wbc.pipeline.classify import CellClassifier, Prediction
 from edge_wbc.pipeline.inference import (
     CPU,
@@ -47,7 +48,10 @@ class FieldAnalyzer:
         require_accelerator: bool = False,
         postprocess: PostprocessParams | None = None,
         quality: QualityParams | None = None,
+        adaptation: str | Path | None = None,
     ) -> None:
+        """``adaptation``: a lab's adaptation folder (edge_wbc.pipeline.adaptation), or None /
+        "" for the shipped head; one fitted on another classifier is a ManifestError."""
         t0 = time.perf_counter()
         # None: the one resolution rule (--models, models.dir, $EDGE_WBC_MODELS, installed,
         # packaged) in edge_wbc.bundled.
@@ -124,6 +128,13 @@ class FieldAnalyzer:
             self.crop_scale = CROP_SCALE
         #: Every interpreter, segmenters first (what runs where: ``accelerator``).
         self.models = loaded
+        #: The lab head in use instead of the shipped one (``set_adaptation``), or None.
+        self.adaptation: Adaptation | None = None
+        if adaptation:
+            try:
+                self.set_adaptation(adaptation)
+            except AdaptationError as e:
+                raise ManifestError(str(e)) from e
         self.load_ms = (time.perf_counter() - t0) * 1000.0
 
     @classmethod
@@ -137,7 +148,44 @@ class FieldAnalyzer:
             edgetpu_device=m.edgetpu_device,
             require_accelerator=m.require_accelerator,
             postprocess=PostprocessParams.from_config(cfg.postprocess),
+            adaptation=m.adaptation or None,
         )
+
+    def set_adaptation(self, path: str | Path | None) -> Adaptation | None:
+        """Use a lab's adaptation from the next field on (None: back to the shipped head).
+
+        The folder is read and checked completely before anything changes: a corrupt one, or
+        one fitted on another classifier, raises AdaptationError and the current head stays.
+        """
+        if not path:
+            self.adaptation = None
+            return None
+        ce = self.manifest.classifier
+        if self.classifier is None or ce is None:
+            raise AdaptationError(f"{path}: the models in use have no classifier to adapt")
+        if self.classifier.embedding_dim is None:
+            raise AdaptationError(
+                f"{path}: {ce.file} emits no embedding, so no lab head can be applied to it"
+            )
+        ad = load_adaptation(Path(path), ce.sha256)
+        if ad.head.dim != self.classifier.embedding_dim:
+            raise AdaptationError(
+                f"{ad.path}: the head reads {ad.head.dim} features, {ce.file} emits "
+                f"{self.classifier.embedding_dim}"
+            )
+        self.adaptation = ad
+        return ad
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Which classifier (sha256) and which adaptation (id, sha256; None: the shipped head)
+        produce the labels: every result, report and message carries it, so a reader can tell
+        labs and model versions apart."""
+        ce = self.manifest.classifier
+        return {
+            "classifier_sha256": ce.sha256 if ce is not None else None,
+            "adaptation": self.adaptation.describe() if self.adaptation is not None else None,
+        }
 
     @property
     def accelerator(self) -> str:
@@ -156,6 +204,7 @@ class FieldAnalyzer:
             "accelerator_note": self.accel.message,
             "threads": self.threads,
             "cell_diameter_px": self.params.cell_diameter_px,
+            **self.provenance,
         }
 
     def analyze(self, rgb: np.ndarray, path: str = "", scale: float = 1.0) -> FieldResult:
@@ -202,6 +251,9 @@ class FieldAnalyzer:
 
         if self.classifier is not None:
             preds = self.classifier.classify_all([r.crop for r in regions])  # type: ignore[misc]
+            if self.adaptation is not None:
+                head = self.adaptation.head
+                preds = [p if p.embedding is None else head.predict(p.embedding) for p in preds]
         else:
             preds = [Prediction(UNIDENTIFIED, 0.0, {}) for _ in regions]
         lap("classify")
@@ -242,6 +294,7 @@ class FieldAnalyzer:
             quality=quality,
             timing_ms=timing,
             mask=mask,
+            model=self.provenance,
         )
 
 

@@ -76,6 +76,9 @@ class FieldResult:
     #: how the file was read, when a user should know (a multi-page TIFF's page 1 used, a large
     #: frame analysed reduced); added to schema 1 as an optional key, absent when empty.
     notes: list[str] = field(default_factory=list)
+    #: which classifier (sha256) and lab adaptation (id, sha256, or None) produced the labels
+    #: (FieldAnalyzer.provenance); serialised as "model" when known.
+    model: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -89,4 +92,6 @@ class FieldResult:
         }
         if self.notes:
             doc["notes"] = list(self.notes)
+        if self.model:
+            doc["model"] = dict(self.model)
         return doc

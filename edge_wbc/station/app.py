@@ -2,10 +2,10 @@
 
 The frame is taken from the camera at the moment of the trigger (what is under the objective
 when the technician presses capture), then waits in a bounded queue for the single analysis
-worker (one interpreter set, one thread — contract 1). A capture that finds the queue full, or
-the disk below its margin, is refused at once with a message, never dropped silently; every
-failure after the queue (a corrupt frame, an analysis error, a full disk) is published as a
-``status`` event the page shows.
+worker (one interpreter set, one thread — contract 1 of docs/architecture.md). A capture that
+finds the queue full, or the disk below its margin, is refused at once with a message, never
+dropped silently; every failure after the queue (a corrupt frame, an analysis error, a full
+disk) is published as a ``status`` event the page shows.
 
 Each accepted capture is a row in the store before it is queued and is closed when it is counted
 (in the field's own transaction) or refused. A capture still open when the process died was
@@ -135,7 +135,7 @@ class Station:
             )
         store = self.session.store
         try:
-            store.require_free("capture refused")
+            store.require_free("capture refused, this field was not counted")
         except DiskFullError as e:
             self._set_error("disk", str(e))
             raise

@@ -13,8 +13,6 @@ from typing import Any
 
 import typer
 
-from edge_wbc.counting.session import SessionError
-
 log = logging.getLogger("edge_wbc.station")
 
 EXIT_USAGE = 2
@@ -87,6 +85,7 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
     from edge_wbc.counting.session import SlideSession
     from edge_wbc.counting.store import Store, StoreError
     from edge_wbc.pipeline.manifest import ManifestError
+    from edge_wbc.station.actions import Actions
     from edge_wbc.station.app import Station
     from edge_wbc.station.server import EventHub, StationServer, serve_in_thread
 
@@ -156,6 +155,7 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
               "models": [m["name"] for m in models.get("models", [])],
               "data_dir": str(store.data_dir)},
     )
+    actions = Actions(st)
     extra: dict[str, Any] = {}
     if lis is not None:
         extra["lis"] = lis.status
@@ -171,7 +171,7 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
         try:
             publisher = edge_mqtt.start_publisher(
                 cfg.mqtt, store.db_path, state_provider=session.state,
-                command_handler=partial(_mqtt_command, st),
+                command_handler=actions.remote,
                 health_provider=lambda: {"accelerator": analyzer.accelerator,
                                          "queue": st.status()["queue"]},
             )
@@ -186,7 +186,7 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
             extra["mqtt"] = publisher.status
     try:
         server = StationServer(st, hub, cfg.station.host, cfg.station.port, cfg.station.token,
-                               cfg.camera.preview_fps, lis=cfg.lis)
+                               cfg.camera.preview_fps, lis=cfg.lis, actions=actions)
     except (OSError, ValueError) as e:
         source.close()
         if publisher is not None:
@@ -201,7 +201,7 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
         from edge_wbc.station.triggers import TriggerError, gpio_button
 
         try:
-            button = gpio_button(cfg.station.gpio_pin, lambda: st.capture("gpio"))
+            button = gpio_button(cfg.station.gpio_pin, lambda: actions.capture("gpio"))
         except TriggerError as e:
             log.warning("%s (the on-screen button and the space bar still work)", e)
 
@@ -269,29 +269,6 @@ def _url(host: str, port: int) -> str:
     elif ":" in host:
         shown = f"[{host}]"
     return f"http://{shown}:{port}/"
-
-
-def _mqtt_command(st: Any, kind: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Commands from the broker (only when mqtt.commands_enabled): the same paths as the page."""
-    from edge_wbc.camera import CameraError, FrameError
-    from edge_wbc.counting.store import StoreError
-    from edge_wbc.station.app import BusyError
-
-    try:
-        if kind == "capture":
-            return {"ok": True, **st.capture("mqtt")}
-        action = args.get("action")
-        if action == "new":
-            st.session.new_slide(args.get("sample_id") or "", args.get("target"))
-        elif action == "finalise":
-            st.session.finalise()
-        elif action == "target":
-            st.session.set_target(args.get("target"))
-        else:
-            raise ValueError(f"unknown slide action {action!r}")
-        return {"ok": True, "state": st.session.state()}
-    except (SessionError, BusyError, CameraError, FrameError, StoreError) as e:
-        raise ValueError(str(e)) from e
 
 
 def register(app: typer.Typer) -> None:

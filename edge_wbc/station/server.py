@@ -17,6 +17,8 @@ Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
     GET  /api/cells                 review gallery (unidentified first, least certain first)
     GET  /api/cells/<id>.jpg        the cell's crop
     POST /api/cells/<id>/review     {"label": class | "rejected" + "reason" | null (restore)}
+    POST /api/cells/<id>/confirm    the shown class is right (a reviewed label for adaptation)
+    POST /api/cells/confirm         {"ids": [...]}: confirm several (a gallery group) at once
     POST /api/slide/new             {"sample_id", "target", "abandon"}
     POST /api/slide/sample          {"sample_id"};  POST /api/slide/target {"target"}
     POST /api/slide/finalise        -> final state; 409 with the reasons when blocked
@@ -59,6 +61,7 @@ from edge_wbc.counting.events import Event
 from edge_wbc.counting.session import SessionError
 from edge_wbc.counting.store import DiskFullError, StoreError
 from edge_wbc.inputs import InputError, parse_json_object
+from edge_wbc.station.actions import Actions
 from edge_wbc.station.app import BusyError, Station
 
 log = logging.getLogger(__name__)
@@ -82,7 +85,7 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-_CELL = re.compile(r"^/api/cells/([A-Za-z0-9_:-]+)(/review|\.jpg)$")
+_CELL = re.compile(r"^/api/cells/([A-Za-z0-9_:-]+)(/review|/confirm|\.jpg)$")
 _FIELD = re.compile(r"^/api/fields/([A-Za-z0-9_:-]+)(\.jpg)?$")
 _TRIGGER = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 _REPORT = re.compile(
@@ -172,6 +175,7 @@ class StationServer(ThreadingHTTPServer):
         token: str | None = None,
         preview_fps: float = 5.0,
         lis: Any = None,
+        actions: Actions | None = None,
     ) -> None:
         if not is_loopback(host) and not token:
             raise ValueError(
@@ -179,6 +183,7 @@ class StationServer(ThreadingHTTPServer):
                 "token (EDGE_WBC_TOKEN or the systemd credential 'token') or use 127.0.0.1"
             )
         self.station = station
+        self.actions = actions or Actions(station)
         self.hub = hub
         self.token = token or None
         self.preview_fps = preview_fps
@@ -298,6 +303,10 @@ class Handler(BaseHTTPRequestHandler):
         self.server.waiting(self)
         try:
             super().handle_one_request()
+        except ConnectionError:
+            # The client went away (mid-request or while its answer was written), or the
+            # connection was closed to make room: nobody to answer, nothing to log as a crash.
+            self.close_connection = True
         finally:
             self.server.working(self)
 
@@ -506,37 +515,38 @@ class Handler(BaseHTTPRequestHandler):
             raise _ApiError(404, f"no such page: {path}")
 
     def _post(self, path: str) -> None:
-        st = self.server.station
-        session = st.session
+        act = self.server.actions
         body = self._body()
         if path == "/api/capture":
             trigger = body.get("trigger", "api")
             if not isinstance(trigger, str) or not _TRIGGER.match(trigger):
                 raise _ApiError(400, "trigger must be a short name (letters, digits, - or _)")
-            self._json(202, st.capture(trigger))
+            self._json(202, act.capture(trigger))
         elif (m := _CELL.match(path)) and m.group(2) == "/review":
             if "label" not in body:
                 raise _ApiError(400, "give 'label' (a class, 'rejected' with 'reason', or null "
                                      "to restore the machine's label)")
-            cell = session.review(m.group(1), body["label"], body.get("reason"))
-            self._json(200, session.cell_view(cell))
+            self._json(200, act.review(m.group(1), body["label"], body.get("reason")))
+        elif (m := _CELL.match(path)) and m.group(2) == "/confirm":
+            self._json(200, act.confirm([m.group(1)]))
+        elif path == "/api/cells/confirm":
+            ids = body.get("ids")
+            if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+                raise _ApiError(400, "give 'ids': a non-empty list of cell ids")
+            self._json(200, act.confirm(ids))
         elif path == "/api/slide/new":
-            session.new_slide(body.get("sample_id") or "", body.get("target"),
-                              abandon=bool(body.get("abandon")))
-            self._json(200, session.state())
+            self._json(200, act.new_slide(body.get("sample_id"), body.get("target"),
+                                          abandon=bool(body.get("abandon"))))
         elif path == "/api/slide/sample":
-            session.set_sample_id(body.get("sample_id") or "")
-            self._json(200, session.state())
+            self._json(200, act.set_sample_id(body.get("sample_id")))
         elif path == "/api/slide/target":
             if "target" not in body:
                 raise _ApiError(400, "give 'target' (number of cells)")
-            session.set_target(body["target"])
-            self._json(200, session.state())
+            self._json(200, act.set_target(body["target"]))
         elif path == "/api/slide/finalise":
-            self._json(200, session.finalise())
+            self._json(200, act.finalise())
         elif path == "/api/errors/clear":
-            st.clear_error()
-            self._json(200, {"ok": True})
+            self._json(200, act.clear_error())
         else:
             raise _ApiError(404, f"no such action: {path}")
 

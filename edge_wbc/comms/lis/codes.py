@@ -206,16 +206,25 @@ def _num(v: Any, label: str) -> float:
 
 
 def _report_flags(rep: dict[str, Any], rows: list[Any]) -> dict[int, list[dict[str, Any]]]:
-    """Report-level flags by the index of the row that holds what they name: the row of that
-    label, else the row listing that class, else the first row of that group."""
+    """Report-level flags by the index of the row that holds what they name. The formula says
+    which rows a flag covers (``rows``): one row takes it; a flag over several rows (a group
+    split into rows) belongs to none of them and goes to the report. Without ``rows``: the row
+    of that label, else the row listing that class, else the first row of that group."""
     out: dict[int, list[dict[str, Any]]] = {}
+    dicts = [(i, r) for i, r in enumerate(rows) if isinstance(r, dict)]
     for f in rep.get("flags") or []:
         if not isinstance(f, dict):
+            continue
+        covered = f.get("rows")
+        if isinstance(covered, list):
+            if len(covered) == 1:
+                hit = next((i for i, r in dicts if r.get("label") == covered[0]), None)
+                if hit is not None:
+                    out.setdefault(hit, []).append(f)
             continue
         name = f.get("name") or f.get("class") or f.get("label") or f.get("row") or f.get("group")
         if not isinstance(name, str):
             continue
-        dicts = [(i, r) for i, r in enumerate(rows) if isinstance(r, dict)]
         hit = next((i for i, r in dicts if r.get("label") == name), None)
         if hit is None:
             hit = next((i for i, r in dicts if name in (r.get("classes") or ())), None)

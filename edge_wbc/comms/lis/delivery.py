@@ -127,7 +127,11 @@ class LisDelivery:
         except ReportError as e:
             outcome = Outcome.refused(str(e))
         else:
-            outcome = self.transport.send(rep)
+            try:
+                outcome = self.transport.send(rep)
+            except Exception as e:  # a bug: kept and retried with the back-off, never lost
+                log.exception("LIS transport failed on slide %s", row.slide_id)
+                outcome = Outcome.retry(f"internal error: {type(e).__name__}: {e}")
         with self._lock:
             if outcome.ok:
                 outbox.delivered(self.conn, row, self.transport.destination, outcome.detail)
