@@ -119,7 +119,7 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
             # Its tables exist before the store's first finalise runs the hook.
             lis = LisDelivery(cfg.lis, store.db_path, store.data_dir,
                               station_id=cfg.mqtt.station_id,
-                              on_change=lambda: on_lis_change())
+                              on_change=lambda: push_status())
         except (OSError, sqlite3.Error) as e:
             store.close()
             raise StartupError(f"LIS delivery: {e}") from e
@@ -171,7 +171,9 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
         extra["lis"] = lis.status
     st.extra_status = lambda: {k: f() for k, f in extra.items()}
 
-    def on_lis_change() -> None:
+    def push_status() -> None:
+        # The page hears of the LIS or the broker going away, or an outbox filling, without
+        # waiting for a capture to refresh the station's status.
         fanout(Event("status", st.status()))
 
     publisher = None
@@ -181,7 +183,7 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
         try:
             publisher = edge_mqtt.start_publisher(
                 cfg.mqtt, store.db_path, state_provider=session.state,
-                command_handler=actions.remote,
+                command_handler=actions.remote, on_change=lambda _status: push_status(),
                 health_provider=lambda: {"accelerator": analyzer.accelerator,
                                          "queue": st.status()["queue"]},
             )
