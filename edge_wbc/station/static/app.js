@@ -670,14 +670,17 @@ window.__reviewsPending = 0;
 
 /* After a decision in the All view the next cell that waits for one is selected; a filtered
    view moves to the next cell of the list on screen. */
-function moveOn(id, filter, nextInList) {
+function moveOn(id, filter, nextInList, order) {
   const listed = (f) => ui.cells.filter((c) => f === "all" || c.group === f);
   if (ui.filter !== filter) return;  // the technician changed the list meanwhile
   if (filter === "all") {
-    const order = ui.cells.map((c) => c.id);
+    // Unidentified cells first (they block finalising), then onwards from where the decided
+    // cell was before the decision moved it to its new group.
     const from = order.indexOf(id);
     const waiting = ui.cells.filter(needsDecision);
-    const next = waiting.find((c) => order.indexOf(c.id) > from) || waiting[0];
+    const pos = (c) => (order.includes(c.id) ? order.indexOf(c.id) : order.length);
+    const next = waiting.find((c) => c.group === "unidentified") ||
+      waiting.filter((c) => pos(c) > from).sort((a, b) => pos(a) - pos(b))[0] || waiting[0];
     if (next) { select(next.id); scrollToSel(); return; }
     select(id);
     const msg = nextStep();
@@ -702,11 +705,12 @@ async function review(id, label, reason) {
   const nextId = (before[i + 1] || before[i - 1] || {}).id;
   window.__reviewsPending += 1;
   try {
+    const order = ui.cells.map((c) => c.id);
     await api(`/api/cells/${id}/review`, { label, reason });
     toast(label === null ? "Machine label restored" : label === "rejected"
       ? "Cell rejected" : `Now ${nameOf(label)}`);
     await loadCells();
-    if (label !== null) moveOn(id, filter, nextId);
+    if (label !== null) moveOn(id, filter, nextId, order);
     else if (ui.filter === filter) select(id);
   } catch (e) {
     toast(e.message, true);
@@ -721,6 +725,7 @@ async function confirmCells(ids, anchor) {
   const before = ui.cells.filter((c) => filter === "all" || c.group === filter);
   const i = before.findIndex((c) => c.id === anchor);
   const nextId = (before.slice(i + 1).find((c) => !ids.includes(c.id)) || {}).id;
+  const order = ui.cells.map((c) => c.id);
   window.__reviewsPending += 1;
   try {
     const d = ids.length === 1 ? await api(`/api/cells/${ids[0]}/confirm`, {})
@@ -728,7 +733,7 @@ async function confirmCells(ids, anchor) {
     const n = d.confirmed.length;
     toast(n === 1 ? "Confirmed" : `${n} cells confirmed`);
     await loadCells();
-    moveOn(anchor, filter, nextId);
+    moveOn(anchor, filter, nextId, order);
   } catch (e) {
     toast(e.message, true);
   } finally {
@@ -918,7 +923,9 @@ async function saveNotes() {
   const cur = s.notes || {};
   if (n.operator === (cur.operator || "") && n.signed_off_by === (cur.signed_off_by || "") &&
       n.comment === (cur.comment || "")) return;
+  ui.state.notes = n;  // the differential event that follows says the same
   await api("/api/slide/notes", n);
+  window.__notesSaved = (window.__notesSaved || 0) + 1;
 }
 
 async function finalise() {
@@ -1027,8 +1034,13 @@ async function renderLab() {
     : `In use: <b>the shipped model</b> (no lab adaptation)`;
   $("lab-rollback").disabled = !act;
   const by = Object.entries(d.reviewed_by_class).map(([k, n]) => `${nameOf(k)} ${n}`).join(", ");
+  const ready = Object.values(d.reviewed_by_class).filter((n) => n >= d.min_cells_per_class).length;
   $("lab-cells").textContent = `${d.reviewed_cells} reviewed cells (confirmed or changed)` +
     (by ? `: ${by}` : "") + `. A class needs at least ${d.min_cells_per_class} to be adapted; two such classes are the minimum.`;
+  // Refused before asking: too few cells is known here already (the station refuses it too).
+  $("lab-fit").disabled = ready < 2;
+  $("lab-fit").title = ready < 2 ? `Too few reviewed cells: ${ready} class(es) with ${d.min_cells_per_class} or more, 2 needed` : "";
+  if (ready < 2) $("lab-err").textContent = `Too few reviewed cells to adapt: confirm or change cells in Review until two classes have ${d.min_cells_per_class} or more.`;
   const vs = $("lab-versions");
   vs.textContent = "";
   if (d.versions.length) {
