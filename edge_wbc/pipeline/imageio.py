@@ -38,15 +38,17 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MIN_SIDE = 64
 
 #: Frames with more pixels are analysed reduced (JPEG: decoded reduced by libjpeg-turbo's DCT
-#: scaling; others: decoded, then shrunk at once). Measured on x86-64 with the shipped models
-#: (docs/hardening.md): the analysis costs ~15 bytes per pixel, ~44 on a faded field (the chroma
-#: restoration works in float32), on top of ~180 MB of runtime and models; 4 MP keeps the
-#: whole process under the 400 MB a Pi can give it.
+#: scaling; others: decoded, then shrunk at once). Measured with the shipped models on x86-64
+#: (docs/hardening.md): ~165 MB of runtime and models, then the analysis costs ~15 bytes per
+#: pixel, ~44 on a faded field (the chroma restoration works in float32): a 4 MP faded field
+#: peaks at 341 MB, under the 400 MB a Pi can give the process.
 ANALYSIS_MAX_PIXELS = 4_000_000
 
 #: Largest decoded frame (width x height x channels x bytes per sample) accepted from formats
-#: that cannot be decoded reduced: the decoder holds all of it, plus the file, at once.
-MAX_DECODED_BYTES = 96 * 2**20
+#: that are decoded whole: the decoder holds all of it and the file at once (an uncompressed
+#: TIFF or BMP is as large as its pixels). The worst case measured, a 32-bit BMP of 64 MB,
+#: peaks at 375 MB; 96 MB let a 16-bit TIFF reach 446 MB.
+MAX_DECODED_BYTES = 64 * 2**20
 
 #: Largest JPEG frame accepted (it is decoded at most 1/8 reduced: 64 MP gives 1 MP).
 MAX_JPEG_PIXELS = 64_000_000
