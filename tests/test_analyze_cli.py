@@ -460,3 +460,56 @@ def test_shipped_manifests_are_bound() -> None:
         man = load_manifest(folder, verify=True)
         for e in man.models:
             assert e.raw["label_binding"] == label_binding(e.raw)
+
+
+def test_paths_that_cannot_be_looked_at_are_each_their_own_error(
+    app: typer.Typer, batch: Path, config: Path, tmp_path: Path
+) -> None:
+    # As a user without permission sees them (tests run as root, so EACCES is simulated): a
+    # file inside a folder it may not search, a folder it may not list.
+    import os
+
+    hidden = tmp_path / "private" / "f.jpg"
+    hidden.parent.mkdir()
+    shutil.copy(FIELDS / "BloodImage_00007.jpg", hidden)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    shutil.copy(FIELDS / "BloodImage_00007.jpg", locked / "g.jpg")
+    denied = PermissionError(13, "Permission denied")
+    real = {"lstat": os.lstat, "open": os.open, "is_dir": Path.is_dir, "iterdir": Path.iterdir}
+
+    def lstat(p: object, *a: object, **k: object) -> os.stat_result:
+        if str(p) == str(hidden):
+            raise denied
+        return real["lstat"](p, *a, **k)  # type: ignore[operator,no-any-return]
+
+    def os_open(p: object, *a: object, **k: object) -> int:
+        if str(p) in (str(hidden), str(locked)):
+            raise denied
+        return real["open"](p, *a, **k)  # type: ignore[operator,no-any-return]
+
+    def is_dir(self: Path) -> bool:
+        if str(self) == str(hidden):
+            raise denied
+        return real["is_dir"](self)  # type: ignore[operator,no-any-return]
+
+    def iterdir(self: Path):  # type: ignore[no-untyped-def]
+        if str(self) == str(locked):
+            raise denied
+        return real["iterdir"](self)  # type: ignore[operator]
+
+    out = tmp_path / "out.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "lstat", lstat)
+        mp.setattr(os, "open", os_open)
+        mp.setattr(Path, "is_dir", is_dir)
+        mp.setattr(Path, "iterdir", iterdir)
+        code, stdout, _ = _run(
+            app, str(hidden), str(locked), str(batch / "two.jpg"),
+            "--config", str(config), "--json", str(out),
+        )  # fmt: skip
+    assert code == 1, stdout
+    by_name = {Path(i["path"]).name: i for i in json.loads(out.read_text())["images"]}
+    assert by_name["f.jpg"]["error"] == "cannot read file: Permission denied"
+    assert by_name["locked"]["error"] == "cannot read folder: Permission denied"
+    assert by_name["two.jpg"]["error"] is None and len(by_name["two.jpg"]["cells"]) == 2

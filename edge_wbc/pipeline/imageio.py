@@ -19,7 +19,7 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -382,7 +382,8 @@ def _read_file(path: Path) -> bytes:
             raise ImageError("symbolic link loop: the name never reaches a file") from None
         if e.errno == errno.ENXIO:
             raise ImageError("not a regular file (a socket): refused") from None
-        raise ImageError(f"cannot read file: {e.strerror or e}") from None
+        what = "folder" if _probe(path.is_dir, False) else "file"
+        raise ImageError(f"cannot read {what}: {e.strerror or e}") from None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
@@ -416,22 +417,35 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     return read_field(path, max_pixels).rgb
 
 
+def _probe(check: Callable[[], bool], default: bool) -> bool:
+    try:
+        return check()
+    except OSError:  # not ours to look at (EACCES): the read of it will say so, per file
+        return default
+
+
 def list_images(paths: Iterable[str | Path]) -> list[Path]:
     """Expand the command line: files are kept as given (so a bad one is reported, not skipped);
-    folders contribute their image files (by ending, sorted, not recursive)."""
+    folders contribute their image files (by ending, sorted, not recursive). A folder that
+    cannot be listed is kept as given too, so its error is reported like a file's."""
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)
-        if p.is_dir():
-            out.extend(
-                sorted(
-                    c
-                    for c in p.iterdir()
-                    if c.is_file()
-                    and not c.name.startswith(".")
-                    and c.suffix.lower() in IMAGE_SUFFIXES
-                )
-            )
-        else:
+        if not _probe(p.is_dir, False):
             out.append(p)
+            continue
+        try:
+            children = list(p.iterdir())
+        except OSError:
+            out.append(p)
+            continue
+        out.extend(
+            sorted(
+                c
+                for c in children
+                if not c.name.startswith(".")
+                and c.suffix.lower() in IMAGE_SUFFIXES
+                and _probe(c.is_file, True)
+            )
+        )
     return out

@@ -77,6 +77,7 @@ function connect() {
     setConn(true);
     const s = JSON.parse(e.data);
     ui.station = s.station;
+    applyLimits(s.limits);
     applyState(s);
     // A slide without a field has nothing to fetch (asking would log a 404 in the console).
     if (s.fields) loadField(); else { ui.field = null; renderField(); }
@@ -101,6 +102,13 @@ function connect() {
     }
   });
   es.onerror = () => setConn(false);
+}
+
+// The station's own bounds (edge_wbc/inputs.py), so the page never disagrees with them.
+function applyLimits(lim) {
+  if (!lim) return;
+  $("target-custom").max = lim.target_max;
+  for (const id of ["new-sample", "sample-input"]) $(id).maxLength = lim.sample_id_max_chars;
 }
 
 function applyState(s) {
