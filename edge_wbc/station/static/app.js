@@ -109,6 +109,8 @@ function applyLimits(lim) {
   if (!lim) return;
   $("target-custom").max = lim.target_max;
   for (const id of ["new-sample", "sample-input"]) $(id).maxLength = lim.sample_id_max_chars;
+  for (const id of ["new-operator", "notes-operator", "notes-signer"]) $(id).maxLength = lim.name_max_chars;
+  for (const id of ["notes-comment", "comment-text"]) $(id).maxLength = lim.comment_max_chars;
 }
 
 function applyState(s) {
