@@ -73,6 +73,7 @@ function connect() {
     setConn(true);
     const s = JSON.parse(e.data);
     ui.station = s.station;
+    applyLimits(s.limits);
     applyState(s);
     loadField();
     if (ui.view === "review") loadCells();
@@ -92,6 +93,13 @@ function connect() {
     }
   });
   es.onerror = () => setConn(false);
+}
+
+// The station's own bounds (edge_wbc/inputs.py), so the page never disagrees with them.
+function applyLimits(lim) {
+  if (!lim) return;
+  $("target-custom").max = lim.target_max;
+  for (const id of ["new-sample", "sample-input"]) $(id).maxLength = lim.sample_id_max_chars;
 }
 
 function applyState(s) {
