@@ -51,7 +51,25 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LIS_DELIVERIES = ("off", "folder", "mllp", "fhir")
 LIS_FORMATS = ("hl7", "fhir")
 HL7_PROCESSING_IDS = ("P", "T", "D")
-_SOURCE_RE = re.compile(r"^(samples|folder:.+|opencv:.+|picamera2(:\d+)?)$")
+
+
+#: The camera sources, as messages list them.
+CAMERA_SOURCES = ("'picamera2' (or 'picamera2:N'), 'opencv:0' (or 'opencv:/dev/video0'), "
+                  "'folder:DIR' or 'samples'")
+
+
+def split_camera_source(spec: str) -> tuple[str, str] | None:
+    """The one syntax of ``[camera] source``: 'folder:DIR' -> ('folder', 'DIR'), 'opencv:0' or
+    'opencv:/dev/video0' -> ('opencv', ...), 'picamera2[:N]' -> ('picamera2', N or '0'),
+    'samples' -> ('samples', ''); None for anything else. edge_wbc.camera opens what it names."""
+    if spec == "samples":
+        return "samples", ""
+    kind, _, arg = spec.partition(":")
+    if kind in ("folder", "opencv") and arg:
+        return kind, arg
+    if kind == "picamera2" and (not arg or (arg.isascii() and arg.isdigit())):
+        return kind, arg or "0"
+    return None
 
 
 def _f(default: Any, doc: str, **meta: Any) -> Any:
@@ -343,6 +361,23 @@ class LisConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    require_sample_id: bool = _f(
+        True, "Refuse to finalise a slide that has no sample ID (started without one and never "
+        "given one).",
+    )
+    require_operator: bool = _f(
+        False, "Refuse to finalise a slide until a name or ID of who counted or who signs off "
+        "is entered (at the start of the slide or at finalise).",
+    )
+    timezone: str = _f(
+        "", "Time zone of the times in reports (IANA name, e.g. 'Europe/Berlin'); unset: the "
+        "station's own local time zone. Times carry their UTC offset either way.",
+        check="timezone",
+    )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = _f(
         "INFO", "Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL.", choices=LOG_LEVELS
@@ -358,6 +393,7 @@ SECTIONS: dict[str, type] = {
     "mqtt": MqttConfig,
     "formula": FormulaConfig,
     "lis": LisConfig,
+    "report": ReportConfig,
     "logging": LoggingConfig,
 }
 
@@ -372,6 +408,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     formula: FormulaConfig = field(default_factory=FormulaConfig)
     lis: LisConfig = field(default_factory=LisConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: The file this came from (None: defaults and environment only).
     path: Path | None = field(default=None, compare=False)
@@ -825,9 +862,8 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
             return False, None, "must not be empty"
         value = os.path.expanduser(value)
     check = meta.get("check")
-    if check == "source" and not _SOURCE_RE.match(value):
-        return False, None, (f"{value!r} is not a camera source: use 'picamera2', 'opencv:0' "
-                             "(or 'opencv:/dev/video0'), 'folder:DIR' or 'samples'")
+    if check == "source" and split_camera_source(value) is None:
+        return False, None, f"{value!r} is not a camera source: use {CAMERA_SOURCES}"
     tpu = DELEGATES["edgetpu"]
     if check == "edgetpu" and value and not tpu.device_ok(value):
         spellings = ", ".join(repr(s) for s in tpu.device_spellings)
@@ -837,6 +873,14 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
     if check == "hl7" and re.search(r"[|^~\\&\r\n]", value):
         return False, None, (f"{value!r} must not contain the HL7 delimiters | ^ ~ \\ & "
                              "(it goes into one MSH field)")
+    if check == "timezone" and value:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            return False, None, (f"{value!r} is not a time zone this system knows (an IANA "
+                                 "name such as 'Europe/Berlin'; unset: the station's own)")
     if check == "topic" and value and (re.search(r"[#+/\s\x00]", value)):
         return False, None, (f"{value!r} must not contain '/', '+', '#' or spaces "
                              "(it is a topic level)")

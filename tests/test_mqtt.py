@@ -501,7 +501,8 @@ def test_full_outbox_warning_reaches_status_and_stats(broker: Mosquitto, tmp_pat
     b_port = broker.port
     broker.stop()  # nothing goes out: the outbox fills
     s = settings(b_port, "st1", outbox_max=10, stats_interval_s=1.0)
-    with sim_with_publisher(tmp_path / "a.db", s) as (sim, pub):
+    told: list[dict[str, Any]] = []
+    with sim_with_publisher(tmp_path / "a.db", s, on_change=told.append) as (sim, pub):
         for _ in range(8):
             sim.capture(2)
         st = outbox.status(sim.conn)
@@ -515,6 +516,9 @@ def test_full_outbox_warning_reaches_status_and_stats(broker: Mosquitto, tmp_pat
             status["outbox"]["refused_field"] == 8
         assert "MQTT outbox full: 17/10" in status["warning"]
         assert "cannot reach the broker" in status["warning"]
+        # The station is told, so its page shows it without waiting for the next capture.
+        wait_for(lambda: any(t["outbox"]["full"] for t in told), 5, "told of the full outbox")
+        assert told[-1]["state"] == "unreachable" and "outbox full" in told[-1]["warning"]
         broker.start()
         wait_for(lambda: outbox.depth(sim.conn) == 0, 15, "drained after the outage")
         wait_for(lambda: pub.status()["outbox"]["warning"] is None, 5, "warning cleared")

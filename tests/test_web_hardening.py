@@ -360,3 +360,12 @@ def test_remote_actions_are_the_counting_ones_only(st: RunningStation) -> None:
     assert act.remote("capture", {})["capture_id"] == 1
     st.wait_idle()
     assert st.station.last_field is not None and st.station.last_field["trigger"] == "mqtt"
+
+
+def test_mqtt_payloads_get_the_api_json_rules() -> None:
+    for raw, reason in [(b"[" * 4000, "nested too deeply"),
+                        (b'{"action": "target", "target": Infinity}', "Infinity is not"),
+                        (b'{"action": "target", "target": true}', "got True"),
+                        (b'{"action": "new", "sample_id": "A\\u202eB"}', r"U\+202E")]:
+        with pytest.raises(CommandError, match=reason):
+            parse_command("slide", raw)

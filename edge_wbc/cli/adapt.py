@@ -175,21 +175,11 @@ def fit(
     # The base is the shipped head, even when the config names an adaptation: a lab head is
     # always fitted from, and validated against, the model as shipped.
     analyzer.adaptation = None
-    ce = analyzer.manifest.classifier
-    if ce is None or analyzer.classifier is None:
-        raise _usage_error(f"{analyzer.manifest.root}: no classifier to adapt")
     try:
-        base = A.shipped_head(
-            analyzer.manifest.path(ce),
-            ce.classes,
-            ce.temperature,
-            ce.confidence_threshold,
-            ce.other_threshold,
-            ce.sha256,
-            analyzer.runtime.interpreter_cls,
-        )
+        base = shipped_base(analyzer)
     except A.AdaptationError as e:
         raise _usage_error(str(e)) from None
+    ce = analyzer.manifest.classifier
 
     t0 = time.perf_counter()
     if dirs:
@@ -259,14 +249,39 @@ def _auto_diameter(dirs: list[Path]) -> float:
     return est.leukocyte_px
 
 
+def shipped_base(analyzer: Any) -> Any:
+    """The shipped classifier's own head (a lab head is always fitted from, and validated
+    against, the model as shipped). Raises AdaptationError."""
+    from edge_wbc.pipeline import adaptation as A
+
+    ce = analyzer.manifest.classifier
+    if ce is None or analyzer.classifier is None:
+        raise A.AdaptationError(f"{analyzer.manifest.root}: no classifier to adapt")
+    return A.shipped_head(
+        analyzer.manifest.path(ce),
+        ce.classes,
+        ce.temperature,
+        ce.confidence_threshold,
+        ce.other_threshold,
+        ce.sha256,
+        analyzer.runtime.interpreter_cls,
+    )
+
+
 def cells_from_store(data_dir: Path, base_sha256: str) -> LabCells:
     from edge_wbc.counting.store import Store, StoreError
 
-    lab = LabCells()
     try:
         rows = Store.reviewed_cells_readonly(data_dir)
     except StoreError as e:
         raise _usage_error(str(e)) from None
+    return cells_from_rows(rows, base_sha256)
+
+
+def cells_from_rows(rows: list[Any], base_sha256: str) -> LabCells:
+    """A store's reviewed cells (``Store.reviewed_cells``) as labelled embeddings; cells seen by
+    another classifier, or stored without an embedding, are skipped and listed."""
+    lab = LabCells()
     for r in rows:
         if r.embedding is None or r.embedding_model != base_sha256:
             why = "no embedding stored" if r.embedding is None else "seen by another classifier"

@@ -189,7 +189,7 @@ def analyze(
     """Count and type the leukocytes of each field. Exit 0: all analysed; 1: some images failed
     (their entries carry "error"); 2: usage error (nothing analysed)."""
     from edge_wbc.pipeline.analysis import at_file_scale, draw_overlay
-    from edge_wbc.pipeline.imageio import ImageError, list_images, read_field
+    from edge_wbc.pipeline.imageio import IMAGE_SUFFIXES, ImageError, list_images, read_field
 
     _check_accelerator(accelerator)
     # A name with no directory entry at all is a typing error (nothing analysed); a link that
@@ -199,7 +199,7 @@ def analyze(
         raise _usage_error("no such file or folder: " + ", ".join(missing))
     images = list(dict.fromkeys(_absolute(p) for p in list_images(paths)))
     if not images:
-        raise _usage_error("no images found (looked for .jpg .jpeg .png .bmp .tif .tiff)")
+        raise _usage_error(f"no images found (looked for {' '.join(IMAGE_SUFFIXES)})")
     for out_dir, what in ((masks, "--masks"), (overlays, "--overlays")):
         if out_dir is None:
             continue

@@ -28,7 +28,6 @@ from edge_wbc.bundled import locate_models
 from edge_wbc.config import Config
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 #: Below this the station refuses to be called healthy: a slide's crops and reports need room,
 #: and SQLite needs space to commit.
 MIN_FREE_BYTES = 200 * 1024**2
@@ -86,6 +85,9 @@ def check_camera(cfg: Config) -> Check:
     h, w = frame.rgb.shape[:2]
     extra = ""
     if src.startswith("folder:"):
+        # The folder source just read a frame through imageio, so importing it costs nothing.
+        from edge_wbc.pipeline.imageio import IMAGE_SUFFIXES
+
         d = Path(src.partition(":")[2])
         n = sum(1 for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         extra = f", {n} images to replay"

@@ -118,6 +118,7 @@ class MqttPublisher:
         health_provider: HealthProvider | None = None,
         *,
         reconnect_s: tuple[int, int] = RECONNECT_S,
+        on_change: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         # The rest (topic levels, TLS file pairs, secrets, the host name as station id) was
         # checked by edge_wbc.config when the section was loaded.
@@ -129,6 +130,8 @@ class MqttPublisher:
         self.cfg = cfg
         self._host: str = cfg.host
         self._reconnect_s = reconnect_s
+        self._on_change = on_change
+        self._last_told: tuple[Any, ...] | None = None
         self.db_path = str(db_path)
         self._state_provider = state_provider
         self._command_handler = command_handler
@@ -476,6 +479,7 @@ class MqttPublisher:
                         next_stats = time.monotonic() + self.cfg.stats_interval_s
                         if self._connected:
                             self._publish_stats(db)
+                    self._tell_if_changed()
                     last_error = ""
                 except Exception as exc:
                     # Disk trouble must not end publishing for good; say it once, not per retry.
@@ -487,6 +491,22 @@ class MqttPublisher:
                     time.sleep(1.0)
         finally:
             db.close()
+
+    def _tell_if_changed(self) -> None:
+        """Call ``on_change(status())`` when what the page shows changed (connection state, its
+        error, the outbox filling or clearing), at most about once a second, from this thread."""
+        if self._on_change is None:
+            return
+        st = self.status()
+        ob = st["outbox"] or {}
+        key = (st["state"], st["error"], ob.get("full"), ob.get("over_limit"))
+        if key == self._last_told:
+            return
+        self._last_told = key
+        try:
+            self._on_change(st)
+        except Exception:  # the page's refresh must not stop publishing
+            log.exception("MQTT: status listener failed")
 
     def _refresh_outbox_status(self, db: Any) -> None:
         st = outbox.status(db)
@@ -731,7 +751,7 @@ def parse_command(kind: str, raw: bytes) -> Command:
     if kind != "slide":
         raise CommandError(f"unknown command {kind!r}")
     name = data.get("action")
-    if name not in SLIDE_COMMANDS:
+    if not isinstance(name, str) or name not in SLIDE_COMMANDS:
         raise CommandError(f"slide action must be one of {', '.join(SLIDE_COMMANDS)}, "
                            f"got {name!r}")
     action, allowed = SLIDE_COMMANDS[name]
@@ -758,6 +778,7 @@ def start_publisher(
     state_provider: StateProvider | None = None,
     command_handler: CommandHandler | None = None,
     health_provider: HealthProvider | None = None,
+    on_change: Callable[[dict[str, Any]], None] | None = None,
 ) -> MqttPublisher | None:
     """The station's one call: None when no broker is configured, else a started publisher.
 
@@ -767,5 +788,5 @@ def start_publisher(
     """
     if not cfg.host:
         return None
-    return MqttPublisher(cfg, db_path, state_provider, command_handler,
-                         health_provider).start()
+    return MqttPublisher(cfg, db_path, state_provider, command_handler, health_provider,
+                         on_change=on_change).start()

@@ -299,8 +299,8 @@ def near_duplicate_groups(
         U = C / np.maximum(np.linalg.norm(C, axis=1, keepdims=True), 1e-12)
         sim = U @ U.T
         ii, jj = np.nonzero(np.triu(sim >= cosine, 1))
-        for i, j in zip(ii, jj, strict=True):
-            union(int(i), int(j))
+        for a, b in zip(ii, jj, strict=True):
+            union(int(a), int(b))
     roots = np.array([find(i) for i in range(n)])
     _, gid = np.unique(roots, return_inverse=True)
     return gid

@@ -135,7 +135,7 @@ class Station:
             )
         store = self.session.store
         try:
-            store.require_free("capture refused")
+            store.require_free("capture refused, this field was not counted")
         except DiskFullError as e:
             self._set_error("disk", str(e))
             raise

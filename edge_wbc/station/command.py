@@ -119,7 +119,7 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
             # Its tables exist before the store's first finalise runs the hook.
             lis = LisDelivery(cfg.lis, store.db_path, store.data_dir,
                               station_id=cfg.mqtt.station_id,
-                              on_change=lambda: on_lis_change())
+                              on_change=lambda: push_status())
         except (OSError, sqlite3.Error) as e:
             store.close()
             raise StartupError(f"LIS delivery: {e}") from e
@@ -133,9 +133,19 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
         store, fanout, default_target=cfg.session.target,
         duplicate_overlap=cfg.session.duplicate_overlap, models=models,
         station_id=cfg.mqtt.station_id,
-        reporter=partial(write_reports, data_dir=store.data_dir),
+        reporter=partial(write_reports, data_dir=store.data_dir, tz=cfg.report.timezone),
         formula=cfg.formula.build(),
+        require_sample_id=cfg.report.require_sample_id,
+        require_operator=cfg.report.require_operator,
     )
+    from edge_wbc.station.adaptations import LabAdaptation
+
+    lab_adaptation = None
+    if analyzer.classifier is not None and analyzer.classifier.embedding_dim is not None:
+        lab_adaptation = LabAdaptation(analyzer, session, store.data_dir)
+        problem = lab_adaptation.restore()
+        if problem:
+            log.warning("%s", problem)
     try:
         # A folder is replayed once per slide (loop=False): going round again would count the
         # same fields twice, which the duplicate guard (last few fields only) would not catch.
@@ -153,7 +163,9 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
         liveness=live,
         info={"accelerator": analyzer.accelerator, "station_id": cfg.mqtt.station_id,
               "models": [m["name"] for m in models.get("models", [])],
-              "data_dir": str(store.data_dir)},
+              "data_dir": str(store.data_dir),
+              # The page offers "Adapt to this lab" only where the classifier can be adapted.
+              "adaptable": lab_adaptation is not None},
     )
     actions = Actions(st)
     extra: dict[str, Any] = {}
@@ -161,7 +173,9 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
         extra["lis"] = lis.status
     st.extra_status = lambda: {k: f() for k, f in extra.items()}
 
-    def on_lis_change() -> None:
+    def push_status() -> None:
+        # The page hears of the LIS or the broker going away, or an outbox filling, without
+        # waiting for a capture to refresh the station's status.
         fanout(Event("status", st.status()))
 
     publisher = None
@@ -171,7 +185,7 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
         try:
             publisher = edge_mqtt.start_publisher(
                 cfg.mqtt, store.db_path, state_provider=session.state,
-                command_handler=actions.remote,
+                command_handler=actions.remote, on_change=lambda _status: push_status(),
                 health_provider=lambda: {"accelerator": analyzer.accelerator,
                                          "queue": st.status()["queue"]},
             )
@@ -186,7 +200,8 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
             extra["mqtt"] = publisher.status
     try:
         server = StationServer(st, hub, cfg.station.host, cfg.station.port, cfg.station.token,
-                               cfg.camera.preview_fps, lis=cfg.lis, actions=actions)
+                               cfg.camera.preview_fps, lis=cfg.lis, actions=actions,
+                               adaptation=lab_adaptation)
     except (OSError, ValueError) as e:
         source.close()
         if publisher is not None:
