@@ -382,7 +382,7 @@ def test_adapt_to_this_lab(tmp_path: Path) -> None:
         pg.wait_for_selector("#lab-fit:not([disabled])")
         pg.click("#lab-fit")
         pg.wait_for_selector("#lab-activate", timeout=60000)
-        assert "Better on held-out cells" in pg.locator("#lab-result").inner_text()
+        assert "Adapted is better" in pg.locator("#lab-result").inner_text()
         assert pg.locator(".lab-table tr").count() >= 6
         _shot(pg, "adapt-validation")
         pg.click("#lab-activate")

@@ -1096,7 +1096,7 @@ async function fitLab() {
     const r = await api("/api/adaptation/fit", {});
     const few = Object.entries(r.too_few || {}).map(([k, n]) => `${nameOf(k)} (${n})`).join(", ");
     out.innerHTML = validationTable(r.validation) +
-      `<p class="${r.accepted ? "ok" : "bad"}"><b>${r.accepted ? "Better on held-out cells" : "Not better: nothing written"}</b> — ${escapeHtml(r.reason)}</p>` +
+      `<p class="${r.accepted ? "ok" : "bad"}"><b>${r.accepted ? "Adapted is better: written, not yet in use" : "Not better: nothing written"}</b> — ${escapeHtml(r.reason)}</p>` +
       (few ? `<p class="muted small">Too few cells, left as shipped: ${escapeHtml(few)}</p>` : "");
     if (r.accepted) {
       const b = document.createElement("button");
