@@ -149,6 +149,7 @@ def test_fit_that_is_not_better_writes_nothing_and_exits_3(
     lab = _lab_dir(tmp_path / "lab", {"neutrophil": 8, "lymphocyte": 8})
     code, out, err = _run(app, "adapt", "fit", str(lab), "--out", str(tmp_path / "o"))
     assert code == 3, out + err
-    assert "not written: not better on held-out cells" in out
+    # half the labels are wrong by construction: the shipped model disagrees with them
+    assert "not written: the shipped model agrees with only" in out
     assert "held-out validation" in out
     assert not (tmp_path / "o").exists()
