@@ -153,6 +153,13 @@ def test_click_inside_a_box_review_large_and_in_field(station: _Page) -> None:
     assert img and img["width"] >= 200 and img["height"] >= 130
     assert pg.evaluate("document.getElementById('insp-img').naturalWidth") >= 140
     _shot(pg, "review-large")
+    # A comment on the cell, shown with it and kept.
+    pg.click("#insp-actions button[data-action=comment]")
+    pg.fill("#comment-text", "nucleus folded?")
+    pg.click("#comment-save")
+    pg.wait_for_function("() => document.getElementById('insp-comment').textContent"
+                         ".includes('nucleus folded?')")
+    assert rs.session.cells[cid]["comment"] == "nucleus folded?"
     # In its field, outlined, with zoom.
     pg.keyboard.press("f")
     pg.wait_for_selector("#dlg-field[open] #fv-svg rect.this")
