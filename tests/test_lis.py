@@ -524,7 +524,7 @@ def test_doctor_and_cli_show_the_outbox(tmp_path: Path) -> None:
     runner = CliRunner()
     r = runner.invoke(app, ["lis", "status", "--json"], env=env)
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["waiting"] == 1
+    assert json.loads(r.stdout)["waiting"] == 1  # logs go to stderr, the JSON alone to stdout
     with mllp_peer() as peer:
         peer.script = ["AR"]
         d2 = LisDelivery(load_config(None, env={**env, "EDGE_WBC_LIS_PORT": str(peer.port)}).lis,

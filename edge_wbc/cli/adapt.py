@@ -11,7 +11,6 @@ written, the reason printed); 2: usage error (nothing fitted).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +18,17 @@ import numpy as np
 import typer
 
 from edge_wbc.cli.analyze import _build_analyzer, _usage_error
-from edge_wbc.pipeline.adaptation import EXIT_NOT_BETTER
+from edge_wbc.pipeline.adaptation import (
+    EXIT_NOT_BETTER,
+    LabCells,
+    cells_from_rows,
+    shipped_base,
+)
 
 adapt_app = typer.Typer(
     help="Adapt the classifier to this lab from its labelled cells (no TensorFlow).",
     no_args_is_help=True,
 )
-
-
-@dataclass
-class LabCells:
-    """Labelled cells with the base classifier's embedding of each."""
-
-    embeddings: list[np.ndarray] = field(default_factory=list)
-    labels: list[str] = field(default_factory=list)
-    #: where each cell came from (its file, or its field in a store): cells of one field share
-    #: a fold in validation.
-    keys: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
 
 
 def nearest_centre(cells: list[Any], width: int, height: int) -> Any | None:
@@ -249,30 +241,6 @@ def _auto_diameter(dirs: list[Path]) -> float:
     return est.leukocyte_px
 
 
-def shipped_base(analyzer: Any) -> Any:
-    """The shipped classifier's own head (a lab head is always fitted from, and validated
-    against, the model as shipped). Raises AdaptationError."""
-    from edge_wbc.pipeline import adaptation as A
-
-    ce = analyzer.manifest.classifier
-    if ce is None or analyzer.classifier is None:
-        raise A.AdaptationError(f"{analyzer.manifest.root}: no classifier to adapt")
-    # A classifier shipped with a head file on its embedding (the fine classes) is adapted from
-    # that head; otherwise from the int8 graph's own last layer.
-    head = getattr(analyzer.classifier, "head", None)
-    if isinstance(head, A.LinearHead):
-        return A.base_head_from_linear(head)
-    return A.shipped_head(
-        analyzer.manifest.path(ce),
-        ce.classes,
-        ce.temperature,
-        ce.confidence_threshold,
-        ce.other_threshold,
-        ce.sha256,
-        analyzer.runtime.interpreter_cls,
-    )
-
-
 def cells_from_store(data_dir: Path, base_sha256: str) -> LabCells:
     from edge_wbc.counting.store import Store, StoreError
 
@@ -281,21 +249,6 @@ def cells_from_store(data_dir: Path, base_sha256: str) -> LabCells:
     except StoreError as e:
         raise _usage_error(str(e)) from None
     return cells_from_rows(rows, base_sha256)
-
-
-def cells_from_rows(rows: list[Any], base_sha256: str) -> LabCells:
-    """A store's reviewed cells (``Store.reviewed_cells``) as labelled embeddings; cells seen by
-    another classifier, or stored without an embedding, are skipped and listed."""
-    lab = LabCells()
-    for r in rows:
-        if r.embedding is None or r.embedding_model != base_sha256:
-            why = "no embedding stored" if r.embedding is None else "seen by another classifier"
-            lab.skipped.append(f"cell {r.cell_id}: {why}")
-            continue
-        lab.embeddings.append(r.embedding)
-        lab.labels.append(r.label)
-        lab.keys.append(r.field_id)
-    return lab
 
 
 @adapt_app.command("export")
