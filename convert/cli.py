@@ -280,6 +280,23 @@ def add_embedding(
     )
 
 
+@app.command("embed-cells")
+def embed_cells(
+    models: Path = typer.Option(Path("models"), help="models folder (classifier with embedding)"),
+    data_root: Path = typer.Option(DEFAULT_DATA),
+    cache: Path = typer.Option(Path("runs/fine"), help="where the embeddings are cached"),
+    threads: int = typer.Option(1),
+) -> None:
+    """Embeddings of every labelled cell as the device sees it (cached; resumes)."""
+    from edge_wbc_convert.fine import box_cells, pbc_cells
+
+    _logging(cache)
+    for name, fn in (("boxes", box_cells), ("pbc", pbc_cells)):
+        cs = fn(data_root, models, cache, threads)
+        found = sum(b is not None for b in cs.box)
+        typer.echo(f"{name}: {len(cs.label)} cells, {found} with a box/cell found")
+
+
 @app.command()
 def edgetpu(
     files: list[Path] = typer.Argument(...),

@@ -29,6 +29,16 @@ class ManifestError(Exception):
 
 
 @dataclass(frozen=True)
+class HeadRef:
+    """A classifier's head on its embedding (edge_wbc.pipeline.heads): when present, the cell's
+    classes and calibration are the head's, not output 0's."""
+
+    file: str  # the head's JSON in the models folder (its .npz sits next to it)
+    sha256: str  # of the JSON, which records the .npz's sha256 in turn
+    classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     name: str
     file: str
@@ -51,6 +61,8 @@ class ModelEntry:
     #: classifier only: length of output 1, the pooled features in front of the class head
     #: (manifest "embedding"); None when the model emits only its classes.
     embedding_dim: int | None = None
+    #: classifier only: the head on the embedding that names the cells (None: output 0 does).
+    head: HeadRef | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -154,6 +166,29 @@ def _entry(d: dict[str, Any], i: int) -> ModelEntry:
                 f"{where}.embedding: expected a classifier's output 1 shaped [1, D], got {emb!r}"
             )
         embedding_dim = int(eshape[1])
+    head = None
+    if d.get("head") is not None:
+        h = d["head"]
+        hwhere = f"{where}.head"
+        if embedding_dim is None:
+            raise ManifestError(f"{hwhere}: a head reads the embedding; declare 'embedding'")
+        if not isinstance(h, dict):
+            raise ManifestError(f"{hwhere}: expected an object, got {h!r:.60}")
+        hfile, hsha, hcls = h.get("file"), h.get("sha256"), h.get("classes")
+        if not isinstance(hfile, str) or not hfile or "/" in hfile or "\\" in hfile:
+            raise ManifestError(f"{hwhere}.file: {hfile!r:.60} is not a file name")
+        if not isinstance(hsha, str) or len(hsha) != 64:
+            raise ManifestError(f"{hwhere}.sha256: expected a sha256, got {hsha!r:.80}")
+        if (
+            not isinstance(hcls, list)
+            or len(hcls) < 2
+            or not all(isinstance(c, str) and c for c in hcls)
+            or len(set(hcls)) != len(hcls)
+        ):
+            raise ManifestError(
+                f"{hwhere}.classes: expected distinct class names, got {hcls!r:.80}"
+            )
+        head = HeadRef(hfile, hsha, tuple(hcls))
     cal = d.get("calibration", {})
     views = d.get("views", 1)
     if views not in VIEW_COUNTS:
@@ -177,6 +212,7 @@ def _entry(d: dict[str, Any], i: int) -> ModelEntry:
         views=int(views),
         crop_scale=float(pre.get("crop_scale", CROP_SCALE)),
         embedding_dim=embedding_dim,
+        head=head,
         raw=d,
     )
 
@@ -222,6 +258,15 @@ def verify_files(man: Manifest) -> None:
                 f"model file {p} does not match the manifest (sha256 {digest[:12]}…, expected "
                 f"{e.sha256[:12]}…): refusing to run a model that is not the one shipped"
             )
+        if e.head is not None:
+            hp = man.root / e.head.file
+            if not hp.is_file():
+                raise ManifestError(f"head file {hp} listed in the manifest is missing")
+            if sha256_file(hp) != e.head.sha256:
+                raise ManifestError(
+                    f"head file {hp} does not match the manifest: refusing a head that is not "
+                    "the one shipped"
+                )
 
 
 def write_manifest(models_dir: str | Path, raw: dict[str, Any]) -> Path:
