@@ -36,6 +36,8 @@ PARENT = {
     "erythroblast": "other",
     "platelet": "other",
 } | {c: c for c in SHIPPED6 if c != "neutrophil"}
+#: Fine classes that leave the count (edge_wbc.taxonomy's non_wbc group among the outputs).
+NON_WBC = ("platelet", "other")
 #: Class weight of a source in the loss (the classifier's CropSampler.SOURCE_WEIGHT).
 SOURCE_WEIGHT = {"pbc": 0.5, "bccd": 0.25, "zheng1": 0.15, "zheng2": 0.1, "raabin": 0.2}
 
@@ -101,7 +103,9 @@ def fit_flat(
         return loss, np.concatenate([gw.ravel(), gb])
 
     theta0 = np.concatenate([w0.ravel(), b0])
-    r = minimize(f, theta0, jac=True, method="L-BFGS-B", options={"maxiter": maxiter})
+    r = minimize(
+        f, theta0, jac=True, method="L-BFGS-B", options={"maxiter": maxiter, "maxfun": 2 * maxiter}
+    )
     log.info("%d classes, lam=%g: loss %.4f after %d iterations", k, lam, r.fun, r.nit)
     return r.x[: d * k].reshape(d, k), r.x[d * k :]
 
@@ -162,11 +166,15 @@ def prf(y: np.ndarray, pred: np.ndarray, k: int) -> dict[str, float]:
     }
 
 
-def report(p: np.ndarray, labels: list[str], thr: float, group_rule: bool) -> dict:
+def report(
+    p: np.ndarray, labels: list[str], thr: float, group_rule: bool, other_thr: float | None = None
+) -> dict:
     """Per-class metrics on cells with a fine label (-1 rows: coarse labels, five-part only),
-    five-part accuracy on named cells and the unidentified share under threshold ``thr``."""
+    five-part accuracy on named cells and the unidentified share under threshold ``thr``
+    (and ``other_thr`` for the classes that leave the count, as the device decides)."""
     top, score = group_score(p) if group_rule else (p.argmax(1), p.max(1))
-    named = score >= thr
+    nonw = np.isin(top, [FINE.index(c) for c in NON_WBC])
+    named = (score >= thr) & (~nonw | (score >= max(thr, other_thr or 0.0)))
     y = np.array([FINE.index(lab) if lab in FINE else -1 for lab in labels])
     five_true = [FIVE_OF.get(lab, lab if lab == "neutrophil" else None) for lab in labels]
     five_pred = [FIVE_OF.get(FINE[t]) for t in top]
@@ -181,6 +189,7 @@ def report(p: np.ndarray, labels: list[str], thr: float, group_rule: bool) -> di
             float(ok5[leuko & named].mean()) if (leuko & named).any() else 0.0
         ),
         "five_part_accuracy_top1": float(ok5[leuko].mean()) if leuko.any() else 0.0,
+        "leukocytes_dropped": float((leuko & named & nonw).sum() / max(int(leuko.sum()), 1)),
         "per_class": {},
     }
     fine = y >= 0
@@ -223,10 +232,6 @@ def load_splits(cache: Path) -> dict[str, Split]:
     return out
 
 
-#: Fine classes that leave the count (edge_wbc.taxonomy's non_wbc group among the outputs).
-NON_WBC = ("platelet", "other")
-
-
 def fit_thresholds(
     p: np.ndarray,
     labels: list[str],
@@ -250,12 +255,17 @@ def fit_thresholds(
     return conf, float(min(1.0, max(conf, np.nextafter(wrong[allowed], 2.0))))
 
 
-def summary(p: np.ndarray, sp: Split, conf: float, group_rule: bool) -> dict:
+def summary(
+    p: np.ndarray, sp: Split, conf: float, group_rule: bool, other_thr: float | None = None
+) -> dict:
     """Val/test numbers of one candidate: PBC per class, and five-part per source."""
     out: dict = {}
     for src in sorted(set(sp.source)):
         m = np.array([s == src for s in sp.source])
-        out[src] = report(
-            p[m], [lab for lab, k in zip(sp.label, m, strict=True) if k], conf, group_rule
-        )
+        labs = [lab for lab, k in zip(sp.label, m, strict=True) if k]
+        out[src] = report(p[m], labs, conf, group_rule, other_thr)
     return out
+
+
+def macro_f1(rep: dict) -> float:
+    return float(np.mean([v["f1"] for v in rep["per_class"].values()]))
