@@ -6,7 +6,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from edge_wbc_convert.release import CLS_DATA_NOTES, DATA_CARDS
+from edge_wbc_convert.sources import CLS_DATA_NOTES, DATA_CARDS
 
 SOURCE_NAMES = {
     "zheng1": "Zheng dataset 1",

@@ -293,3 +293,35 @@ class CropSampler:
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = zip(*(self.sample() for _ in range(n)), strict=True)
         return np.stack(xs), np.stack(ys)
+
+
+def run_cells(run_dir: Path, split: str | None = None) -> list[CellItem]:
+    """The labelled cells of a classifier run (boxes fixed when the run started)."""
+    raw = json.loads((run_dir / "cells.json").read_text())
+    cells = [
+        CellItem(c["source"], Path(c["image"]), c["split"], c["label"], tuple(c["box"]))
+        for c in raw
+    ]
+    return [c for c in cells if split is None or c.split == split]
+
+
+def prepare_cells(run_dir: Path, data_root: Path, segmenter: Path) -> list[CellItem]:
+    """Boxes of every labelled cell, single-cell images cropped through the segmenter; written
+    to the run so later stages and the release see the same cells."""
+    from dataclasses import asdict
+
+    from edge_wbc_convert.data import load_items
+    from edge_wbc_convert.evaluate import tflite_prob_fn
+
+    items = load_items(data_root, ("pbc", "zheng1", "zheng2", "bccd", "raabin"))
+    prob = tflite_prob_fn(segmenter, threads=1)
+    singles = [i for i in items if i.source in ("pbc", "zheng1", "zheng2")]
+    boxes = segmented_boxes(
+        singles, lambda rgb: prob(rgb) >= 0.5, run_dir / f"boxes_{segmenter.stem}.json"
+    )
+    cells, missing = cell_items(items, boxes)
+    log.info("cells: %d; images without a segmented cell: %s", len(cells), missing)
+    rows = [asdict(c) | {"image": str(c.image)} for c in cells]
+    (run_dir / "cells.json").write_text(json.dumps(rows))
+    (run_dir / "cells_missing.json").write_text(json.dumps(missing))
+    return cells

@@ -1,5 +1,8 @@
 """``edge-wbc-convert``: the offline tool (train, quantize, verify, evaluate, gate, edgetpu,
-manifest). Runs on a workstation; TensorFlow is imported lazily inside each command."""
+manifest). Runs on a workstation; TensorFlow is imported lazily inside each command.
+
+This module only parses arguments and prints: the work is in the library modules (train,
+quantize, evaluate, release, ...), which never import it."""
 
 from __future__ import annotations
 
@@ -38,15 +41,6 @@ def _logging(run_dir: Path | None = None) -> None:
     )
 
 
-def _init_from(model, init: Path | None):
-    """Second-stage training: same architecture, weights of an earlier run's model."""
-    if init is not None:
-        from edge_wbc_convert.quantize import load_keras
-
-        model.set_weights(load_keras(init).get_weights())
-    return model
-
-
 @app.command("train-seg")
 def train_seg(
     encoder: str = typer.Option(
@@ -76,46 +70,26 @@ def train_seg(
     ),
 ) -> None:
     """Train one U-Net segmenter (resumes from RUN_DIR/last.keras when present)."""
-    from edge_wbc_convert.architectures import build_unet
-    from edge_wbc_convert.data import SegSampler, load_items, seg_eval_pairs
-    from edge_wbc_convert.train import TrainConfig, seg_evaluator, seg_loss, train
+    from edge_wbc_convert.train import train_segmenter
 
     _logging(run_dir)
-    hw = (height, width)
-    cfg = TrainConfig(
-        "segmentation",
+    best = train_segmenter(
         encoder,
-        str(run_dir),
-        str(data_root),
-        steps,
-        batch,
-        lr,
-        seed,
-        eval_every,
-        hw,
-        threads,
-        weights,
-    )
-    items = load_items(data_root, tuple(s for s in sources.split(",") if s))
-    sampler = SegSampler(
-        [i for i in items if i.split == "train"],
-        hw,
-        run_dir.parent / "cache",
-        seed,
+        run_dir,
+        data_root,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        seed=seed,
+        eval_every=eval_every,
+        threads=threads,
+        weights=weights,
+        sources=tuple(s for s in sources.split(",") if s),
+        hw=(height, width),
+        init=init,
         native_p=native_p,
-        weights=_source_weights(source_weights),
+        source_weights=_source_weights(source_weights),
         mono_p=mono_p,
-    )
-    val = seg_eval_pairs(
-        [i for i in items if i.split == "val" and i.source != "raabin"], run_dir.parent / "cache"
-    )
-    best = train(
-        cfg,
-        lambda: sampler.batch(batch),
-        seg_evaluator(val),
-        lambda: _init_from(build_unet(encoder, hw, weights=weights), init),
-        seg_loss,
-        "iou_mean",
     )
     typer.echo(f"best model: {best}")
 
@@ -138,13 +112,6 @@ def _source_weights(spec: str) -> dict[str, float] | None:
 # ----------------------------------------------------------------------------- segmentation
 
 
-def _seg_split(data_root: Path, split: str, cache: Path) -> list:
-    from edge_wbc_convert.data import load_items, seg_eval_pairs
-
-    items = load_items(data_root, ("zheng1", "zheng2", "bccd"))
-    return seg_eval_pairs([i for i in items if i.split == split], cache)
-
-
 @app.command()
 def quantize(
     run_dir: Path = typer.Option(..., help="a training run (uses best.keras)"),
@@ -154,49 +121,11 @@ def quantize(
     seed: int = 123,
 ) -> None:
     """Full-integer int8 conversion with a representative set from the training distribution."""
-    import json
-
-    from edge_wbc_convert.data import load_items
-    from edge_wbc_convert.quantize import load_keras, to_int8
+    from edge_wbc_convert.quantize import quantize_run
 
     _logging()
-    cfg = json.loads((run_dir / "config.json").read_text())
-    model = load_keras(run_dir / "best.keras")
-    items = [i for i in load_items(data_root, tuple(_sources(cfg))) if i.split == "train"]
-    if cfg["task"] == "segmentation":
-        from edge_wbc_convert.data import SegSampler
-
-        hw = tuple(cfg["input_hw"])
-        sampler = SegSampler(items, hw, run_dir.parent / "cache", seed)  # type: ignore[arg-type]
-        half = samples // 2
-
-        def rep():  # half augmented (other labs), half as the training sources look
-            for k in range(samples):
-                sampler.augment = k < half
-                yield sampler.sample()[0]
-    else:
-        from edge_wbc_convert.cells import CropSampler
-
-        cells = _cells_for(run_dir, data_root, "train")
-        sampler = CropSampler(cells, int(cfg["input_hw"][0]), seed)
-
-        def rep():
-            for _ in range(samples):
-                yield sampler.sample()[0]
-
-    to_int8(model, rep, out)
-    if cfg["task"] != "segmentation":
-        from edge_wbc_convert.graph_edit import add_embedding_output
-
-        # Lab adaptation and the fine-class heads read the pooled features (output 1).
-        add_embedding_output(out)
+    quantize_run(run_dir, out, data_root, samples=samples, seed=seed)
     typer.echo(f"wrote {out}")
-
-
-def _sources(cfg: dict) -> list[str]:
-    if cfg["task"] == "segmentation":
-        return ["zheng1", "zheng2", "bccd", "raabin"]
-    return ["pbc", "zheng1", "zheng2", "bccd"]
 
 
 @app.command()
@@ -232,51 +161,17 @@ def add_embedding(
     """Append the classifier's pooled features (global average pool, 1280-d for MobileNetV2) as
     a second output. Written only when output 0 is bit-identical on real crops and the op gate
     passes."""
-    import numpy as np
-    from edge_wbc_convert.data import load_items, read_rgb
-    from edge_wbc_convert.gate import check
-    from edge_wbc_convert.graph_edit import GraphEditError, with_embedding_output
-
-    from edge_wbc.pipeline import preprocess as pp
-    from edge_wbc.pipeline.inference import TFLiteModel
+    from edge_wbc_convert.graph_edit import GraphEditError, add_embedding_checked
 
     _logging()
     out = model if out is None else out
     try:
-        data = with_embedding_output(model.read_bytes())
+        shapes, n = add_embedding_checked(model, out, data_root, check_images)
     except (OSError, GraphEditError) as e:
         typer.echo(f"{model}: {e}", err=True)
         raise typer.Exit(1) from e
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    try:
-        gate_rep = check(tmp)
-        if not gate_rep.ok:
-            raise RuntimeError(f"op gate fails: {gate_rep.problems}")
-        a, b = TFLiteModel(model, threads=2), TFLiteModel(tmp, threads=2)
-        if len(b.outputs) != 2:
-            raise RuntimeError(f"edited model has {len(b.outputs)} outputs, not 2")
-        items = load_items(data_root, ("pbc", "bccd", "zheng1", "zheng2", "raabin"))
-        rng = np.random.default_rng(0)
-        picked = [items[i] for i in rng.permutation(len(items))[:check_images]]
-        if not picked:
-            raise RuntimeError(f"no images under {data_root} to check output 0 on")
-        size = a.input_hw[0]
-        for it in picked:
-            rgb = pp.white_balance(read_rgb(it.image))
-            h, w = rgb.shape[:2]
-            box = it.boxes[0] if it.boxes else (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
-            crop = pp.cell_crop(rgb, box, size)
-            if not np.array_equal(a.infer_pixels(crop)[0], b.infer_pixels(crop)[0]):
-                raise RuntimeError(f"output 0 differs on {it.image}")
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        typer.echo(f"{model}: not written: {e}", err=True)
-        raise typer.Exit(1) from e
-    tmp.replace(out)
     typer.echo(
-        f"wrote {out}: outputs {[list(o.shape) for o in b.outputs]}; output 0 bit-identical on "
-        f"{len(picked)} real crops; op gate PASS"
+        f"wrote {out}: outputs {shapes}; output 0 bit-identical on {n} real crops; op gate PASS"
     )
 
 
@@ -414,11 +309,12 @@ def verify(
     max_delta: float = typer.Option(0.01, help="fail when int8 IoU is lower by more"),
 ) -> None:
     """Float vs int8 foreground IoU per source on a split."""
+    from edge_wbc_convert.data import seg_split
     from edge_wbc_convert.evaluate import by_source, keras_prob_fn, tflite_prob_fn
     from edge_wbc_convert.quantize import load_keras
 
     _logging()
-    pairs = _seg_split(data_root, split, Path("runs/cache"))
+    pairs = seg_split(data_root, split, Path("runs/cache"))
     if not pairs:
         typer.echo(f"no {split} images with masks under {data_root}", err=True)
         raise typer.Exit(2)
@@ -437,76 +333,6 @@ def verify(
 
 
 # ----------------------------------------------------------------------------- classifier
-
-
-def _cells_for(run_dir: Path, data_root: Path, split: str | None = None) -> list:
-    """The labelled cells of a classifier run (boxes fixed when the run started)."""
-    import json
-
-    from edge_wbc_convert.cells import CellItem
-
-    raw = json.loads((run_dir / "cells.json").read_text())
-    cells = [
-        CellItem(c["source"], Path(c["image"]), c["split"], c["label"], tuple(c["box"]))
-        for c in raw
-    ]
-    return [c for c in cells if split is None or c.split == split]
-
-
-def prepare_cells(run_dir: Path, data_root: Path, segmenter: Path) -> list:
-    """Boxes of every labelled cell, single-cell images cropped through the segmenter."""
-    import json
-    from dataclasses import asdict
-
-    from edge_wbc_convert.cells import cell_items, segmented_boxes
-    from edge_wbc_convert.data import load_items
-    from edge_wbc_convert.evaluate import tflite_prob_fn
-
-    items = load_items(data_root, ("pbc", "zheng1", "zheng2", "bccd", "raabin"))
-    prob = tflite_prob_fn(segmenter, threads=1)
-    singles = [i for i in items if i.source in ("pbc", "zheng1", "zheng2")]
-    boxes = segmented_boxes(
-        singles, lambda rgb: prob(rgb) >= 0.5, run_dir / f"boxes_{segmenter.stem}.json"
-    )
-    cells, missing = cell_items(items, boxes)
-    logging.getLogger(__name__).info(
-        "cells: %d; images without a segmented cell: %s", len(cells), missing
-    )
-    rows = [asdict(c) | {"image": str(c.image)} for c in cells]
-    (run_dir / "cells.json").write_text(json.dumps(rows))
-    (run_dir / "cells_missing.json").write_text(json.dumps(missing))
-    return cells
-
-
-def cls_evaluator(cells: list, size: int, max_per_source: int = 600):
-    import numpy as np
-    from edge_wbc_convert.cells import LABELS6, CropSampler
-
-    rng = np.random.default_rng(0)
-    by_src: dict[str, list] = {}
-    for c in cells:
-        by_src.setdefault(c.source, []).append(c)
-    chosen = []
-    for _s, v in by_src.items():
-        idx = rng.permutation(len(v))[:max_per_source]
-        chosen.extend(v[i] for i in idx)
-    sampler = CropSampler(chosen, size, augment=False)
-    xs = np.stack([sampler.crop(c, None, False) for c in chosen])
-    ys = np.array([LABELS6.index(c.label) for c in chosen])
-    srcs = [c.source for c in chosen]
-
-    def evaluate(model) -> dict[str, float]:
-        pred = np.concatenate(
-            [np.asarray(model(xs[i : i + 1], training=False)).argmax(1) for i in range(len(xs))]
-        )
-        out = {}
-        for s in sorted(set(srcs)):
-            m = np.array([t == s for t in srcs])
-            out[f"acc_{s}"] = float((pred[m] == ys[m]).mean())
-        out["acc_mean"] = float(np.mean(list(out.values())))
-        return out
-
-    return evaluate
 
 
 @app.command("train-cls")
@@ -530,60 +356,30 @@ def train_cls(
     ),
 ) -> None:
     """Train the cell classifier (five types + 'other') on crops made by the device's rule."""
-    from edge_wbc_convert.architectures import build_classifier
-    from edge_wbc_convert.cells import LABELS6, CropSampler
-    from edge_wbc_convert.train import TrainConfig, train
+    from edge_wbc_convert.train import train_classifier
 
     _logging(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cells = (
-        _cells_for(run_dir, data_root)
-        if (run_dir / "cells.json").exists()
-        else prepare_cells(run_dir, data_root, segmenter)
-    )
-    cfg = TrainConfig(
-        "classification",
-        arch,
-        str(run_dir),
-        str(data_root),
-        steps,
-        batch,
-        lr,
-        seed,
-        eval_every,
-        (size, size),
-        threads,
-        weights,
-        alpha,
-    )
-    sampler = CropSampler(
-        [c for c in cells if c.split == "train"],
-        size,
-        seed,
+    best = train_classifier(
+        run_dir,
+        segmenter,
+        data_root,
+        arch=arch,
+        size=size,
+        alpha=alpha,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        seed=seed,
+        eval_every=eval_every,
+        threads=threads,
+        weights=weights,
+        init=init,
         source_weights=_source_weights(source_weights),
-    )
-    evaluate = cls_evaluator([c for c in cells if c.split == "val"], size)
-
-    import keras
-
-    loss = keras.losses.CategoricalCrossentropy(label_smoothing=0.05)
-    best = train(
-        cfg,
-        lambda: sampler.batch(batch),
-        evaluate,
-        lambda: _init_from(build_classifier(arch, size, len(LABELS6), weights, alpha), init),
-        loss,
-        "acc_mean",
     )
     typer.echo(f"best model: {best}")
 
 
 # ----------------------------------------------------------------------------- release
-
-
-def _alpha_tag(cfg: dict) -> str:
-    a = cfg.get("alpha")
-    return f"-{a:g}" if a is not None and cfg["arch"] == "mnv2" else ""
 
 
 def _pairs(specs: list[str]) -> dict[str, Path]:
@@ -610,79 +406,22 @@ def release(
 ) -> None:
     """Quantize, gate, compile for the Edge TPU (when possible), fit the ensemble on val,
     evaluate on test, calibrate the classifier, write manifest.json and the model card."""
-    import json
-
-    from edge_wbc_convert.card import write_card
-    from edge_wbc_convert.edgetpu import compile_model
-    from edge_wbc_convert.gate import check
-    from edge_wbc_convert.release import build_manifest, seg_release
+    from edge_wbc_convert.release import ReleaseError, make_release
 
     _logging()
-    out.mkdir(parents=True, exist_ok=True)
-    runs = _pairs(seg)
-    members: dict[str, tuple[Path, Path | None]] = {}
-    seg_info: dict[str, dict] = {}
-    gates, tpu = {}, {}
-    for name, run in runs.items():
-        f = out / f"seg_{name}.tflite"
-        if requantize or not f.exists():
-            quantize(run_dir=run, out=f, data_root=data_root, samples=rep_samples, seed=123)
-        cfg = json.loads((run / "config.json").read_text())
-        members[name] = (f, run / "best.keras")
-        seg_info[name] = {"file": f.name, "encoder": cfg["arch"], "run": str(run)}
-    cls_model = cls_eval = None
-    if cls is not None:
-        from edge_wbc_convert.cells import LABELS6
-        from edge_wbc_convert.cls_eval import evaluate_classifier
-
-        from edge_wbc.pipeline.inference import TFLiteModel
-
-        cfg = json.loads((cls / "config.json").read_text())
-        f = out / "classifier.tflite"
-        if requantize or not f.exists():
-            quantize(run_dir=cls, out=f, data_root=data_root, samples=rep_samples, seed=123)
-        size = int(cfg["input_hw"][0])
-        emb = TFLiteModel(f, threads=1).outputs[1:]
-        cls_eval = evaluate_classifier(
-            f,
-            cls / "best.keras",
-            _cells_for(cls, data_root, "val"),
-            _cells_for(cls, data_root, "test"),
-            size,
+    try:
+        path = make_release(
+            _pairs(seg),
+            cls,
             out,
-            views=cls_views,
+            data_root,
+            requantize=requantize,
+            rep_samples=rep_samples,
+            cls_views=cls_views,
         )
-        if emb:
-            cls_eval["embedding_dim"] = int(emb[0].shape[-1])
-        train_cells = _cells_for(cls, data_root, "train")
-        cls_eval["other_sources"] = sorted({c.source for c in train_cells if c.label == "other"})
-        (out / "cls_eval.json").write_text(json.dumps(cls_eval, indent=2))
-        cls_model = {
-            "name": "classifier",
-            "file": f.name,
-            "arch": f"{cfg['arch']}{_alpha_tag(cfg)} {size}x{size}",
-            "classes": list(LABELS6),
-            "run": str(cls),
-            "temperature": cls_eval["calibration"]["temperature"],
-            "confidence_threshold": cls_eval["calibration"]["confidence_threshold"],
-            "other_threshold": cls_eval["calibration"].get("other_threshold"),
-            "views": cls_views,
-            "sources": sorted({c.source for c in train_cells}),
-        }
-    for f in sorted(out.glob("*.tflite")):
-        if f.stem.endswith("_edgetpu"):
-            continue
-        r = check(f)
-        gates[f.name] = {"ok": r.ok, "problems": r.problems, "ops": r.ops}
-        tpu[f.name] = compile_model(f, out)
-        if not r.ok:
-            typer.echo(f"op gate FAILED for {f.name}: {r.problems}", err=True)
-            raise typer.Exit(1)
-    seg_eval = seg_release(members, data_root, out)
-    seg_eval["gate"], seg_eval["edgetpu"] = gates, tpu
-    (out / "seg_eval.json").write_text(json.dumps(seg_eval, indent=2))
-    path = build_manifest(out, seg_info, seg_eval, cls_model, cls_eval)
-    write_card(out, seg_eval, cls_eval, data_root)
+    except ReleaseError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"wrote {path} and {out / 'README.md'}")
 
 

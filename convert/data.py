@@ -505,3 +505,15 @@ def seg_eval_pairs(items: list[Item], cache_dir: Path) -> list[tuple[Item, np.nd
             continue
         out.append((it, read_rgb(it.image), read_mask(it.mask)))
     return out
+
+
+#: Sources with drawn masks: what segmenters are verified and released on.
+SEG_EVAL_SOURCES = ("zheng1", "zheng2", "bccd")
+
+
+def seg_split(
+    data_root: Path, split: str, cache: Path
+) -> list[tuple[Item, np.ndarray, np.ndarray]]:
+    """The evaluation pairs of one split (val, test) over SEG_EVAL_SOURCES."""
+    items = load_items(data_root, SEG_EVAL_SOURCES)
+    return seg_eval_pairs([i for i in items if i.split == split], cache)

@@ -26,21 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_wbc import taxonomy
+
 log = logging.getLogger(__name__)
 
-#: The fine classifier's outputs, in the manifest's order (edge_wbc.taxonomy.MODEL_CLASSES).
-FINE = (
-    "band_neutrophil",
-    "segmented_neutrophil",
-    "eosinophil",
-    "basophil",
-    "lymphocyte",
-    "monocyte",
-    "immature_granulocyte",
-    "erythroblast",
-    "platelet",
-    "other",
-)
+#: The fine classifier's outputs, in the manifest's order.
+FINE = taxonomy.MODEL_CLASSES
 #: What a coarser label allows among FINE (partial labels: a five-part "neutrophil" is band or
 #: segmented; a BCCD "other" box is a red cell or a platelet).
 ALLOWED: dict[str, tuple[str, ...]] = {c: (c,) for c in FINE} | {

@@ -93,6 +93,50 @@ def add_embedding_output(src: Path, dst: Path | None = None) -> Path:
     return dst
 
 
+def add_embedding_checked(
+    model: Path, out: Path, data_root: Path, check_images: int = 200
+) -> tuple[list[list[int]], int]:
+    """Write ``out`` as ``model`` with the embedding output, only when the op gate passes and
+    output 0 is bit-identical on ``check_images`` real crops; returns the edited model's output
+    shapes and the number of crops checked. Raises GraphEditError (or OSError reading
+    ``model``) with nothing written."""
+    import numpy as np
+    from edge_wbc_convert.data import load_items, read_rgb
+    from edge_wbc_convert.gate import check
+
+    from edge_wbc.pipeline import preprocess as pp
+    from edge_wbc.pipeline.inference import TFLiteModel
+
+    data = with_embedding_output(model.read_bytes())
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(data)
+    try:
+        gate_rep = check(tmp)
+        if not gate_rep.ok:
+            raise RuntimeError(f"op gate fails: {gate_rep.problems}")
+        a, b = TFLiteModel(model, threads=2), TFLiteModel(tmp, threads=2)
+        if len(b.outputs) != 2:
+            raise RuntimeError(f"edited model has {len(b.outputs)} outputs, not 2")
+        items = load_items(data_root, ("pbc", "bccd", "zheng1", "zheng2", "raabin"))
+        rng = np.random.default_rng(0)
+        picked = [items[i] for i in rng.permutation(len(items))[:check_images]]
+        if not picked:
+            raise RuntimeError(f"no images under {data_root} to check output 0 on")
+        size = a.input_hw[0]
+        for it in picked:
+            rgb = pp.white_balance(read_rgb(it.image))
+            h, w = rgb.shape[:2]
+            box = it.boxes[0] if it.boxes else (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
+            crop = pp.cell_crop(rgb, box, size)
+            if not np.array_equal(a.infer_pixels(crop)[0], b.infer_pixels(crop)[0]):
+                raise RuntimeError(f"output 0 differs on {it.image}")
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise GraphEditError(f"not written: {e}") from e
+    tmp.replace(out)
+    return [list(o.shape) for o in b.outputs], len(picked)
+
+
 def dense_head(buf: bytes) -> tuple[Any, Any, list[str]]:
     """The float weights (D, K) and bias (K,) of the FULLY_CONNECTED op that reads the
     embedding, dequantised from the int8 graph, and the names of its weight tensors."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edge_wbc_convert.data import seg_split
 from edge_wbc_convert.evaluate import (
     by_source,
     ensemble_maps,
@@ -17,48 +18,16 @@ from edge_wbc_convert.evaluate import (
     keras_prob_fn,
     tflite_prob_fn,
 )
+from edge_wbc_convert.sources import CLS_DATA_NOTES, DATA_CARDS
 
 from edge_wbc.pipeline import preprocess as pp
-from edge_wbc.pipeline.manifest import sha256_file, write_manifest
+from edge_wbc.pipeline.manifest import label_binding, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
 
-DATA_CARDS = {
-    "zheng1": {
-        "name": "Zheng et al. 2018, dataset 1 (Jiangxi Tecom, rapid stain)",
-        "licence": "GPL-3.0",
-        "url": "github.com/zxaoyou/segmentation_WBC",
-    },
-    "zheng2": {
-        "name": "Zheng et al. 2018, dataset 2 (CellaVision)",
-        "licence": "GPL-3.0",
-        "url": "github.com/zxaoyou/segmentation_WBC",
-    },
-    "bccd": {
-        "name": "BCCD fields with Banik et al. 2020 WBC masks",
-        "licence": "MIT",
-        "url": "github.com/Shenggan/BCCD_Dataset",
-    },
-    "raabin": {
-        "name": "Raabin-WBC part of TXL-PBC (boxes; GrabCut pseudo-masks)",
-        "licence": "MIT",
-        "url": "github.com/lugan113/TXL-PBC_Dataset",
-    },
-    "pbc": {
-        "name": "PBC (Acevedo et al. 2020), CellaVision DM96, WBCAtt split",
-        "licence": "CC BY 4.0",
-        "url": "data.mendeley.com/datasets/snkd93bnjr/1",
-    },
-}
 
-#: What a source gives the classifier where it differs from what it gives the segmenters.
-CLS_DATA_NOTES: dict[str, dict[str, str]] = {
-    "raabin": {
-        "name": "Raabin-WBC part of TXL-PBC (boxes; GrabCut pseudo-masks for the segmenters; "
-        "for the classifier, types from blinded reads in convert/reads/, cells whose type the "
-        "image does not settle left out)"
-    },
-}
+class ReleaseError(Exception):
+    """The runs cannot become a models folder; the message says why."""
 
 
 def tensor_quant(path: Path) -> dict[str, Any]:
@@ -98,11 +67,10 @@ def seg_release(
     """members: name -> (int8 .tflite, float .keras or None). Fit weights/threshold on val,
     then report every model and the ensemble per source on test (int8 as shipped), with the
     float-vs-int8 delta per model."""
-    from edge_wbc_convert.cli import _seg_split
     from edge_wbc_convert.quantize import load_keras
 
-    val = _seg_split(data_root, "val", cache)
-    test = _seg_split(data_root, "test", cache)
+    val = seg_split(data_root, "val", cache)
+    test = seg_split(data_root, "test", cache)
     q = {k: tflite_prob_fn(v[0]) for k, v in members.items()}
     log.info("val maps (%d images)", len(val))
     val_maps = {k: [f(p[1]) for p in val] for k, f in q.items()}
@@ -252,6 +220,10 @@ def build_manifest(
                 "date": now,
             }
         )
+    for m in models:
+        # Ties each file to its class list and output meaning: an edit of either after this
+        # point is refused by the device's loader.
+        m["label_binding"] = label_binding(m)
     raw = {
         "created": now,
         "ensemble": {
@@ -262,3 +234,93 @@ def build_manifest(
         "models": models,
     }
     return write_manifest(models_dir, raw)
+
+
+def alpha_tag(cfg: dict[str, Any]) -> str:
+    a = cfg.get("alpha")
+    return f"-{a:g}" if a is not None and cfg["arch"] == "mnv2" else ""
+
+
+def make_release(
+    seg_runs: dict[str, Path],
+    cls: Path | None,
+    out: Path,
+    data_root: Path,
+    *,
+    requantize: bool = False,
+    rep_samples: int = 200,
+    cls_views: int = 4,
+) -> Path:
+    """Quantize, gate, compile for the Edge TPU (when possible), fit the ensemble on val,
+    evaluate on test, calibrate the classifier, write manifest.json and the model card (its
+    path is returned). Raises ReleaseError when a model fails the op gate."""
+    from edge_wbc_convert.card import write_card
+    from edge_wbc_convert.edgetpu import compile_model
+    from edge_wbc_convert.gate import check
+    from edge_wbc_convert.quantize import quantize_run
+
+    out.mkdir(parents=True, exist_ok=True)
+    members: dict[str, tuple[Path, Path | None]] = {}
+    seg_info: dict[str, dict[str, Any]] = {}
+    gates: dict[str, Any] = {}
+    tpu: dict[str, Any] = {}
+    for name, run in seg_runs.items():
+        f = out / f"seg_{name}.tflite"
+        if requantize or not f.exists():
+            quantize_run(run, f, data_root, samples=rep_samples, seed=123)
+        cfg = json.loads((run / "config.json").read_text())
+        members[name] = (f, run / "best.keras")
+        seg_info[name] = {"file": f.name, "encoder": cfg["arch"], "run": str(run)}
+    cls_model = cls_eval = None
+    if cls is not None:
+        from edge_wbc_convert.cells import LABELS6, run_cells
+        from edge_wbc_convert.cls_eval import evaluate_classifier
+
+        from edge_wbc.pipeline.inference import TFLiteModel
+
+        cfg = json.loads((cls / "config.json").read_text())
+        f = out / "classifier.tflite"
+        if requantize or not f.exists():
+            quantize_run(cls, f, data_root, samples=rep_samples, seed=123)
+        size = int(cfg["input_hw"][0])
+        emb = TFLiteModel(f, threads=1).outputs[1:]
+        cls_eval = evaluate_classifier(
+            f,
+            cls / "best.keras",
+            run_cells(cls, "val"),
+            run_cells(cls, "test"),
+            size,
+            out,
+            views=cls_views,
+        )
+        if emb:
+            cls_eval["embedding_dim"] = int(emb[0].shape[-1])
+        train_cells = run_cells(cls, "train")
+        cls_eval["other_sources"] = sorted({c.source for c in train_cells if c.label == "other"})
+        (out / "cls_eval.json").write_text(json.dumps(cls_eval, indent=2))
+        cls_model = {
+            "name": "classifier",
+            "file": f.name,
+            "arch": f"{cfg['arch']}{alpha_tag(cfg)} {size}x{size}",
+            "classes": list(LABELS6),
+            "run": str(cls),
+            "temperature": cls_eval["calibration"]["temperature"],
+            "confidence_threshold": cls_eval["calibration"]["confidence_threshold"],
+            "other_threshold": cls_eval["calibration"].get("other_threshold"),
+            "views": cls_views,
+            "sources": sorted({c.source for c in train_cells}),
+        }
+    for f in sorted(out.glob("*.tflite")):
+        if f.stem.endswith("_edgetpu"):
+            continue
+        r = check(f)
+        gates[f.name] = {"ok": r.ok, "problems": r.problems, "ops": r.ops}
+        tpu[f.name] = compile_model(f, out)
+        if not r.ok:
+            raise ReleaseError(f"op gate FAILED for {f.name}: {r.problems}")
+    seg_eval = seg_release(members, data_root, out)
+    seg_eval["gate"], seg_eval["edgetpu"] = gates, tpu
+    (out / "seg_eval.json").write_text(json.dumps(seg_eval, indent=2))
+    path = build_manifest(out, seg_info, seg_eval, cls_model, cls_eval)
+    write_card(out, seg_eval, cls_eval, data_root)
+    return path

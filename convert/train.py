@@ -202,3 +202,147 @@ def seg_evaluator(
         return out
 
     return evaluate
+
+
+def init_from(model: Any, init: Path | None) -> Any:
+    """Second-stage training: same architecture, weights of an earlier run's model."""
+    if init is not None:
+        from edge_wbc_convert.quantize import load_keras
+
+        model.set_weights(load_keras(init).get_weights())
+    return model
+
+
+def train_segmenter(
+    encoder: str,
+    run_dir: Path,
+    data_root: Path,
+    *,
+    steps: int = 4000,
+    batch: int = 8,
+    lr: float = 2e-3,
+    seed: int = 0,
+    eval_every: int = 500,
+    threads: int = 1,
+    weights: str | None = None,
+    sources: tuple[str, ...] = ("zheng1", "zheng2", "bccd", "raabin"),
+    hw: tuple[int, int] = (192, 256),
+    init: Path | None = None,
+    native_p: float = 0.3,
+    source_weights: dict[str, float] | None = None,
+    mono_p: float = 0.08,
+) -> Path:
+    """Train one U-Net segmenter (resumes from RUN_DIR/last.keras when present); returns the
+    best model's path."""
+    from edge_wbc_convert.architectures import build_unet
+    from edge_wbc_convert.data import SegSampler, load_items, seg_eval_pairs
+
+    cfg = TrainConfig(
+        "segmentation", encoder, str(run_dir), str(data_root), steps, batch, lr, seed,
+        eval_every, hw, threads, weights,
+    )  # fmt: skip
+    items = load_items(data_root, sources)
+    sampler = SegSampler(
+        [i for i in items if i.split == "train"],
+        hw,
+        run_dir.parent / "cache",
+        seed,
+        native_p=native_p,
+        weights=source_weights,
+        mono_p=mono_p,
+    )
+    val = seg_eval_pairs(
+        [i for i in items if i.split == "val" and i.source != "raabin"], run_dir.parent / "cache"
+    )
+    return train(
+        cfg,
+        lambda: sampler.batch(batch),
+        seg_evaluator(val),
+        lambda: init_from(build_unet(encoder, hw, weights=weights), init),
+        seg_loss,
+        "iou_mean",
+    )
+
+
+def cls_evaluator(
+    cells: list[Any], size: int, max_per_source: int = 600
+) -> Callable[[Any], dict[str, float]]:
+    """Validation accuracy per source of the float classifier, at most ``max_per_source`` cells
+    of each (a fixed draw), crops made without augmentation."""
+    from edge_wbc_convert.cells import LABELS6, CropSampler
+
+    rng = np.random.default_rng(0)
+    by_src: dict[str, list[Any]] = {}
+    for c in cells:
+        by_src.setdefault(c.source, []).append(c)
+    chosen = []
+    for _s, v in by_src.items():
+        idx = rng.permutation(len(v))[:max_per_source]
+        chosen.extend(v[i] for i in idx)
+    sampler = CropSampler(chosen, size, augment=False)
+    xs = np.stack([sampler.crop(c, None, False) for c in chosen])
+    ys = np.array([LABELS6.index(c.label) for c in chosen])
+    srcs = [c.source for c in chosen]
+
+    def evaluate(model: Any) -> dict[str, float]:
+        pred = np.concatenate(
+            [np.asarray(model(xs[i : i + 1], training=False)).argmax(1) for i in range(len(xs))]
+        )
+        out = {}
+        for s in sorted(set(srcs)):
+            m = np.array([t == s for t in srcs])
+            out[f"acc_{s}"] = float((pred[m] == ys[m]).mean())
+        out["acc_mean"] = float(np.mean(list(out.values())))
+        return out
+
+    return evaluate
+
+
+def train_classifier(
+    run_dir: Path,
+    segmenter: Path,
+    data_root: Path,
+    *,
+    arch: str = "mnv2",
+    size: int = 96,
+    alpha: float = 0.5,
+    steps: int = 4000,
+    batch: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    eval_every: int = 500,
+    threads: int = 1,
+    weights: str | None = None,
+    init: Path | None = None,
+    source_weights: dict[str, float] | None = None,
+) -> Path:
+    """Train the cell classifier (five types + 'other') on crops made by the device's rule;
+    the run's cells are boxed through ``segmenter`` on its first call. Returns the best model's
+    path."""
+    import keras
+    from edge_wbc_convert.architectures import build_classifier
+    from edge_wbc_convert.cells import LABELS6, CropSampler, prepare_cells, run_cells
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cells = (
+        run_cells(run_dir)
+        if (run_dir / "cells.json").exists()
+        else prepare_cells(run_dir, data_root, segmenter)
+    )
+    cfg = TrainConfig(
+        "classification", arch, str(run_dir), str(data_root), steps, batch, lr, seed,
+        eval_every, (size, size), threads, weights, alpha,
+    )  # fmt: skip
+    sampler = CropSampler(
+        [c for c in cells if c.split == "train"], size, seed, source_weights=source_weights
+    )
+    evaluate = cls_evaluator([c for c in cells if c.split == "val"], size)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=0.05)
+    return train(
+        cfg,
+        lambda: sampler.batch(batch),
+        evaluate,
+        lambda: init_from(build_classifier(arch, size, len(LABELS6), weights, alpha), init),
+        loss,
+        "acc_mean",
+    )

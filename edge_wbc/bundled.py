@@ -11,6 +11,7 @@ installed-models folder that ``install-pi.sh`` and an update write, then the pac
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -48,19 +49,19 @@ def packaged_samples() -> Path:
 def locate_models(
     configured: str = "",
     flag: str | os.PathLike[str] | None = None,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
     installed: Path = INSTALLED_MODELS,
 ) -> ModelsLocation:
     """The models folder to use and why. Explicit choices (flag, config, environment) are
     returned even when they hold no manifest, so the error names the folder the user chose
     instead of silently falling back to other models."""
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     if flag:
         return ModelsLocation(Path(flag), "--models")
     if configured:
         return ModelsLocation(Path(configured), "models.dir")
-    if env.get(MODELS_ENV):
-        return ModelsLocation(Path(env[MODELS_ENV]), MODELS_ENV)
+    if environ.get(MODELS_ENV):
+        return ModelsLocation(Path(environ[MODELS_ENV]), MODELS_ENV)
     if (installed / MANIFEST).is_file():
         return ModelsLocation(installed, "installed")
     return ModelsLocation(packaged_models(), "packaged")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_wbc import taxonomy
 from edge_wbc.accelerators import ACCELERATORS, CPU, DELEGATES
 from edge_wbc.inputs import MAX_TARGET, hidden_char
 
@@ -44,9 +45,31 @@ DEFAULT_CONFIG_PATH = Path("/etc/edge-wbc/config.toml")
 CRED_TOKEN = "token"
 CRED_MQTT_PASSWORD = "mqtt-password"
 CRED_MQTT_TLS_KEY = "mqtt-tls-key"
+CRED_LIS_FHIR_TOKEN = "lis-fhir-token"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_SOURCE_RE = re.compile(r"^(samples|folder:.+|opencv:.+|picamera2(:\d+)?)$")
+LIS_DELIVERIES = ("off", "folder", "mllp", "fhir")
+LIS_FORMATS = ("hl7", "fhir")
+HL7_PROCESSING_IDS = ("P", "T", "D")
+
+
+#: The camera sources, as messages list them.
+CAMERA_SOURCES = ("'picamera2' (or 'picamera2:N'), 'opencv:0' (or 'opencv:/dev/video0'), "
+                  "'folder:DIR' or 'samples'")
+
+
+def split_camera_source(spec: str) -> tuple[str, str] | None:
+    """The one syntax of ``[camera] source``: 'folder:DIR' -> ('folder', 'DIR'), 'opencv:0' or
+    'opencv:/dev/video0' -> ('opencv', ...), 'picamera2[:N]' -> ('picamera2', N or '0'),
+    'samples' -> ('samples', ''); None for anything else. edge_wbc.camera opens what it names."""
+    if spec == "samples":
+        return "samples", ""
+    kind, _, arg = spec.partition(":")
+    if kind in ("folder", "opencv") and arg:
+        return kind, arg
+    if kind == "picamera2" and (not arg or (arg.isascii() and arg.isdigit())):
+        return kind, arg or "0"
+    return None
 
 
 def _f(default: Any, doc: str, **meta: Any) -> Any:
@@ -95,6 +118,11 @@ class ModelsConfig:
     require_accelerator: bool = _f(
         False,
         "Refuse to start when the accelerator cannot be opened instead of falling back to CPU.",
+    )
+    adaptation: str | None = _f(
+        None, "This lab's adaptation folder (written by 'edge-wbc adapt fit'): a classifier head "
+        "fitted on the lab's reviewed cells, with its own threshold. Unset: the shipped head. "
+        "It must have been fitted on this classifier (sha256-checked at start).", path=True,
     )
 
 
@@ -166,6 +194,10 @@ class SessionConfig:
         0.5, "A field overlapping the previous one by more than this fraction is flagged as a "
         "duplicate and its already-counted cells are not counted again.", min=0.0, max=1.0,
     )
+    backups_keep: int = _f(
+        7, "Database backups kept in <data_dir>/backups (one is made at each finalised slide, "
+        "the oldest dropped beyond this number); 0 makes none.", min=0, max=1000,
+    )
 
 
 @dataclass(frozen=True)
@@ -223,10 +255,126 @@ class MqttConfig:
     commands_enabled: bool = _f(False, "Accept capture/slide commands from the broker.")
     ha_discovery: bool = _f(False, "Publish Home Assistant discovery for the differential sensors.")
     outbox_max: int = _f(
-        100000, "Events kept for the broker while it is unreachable; beyond it the oldest are "
-        "dropped with a warning.", min=100, max=10_000_000,
+        100000, "Events kept for the broker while it is unreachable. When full, the oldest "
+        "field summary is dropped to make room, else the oldest cell event of a slide whose final "
+        "report is queued; cell and slide events of open slides are never dropped (kept above "
+        "the limit, a new field summary refused). A warning shows on the page and in stats; the "
+        "database keeps everything.", min=100, max=10_000_000,
     )
     stats_interval_s: float = _f(60.0, "Seconds between health messages.", min=1.0, max=86400.0)
+
+    @property
+    def use_tls(self) -> bool:
+        return bool(self.tls or self.tls_ca or self.tls_cert)
+
+    @property
+    def effective_client_id(self) -> str:
+        return self.client_id or f"edge-wbc-{self.station_id}"
+
+    def topic(self, *levels: str) -> str:
+        """``<prefix>/<station_id>/<levels...>``: every topic this station uses."""
+        return "/".join((self.prefix, self.station_id, *levels))
+
+
+@dataclass(frozen=True)
+class FormulaConfig:
+    preset: str = _f(
+        taxonomy.DEFAULT_PRESET, "The leukocyte formula to start from: 'five-part' (neutrophil, "
+        "eosinophil, basophil, lymphocyte, monocyte) or 'ru' (basophils, eosinophils, "
+        "myelocytes, metamyelocytes, band, segmented, lymphocytes, monocytes, plasma cells).",
+        choices=tuple(taxonomy.PRESETS),
+    )
+    counted: tuple[str, ...] | None = _f(
+        None, "Rows that count toward the target, in the order shown: classes or groups "
+        "(a group row such as 'neutrophil' holds band and segmented too). Unset: the preset's. "
+        "A leukocyte class no row lists still counts, in a row of its own.",
+    )
+    per_100_wbc: tuple[str, ...] | None = _f(
+        None, "Rows reported per 100 counted leukocytes and not counted ('erythroblast' or "
+        "'nrbc'). Unset: the preset's (an erythroblast then gets a row when one is seen).",
+    )
+    count_only: tuple[str, ...] | None = _f(
+        None, "Rows reported as counts only: smudge cells, platelets, giant platelets, "
+        "artefacts, other. Unset: the preset's (none: such cells are set aside as "
+        "'not a leukocyte').",
+    )
+    flags: tuple[str, ...] | None = _f(
+        None, "Alerts shown on the page, written in the report and sent over MQTT: "
+        "'<class or group> > N' (cells) or '<class or group> > N%' (per 100 counted "
+        "leukocytes), e.g. 'blast > 0', 'band_neutrophil > 6%', 'erythroblast > 1%'. "
+        "Unset: the preset's ('blast > 0').",
+    )
+
+    def build(self) -> taxonomy.Formula:
+        """The formula this section describes (validated when the config was loaded)."""
+        return taxonomy.formula_or_raise(
+            preset=self.preset, counted=self.counted, per_100_wbc=self.per_100_wbc,
+            count_only=self.count_only, flags=self.flags,
+        )
+
+
+@dataclass(frozen=True)
+class LisConfig:
+    delivery: str = _f(
+        "off", "How finalised slides reach the laboratory information system: 'off', 'folder' "
+        "(one file per slide, written atomically), 'mllp' (HL7 v2 over TCP, waits for the "
+        "ACK) or 'fhir' (POST of a FHIR R4 transaction Bundle).", choices=LIS_DELIVERIES,
+    )
+    folder: str | None = _f(
+        None, "Folder the 'folder' delivery writes to (e.g. a share the LIS imports from).",
+        path=True,
+    )
+    format: str = _f(
+        "hl7", "File format of the 'folder' delivery: 'hl7' (ORU^R01) or 'fhir' (Bundle JSON).",
+        choices=LIS_FORMATS,
+    )
+    host: str | None = _f(None, "MLLP: the LIS interface engine's host name or address.")
+    port: int = _f(2575, "MLLP: its TCP port (2575 is HL7's registered port).", min=1,
+                   max=65535)
+    fhir_url: str | None = _f(
+        None, "FHIR: the server's base URL (https://...); the Bundle is POSTed to it.",
+        check="url",
+    )
+    fhir_token: str | None = _f(
+        None, "FHIR: bearer token. Secret: only from EDGE_WBC_LIS_FHIR_TOKEN or the systemd "
+        f"credential '{CRED_LIS_FHIR_TOKEN}', never from this file.", secret=True,
+    )
+    timeout_s: float = _f(
+        10.0, "Seconds to wait for a connection and for the LIS's answer (ACK or HTTP status) "
+        "before the attempt counts as failed and is retried.", min=0.1, max=600.0,
+    )
+    retry_s: float = _f(
+        30.0, "Seconds before the first retry while the LIS is unreachable; doubles after "
+        "each failure, up to 10 minutes.", min=1.0, max=3600.0,
+    )
+    sending_application: str = _f("EDGE-WBC", "HL7 MSH-3: this station's application name.",
+                                  check="hl7")
+    sending_facility: str = _f(
+        "", "HL7 MSH-4: the laboratory (unset: the station id).", check="hl7"
+    )
+    receiving_application: str = _f("", "HL7 MSH-5: the LIS application.", check="hl7")
+    receiving_facility: str = _f("", "HL7 MSH-6: the LIS facility.", check="hl7")
+    processing_id: str = _f(
+        "P", "HL7 MSH-11: 'P' production, 'T' training, 'D' debugging.",
+        choices=HL7_PROCESSING_IDS,
+    )
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    require_sample_id: bool = _f(
+        True, "Refuse to finalise a slide that has no sample ID (started without one and never "
+        "given one).",
+    )
+    require_operator: bool = _f(
+        False, "Refuse to finalise a slide until a name or ID of who counted or who signs off "
+        "is entered (at the start of the slide or at finalise).",
+    )
+    timezone: str = _f(
+        "", "Time zone of the times in reports (IANA name, e.g. 'Europe/Berlin'); unset: the "
+        "station's own local time zone. Times carry their UTC offset either way.",
+        check="timezone",
+    )
 
 
 @dataclass(frozen=True)
@@ -243,6 +391,9 @@ SECTIONS: dict[str, type] = {
     "session": SessionConfig,
     "station": StationConfig,
     "mqtt": MqttConfig,
+    "formula": FormulaConfig,
+    "lis": LisConfig,
+    "report": ReportConfig,
     "logging": LoggingConfig,
 }
 
@@ -255,6 +406,9 @@ class Config:
     session: SessionConfig = field(default_factory=SessionConfig)
     station: StationConfig = field(default_factory=StationConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    formula: FormulaConfig = field(default_factory=FormulaConfig)
+    lis: LisConfig = field(default_factory=LisConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: The file this came from (None: defaults and environment only).
     path: Path | None = field(default=None, compare=False)
@@ -346,6 +500,7 @@ def load_config(
     problems: list[Problem] = []
     values = _as_dict(Config())
     file_lines: dict[str, int] = {}
+    text = ""
     src = "defaults"
     cfg_path = Path(path) if path is not None else None
 
@@ -384,7 +539,8 @@ def load_config(
     if not values["mqtt"]["station_id"]:
         values["mqtt"]["station_id"] = _hostname()
 
-    cfg, more = _build(values, lambda s, k: file_lines.get(f"{s}.{k}"), src, cfg_path)
+    cfg, more = _build(values, lambda s, k: file_lines.get(f"{s}.{k}"), src, cfg_path,
+                       lambda s, k, item: _item_line(text, file_lines.get(f"{s}.{k}"), item))
     problems += more
     if problems:
         raise ConfigError(problems)
@@ -481,34 +637,42 @@ def _apply_env(env: Mapping[str, str], values: dict[str, dict[str, Any]]) -> lis
     return problems
 
 
+#: Where each secret comes from: environment variables (first set wins), then the systemd
+#: credential of that name in $CREDENTIALS_DIRECTORY.
+SECRETS: dict[str, tuple[tuple[str, ...], str]] = {
+    "station.token": (("EDGE_WBC_TOKEN", "EDGE_WBC_STATION_TOKEN"), CRED_TOKEN),
+    "mqtt.password": (("EDGE_WBC_MQTT_PASSWORD",), CRED_MQTT_PASSWORD),
+    "lis.fhir_token": (("EDGE_WBC_LIS_FHIR_TOKEN",), CRED_LIS_FHIR_TOKEN),
+}
+
+
+def read_secret(dotted: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The secret ``dotted`` (a key of SECRETS) or None; OSError/UnicodeDecodeError when its
+    credential file exists but cannot be read. Also for commands without a config (monitor)."""
+    env = os.environ if env is None else env
+    env_names, cred = SECRETS[dotted]
+    for n in env_names:
+        if env.get(n):
+            return env[n]
+    creds = env.get("CREDENTIALS_DIRECTORY", "")
+    p = Path(creds) / cred
+    if not creds or not p.is_file():
+        return None
+    # A trailing newline from `echo secret > file` is not part of the secret. The installer
+    # creates empty credential files so LoadCredential= never fails: empty means "not set".
+    return p.read_text(encoding="utf-8").rstrip("\r\n") or None
+
+
 def _apply_secrets(env: Mapping[str, str], values: dict[str, dict[str, Any]]) -> list[Problem]:
     problems: list[Problem] = []
-    creds = env.get("CREDENTIALS_DIRECTORY", "")
-    for dotted, env_names, cred in (
-        ("station.token", ("EDGE_WBC_TOKEN", "EDGE_WBC_STATION_TOKEN"), CRED_TOKEN),
-        ("mqtt.password", ("EDGE_WBC_MQTT_PASSWORD",), CRED_MQTT_PASSWORD),
-    ):
+    for dotted in SECRETS:
         sec, key = dotted.split(".")
-        value: str | None = None
-        for n in env_names:
-            if env.get(n):
-                value = env[n]
-                break
-        if value is None and creds:
-            p = Path(creds) / cred
-            if p.is_file():
-                try:
-                    # A trailing newline from `echo secret > file` is not part of the secret.
-                    value = p.read_text(encoding="utf-8").rstrip("\r\n")
-                except (OSError, UnicodeDecodeError) as e:
-                    problems.append(Problem(dotted, None, f"cannot read credential {p}: {e}",
-                                            "credentials"))
-                    continue
-                if not value:
-                    # The installer creates empty credential files so LoadCredential= never
-                    # fails on a missing file: empty means "not set".
-                    value = None
-        values[sec][key] = value
+        try:
+            values[sec][key] = read_secret(dotted, env)
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(Problem(dotted, None, f"cannot read credential "
+                                    f"'{SECRETS[dotted][1]}': {e}", "credentials"))
+            values[sec][key] = None
     return problems
 
 
@@ -517,6 +681,7 @@ def _build(
     line_of: typing.Callable[[str, str], int | None],
     src: str,
     path: Path | None,
+    item_line: typing.Callable[[str, str, str], int | None] | None = None,
 ) -> tuple[Config, list[Problem]]:
     """Construct the tree and run the checks that involve more than one key."""
     cfg = Config(**{s: cls(**values[s]) for s, cls in SECTIONS.items()}, path=path)
@@ -537,7 +702,38 @@ def _build(
         bad("mqtt", "tls_key", "a client key needs tls_cert")
     if m.password and not m.username:
         bad("mqtt", "username", "a password is set but no username")
+    if not m.prefix:
+        bad("mqtt", "prefix", "must not be empty (it is the first level of every topic)")
+    if m.host:
+        for key in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(m, key)
+            if path and not os.access(path, os.R_OK):
+                bad("mqtt", key, f"cannot read {path}")
+    fc = cfg.formula
+    _, fproblems = taxonomy.build_formula(fc.preset, fc.counted, fc.per_100_wbc, fc.count_only,
+                                          fc.flags)
+    for fp in fproblems:
+        line = None
+        if fp.item is not None and item_line is not None:
+            line = item_line("formula", fp.key, fp.item)
+        problems.append(Problem(f"formula.{fp.key}", line or line_of("formula", fp.key),
+                                fp.message, src))
+    lis = cfg.lis
+    needs = {"folder": ("folder", "a folder to write to"), "mllp": ("host", "the LIS host"),
+             "fhir": ("fhir_url", "the FHIR server's base URL")}.get(lis.delivery)
+    if needs and not getattr(lis, needs[0]):
+        bad("lis", needs[0], f"delivery = '{lis.delivery}' needs {needs[1]} ({needs[0]})")
+    if lis.fhir_token and lis.fhir_url and lis.fhir_url.startswith("http://") \
+            and not is_loopback(_url_host(lis.fhir_url)):
+        bad("lis", "fhir_url", "a bearer token would cross the network in clear text: use "
+            "https:// (plain http only to this machine)")
     return cfg, problems
+
+
+def _url_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or ""
 
 
 def is_loopback(host: str) -> bool:
@@ -581,6 +777,9 @@ def _secret_msg(sec: str, key: str) -> str:
     if key == "token":
         return (f"secrets are not read from here: set EDGE_WBC_TOKEN or the systemd credential "
                 f"'{CRED_TOKEN}'")
+    if sec == "lis":
+        return ("secrets are not read from here: set EDGE_WBC_LIS_FHIR_TOKEN or the systemd "
+                f"credential '{CRED_LIS_FHIR_TOKEN}'")
     return ("secrets are not read from here: set EDGE_WBC_MQTT_PASSWORD or the systemd "
             f"credential '{CRED_MQTT_PASSWORD}'")
 
@@ -636,6 +835,10 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             return False, None, "must be a finite number"
+    elif typing.get_origin(base) is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            return False, None, f"must be an array of strings, got {_describe(value)}"
+        value = tuple(v.strip() for v in value)
     elif base is str:
         if not isinstance(value, str):
             return False, None, f"must be a string, got {_describe(value)}"
@@ -650,7 +853,7 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
         return False, None, f"{value!r} is above the maximum {hi!r}"
     choices = meta.get("choices")
     if choices:
-        v = value.upper() if choices is LOG_LEVELS else value.lower()
+        v = value.upper() if all(c.isupper() for c in choices) else value.lower()
         if v not in choices:
             return False, None, f"{value!r} is not one of {', '.join(choices)}"
         value = v
@@ -659,13 +862,25 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
             return False, None, "must not be empty"
         value = os.path.expanduser(value)
     check = meta.get("check")
-    if check == "source" and not _SOURCE_RE.match(value):
-        return False, None, (f"{value!r} is not a camera source: use 'picamera2', 'opencv:0' "
-                             "(or 'opencv:/dev/video0'), 'folder:DIR' or 'samples'")
+    if check == "source" and split_camera_source(value) is None:
+        return False, None, f"{value!r} is not a camera source: use {CAMERA_SOURCES}"
     tpu = DELEGATES["edgetpu"]
     if check == "edgetpu" and value and not tpu.device_ok(value):
         spellings = ", ".join(repr(s) for s in tpu.device_spellings)
         return False, None, f"{value!r} is not an {tpu.label} device ({spellings})"
+    if check == "url" and value and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        return False, None, f"{value!r} is not an http:// or https:// URL"
+    if check == "hl7" and re.search(r"[|^~\\&\r\n]", value):
+        return False, None, (f"{value!r} must not contain the HL7 delimiters | ^ ~ \\ & "
+                             "(it goes into one MSH field)")
+    if check == "timezone" and value:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            return False, None, (f"{value!r} is not a time zone this system knows (an IANA "
+                                 "name such as 'Europe/Berlin'; unset: the station's own)")
     if check == "topic" and value and (re.search(r"[#+/\s\x00]", value)):
         return False, None, (f"{value!r} must not contain '/', '+', '#' or spaces "
                              "(it is a topic level)")
@@ -695,6 +910,9 @@ def _parse_env(fdef: dataclasses.Field[Any], raw: str) -> Any:
             return float(s)
         except ValueError:
             return raw
+    if typing.get_origin(base) is tuple:
+        # A list in one variable: EDGE_WBC_FORMULA_FLAGS="blast > 0, eosinophil > 5%".
+        return [p.strip() for p in s.split(",") if p.strip()]
     return raw
 
 
@@ -747,6 +965,21 @@ def key_lines(text: str) -> dict[str, int]:
             if rest.count(q) == 1:
                 in_ml = q
     return out
+
+
+def _item_line(text: str, key_line: int | None, item: str) -> int | None:
+    """The line of one string inside an array that starts at ``key_line`` (an array written
+    over several lines puts each problem on its own line)."""
+    if key_line is None:
+        return None
+    lines = text.splitlines()
+    for n in range(key_line, len(lines) + 1):
+        line = lines[n - 1]
+        if f'"{item}"' in line or f"'{item}'" in line:
+            return n
+        if n > key_line and ("]" in line.split("#", 1)[0] or _KEY_RE.match(line)):
+            break
+    return key_line
 
 
 def _toml_error_line(e: Exception) -> int | None:

@@ -290,7 +290,7 @@ else
   note "create $CRED_DIR (root only)"
   [ "$DRY" = 1 ] || install -d -m 0700 "$ROOT$CRED_DIR"
 fi
-for c in mqtt-password mqtt-tls-key token; do
+for c in mqtt-password mqtt-tls-key token lis-fhir-token; do
   # Empty means "not set"; LoadCredential= needs the file to exist.
   if [ -f "$ROOT$CRED_DIR/$c" ]; then ok "credential $c present"
   else

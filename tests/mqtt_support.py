@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_wbc.comms.mqtt import MqttPublisher, MqttSettings
+from edge_wbc.comms.mqtt import MqttPublisher
+from edge_wbc.config import MqttConfig
 from edge_wbc.counting import outbox
 from edge_wbc.pipeline.results import CLASSES
 
@@ -259,20 +260,29 @@ class SimStation:
         self.conn.close()
 
 
-def settings(port: int, station: str, **kw: Any) -> MqttSettings:
+def settings(port: int, station: str, **kw: Any) -> MqttConfig:
+    """The [mqtt] section a test station uses (keepalive 5 s so a dead client shows soon)."""
     base: dict[str, Any] = {"host": "127.0.0.1", "port": port, "station_id": station,
                             "client_id": f"edge-wbc-{station}", "keepalive": 5,
-                            "reconnect_min_s": 1, "reconnect_max_s": 2,
                             "stats_interval_s": 60.0}
     base.update(kw)
-    return MqttSettings(**base)
+    return MqttConfig(**base)
+
+
+#: Reconnect back-off for tests: a restarted broker is found within 2 s, not 60.
+TEST_RECONNECT_S = (1, 2)
+
+
+def publisher(cfg: MqttConfig, db_path: Any, **kw: Any) -> MqttPublisher:
+    kw.setdefault("reconnect_s", TEST_RECONNECT_S)
+    return MqttPublisher(cfg, db_path, **kw)
 
 
 @contextlib.contextmanager
-def sim_with_publisher(db_path: Path, s: MqttSettings, **kw: Any
+def sim_with_publisher(db_path: Path, s: MqttConfig, **kw: Any
                        ) -> Iterator[tuple[SimStation, MqttPublisher]]:
     holder: dict[str, SimStation] = {}
-    pub = MqttPublisher(s, db_path, state_provider=lambda: holder["sim"].state(), **kw)
+    pub = publisher(s, db_path, state_provider=lambda: holder["sim"].state(), **kw)
     sim = SimStation(db_path, s.station_id, listener=pub.publish)
     holder["sim"] = sim
     pub.start()
@@ -311,8 +321,8 @@ def _session_main(args: argparse.Namespace) -> None:
     store = Store(args.db, mqtt=True)
     fan = Fanout()
     holder: dict[str, Any] = {}
-    pub = MqttPublisher(settings(args.port, args.station), store.db_path,
-                        state_provider=lambda: holder["s"].state())
+    pub = publisher(settings(args.port, args.station), store.db_path,
+                    state_provider=lambda: holder["s"].state())
     fan.subscribe(pub.publish)
     session = holder["s"] = SlideSession(store, fan, default_target=100,
                                          station_id=args.station)
@@ -418,7 +428,7 @@ def _bench(n: int) -> None:
         enq = time.perf_counter() - t
         broker = Mosquitto(d / "broker").start()
         col = Collector(broker.port, "edge-wbc/+/cell").wait_subscribed()
-        pub = MqttPublisher(settings(broker.port, "bench"), d / "o.db")
+        pub = publisher(settings(broker.port, "bench"), d / "o.db")
         t = time.perf_counter()
         pub.start()
         wait_for(lambda: outbox.depth(conn) == 0, 300, "drain")
@@ -454,7 +464,7 @@ def _main() -> None:
         return
     s = settings(args.port, args.station)
     holder: dict[str, SimStation] = {}
-    pub = MqttPublisher(s, args.db, state_provider=lambda: holder["sim"].state()) \
+    pub = publisher(s, args.db, state_provider=lambda: holder["sim"].state()) \
         if args.publish else None
     sim = SimStation(Path(args.db), args.station, listener=pub.publish if pub else None)
     holder["sim"] = sim

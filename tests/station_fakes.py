@@ -72,7 +72,8 @@ class RunningStation:
 
     def __init__(self, data_dir, source: str = "folder:samples/fields", *, analyzer=None,
                  target: int = 100, queue_max: int = 4, token: str | None = None,
-                 host: str = "127.0.0.1", preview_fps: float = 5.0) -> None:
+                 host: str = "127.0.0.1", preview_fps: float = 5.0, formula=None,
+                 mqtt: bool = False) -> None:
         from functools import partial
 
         from edge_wbc.camera import open_source
@@ -84,7 +85,7 @@ class RunningStation:
         from edge_wbc.station.server import EventHub, StationServer, serve_in_thread
 
         self.analyzer = analyzer or FakeAnalyzer()
-        self.store = Store(data_dir)
+        self.store = Store(data_dir, mqtt=mqtt)
         self.fanout = Fanout()
         self.hub = EventHub()
         self.fanout.subscribe(self.hub)
@@ -95,7 +96,8 @@ class RunningStation:
             {"name": "fake-analyzer", "file": "-", "sha256": "0" * 64, "task": "segmentation"}]}
         self.session = SlideSession(self.store, self.fanout, default_target=target, models=models,
                                     station_id="test-station",
-                                    reporter=partial(write_reports, data_dir=self.store.data_dir))
+                                    reporter=partial(write_reports, data_dir=self.store.data_dir),
+                                    formula=formula)
         self.source = open_source(source)
         self.station = Station(self.source, self.analyzer.analyze, self.session, self.fanout,
                                queue_max=queue_max, info={"accelerator": "cpu"})

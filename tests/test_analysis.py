@@ -145,7 +145,15 @@ def test_calibration_and_unidentified() -> None:
     assert decide(np.array([0.1, 0, 0, 0, 0, 0.9]), six, 0.5).label == OTHER
     # An unsure "other" is not dropped from the count: it goes to review.
     assert decide(np.array([0.25, 0.2, 0.1, 0.1, 0.05, 0.3]), six, 0.5).label == UNIDENTIFIED
-    assert decide(np.array([0.1, 0, 0, 0, 0, 0, 0.9]), (*six, "platelet"), 0.5).label == OTHER
+    # Every class of the taxonomy keeps its name (the formula decides where it counts); a
+    # platelet is "not a leukocyte" like other and needs the same higher bar.
+    assert decide(np.array([0.1, 0, 0, 0, 0, 0, 0.9]), (*six, "platelet"), 0.5).label == "platelet"
+    assert decide(np.array([0.1, 0, 0, 0, 0, 0, 0.9]), (*six, "platelet"), 0.5,
+                  other_threshold=0.95).label == UNIDENTIFIED
+    for extra in ("immature_granulocyte", "erythroblast"):
+        assert decide(np.array([0.1, 0, 0, 0, 0, 0, 0.9]), (*six, extra), 0.5).label == extra
+    # A class the table does not know goes to review, never out of the count.
+    assert decide(np.array([0.1, 0, 0, 0, 0, 0, 0.9]), (*six, "mystery"), 0.5).label == UNIDENTIFIED
     # "other" has its own, higher bar: below it the cell is reviewed, never silently dropped;
     # a leukocyte call at the same confidence is counted as usual.
     p_other = np.array([0.1, 0.05, 0, 0, 0, 0.85])

@@ -46,7 +46,7 @@ def test_shipped_example_passes_and_documents_every_setting() -> None:
     text = EXAMPLE.read_text()
     for sec, key, _default, doc in schema_doc():
         assert doc, f"{sec}.{key} has no description"
-        if (sec, key) in (("station", "token"), ("mqtt", "password")):
+        if (sec, key) in (("station", "token"), ("mqtt", "password"), ("lis", "fhir_token")):
             continue  # secrets are documented at the top, never set in the file
         # present as a setting or as a commented-out example within its section
         section_text = text.split(f"[{sec}]", 1)[1].split("\n[", 1)[0]
@@ -224,3 +224,22 @@ def test_every_field_has_a_description() -> None:
         for f in dataclasses.fields(cls):
             assert len(f.metadata.get("doc", "")) > 10, f"{cls.__name__}.{f.name}"
     assert isinstance(Config(), Config)
+
+
+def test_example_and_docs_say_what_the_outbox_drops() -> None:
+    """#15.21: the example, the schema's description and docs/mqtt.md give one policy (the one
+    edge_wbc.counting.outbox implements): field summaries first, never open slides' cells."""
+    doc = next(d for sec, key, _v, d in schema_doc() if (sec, key) == ("mqtt", "outbox_max"))
+    lines = EXAMPLE.read_text().split("\n[mqtt]", 1)[1].split("\noutbox_max =", 1)[0]
+    comment = []
+    for line in reversed(lines.splitlines()):
+        if not line.startswith("# "):
+            break
+        comment.insert(0, line[2:])
+    assert " ".join(comment) == doc
+    mqtt_md = (EXAMPLE.parents[1] / "docs" / "mqtt.md").read_text()
+    for text in (doc, mqtt_md):
+        flat = " ".join(text.split())
+        assert "oldest field summary" in flat or "oldest queued **field** summary" in flat
+        assert "never dropped" in flat or "**never dropped**" in flat
+        assert "oldest are dropped" not in flat

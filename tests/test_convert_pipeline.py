@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 
 
 def convert(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    # This checkout first, then whatever the caller had (a worktree's path to its convert/).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = os.environ | {"PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         [sys.executable, "-m", "edge_wbc_convert.cli", *args],
         cwd=cwd,

@@ -20,7 +20,7 @@ from edge_wbc.pipeline.classify import CellClassifier
 from edge_wbc.pipeline.heads import LinearHead
 from edge_wbc.pipeline.imageio import read_image
 from edge_wbc.pipeline.inference import TFLiteModel
-from edge_wbc.pipeline.manifest import ManifestError, load_manifest, sha256_file
+from edge_wbc.pipeline.manifest import ManifestError, label_binding, load_manifest, sha256_file
 
 TESTS = Path(__file__).parent
 FIXTURE_MODELS = TESTS / "fixtures" / "models"
@@ -76,6 +76,7 @@ def _models_with_embedding(tmp_path: Path, declare: object) -> Path:
     cls["sha256"] = sha256_file(tmp_path / "cls_colour.tflite")
     if declare is not None:
         cls["embedding"] = declare
+    cls["label_binding"] = label_binding(cls)  # a release of the edited model
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     return tmp_path
 
@@ -112,6 +113,7 @@ def test_manifest_and_model_must_agree_on_the_embedding(tmp_path: Path) -> None:
     raw = json.loads((models / "manifest.json").read_text())
     cls = next(m for m in raw["models"] if m["task"] == "classification")
     cls["embedding"] = {"shape": [2, 3]}
+    cls["label_binding"] = label_binding(cls)
     (models / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match=r"models\[2\]\.embedding"):
         load_manifest(models)
@@ -119,6 +121,7 @@ def test_manifest_and_model_must_agree_on_the_embedding(tmp_path: Path) -> None:
     shutil.copy(FIXTURE_MODELS / "cls_colour.tflite", models / "cls_colour.tflite")
     cls["embedding"] = {"output_index": 1, "shape": [1, 3]}
     cls["sha256"] = sha256_file(models / "cls_colour.tflite")
+    cls["label_binding"] = label_binding(cls)
     (models / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match="3-d embedding output, the model has none"):
         FieldAnalyzer(models, threads=1)

@@ -227,3 +227,35 @@ def test_pixel_path_equals_the_float_path(kind: str) -> None:
     px[0, 0] = (0, 0, 0)
     px[0, 1] = (255, 255, 255)
     np.testing.assert_array_equal(m.infer_pixels(px)[0], m.infer(to_unit(px))[0])
+
+
+def test_another_accelerator_is_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delegate added to the table is opened with its own library and options, and each model
+    runs the file compiled for it: no branch names it."""
+    import ctypes
+
+    from edge_wbc.accelerators import Delegate
+
+    opened: list[str] = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: opened.append(name))
+    npu = Delegate(
+        name="npu", label="Test NPU", libraries={}, default_library="libtestnpu.so",
+        install_hint="install it", compiled_suffix="_npu", compile_hint="compile it",
+        device_pattern=r"(:[0-9]+)?", device_spellings=("", ":0"),
+    )  # fmt: skip
+    monkeypatch.setitem(DELEGATES, "npu", npu)
+    rec = _Recorder()
+    acc = open_accelerator("npu", ":1", runtime=rec.runtime)
+    assert acc.kind == "npu" and opened == ["libtestnpu.so"]
+    assert rec.delegates == [("libtestnpu.so", {"device": ":1"})]
+    with pytest.raises(AcceleratorError, match="Test NPU device 'usb' not understood"):
+        open_accelerator("npu", "usb", runtime=rec.runtime)
+
+    base = tmp_path / "seg.tflite"
+    shutil.copy(FIXTURES / "affine_int8.tflite", base)
+    m = TFLiteModel(base, 1, acc, runtime=rec.runtime)
+    assert m.kind == "cpu" and "seg_npu.tflite" in m.note
+    shutil.copy(base, tmp_path / "seg_npu.tflite")
+    m = TFLiteModel(base, 1, acc, runtime=rec.runtime)
+    assert m.kind == "npu" and m.path.name == "seg_npu.tflite"
+    assert rec.calls[-1]["experimental_delegates"] == [acc.delegate]

@@ -2,7 +2,7 @@
 the layers below it (and itself), so the data flow cannot quietly grow a loop.
 
     cli > station > comms > counting > camera > pipeline > config, logs, sdnotify, accelerators,
-                                                            inputs, bundled
+                                                            inputs, bundled, taxonomy
 
 Read from the source (every ``import``, inside functions too), so a lazy import breaks the rule
 as visibly as a top-level one. That nothing imports TensorFlow at run time is
@@ -20,7 +20,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "edge_wbc"
 
 #: Lowest first. A module of layer i may import layers 0..i.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"", "config", "logs", "sdnotify", "accelerators", "inputs", "bundled"}),
+    frozenset({"", "config", "logs", "sdnotify", "accelerators", "inputs", "bundled",
+               "taxonomy"}),
     frozenset({"pipeline"}),
     frozenset({"camera"}),
     frozenset({"counting"}),

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,8 +28,17 @@ from mqtt_support import (
 )
 
 from edge_wbc.comms import mqtt as edge_mqtt
-from edge_wbc.comms.mqtt import CommandError, MqttError, MqttPublisher, parse_command
+from edge_wbc.comms.mqtt import (
+    SLIDE_COMMANDS,
+    Command,
+    CommandError,
+    MqttError,
+    MqttPublisher,
+    parse_command,
+)
+from edge_wbc.config import ConfigError, MqttConfig, load_config
 from edge_wbc.counting import outbox
+from edge_wbc.station.actions import REMOTE
 
 # A hung broker or client must fail the test, not the CI job (every wait is bounded too).
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
@@ -200,19 +208,19 @@ def _password_broker(tmp_path: Path) -> Mosquitto:
     return Mosquitto(tmp_path / "broker", f"allow_anonymous false\npassword_file {pw}\n").start()
 
 
-def _cfg(port: int, **kw: Any) -> SimpleNamespace:
-    base = {"host": "127.0.0.1", "port": port, "station_id": "st1", "keepalive": 5,
-            "username": None, "password": None, "stats_interval_s": 60.0}
-    base.update(kw)
-    return SimpleNamespace(**base)
+def _loaded(port: int, env: dict[str, str]) -> MqttConfig:
+    """The [mqtt] section as the station gets it: load_config (environment, secrets)."""
+    return load_config(None, env={"EDGE_WBC_MQTT_HOST": "127.0.0.1",
+                                  "EDGE_WBC_MQTT_PORT": str(port),
+                                  "EDGE_WBC_MQTT_STATION_ID": "st1", **env}).mqtt
 
 
 def test_username_password_from_env_and_credentials_dir(tmp_path: Path) -> None:
     b = _password_broker(tmp_path)
     try:
         col = Collector(b.port, auth=("central", "c3ntral")).wait_subscribed()
-        s = edge_mqtt.MqttSettings.from_config(_cfg(b.port, username="station"),
-                                               env={"EDGE_WBC_MQTT_PASSWORD": "s3cret!"})
+        s = _loaded(b.port, {"EDGE_WBC_MQTT_USERNAME": "station",
+                             "EDGE_WBC_MQTT_PASSWORD": "s3cret!"})
         assert s.password == "s3cret!"
         with sim_with_publisher(tmp_path / "a.db", s) as (sim, pub):
             ids = sim.capture(2)
@@ -222,8 +230,8 @@ def test_username_password_from_env_and_credentials_dir(tmp_path: Path) -> None:
         creds = tmp_path / "creds"
         creds.mkdir()
         (creds / "mqtt-password").write_text("s3cret!\n")
-        s2 = edge_mqtt.MqttSettings.from_config(_cfg(b.port, username="station"),
-                                                env={"CREDENTIALS_DIRECTORY": str(creds)})
+        s2 = _loaded(b.port, {"EDGE_WBC_MQTT_USERNAME": "station",
+                              "CREDENTIALS_DIRECTORY": str(creds)})
         assert s2.password == "s3cret!"
         col.close()
     finally:
@@ -284,9 +292,9 @@ def test_tls_with_client_certificate_and_wrong_ca(tmp_path: Path) -> None:
         tls = {"ca_certs": str(pki / "ca.crt"), "certfile": str(pki / "client.crt"),
                "keyfile": str(pki / "client.key")}
         col = Collector(b.port, tls=tls).wait_subscribed()
-        s = edge_mqtt.MqttSettings.from_config(_cfg(
-            b.port, tls_ca=str(pki / "ca.crt"), tls_cert=str(pki / "client.crt"),
-            tls_key=str(pki / "client.key")))
+        s = _loaded(b.port, {"EDGE_WBC_MQTT_TLS_CA": str(pki / "ca.crt"),
+                             "EDGE_WBC_MQTT_TLS_CERT": str(pki / "client.crt"),
+                             "EDGE_WBC_MQTT_TLS_KEY": str(pki / "client.key")})
         assert s.use_tls
         with sim_with_publisher(tmp_path / "a.db", s) as (sim, pub):
             ids = sim.capture(2)
@@ -305,23 +313,64 @@ def test_tls_with_client_certificate_and_wrong_ca(tmp_path: Path) -> None:
         b.stop()
 
 
+def _attempts(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(r.getMessage().startswith(("Sending CONNECT", "Connection failed"))
+               for r in caplog.records)
+
+
+def test_tls_and_plain_port_mismatch_is_named_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pki = tmp_path / "pki"
+    _make_pki(pki)
+    tls_broker = Mosquitto(tmp_path / "tls")
+    tls_broker.extra_conf = (f"cafile {pki}/ca.crt\ncertfile {pki}/server.crt\n"
+                             f"keyfile {pki}/server.key\n")
+    tls_broker.start()
+    plain_broker = Mosquitto(tmp_path / "plain").start()
+    try:
+        cases = [(settings(tls_broker.port, "st1"), "probably a TLS listener; set mqtt.tls"),
+                 (settings(plain_broker.port, "st2", tls_ca=str(pki / "ca.crt")),
+                  "probably a plain MQTT listener")]
+        for i, (s, named) in enumerate(cases):
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="edge_wbc.comms.mqtt"), \
+                    sim_with_publisher(tmp_path / f"{i}.db", s) as (sim, pub):
+                assert pub.wait_until(lambda st: st["state"] == "tls_mismatch", 10), pub.status()
+                assert named in pub.status()["error"]
+                wait_for(lambda: _attempts(caplog) >= 3, 15, "three connection attempts")
+                sim.capture(1)
+                assert sim.state()["counted"] == 1
+            loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert sum(named in m for m in loud) == 1, loud  # once, not per retry
+            assert not [m for m in loud if named not in m], loud  # no paho ERROR per retry
+    finally:
+        tls_broker.stop()
+        plain_broker.stop()
+
+
 def test_unusable_settings_fail_at_startup_with_the_reason(tmp_path: Path) -> None:
-    assert edge_mqtt.start_publisher(_cfg(1883, host=None), tmp_path / "x.db") is None
-    assert edge_mqtt.start_publisher(None, tmp_path / "x.db") is None
-    with pytest.raises(MqttError, match="cannot read"):
-        edge_mqtt.MqttSettings.from_config(_cfg(1883, tls_ca=str(tmp_path / "missing.pem")))
-    with pytest.raises(MqttError, match="topic level"):
-        edge_mqtt.MqttSettings.from_config(_cfg(1883, station_id="a/b"))
-    s = edge_mqtt.MqttSettings.from_config(_cfg(1883, station_id=""))
-    assert s.station_id and "/" not in s.station_id and s.client_id == f"edge-wbc-{s.station_id}"
+    assert edge_mqtt.start_publisher(MqttConfig(host=None), tmp_path / "x.db") is None
+    with pytest.raises(MqttError, match="station_id is empty"):
+        MqttPublisher(MqttConfig(host="broker.lab"), tmp_path / "x.db")
+    with pytest.raises(MqttError, match="TLS settings unusable"):
+        MqttPublisher(MqttConfig(host="broker.lab", station_id="st1",
+                                 tls_ca=str(tmp_path / "missing.pem")), tmp_path / "x.db")
+    # The checks themselves are config's, with the key (one place: #16.1).
+    with pytest.raises(ConfigError, match=r"mqtt\.tls_ca: cannot read"):
+        _loaded(1883, {"EDGE_WBC_MQTT_TLS_CA": str(tmp_path / "missing.pem")})
+    with pytest.raises(ConfigError, match=r"mqtt\.station_id: .*'a/b' must not contain"):
+        _loaded(1883, {"EDGE_WBC_MQTT_STATION_ID": "a/b"})
+    with pytest.raises(ConfigError, match=r"mqtt\.prefix: must not be empty"):
+        _loaded(1883, {"EDGE_WBC_MQTT_PREFIX": ""})
+    s = _loaded(1883, {"EDGE_WBC_MQTT_STATION_ID": ""})
+    assert s.station_id and "/" not in s.station_id
+    assert s.effective_client_id == f"edge-wbc-{s.station_id}"
 
 
 def test_real_config_section_is_accepted(tmp_path: Path) -> None:
-    from edge_wbc.config import MqttConfig
-
-    s = edge_mqtt.MqttSettings.from_config(MqttConfig(host="broker.lab", station_id="bench-3",
-                                                      commands_enabled=True))
-    assert s.host == "broker.lab" and s.port == 1883 and s.prefix == "edge-wbc"
+    s = MqttConfig(host="broker.lab", station_id="bench-3", commands_enabled=True)
+    pub = MqttPublisher(s, tmp_path / "x.db")
+    assert pub.cfg is s and s.port == 1883 and s.prefix == "edge-wbc"
     assert s.topic("differential") == "edge-wbc/bench-3/differential"
     assert s.commands_enabled and s.keepalive == 30
 
@@ -344,14 +393,17 @@ def test_broker_down_at_start_then_up(tmp_path: Path) -> None:
 
 # ---- commands, discovery, stats ------------------------------------------------------------
 def test_parse_command_accepts_the_documented_forms_only() -> None:
-    assert parse_command("capture", b"") == {}
-    assert parse_command("capture", b"PRESS") == {}
-    assert parse_command("capture", b'{"request_id": "r1"}') == {"request_id": "r1"}
-    assert parse_command("slide", b'{"action": "new", "sample_id": " S-9 ", "target": 200}') == {
-        "action": "new", "sample_id": "S-9", "target": 200}
-    assert parse_command("slide", b'{"action": "finalise"}') == {"action": "finalise"}
-    assert parse_command("slide", b'{"action": "target", "target": 150}') == {
-        "action": "target", "target": 150}
+    assert parse_command("capture", b"") == Command("capture", "capture", {})
+    assert parse_command("capture", b"PRESS") == Command("capture", "capture", {})
+    assert parse_command("capture", b'{"request_id": "r1"}') == Command(
+        "capture", "capture", {}, "r1")
+    assert parse_command("slide", b'{"action": "new", "sample_id": " S-9 ", "target": 200}') == \
+        Command("slide", "new_slide", {"sample_id": "S-9", "target": 200})
+    assert parse_command("slide", b'{"action": "finalise"}') == Command("slide", "finalise", {})
+    assert parse_command("slide", b'{"action": "target", "target": 150}') == Command(
+        "slide", "set_target", {"target": 150})
+    # Every action a command can name is one the station runs remotely.
+    assert {action for action, _ in SLIDE_COMMANDS.values()} | {"capture"} == REMOTE
     for kind, raw in [("capture", b"boom"), ("capture", b'{"extra": 1}'), ("capture", b"[1]"),
                       ("slide", b"{"), ("slide", b'{"action": "explode"}'),
                       ("slide", b'{"action": "target", "target": "200"}'),
@@ -372,7 +424,7 @@ def test_commands_are_handled_echoed_and_malformed_ones_ignored(
 
     def handler(kind: str, args: dict[str, Any]) -> dict[str, Any]:
         calls.append((kind, args))
-        if args.get("action") == "finalise":
+        if kind == "finalise":
             raise ValueError("2 unidentified cells must be reviewed first")
         return {"queued": len(calls)}
 
@@ -396,9 +448,8 @@ def test_commands_are_handled_echoed_and_malformed_ones_ignored(
         echoes = [m.json() for m in col.on(f"{T}/state")]
     sender.client.publish(f"{T}/capture/set", b"", qos=1, retain=True).wait_for_publish(5)
     sender.close()
-    assert calls == [("capture", {}), ("slide", {"action": "new", "sample_id": "S-2",
-                                                  "target": 200}),
-                     ("slide", {"action": "finalise"})]
+    assert calls == [("capture", {}), ("new_slide", {"sample_id": "S-2", "target": 200}),
+                     ("finalise", {})]
     assert echoes[0]["ok"] and echoes[0]["command"] == "capture"
     assert echoes[0]["result"] == {"queued": 1}
     assert not echoes[1]["ok"] and "not JSON" in echoes[1]["error"]
@@ -450,12 +501,24 @@ def test_full_outbox_warning_reaches_status_and_stats(broker: Mosquitto, tmp_pat
     b_port = broker.port
     broker.stop()  # nothing goes out: the outbox fills
     s = settings(b_port, "st1", outbox_max=10, stats_interval_s=1.0)
-    with sim_with_publisher(tmp_path / "a.db", s) as (sim, pub):
+    told: list[dict[str, Any]] = []
+    with sim_with_publisher(tmp_path / "a.db", s, on_change=told.append) as (sim, pub):
         for _ in range(8):
             sim.capture(2)
         st = outbox.status(sim.conn)
         assert st.full and st.over_limit and st.dropped_field + st.refused_field == 8
         assert outbox.depth(sim.conn) == 17  # 16 cells + the slide event: no cell dropped
+        # What the station's page shows while the broker is away: live, not the depth at start,
+        # and the full outbox named next to the reason nothing goes out (#15.19).
+        assert pub.wait_until(lambda s: s["outbox"]["depth"] == 17, 5), pub.status()
+        status = pub.status()
+        assert status["outbox"]["full"] and status["outbox"]["dropped_field"] + \
+            status["outbox"]["refused_field"] == 8
+        assert "MQTT outbox full: 17/10" in status["warning"]
+        assert "cannot reach the broker" in status["warning"]
+        # The station is told, so its page shows it without waiting for the next capture.
+        wait_for(lambda: any(t["outbox"]["full"] for t in told), 5, "told of the full outbox")
+        assert told[-1]["state"] == "unreachable" and "outbox full" in told[-1]["warning"]
         broker.start()
         wait_for(lambda: outbox.depth(sim.conn) == 0, 15, "drained after the outage")
         wait_for(lambda: pub.status()["outbox"]["warning"] is None, 5, "warning cleared")

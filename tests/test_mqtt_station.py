@@ -20,12 +20,12 @@ from mqtt_support import (
     Collector,
     Mosquitto,
     StationProc,
+    publisher,
     settings,
     synthetic_field,
     wait_for,
 )
 
-from edge_wbc.comms.mqtt import MqttPublisher
 from edge_wbc.counting import outbox
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
@@ -46,8 +46,8 @@ def test_session_events_reach_the_broker_through_the_store_outbox(
     store = Store(tmp_path / "data", mqtt=True)
     fan = Fanout()
     holder: dict[str, SlideSession] = {}
-    pub = MqttPublisher(settings(broker.port, "bench-1"), store.db_path,
-                        state_provider=lambda: holder["session"].state())
+    pub = publisher(settings(broker.port, "bench-1"), store.db_path,
+                    state_provider=lambda: holder["session"].state())
     # Subscribed before the session exists: an empty Fanout is falsy (it has __len__), and the
     # session keeps ``publish or no-op``.
     fan.subscribe(pub.publish)
@@ -142,18 +142,20 @@ def test_sigkilled_station_process_goes_offline_and_resumes_with_everything(
     try:
         wait_for(lambda: col.last(f"{T}/available").payload == b"online",  # type: ignore[union-attr]
                  15, "online after restart")
-        from edge_wbc.counting.store import Store
+        import sqlite3
 
-        store = Store(data)
-        cells = store.cells(store.open_slide()["id"])  # type: ignore[index]
+        # A plain reader: a second Store would be refused, the station holds the folder's lock.
+        conn = sqlite3.connect(str(data / "edge-wbc.sqlite3"), timeout=10)
+        (slide,) = conn.execute("SELECT id FROM slides WHERE status='open'").fetchone()
+        cells = [r[0] for r in conn.execute("SELECT id FROM cells WHERE slide_id=?", (slide,))]
         assert len(cells) == 10  # 5 fields x 2: the open slide resumed with every cell
         wait_for(lambda: {m.json()["cell_id"] for m in col.on(f"{T}/cell")}
-                 >= {c["id"] for c in cells}, 15, "every counted cell id delivered")
-        wait_for(lambda: store.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0,
+                 >= set(cells), 15, "every counted cell id delivered")
+        wait_for(lambda: conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0,
                  10, "outbox drained")
         wait_for(lambda: col.last(f"{T}/differential").json()["counted"] == 10,  # type: ignore[union-attr]
                  10, "retained differential is the resumed state")
-        store.close()
+        conn.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
         assert col.last(f"{T}/available").payload == b"stopped"  # type: ignore[union-attr]

@@ -181,7 +181,9 @@ def test_review_keeps_machine_label_and_updates_counts(session: SlideSession) ->
     with pytest.raises(SessionError, match="reason"):
         session.review(c, "rejected", "because")
     with pytest.raises(SessionError, match="cannot reclassify"):
-        session.review(c, "platelet")
+        session.review(c, "unicorn")
+    with pytest.raises(SessionError, match="cannot reclassify"):
+        session.review(c, "unidentified")  # only the machine leaves a cell unidentified
     with pytest.raises(SessionError, match="no cell"):
         session.review("nope", "neutrophil")
     cell_events = [e.payload["action"] for e in session.events if e.kind == "cell"]

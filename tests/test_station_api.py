@@ -174,20 +174,38 @@ def test_camera_unplugged_is_reported(st: RunningStation) -> None:
     assert req(st.url + "/api/preview.jpg")[0] == 503
 
 
-def test_disk_full_is_reported_and_nothing_counted_lost(st: RunningStation) -> None:
+def test_disk_full_is_refused_at_once_and_nothing_counted_lost(st: RunningStation) -> None:
     capture(st, 2)
     before = st.session.state()["counted"]
     st.store.min_free_bytes = 1 << 62
-    status, _ = jreq(st.url + "/api/capture", "POST")
-    assert status == 202  # accepted into the queue; the store refuses it
-    st.wait_idle()
+    status, body = jreq(st.url + "/api/capture", "POST")
+    # Refused there and then (not a 202 followed by a status message): nothing was queued.
+    assert status == 507 and "capture refused" in body["error"]
+    assert st.station.status()["queue"] == 0 and not st.station.status()["busy"]
     s = jreq(st.url + "/api/state")[1]
     assert s["counted"] == before and s["fields"] == 2
     assert s["station"]["last_error"]["kind"] == "disk"
-    assert "not counted" in s["station"]["last_error"]["message"]
     st.store.min_free_bytes = 0
     capture(st)
     assert st.session.state()["fields"] == 3
+    assert [c["status"] for c in st.store.captures()] == ["counted"] * 3
+
+
+def test_disk_filling_while_queued_is_reported_and_recorded(tmp_path: Path) -> None:
+    rs = RunningStation(tmp_path / "d", f"folder:{SAMPLES}", analyzer=FakeAnalyzer(delay_s=0.5))
+    try:
+        status, body = jreq(rs.url + "/api/capture", "POST")
+        assert status == 202
+        rs.store.min_free_bytes = 1 << 62  # the disk fills while the field is being analysed
+        rs.wait_idle()
+        err = rs.station.status()["last_error"]
+        assert err["kind"] == "disk" and "not counted" in err["message"]
+        assert rs.session.state()["fields"] == 0
+        (row,) = rs.store.captures()
+        assert row["id"] == body["capture_id"] and row["status"] == "refused"
+        assert "not counted" in row["message"]
+    finally:
+        rs.close()
 
 
 def test_analysis_error_is_reported(st: RunningStation) -> None:
@@ -226,7 +244,7 @@ def test_review_target_finalise_report(st: RunningStation) -> None:
     status, c = jreq(st.url + f"/api/cells/{neu}/review", "POST",
                      {"label": "rejected", "reason": "counted_twice"})
     assert status == 200 and c["effective_label"] is None
-    assert jreq(st.url + f"/api/cells/{neu}/review", "POST", {"label": "platelet"})[0] == 409
+    assert jreq(st.url + f"/api/cells/{neu}/review", "POST", {"label": "unicorn"})[0] == 409
     assert jreq(st.url + f"/api/cells/{neu}/review", "POST", {})[0] == 400
     # 9 counted after the rejection: below target again, capture is allowed again.
     s = jreq(st.url + "/api/state")[1]

@@ -4,6 +4,7 @@ models/manifest.json exists. Also kill -9 and restart, clean SIGTERM, and start-
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -177,6 +178,10 @@ def test_readme_demo_reaches_100_cells_with_shipped_models(tmp_path: Path) -> No
                 best = max(("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte"),
                            key=lambda k: c["probs"].get(k, 0))
                 assert api(port, f"/api/cells/{c['id']}/review", {"label": best})[0] == 200
+        # The default config requires a sample ID on every report ([report] require_sample_id).
+        status, body = api(port, "/api/slide/finalise", {})
+        assert status == 409 and "sample ID" in body["error"], body
+        assert api(port, "/api/slide/sample", {"sample_id": "DEMO-1"})[0] == 200
         status, final = api(port, "/api/slide/finalise", {})
         assert status == 200 and final["finalised"], final
         status, rep = api(port, "/api/slide/report.json")
@@ -199,7 +204,8 @@ def test_station_publishes_to_mqtt(tmp_path: Path) -> None:
     port = free_port()
     p = Proc("--models", str(FIXTURE_MODELS), "--source", f"folder:{SAMPLES}", "--data-dir",
              str(tmp_path / "data"), "--port", str(port), "--mqtt-host", "127.0.0.1",
-             "--mqtt-port", str(broker.port), "--station-id", "st-7")
+             "--mqtt-port", str(broker.port), "--station-id", "st-7",
+             env={"EDGE_WBC_MQTT_COMMANDS_ENABLED": "true"})
     try:
         p.wait_url()
         for _ in range(3):
@@ -218,6 +224,16 @@ def test_station_publishes_to_mqtt(tmp_path: Path) -> None:
 
         wait_for(diff_matches, 20, "retained differential equal to the station's state")
         assert col.last("edge-wbc/st-7/available").payload == b"online"
+        # Commands run the page's actions, with the page's rules (edge_wbc.station.actions).
+        col.client.publish("edge-wbc/st-7/slide/set", json.dumps(
+            {"action": "target", "target": 250, "request_id": "r1"}), qos=1)
+        col.client.publish("edge-wbc/st-7/slide/set", json.dumps(
+            {"action": "new", "sample_id": "LAB\u202e-9", "request_id": "r2"}), qos=1)
+        wait_for(lambda: len(col.on("edge-wbc/st-7/state")) >= 2, 20, "2 command echoes")
+        echoes = {m.json()["request_id"]: m.json() for m in col.on("edge-wbc/st-7/state")}
+        assert echoes["r1"]["ok"] and echoes["r1"]["result"]["target"] == 250
+        assert api(port, "/api/state")[1]["target"] == 250
+        assert not echoes["r2"]["ok"] and "U+202E" in echoes["r2"]["error"]
         p.p.send_signal(signal.SIGTERM)
         p.p.wait(30)
         wait_for(lambda: col.last("edge-wbc/st-7/available").payload == b"stopped", 10,
@@ -226,3 +242,70 @@ def test_station_publishes_to_mqtt(tmp_path: Path) -> None:
         p.kill()
         col.close()
         broker.stop()
+
+
+def _get_text(port: int, path: str) -> tuple[int, str, str]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", path)
+    r = conn.getresponse()
+    data = r.read().decode("utf-8")
+    conn.close()
+    return r.status, r.getheader("Content-Type") or "", data
+
+
+def test_station_hands_the_finalised_slide_to_the_lis(tmp_path: Path) -> None:
+    """The command's LIS wiring: [lis] from the environment, the outbox written on finalise, the
+    delivery thread writing the folder, the state on /api/state, the on-demand routes and
+    `edge-wbc report` giving the same message."""
+    import hl7
+
+    out = tmp_path / "lis"
+    out.mkdir()
+    port = free_port()
+    p = Proc("--models", str(FIXTURE_MODELS), "--source", f"folder:{SAMPLES}", "--data-dir",
+             str(tmp_path / "data"), "--port", str(port), "--station-id", "st-9",
+             env={"EDGE_WBC_LIS_DELIVERY": "folder", "EDGE_WBC_LIS_FOLDER": str(out)})
+    try:
+        p.wait_url()
+        assert api(port, "/api/slide/sample", {"sample_id": "H|42^x"})[0] == 200
+        s = {"counted": 0}
+        for i in range(1, 6):
+            assert api(port, "/api/capture", {})[0] == 202
+            s = wait_fields(port, i)
+            if s["counted"]:
+                break
+        assert s["counted"], "the fixture models found no cell in 5 fields"
+        for c in api(port, "/api/cells")[1]["cells"]:
+            if c["effective_label"] == "unidentified":
+                api(port, f"/api/cells/{c['id']}/review", {"label": "lymphocyte"})
+        assert api(port, "/api/slide/target", {"target": s["counted"]})[0] == 200
+        status, final = api(port, "/api/slide/finalise", {})
+        assert status == 200, final
+        deadline = time.monotonic() + 20
+        while not list(out.glob("*.hl7")):
+            assert time.monotonic() < deadline, api(port, "/api/state")[1]["station"]
+            time.sleep(0.1)
+        sid = final["slide_id"]
+        f = out / f"H_42_x_{sid}.hl7"
+        with open(f, encoding="utf-8", newline="") as fh:
+            sent = fh.read()
+        msg = hl7.parse(sent)
+        assert msg.unescape(str(msg.segment("PID")(3)(1)(1))) == "H|42^x"
+        lis = api(port, "/api/state")[1]["station"]["lis"]
+        assert lis["state"] == "ok" and lis["waiting"] == 0
+        assert lis["last_delivered"]["slide_id"] == sid
+        status, ctype, text = _get_text(port, f"/api/slide/report.hl7?slide={sid}")
+        assert status == 200 and ctype.startswith("application/hl7-v2") and text == sent
+        status, ctype, fj = _get_text(port, "/api/slide/report.fhir.json")
+        assert status == 200 and '"resourceType": "Bundle"' in fj
+        cli = subprocess.run(
+            [sys.executable, "-c", "from edge_wbc.cli import app; app()", "report", "--data-dir",
+             str(tmp_path / "data"), "--slide", sid, "--format", "hl7"],
+            capture_output=True, cwd=ROOT, env={**os.environ, "EDGE_WBC_LIS_FOLDER": str(out)},
+            timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        assert cli.stdout.decode("utf-8") == sent
+    finally:
+        p.kill()

@@ -105,12 +105,13 @@ def test_station_unit_contract() -> None:
     for dev in ("video4linux", "gpiochip", "usb_device", "apex"):
         assert dev in allowed, dev
     creds = {v.split(":")[0] for v in d["LoadCredential"]}
-    assert creds == {"mqtt-password", "mqtt-tls-key", "token"}
+    assert creds == {"mqtt-password", "mqtt-tls-key", "token", "lis-fhir-token"}
     assert one["ExecStart"].startswith("/opt/edge-wbc/venv/bin/edge-wbc station")
     # the credentials' names are the ones the config reads
     from edge_wbc import config
 
-    assert creds == {config.CRED_MQTT_PASSWORD, config.CRED_MQTT_TLS_KEY, config.CRED_TOKEN}
+    assert creds == {config.CRED_MQTT_PASSWORD, config.CRED_MQTT_TLS_KEY, config.CRED_TOKEN,
+                     config.CRED_LIS_FHIR_TOKEN}
 
 
 def test_kiosk_unit_contract() -> None:

@@ -74,8 +74,8 @@ def test_one_rule_refuses_hidden_characters(sample: str) -> None:
 def test_sample_id_length_is_the_same_rule_for_api_and_mqtt() -> None:
     ok = "S" * MAX_SAMPLE_ID_CHARS
     assert check_sample_id(f"  {ok} ") == ok
-    assert parse_command("slide", json.dumps({"action": "new", "sample_id": ok}).encode())[
-        "sample_id"] == ok
+    assert parse_command("slide", json.dumps({"action": "new", "sample_id": ok}).encode()
+                         ).args["sample_id"] == ok
     with pytest.raises(CommandError, match=f"at most {MAX_SAMPLE_ID_CHARS}"):
         parse_command("slide", json.dumps({"action": "new", "sample_id": ok + "S"}).encode())
     # Letters of any script are not hidden characters.
@@ -346,3 +346,26 @@ def test_unauthorised_post_closes_the_connection(tmp_path: Path) -> None:
         assert status_of(answer) == 401 and answer.count(b"HTTP/1.1 ") == 1
     finally:
         rs.close()
+
+
+def test_remote_actions_are_the_counting_ones_only(st: RunningStation) -> None:
+    """#16.3: MQTT runs the same Actions as the page, but never review or error clearing."""
+    from edge_wbc.station.actions import Actions
+
+    act = Actions(st.station)
+    for name in ("review", "clear_error", "set_sample_id", "__init__", "remote"):
+        with pytest.raises(ValueError, match="cannot be run remotely"):
+            act.remote(name, {})
+    assert act.remote("set_target", {"target": 50})["target"] == 50
+    assert act.remote("capture", {})["capture_id"] == 1
+    st.wait_idle()
+    assert st.station.last_field is not None and st.station.last_field["trigger"] == "mqtt"
+
+
+def test_mqtt_payloads_get_the_api_json_rules() -> None:
+    for raw, reason in [(b"[" * 4000, "nested too deeply"),
+                        (b'{"action": "target", "target": Infinity}', "Infinity is not"),
+                        (b'{"action": "target", "target": true}', "got True"),
+                        (b'{"action": "new", "sample_id": "A\\u202eB"}', r"U\+202E")]:
+        with pytest.raises(CommandError, match=reason):
+            parse_command("slide", raw)

@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from edge_wbc.config import CAMERA_SOURCES, split_camera_source
+
 #: Longer side of preview frames (the page scales them; a 7" screen shows ~400 px of preview).
 PREVIEW_SIDE = 480
 
@@ -67,21 +69,14 @@ def parse_source(spec: str) -> tuple[str, str]:
     """'folder:DIR' -> ('folder', 'DIR'); 'opencv:0' -> ('opencv', '0'); 'picamera2[:N]';
     'samples' -> ('folder', the sample fields inside the package)."""
     spec = (spec or "").strip()
-    if spec == "samples":
+    parsed = split_camera_source(spec)
+    if parsed is None:
+        raise CameraError(f"camera source {spec!r} not understood: use {CAMERA_SOURCES}")
+    if parsed[0] == "samples":
         from edge_wbc.bundled import packaged_samples
 
         return "folder", str(packaged_samples())
-    kind, _, arg = spec.partition(":")
-    if kind == "folder" and arg:
-        return kind, arg
-    if kind == "opencv" and arg:
-        return kind, arg
-    if kind == "picamera2" and (not arg or arg.isdigit()):
-        return kind, arg or "0"
-    raise CameraError(
-        f"camera source {spec!r} not understood: use folder:DIR, picamera2, picamera2:N, "
-        "opencv:N (USB camera number), opencv:/dev/videoN or samples"
-    )
+    return parsed
 
 
 def open_source(

@@ -18,6 +18,8 @@ app = typer.Typer(
 _COMMAND_MODULES: tuple[str, ...] = (
     "edge_wbc.cli.ops",
     "edge_wbc.cli.analyze",
+    "edge_wbc.cli.adapt",
+    "edge_wbc.cli.report",
     "edge_wbc.comms.monitor",
     "edge_wbc.station.command",
 )

@@ -85,6 +85,7 @@ def _build_analyzer(
     threads: int | None,
     accelerator: str | None,
     cell_diameter: float | None,
+    adaptation: Path | None = None,
 ) -> Any:
     from edge_wbc.config import ConfigError
     from edge_wbc.logs import setup_logging
@@ -100,6 +101,7 @@ def _build_analyzer(
             models_threads=threads,
             models_accelerator=accelerator,
             postprocess_cell_diameter_px=cell_diameter,
+            models_adaptation=str(adaptation) if adaptation is not None else None,
         )
     except ConfigError as e:
         raise _usage_error(str(e)) from None
@@ -107,6 +109,25 @@ def _build_analyzer(
         return FieldAnalyzer.from_config(cfg)
     except (ManifestError, AcceleratorError, ModelLoadError, RuntimeMissing) as e:
         raise _usage_error(str(e)) from None
+
+
+def _no_entry(p: Path) -> bool:
+    try:
+        os.lstat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False  # there, but not ours to see (a folder without x permission): its error
+    return False
+
+
+def _absolute(p: Path) -> Path:
+    """The path without symlinks resolved where they resolve; a link loop or a dangling link
+    keeps its own (absolute) name, so that file is reported, not the batch aborted."""
+    try:
+        return p.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(p))
 
 
 def _summary_line(res: FieldResult) -> str:
@@ -117,7 +138,8 @@ def _summary_line(res: FieldResult) -> str:
     flags = res.quality.get("flags") or []
     extra = f"  [{', '.join(flags)}]" if flags else ""
     ms = res.timing_ms.get("total", 0.0)
-    return f"{res.path}: {len(res.cells)} cell(s): {what}{extra}  ({ms:.0f} ms)"
+    notes = "".join(f"\n  note: {n}" for n in res.notes)
+    return f"{res.path}: {len(res.cells)} cell(s): {what}{extra}  ({ms:.0f} ms){notes}"
 
 
 def analyze(
@@ -127,7 +149,7 @@ def analyze(
     json_out: Path | None = typer.Option(
         None,
         "--json",
-        help="Write the analysis document (schema edge-wbc/analysis/1); '-' for stdout.",
+        help="Write the analysis document (schema edge-wbc/analysis/2); '-' for stdout.",
     ),
     masks: Path | None = typer.Option(
         None,
@@ -155,21 +177,29 @@ def analyze(
         "--cell-diameter",
         help="Expected leukocyte diameter in pixels (overrides the config).",
     ),
+    adaptation: Path | None = typer.Option(
+        None,
+        "--adaptation",
+        help="A lab's adaptation folder ('edge-wbc adapt fit'; overrides models.adaptation).",
+    ),
     config: Path | None = typer.Option(
         None, "--config", help="Config file (default: the system one, if any)."
     ),
 ) -> None:
     """Count and type the leukocytes of each field. Exit 0: all analysed; 1: some images failed
     (their entries carry "error"); 2: usage error (nothing analysed)."""
-    from edge_wbc.pipeline.imageio import ImageError, list_images, read_image
+    from edge_wbc.pipeline.analysis import at_file_scale, draw_overlay
+    from edge_wbc.pipeline.imageio import IMAGE_SUFFIXES, ImageError, list_images, read_field
 
     _check_accelerator(accelerator)
-    missing = [str(p) for p in paths if not p.exists()]
+    # A name with no directory entry at all is a typing error (nothing analysed); a link that
+    # leads nowhere or in a loop is that file's error, as it would be inside a folder.
+    missing = [str(p) for p in paths if _no_entry(p)]
     if missing:
         raise _usage_error("no such file or folder: " + ", ".join(missing))
-    images = list(dict.fromkeys(p.resolve() for p in list_images(paths)))
+    images = list(dict.fromkeys(_absolute(p) for p in list_images(paths)))
     if not images:
-        raise _usage_error("no images found (looked for .jpg .jpeg .png .bmp .tif .tiff)")
+        raise _usage_error(f"no images found (looked for {' '.join(IMAGE_SUFFIXES)})")
     for out_dir, what in ((masks, "--masks"), (overlays, "--overlays")):
         if out_dir is None:
             continue
@@ -188,37 +218,41 @@ def analyze(
     if json_out is not None and not to_stdout and not json_out.parent.resolve().is_dir():
         raise _usage_error(f"--json: folder {json_out.parent} does not exist")
 
-    analyzer = _build_analyzer(config, models, threads, accelerator, cell_diameter)
+    analyzer = _build_analyzer(config, models, threads, accelerator, cell_diameter, adaptation)
     echo = (lambda s: typer.echo(s, err=True)) if to_stdout else typer.echo
     entries: list[dict[str, Any]] = []
     failed = 0
     for p in images:
         shown = str(p)
         t0 = time.perf_counter()
+        overlay = None
         try:
-            rgb = read_image(p)
+            field = read_field(p)
         except ImageError as e:
             res = FieldResult(path=shown, width=0, height=0, error=str(e))
         else:
             decode_ms = (time.perf_counter() - t0) * 1000.0
             try:
-                res = analyzer.analyze(rgb, shown)
+                res = analyzer.analyze(field.rgb, shown, scale=field.scale)
                 res.timing_ms = {"decode": decode_ms, **res.timing_ms}
+                if overlays is not None:
+                    # Drawn on the frame as analysed: a reduced read gives a reduced overlay.
+                    overlay = draw_overlay(field.rgb, res)
+                res = at_file_scale(res, field.width, field.height, mask=masks is not None)
             except Exception as e:  # one bad field must not stop the batch
                 log.exception("analysis of %s failed", p)
                 res = FieldResult(
                     path=shown,
-                    width=rgb.shape[1],
-                    height=rgb.shape[0],
+                    width=field.width,
+                    height=field.height,
                     error=f"analysis failed: {e}",
                 )
+            res.notes = list(field.notes)
             try:
                 if masks is not None and res.error is None and res.mask is not None:
                     _write_png(masks / f"{p.stem}.png", res.mask)
-                if overlays is not None and res.error is None:
-                    from edge_wbc.pipeline.analysis import draw_overlay
-
-                    _write_jpeg(overlays / f"{p.stem}.jpg", draw_overlay(rgb, res))
+                if overlays is not None and overlay is not None and res.error is None:
+                    _write_jpeg(overlays / f"{p.stem}.jpg", overlay)
             except OSError as e:
                 res.error = f"could not write output: {e.strerror or e}"
         if res.error:

@@ -3,8 +3,8 @@
 Each check is a small function over the config returning one row (name, status, detail). A row
 is FAIL when the station cannot do its job (no camera, models missing or altered, no
 interpreter, no disk, a required accelerator absent) and WARN when it can but something needs
-attention (broker unreachable: counts are kept and delivered later). Exit status is non-zero
-when any row FAILs, so the installer and a technician's script can rely on it.
+attention (broker or LIS unreachable: counts and reports are kept and delivered later). Exit
+status is non-zero when any row FAILs, so the installer and a technician's script can rely on it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from edge_wbc.bundled import locate_models
 from edge_wbc.config import Config
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 #: Below this the station refuses to be called healthy: a slide's crops and reports need room,
 #: and SQLite needs space to commit.
 MIN_FREE_BYTES = 200 * 1024**2
@@ -86,6 +85,9 @@ def check_camera(cfg: Config) -> Check:
     h, w = frame.rgb.shape[:2]
     extra = ""
     if src.startswith("folder:"):
+        # The folder source just read a frame through imageio, so importing it costs nothing.
+        from edge_wbc.pipeline.imageio import IMAGE_SUFFIXES
+
         d = Path(src.partition(":")[2])
         n = sum(1 for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         extra = f", {n} images to replay"
@@ -239,6 +241,44 @@ def check_broker(cfg: Config, timeout: float = 3.0) -> Check:
     return Check("broker", OK, f"{m.host}:{m.port} accepts TCP connections in {ms:.0f} ms{tls}")
 
 
+def check_lis(cfg: Config, timeout: float = 3.0) -> Check:
+    """Is the LIS reachable, and what waits for it in this station's outbox?"""
+    lis = cfg.lis
+    if lis.delivery == "off":
+        return Check("lis", SKIP, "lis.delivery is 'off': reports stay on this station")
+    from edge_wbc.comms.lis import outbox
+    from edge_wbc.comms.lis.transports import make_transport
+    from edge_wbc.counting.store import DB_NAME
+
+    transport = make_transport(lis, cfg.mqtt.station_id)
+    assert transport is not None  # delivery is not 'off'
+    problem = transport.probe(timeout)
+    queue = ""
+    status = OK
+    db = Path(cfg.session.data_dir) / DB_NAME
+    if db.is_file():
+        import sqlite3
+
+        try:
+            conn = outbox.connect_read_only(str(db), timeout_s=timeout)
+            try:
+                st = outbox.status(conn)
+            finally:
+                conn.close()
+        except sqlite3.Error as e:
+            return Check("lis", FAIL, f"{db}: cannot read the LIS outbox: {e}")
+        queue = f"; {st['waiting']} report(s) waiting, {st['held']} refused by the LIS"
+        if st["held"]:
+            status = WARN
+            first = next(p for p in st["problems"] if p["held"])
+            queue += (f" (e.g. sample {first['sample_id']}: {first['error']}; fix it there, "
+                      "then edge-wbc lis retry)")
+    if problem:
+        return Check("lis", WARN, f"{transport.destination} unreachable ({problem}); reports wait "
+                     f"in the outbox and go out when it is back{queue}")
+    return Check("lis", status, f"{transport.destination} reachable{queue}")
+
+
 def check_system(cfg: Config) -> Check:
     model = ""
     try:
@@ -257,6 +297,7 @@ CHECKS: tuple[tuple[str, Callable[[Config], Check]], ...] = (
     ("accelerator", check_accelerator),
     ("disk", check_disk),
     ("broker", check_broker),
+    ("lis", check_lis),
 )
 
 
@@ -268,7 +309,12 @@ def run_checks(cfg: Config, only: Iterable[str] | None = None,
         if wanted is not None and name not in wanted:
             continue
         try:
-            row = check_broker(cfg, broker_timeout) if fn is check_broker else fn(cfg)
+            if fn is check_broker:
+                row = check_broker(cfg, broker_timeout)
+            elif fn is check_lis:
+                row = check_lis(cfg, broker_timeout)
+            else:
+                row = fn(cfg)
         except Exception as e:  # a check that crashes must not hide the others
             row = Check(name, FAIL, f"check crashed: {type(e).__name__}: {e}")
         rows.append(row)

@@ -20,6 +20,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return json.dumps(str(v))  # a TOML basic string is a JSON string for our values
 
 
@@ -61,14 +63,15 @@ def doctor(
     only: Annotated[
         list[str] | None,
         typer.Option("--only", help="Run just these checks (camera, models, interpreter, "
-                     "accelerator, disk, broker, system); repeatable."),
+                     "accelerator, disk, broker, lis, system); repeatable."),
     ] = None,
     broker_timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for the broker's TCP port.", min=0.1)
+        float, typer.Option(help="Seconds to wait for the broker's (and the LIS's) TCP port.",
+                            min=0.1)
     ] = 3.0,
 ) -> None:
     """Check that this station can run: camera, models (sha256), interpreter, Edge TPU, disk,
-    broker. Exit 1 when a required check fails."""
+    broker, LIS. Exit 1 when a required check fails."""
     from edge_wbc.cli import doctor as doc
 
     path = _config_path(config)

@@ -2,6 +2,8 @@
 
 Stations are known from what the broker retains (``available``, ``differential``, ``stats``),
 so a monitor started at any time shows the current picture at once, then follows live updates.
+Each station's differential carries its lab's formula (rows and their kinds) and raised flags;
+a station of schema ``edge-wbc/mqtt/1`` (five classes, no formula) is shown as five-part.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import typer
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_wbc.pipeline.results import CLASSES, UNIDENTIFIED
+from edge_wbc.taxonomy import COUNT_ONLY, COUNTED, PER_100_WBC, SHORT
 
 log = logging.getLogger(__name__)
 
-_ABBREV = {"neutrophil": "NEU", "eosinophil": "EOS", "basophil": "BAS", "lymphocyte": "LYM",
-           "monocyte": "MON"}
+#: Column suffix per row kind: a share of the leukocytes, per 100 of them, or a plain count.
+_UNIT = {COUNTED: "%", PER_100_WBC: "/100", COUNT_ONLY: "#"}
 
 
 @dataclass
@@ -40,14 +43,45 @@ class StationView:
     last_seen: float = 0.0
     cell_events: int = 0
 
+    def rows(self) -> list[dict[str, Any]]:
+        """The formula's rows but unidentified: label, kind, count, percent (per 100 counted
+        leukocytes). A station without a formula in its differential: the five classes."""
+        raw = self.differential.get("classes")
+        if isinstance(raw, list) and raw and all(isinstance(r, dict) and "kind" in r
+                                                 for r in raw):
+            return [{"label": str(r.get("label")), "kind": r["kind"],
+                     "count": int(r.get("count") or 0), "percent": float(r.get("percent") or 0)}
+                    for r in raw if r.get("label") != UNIDENTIFIED]
+        counts, pct = self.counts(), self.percentages()
+        return [{"label": c, "kind": COUNTED, "count": counts[c], "percent": pct[c]}
+                for c in CLASSES]
+
+    def flags(self) -> list[str]:
+        raw = self.differential.get("flags")
+        if not isinstance(raw, list):
+            return []
+        return [str(f.get("text") or f.get("rule")) for f in raw if isinstance(f, dict)]
+
+    def formula(self) -> str | None:
+        f = self.differential.get("formula")
+        return str(f.get("name")) if isinstance(f, dict) and f.get("name") else None
+
     def counts(self) -> dict[str, int]:
         raw = self.differential.get("counts") or {}
+        rows = self.differential.get("classes")
+        if isinstance(rows, list) and rows and all(isinstance(r, dict) and "kind" in r
+                                                   for r in rows):
+            return {str(k): int(v or 0) for k, v in raw.items() if not isinstance(v, dict)}
         out = {c: int(raw.get(c, 0) or 0) for c in CLASSES}
         unid = raw.get(UNIDENTIFIED, self.differential.get(UNIDENTIFIED, 0))
         out[UNIDENTIFIED] = int(unid or 0) if not isinstance(unid, dict) else 0
         return out
 
     def percentages(self) -> dict[str, float]:
+        rows = self.differential.get("classes")
+        if isinstance(rows, list) and rows and all(isinstance(r, dict) and "kind" in r
+                                                   for r in rows):
+            return {r["label"]: r["percent"] for r in self.rows()}
         pct = self.differential.get("percentages")
         if isinstance(pct, dict) and pct:
             return {c: float(pct.get(c, 0.0) or 0.0) for c in CLASSES}
@@ -89,10 +123,17 @@ class StationView:
             "complete": d.get("complete"),
             "counts": self.counts() if d else {},
             "percentages": {k: round(v, 1) for k, v in self.percentages().items()} if d else {},
+            "formula": self.formula(),
+            "rows": self.rows() if d else [],
+            "flags": self.flags(),
             "differential_ts": d.get("ts"),
             "outbox_depth": ob.get("depth") if ob else None,
             "seen": self.last_seen,
         }
+
+
+def _cell(row: dict[str, Any]) -> str:
+    return str(row["count"]) if row["kind"] == COUNT_ONLY else f"{row['percent']:.1f}"
 
 
 def _epoch(iso: Any) -> float | None:
@@ -146,8 +187,17 @@ class StationTable:
 
     def render(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
-        head = ["STATION", "STATUS", "SAMPLE", "COUNTED", *(_ABBREV[c] + "%" for c in CLASSES),
-                "UNID", "OUTBOX", "SEEN"]
+        # One column per row when every station counts by the same formula (five-part: NEU% ...
+        # MON%, as always); stations with different formulas share one FORMULA column.
+        layouts = {tuple((r["label"], r["kind"]) for r in v.rows())
+                   for v in self.stations.values() if v.differential}
+        shared = next(iter(layouts)) if len(layouts) == 1 else None
+        if shared is None and not layouts:
+            shared = tuple((c, COUNTED) for c in CLASSES)
+        cols_head = ([SHORT.get(k, k.upper()) + _UNIT[kind] for k, kind in shared]
+                     if shared is not None else ["FORMULA"])
+        head = ["STATION", "STATUS", "SAMPLE", "COUNTED", *cols_head, "UNID", "OUTBOX", "SEEN",
+                "FLAGS"]
         rows = [head]
         for sid in sorted(self.stations):
             v = self.stations[sid]
@@ -156,16 +206,22 @@ class StationTable:
                 counted = f"{d.get('counted', '?')}/{d.get('target', '?')}"
                 if d.get("complete"):
                     counted += " done"
-                pct = v.percentages()
-                cols = [f"{pct[c]:.1f}" for c in CLASSES]
-                unid = str(v.counts()[UNIDENTIFIED])
+                cells = [_cell(r) for r in v.rows()]
+                cols = cells if shared is not None else [
+                    " ".join(f"{SHORT.get(r['label'], r['label'])} {c}"
+                             for r, c in zip(v.rows(), cells, strict=True))]
+                unid = str(v.counts().get(UNIDENTIFIED, 0))
             else:
-                counted, cols, unid = "-", ["-"] * len(CLASSES), "-"
+                counted, cols, unid = "-", ["-"] * len(cols_head), "-"
             ob = v.stats.get("outbox") if isinstance(v.stats.get("outbox"), dict) else None
             age = now - v.last_seen
+            raised = d.get("flags")
+            flags = ",".join(str(f.get("rule", "?")).replace(" ", "") for f in raised
+                             if isinstance(f, dict)) if isinstance(raised, list) else ""
+            flags = flags or "-"
             rows.append([sid, v.status(now), str(v.field("sample_id") or "-"), counted, *cols, unid,
                          str(ob.get("depth")) if ob else "-",
-                         f"{age:.0f}s ago" if age < 3600 else f"{age / 3600:.1f}h ago"])
+                         f"{age:.0f}s ago" if age < 3600 else f"{age / 3600:.1f}h ago", flags])
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                  for r in rows]
@@ -326,9 +382,13 @@ def register(app: typer.Typer) -> None:
         tls_key: Path | None = typer.Option(None, "--tls-key", exists=True, dir_okay=False),
     ) -> None:
         """Central monitoring: live table of every station's running differential."""
-        from edge_wbc.comms.mqtt import read_password
+        from edge_wbc.config import read_secret
 
-        password = read_password(dict(os.environ)) if username else None
+        try:
+            password = read_secret("mqtt.password") if username else None
+        except (OSError, UnicodeDecodeError) as exc:
+            typer.echo(f"error: cannot read the mqtt-password credential: {exc}", err=True)
+            raise typer.Exit(2) from exc
         mon = Monitor(mqtt_host, mqtt_port, prefix, username=username, password=password,
                       tls_ca=str(tls_ca) if tls_ca else None,
                       tls_cert=str(tls_cert) if tls_cert else None,

@@ -1,5 +1,11 @@
 """MQTT publisher: the station as a well-behaved client of central monitoring's broker.
 
+It takes the validated ``[mqtt]`` section (edge_wbc.config.MqttConfig: topics, secrets, TLS
+files and the host-name default are checked there) and owns the connection, outbox draining,
+stats and command parsing; Home Assistant discovery is ``ha_discovery``, and what a command
+does is ``edge_wbc.station.actions`` (the page's own actions), reached through the
+``command_handler`` the station passes in.
+
 Availability contract (as Frigate's comms/mqtt.py and the paho README): the last will
 ``offline`` (retained) is set before connecting; on every connect the retained differential is
 republished, then ``online``; a clean exit publishes ``stopped``. Subscriptions are (re)made in
@@ -23,14 +29,13 @@ import json
 import logging
 import os
 import shutil
-import socket
 import ssl
 import statistics
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,14 +43,16 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_wbc.comms import ha_discovery
+from edge_wbc.config import MqttConfig, is_loopback
 from edge_wbc.counting import outbox
 from edge_wbc.counting.outbox import MQTT_SCHEMA, utc_now_iso
 from edge_wbc.inputs import InputError, check_sample_id, check_target, parse_json_object
-from edge_wbc.pipeline.results import CLASSES, UNIDENTIFIED
 
 log = logging.getLogger(__name__)
 
 StateProvider = Callable[[], dict[str, Any]]
+#: Runs one of the station's actions by name (edge_wbc.station.actions) with its arguments.
 CommandHandler = Callable[[str, dict[str, Any]], Any]
 HealthProvider = Callable[[], dict[str, Any]]
 
@@ -53,8 +60,8 @@ ONLINE, OFFLINE, STOPPED = "online", "offline", "stopped"
 #: Rows published but not yet acknowledged; bounds memory and the re-send burst after a restart.
 INFLIGHT_WINDOW = 200
 MAX_COMMAND_BYTES = 4096
-SLIDE_ACTIONS = ("new", "finalise", "target")
-HA_DISCOVERY_PREFIX = "homeassistant"
+#: Back-off between reconnect attempts (seconds, first and longest).
+RECONNECT_S = (1, 60)
 # CONNACK reasons that retrying will not fix until someone changes the broker or our secrets.
 _AUTH_REASONS = {"Bad user name or password", "Not authorized"}
 
@@ -67,99 +74,32 @@ class CommandError(ValueError):
     """A malformed or refused command payload."""
 
 
-@dataclass(frozen=True)
-class MqttSettings:
-    host: str
-    port: int = 1883
-    tls: bool = False
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    username: str | None = None
-    password: str | None = None
-    client_id: str | None = None
-    prefix: str = "edge-wbc"
-    station_id: str = ""
-    keepalive: int = 30
-    commands_enabled: bool = False
-    ha_discovery: bool = False
-    outbox_max: int = outbox.DEFAULT_MAX_ROWS
-    stats_interval_s: float = 60.0
-    reconnect_min_s: int = 1
-    reconnect_max_s: int = 60
-
-    @classmethod
-    def from_config(cls, cfg: Any, env: dict[str, str] | None = None) -> MqttSettings:
-        """Read the ``mqtt`` config section (edge_wbc.config.MqttConfig or any object alike)."""
-        host = getattr(cfg, "host", None)
-        if not host:
-            raise MqttError("mqtt.host is not set")
-        station = getattr(cfg, "station_id", "") or default_station_id()
-        password = getattr(cfg, "password", None)
-        if password is None and getattr(cfg, "username", None):
-            password = read_password(os.environ if env is None else env)
-        kwargs = {
-            k: getattr(cfg, k) for k in (
-                "port", "tls", "tls_ca", "tls_cert", "tls_key", "username", "prefix",
-                "keepalive", "commands_enabled", "ha_discovery", "outbox_max",
-                "stats_interval_s",
-            ) if getattr(cfg, k, None) is not None
-        }
-        settings = cls(host=str(host), station_id=station, password=password,
-                       client_id=getattr(cfg, "client_id", None) or f"edge-wbc-{station}",
-                       **kwargs)
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        for name in ("prefix", "station_id"):
-            value = getattr(self, name)
-            if not value or any(c in value for c in "+#/\0"):
-                raise MqttError(f"mqtt.{name} {value!r} must be one non-empty topic level "
-                                "without '+', '#' or '/'")
-        for name in ("tls_ca", "tls_cert", "tls_key"):
-            path = getattr(self, name)
-            if path and not os.access(path, os.R_OK):
-                raise MqttError(f"mqtt.{name}: cannot read {path}")
-        if self.tls_key and not self.tls_cert:
-            raise MqttError("mqtt.tls_key is set but mqtt.tls_cert is not")
-
-    @property
-    def use_tls(self) -> bool:
-        return bool(self.tls or self.tls_ca or self.tls_cert)
-
-    def topic(self, *levels: str) -> str:
-        return "/".join((self.prefix, self.station_id, *levels))
-
-
-def default_station_id() -> str:
-    """Host name as one topic level (dots would be fine, slashes and wildcards are not)."""
-    name = socket.gethostname().split(".")[0] or "station"
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
-
-
-def read_password(env: Mapping[str, str]) -> str | None:
-    """Same sources as edge_wbc.config: environment, then the systemd credential; never argv."""
-    if env.get("EDGE_WBC_MQTT_PASSWORD"):
-        return env["EDGE_WBC_MQTT_PASSWORD"]
-    creds = env.get("CREDENTIALS_DIRECTORY")
-    if creds:
-        path = Path(creds) / "mqtt-password"
-        if path.is_file():
-            return path.read_text(encoding="utf-8").rstrip("\r\n")
-    return None
-
-
 class _PahoNoise(logging.Filter):
-    """paho 2.2 logs 'Client is not connected' at ERROR on every reconnect attempt while the
-    broker is away; our own callbacks already say that once, with the cause."""
+    """paho 2.2 logs 'Client is not connected' and 'failed to receive on socket' at ERROR on
+    every reconnect attempt while the broker is away or speaks another protocol (TLS against
+    plain); our own callbacks say that once, with the likely cause, so these go to DEBUG."""
+
+    _REPEATED = ("Client is not connected", "failed to receive on socket")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Client is not connected")
+        if str(record.msg).startswith(self._REPEATED):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
 
 
 _PAHO_LOG = logging.getLogger("edge_wbc.comms.mqtt.paho")
 _PAHO_LOG.addFilter(_PahoNoise())
+
+
+def _closed_in_handshake(exc: BaseException | None) -> bool:
+    """The peer hung up (or sent something that is not TLS) in the middle of the handshake."""
+    if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, ssl.SSLEOFError,
+                        ssl.SSLZeroReturnError)):
+        return True
+    reason = getattr(exc, "reason", None)
+    return isinstance(exc, ssl.SSLError) and reason in (
+        "WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+        "UNEXPECTED_EOF_WHILE_READING")
 
 
 def _dumps(payload: dict[str, Any]) -> str:
@@ -171,14 +111,27 @@ class MqttPublisher:
 
     def __init__(
         self,
-        settings: MqttSettings,
+        cfg: MqttConfig,
         db_path: str | os.PathLike[str],
         state_provider: StateProvider | None = None,
         command_handler: CommandHandler | None = None,
         health_provider: HealthProvider | None = None,
+        *,
+        reconnect_s: tuple[int, int] = RECONNECT_S,
+        on_change: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        settings.validate()
-        self.settings = settings
+        # The rest (topic levels, TLS file pairs, secrets, the host name as station id) was
+        # checked by edge_wbc.config when the section was loaded.
+        if not cfg.host:
+            raise MqttError("mqtt.host is not set")
+        if not cfg.station_id:
+            raise MqttError("mqtt.station_id is empty (edge_wbc.config.load_config fills in "
+                            "the host name)")
+        self.cfg = cfg
+        self._host: str = cfg.host
+        self._reconnect_s = reconnect_s
+        self._on_change = on_change
+        self._last_told: tuple[Any, ...] | None = None
         self.db_path = str(db_path)
         self._state_provider = state_provider
         self._command_handler = command_handler
@@ -214,8 +167,8 @@ class MqttPublisher:
 
     # ---- paho client -------------------------------------------------------------------------
     def _make_client(self) -> paho.Client:
-        s = self.settings
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id,
+        s = self.cfg
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.effective_client_id,
                              protocol=paho.MQTTv311, clean_session=True)
         # A raising callback would otherwise kill paho's network thread (and keepalives).
         client.suppress_exceptions = True
@@ -230,7 +183,8 @@ class MqttPublisher:
                 raise MqttError(f"MQTT TLS settings unusable: {exc}") from exc
         # Before connect: the broker needs the will in CONNECT to announce an unclean death.
         client.will_set(s.topic("available"), OFFLINE, qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=s.reconnect_min_s, max_delay=s.reconnect_max_s)
+        client.reconnect_delay_set(min_delay=self._reconnect_s[0],
+                                   max_delay=self._reconnect_s[1])
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -241,22 +195,21 @@ class MqttPublisher:
     def start(self) -> MqttPublisher:
         db = outbox.connect(self.db_path)
         try:
-            outbox.ensure_schema(db, max_rows=self.settings.outbox_max)
+            outbox.ensure_schema(db, max_rows=self.cfg.outbox_max)
             self._outbox_status = outbox.status(db)
         finally:
             db.close()
         self._worker = threading.Thread(target=self._run, name="edge-wbc-mqtt", daemon=True)
         self._worker.start()
         self._set_state("connecting")
-        log.info("MQTT: connecting to %s:%d as %s (station %s, prefix %s)", self.settings.host,
-                 self.settings.port, self.settings.client_id, self.settings.station_id,
-                 self.settings.prefix)
-        if self.settings.password and not self.settings.use_tls \
-                and self.settings.host not in ("localhost", "127.0.0.1", "::1"):
+        log.info("MQTT: connecting to %s:%d as %s (station %s, prefix %s)", self.cfg.host,
+                 self.cfg.port, self.cfg.effective_client_id, self.cfg.station_id,
+                 self.cfg.prefix)
+        if self.cfg.password and not self.cfg.use_tls and not is_loopback(self._host):
             log.warning("MQTT: the password goes to %s unencrypted; set mqtt.tls_ca (or "
-                        "mqtt.tls = true) to use TLS", self.settings.host)
+                        "mqtt.tls = true) to use TLS", self.cfg.host)
         # connect_async + loop_start: a broker that is down at boot must not stop the station.
-        self.client.connect_async(self.settings.host, self.settings.port, self.settings.keepalive)
+        self.client.connect_async(self._host, self.cfg.port, self.cfg.keepalive)
         self.client.loop_start()
         return self
 
@@ -309,15 +262,17 @@ class MqttPublisher:
             ob = self._outbox_status
             return {
                 "enabled": True,
-                "broker": f"{self.settings.host}:{self.settings.port}",
-                "station_id": self.settings.station_id,
+                "broker": f"{self.cfg.host}:{self.cfg.port}",
+                "station_id": self.cfg.station_id,
                 "state": self._state,
                 "connected": self._connected,
                 "error": self._error,
                 "inflight": len(self._inflight_rows),
                 "published": self._published,
                 "outbox": ob.to_json() if ob else None,
-                "warning": self._error or (ob.warning if ob else None),
+                # Both when both hold: a broker away for long is what fills the outbox.
+                "warning": "; ".join(w for w in (self._error, ob.warning if ob else None) if w)
+                or None,
             }
 
     @property
@@ -346,7 +301,7 @@ class MqttPublisher:
         if reason.is_failure:
             name = str(reason)
             auth = name in _AUTH_REASONS
-            msg = (f"MQTT broker {self.settings.host}:{self.settings.port} refused the "
+            msg = (f"MQTT broker {self.cfg.host}:{self.cfg.port} refused the "
                    f"connection: {name}"
                    + (" (check mqtt.username and the EDGE_WBC_MQTT_PASSWORD / mqtt-password "
                       "credential)" if auth else "")
@@ -357,9 +312,9 @@ class MqttPublisher:
                 log.error("%s", msg)
             self._set_state("auth_failed" if auth else "refused", msg)
             return
-        if self.settings.commands_enabled:
-            client.subscribe([(self.settings.topic("capture", "set"), 1),
-                              (self.settings.topic("slide", "set"), 1)])
+        if self.cfg.commands_enabled:
+            client.subscribe([(self.cfg.topic("capture", "set"), 1),
+                              (self.cfg.topic("slide", "set"), 1)])
         with self._cv:
             self._connected = True
             self._just_connected = True
@@ -367,16 +322,27 @@ class MqttPublisher:
             self._state = "connected"
             self._error = None
             self._cv.notify_all()
-        log.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
+        log.info("MQTT: connected to %s:%d", self.cfg.host, self.cfg.port)
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         # paho calls this inside its `except OSError`, so the cause is still in sys.exc_info().
         exc = sys.exc_info()[1]
-        if isinstance(exc, ssl.SSLError):
+        port = self.cfg.port
+        if self.cfg.use_tls and _closed_in_handshake(exc):
+            # A plain MQTT listener reads the TLS hello as a malformed packet and hangs up.
+            kind, detail = "tls_mismatch", (
+                f"the broker closed the connection during the TLS handshake ({exc}): port "
+                f"{port} is probably a plain MQTT listener; use the broker's TLS port (usually "
+                "8883) or set mqtt.tls = false without mqtt.tls_ca")
+        elif isinstance(exc, ssl.SSLError):
             kind, detail = "tls_error", f"TLS handshake with the broker failed: {exc}"
         else:
             kind, detail = "unreachable", f"cannot reach the broker: {exc or 'connection failed'}"
-        msg = (f"MQTT {self.settings.host}:{self.settings.port}: {detail}; retrying with "
+        self._report_attempt(kind, detail)
+
+    def _report_attempt(self, kind: str, detail: str) -> None:
+        """A failed connection attempt: logged when the reason changes, not on every retry."""
+        msg = (f"MQTT {self.cfg.host}:{self.cfg.port}: {detail}; retrying with "
                "back-off, counting continues locally")
         with self._cv:
             repeated = self._error == msg
@@ -393,10 +359,24 @@ class MqttPublisher:
             self._connected = False
             if self._state in ("connected", "connecting"):
                 self._state = "disconnected"
+            answered = self._state in ("auth_failed", "refused")
             self._cv.notify_all()
-        if was and not self._stopping:
+        if self._stopping:
+            return
+        if was:
             log.warning("MQTT: lost the broker (%s); reconnecting with back-off, events wait "
                         "in the outbox", reason)
+        elif not answered:
+            # The TCP connection was made, then closed before any CONNACK.
+            if self.cfg.use_tls:
+                self._report_attempt("disconnected", (
+                    f"the broker closed the connection before answering CONNECT ({reason}); "
+                    "its log says why (a client certificate it does not accept?)"))
+            else:
+                self._report_attempt("tls_mismatch", (
+                    f"the broker closed the connection before answering CONNECT ({reason}): "
+                    f"port {self.cfg.port} is probably a TLS listener; set mqtt.tls = "
+                    "true (or mqtt.tls_ca) or use the broker's plain port (usually 1883)"))
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
@@ -417,8 +397,8 @@ class MqttPublisher:
             log.warning("MQTT: ignoring retained command on %s (publish commands without "
                         "retain)", msg.topic)
             return
-        kind = {self.settings.topic("capture", "set"): "capture",
-                self.settings.topic("slide", "set"): "slide"}.get(msg.topic)
+        kind = {self.cfg.topic("capture", "set"): "capture",
+                self.cfg.topic("slide", "set"): "slide"}.get(msg.topic)
         if kind is None:
             return
         with self._cv:
@@ -462,7 +442,7 @@ class MqttPublisher:
 
     def _run(self) -> None:
         db = outbox.connect(self.db_path)
-        next_stats = time.monotonic() + min(5.0, self.settings.stats_interval_s)
+        next_stats = time.monotonic() + min(5.0, self.cfg.stats_interval_s)
         last_error = ""
         try:
             while True:
@@ -491,10 +471,15 @@ class MqttPublisher:
                         self._publish_differential()
                     if self._connected:
                         self._drain(db)
+                    else:
+                        # The store keeps queueing (and shedding) while the broker is away;
+                        # the page and stats must see that, not the depth at the last drain.
+                        self._refresh_outbox_status(db)
                     if time.monotonic() >= next_stats:
-                        next_stats = time.monotonic() + self.settings.stats_interval_s
+                        next_stats = time.monotonic() + self.cfg.stats_interval_s
                         if self._connected:
                             self._publish_stats(db)
+                    self._tell_if_changed()
                     last_error = ""
                 except Exception as exc:
                     # Disk trouble must not end publishing for good; say it once, not per retry.
@@ -506,6 +491,27 @@ class MqttPublisher:
                     time.sleep(1.0)
         finally:
             db.close()
+
+    def _tell_if_changed(self) -> None:
+        """Call ``on_change(status())`` when what the page shows changed (connection state, its
+        error, the outbox filling or clearing), at most about once a second, from this thread."""
+        if self._on_change is None:
+            return
+        st = self.status()
+        ob = st["outbox"] or {}
+        key = (st["state"], st["error"], ob.get("full"), ob.get("over_limit"))
+        if key == self._last_told:
+            return
+        self._last_told = key
+        try:
+            self._on_change(st)
+        except Exception:  # the page's refresh must not stop publishing
+            log.exception("MQTT: status listener failed")
+
+    def _refresh_outbox_status(self, db: Any) -> None:
+        st = outbox.status(db)
+        with self._cv:
+            self._outbox_status = st
 
     def _ack(self, db: Any, rows: list[int]) -> None:
         if not rows:
@@ -533,8 +539,8 @@ class MqttPublisher:
         for row in rows:
             if not self._connected:
                 break
-            body = {**row.payload, "station": self.settings.station_id, "event_seq": row.id}
-            if self._send(self.settings.topic(row.topic_suffix), _dumps(body), row.qos,
+            body = {**row.payload, "station": self.cfg.station_id, "event_seq": row.id}
+            if self._send(self.cfg.topic(row.topic_suffix), _dumps(body), row.qos,
                           row.retain, row_id=row.id) is None:
                 with self._cv:
                     if row.id not in self._acked:  # not an unpublishable row: retry it later
@@ -564,7 +570,7 @@ class MqttPublisher:
             # The station's own state schema stays readable next to the MQTT envelope's.
             "state_schema": state.get("schema"),
             "schema": MQTT_SCHEMA,
-            "station": self.settings.station_id,
+            "station": self.cfg.station_id,
             "slide_id": state.get("slide_id") or slide.get("slide_id"),
             "sample_id": state.get("sample_id") or slide.get("sample_id"),
             "ts": state.get("ts") or state.get("updated_at") or utc_now_iso(),
@@ -578,13 +584,14 @@ class MqttPublisher:
             state = None if self._diff is None else dict(self._diff)
             self._diff_dirty = False
         if state is not None:
-            self._send(self.settings.topic("differential"), self._differential_payload(state),
+            self._send(self.cfg.topic("differential"), self._differential_payload(state),
                        qos=1, retain=True, differential=True)
 
     def _announce(self) -> None:
         """After every connect: discovery, retained differential, then ``online``."""
-        if self.settings.ha_discovery:
-            for topic, config in ha_discovery_configs(self.settings):
+        if self.cfg.ha_discovery:
+            # The sensors follow the lab's formula, which the station's state carries.
+            for topic, config in ha_discovery.configs(self.cfg, self._current_state()):
                 self._send(topic, _dumps(config), qos=1, retain=True)
         with self._cv:
             # A differential left in flight by the last connection is re-sent by paho now;
@@ -594,9 +601,9 @@ class MqttPublisher:
         with self._cv:
             self._diff_dirty = False
         if state is not None:
-            self._send(self.settings.topic("differential"), self._differential_payload(state),
+            self._send(self.cfg.topic("differential"), self._differential_payload(state),
                        qos=1, retain=True, differential=True)
-        self._send(self.settings.topic("available"), ONLINE, qos=1, retain=True)
+        self._send(self.cfg.topic("available"), ONLINE, qos=1, retain=True)
 
     def stats_payload(self, db: Any) -> dict[str, Any]:
         st = outbox.status(db)
@@ -611,12 +618,12 @@ class MqttPublisher:
             free = None
         payload: dict[str, Any] = {
             "schema": MQTT_SCHEMA,
-            "station": self.settings.station_id,
+            "station": self.cfg.station_id,
             "ts": utc_now_iso(),
             "uptime_s": round(time.monotonic() - self._started_at, 1),
             # Lets a consumer call a retained 'online' stale when stats stop coming (a broker
             # restart forgets the will of a station that then died unseen).
-            "interval_s": self.settings.stats_interval_s,
+            "interval_s": self.cfg.stats_interval_s,
             "fields": fields,  # analysed since this process started
             "latency_ms": {
                 "last": round(lats[-1], 1) if lats else None,
@@ -645,33 +652,34 @@ class MqttPublisher:
     def _publish_stats(self, db: Any) -> None:
         # Retained so a monitor that starts later sees the last health at once; QoS 0: the
         # next one supersedes it anyway.
-        self._send(self.settings.topic("stats"), _dumps(self.stats_payload(db)), qos=0,
+        self._send(self.cfg.topic("stats"), _dumps(self.stats_payload(db)), qos=0,
                    retain=True)
 
     def _handle_command(self, kind: str, raw: bytes) -> None:
         request_id = None
         try:
-            args = parse_command(kind, raw)
-            request_id = args.pop("request_id", None)
+            cmd = parse_command(kind, raw)
+            request_id = cmd.request_id
             if self._command_handler is None:
                 raise CommandError("this station has no command handler")
-            result = self._command_handler(kind, args)
+            result = self._command_handler(cmd.action, cmd.args)
             echo = {"ok": True, "result": result}
-            log.info("MQTT command %s %s -> %s", kind, args, result)
+            log.info("MQTT command %s %s -> %s", cmd.action, cmd.args, result)
         except CommandError as exc:
             log.warning("MQTT: ignoring malformed %s command %r: %s", kind, raw[:200], exc)
             echo = {"ok": False, "error": str(exc)}
+            request_id = _request_id_of(raw)
         except Exception as exc:  # the station refused it (e.g. finalise with unidentified)
             log.warning("MQTT: %s command failed: %s", kind, exc)
             echo = {"ok": False, "error": str(exc) or type(exc).__name__}
-        body = {"schema": MQTT_SCHEMA, "station": self.settings.station_id, "ts": utc_now_iso(),
+        body = {"schema": MQTT_SCHEMA, "station": self.cfg.station_id, "ts": utc_now_iso(),
                 "command": kind, "request_id": request_id, **echo}
-        self._send(self.settings.topic("state"), _dumps(body), qos=1, retain=False)
+        self._send(self.cfg.topic("state"), _dumps(body), qos=1, retain=False)
 
     def _shutdown(self, db: Any) -> None:
         deadline = time.monotonic() + 5.0
         if self._connected:
-            info = self._send(self.settings.topic("available"), STOPPED, qos=1, retain=True)
+            info = self._send(self.cfg.topic("available"), STOPPED, qos=1, retain=True)
             mid = None if info is None else info.mid
             # Bounded: a clean exit should not hang on a broker that has just gone away.
             with self._cv:
@@ -685,12 +693,40 @@ class MqttPublisher:
         self._ack(db, acked)
 
 
-def parse_command(kind: str, raw: bytes) -> dict[str, Any]:
+def _request_id_of(raw: bytes) -> str | None:
+    """The request_id of a refused command, when it has one, so the sender can match the echo."""
+    try:
+        rid = parse_json_object(raw[:MAX_COMMAND_BYTES]).get("request_id")
+    except InputError:
+        return None
+    return rid if isinstance(rid, str) else None
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command from the broker as the station's action it asks for."""
+
+    kind: str  # the topic it came on: "capture" or "slide"
+    action: str  # a name in edge_wbc.station.actions.REMOTE
+    args: dict[str, Any]
+    request_id: str | None = None
+
+
+#: slide/set "action" -> the station's action and the fields it takes.
+SLIDE_COMMANDS: dict[str, tuple[str, frozenset[str]]] = {
+    "new": ("new_slide", frozenset({"sample_id", "target"})),
+    "finalise": ("finalise", frozenset()),
+    "target": ("set_target", frozenset({"target"})),
+}
+
+
+def parse_command(kind: str, raw: bytes) -> Command:
     """Validate a command payload; raises CommandError with the reason for a malformed one.
 
     capture/set: empty, ``PRESS`` (Home Assistant's button), ``capture``, or a JSON object
     ``{"request_id": "..."}``. slide/set: a JSON object ``{"action": "new", "sample_id": "S1",
     "target": 100}``, ``{"action": "finalise"}`` or ``{"action": "target", "target": 200}``.
+    The sample ID and target obey edge_wbc.inputs, the rules the HTTP API's values obey.
     """
     if len(raw) > MAX_COMMAND_BYTES:
         raise CommandError(f"payload of {len(raw)} bytes is over {MAX_COMMAND_BYTES}")
@@ -699,7 +735,7 @@ def parse_command(kind: str, raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise CommandError("payload is not UTF-8") from exc
     if kind == "capture" and text in ("", "PRESS", "capture"):
-        return {}
+        return Command(kind, "capture", {})
     try:
         data = parse_json_object(raw, "payload")
     except InputError as exc:
@@ -711,86 +747,46 @@ def parse_command(kind: str, raw: bytes) -> dict[str, Any]:
         unknown = set(data) - {"request_id", "action"}
         if unknown or data.get("action", "capture") != "capture":
             raise CommandError(f"unexpected capture fields {sorted(unknown) or data['action']}")
-        return {"request_id": request_id} if request_id else {}
+        return Command(kind, "capture", {}, request_id or None)
     if kind != "slide":
         raise CommandError(f"unknown command {kind!r}")
-    action = data.get("action")
-    if action not in SLIDE_ACTIONS:
-        raise CommandError(f"slide action must be one of {', '.join(SLIDE_ACTIONS)}, "
-                           f"got {action!r}")
-    allowed = {"new": {"sample_id", "target"}, "finalise": set(), "target": {"target"}}[action]
+    name = data.get("action")
+    if name not in SLIDE_COMMANDS:
+        raise CommandError(f"slide action must be one of {', '.join(SLIDE_COMMANDS)}, "
+                           f"got {name!r}")
+    action, allowed = SLIDE_COMMANDS[name]
     unknown = set(data) - allowed - {"action", "request_id"}
     if unknown:
-        raise CommandError(f"unexpected fields for {action}: {sorted(unknown)}")
-    out: dict[str, Any] = {"action": action}
-    if request_id:
-        out["request_id"] = request_id
+        raise CommandError(f"unexpected fields for {name}: {sorted(unknown)}")
+    args: dict[str, Any] = {}
     try:
-        if "target" in data or action == "target":
-            out["target"] = check_target(data.get("target"))
-        if action == "new":
+        if "target" in data or name == "target":
+            args["target"] = check_target(data.get("target"))
+        if name == "new":
             sample = check_sample_id(data.get("sample_id"))
             if not sample:
                 raise CommandError("new slide needs a sample_id")
-            out["sample_id"] = sample
+            args["sample_id"] = sample
     except InputError as exc:
         raise CommandError(str(exc)) from None
-    return out
-
-
-def ha_discovery_configs(s: MqttSettings) -> list[tuple[str, dict[str, Any]]]:
-    """Home Assistant MQTT discovery: one sensor per class percentage plus progress sensors."""
-    node = f"edge_wbc_{s.station_id}".replace("-", "_")
-    device = {"identifiers": [node], "name": f"edge-wbc {s.station_id}",
-              "manufacturer": "edge-wbc", "model": "leukocyte differential station"}
-    availability = [{"topic": s.topic("available"),
-                     "value_template": "{{ 'online' if value == 'online' else 'offline' }}"}]
-    common = {"state_topic": s.topic("differential"), "availability": availability,
-              "device": device}
-    out: list[tuple[str, dict[str, Any]]] = []
-    for cls in (*CLASSES, UNIDENTIFIED):
-        out.append((f"{HA_DISCOVERY_PREFIX}/sensor/{node}/{cls}/config", {
-            **common, "name": f"{cls.capitalize()} %", "unique_id": f"{node}_{cls}_pct",
-            "unit_of_measurement": "%", "state_class": "measurement",
-            "value_template": f"{{{{ value_json.percentages.{cls} | default(0) }}}}",
-            "json_attributes_topic": s.topic("differential"),
-            "json_attributes_template": (
-                f"{{{{ {{'count': value_json.counts.{cls} | default(0), "
-                f"'ci95': value_json.ci95.{cls} | default(none)}} | tojson }}}}"),
-        }))
-    for key, name in (("counted", "Cells counted"), ("target", "Target")):
-        out.append((f"{HA_DISCOVERY_PREFIX}/sensor/{node}/{key}/config", {
-            **common, "name": name, "unique_id": f"{node}_{key}", "state_class": "measurement",
-            "value_template": f"{{{{ value_json.{key} }}}}",
-        }))
-    out.append((f"{HA_DISCOVERY_PREFIX}/sensor/{node}/sample/config", {
-        **common, "name": "Sample", "unique_id": f"{node}_sample",
-        "value_template": "{{ value_json.sample_id }}",
-    }))
-    if s.commands_enabled:
-        out.append((f"{HA_DISCOVERY_PREFIX}/button/{node}/capture/config", {
-            "name": "Capture field", "unique_id": f"{node}_capture",
-            "command_topic": s.topic("capture", "set"), "payload_press": "PRESS",
-            "availability": availability, "device": device,
-        }))
-    return out
+    return Command(kind, action, args, request_id or None)
 
 
 def start_publisher(
-    cfg_mqtt: Any,
+    cfg: MqttConfig,
     db_path: str | os.PathLike[str],
     state_provider: StateProvider | None = None,
     command_handler: CommandHandler | None = None,
     health_provider: HealthProvider | None = None,
+    on_change: Callable[[dict[str, Any]], None] | None = None,
 ) -> MqttPublisher | None:
     """The station's one call: None when no broker is configured, else a started publisher.
 
-    Raises MqttError for settings that cannot work (unreadable TLS file, bad topic level); a
+    Raises MqttError for settings that cannot work (TLS files the TLS library refuses); a
     broker that is down or refuses us is not an error here: the station counts on and the
     publisher's ``status()`` says why nothing is going out.
     """
-    if cfg_mqtt is None or not getattr(cfg_mqtt, "host", None):
+    if not cfg.host:
         return None
-    settings = MqttSettings.from_config(cfg_mqtt)
-    return MqttPublisher(settings, db_path, state_provider, command_handler,
-                         health_provider).start()
+    return MqttPublisher(cfg, db_path, state_provider, command_handler, health_provider,
+                         on_change=on_change).start()

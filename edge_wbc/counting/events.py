@@ -1,4 +1,5 @@
-"""What the slide session tells the rest of the station (display, MQTT) — contract 3.
+"""What the slide session tells the rest of the station (display, MQTT) — contract 3 of
+docs/architecture.md.
 
 The session is the single owner of counts; everything else listens. Listeners receive
 ``Event(kind, payload)`` through one callable, so counting code never imports the web or paho.

@@ -35,7 +35,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 #: Schema of every JSON payload published by edge-wbc; bump when a payload changes shape.
-MQTT_SCHEMA = "edge-wbc/mqtt/1"
+#: 2: the differential carries the lab's formula (rows with kind and group) and raised flags;
+#: cell events carry the group and the formula row a cell counts in.
+MQTT_SCHEMA = "edge-wbc/mqtt/2"
 DEFAULT_MAX_ROWS = 100_000
 _FINALISED = ("finalised", "finalized")
 

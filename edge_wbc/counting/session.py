@@ -7,14 +7,17 @@ of it, so what they show can always be rebuilt from the database after a crash.
 
 Counting rules (what a cell contributes):
 
-* the technician's reviewed label wins: one of the five classes counts as that class,
-  ``rejected`` (not a leukocyte / counted twice / unusable) does not count;
-* otherwise the machine's decision: a cell whose status is ``counted`` counts as its label
-  (one of the five classes or ``unidentified``); ``duplicate`` cells (inside the part of the field
-  already seen in a previous field) and ``other`` cells (not a mature leukocyte) do not count.
+* a cell stands as its *effective label*: the technician's reviewed label when there is one (any
+  class of :mod:`edge_wbc.taxonomy`), else the machine's; ``rejected`` (not a
+  leukocyte / counted twice / unusable) and ``duplicate`` cells (inside the part of the field
+  already seen in a previous field) do not stand at all;
+* the lab's formula (``[formula]`` in the config, :mod:`edge_wbc.counting.formula`) puts each
+  standing cell in a row: leukocytes and ``unidentified`` count toward the target, erythroblasts
+  are reported per 100 leukocytes, platelets, smudge cells and artefacts as counts only; a
+  non-leukocyte class the formula has no row for is set aside (``excluded.other``).
 
-Percentages are of all counted leukocytes, unidentified included, so the rows add up to 100 %;
-the slide cannot be finalised while any unidentified cell remains.
+Percentages of counted rows are of all counted leukocytes, unidentified included, so they add up
+to 100 %; the slide cannot be finalised while any unidentified cell remains.
 
 The intervals live in :mod:`edge_wbc.counting.stats`, the duplicate-field guard in
 :mod:`edge_wbc.counting.overlap`.
@@ -26,25 +29,41 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
+from edge_wbc import taxonomy
 from edge_wbc.counting.events import Event, Publish
+from edge_wbc.counting.formula import Tally, tally
 from edge_wbc.counting.overlap import box_fraction_inside, field_signature, find_overlap
 from edge_wbc.counting.records import CellRecord, FieldRecord, SlideRecord
-from edge_wbc.counting.stats import CI_METHODS, interval
-from edge_wbc.inputs import InputError, check_sample_id, check_target
+from edge_wbc.counting.stats import CI_METHODS
+from edge_wbc.counting.store import CONFIRMED
+from edge_wbc.inputs import InputError, check_sample_id, check_target, hidden_char
 from edge_wbc.pipeline.preprocess import cell_crop, ensure_rgb_uint8, white_balance
-from edge_wbc.pipeline.results import CLASSES, OTHER, UNIDENTIFIED, FieldResult
+from edge_wbc.pipeline.results import FieldResult
+from edge_wbc.taxonomy import UNIDENTIFIED, Formula
 
-STATE_SCHEMA = "edge-wbc/state/1"
+#: 2: rows carry kind/group/classes; the formula and its raised flags ride along.
+STATE_SCHEMA = "edge-wbc/state/2"
 REJECT_REASONS = ("not_leukocyte", "counted_twice", "unusable")
 REJECTED = "rejected"
+#: Gallery group of the cells of a discarded field.
+DISCARDED = "discarded"
 #: Cell status decided by the machine when the field was counted.
 STATUS_COUNTED, STATUS_DUPLICATE, STATUS_OTHER = "counted", "duplicate", "other"
+#: A cell the technician added by key, as on a manual differential counter: the camera missed it.
+STATUS_MANUAL = "manual"
+#: Why a field is set aside with its cells.
+DISCARD_REASONS = ("duplicate", "bad_area", "unusable")
+#: Reject reason only a manually added cell takes: the key was pressed by mistake.
+ADDED_IN_ERROR = "added_in_error"
+MAX_NOTE_CHARS = 2000
+#: A slide started without a sample ID gets a placeholder starting so.
+UNNAMED = "unnamed-"
 #: Side of the stored cell thumbnail (px). Larger than the classifier's input so the technician
 #: sees the cell comfortably on a desktop screen as well.
 CROP_PX = 128
@@ -62,15 +81,16 @@ def now_iso() -> str:
 
 
 def effective_label(cell: CellRecord) -> str | None:
-    """The label a cell is counted as, or None when it does not count."""
+    """The class a cell stands as (the formula says where it counts), or None when it does not
+    stand: rejected in review, or a duplicate the technician left alone."""
     rl = cell.get("reviewed_label")
-    if rl == REJECTED:
+    if rl == REJECTED or cell.get("discarded"):
         return None
-    if rl in CLASSES:
-        return rl
-    if cell["status"] == STATUS_COUNTED and cell["label"] in (*CLASSES, UNIDENTIFIED):
-        return cell["label"]
-    return None
+    if rl:
+        return str(rl)
+    if cell["status"] == STATUS_DUPLICATE:
+        return None
+    return str(cell["label"])
 
 
 def _new_slide_id() -> str:
@@ -98,6 +118,9 @@ class SlideSession:
         station_id: str = "",
         reporter: Any = None,
         guard_history: int = 3,
+        formula: Formula | None = None,
+        require_sample_id: bool = False,
+        require_operator: bool = False,
     ) -> None:
         if ci_method not in CI_METHODS:
             raise ValueError(f"unknown CI method {ci_method!r}; expected one of {CI_METHODS}")
@@ -111,6 +134,10 @@ class SlideSession:
         self.station_id = station_id
         self.reporter = reporter
         self.guard_history = guard_history
+        self.formula = formula if formula is not None else taxonomy.formula_or_raise()
+        # What a lab wants on every signed report before finalise ([report] in the config).
+        self.require_sample_id = require_sample_id
+        self.require_operator = require_operator
         self._lock = threading.RLock()
         self.slide: SlideRecord  # set by _resume_or_start below
         self.cells: dict[str, CellRecord] = {}  # insertion order = capture order
@@ -144,7 +171,7 @@ class SlideSession:
     def _start(self, sample_id: str, target: int) -> Event:
         sid = _new_slide_id()
         at = now_iso()
-        sample = sample_id.strip() or "unnamed-" + sid[1:16]
+        sample = sample_id.strip() or UNNAMED + sid[1:16]
         slide: SlideRecord = {
             "id": sid,
             "sample_id": sample,
@@ -167,12 +194,15 @@ class SlideSession:
         return ev
 
     def new_slide(
-        self, sample_id: str = "", target: int | None = None, abandon: bool = False
+        self, sample_id: str = "", target: int | None = None, abandon: bool = False,
+        operator: str | None = None,
     ) -> None:
         """Start counting a new slide. An open slide with cells is only closed when ``abandon``
-        is set (it stays in the database, marked abandoned, never silently discarded)."""
+        is set (it stays in the database, marked abandoned, never silently discarded).
+        ``operator``: who counts it (for the signed report)."""
         target = self.default_target if target is None else _check_target(target)
         sample_id = _check_sample_id(sample_id)
+        operator = _check_note("operator", operator)
         with self._lock:
             events: list[Event] = []
             if self.slide.get("status") == "open":
@@ -190,6 +220,8 @@ class SlideSession:
                 events.append(Event("slide", {"action": "abandoned",
                                               **self._slide_payload(self.slide), "at": at}))
             events.append(self._start(sample_id, target))
+            if operator:
+                events.append(self._set_notes({"operator": operator}))
             self._emit(events)
 
     def set_sample_id(self, sample_id: str) -> None:
@@ -239,8 +271,10 @@ class SlideSession:
             reports: dict[str, str] = {}
             if self.reporter is not None:
                 try:
+                    # Each cell with the row it counted in: the report need not redo the formula.
                     reports = self.reporter(
-                        closing, state, list(self.cells.values()),
+                        closing, state,
+                        [{**c, "counted_as": self._row_key(c)} for c in self.cells.values()],
                         self.store.fields(self.slide["id"]),
                         self.store.slide_dir(self.slide["id"]) / "report",
                     )
@@ -265,7 +299,155 @@ class SlideSession:
 
     def finalise_blockers(self) -> list[str]:
         with self._lock:
-            return _blockers(self.slide, self.counts())
+            return self._blockers(self.slide, self.tally())
+
+    def _blockers(self, slide: SlideRecord, t: Tally) -> list[str]:
+        out = _blockers(slide, t)
+        if self.require_sample_id and slide["sample_id"].startswith(UNNAMED):
+            out.append("enter the sample ID (the lab requires one on every report)")
+        if self.require_operator and not (slide.get("operator") or slide.get("signed_off_by")):
+            out.append("enter who counted or signs off (the lab requires a name on every "
+                       "report)")
+        return out
+
+    def set_models(self, models: dict[str, Any], change: dict[str, Any]) -> None:
+        """The models counting from the next field on (a lab adaptation activated or rolled
+        back): recorded on every later field, and as an event in the open slide's audit trail."""
+        with self._lock:
+            at = now_iso()
+            ev = Event("slide", {"action": "adaptation", **self._slide_payload(self.slide),
+                                 "at": at, **change})
+            self.store.audit(self.slide["id"], [ev])
+            self.models = models
+            self._emit([ev])
+
+    # ------------------------------------------------------------------ notes
+
+    def set_notes(self, **notes: str | None) -> dict[str, str]:
+        """Operator (who counted), signed_off_by and the slide's comment; None leaves one as it
+        is, '' clears it. Returns the slide's notes."""
+        unknown = set(notes) - {"operator", "signed_off_by", "comment"}
+        if unknown:
+            raise SessionError(f"unknown slide notes {sorted(unknown)} (operator, "
+                               "signed_off_by, comment)")
+        given = {k: _check_note(k, v) for k, v in notes.items() if v is not None}
+        with self._lock:
+            self._require_open()
+            if given:
+                self._emit([self._set_notes(given)])
+            return self.notes()
+
+    def _set_notes(self, given: dict[str, str]) -> Event:
+        at = now_iso()
+        ev = Event("slide", {"action": "notes", **self._slide_payload(self.slide), "at": at,
+                             **given})
+        self.store.set_slide_notes(self.slide["id"], given, at, [ev])
+        for k, v in given.items():
+            self.slide[k] = v  # type: ignore[literal-required]
+        return ev
+
+    def notes(self, slide: SlideRecord | None = None) -> dict[str, str]:
+        s = self.slide if slide is None else slide
+        return {"operator": s.get("operator") or "", "signed_off_by": s.get("signed_off_by") or "",
+                "comment": s.get("comment") or ""}
+
+    def comment_cell(self, cell_id: str, comment: str | None) -> CellRecord:
+        """The technician's note on one cell ('' or None removes it); audited."""
+        text = _check_note("comment", comment)
+        with self._lock:
+            self._require_open()
+            cell = self.cells.get(cell_id)
+            if cell is None:
+                raise SessionError(f"no cell {cell_id!r} on the open slide")
+            at = now_iso()
+            updated: CellRecord = {**cell}
+            if text:
+                updated["comment"] = text
+            else:
+                updated.pop("comment", None)
+            payload = self._cell_payload(updated, "commented")
+            payload["at"] = at
+            payload["comment"] = text
+            ev = Event("cell", payload)
+            self.store.set_cell_comment(cell_id, text, at, [ev])
+            self.cells[cell_id] = updated
+            self._emit([ev])
+            return updated
+
+    # ------------------------------------------------------------------ manual count, discards
+
+    def add_manual(self, label: str) -> CellRecord:
+        """Count a cell the camera missed, as on a manual differential counter: it belongs to
+        the field on screen (the last captured), has no image, and is marked as added by hand
+        in the gallery and the reports. Taken back by rejecting it ('added_in_error')."""
+        if not isinstance(label, str) or label not in taxonomy.GROUP_OF:
+            raise SessionError(f"cannot add a cell of class {label!r}: use one of "
+                               f"{', '.join(self.formula.review_classes())}")
+        with self._lock:
+            self._require_open()
+            f = self._last_field
+            if f is None:
+                raise SessionError("capture a field first: a cell added by hand belongs to the "
+                                   "field on screen")
+            if f.get("discarded"):
+                raise SessionError(f"field #{f['seq']} is discarded: take it back or capture "
+                                   "another before adding cells to it")
+            n = 1 + sum(1 for c in self.cells.values()
+                        if c["field_id"] == f["id"] and c["status"] == STATUS_MANUAL)
+            at = now_iso()
+            cell: CellRecord = {
+                "id": f"{f['id']}-M{n:02d}", "slide_id": self.slide["id"], "field_id": f["id"],
+                "seq": f["seq"], "idx": 100 + n, "bbox": [0, 0, 0, 0], "area_px": 0,
+                "label": label, "score": 1.0, "probs": {label: 1.0}, "status": STATUS_MANUAL,
+                "reviewed_label": None, "review_reason": None, "reviewed_at": None,
+                "created_at": at, "crop_file": None,
+            }
+            ev = Event("cell", {**self._cell_payload(cell, "added"), "at": at})
+            self.store.add_manual_cell(cell, [ev])
+            self.cells[cell["id"]] = cell
+            self._emit([ev])
+            return cell
+
+    def discard_field(self, field_id: str, reason: str | None) -> dict[str, Any]:
+        """Set a field aside with all its cells (``reason`` in DISCARD_REASONS), or take it back
+        (None). Nothing is deleted; both are events in the audit trail."""
+        if reason is not None and reason not in DISCARD_REASONS:
+            raise SessionError(f"discard reason must be one of {', '.join(DISCARD_REASONS)}")
+        with self._lock:
+            self._require_open()
+            fields = {f["id"]: f for f in self.store.fields(self.slide["id"])}
+            f = fields.get(field_id)
+            if f is None:
+                raise SessionError(f"no field {field_id!r} on the open slide")
+            if (reason is None) == (not f.get("discarded")):
+                raise SessionError(f"field #{f['seq']} is "
+                                   f"{'already discarded' if reason else 'not discarded'}")
+            at = now_iso()
+            mine = [c for c in self.cells.values() if c["field_id"] == field_id]
+            before = self.counted()
+            ev = Event("slide", {"action": "field_discarded" if reason else "field_restored",
+                                 **self._slide_payload(self.slide), "at": at,
+                                 "field_id": field_id, "seq": f["seq"], "reason": reason,
+                                 "cells": len(mine)})
+            self.store.set_field_discarded(field_id, reason, at, [ev])
+            for c in mine:
+                u: CellRecord = {**c}
+                if reason:
+                    u["discarded"] = reason
+                else:
+                    u.pop("discarded", None)
+                self.cells[c["id"]] = u
+            if self._last_field is not None and self._last_field["id"] == field_id:
+                if reason:
+                    self._last_field["discarded"] = reason
+                    self._last_field["discarded_at"] = at
+                else:
+                    self._last_field.pop("discarded", None)
+                    self._last_field.pop("discarded_at", None)
+            ev.payload["counted_change"] = self.counted() - before
+            self._emit([ev])
+            return {"field_id": field_id, "seq": f["seq"], "discarded": reason,
+                    "counted_change": ev.payload["counted_change"]}
 
     # ------------------------------------------------------------------ counting
 
@@ -277,8 +459,10 @@ class SlideSession:
         source: str = "",
         captured_at: str = "",
         t_trigger: float | None = None,
+        capture_id: int | None = None,
     ) -> FieldRecord:
-        """Count one analysed field. Returns the field summary (also published as an event)."""
+        """Count one analysed field. Returns the field summary (also published as an event).
+        ``capture_id``: the store's record of the capture, closed in the field's transaction."""
         rgb = ensure_rgb_uint8(rgb)
         if result.error:
             raise SessionError(f"field not counted: {result.error}")
@@ -298,15 +482,25 @@ class SlideSession:
             balanced = white_balance(rgb) if result.cells else rgb
             cell_rows: list[CellRecord] = []
             crops: dict[str, np.ndarray] = {}
+            # The base classifier's features of each cell, with the model that computed them:
+            # a reviewed cell becomes one of the lab's labelled cells for adaptation.
+            model_sha = (result.model or {}).get("classifier_sha256")
+            embeddings: dict[str, tuple[str, np.ndarray]] = {}
+            unknown = sorted({c.label for c in result.cells
+                              if c.label != UNIDENTIFIED and c.label not in taxonomy.GROUP_OF})
+            if unknown:
+                raise SessionError(f"field not counted: unknown cell class(es) {unknown} "
+                                   f"(known: {', '.join(taxonomy.CLASSES)})")
             for i, c in enumerate(result.cells):
                 x0, y0, x1, y1 = (int(v) for v in c.bbox)
                 box = (x0, y0, x1, y1)
-                if c.label == OTHER:
-                    status = STATUS_OTHER
+                leukocyte = taxonomy.is_leukocyte(c.label)
+                if not leukocyte and self.formula.row_for(c.label) is None:
+                    status = STATUS_OTHER  # set aside before the overlap test, as always
                 elif any(box_fraction_inside(box, o.rect) >= 0.5 for o in overlaps):
                     status = STATUS_DUPLICATE
                 else:
-                    status = STATUS_COUNTED
+                    status = STATUS_COUNTED if leukocyte else STATUS_OTHER
                 cid = f"{fid}-C{i + 1:02d}"
                 cell_rows.append({
                     "id": cid,
@@ -327,6 +521,8 @@ class SlideSession:
                     "crop_file": None,
                 })
                 crops[cid] = cell_crop(balanced, box, CROP_PX)
+                if model_sha and c.embedding is not None:
+                    embeddings[cid] = (str(model_sha), c.embedding)
             quality = json_safe(dict(result.quality or {}))
             field_row: FieldRecord = {
                 "id": fid,
@@ -358,7 +554,8 @@ class SlideSession:
             state_after = self._state(self.slide, prospective, self.n_fields + 1,
                                       self.n_fields_flagged + (1 if best else 0))
             fev.payload["counted_total"] = state_after["counted"]
-            self.store.add_field(field_row, cell_rows, rgb, crops, sig, [*events, fev])
+            self.store.add_field(field_row, cell_rows, rgb, crops, sig, [*events, fev],
+                                 capture_id=capture_id, embeddings=embeddings)
             self.cells = prospective
             self.n_fields += 1
             self.n_fields_flagged += 1 if best else 0
@@ -369,8 +566,8 @@ class SlideSession:
             return field_row
 
     def review(self, cell_id: str, label: str | None, reason: str | None = None) -> CellRecord:
-        """Reclassify (label in CLASSES), reject (label 'rejected' + reason) or restore (None)
-        a cell. The machine's label is never overwritten; both are kept."""
+        """Reclassify (label: any class of the taxonomy), reject (label 'rejected' + reason) or
+        restore (None) a cell. The machine's label is never overwritten; both are kept."""
         with self._lock:
             self._require_open()
             cell = self.cells.get(cell_id)
@@ -379,20 +576,26 @@ class SlideSession:
             if label is None:
                 action, reason = "restored", None
             elif label == REJECTED:
-                if reason not in REJECT_REASONS:
-                    raise SessionError(f"reject reason must be one of {', '.join(REJECT_REASONS)}")
+                allowed = REJECT_REASONS + ((ADDED_IN_ERROR,) if cell["status"] == STATUS_MANUAL
+                                            else ())
+                if reason not in allowed:
+                    raise SessionError(f"reject reason must be one of {', '.join(allowed)}")
                 action = "rejected"
-            elif label in CLASSES:
+            elif isinstance(label, str) and label in taxonomy.GROUP_OF:
                 action, reason = "reclassified", None
             else:
                 raise SessionError(
-                    f"cannot reclassify as {label!r}: use one of {', '.join(CLASSES)}, or reject"
+                    f"cannot reclassify as {label!r}: use one of "
+                    f"{', '.join(self.formula.review_classes())}, or reject"
                 )
             before = effective_label(cell)
             at = now_iso()
             updated: CellRecord = {**cell, "reviewed_label": label, "review_reason": reason,
                        "reviewed_at": at if label is not None else None}
             payload = self._cell_payload(updated, action)
+            # Its own time: a restore has no reviewed_at and would otherwise carry the capture
+            # time, a wrong audit trail and the same MQTT de-duplication key for every restore.
+            payload["at"] = at
             payload["previous_reviewed_label"] = cell.get("reviewed_label")
             payload["previous_effective_label"] = before
             ev = Event("cell", payload)
@@ -401,18 +604,62 @@ class SlideSession:
             self._emit([ev])
             return updated
 
+    def confirm(self, cell_ids: Sequence[str]) -> list[CellRecord]:
+        """The technician says the shown class is right: each cell's machine label becomes its
+        reviewed label (review_reason 'confirmed'), so it counts exactly as before and is now
+        one of the lab's labelled cells. Cells already reviewed are left as they are. All or
+        nothing: an unknown cell, or one with no class to confirm (unidentified, rejected, a
+        duplicate), refuses the whole request."""
+        with self._lock:
+            self._require_open()
+            todo: list[CellRecord] = []
+            for cid in dict.fromkeys(cell_ids):
+                cell = self.cells.get(cid)
+                if cell is None:
+                    raise SessionError(f"no cell {cid!r} on the open slide")
+                # A cell added by key is the technician's own call already, and has no image
+                # to learn from.
+                if cell.get("reviewed_label") or cell["status"] == STATUS_MANUAL:
+                    continue
+                if cell["label"] == UNIDENTIFIED or effective_label(cell) is None:
+                    raise SessionError(
+                        f"cell {cid} has no class to confirm ({cell['label']}, "
+                        f"{cell['status']}): choose its class instead"
+                    )
+                todo.append(cell)
+            if not todo:
+                return []
+            at = now_iso()
+            updated: list[CellRecord] = []
+            events: list[Event] = []
+            for cell in todo:
+                u: CellRecord = {**cell, "reviewed_label": cell["label"],
+                                 "review_reason": CONFIRMED, "reviewed_at": at}
+                payload = self._cell_payload(u, "confirmed")
+                payload["previous_reviewed_label"] = None
+                payload["previous_effective_label"] = effective_label(cell)
+                updated.append(u)
+                events.append(Event("cell", payload))
+            self.store.update_cells(
+                [(u["id"], u["reviewed_label"], CONFIRMED, at) for u in updated], events
+            )
+            for u in updated:
+                self.cells[u["id"]] = u
+            self._emit(events)
+            return updated
+
     # ------------------------------------------------------------------ reading
 
+    def tally(self, cells: dict[str, CellRecord] | None = None) -> Tally:
+        labels = (effective_label(c) for c in (self.cells if cells is None else cells).values())
+        return tally(self.formula, (lab for lab in labels if lab is not None), self.ci_method)
+
     def counts(self, cells: dict[str, CellRecord] | None = None) -> dict[str, int]:
-        out = dict.fromkeys((*CLASSES, UNIDENTIFIED), 0)
-        for c in (self.cells if cells is None else cells).values():
-            lab = effective_label(c)
-            if lab is not None:
-                out[lab] += 1
-        return out
+        """Cells per shown row of the formula (counted, per-100 and count-only rows)."""
+        return self.tally(cells).counts()
 
     def counted(self) -> int:
-        return sum(self.counts().values())
+        return self.tally().counted
 
     def state(self) -> dict[str, Any]:
         """The slide as GET /api/state and the 'differential' event show it."""
@@ -427,23 +674,15 @@ class SlideSession:
         n_flagged: int | None = None,
     ) -> dict[str, Any]:
         cells = self.cells if cells is None else cells
-        counts = self.counts(cells)
-        n = sum(counts.values())
-        rows = []
-        for lab in (*CLASSES, UNIDENTIFIED):
-            k = counts[lab]
-            lo, hi = interval(k, n, self.ci_method) if n else (0.0, 0.0)
-            rows.append({
-                "label": lab,
-                "count": k,
-                "percent": round(100.0 * k / n, 1) if n else 0.0,
-                "ci_low": round(100.0 * lo, 1),
-                "ci_high": round(100.0 * hi, 1),
-            })
+        t = self.tally(cells)
+        n = t.counted
+        rows = t.rows
+        counts = t.counts()
+        counted_rows = [r for r in rows if r["kind"] == taxonomy.COUNTED]
         reviewed = [c for c in cells.values() if c.get("reviewed_label")]
         unreviewed = [c for c in cells.values() if not c.get("reviewed_label")]
         target = int(slide["target"])
-        blockers = _blockers(slide, counts) if slide.get("status") == "open" else []
+        blockers = self._blockers(slide, t) if slide.get("status") == "open" else []
         return {
             "schema": STATE_SCHEMA,
             "station_id": self.station_id,
@@ -456,21 +695,34 @@ class SlideSession:
             "complete": n >= target,
             "finalised": slide.get("status") == "finalised",
             "progress": round(min(1.0, n / target), 4) if target else 0.0,
+            # Every shown row; `kind` says counted / per_100_wbc / count_only.
             "classes": rows,
             "counts": counts,
             "unidentified": counts[UNIDENTIFIED],
+            # Per 100 counted leukocytes for every row (a share of them for counted rows).
             "percentages": {r["label"]: r["percent"] for r in rows},
-            "ci95": {r["label"]: [r["ci_low"], r["ci_high"]] for r in rows},
+            "ci95": {r["label"]: [r["ci_low"], r["ci_high"]] for r in counted_rows},
             "ci_method": self.ci_method,
+            "class_counts": t.by_class,
+            "formula": self.formula.describe(),
+            "flags": t.flags,
             "fields": self.n_fields if n_fields is None else n_fields,
             "fields_overlapping": self.n_fields_flagged if n_flagged is None else n_flagged,
             "cells_detected": len(cells),
             "excluded": {
                 "duplicate": sum(1 for c in unreviewed if c["status"] == STATUS_DUPLICATE),
-                "other": sum(1 for c in unreviewed if c["status"] == STATUS_OTHER),
+                # Not leukocytes, with no row in the formula (machine or review said so).
+                "other": t.set_aside,
                 "rejected": sum(1 for c in reviewed if c["reviewed_label"] == REJECTED),
             },
             "reviewed": len(reviewed),
+            # Standing cells the technician added by key, and fields set aside with their cells.
+            "manual": sum(1 for c in cells.values()
+                          if c["status"] == STATUS_MANUAL and effective_label(c) is not None),
+            "fields_discarded": len({c["field_id"] for c in cells.values()
+                                     if c.get("discarded")}),
+            "notes": self.notes(slide),
+            "requires": {"sample_id": self.require_sample_id, "operator": self.require_operator},
             "can_finalise": slide.get("status") == "open" and not blockers,
             "finalise_blockers": blockers,
             "reports": slide.get("reports") or {},
@@ -486,22 +738,49 @@ class SlideSession:
             return {**f, "cells": [self.cell_view(c) for c in self.cells.values()
                                    if c["field_id"] == f["id"]]}
 
+    def field_view(self, field_id: str) -> dict[str, Any] | None:
+        """One field of the open slide with its cells (the review's field view)."""
+        with self._lock:
+            if self._last_field is not None and self._last_field["id"] == field_id:
+                return self.last_field()
+            f = next((x for x in self.store.fields(self.slide["id"]) if x["id"] == field_id),
+                     None)
+            if f is None:
+                return None
+            return {**f, "cells": [self.cell_view(c) for c in self.cells.values()
+                                   if c["field_id"] == field_id]}
+
     def gallery(self) -> list[dict[str, Any]]:
         """Every cell of the slide for review, most doubtful first within each group."""
         with self._lock:
             cells = [self.cell_view(c) for c in self.cells.values()]
         return sorted(cells, key=lambda c: (c["group_order"], c["score"]))
 
+    def _row_key(self, c: CellRecord) -> str | None:
+        eff = effective_label(c)
+        row = self.formula.row_for(eff) if eff is not None else None
+        return row.key if row is not None else None
+
     def cell_view(self, c: CellRecord) -> dict[str, Any]:
         eff = effective_label(c)
-        if eff is not None:
-            group = eff
+        row = self._row_key(c)
+        if row is not None:
+            group = row
         elif c.get("reviewed_label") == REJECTED:
             group = REJECTED
+        elif c.get("discarded"):
+            group = DISCARDED
+        elif eff is not None:
+            group = STATUS_OTHER  # a non-leukocyte the formula has no row for
         else:
-            group = c["status"]  # duplicate | other
-        # Unidentified first: they block finalising and need the technician most.
-        order = [UNIDENTIFIED, *CLASSES, STATUS_OTHER, STATUS_DUPLICATE, REJECTED]
+            group = c["status"]  # duplicate
+        # Unidentified first: they block finalising and need the technician most; then the
+        # formula's rows in its order, then what does not stand.
+        keys = [r.key for r in self.formula.rows]
+        order = [UNIDENTIFIED, *(k for k in keys if k != UNIDENTIFIED)]
+        tail = [STATUS_OTHER, STATUS_DUPLICATE, DISCARDED, REJECTED]
+        group_order = (order.index(group) if group in order
+                       else len(order) + (tail.index(group) + 1 if group in tail else 0))
         return {
             "id": c["id"],
             "field_id": c["field_id"],
@@ -513,8 +792,15 @@ class SlideSession:
             "reviewed_label": c.get("reviewed_label"),
             "review_reason": c.get("review_reason"),
             "effective_label": eff,
+            # The row the cell is counted in (None: it is not), and how that row counts.
+            "counted_as": row,
+            "kind": taxonomy.kind_of(eff) if row is not None and eff is not None else None,
+            "class_group": taxonomy.group_of(eff) if eff is not None else None,
             "group": group,
-            "group_order": order.index(group),
+            "group_order": group_order,
+            "manual": c["status"] == STATUS_MANUAL,
+            "comment": c.get("comment") or "",
+            "discarded": c.get("discarded"),
         }
 
     # ------------------------------------------------------------------ helpers
@@ -547,6 +833,9 @@ class SlideSession:
             "reviewed_label": c.get("reviewed_label"),
             "review_reason": c.get("review_reason"),
             "effective_label": effective_label(c),
+            "group": (taxonomy.group_of(eff) if (eff := effective_label(c)) is not None
+                      else None),
+            "counted_as": self._row_key(c),
             "score": round(float(c["score"]), 4),
             "probs": {k: round(float(v), 4) for k, v in c["probs"].items()},
             "bbox": c["bbox"],
@@ -588,15 +877,15 @@ def json_safe(v: Any) -> Any:
     return v
 
 
-def _blockers(slide: SlideRecord, counts: dict[str, int]) -> list[str]:
+def _blockers(slide: SlideRecord, t: Tally) -> list[str]:
     out = []
-    n = sum(counts.values())
+    n = t.counted
     target = int(slide["target"])
     if n == 0:
         out.append("no cells counted yet")
     elif n < target:
         out.append(f"{n} of {target} cells counted (or lower the target to finalise early)")
-    unid = counts[UNIDENTIFIED]
+    unid = t.by_class.get(UNIDENTIFIED, 0)
     if unid:
         out.append(f"{unid} unidentified cell{'s' if unid != 1 else ''} to resolve "
                    "(reclassify or reject)")
@@ -608,6 +897,24 @@ def _check_target(target: Any) -> int:
         return check_target(target)
     except InputError as e:
         raise SessionError(str(e)) from None
+
+
+def _check_note(name: str, value: Any) -> str:
+    """A name or comment as stored: text, no hidden characters, bounded."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise SessionError(f"{name} must be text, got {type(value).__name__}")
+    text = value.strip()
+    # Line breaks are what a comment is made of; any other hidden character is refused.
+    bad = hidden_char(text.replace("\n", " ").replace("\r", " ")) if name == "comment" \
+        else hidden_char(text)
+    if bad is not None:
+        raise SessionError(f"{name} must not contain {bad}")
+    limit = MAX_NOTE_CHARS if name == "comment" else 120
+    if len(text) > limit:
+        raise SessionError(f"{name} must be at most {limit} characters, got {len(text)}")
+    return text
 
 
 def _check_sample_id(sample_id: Any) -> str:

@@ -8,7 +8,9 @@ milliseconds. One analyzer belongs to one thread (TFLite interpreters are not re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import cv2
 import numpy as np
 
 from edge_wbc.bundled import locate_models
+from edge_wbc.pipeline.adaptation import Adaptation, AdaptationError, load_adaptation
 from edge_wbc.pipeline.classify import CellClassifier, Prediction
 from edge_wbc.pipeline.heads import HeadError, LinearHead
 from edge_wbc.pipeline.inference import (
@@ -30,7 +33,7 @@ from edge_wbc.pipeline.manifest import Manifest, ManifestError, ModelEntry, load
 from edge_wbc.pipeline.postprocess import PostprocessParams, crop_cells, postprocess, work_scale
 from edge_wbc.pipeline.preprocess import CROP_SCALE, ensure_rgb_uint8, white_balance
 from edge_wbc.pipeline.quality import QualityParams, assess
-from edge_wbc.pipeline.results import OTHER, UNIDENTIFIED, Cell, FieldResult
+from edge_wbc.pipeline.results import UNIDENTIFIED, Cell, FieldResult
 from edge_wbc.pipeline.segment import EnsembleSegmenter, Member
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,10 @@ class FieldAnalyzer:
         require_accelerator: bool = False,
         postprocess: PostprocessParams | None = None,
         quality: QualityParams | None = None,
+        adaptation: str | Path | None = None,
     ) -> None:
+        """``adaptation``: a lab's adaptation folder (edge_wbc.pipeline.adaptation), or None /
+        "" for the shipped head; one fitted on another classifier is a ManifestError."""
         t0 = time.perf_counter()
         # None: the one resolution rule (--models, models.dir, $EDGE_WBC_MODELS, installed,
         # packaged) in edge_wbc.bundled.
@@ -135,6 +141,13 @@ class FieldAnalyzer:
             self.crop_scale = CROP_SCALE
         #: Every interpreter, segmenters first (what runs where: ``accelerator``).
         self.models = loaded
+        #: The lab head in use instead of the shipped one (``set_adaptation``), or None.
+        self.adaptation: Adaptation | None = None
+        if adaptation:
+            try:
+                self.set_adaptation(adaptation)
+            except AdaptationError as e:
+                raise ManifestError(str(e)) from e
         self.load_ms = (time.perf_counter() - t0) * 1000.0
 
     @classmethod
@@ -148,7 +161,44 @@ class FieldAnalyzer:
             edgetpu_device=m.edgetpu_device,
             require_accelerator=m.require_accelerator,
             postprocess=PostprocessParams.from_config(cfg.postprocess),
+            adaptation=m.adaptation or None,
         )
+
+    def set_adaptation(self, path: str | Path | None) -> Adaptation | None:
+        """Use a lab's adaptation from the next field on (None: back to the shipped head).
+
+        The folder is read and checked completely before anything changes: a corrupt one, or
+        one fitted on another classifier, raises AdaptationError and the current head stays.
+        """
+        if not path:
+            self.adaptation = None
+            return None
+        ce = self.manifest.classifier
+        if self.classifier is None or ce is None:
+            raise AdaptationError(f"{path}: the models in use have no classifier to adapt")
+        if self.classifier.embedding_dim is None:
+            raise AdaptationError(
+                f"{path}: {ce.file} emits no embedding, so no lab head can be applied to it"
+            )
+        ad = load_adaptation(Path(path), ce.sha256)
+        if ad.head.dim != self.classifier.embedding_dim:
+            raise AdaptationError(
+                f"{ad.path}: the head reads {ad.head.dim} features, {ce.file} emits "
+                f"{self.classifier.embedding_dim}"
+            )
+        self.adaptation = ad
+        return ad
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Which classifier (sha256) and which adaptation (id, sha256; None: the shipped head)
+        produce the labels: every result, report and message carries it, so a reader can tell
+        labs and model versions apart."""
+        ce = self.manifest.classifier
+        return {
+            "classifier_sha256": ce.sha256 if ce is not None else None,
+            "adaptation": self.adaptation.describe() if self.adaptation is not None else None,
+        }
 
     @property
     def accelerator(self) -> str:
@@ -167,10 +217,25 @@ class FieldAnalyzer:
             "accelerator_note": self.accel.message,
             "threads": self.threads,
             "cell_diameter_px": self.params.cell_diameter_px,
+            **self.provenance,
         }
 
-    def analyze(self, rgb: np.ndarray, path: str = "") -> FieldResult:
-        """Analyse one field (RGB uint8, any size; other layouts are converted)."""
+    def analyze(self, rgb: np.ndarray, path: str = "", scale: float = 1.0) -> FieldResult:
+        """Analyse one field (RGB uint8, any size; other layouts are converted).
+
+        ``scale``: pixels of ``rgb`` per pixel of the frame the settings are for, when the field
+        was read reduced (``imageio.DecodedImage.scale``): every size in the settings shrinks
+        with it. Positions stay in ``rgb``'s pixels (``at_file_scale`` maps them back).
+        """
+        if not 0.0 < scale <= 1.0:
+            raise ValueError(f"scale must be in (0, 1], not {scale}")
+        params = self.params
+        if scale != 1.0:
+            params = dataclasses.replace(
+                params,
+                cell_diameter_px=params.cell_diameter_px * scale,
+                border_margin_px=round(params.border_margin_px * scale),
+            )
         timing: dict[str, float] = {}
         t_start = t = time.perf_counter()
 
@@ -185,13 +250,13 @@ class FieldAnalyzer:
         balanced = white_balance(rgb)
         lap("preprocess")
 
-        s = work_scale((h, w), self.params)
+        s = work_scale((h, w), params)
         work_hw = (max(1, round(h * s)), max(1, round(w * s)))
         prob = self.segmenter.probability(balanced, work_hw)
         lap("segment")
 
         regions, _ = postprocess(
-            self.segmenter.mask(prob), (h, w), self.params, work_hw[0] / h, prob
+            self.segmenter.mask(prob), (h, w), params, work_hw[0] / h, prob
         )
         size = self.classifier.input_size if self.classifier else 96
         crop_cells(balanced, regions, size, self.crop_scale)
@@ -199,6 +264,9 @@ class FieldAnalyzer:
 
         if self.classifier is not None:
             preds = self.classifier.classify_all([r.crop for r in regions])  # type: ignore[misc]
+            if self.adaptation is not None:
+                head = self.adaptation.head
+                preds = [p if p.embedding is None else head.predict(p.embedding) for p in preds]
         else:
             preds = [Prediction(UNIDENTIFIED, 0.0, {}) for _ in regions]
         lap("classify")
@@ -218,7 +286,7 @@ class FieldAnalyzer:
         ]
         mask = np.zeros((h, w), np.uint8)
         for c in cells:
-            if c.label != OTHER:
+            if c.counted:
                 x0, y0, x1, y1 = c.bbox
                 mask[y0:y1, x0:x1][c.mask] = 255
         quality = assess(
@@ -226,7 +294,7 @@ class FieldAnalyzer:
             n_cells=sum(1 for c in cells if c.counted),
             foreground_px=int(np.count_nonzero(mask)),
             n_split=sum(1 for r in regions if r.split),
-            cell_diameter_px=self.params.cell_diameter_px,
+            cell_diameter_px=params.cell_diameter_px,
             params=self.quality_params,
         )
         lap("quality")
@@ -239,7 +307,43 @@ class FieldAnalyzer:
             quality=quality,
             timing_ms=timing,
             mask=mask,
+            model=self.provenance,
         )
+
+
+def at_file_scale(result: FieldResult, width: int, height: int, mask: bool = True) -> FieldResult:
+    """A result computed on a field read reduced, in the pixels of the file (``width`` x
+    ``height``): boxes, cell masks and areas scaled up; the field mask is rebuilt at full size
+    only when ``mask`` is asked for (a 64 MP frame's mask is 64 MB)."""
+    if (result.width, result.height) == (width, height):
+        return result
+    fx, fy = width / result.width, height / result.height
+    cells = []
+    for c in result.cells:
+        x0, y0, x1, y1 = c.bbox
+        bx0, by0 = math.floor(x0 * fx), math.floor(y0 * fy)
+        box = (
+            bx0,
+            by0,
+            min(width, max(bx0 + 1, math.ceil(x1 * fx))),
+            min(height, max(by0 + 1, math.ceil(y1 * fy))),
+        )
+        cm = None
+        area = round(c.area_px * fx * fy)
+        if c.mask is not None:
+            size = (box[2] - box[0], box[3] - box[1])
+            up = cv2.resize(c.mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+            cm = up.astype(bool)
+            area = int(np.count_nonzero(cm))
+        cells.append(dataclasses.replace(c, bbox=box, area_px=area, mask=cm))
+    full = None
+    if mask:
+        full = np.zeros((height, width), np.uint8)
+        for c in cells:
+            if c.counted and c.mask is not None:
+                x0, y0, x1, y1 = c.bbox
+                full[y0:y1, x0:x1][c.mask] = 255
+    return dataclasses.replace(result, width=width, height=height, cells=cells, mask=full)
 
 
 def draw_overlay(rgb: np.ndarray, result: FieldResult) -> np.ndarray:
@@ -255,10 +359,13 @@ def draw_overlay(rgb: np.ndarray, result: FieldResult) -> np.ndarray:
         "lymphocyte": (40, 120, 230),
         "monocyte": (20, 160, 90),
         UNIDENTIFIED: (250, 200, 0),
-        OTHER: (128, 128, 128),
+        "immature_granulocyte": (200, 40, 140),
+        "abnormal_wbc": (120, 0, 0),
+        "nrbc": (150, 90, 40),
+        "non_wbc": (128, 128, 128),
     }
     for c in result.cells:
-        col = colours.get(c.label, (255, 255, 255))
+        col = colours.get(c.label) or colours.get(c.group, (255, 255, 255))
         x0, y0, x1, y1 = c.bbox
         if c.mask is not None and c.mask.any():
             m = np.zeros((h, w), np.uint8)

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edge_wbc import taxonomy
 from edge_wbc.pipeline.inference import Model
 from edge_wbc.pipeline.manifest import VIEW_COUNTS
-from edge_wbc.pipeline.results import CLASSES, OTHER, UNIDENTIFIED
+from edge_wbc.pipeline.results import UNIDENTIFIED
 
 if TYPE_CHECKING:  # heads builds on this module's Prediction and decide
     from edge_wbc.pipeline.heads import LinearHead
@@ -78,9 +79,10 @@ def decide(
     confidence_threshold: float,
     other_threshold: float | None = None,
 ) -> Prediction:
-    """Top class, or "unidentified" below the threshold. A confident "other" (not a mature
-    leukocyte) stays out of the differential; an unsure one goes to the technician like any
-    unsure cell, so a leukocyte is never dropped from the count on a weak vote.
+    """Top class, or "unidentified" below the threshold. A confident "other" (not a
+    leukocyte: any class of the taxonomy's non_wbc group) stays out of the differential; an
+    unsure one goes to the technician like any unsure cell, so a leukocyte is never dropped from
+    the count on a weak vote.
 
     "other" needs ``other_threshold`` (at least the confidence threshold): the segmenter already
     voted the region a leukocyte, and dropping a real one from the count silently is worse than
@@ -90,12 +92,16 @@ def decide(
     score = float(probs[k])
     top = classes[k]
     other_min = max(confidence_threshold, other_threshold or 0.0)
-    if score < confidence_threshold or (top == OTHER and score < other_min):
+    known = top in taxonomy.GROUP_OF
+    # Every class the table knows keeps its name: the lab's formula says where it counts
+    # (an immature granulocyte or an erythroblast is never folded into "other"). A class that
+    # says "not a leukocyte" needs the stricter threshold, like "other" always did; a class
+    # the table does not know goes to the technician rather than out of the count.
+    if (score < confidence_threshold or not known
+            or (taxonomy.kind_of(top) == taxonomy.COUNT_ONLY and score < other_min)):
         label = UNIDENTIFIED
-    elif top == OTHER or top in CLASSES:
+    else:
         label = top
-    else:  # a class the station does not count (a model trained with extra classes)
-        label = OTHER
     return Prediction(label, score, {c: float(p) for c, p in zip(classes, probs, strict=True)})
 
 

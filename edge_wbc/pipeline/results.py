@@ -1,7 +1,9 @@
 """What one analysed field is: the contract between analysis and everything downstream.
 
 ``FieldResult.to_json()`` is the per-image entry of ``edge-wbc analyze --json``
-(schema ``edge-wbc/analysis/1``); keep it stable and bump the schema when it changes.
+(schema ``edge-wbc/analysis/2``: each cell's fine ``label`` and its ``group``); keep it stable
+and bump the schema when it changes. The classes and groups are
+:mod:`edge_wbc.taxonomy`'s.
 """
 
 from __future__ import annotations
@@ -11,19 +13,22 @@ from typing import Any
 
 import numpy as np
 
-ANALYSIS_SCHEMA = "edge-wbc/analysis/1"
-#: The five types of the differential, in report order.
-CLASSES = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte")
-UNIDENTIFIED = "unidentified"
-#: Not a mature leukocyte (immature granulocyte, erythroblast, platelet clump...): never counted.
-OTHER = "other"
-LABELS = (*CLASSES, UNIDENTIFIED, OTHER)
+from edge_wbc import taxonomy
+
+ANALYSIS_SCHEMA = "edge-wbc/analysis/2"
+#: The five types of a five-part differential (group names), in report order.
+CLASSES = taxonomy.FIVE_PART
+UNIDENTIFIED = taxonomy.UNIDENTIFIED
+#: Red cells, debris, anything the classifier calls not a leukocyte (the non_wbc group).
+OTHER = taxonomy.OTHER
+#: Every label a cell can carry.
+LABELS = (*taxonomy.CLASSES, UNIDENTIFIED)
 
 
 @dataclass
 class Cell:
     bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 in input-image pixels, x1/y1 exclusive
-    label: str  # one of LABELS
+    label: str  # one of LABELS: the fine class (band_neutrophil, erythroblast, ...)
     score: float  # calibrated probability of the predicted class
     probs: dict[str, float]
     area_px: int
@@ -36,13 +41,21 @@ class Cell:
     embedding: np.ndarray | None = field(default=None, repr=False)
 
     @property
+    def group(self) -> str:
+        """The five-part type for the five and their subtypes, else immature_granulocyte,
+        abnormal_wbc, nrbc, non_wbc, or unidentified."""
+        return taxonomy.group_of(self.label)
+
+    @property
     def counted(self) -> bool:
-        return self.label != OTHER
+        """A leukocyte (or unidentified): it counts toward a slide's target."""
+        return taxonomy.is_leukocyte(self.label)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "bbox": [int(v) for v in self.bbox],
             "label": self.label,
+            "group": self.group,
             "score": round(float(self.score), 4),
             "probs": {k: round(float(v), 4) for k, v in self.probs.items()},
             "area_px": int(self.area_px),
@@ -60,9 +73,15 @@ class FieldResult:
     error: str | None = None
     #: uint8 HxW, 255 on counted cells after postprocessing; not serialised.
     mask: np.ndarray | None = field(default=None, repr=False)
+    #: how the file was read, when a user should know (a multi-page TIFF's page 1 used, a large
+    #: frame analysed reduced); added to schema 1 as an optional key, absent when empty.
+    notes: list[str] = field(default_factory=list)
+    #: which classifier (sha256) and lab adaptation (id, sha256, or None) produced the labels
+    #: (FieldAnalyzer.provenance); serialised as "model" when known.
+    model: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "path": self.path,
             "width": int(self.width),
             "height": int(self.height),
@@ -71,3 +90,8 @@ class FieldResult:
             "quality": self.quality,
             "timing_ms": {k: round(float(v), 2) for k, v in self.timing_ms.items()},
         }
+        if self.notes:
+            doc["notes"] = list(self.notes)
+        if self.model:
+            doc["model"] = dict(self.model)
+        return doc

@@ -2,15 +2,19 @@
 
 The frame is taken from the camera at the moment of the trigger (what is under the objective
 when the technician presses capture), then waits in a bounded queue for the single analysis
-worker (one interpreter set, one thread — contract 1). A capture that finds the queue full is
-refused with a message, never dropped silently; every failure after the queue (a corrupt frame,
-an analysis error, a full disk) is published as a ``status`` event the page shows.
+worker (one interpreter set, one thread — contract 1 of docs/architecture.md). A capture that
+finds the queue full, or the disk below its margin, is refused at once with a message, never
+dropped silently; every failure after the queue (a corrupt frame, an analysis error, a full
+disk) is published as a ``status`` event the page shows.
+
+Each accepted capture is a row in the store before it is queued and is closed when it is counted
+(in the field's own transaction) or refused. A capture still open when the process died was
+never analysed: the next start names it on the page and in the log.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import queue
 import threading
@@ -68,7 +72,6 @@ class Station:
         # Health of optional parts (the MQTT publisher) merged into status(); set by the command.
         self.extra_status: Callable[[], dict[str, Any]] | None = None
         self._q: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_max)
-        self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._busy: _Job | None = None
         self._stop = threading.Event()
@@ -79,6 +82,25 @@ class Station:
         self.started_at = now_iso()
         self._last_cam: tuple[bool, str] | None = None
         self.worker = threading.Thread(target=self._run, name="analysis-worker", daemon=True)
+        #: Captures the previous process accepted but never analysed (until the page clears it).
+        self.interrupted: list[dict[str, Any]] = []
+        self._report_interrupted()
+
+    def _report_interrupted(self) -> None:
+        lost = self.session.store.interrupt_captures(now_iso())
+        if not lost:
+            return
+        self.interrupted = [{k: c[k] for k in ("id", "slide_id", "trigger", "accepted_at")}
+                            for c in lost]
+        shown = ", ".join(f"{c['id']} at {c['accepted_at']}" for c in lost[:10])
+        more = f" and {len(lost) - 10} more" if len(lost) > 10 else ""
+        n = len(lost)
+        self._set_error(
+            "interrupted",
+            f"{n} capture{'s' if n != 1 else ''} accepted before the station stopped "
+            f"{'were' if n != 1 else 'was'} not analysed (capture {shown}{more}): not counted, "
+            "capture those fields again",
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -111,6 +133,12 @@ class Station:
                 f"target of {st['target']} cells reached: review and finalise, or extend the "
                 "target to count more"
             )
+        store = self.session.store
+        try:
+            store.require_free("capture refused, this field was not counted")
+        except DiskFullError as e:
+            self._set_error("disk", str(e))
+            raise
         with self._lock:
             waiting = self._q.qsize()
             if waiting >= self.queue_max:
@@ -127,10 +155,17 @@ class Station:
             except FrameError as e:
                 self._set_error("frame", f"corrupt frame, not counted: {e}")
                 raise
-            job = _Job(next(self._ids), frame, trigger, t0)
+            try:
+                cid = store.capture_accepted(st["slide_id"], trigger, frame.source, now_iso())
+            except StoreError as e:
+                self._set_error("disk" if isinstance(e, DiskFullError) else "store",
+                                f"capture refused: {e}")
+                raise
+            job = _Job(cid, frame, trigger, t0)
             try:
                 self._q.put_nowait(job)
             except queue.Full:  # cannot happen under the lock, but never lose it silently
+                self._record_refused(job, "analysis queue full")
                 raise BusyError("capture refused: analysis queue full") from None
         self._status()
         return {"capture_id": job.capture_id, "queued": self._q.qsize(),
@@ -152,7 +187,7 @@ class Station:
                 self._process(job)
             except Exception as e:  # the worker must survive anything one field does
                 log.exception("field %d failed", job.capture_id)
-                self._set_error("analysis", f"field not counted: internal error: {e}")
+                self._refuse(job, "analysis", f"field not counted: internal error: {e}")
             finally:
                 with self._lock:
                     self._busy = None
@@ -170,18 +205,18 @@ class Station:
         with self._busy_section():
             result = self.analyze(job.frame.rgb, job.frame.source)
         if result.error:
-            self._set_error("frame", f"field not counted: {result.error}")
+            self._refuse(job, "frame", f"field not counted: {result.error}")
             return
         try:
             summary = self.session.add_field(
                 job.frame.rgb, result, source=job.frame.source,
-                captured_at=job.frame.captured_at, t_trigger=job.t0,
+                captured_at=job.frame.captured_at, t_trigger=job.t0, capture_id=job.capture_id,
             )
         except DiskFullError as e:
-            self._set_error("disk", str(e))
+            self._refuse(job, "disk", str(e))
             return
         except (StoreError, SessionError) as e:
-            self._set_error("store", f"field not counted: {e}")
+            self._refuse(job, "store", f"field not counted: {e}")
             return
         ms = (time.perf_counter() - job.t0) * 1000.0
         self.latencies_ms = [*self.latencies_ms[-199:], ms]
@@ -192,6 +227,18 @@ class Station:
                                                            "camera", "busy"):
             self.last_error = None  # a field went through: the problem is over
 
+    def _refuse(self, job: _Job, kind: str, message: str) -> None:
+        self._set_error(kind, message)
+        self._record_refused(job, message)
+
+    def _record_refused(self, job: _Job, message: str) -> None:
+        try:
+            self.session.store.capture_refused(job.capture_id, message, now_iso())
+        except StoreError as e:
+            # The page already says the field was not counted; at worst the next start also
+            # lists this capture as not analysed, which is true.
+            log.warning("capture %d: could not record its refusal: %s", job.capture_id, e)
+
     # ------------------------------------------------------------------ health
 
     def _set_error(self, kind: str, message: str) -> None:
@@ -201,6 +248,7 @@ class Station:
 
     def clear_error(self) -> None:
         self.last_error = None
+        self.interrupted = []
         self._status()
 
     def status(self) -> dict[str, Any]:
@@ -220,6 +268,8 @@ class Station:
             "latency_ms_median": round(lat[len(lat) // 2], 1) if lat else None,
             "last_field": self.last_field,
             "last_error": self.last_error,
+            "interrupted_captures": self.interrupted,
+            "backup": self.session.store.last_backup,
             "started_at": self.started_at,
             **self.info,
         }

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import sqlite3
 import threading
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import typer
-
-from edge_wbc.counting.session import SessionError
 
 log = logging.getLogger("edge_wbc.station")
 
@@ -48,6 +47,9 @@ def station(
     mqtt_port: int | None = typer.Option(None, "--mqtt-port", help="MQTT broker port."),
     station_id: str | None = typer.Option(
         None, "--station-id", help="This station's name in MQTT topics (default: host name)."),
+    reset: bool = typer.Option(
+        False, "--reset", help="Only when the station refuses a damaged database: move it aside "
+        "(renamed, never deleted) and start an empty one."),
 ) -> None:
     """Run the microscope station: live preview, capture, running formula, review, reports."""
     from edge_wbc.config import ConfigError, default_config_path, load_config
@@ -65,7 +67,7 @@ def station(
         raise _fail(str(e)) from None
     setup_logging(cfg.logging.level)
     try:
-        run(cfg)
+        run(cfg, reset=reset)
     except StartupError as e:
         raise _fail(str(e)) from None
 
@@ -74,50 +76,83 @@ class StartupError(Exception):
     """The station cannot start; the message says what to fix."""
 
 
-def run(cfg: Any, stop: threading.Event | None = None) -> None:
+def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> None:
     """Start everything, serve until SIGTERM/SIGINT (or ``stop``), then shut down in order."""
     from edge_wbc import sdnotify
     from edge_wbc.camera import CameraError, open_source
-    from edge_wbc.counting.events import Fanout
+    from edge_wbc.counting.events import Event, Fanout
     from edge_wbc.counting.reports import write_reports
     from edge_wbc.counting.session import SlideSession
     from edge_wbc.counting.store import Store, StoreError
     from edge_wbc.pipeline.manifest import ManifestError
+    from edge_wbc.station.actions import Actions
     from edge_wbc.station.app import Station
     from edge_wbc.station.server import EventHub, StationServer, serve_in_thread
 
     stop = stop or threading.Event()
+    # The store first: it takes the data folder's lock, so a second station on the same folder
+    # stops here, before it loads models, opens the camera or touches the broker.
+    try:
+        store = Store(cfg.session.data_dir, mqtt=bool(cfg.mqtt.host),
+                      outbox_max=cfg.mqtt.outbox_max, backups_keep=cfg.session.backups_keep,
+                      reset=reset)
+    except StoreError as e:
+        raise StartupError(str(e)) from e
     try:
         from edge_wbc.pipeline.analysis import FieldAnalyzer
 
         analyzer = FieldAnalyzer.from_config(cfg)
     except ManifestError as e:
+        store.close()
         raise StartupError(f"models: {e}") from e
     except (OSError, RuntimeError, ValueError) as e:
+        store.close()
         raise StartupError(f"cannot load the models: {e}") from e
     models = analyzer.describe()
     log.info("models loaded from %s in %.0f ms on %s", analyzer.models_location.describe(),
              analyzer.load_ms, analyzer.accelerator)
+    lis = None
+    if cfg.lis.delivery != "off":
+        from edge_wbc.comms.lis.delivery import LisDelivery
 
-    try:
-        store = Store(cfg.session.data_dir, mqtt=bool(cfg.mqtt.host),
-                      outbox_max=cfg.mqtt.outbox_max)
-    except StoreError as e:
-        raise StartupError(str(e)) from e
+        try:
+            # Its tables exist before the store's first finalise runs the hook.
+            lis = LisDelivery(cfg.lis, store.db_path, store.data_dir,
+                              station_id=cfg.mqtt.station_id,
+                              on_change=lambda: push_status())
+        except (OSError, sqlite3.Error) as e:
+            store.close()
+            raise StartupError(f"LIS delivery: {e}") from e
+        store.add_transaction_hook(lis.hook)
     fanout = Fanout()
     hub = EventHub()
     fanout.subscribe(hub)
+    if lis is not None:
+        fanout.subscribe(lis)
     session = SlideSession(
         store, fanout, default_target=cfg.session.target,
         duplicate_overlap=cfg.session.duplicate_overlap, models=models,
         station_id=cfg.mqtt.station_id,
-        reporter=partial(write_reports, data_dir=store.data_dir),
+        reporter=partial(write_reports, data_dir=store.data_dir, tz=cfg.report.timezone),
+        formula=cfg.formula.build(),
+        require_sample_id=cfg.report.require_sample_id,
+        require_operator=cfg.report.require_operator,
     )
+    from edge_wbc.station.adaptations import LabAdaptation
+
+    lab_adaptation = None
+    if analyzer.classifier is not None and analyzer.classifier.embedding_dim is not None:
+        lab_adaptation = LabAdaptation(analyzer, session, store.data_dir)
+        problem = lab_adaptation.restore()
+        if problem:
+            log.warning("%s", problem)
     try:
         # A folder is replayed once per slide (loop=False): going round again would count the
         # same fields twice, which the duplicate guard (last few fields only) would not catch.
         source = open_source(cfg.camera.source, cfg.camera.width, cfg.camera.height, loop=False)
     except CameraError as e:
+        if lis is not None:
+            lis.stop()
         store.close()
         raise StartupError(str(e)) from e
     _follow_slides(source, session, fanout)
@@ -130,6 +165,17 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
               "models": [m["name"] for m in models.get("models", [])],
               "data_dir": str(store.data_dir)},
     )
+    actions = Actions(st)
+    extra: dict[str, Any] = {}
+    if lis is not None:
+        extra["lis"] = lis.status
+    st.extra_status = lambda: {k: f() for k, f in extra.items()}
+
+    def push_status() -> None:
+        # The page hears of the LIS or the broker going away, or an outbox filling, without
+        # waiting for a capture to refresh the station's status.
+        fanout(Event("status", st.status()))
+
     publisher = None
     if cfg.mqtt.host:
         from edge_wbc.comms import mqtt as edge_mqtt
@@ -137,25 +183,29 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
         try:
             publisher = edge_mqtt.start_publisher(
                 cfg.mqtt, store.db_path, state_provider=session.state,
-                command_handler=partial(_mqtt_command, st),
+                command_handler=actions.remote, on_change=lambda _status: push_status(),
                 health_provider=lambda: {"accelerator": analyzer.accelerator,
                                          "queue": st.status()["queue"]},
             )
         except edge_mqtt.MqttError as e:
             source.close()
+            if lis is not None:
+                lis.stop()
             store.close()
             raise StartupError(f"MQTT: {e}") from e
         if publisher is not None:
             fanout.subscribe(publisher.publish)
-            mqtt_publisher = publisher
-            st.extra_status = lambda: {"mqtt": mqtt_publisher.status()}
+            extra["mqtt"] = publisher.status
     try:
         server = StationServer(st, hub, cfg.station.host, cfg.station.port, cfg.station.token,
-                               cfg.camera.preview_fps)
+                               cfg.camera.preview_fps, lis=cfg.lis, actions=actions,
+                               adaptation=lab_adaptation)
     except (OSError, ValueError) as e:
         source.close()
         if publisher is not None:
             publisher.stop()
+        if lis is not None:
+            lis.stop()
         store.close()
         raise StartupError(f"cannot listen on {cfg.station.host}:{cfg.station.port}: {e}") from e
 
@@ -164,11 +214,13 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
         from edge_wbc.station.triggers import TriggerError, gpio_button
 
         try:
-            button = gpio_button(cfg.station.gpio_pin, lambda: st.capture("gpio"))
+            button = gpio_button(cfg.station.gpio_pin, lambda: actions.capture("gpio"))
         except TriggerError as e:
             log.warning("%s (the on-screen button and the space bar still work)", e)
 
     st.start()
+    if lis is not None:
+        lis.start()
     live.watch_thread(st.worker)
     live.start()
     serve_in_thread(server)
@@ -202,6 +254,8 @@ def run(cfg: Any, stop: threading.Event | None = None) -> None:
             button.close()
         if publisher is not None:
             publisher.stop()
+        if lis is not None:
+            lis.stop()
         store.close()
         typer.echo("edge-wbc station: stopped; every counted cell is saved", err=True)
 
@@ -228,28 +282,6 @@ def _url(host: str, port: int) -> str:
     elif ":" in host:
         shown = f"[{host}]"
     return f"http://{shown}:{port}/"
-
-
-def _mqtt_command(st: Any, kind: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Commands from the broker (only when mqtt.commands_enabled): the same paths as the page."""
-    from edge_wbc.camera import CameraError, FrameError
-    from edge_wbc.station.app import BusyError
-
-    try:
-        if kind == "capture":
-            return {"ok": True, **st.capture("mqtt")}
-        action = args.get("action")
-        if action == "new":
-            st.session.new_slide(args.get("sample_id") or "", args.get("target"))
-        elif action == "finalise":
-            st.session.finalise()
-        elif action == "target":
-            st.session.set_target(args.get("target"))
-        else:
-            raise ValueError(f"unknown slide action {action!r}")
-        return {"ok": True, "state": st.session.state()}
-    except (SessionError, BusyError, CameraError, FrameError) as e:
-        raise ValueError(str(e)) from e
 
 
 def register(app: typer.Typer) -> None:

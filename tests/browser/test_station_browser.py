@@ -57,6 +57,9 @@ def page(tmp_path: Path):
         pg = ctx.new_page()
         errors: list[str] = []
         pg.on("pageerror", lambda e: errors.append(str(e)))
+        # The server's Content-Security-Policy must allow everything the page does.
+        pg.on("console", lambda m: errors.append(m.text)
+              if "Content Security Policy" in m.text else None)
         pg.goto(rs.url + "/", wait_until="domcontentloaded")
         pg.rs = rs  # type: ignore[attr-defined]
         pg.errors = errors  # type: ignore[attr-defined]
@@ -231,6 +234,8 @@ def test_with_shipped_models(tmp_path: Path) -> None:
             pg = browser.new_page(viewport={"width": 800, "height": 480})
             errors: list[str] = []
             pg.on("pageerror", lambda e: errors.append(str(e)))
+            pg.on("console", lambda m: errors.append(m.text)
+                  if "Content Security Policy" in m.text else None)
             pg.goto(rs.url + "/", wait_until="domcontentloaded")
             pg.wait_for_function("() => window.__counted === 0")
             for _ in range(40):
@@ -265,3 +270,50 @@ def test_with_shipped_models(tmp_path: Path) -> None:
         assert shas and all(len(x) == 64 and x != "0" * 64 for x in shas)
     finally:
         rs.close()
+
+
+def test_lis_state_on_the_page(page, tmp_path: Path) -> None:
+    """The LIS hand-off as the technician sees it: a finalised slide waiting for a LIS that is
+    down, then delivered once it is back (real delivery thread logic, real MLLP listener)."""
+    from lis_peers import MllpPeer, free_port
+
+    from edge_wbc.comms.lis.delivery import LisDelivery
+    from edge_wbc.config import load_config
+    from edge_wbc.counting.events import Event
+    from edge_wbc.counting.session import effective_label
+
+    pg, rs = page, page.rs
+    port = free_port()
+    cfg = load_config(None, env={"HOME": str(tmp_path), "EDGE_WBC_LIS_DELIVERY": "mllp",
+                                 "EDGE_WBC_LIS_HOST": "127.0.0.1", "EDGE_WBC_LIS_PORT": str(port),
+                                 "EDGE_WBC_LIS_TIMEOUT_S": "0.5", "EDGE_WBC_LIS_RETRY_S": "1"})
+    d = LisDelivery(cfg.lis, rs.store.db_path, rs.store.data_dir,
+                    on_change=lambda: rs.fanout(Event("status", rs.station.status())))
+    rs.store.add_transaction_hook(d.hook)
+    rs.station.extra_status = lambda: {"lis": d.status()}
+    for _ in range(3):
+        rs.station.capture("test")
+        rs.wait_idle()
+    for c in list(rs.session.cells.values()):
+        if effective_label(c) == "unidentified":
+            rs.session.review(c["id"], "lymphocyte")
+    rs.session.set_target(rs.session.state()["counted"])
+    rs.session.finalise()
+    d.run_once()
+    line = pg.locator("#status-line")
+    pg.wait_for_function("() => document.getElementById('status-line').textContent"
+                         ".includes('LIS unreachable · 1 report waiting')")
+    assert "cannot connect to the LIS" in (line.get_attribute("title") or "")
+    _shot(pg, "lis-unreachable")
+    peer = MllpPeer(port).start()
+    try:
+        deadline = time.monotonic() + 10
+        while not peer.acked:
+            assert time.monotonic() < deadline, d.status()
+            d.run_once()
+            time.sleep(0.1)
+        pg.wait_for_function("() => document.getElementById('status-line').textContent"
+                             ".includes('LIS ✓')")
+    finally:
+        d.stop()
+        peer.close()

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edge_wbc.accelerators import ACCELERATORS, CPU, DELEGATES, Delegate
+from edge_wbc.accelerators import CPU, DELEGATES, Delegate
 from edge_wbc.pipeline.inference.adapters import (
     TensorSpec,
     get_output,
@@ -103,8 +103,10 @@ def open_accelerator(
     ``require`` the station still counts (on the CPU, slower) and says so once; with
     ``require`` it refuses to start, because the operator asked for guaranteed throughput.
     """
-    if accelerator not in ACCELERATORS:
-        raise AcceleratorError(f"unknown accelerator {accelerator!r}; choose one of {ACCELERATORS}")
+    if accelerator != CPU and accelerator not in DELEGATES:
+        raise AcceleratorError(
+            f"unknown accelerator {accelerator!r}; choose one of {(CPU, *DELEGATES)}"
+        )
     if accelerator == CPU:
         return Accelerator(CPU, CPU, message="running on the CPU")
     spec = DELEGATES[accelerator]

@@ -1,14 +1,14 @@
 /* edge-wbc station page: state from server-sent events, actions through the JSON API. */
 "use strict";
 
-const CLASSES = ["neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte"];
-const NAMES = {
-  neutrophil: "Neutrophil", eosinophil: "Eosinophil", basophil: "Basophil",
-  lymphocyte: "Lymphocyte", monocyte: "Monocyte", unidentified: "Unidentified",
-  other: "Not a leukocyte", duplicate: "Already counted", rejected: "Rejected",
-};
-const SHORT = { neutrophil: "NEU", eosinophil: "EOS", basophil: "BAS", lymphocyte: "LYM",
-  monocyte: "MON", unidentified: "?", other: "OTH", duplicate: "DUP", rejected: "REJ" };
+/* The classes, their names and the lab's formula come with the state (the one table lives in
+   edge_wbc/taxonomy.py); these are only the page's own words for what is not a class. */
+const NAMES = { other: "Not a leukocyte", duplicate: "Already counted", rejected: "Rejected" };
+const SHORT = { unidentified: "?", other: "OTH", duplicate: "DUP", rejected: "REJ" };
+const nameOf = (k) => NAMES[k] || ((ui.state && ui.state.formula && ui.state.formula.names) || {})[k] || k;
+const shortOf = (k) => SHORT[k] || ((ui.state && ui.state.formula && ui.state.formula.short) || {})[k] || k;
+/* What the technician may assign, the formula's rows first (keys 1-9). */
+const reviewClasses = () => (ui.state && ui.state.formula && ui.state.formula.review_classes) || [];
 const REASONS = { not_leukocyte: "not a leukocyte", counted_twice: "counted twice",
   unusable: "unusable image" };
 const QUALITY = { out_of_focus: "Out of focus", underexposed: "Underexposed",
@@ -17,7 +17,14 @@ const QUALITY = { out_of_focus: "Out of focus", underexposed: "Underexposed",
 
 const $ = (id) => document.getElementById(id);
 const css = getComputedStyle(document.documentElement);
-const colour = (label) => css.getPropertyValue("--" + label).trim() || "#888";
+const PALETTE = ["#b5485d", "#4d7c3a", "#8a5a2b", "#3f5f8f", "#9a4f96", "#5f7f7f", "#a36a00"];
+const colour = (label) => {
+  const v = css.getPropertyValue("--" + label).trim();
+  if (v) return v;
+  let h = 0;
+  for (const ch of String(label)) h = (h * 31 + ch.charCodeAt(0)) >>> 0;
+  return PALETTE[h % PALETTE.length];
+};
 
 const ui = {
   state: null, station: null, field: null, cells: [], filter: "all", sel: null,
@@ -113,15 +120,41 @@ function renderState() {
   $("progress-fill").style.width = `${Math.min(100, 100 * s.counted / s.target)}%`;
   $("ci-method").textContent = "95 % CI · " + (s.ci_method === "wilson" ? "Wilson" : "Clopper–Pearson");
 
+  $("formula-name").textContent = s.formula ? s.formula.name : "";
+  const fl = $("flags");
+  fl.hidden = !(s.flags && s.flags.length);
+  fl.innerHTML = (s.flags || []).map((f) => `<div class="flag" data-flag="${f.name}">⚑ ${f.text}</div>`).join("");
   const body = $("formula-body");
   body.textContent = "";
+  let sep = false;
   for (const r of s.classes) {
     const tr = document.createElement("tr");
     tr.dataset.label = r.label;
-    if (r.label === "unidentified") tr.className = "unid" + (r.count ? " has" : "");
+    tr.dataset.kind = r.kind;
     const col = colour(r.label);
+    if (r.kind !== "counted") {
+      // NRBC per 100 leukocytes and count-only rows: outside the 100 %, after the total.
+      if (!sep) {
+        const h = document.createElement("tr");
+        h.className = "also";
+        h.innerHTML = `<td colspan="4">Also reported (not counted)</td>`;
+        body.appendChild(h);
+        sep = true;
+      }
+      tr.className = "extra";
+      tr.innerHTML = `
+      <td><span class="name"><span class="sw" style="background:${col}"></span>${r.name || nameOf(r.label)}</span></td>
+      <td class="n">${r.count}</td>
+      <td class="n pct">${r.kind === "per_100_wbc" ? (s.counted ? fmt(r.percent) : "–") : ""}</td>
+      <td class="ci muted">${r.kind === "per_100_wbc" ? "per 100 leukocytes" : "count only"}</td>`;
+      body.appendChild(tr);
+      continue;
+    }
+    if (r.label === "unidentified") tr.className = "unid" + (r.count ? " has" : "");
+    // A leukocyte class the lab's formula has no row for still counts: say so on its row.
+    const note = r.configured === false ? ` <span class="muted" title="not a row of the lab's formula: assign a formula class in review">*</span>` : "";
     tr.innerHTML = `
-      <td><span class="name"><span class="sw" style="background:${col}"></span>${NAMES[r.label]}</span></td>
+      <td><span class="name"><span class="sw" style="background:${col}"></span>${r.name || nameOf(r.label)}${note}</span></td>
       <td class="n">${r.count}</td>
       <td class="n pct">${s.counted ? fmt(r.percent) : "–"}</td>
       <td class="ci"><div class="cibar"><div class="p" style="width:${r.percent}%;background:${col}"></div>
@@ -234,13 +267,27 @@ function renderStation() {
   const mq = st.mqtt;  // only when a broker is configured; counting never depends on it
   if (mq) {
     const why = { auth_failed: "login refused", unreachable: "broker unreachable",
-                  tls_error: "TLS error", refused: "refused" }[mq.state];
+                  tls_error: "TLS error", tls_mismatch: "TLS/plain port mismatch",
+                  refused: "refused" }[mq.state];
     bits.push(mq.connected ? "MQTT ✓" : `MQTT: ${why || "connecting"}`);
     if (mq.outbox && mq.outbox.full) bits.push("MQTT outbox full");
   }
+  const lis = st.lis;  // only when [lis] delivery is on (docs/lis.md)
+  const lisWhy = [];
+  if (lis) {
+    const n = (k) => `${k} report${k === 1 ? "" : "s"}`;
+    // A report the LIS has not taken goes first: on a narrow screen the line is cut at the end.
+    if (lis.state === "unreachable") bits.unshift(`LIS unreachable · ${n(lis.waiting)} waiting`);
+    else if (lis.waiting) bits.push(`LIS: sending ${n(lis.waiting)}`);
+    if (lis.held) bits.unshift(`LIS refused ${n(lis.held)}`);
+    if (!lis.held && !lis.waiting) bits.push("LIS ✓");
+    for (const p of lis.problems || []) {
+      lisWhy.push(`${p.held ? "Refused" : "Not sent"}: sample ${p.sample_id} — ${p.error}`);
+    }
+  }
   if (ui.connected) {
     $("status-line").textContent = bits.join(" · ");
-    $("status-line").title = (mq && mq.warning) || "";
+    $("status-line").title = [(mq && mq.warning) || "", ...lisWhy].filter(Boolean).join("\n");
   }
   const err = st.last_error;
   const al = $("alert");
@@ -301,13 +348,13 @@ function renderField() {
     const r = document.createElementNS(ns, "rect");
     Object.entries({ x: x0, y: y0, width: x1 - x0, height: y1 - y0, stroke: col, rx: 6 })
       .forEach(([k, v]) => r.setAttribute(k, v));
-    if (!c.effective_label) r.setAttribute("class", "dup");
+    if (!c.counted_as) r.setAttribute("class", "dup");
     const t = document.createElementNS(ns, "text");
     t.setAttribute("x", x0 + 2);
     t.setAttribute("y", y0 > 20 ? y0 - 6 : y1 + 17);
     t.setAttribute("fill", col === "#888" ? "#fff" : col);
     t.style.fill = "#fff";
-    t.textContent = `${NAMES[label] || label}${c.reviewed_label ? " ✓" : ""} ${Math.round(c.score * 100)}%`;
+    t.textContent = `${nameOf(label)}${c.reviewed_label ? " ✓" : ""} ${Math.round(c.score * 100)}%`;
     g.appendChild(r);
     g.appendChild(t);
     g.addEventListener("click", () => { ui.sel = c.id; ui.filter = "all"; setView("review"); });
@@ -346,7 +393,10 @@ async function loadCells() {
   renderGallery();
 }
 
-const GROUPS = ["unidentified", ...CLASSES, "other", "duplicate", "rejected"];
+function groups() {
+  const rows = ui.state ? ui.state.classes.map((r) => r.label).filter((k) => k !== "unidentified") : [];
+  return ["unidentified", ...rows, "other", "duplicate", "rejected"];
+}
 
 function renderGallery() {
   const counts = {};
@@ -364,7 +414,10 @@ function renderGallery() {
     fl.appendChild(b);
   };
   mk("all", "All");
-  for (const g of GROUPS) if (counts[g] || CLASSES.includes(g) || g === "unidentified") mk(g, NAMES[g]);
+  const configured = ui.state ? ui.state.formula.rows.filter((r) => r.kind === "counted").map((r) => r.key) : [];
+  for (const c of ui.cells) if (!groups().includes(c.group)) counts[c.group] = counts[c.group] || 0;
+  const all = [...groups(), ...Object.keys(counts).filter((g) => !groups().includes(g))];
+  for (const g of all) if (counts[g] || configured.includes(g) || g === "unidentified") mk(g, nameOf(g));
 
   const gal = $("gallery");
   gal.textContent = "";
@@ -379,19 +432,19 @@ function renderGallery() {
     if (ui.filter === "all" && c.group !== lastGroup) {
       const h = document.createElement("div");
       h.className = "gsec";
-      h.innerHTML = `<span class="sw" style="background:${colour(c.group)}"></span>${NAMES[c.group]} · ${counts[c.group]}` +
+      h.innerHTML = `<span class="sw" style="background:${colour(c.group)}"></span>${nameOf(c.group)} · ${counts[c.group]}` +
         `<span class="muted">· least certain first</span>`;
       gal.appendChild(h);
       lastGroup = c.group;
     }
     const b = document.createElement("button");
-    b.className = "cell" + (c.id === ui.sel ? " sel" : "") + (c.effective_label ? "" : " excl");
+    b.className = "cell" + (c.id === ui.sel ? " sel" : "") + (c.counted_as ? "" : " excl");
     b.dataset.id = c.id;
     const col = colour(c.group);
     b.innerHTML = `<img loading="lazy" src="/api/cells/${c.id}.jpg" alt="">` +
-      `<span class="lab" style="background:${col}"><span>${SHORT[c.group]}</span>` +
+      `<span class="lab" style="background:${col}"><span>${shortOf(c.effective_label || c.group)}</span>` +
       `<span class="sc">${Math.round(c.score * 100)}%</span></span>` +
-      (c.reviewed_label ? `<span class="rv" title="reviewed">✓ ${SHORT[c.label]}→${SHORT[c.reviewed_label]}</span>` : "");
+      (c.reviewed_label ? `<span class="rv" title="reviewed">✓ ${shortOf(c.label)}→${shortOf(c.reviewed_label)}</span>` : "");
     b.onclick = () => select(c.id);
     gal.appendChild(b);
   }
@@ -409,7 +462,8 @@ function select(id) {
 function selected() { return ui.cells.find((c) => c.id === ui.sel) || null; }
 
 function topClass(c) {
-  return CLASSES.reduce((a, b) => ((c.probs || {})[b] || 0) > ((c.probs || {})[a] || 0) ? b : a);
+  const p = c.probs || {};
+  return reviewClasses().reduce((a, b) => (p[b] || 0) > (p[a] || 0) ? b : a, reviewClasses()[0]);
 }
 
 function renderInspector() {
@@ -417,19 +471,22 @@ function renderInspector() {
   box.hidden = !c;
   if (!c) return;
   $("insp-img").src = `/api/cells/${c.id}.jpg`;
-  const now = c.effective_label ? NAMES[c.effective_label] : (c.reviewed_label === "rejected"
-    ? `Rejected (${REASONS[c.review_reason] || c.review_reason})` : NAMES[c.group] + " — not counted");
+  const now = c.counted_as ? nameOf(c.effective_label) : (c.reviewed_label === "rejected"
+    ? `Rejected (${REASONS[c.review_reason] || c.review_reason})`
+    : (c.effective_label ? nameOf(c.effective_label) : nameOf(c.group)) + " — not counted");
   $("insp-title").textContent = now;
-  $("insp-sub").textContent = `Machine: ${NAMES[c.label]} ${Math.round(c.score * 100)} %` +
+  $("insp-sub").textContent = `Machine: ${nameOf(c.label)} ${Math.round(c.score * 100)} %` +
     (c.reviewed_label ? " · reviewed" : "") + ` · ${c.id}`;
   const probs = Object.entries(c.probs || {}).sort((a, b) => b[1] - a[1]).slice(0, 5);
-  $("insp-probs").innerHTML = probs.map(([k, v]) => `<span>${SHORT[k] || k} ${Math.round(v * 100)}</span>`).join("");
+  $("insp-probs").innerHTML = probs.map(([k, v]) => `<span>${shortOf(k)} ${Math.round(v * 100)}</span>`).join("");
   const acts = $("insp-actions");
   acts.textContent = "";
-  CLASSES.forEach((k, i) => {
+  const choices = reviewClasses();
+  const nKeys = Math.min(9, ui.state.formula.rows.filter((r) => r.key !== "unidentified").length);
+  choices.slice(0, nKeys).forEach((k, i) => {
     const b = document.createElement("button");
-    b.innerHTML = `<span class="sw" style="background:${colour(k)}"></span>${SHORT[k]} <kbd>${i + 1}</kbd>`;
-    b.title = `Count as ${NAMES[k]} (${i + 1})`;
+    b.innerHTML = `<span class="sw" style="background:${colour(k)}"></span>${shortOf(k)} <kbd>${i + 1}</kbd>`;
+    b.title = `Count as ${nameOf(k)} (${i + 1})`;
     b.dataset.action = k;
     if (c.effective_label === k) b.classList.add("cur");
     // For an unidentified cell, point at the classifier's best guess (the choice stays manual).
@@ -437,6 +494,14 @@ function renderInspector() {
     b.onclick = () => review(c.id, k);
     acts.appendChild(b);
   });
+  // Every other class of the table (blast, plasma cell, smudge cell...): a technician's call.
+  const more = document.createElement("select");
+  more.id = "insp-more";
+  more.dataset.action = "more";
+  more.innerHTML = `<option value="">Other class…</option>` + choices.slice(nKeys)
+    .map((k) => `<option value="${k}"${c.effective_label === k && c.reviewed_label ? " selected" : ""}>${nameOf(k)}</option>`).join("");
+  more.onchange = () => { if (more.value) review(c.id, more.value); };
+  acts.appendChild(more);
   const rej = document.createElement("button");
   rej.className = "rej";
   rej.dataset.action = "reject";
@@ -464,7 +529,7 @@ async function review(id, label, reason) {
   try {
     await api(`/api/cells/${id}/review`, { label, reason });
     toast(label === null ? "Machine label restored" : label === "rejected"
-      ? "Cell rejected" : `Counted as ${NAMES[label]}`);
+      ? "Cell rejected" : `Now ${nameOf(label)}`);
     await loadCells();
     // Keep the technician moving: when the cell left the list on screen, the next one gets the
     // focus. If the list was changed meanwhile, the technician's new choice stands.
@@ -613,8 +678,9 @@ document.addEventListener("keydown", (e) => {
   const c = selected();
   if (e.key === "Escape") { setView("count"); return; }
   if (!c) return;
-  const idx = "12345".indexOf(e.key);
-  if (idx >= 0) { review(c.id, CLASSES[idx]); return; }
+  const idx = "123456789".indexOf(e.key);
+  const nKeys = Math.min(9, ui.state.formula.rows.filter((r) => r.key !== "unidentified").length);
+  if (idx >= 0 && idx < nKeys) { review(c.id, reviewClasses()[idx]); return; }
   if (e.key === "x" || e.key === "X" || e.key === "Delete") { rejectDialog(c.id); return; }
   if (e.key === "u" || e.key === "U") { review(c.id, null); return; }
   if (e.key === "ArrowRight" || e.key === "ArrowLeft") {

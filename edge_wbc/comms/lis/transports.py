@@ -1,0 +1,281 @@
+"""Ways a report reaches the LIS: a folder, MLLP (HL7 v2 over TCP) or a FHIR server.
+
+Each ``send`` returns an :class:`Outcome`: delivered, refused by the LIS (kept, with its
+reason, until released) or failed in a way worth retrying (nobody answered, the connection
+broke, the server had a 5xx). Nothing here raises for a peer's behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import re
+import socket
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from edge_wbc.comms.lis import fhir, hl7v2
+from edge_wbc.comms.lis.codes import ReportError
+
+#: HTTP statuses that mean "later", not "never".
+_RETRY_HTTP = (408, 425, 429)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    held: bool  # the LIS refused this report: do not send it again by itself
+    detail: str
+
+    @classmethod
+    def delivered(cls, detail: str) -> Outcome:
+        return cls(True, False, detail)
+
+    @classmethod
+    def refused(cls, detail: str) -> Outcome:
+        return cls(False, True, detail)
+
+    @classmethod
+    def retry(cls, detail: str) -> Outcome:
+        return cls(False, False, detail)
+
+
+class Transport(Protocol):
+    destination: str
+
+    def send(self, rep: dict[str, Any]) -> Outcome: ...
+
+    def probe(self, timeout_s: float) -> str | None:
+        """None when the LIS side is reachable now, else why not (for doctor)."""
+        ...
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:64] or "sample"
+
+
+@dataclass
+class HL7Header:
+    sending_application: str = "EDGE-WBC"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    processing_id: str = "P"
+
+    def build(self, rep: dict[str, Any]) -> str:
+        return hl7v2.build_oru(
+            rep, sending_application=self.sending_application,
+            sending_facility=self.sending_facility,
+            receiving_application=self.receiving_application,
+            receiving_facility=self.receiving_facility, processing_id=self.processing_id)
+
+
+class FolderTransport:
+    """One file per slide, ``<sample>_<slide>.hl7`` or ``.fhir.json``, renamed into place so an
+    importer never reads half a file; a resend overwrites the same name."""
+
+    def __init__(self, folder: str | Path, fmt: str, header: HL7Header) -> None:
+        self.folder = Path(folder)
+        self.fmt = fmt
+        self.header = header
+        self.destination = f"folder {self.folder} ({fmt})"
+
+    def filename(self, rep: dict[str, Any]) -> str:
+        ext = "hl7" if self.fmt == "hl7" else "fhir.json"
+        sample = safe_name(str(rep.get("sample_id") or ""))
+        return f"{sample}_{safe_name(str(rep['slide_id']))}.{ext}"
+
+    def send(self, rep: dict[str, Any]) -> Outcome:
+        try:
+            text = (self.header.build(rep) if self.fmt == "hl7"
+                    else fhir.to_json(fhir.build_bundle(rep)))
+        except ReportError as e:
+            return Outcome.refused(f"report cannot be converted: {e}")
+        path = self.folder / self.filename(rep)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            if not self.folder.is_dir():
+                return Outcome.retry(f"folder {self.folder} does not exist (not mounted?)")
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            with contextlib.suppress(OSError):
+                fd = os.open(self.folder, os.O_RDONLY)
+                try:
+                    os.fsync(fd)  # the rename itself survives a power cut
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return Outcome.retry(f"cannot write {path}: {e.strerror or e}")
+        return Outcome.delivered(f"written {path.name}")
+
+    def probe(self, timeout_s: float) -> str | None:
+        if not self.folder.is_dir():
+            return f"{self.folder} does not exist"
+        if not os.access(self.folder, os.W_OK | os.X_OK):
+            return f"{self.folder} is not writable by this user"
+        return None
+
+
+class MllpTransport:
+    """HL7 v2 over MLLP with python-hl7's asyncio streams: connect, send, wait for the ACK."""
+
+    def __init__(self, host: str, port: int, timeout_s: float, header: HL7Header) -> None:
+        self.host, self.port, self.timeout_s, self.header = host, port, timeout_s, header
+        self.destination = f"mllp://{host}:{port}"
+
+    def send(self, rep: dict[str, Any]) -> Outcome:
+        try:
+            text = self.header.build(rep)
+        except ReportError as e:
+            return Outcome.refused(f"report cannot be converted: {e}")
+        cid = hl7v2.control_id(str(rep["slide_id"]))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self._exchange(text, cid))
+        # Called from inside an event loop (an async host): the exchange gets a thread of its own.
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            return ex.submit(asyncio.run, self._exchange(text, cid)).result()
+
+    async def _exchange(self, text: str, cid: str) -> Outcome:
+        from hl7.mllp import InvalidBlockError, open_hl7_connection
+
+        where = f"{self.host}:{self.port}"
+        try:
+            reader, writer = await asyncio.wait_for(
+                open_hl7_connection(self.host, self.port, encoding=hl7v2.ENCODING),
+                self.timeout_s)
+        except (OSError, asyncio.TimeoutError) as e:
+            why = "timed out" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e))
+            return Outcome.retry(f"cannot connect to the LIS at {where}: {why}")
+        try:
+            writer.writemessage(text)
+            # A peer that stops reading must not hold the delivery thread beyond the timeout.
+            await asyncio.wait_for(writer.drain(), self.timeout_s)
+            ack = await asyncio.wait_for(reader.readmessage(), self.timeout_s)
+        except asyncio.TimeoutError:
+            return Outcome.retry(f"no ACK from {where} within {self.timeout_s:g} s")
+        except asyncio.IncompleteReadError:
+            return Outcome.retry(f"{where} closed the connection before acknowledging")
+        except (InvalidBlockError, ValueError, UnicodeDecodeError) as e:
+            return Outcome.retry(f"{where} answered with something that is not an HL7 ACK: {e}")
+        except OSError as e:
+            return Outcome.retry(f"connection to {where} broke: {e.strerror or e}")
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+        try:
+            code, reason = hl7v2.ack_status(ack, cid)
+        except ReportError as e:
+            return Outcome.retry(f"{where}: {e}")
+        if code in hl7v2.ACCEPT:
+            return Outcome.delivered(f"{code} for message {cid}")
+        if code in hl7v2.REFUSE:
+            return Outcome.refused(f"LIS answered {code}" + (f": {reason}" if reason else ""))
+        return Outcome.retry(f"LIS answered an unknown acknowledgement code {code!r}")
+
+    def probe(self, timeout_s: float) -> str | None:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=timeout_s):
+                return None
+        except OSError as e:
+            return "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+
+
+class FhirTransport:
+    """POST of the transaction Bundle to the server's base URL, bearer token when configured."""
+
+    def __init__(self, url: str, token: str | None, timeout_s: float) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+        self.destination = self.url
+
+    def send(self, rep: dict[str, Any]) -> Outcome:
+        try:
+            body = json.dumps(fhir.build_bundle(rep), ensure_ascii=False).encode("utf-8")
+        except ReportError as e:
+            return Outcome.refused(f"report cannot be converted: {e}")
+        headers = {"Content-Type": "application/fhir+json; charset=utf-8",
+                   "Accept": "application/fhir+json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with _OPENER.open(req, timeout=self.timeout_s) as resp:
+                status = resp.status
+                loc = resp.headers.get("Location") or resp.headers.get("Content-Location") or ""
+        except urllib.error.HTTPError as e:
+            why = _outcome_text(e.read(4096))
+            msg = f"FHIR server answered HTTP {e.code}" + (f": {why}" if why else "")
+            if e.code in _RETRY_HTTP or e.code >= 500:
+                return Outcome.retry(msg)
+            return Outcome.refused(msg)
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                return Outcome.retry(f"no answer from {self.url} within {self.timeout_s:g} s")
+            return Outcome.retry(f"cannot reach {self.url}: {reason}")
+        return Outcome.delivered(f"HTTP {status}" + (f" {loc}" if loc else ""))
+
+    def probe(self, timeout_s: float) -> str | None:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(self.url)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        try:
+            with socket.create_connection((u.hostname or "", port), timeout=timeout_s):
+                return None
+        except OSError as e:
+            return "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib turns a POST answered 301/302/303 into a GET of the new address; that GET's 200
+    would count as a delivery. A redirect is reported instead (fix fhir_url)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def _outcome_text(raw: bytes) -> str:
+    """The diagnostics of an OperationOutcome, else the start of the body."""
+    text = raw.decode("utf-8", "replace")
+    try:
+        obj = json.loads(text)
+        issues = obj.get("issue") or []
+        parts = [str(i.get("diagnostics") or (i.get("details") or {}).get("text") or
+                     i.get("code") or "") for i in issues if isinstance(i, dict)]
+        if any(parts):
+            return "; ".join(p for p in parts if p)[:500]
+    except (ValueError, AttributeError):
+        pass
+    return " ".join(text.split())[:200]
+
+
+def make_transport(cfg: Any, station_id: str = "") -> Transport | None:
+    """The transport the [lis] section asks for, or None when delivery is off."""
+    header = HL7Header(cfg.sending_application, cfg.sending_facility or station_id,
+                       cfg.receiving_application, cfg.receiving_facility, cfg.processing_id)
+    if cfg.delivery == "folder":
+        return FolderTransport(cfg.folder, cfg.format, header)
+    if cfg.delivery == "mllp":
+        return MllpTransport(cfg.host, cfg.port, cfg.timeout_s, header)
+    if cfg.delivery == "fhir":
+        return FhirTransport(cfg.fhir_url, cfg.fhir_token, cfg.timeout_s)
+    return None

@@ -1,0 +1,734 @@
+"""A lab's own classifier head, learnt from the technician's reviewed cells.
+
+The shipped classifier's last layer is linear on its pooled embedding (``logits = W e + b``).
+A new lab's stain and camera move the embeddings, not the idea of a lymphocyte, so the lab head
+is the shipped head pulled toward the lab's labelled cells and held near the shipped weights by
+an L2 penalty (``lam/2 * |W - W0|^2``; scipy's L-BFGS, analytic gradient). Classes are weighted
+equally in the fit, so the head learns what the lab's cells look like and not how often they
+came up in the reviewed slides: a station must not push the next patient's differential toward
+the last patients'.
+
+Everything is judged on held-out cells: folds are grouped (cells of one field and near-identical
+embeddings stay in one fold) and stratified; the penalty is chosen on them, the lab's temperature
+and confidence threshold are fitted on the out-of-fold predictions (so "unidentified" keeps its
+meaning: cells the head names are >= 97 % right on that lab), and the adaptation is accepted
+only when it beats the shipped head on those same held-out cells by a paired exact test.
+
+On disk an adaptation is a versioned folder written atomically::
+
+    OUT/adaptation.json   schema, id, created, base model sha256, classes, temperature,
+                          thresholds, cell counts, validation table, the head's sha256
+    OUT/head.json, .npz   the lab head (edge_wbc.pipeline.heads.LinearHead, tied to the base
+                          classifier's sha256)
+
+It refuses to load against another base model, and a corrupt folder is an AdaptationError that
+names the file (the caller keeps its current model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import optimize, stats
+from threadpoolctl import threadpool_limits
+
+from edge_wbc import taxonomy
+from edge_wbc.pipeline.heads import HeadError, LinearHead
+
+ADAPTATION_SCHEMA = "edge-wbc/adaptation/1"
+ADAPTATION_JSON = "adaptation.json"
+#: The lab head inside the folder: HEAD_NAME.json + .npz (edge_wbc.pipeline.heads format).
+HEAD_NAME = "head"
+
+#: The precision a named cell must have on the lab: the threshold is fitted to it and the share of
+#: cells that can be named at it is the figure of merit next to top-1.
+TARGET_PRECISION = 0.97
+#: Fewer cells than this in a class: the class is left as shipped (its row of the head is frozen)
+#: and the fit says so. Below it, a fold may hold none of the class and nothing can be validated.
+MIN_CELLS_PER_CLASS = 5
+#: Penalties tried (per unit of the class-balanced mean log-loss); the best on held-out cells wins.
+LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+#: Embeddings at least this cosine-similar (about the cells' mean) are one cell seen twice (a
+#: re-captured field, a copied file): they share a fold. On the four labs' 1078 cells 1 % of
+#: the cells have a neighbour this close (the closest pairs, 0.9998, are Zheng crops of one cell).
+NEAR_DUPLICATE_COSINE = 0.999
+#: One-sided exact McNemar p-value the held-out gain in top-1 must reach.
+ACCEPT_P = 0.05
+
+EXIT_NOT_BETTER = 3
+
+
+class AdaptationError(Exception):
+    """An adaptation cannot be fitted, written or loaded; the message names the cause (and file)."""
+
+
+@dataclass(frozen=True)
+class BaseHead:
+    """The shipped classifier's last layer: what the adaptation starts from and is pulled to."""
+
+    classes: tuple[str, ...]
+    W: np.ndarray  # K x D
+    b: np.ndarray  # K
+    temperature: float
+    confidence_threshold: float
+    other_threshold: float | None
+    sha256: str  # of the base classifier file
+    #: class -> the group a lab folder may name instead (default: edge_wbc.taxonomy's groups,
+    #: so ``neutrophil`` stands for band or segmented on a head that splits them).
+    groups: Mapping[str, str] = field(default_factory=dict)
+
+    def group_of(self, c: str) -> str:
+        return self.groups.get(c) or taxonomy.GROUP_OF.get(c, c)
+
+
+# --- the maths, on arrays --------------------------------------------------------------------
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def label_masks(labels: Sequence[str], head: BaseHead) -> np.ndarray:
+    """n x K boolean: the head classes each label allows. A label is a head class or a group
+    name (``neutrophil`` when the head splits band and segmented: any of them is right)."""
+    allowed: dict[str, np.ndarray] = {}
+    for k, c in enumerate(head.classes):
+        for name in {c, head.group_of(c)}:
+            allowed.setdefault(name, np.zeros(len(head.classes), bool))[k] = True
+    bad = sorted({lab for lab in labels if lab not in allowed})
+    if bad:
+        raise AdaptationError(
+            f"unknown class name(s) {bad}; the classifier knows {sorted(allowed)}"
+        )
+    return np.stack([allowed[lab] for lab in labels]) if labels else np.zeros((0, len(allowed)))
+
+
+def _loss_grad(
+    u: np.ndarray,
+    X: np.ndarray,
+    z0: np.ndarray,
+    M: np.ndarray,
+    w: np.ndarray,
+    lam: float,
+    free: np.ndarray,
+    scale: np.ndarray,
+) -> tuple[float, np.ndarray]:
+    """Penalised group log-loss of logits ``z0 + X A^T + beta`` in the preconditioned
+    variables ``u = (A | beta) * scale``, and its gradient in u."""
+    K, r = z0.shape[1], X.shape[1]
+    P = u.reshape(K, r + 1) / scale
+    z = z0 + X @ P[:, :r].T + P[:, r]
+    z -= z.max(axis=1, keepdims=True)
+    ez = np.exp(z)
+    p = ez / ez.sum(axis=1, keepdims=True)
+    pg = (p * M).sum(axis=1)
+    loss = -float(np.sum(w * np.log(np.maximum(pg, 1e-300)))) + 0.5 * lam * float(np.sum(P**2))
+    q = p * M / np.maximum(pg, 1e-300)[:, None]
+    dz = w[:, None] * (p - q)
+    dP = np.concatenate([dz.T @ X, dz.sum(axis=0)[:, None]], axis=1) + lam * P
+    dP[~free] = 0.0
+    return loss, (dP / scale).ravel()
+
+
+def balanced_weights(M: np.ndarray) -> np.ndarray:
+    """Per-cell weights summing to 1 with every label (row pattern) given the same total."""
+    keys = [r.tobytes() for r in M]
+    uniq = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    idx = np.array([uniq[k] for k in keys])
+    counts = np.bincount(idx)
+    w = 1.0 / counts[idx]
+    return w / w.sum()
+
+
+def fit_head(
+    E: np.ndarray,
+    M: np.ndarray,
+    W0: np.ndarray,
+    b0: np.ndarray,
+    lambdas: Sequence[float],
+    free: np.ndarray | None = None,
+    balanced: bool = True,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each penalty (largest first, each fit warm-starting the next): W, b minimising the
+    (class-balanced) log-loss of the labels -- the group likelihood, the summed probability of
+    the classes a label allows -- + lam/2 * |(W, b) - (W0, b0)|^2.
+
+    The change to W that minimises this lies in the span of the cells' embeddings (a change
+    orthogonal to every cell moves no logit and only adds penalty), so it is fitted in that
+    span: at most n x K numbers instead of D x K, preconditioned by each direction's spread.
+    """
+    K, _ = W0.shape
+    free = np.ones(K, bool) if free is None else free
+    E = np.asarray(E, np.float64)
+    W0 = np.asarray(W0, np.float64)
+    b0 = np.asarray(b0, np.float64)
+    w = balanced_weights(M) if balanced else np.full(len(M), 1.0 / max(len(M), 1))
+    _, S, Vt = np.linalg.svd(E, full_matrices=False)
+    keep = (S[0] if len(S) else 0.0) * 1e-6 < S
+    V = Vt[keep].T
+    X = E @ V
+    z0 = E @ W0.T + b0
+    spread = np.concatenate([(w[:, None] * X**2).sum(axis=0), [1.0]])
+    Mf = M.astype(np.float64)
+    out: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+    P = np.zeros((K, X.shape[1] + 1))
+    for lam in sorted(lambdas, reverse=True):
+        # curvature of the loss along each direction is at most 1/4 of its weighted spread
+        scale = np.sqrt(0.25 * spread + lam)
+        res = optimize.minimize(
+            _loss_grad,
+            (P * scale).ravel(),
+            args=(X, z0, Mf, w, float(lam), free, scale),
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": 300},
+        )
+        P = res.x.reshape(K, -1) / scale
+        out[lam] = (W0 + P[:, :-1] @ V.T, b0 + P[:, -1])
+    return [out[lam] for lam in lambdas]
+
+
+def fit_temperature(logits: np.ndarray, M: np.ndarray) -> float:
+    """The temperature minimising the held-out log-loss of the labels (bounded to [0.05, 20])."""
+
+    def nll(log_t: float) -> float:
+        p = softmax(logits / np.exp(log_t))
+        return -float(np.mean(np.log(np.maximum((p * M).sum(axis=1), 1e-300))))
+
+    res = optimize.minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(res.x))
+
+
+def named_at_precision(
+    score: np.ndarray, correct: np.ndarray, target: float = TARGET_PRECISION
+) -> tuple[float, float]:
+    """(share of cells that can be named at >= target precision, the score threshold doing it).
+
+    Cells are named from the most confident down; the share is the largest prefix whose
+    precision is still >= target (ties in score are named together). Threshold 1.0+ when even
+    the most confident cell cannot be named.
+    """
+    n = len(score)
+    if n == 0:
+        return 0.0, float("inf")
+    order = np.argsort(-score, kind="stable")
+    s = score[order]
+    ok = np.cumsum(correct[order])
+    k = np.arange(1, n + 1)
+    prec = ok / k
+    # only cut between distinct scores
+    cut = np.r_[s[1:] < s[:-1], True]
+    good = np.nonzero((prec >= target) & cut)[0]
+    if len(good) == 0:
+        return 0.0, float(np.nextafter(s[0], np.inf))
+    j = int(good[-1])
+    return (j + 1) / n, float(s[j])
+
+
+def expected_precision_threshold(score: np.ndarray, target: float = TARGET_PRECISION) -> float:
+    """The lowest threshold at which the cells named would be right >= target of the time, by
+    the calibrated probabilities themselves (mean top probability of the named cells).
+
+    On a few dozen held-out cells the empirical precision moves in steps of one cell; the
+    calibrated probabilities carry far more of the information, once the lab's temperature is
+    fitted on those same cells.
+    """
+    if len(score) == 0:
+        return 1.0
+    s = np.sort(score)[::-1]
+    mean_above = np.cumsum(s) / np.arange(1, len(s) + 1)
+    ok = np.nonzero(mean_above >= target)[0]
+    if len(ok) == 0:
+        return float(min(1.0, s[0]))
+    return float(s[ok[-1]])
+
+
+def near_duplicate_groups(
+    E: np.ndarray, keys: Sequence[str] | None = None, cosine: float = NEAR_DUPLICATE_COSINE
+) -> np.ndarray:
+    """Group ids: cells with the same key (their field) or near-identical embeddings share one."""
+    n = len(E)
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return int(i)
+
+    def union(i: int, j: int) -> None:
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+
+    if keys is not None:
+        first: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k in first:
+                union(i, first[k])
+            else:
+                first[k] = i
+    if n > 1:
+        # Centred: the pooled features are all >= 0 (after ReLU), so any two cells of a lab
+        # are > 0.95 cosine-similar raw; about the lab's mean, only re-captures come this close.
+        C = E - E.mean(axis=0)
+        U = C / np.maximum(np.linalg.norm(C, axis=1, keepdims=True), 1e-12)
+        sim = U @ U.T
+        ii, jj = np.nonzero(np.triu(sim >= cosine, 1))
+        for a, b in zip(ii, jj, strict=True):
+            union(int(a), int(b))
+    roots = np.array([find(i) for i in range(n)])
+    _, gid = np.unique(roots, return_inverse=True)
+    return gid
+
+
+def grouped_folds(groups: np.ndarray, strata: Sequence[str], k: int, seed: int = 0) -> np.ndarray:
+    """Fold index per cell: whole groups go to a fold, balancing each stratum across folds
+    (largest groups first, each to the fold holding the fewest cells of its main stratum)."""
+    rng = np.random.default_rng(seed)
+    strata_arr = np.asarray(strata)
+    gids = np.unique(groups)
+    rng.shuffle(gids)
+    members = {g: np.nonzero(groups == g)[0] for g in gids}
+    order = sorted(gids, key=lambda g: -len(members[g]))
+    names = sorted(set(strata_arr.tolist()))
+    load = {s: np.zeros(k) for s in names}
+    total = np.zeros(k)
+    fold = np.zeros(len(groups), int)
+    for g in order:
+        idx = members[g]
+        vals, cnt = np.unique(strata_arr[idx], return_counts=True)
+        main = str(vals[np.argmax(cnt)])
+        f = int(np.lexsort((total, load[main]))[0])
+        fold[idx] = f
+        for v, c in zip(vals, cnt, strict=True):
+            load[str(v)][f] += c
+        total[f] += len(idx)
+    return fold
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def metrics(
+    probs: np.ndarray,
+    M: np.ndarray,
+    labels: Sequence[str],
+    threshold: float,
+    target: float = TARGET_PRECISION,
+) -> dict[str, Any]:
+    """top-1, class-balanced top-1, share named at >= target precision, unidentified share and
+    precision among named at ``threshold``, per-label n and top-1."""
+    n = len(labels)
+    top = probs.argmax(axis=1)
+    score = probs.max(axis=1)
+    correct = M[np.arange(n), top]
+    named_share, _ = named_at_precision(score, correct, target)
+    named = score >= threshold
+    per: dict[str, dict[str, float | int]] = {}
+    lab = np.asarray(labels)
+    for c in dict.fromkeys(labels):
+        sel = lab == c
+        per[c] = {"n": int(sel.sum()), "top1": float(correct[sel].mean())}
+    return {
+        "n": n,
+        "top1": float(correct.mean()) if n else 0.0,
+        "balanced_top1": float(np.mean([v["top1"] for v in per.values()])) if per else 0.0,
+        "named_at_target": named_share,
+        "threshold": float(threshold),
+        "unidentified": float(1.0 - named.mean()) if n else 0.0,
+        "precision_named": float(correct[named].mean()) if named.any() else None,
+        "per_class": per,
+    }
+
+
+def mcnemar_p(base_ok: np.ndarray, new_ok: np.ndarray) -> float:
+    """One-sided exact McNemar p-value that the new head is right more often than the base."""
+    fixed = int(np.sum(new_ok & ~base_ok))
+    broken = int(np.sum(base_ok & ~new_ok))
+    if fixed + broken == 0:
+        return 1.0
+    return float(stats.binomtest(fixed, fixed + broken, 0.5, alternative="greater").pvalue)
+
+
+# --- the fit ---------------------------------------------------------------------------------
+
+
+@dataclass
+class FitResult:
+    accepted: bool
+    reason: str
+    lam: float
+    W: np.ndarray
+    b: np.ndarray
+    temperature: float
+    confidence_threshold: float
+    other_threshold: float | None
+    cells: dict[str, int]
+    too_few: dict[str, int]
+    validation: dict[str, Any]
+    seconds: float
+
+
+def base_probs(E: np.ndarray, head: BaseHead) -> np.ndarray:
+    return softmax((E @ head.W.T + head.b) / max(head.temperature, 1e-6))
+
+
+def _fit_adaptation(
+    E: np.ndarray,
+    labels: Sequence[str],
+    head: BaseHead,
+    keys: Sequence[str] | None = None,
+    folds: int = 5,
+    lambdas: Sequence[float] = LAMBDAS,
+    seed: int = 0,
+    target: float = TARGET_PRECISION,
+    balanced: bool = True,
+) -> FitResult:
+    """fit_adaptation without the thread limit."""
+    t0 = time.perf_counter()
+    E = np.asarray(E, np.float64)
+    K, D = head.W.shape
+    if E.ndim != 2 or E.shape[1] != D:
+        raise AdaptationError(
+            f"embeddings are {E.shape[-1] if E.ndim == 2 else E.shape}-d; the base head needs {D}"
+        )
+    if len(labels) != len(E):
+        raise AdaptationError(f"{len(labels)} labels for {len(E)} embeddings")
+    M_all = label_masks(labels, head)
+    counts = {
+        c: int(n) for c, n in zip(*np.unique(np.asarray(labels), return_counts=True), strict=True)
+    }
+    too_few = {c: n for c, n in counts.items() if n < MIN_CELLS_PER_CLASS}
+    kept = {c: n for c, n in counts.items() if c not in too_few}
+    if len(kept) < 2:
+        have = ", ".join(f"{c} {n}" for c, n in sorted(counts.items())) or "none"
+        raise AdaptationError(
+            f"at least two classes with >= {MIN_CELLS_PER_CLASS} cells each are needed to adapt "
+            f"and validate (cells: {have})"
+        )
+    use = np.array([lab not in too_few for lab in labels])
+    E_u, M_u = E[use], M_all[use]
+    lab_u = [lab for lab, u in zip(labels, use, strict=True) if u]
+    # Rows of classes no kept label allows stay as shipped: nothing here says where they go.
+    free = M_u.any(axis=0)
+    groups = near_duplicate_groups(
+        E_u, None if keys is None else [k for k, u in zip(keys, use, strict=True) if u]
+    )
+    n_folds = int(min(folds, min(kept.values())))
+    n_folds = max(2, n_folds)
+    fold = grouped_folds(groups, lab_u, n_folds, seed)
+
+    # Out-of-fold logits of every penalty (warm-started from the next larger penalty's fit).
+    oof: dict[float, np.ndarray] = {}
+    for f in range(n_folds):
+        tr, te = fold != f, fold == f
+        if not te.any() or len({lab_u[i] for i in np.nonzero(tr)[0]}) < 2:
+            continue
+        fits = fit_head(E_u[tr], M_u[tr], head.W, head.b, lambdas, free, balanced)
+        for lam, (W, b) in zip(lambdas, fits, strict=True):
+            oof.setdefault(lam, np.zeros((len(E_u), K)))[te] = E_u[te] @ W.T + b
+    base_p = base_probs(E_u, head)
+    base_top_ok = M_u[np.arange(len(E_u)), base_p.argmax(1)]
+
+    def held_out_loss(lam: float) -> float:
+        T = fit_temperature(oof[lam], M_u)
+        p = softmax(oof[lam] / T)
+        w = balanced_weights(M_u)
+        return -float(np.sum(w * np.log(np.maximum((p * M_u).sum(1), 1e-300))))
+
+    lam = min(oof, key=held_out_loss)
+    T = fit_temperature(oof[lam], M_u)
+    p_ad = softmax(oof[lam] / T)
+    ad_ok = M_u[np.arange(len(E_u)), p_ad.argmax(1)]
+    thr = expected_precision_threshold(p_ad.max(1), target)
+    shipped = metrics(base_p, M_u, lab_u, head.confidence_threshold, target)
+    adapted = metrics(p_ad, M_u, lab_u, thr, target)
+    p_val = mcnemar_p(base_top_ok, ad_ok)
+    fixed = int(np.sum(ad_ok & ~base_top_ok))
+    broken = int(np.sum(base_top_ok & ~ad_ok))
+    named_drop = shipped["named_at_target"] - adapted["named_at_target"]
+    if p_val >= ACCEPT_P:
+        accepted = False
+        reason = (
+            f"not better on held-out cells: top-1 {shipped['top1']:.3f} shipped vs "
+            f"{adapted['top1']:.3f} adapted ({fixed} cells fixed, {broken} broken; one-sided "
+            f"exact p = {p_val:.3g}, needs < {ACCEPT_P})"
+        )
+    elif named_drop > 0.02:
+        accepted = False
+        reason = (
+            f"top-1 is better ({shipped['top1']:.3f} -> {adapted['top1']:.3f}) but fewer cells "
+            f"can be named at >= {target:.0%} precision ({shipped['named_at_target']:.3f} -> "
+            f"{adapted['named_at_target']:.3f})"
+        )
+    else:
+        accepted = True
+        reason = (
+            f"better on held-out cells: top-1 {shipped['top1']:.3f} -> {adapted['top1']:.3f} "
+            f"({fixed} fixed, {broken} broken, p = {p_val:.3g}); named at >= {target:.0%} "
+            f"precision {shipped['named_at_target']:.3f} -> {adapted['named_at_target']:.3f}"
+        )
+    ((W, b),) = fit_head(E_u, M_u, head.W, head.b, [lam], free, balanced)
+    other_thr = None if head.other_threshold is None else max(thr, head.other_threshold)
+    validation = {
+        "folds": n_folds,
+        "groups": int(groups.max() + 1) if len(groups) else 0,
+        "penalty": lam,
+        "target_precision": target,
+        "shipped": shipped,
+        "adapted": adapted,
+        "fixed": fixed,
+        "broken": broken,
+        "p_value": p_val,
+    }
+    return FitResult(
+        accepted=accepted,
+        reason=reason,
+        lam=lam,
+        W=W.astype(np.float32),
+        b=b.astype(np.float32),
+        temperature=T,
+        confidence_threshold=thr,
+        other_threshold=other_thr,
+        cells=counts,
+        too_few=too_few,
+        validation=validation,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def fit_adaptation(
+    E: np.ndarray,
+    labels: Sequence[str],
+    head: BaseHead,
+    keys: Sequence[str] | None = None,
+    folds: int = 5,
+    lambdas: Sequence[float] = LAMBDAS,
+    seed: int = 0,
+    target: float = TARGET_PRECISION,
+    balanced: bool = True,
+) -> FitResult:
+    """Fit, validate on grouped held-out folds, and decide. Raises AdaptationError for inputs
+    that cannot be fitted at all (unknown classes, wrong embedding size, one class only)."""
+    # The fit is hundreds of small matrix products: one BLAS thread does them fastest, and a
+    # thread pool per core fighting the station's interpreters (or other jobs) for the CPU makes
+    # it 20x slower.
+    with threadpool_limits(1, user_api="blas"):
+        return _fit_adaptation(E, labels, head, keys, folds, lambdas, seed, target, balanced)
+
+
+# --- the base head --------------------------------------------------------------------------
+
+
+def base_head_from_linear(head: LinearHead) -> BaseHead:
+    """A head file (edge_wbc.pipeline.heads, e.g. the fine-class head) as the adaptation's base."""
+    return BaseHead(
+        head.classes,
+        head.weight.T.copy(),
+        head.bias.copy(),
+        head.temperature,
+        head.confidence_threshold,
+        head.other_threshold,
+        head.base_sha256,
+    )
+
+
+def shipped_head(
+    model_path: Path,
+    classes: Sequence[str],
+    temperature: float,
+    confidence_threshold: float,
+    other_threshold: float | None,
+    sha256: str,
+    interpreter_cls: Any,
+) -> BaseHead:
+    """The int8 classifier's own class head, read from its graph: the FULLY_CONNECTED op whose
+    input is the embedding output (weights per-channel int8, bias int32), dequantised.
+
+    ``interpreter_cls``: the runtime's Interpreter (LiteRT or tflite-runtime). The CPU file is
+    read even when the station runs a compiled Edge TPU one: the weights are the same.
+    """
+    try:
+        it = interpreter_cls(model_path=str(model_path))
+        it.allocate_tensors()
+        outs = it.get_output_details()
+        ops = it._get_ops_details()
+    except (ValueError, RuntimeError, AttributeError) as e:
+        raise AdaptationError(f"{model_path}: cannot read the classifier's graph ({e})") from None
+    if len(outs) < 2:
+        raise AdaptationError(
+            f"{model_path}: the classifier emits no embedding, so no lab head can be fitted on it"
+        )
+    emb = int(outs[1]["index"])
+    fcs = [o for o in ops if o["op_name"] == "FULLY_CONNECTED" and int(o["inputs"][0]) == emb]
+    if len(fcs) != 1 or len(fcs[0]["inputs"]) < 3:
+        raise AdaptationError(
+            f"{model_path}: expected one dense layer reading the embedding, found {len(fcs)}"
+        )
+    details = {int(t["index"]): t for t in it.get_tensor_details()}
+
+    def real(idx: int) -> np.ndarray:
+        d = details[idx]
+        q = d.get("quantization_parameters") or {}
+        raw = it.get_tensor(idx).astype(np.float64)
+        scales = np.asarray(q.get("scales", []), np.float64)
+        zps = np.asarray(q.get("zero_points", []), np.float64)
+        if scales.size == 0:
+            return raw
+        shape = (-1,) + (1,) * (raw.ndim - 1)
+        return (raw - zps.reshape(shape)) * scales.reshape(shape)
+
+    W = real(int(fcs[0]["inputs"][1]))
+    b = real(int(fcs[0]["inputs"][2]))
+    if W.shape[0] != len(classes) or b.shape != (len(classes),):
+        raise AdaptationError(
+            f"{model_path}: the dense layer is {W.shape}, the manifest lists {len(classes)} classes"
+        )
+    return BaseHead(
+        tuple(classes), W, b, temperature, confidence_threshold, other_threshold, sha256
+    )
+
+
+# --- the versioned folder --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """A lab head ready to apply (``head.predict(embedding)``) and what identifies it."""
+
+    id: str
+    path: Path
+    created: str
+    head: LinearHead
+    sha256: str  # of adaptation.json, which pins the head files' sha256: names this exact version
+    doc: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def base_sha256(self) -> str:
+        return self.head.base_sha256
+
+    def describe(self) -> dict[str, Any]:
+        """What a result, report or message records about the adaptation that produced it."""
+        return {"id": self.id, "sha256": self.sha256}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_adaptation(
+    out: Path, fit: FitResult, head: BaseHead, source: Mapping[str, Any] | None = None
+) -> Adaptation:
+    """Write ``out`` (which must not exist) atomically: built in a sibling temp folder, renamed
+    into place only when complete, so a reader sees the whole version or nothing."""
+    out = Path(out)
+    if out.exists():
+        raise AdaptationError(f"{out} exists: an adaptation is a version, never overwritten")
+    if not out.parent.is_dir():
+        raise AdaptationError(f"{out.parent} is not a folder")
+    now = datetime.now(timezone.utc)
+    ident = f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    lab = LinearHead(
+        classes=head.classes,
+        weight=fit.W.T.astype(np.float64),
+        bias=fit.b.astype(np.float64),
+        base_sha256=head.sha256,
+        temperature=fit.temperature,
+        confidence_threshold=fit.confidence_threshold,
+        other_threshold=fit.other_threshold,
+        info={"adaptation": ident},
+    )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        jp = lab.save(tmp / HEAD_NAME)
+        doc = {
+            "schema": ADAPTATION_SCHEMA,
+            "id": ident,
+            "created": now.isoformat(timespec="seconds"),
+            "base_model": {"sha256": head.sha256},
+            "classes": list(head.classes),
+            "method": "linear head pulled toward the shipped head (L2), class-balanced, "
+            "temperature and threshold fitted on held-out folds",
+            "penalty": fit.lam,
+            "temperature": fit.temperature,
+            "confidence_threshold": fit.confidence_threshold,
+            "other_threshold": fit.other_threshold,
+            "cells": fit.cells,
+            "too_few_cells": fit.too_few,
+            "validation": fit.validation,
+            "source": dict(source or {}),
+            "head": {
+                "file": jp.name,
+                "sha256": _sha256(jp.read_bytes()),
+                "weights_sha256": _sha256(jp.with_suffix(".npz").read_bytes()),
+            },
+        }
+        with open(tmp / ADAPTATION_JSON, "wb") as f:
+            f.write((json.dumps(doc, indent=2) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_adaptation(out, head.sha256)
+
+
+def load_adaptation(path: Path, base_sha256: str) -> Adaptation:
+    """Read and check an adaptation folder; AdaptationError names the file and what is wrong."""
+    path = Path(path)
+    jpath = path / ADAPTATION_JSON
+    if not path.is_dir():
+        raise AdaptationError(f"{path}: no such adaptation folder")
+    try:
+        raw = jpath.read_bytes()
+        doc = json.loads(raw)
+    except OSError as e:
+        raise AdaptationError(f"{jpath}: cannot read: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdaptationError(f"{jpath}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != ADAPTATION_SCHEMA:
+        got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        raise AdaptationError(f"{jpath}: schema is {got!r}, expected {ADAPTATION_SCHEMA!r}")
+    try:
+        base = str(doc["base_model"]["sha256"])
+        hfile = str(doc["head"]["file"])
+        hsha = str(doc["head"]["sha256"])
+        ident = str(doc["id"])
+        created = str(doc["created"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdaptationError(f"{jpath}: missing or malformed field ({e!r})") from None
+    if base != base_sha256:
+        raise AdaptationError(
+            f"{jpath}: made for classifier sha256 {base[:12]}…, but the loaded classifier is "
+            f"{base_sha256[:12]}…: an adaptation only applies to the model it was fitted on"
+        )
+    hpath = path / Path(hfile).name
+    try:
+        hraw = hpath.read_bytes()
+    except OSError as e:
+        raise AdaptationError(f"{hpath}: cannot read: {e.strerror or e}") from None
+    if _sha256(hraw) != hsha:
+        raise AdaptationError(
+            f"{hpath}: sha256 does not match {jpath.name} (the file is damaged or was replaced)"
+        )
+    try:
+        head = LinearHead.load(hpath, base_sha256)
+    except HeadError as e:
+        raise AdaptationError(str(e)) from None
+    return Adaptation(id=ident, path=path, created=created, head=head, sha256=_sha256(raw), doc=doc)

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The Pi's software on the Pi's architecture: an arm64 Debian bookworm root (Raspberry Pi OS's
+# base) run under qemu-user-static installs the wheel with Python 3.11 from PyPI's aarch64 wheels,
+# and `edge-wbc analyze` there must give the same boxes and labels as on this machine for bundled
+# fields; `install-pi.sh --dry-run` must run inside it. Emulated timings mean nothing for a Pi and
+# are not printed.
+#
+# Needs root (debootstrap, chroot, binfmt_misc). The root is kept between runs in $ARM64_ROOT
+# (default /var/tmp/edge-wbc-arm64/root); delete it to start over.
+# Usage: sudo scripts/check-arm64.sh [--fields N]     (scripts/test.sh runs it in CI)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+src="$PWD"
+fields=3
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --fields) fields="${2:?--fields needs a number}"; shift ;;
+    *) echo "check-arm64.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ "$(id -u)" = 0 ] || { echo "check-arm64.sh: needs root (debootstrap, chroot)" >&2; exit 2; }
+root="${ARM64_ROOT:-/var/tmp/edge-wbc-arm64/root}"
+py="${PYTHON:-$src/.venv/bin/python}"
+
+need=()
+command -v debootstrap >/dev/null || need+=(debootstrap)
+[ -x /usr/bin/qemu-aarch64-static ] || need+=(qemu-user-static)
+command -v update-binfmts >/dev/null || need+=(binfmt-support)
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "installing Debian packages: ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# The kernel runs arm64 binaries through qemu only once binfmt_misc knows the interpreter.
+[ -e /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64
+grep -q '^enabled' /proc/sys/fs/binfmt_misc/qemu-aarch64 || {
+  echo "check-arm64.sh: binfmt_misc has no enabled qemu-aarch64 handler" >&2; exit 1; }
+
+if [ ! -x "$root/usr/bin/python3" ]; then
+  echo "building an arm64 bookworm root in $root (debootstrap; a few minutes)"
+  rm -rf "$root.partial"
+  mkdir -p "$(dirname "$root")"
+  # The mirror this machine's apt already uses, so the root comes from the same place.
+  mirror="$(grep -rhoE '^URIs: *[^ ]+/debian/?$' /etc/apt/sources.list.d/ 2>/dev/null | head -1 | sed 's/^URIs: *//')"
+  debootstrap --arch=arm64 --variant=minbase \
+    --include=python3,python3-venv,python3-pip,ca-certificates,libgl1,libglib2.0-0 \
+    bookworm "$root.partial" ${mirror:+"$mirror"} >/dev/null
+  mv "$root.partial" "$root"
+fi
+
+# The host's CA bundle and resolver, so pip inside the root reaches PyPI as the host does.
+cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+cp -L /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
+mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
+work="$root/tmp/edge-wbc-check"
+cleanup() { umount "$root/proc" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+rm -rf "$work"
+mkdir -p "$work/dist" "$work/elsewhere"
+
+"$py" -m pip wheel -q --disable-pip-version-check --no-deps -w "$work/dist" "$src" >/dev/null
+whl="$(basename "$(ls "$work"/dist/edge_wbc-*.whl)")"
+in_root() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/bin:/bin LANG=C.UTF-8 \
+  SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1 "$@"; }
+echo "arm64 root: $(in_root uname -m), $(in_root python3 --version)"
+[ -x "$root/opt/venv/bin/python" ] || in_root python3 -m venv /opt/venv
+in_root /opt/venv/bin/python -m pip install -q --upgrade "/tmp/edge-wbc-check/dist/$whl" >/dev/null
+in_root /opt/venv/bin/python -c 'import platform, numpy, cv2, ai_edge_litert; print("installed:", platform.machine(), "numpy", numpy.__version__, "opencv", cv2.__version__)'
+
+# The same bundled fields on both sides, named by their place in the package.
+names="$(in_root /opt/venv/bin/python -c "
+from edge_wbc.bundled import packaged_samples
+print(' '.join(sorted(p.name for p in packaged_samples().glob('*.jpg'))[:$fields]))")"
+arm_fields=(); host_fields=()
+host_samples="$("$py" -c 'from edge_wbc.bundled import packaged_samples as s; print(s())')"
+arm_samples="$(in_root /opt/venv/bin/python -c 'from edge_wbc.bundled import packaged_samples as s; print(s())')"
+for n in $names; do arm_fields+=("$arm_samples/$n"); host_fields+=("$host_samples/$n"); done
+in_root /bin/sh -c "cd /tmp/edge-wbc-check/elsewhere && /opt/venv/bin/edge-wbc analyze ${arm_fields[*]} --json /tmp/edge-wbc-check/arm64.json" >/dev/null
+PYTHONPATH="$src" "$py" -c 'from edge_wbc.cli import app; app()' analyze "${host_fields[@]}" \
+  --json "$work/host.json" >/dev/null
+"$py" - "$work/arm64.json" "$work/host.json" <<'PY'
+import json, sys
+arm, host = (json.load(open(p)) for p in sys.argv[1:3])
+assert arm["models"]["models_source"] == "packaged", arm["models"].get("models_source")
+key = lambda d: [[(c["bbox"], c["label"]) for c in im["cells"]] for im in d["images"]]
+assert all(im["error"] is None for im in arm["images"]), [im["error"] for im in arm["images"]]
+assert key(arm) == key(host), f"arm64 {key(arm)} != x86 {key(host)}"
+dp = max((abs(a["score"] - b["score"]) for ia, ib in zip(arm["images"], host["images"])
+          for a, b in zip(ia["cells"], ib["cells"])), default=0.0)
+n = sum(len(im["cells"]) for im in arm["images"])
+print(f"arm64 analysis OK: {len(arm['images'])} fields, {n} cells, same boxes and labels as "
+      f"{__import__('platform').machine()}; largest score difference {dp:.4f}")
+PY
+
+# The installer's plan, read on the Pi's architecture (changes nothing).
+rm -rf "$work/src"
+mkdir -p "$work/src"
+git -C "$src" ls-files -z | (cd "$src" && xargs -0 cp -P --parents -t "$work/src")
+in_root /bin/bash /tmp/edge-wbc-check/src/scripts/install-pi.sh --dry-run >"$work/dry-run.log" 2>&1 \
+  || { cat "$work/dry-run.log"; echo "FAIL: install-pi.sh --dry-run in the arm64 root"; exit 1; }
+echo "install-pi.sh --dry-run in the arm64 root: $(wc -l < "$work/dry-run.log") lines, exit 0"
+echo "arm64 OK"

@@ -1,0 +1,274 @@
+"""The lab head: fit, held-out validation, refusal, and the versioned folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_wbc.pipeline import adaptation as A
+
+CLASSES = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte", "other")
+D = 24
+
+
+def _prototypes(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(0.0, 1.0, (len(CLASSES), D))
+
+
+def _head(
+    protos: np.ndarray, sha: str = "a" * 64, groups: dict[str, str] | None = None
+) -> A.BaseHead:
+    # nearest prototype: the shipped head is right on cells that look as it learnt them
+    W = 5.0 * protos
+    b = -0.5 * np.sum(W * protos, axis=1)
+    return A.BaseHead(CLASSES, W, b, 1.0, 0.9, 0.9, sha, groups or {})
+
+
+def _lab(
+    rng: np.random.Generator, protos: np.ndarray, per_class: dict[str, int], shift: bool = True
+) -> tuple[np.ndarray, list[str]]:
+    """Cells of a lab whose stain makes basophils look like lymphocytes and lymphocytes like
+    monocytes to the shipped head, but keeps a lab-specific feature that tells them apart."""
+    E, y = [], []
+    for c, n in per_class.items():
+        k = CLASSES.index(c)
+        mu = protos[k].copy()
+        if shift and c == "basophil":
+            mu = 0.3 * mu + 0.7 * protos[CLASSES.index("lymphocyte")]
+            mu[0] += 0.8
+        if shift and c == "lymphocyte":
+            mu = 0.4 * mu + 0.6 * protos[CLASSES.index("monocyte")]
+            mu[1] += 0.8
+        E.append(mu + rng.normal(0, 0.12, (n, D)))
+        y += [c] * n
+    return np.concatenate(E), y
+
+
+COUNTS = {"neutrophil": 40, "eosinophil": 20, "basophil": 20, "lymphocyte": 40, "monocyte": 20}
+
+
+def test_fit_on_a_shifted_lab_is_accepted_and_better_held_out() -> None:
+    rng = np.random.default_rng(1)
+    protos = _prototypes(rng)
+    head = _head(protos)
+    E, y = _lab(rng, protos, COUNTS)
+    fit = A.fit_adaptation(E, y, head)
+    v = fit.validation
+    assert fit.accepted, fit.reason
+    assert v["adapted"]["top1"] > v["shipped"]["top1"] + 0.1
+    assert (
+        v["adapted"]["per_class"]["basophil"]["top1"]
+        > v["shipped"]["per_class"]["basophil"]["top1"]
+    )
+    # new cells of the same lab: the fitted head carries over
+    E2, y2 = _lab(np.random.default_rng(2), protos, COUNTS)
+    M2 = A.label_masks(y2, head)
+    p = A.softmax((E2 @ fit.W.T + fit.b) / fit.temperature)
+    assert (
+        A.metrics(p, M2, y2, fit.confidence_threshold)["top1"]
+        > A.metrics(A.base_probs(E2, head), M2, y2, head.confidence_threshold)["top1"]
+    )
+
+
+def test_shuffled_labels_are_refused() -> None:
+    rng = np.random.default_rng(3)
+    protos = _prototypes(rng)
+    head = _head(protos)
+    E, y = _lab(rng, protos, COUNTS)
+    refused = 0
+    for seed in range(5):
+        shuffled = list(np.random.default_rng(seed).permutation(y))
+        fit = A.fit_adaptation(E, shuffled, head)
+        refused += not fit.accepted
+        if not fit.accepted:
+            assert "not better" in fit.reason or "fewer cells" in fit.reason
+    assert refused == 5
+
+
+def test_no_shift_means_nothing_to_gain() -> None:
+    rng = np.random.default_rng(4)
+    protos = _prototypes(rng)
+    head = _head(protos)
+    E, y = _lab(rng, protos, COUNTS, shift=False)
+    fit = A.fit_adaptation(E, y, head)
+    assert not fit.accepted
+    assert "not better" in fit.reason
+
+
+def test_bad_labels_are_clear_errors() -> None:
+    rng = np.random.default_rng(5)
+    protos = _prototypes(rng)
+    head = _head(protos)
+    E, y = _lab(rng, protos, {"neutrophil": 10, "basophil": 10})
+    with pytest.raises(A.AdaptationError, match=r"unknown class name.*'blast'"):
+        A.fit_adaptation(E, [*y[:-1], "blast"], head)
+    with pytest.raises(A.AdaptationError, match="two classes"):
+        A.fit_adaptation(E[:10], y[:10], head)
+    with pytest.raises(A.AdaptationError, match="needs 24"):
+        A.fit_adaptation(E[:, :10], y, head)
+
+
+def test_too_few_cells_of_a_class_are_said_and_left_as_shipped() -> None:
+    rng = np.random.default_rng(6)
+    protos = _prototypes(rng)
+    head = _head(protos)
+    E, y = _lab(rng, protos, {**COUNTS, "eosinophil": 3})
+    fit = A.fit_adaptation(E, y, head)
+    assert fit.too_few == {"eosinophil": 3}
+    k = CLASSES.index("eosinophil")
+    np.testing.assert_allclose(fit.W[k], head.W[k], atol=1e-5)
+    assert "eosinophil" not in fit.validation["adapted"]["per_class"]
+
+
+def test_group_name_uses_the_summed_probability_of_its_classes() -> None:
+    fine = ("band", "segmented", "eosinophil", "lymphocyte", "other")
+    groups = {"band": "neutrophil", "segmented": "neutrophil"}
+    head = A.BaseHead(fine, np.zeros((5, 3)), np.zeros(5), 1.0, 0.9, 0.9, "x", groups)
+    M = A.label_masks(["neutrophil", "band", "lymphocyte"], head)
+    assert M.tolist() == [
+        [True, True, False, False, False],
+        [True, False, False, False, False],
+        [False, False, False, True, False],
+    ]
+    # the loss of a group label is -log(p_band + p_segmented): uniform logits -> -log(2/5)
+    X, z0 = np.ones((1, 3)), np.zeros((1, 5))
+    scale = np.ones(4)
+    loss, _ = A._loss_grad(
+        np.zeros(20), X, z0, M[:1].astype(float), np.ones(1), 0.0, np.ones(5, bool), scale
+    )
+    assert loss == pytest.approx(-np.log(2 / 5))
+    # numerical gradient check on a random point, preconditioned
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=20)
+    args = (
+        rng.normal(size=(4, 3)),
+        rng.normal(size=(4, 5)),
+        M[[0, 1, 2, 0]].astype(float),
+        np.full(4, 0.25),
+        0.3,
+        np.ones(5, bool),
+        rng.uniform(0.5, 2.0, 4),
+    )
+    _, g = A._loss_grad(u, *args)
+    eps = 1e-6
+    num = np.array(
+        [
+            (A._loss_grad(u + eps * e, *args)[0] - A._loss_grad(u - eps * e, *args)[0]) / (2 * eps)
+            for e in np.eye(len(u))
+        ]
+    )
+    np.testing.assert_allclose(g, num, rtol=1e-4, atol=1e-6)
+
+
+def test_grouped_folds_keep_groups_and_near_duplicates_together() -> None:
+    rng = np.random.default_rng(7)
+    E = rng.uniform(size=(40, 8))
+    E[5] = E[4] * 1.0001  # the same cell captured twice
+    keys = [f"field{i // 2}" for i in range(40)]  # two cells per field
+    groups = A.near_duplicate_groups(E, keys)
+    assert groups[4] == groups[5]
+    assert groups[0] == groups[1] and groups[0] != groups[2]
+    fold = A.grouped_folds(groups, ["a", "b"] * 20, 4)
+    for g in np.unique(groups):
+        assert len(set(fold[groups == g])) == 1
+    assert sorted(np.bincount(fold).tolist())[0] >= 8
+
+
+def test_named_at_precision() -> None:
+    score = np.array([0.99, 0.98, 0.97, 0.6, 0.5])
+    correct = np.array([True, True, True, False, True])
+    share, thr = A.named_at_precision(score, correct, 0.97)
+    assert share == pytest.approx(0.6) and thr == pytest.approx(0.97)
+    assert A.named_at_precision(score, ~correct, 0.97)[0] == 0.0
+
+
+def _fit(tmp_path: Path) -> tuple[A.FitResult, A.BaseHead]:
+    rng = np.random.default_rng(8)
+    protos = _prototypes(rng)
+    head = _head(protos)
+    E, y = _lab(rng, protos, COUNTS)
+    return A.fit_adaptation(E, y, head), head
+
+
+def test_folder_round_trip_and_refusals(tmp_path: Path) -> None:
+    fit, head = _fit(tmp_path)
+    out = tmp_path / "lab1"
+    ad = A.write_adaptation(out, fit, head, {"dirs": ["x"]})
+    assert sorted(p.name for p in out.iterdir()) == ["adaptation.json", "head.json", "head.npz"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+    doc = json.loads((out / "adaptation.json").read_text())
+    assert doc["base_model"]["sha256"] == head.sha256
+    assert doc["cells"] == COUNTS and doc["validation"]["adapted"]["n"] == 140
+    again = A.load_adaptation(out, head.sha256)
+    np.testing.assert_allclose(again.head.weight.T, fit.W, rtol=1e-6)
+    assert again.sha256 == ad.sha256 and again.id == doc["id"]
+    assert again.describe() == {"id": doc["id"], "sha256": ad.sha256}
+    e = np.ones(D, np.float32)
+    np.testing.assert_allclose(
+        again.head.probs(e),
+        A.softmax((e @ fit.W.T + fit.b) / fit.temperature),
+        rtol=1e-4,
+        atol=1e-9,
+    )
+    with pytest.raises(A.AdaptationError, match="never overwritten"):
+        A.write_adaptation(out, fit, head)
+    with pytest.raises(A.AdaptationError, match="made for classifier sha256 aaaaaaaaaaaa"):
+        A.load_adaptation(out, "b" * 64)
+
+
+def test_corrupt_folders_name_the_file(tmp_path: Path) -> None:
+    fit, head = _fit(tmp_path)
+    out = tmp_path / "lab1"
+    A.write_adaptation(out, fit, head)
+    w = out / "head.npz"
+    good = w.read_bytes()
+    data = bytearray(good)
+    data[-10] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(A.AdaptationError, match=r"head\.npz: sha256 does not match"):
+        A.load_adaptation(out, head.sha256)
+    w.write_bytes(good)
+    h = out / "head.json"
+    h.write_text(h.read_text().replace('"temperature"', '"temperature" ', 1))
+    with pytest.raises(A.AdaptationError, match=r"head\.json: sha256 does not match"):
+        A.load_adaptation(out, head.sha256)
+    (out / "adaptation.json").write_text("{not json")
+    with pytest.raises(A.AdaptationError, match=r"adaptation\.json: not valid JSON"):
+        A.load_adaptation(out, head.sha256)
+    (out / "adaptation.json").write_text(json.dumps({"schema": "edge-wbc/adaptation/1"}))
+    with pytest.raises(A.AdaptationError, match=r"adaptation\.json: missing or malformed"):
+        A.load_adaptation(out, head.sha256)
+    with pytest.raises(A.AdaptationError, match="no such adaptation folder"):
+        A.load_adaptation(tmp_path / "nope", head.sha256)
+
+
+def test_shipped_head_is_the_classifier_s_own_last_layer() -> None:
+    """The head read from the int8 graph reproduces the classifier's own probabilities."""
+    from edge_wbc.pipeline.analysis import FieldAnalyzer
+    from edge_wbc.pipeline.classify import calibrated_softmax, combine_views, crop_views
+
+    an = FieldAnalyzer(threads=1)
+    clf = an.classifier
+    assert clf is not None
+    ce = an.manifest.classifier
+    assert ce is not None
+    head = A.shipped_head(
+        an.manifest.path(ce),
+        ce.classes,
+        ce.temperature,
+        ce.confidence_threshold,
+        ce.other_threshold,
+        ce.sha256,
+        an.runtime.interpreter_cls,
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        crop = rng.integers(120, 230, (clf.input_size, clf.input_size, 3), dtype=np.uint8)
+        pred = clf.classify(crop)
+        assert pred.embedding is not None
+        outs = [clf.model.infer_pixels(v)[0] for v in crop_views(crop, clf.views)]
+        ref = calibrated_softmax(combine_views(outs, clf.output_type), clf.temperature)
+        np.testing.assert_allclose(A.base_probs(pred.embedding[None], head)[0], ref, atol=0.03)

@@ -1,0 +1,653 @@
+"""LIS hand-off: HL7 v2.5.1 ORU^R01 and FHIR R4 built from the finalised report, parsed back and
+validated; the outbox written in the finalising transaction; delivery to real peers on loopback
+(an MLLP listener that ACKs, NAKs and goes away; a FHIR server answering 201, 400, 500 or
+nothing), to a folder, and through a LIS outage without losing or doubling a report."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import hl7
+import numpy as np
+import pytest
+from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.bundle import Bundle
+from lis_peers import FhirPeer, MllpPeer, free_port, mllp_peer
+from station_fakes import fake_cell
+
+from edge_wbc.comms.lis import outbox, render
+from edge_wbc.comms.lis.codes import LOCAL_SYSTEM, LOINC, ReportError
+from edge_wbc.comms.lis.delivery import LisDelivery
+from edge_wbc.comms.lis.fhir import build_bundle
+from edge_wbc.comms.lis.hl7v2 import build_oru, control_id
+from edge_wbc.config import load_config
+from edge_wbc.counting.events import Fanout
+from edge_wbc.counting.reports import write_reports
+from edge_wbc.counting.session import SlideSession
+from edge_wbc.counting.store import Store
+from edge_wbc.pipeline.results import FieldResult
+
+DELIMS = "A|B^C~D\\E&F"
+FIELDS = sorted((Path(__file__).parent.parent / "samples" / "fields").glob("*.jpg"))
+
+
+def _report(**over: Any) -> dict[str, Any]:
+    rep: dict[str, Any] = {
+        "schema": "edge-wbc/report/1", "software": {"name": "edge-wbc", "version": "0.1.0"},
+        "sample_id": "H-2026-0042", "slide_id": "S20261201T113808-ab12", "station_id": "haem-3",
+        "started_at": "2026-12-01T11:00:00.000Z", "finalised_at": "2026-12-01T11:38:08.123Z",
+        "generated_at": "2026-12-01T11:38:08.200Z", "target": 100, "counted": 100,
+        "ci_method": "clopper-pearson", "ci_level": 0.95,
+        "differential": [
+            {"label": "neutrophil", "count": 60, "percent": 60.0, "ci_low": 49.7,
+             "ci_high": 69.7},
+            {"label": "eosinophil", "count": 3, "percent": 3.0, "ci_low": 0.6, "ci_high": 8.5},
+            {"label": "basophil", "count": 1, "percent": 1.0, "ci_low": 0.0, "ci_high": 5.4},
+            {"label": "lymphocyte", "count": 30, "percent": 30.0, "ci_low": 21.2,
+             "ci_high": 40.0},
+            {"label": "monocyte", "count": 6, "percent": 6.0, "ci_low": 2.2, "ci_high": 12.6},
+        ],
+        "unidentified": 0, "reviewed_changes": [], "review_history": [], "flagged_cells": [],
+        "models": {"models": [{"name": "cls", "task": "classify", "sha256": "ab" * 32}]},
+    }
+    rep.update(over)
+    return rep
+
+
+def _obx(msg: hl7.Message) -> list[hl7.Segment]:
+    return list(msg.segments("OBX"))
+
+
+# --------------------------------------------------------------------------- HL7 v2
+
+
+def test_oru_parses_back_with_loinc_codes_counts_and_ci() -> None:
+    text = build_oru(_report(), receiving_application="LIS", receiving_facility="LAB")
+    assert text.endswith("\r") and "\n" not in text
+    msg = hl7.parse(text)
+    msh = msg.segment("MSH")
+    assert str(msh(9)) == "ORU^R01^ORU_R01" and str(msh(12)) == "2.5.1"
+    assert str(msh(5)) == "LIS" and str(msh(6)) == "LAB" and str(msh(4)) == "haem-3"
+    assert str(msh(10)) == control_id("S20261201T113808-ab12") and len(str(msh(10))) <= 20
+    assert str(msh(7)) == "20261201113808+0000"
+    assert [str(s(0)) for s in msg] == ["MSH", "PID", "OBR", "NTE", *(
+        ["OBX", "NTE", "OBX"] * 5), "OBX"]
+    assert str(msg.segment("OBR")(4)) == "69738-3^Differential panel, method unspecified - " \
+                                         "Blood^LN"
+    obx = _obx(msg)
+    # No review: the automated-count codes.
+    assert [str(o(3)(1)(1)) for o in obx[0:10:2]] == ["770-8", "713-8", "706-2", "736-9",
+                                                      "5905-5"]
+    assert str(obx[0](5)) == "60.0" and str(obx[0](6)(1)(1)) == "%" and str(obx[0](11)) == "F"
+    assert str(obx[1](3)(1)(3)) == "L" and str(obx[1](5)) == "60" and str(obx[1](4)) == "1"
+    assert str(obx[-1](5)) == "100"
+    nte = list(msg.segments("NTE"))
+    assert msg.unescape(str(nte[1](3))) == "95 % CI 49.7-69.7 %"
+
+
+def test_reviewed_slide_uses_manual_count_codes() -> None:
+    rep = _report(reviewed_changes=[{"cell_id": "c1", "machine_label": "monocyte",
+                                     "reviewed_label": "lymphocyte"}])
+    obx = _obx(hl7.parse(build_oru(rep)))
+    assert [str(o(3)(1)(1)) for o in obx[0:10:2]] == ["23761-0", "714-6", "707-0", "737-7",
+                                                      "744-3"]
+    assert "reviewed by a technologist" in build_oru(rep)
+
+
+def test_sample_id_with_hl7_delimiters_is_escaped_and_round_trips() -> None:
+    rep = _report(sample_id=DELIMS + " é中", station_id="st|1")
+    text = build_oru(rep)
+    msg = hl7.parse(text)
+    # Still one PID with the usual field count: the delimiters did not split anything.
+    assert len(list(msg.segments("PID"))) == 1 and len(msg.segment("PID")) == 4
+    assert msg.unescape(str(msg.segment("PID")(3)(1)(1))) == DELIMS + " é中"
+    assert msg.unescape(str(msg.segment("OBR")(2))) == DELIMS + " é中"
+    assert msg.unescape(str(msg.segment("MSH")(4))) == "st|1"
+    assert str(msg.segment("MSH")(18)) == "UNICODE UTF-8"
+
+
+def test_formula_rows_flags_local_codes_and_counts_only_rows() -> None:
+    rep = _report(differential=[
+        {"label": "band_neutrophil", "count": 8, "percent": 8.0, "ci_low": 3.5, "ci_high": 15.2,
+         "flag": "H"},
+        {"label": "segmented_neutrophil", "count": 52, "percent": 52.0},
+        {"label": "blast", "count": 1, "percent": 1.0, "flags": [{"text": "any blast"}]},
+        {"label": "plasma_cell", "count": 1, "percent": 1.0},
+        {"label": "erythroblast", "count": 3, "per_100_wbc": 3.0, "kind": "per_100"},
+        {"label": "smudge_cell", "count": 12, "kind": "count_only"},
+    ], flags=[{"class": "smudge_cell", "text": "smudge > 10 %"}])
+    msg = hl7.parse(build_oru(rep))
+    by_code = {str(o(3)(1)(1)): o for o in _obx(msg)}
+    # Automated count: LOINC has no automated band/segmented/blast term, so they are local.
+    band = by_code["band_neutrophil"]
+    assert str(band(3)(1)(3)) == "L" and str(band(8)) == "H"
+    assert str(by_code["blast"](8)) == "A"
+    assert str(by_code["58413-6"](6)(1)(1)) == "/100{WBCs}" and str(by_code["58413-6"](5)) == "3.0"
+    smudge = by_code["smudge_cell"]
+    assert str(smudge(5)) == "12" and str(smudge(8)) == "A"
+    assert "flag: smudge > 10 %" in str(msg)
+    reviewed = hl7.parse(build_oru({**rep, "reviewed_changes": [{"cell_id": "x"}]}))
+    codes = {str(o(3)(1)(1)) for o in _obx(reviewed)}
+    assert {"764-1", "769-0", "709-6", "plasma_cell"} <= codes
+
+
+@pytest.mark.parametrize("bad", [
+    {"differential": []},
+    {"differential": [{"label": "neutrophil", "count": -1, "percent": 1.0}]},
+    {"differential": [{"label": "neutrophil", "count": 1, "percent": float("nan")}]},
+    {"differential": [{"count": 1, "percent": 1.0}]},
+    {"finalised_at": None},
+    {"finalised_at": "yesterday"},
+])
+def test_bad_reports_are_refused_with_a_reason(bad: dict[str, Any]) -> None:
+    with pytest.raises(ReportError):
+        build_oru(_report(**bad))
+    with pytest.raises(ReportError):
+        build_bundle(_report(**bad))
+
+
+# --------------------------------------------------------------------------- FHIR
+
+
+def _validate_every_resource(bundle: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    Bundle.model_validate(bundle)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for e in bundle["entry"]:
+        res = e["resource"]
+        get_fhir_model_class(res["resourceType"]).model_validate(res)
+        out.setdefault(res["resourceType"], []).append(res)
+    return out
+
+
+def test_fhir_bundle_validates_and_carries_the_differential() -> None:
+    bundle = json.loads(render(_report(sample_id=DELIMS), "fhir"))
+    assert bundle["type"] == "transaction"
+    res = _validate_every_resource(bundle)
+    assert set(res) == {"Specimen", "Device", "Observation", "DiagnosticReport"}
+    dr = res["DiagnosticReport"][0]
+    assert dr["status"] == "final" and dr["code"]["coding"][0]["code"] == "69738-3"
+    assert len(dr["result"]) == 6
+    urls = {e["fullUrl"] for e in bundle["entry"]}
+    assert {r["reference"] for r in dr["result"]} <= urls
+    assert res["Specimen"][0]["accessionIdentifier"]["value"] == DELIMS
+    neut = res["Observation"][0]
+    assert neut["code"]["coding"][0] == {"system": LOINC, "code": "770-8",
+                                         "display": "Neutrophils/100 leukocytes in Blood by "
+                                                    "Automated count"}
+    assert neut["valueQuantity"]["value"] == 60.0 and neut["valueQuantity"]["code"] == "%"
+    comps = {c["code"]["coding"][0]["code"]: c["valueQuantity"]["value"]
+             for c in neut["component"]}
+    assert comps == {"neutrophil.count": 60, "ci95.low": 49.7, "ci95.high": 69.7}
+    # Conditional creates: a Bundle sent twice creates nothing twice on a conforming server.
+    assert all(e["request"]["ifNoneExist"].startswith("identifier=") for e in bundle["entry"])
+    spec = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "Specimen")
+    assert "%5C%7C" in spec["request"]["ifNoneExist"]  # '|' in the sample id escaped as '\|'
+    # Deterministic: the same report gives the same Bundle.
+    assert render(_report(sample_id=DELIMS), "fhir") == json.dumps(bundle, indent=2,
+                                                                   ensure_ascii=False) + "\n"
+
+
+def test_fhir_manual_codes_flags_and_local_system() -> None:
+    rep = _report(reviewed_changes=[{"cell_id": "c"}], differential=[
+        {"label": "lymphocyte", "count": 40, "percent": 40.0, "flag": "H"},
+        {"label": "reactive_lymphocyte", "count": 2, "percent": 2.0,
+         "flags": [{"hl7": "A", "text": "reactive lymphocytes seen"}]},
+        {"label": "smudge_cell", "count": 5, "kind": "count_only"},
+    ])
+    res = _validate_every_resource(build_bundle(rep))
+    obs = {o["code"]["coding"][0]["code"]: o for o in res["Observation"]}
+    assert obs["737-7"]["interpretation"][0]["coding"][0]["code"] == "H"
+    rl = obs["reactive_lymphocyte"]
+    assert rl["code"]["coding"][0]["system"] == LOCAL_SYSTEM
+    assert rl["note"][0]["text"] == "flag: reactive lymphocytes seen"
+    assert obs["smudge_cell"]["valueQuantity"] == {
+        "value": 5, "unit": "cells", "system": "http://unitsofmeasure.org", "code": "{cells}"}
+
+
+def test_fhir_validation_rejects_a_broken_resource(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_wbc.comms.lis import fhir
+
+    real = fhir._qty
+    monkeypatch.setattr(fhir, "_qty", lambda *a: {**real(*a), "valu": 1})
+    with pytest.raises(ReportError, match="do not validate"):
+        fhir.build_bundle(_report())
+
+
+# --------------------------------------------------------------------------- outbox + store
+
+
+def _rgb(i: int) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(FIELDS[i])), cv2.COLOR_BGR2RGB)
+
+
+class Station:
+    """A real store + session with the LIS hook registered, as `edge-wbc station` wires it."""
+
+    def __init__(self, data: Path, delivery: LisDelivery | None = None) -> None:
+        self.data = data
+        self.store = Store(data)
+        self.conn = outbox.connect(str(self.store.db_path))
+        if delivery is not None:
+            self.store.add_transaction_hook(delivery.hook)
+        else:
+            self.store.add_transaction_hook(outbox.hook)
+        self.session = SlideSession(
+            self.store, Fanout(), default_target=3, models={"models": []},
+            reporter=lambda sl, st, cs, fs, out: write_reports(sl, st, cs, fs, out, data))
+        self.n = 0
+
+    def finalise_slide(self, sample_id: str) -> str:
+        s = self.session
+        if s.state()["counted"]:
+            s.new_slide(sample_id, 3)
+        else:
+            s.set_sample_id(sample_id)
+        cells = [fake_cell((20 + 110 * i, 20, 120 + 110 * i, 120), lab)
+                 for i, lab in enumerate(["neutrophil", "lymphocyte", "neutrophil"])]
+        s.add_field(_rgb(self.n % len(FIELDS)), FieldResult(
+            path="f.jpg", width=640, height=480, cells=cells, quality={"flags": []}))
+        self.n += 1
+        s.finalise()
+        return str(s.slide["id"])
+
+    def close(self) -> None:
+        self.conn.close()
+        self.store.close()
+
+
+def test_finalise_queues_the_slide_in_the_same_transaction(tmp_path: Path) -> None:
+    st = Station(tmp_path / "data")
+    sid = st.finalise_slide("H-1")
+    rows = st.conn.execute("SELECT slide_id, sample_id, report_file FROM lis_outbox").fetchall()
+    assert rows == [(sid, "H-1", f"slides/{sid}/report/report.json")]
+    # A hook that fails rolls the finalise back: never finalised without its LIS row.
+    def boom(conn: sqlite3.Connection, ev: Any) -> None:
+        if ev.kind == "slide" and ev.payload.get("action") == "finalised":
+            raise sqlite3.OperationalError("simulated failure")
+    st.store.add_transaction_hook(boom)
+    with pytest.raises(Exception, match="simulated"):
+        st.finalise_slide("H-2")
+    assert st.store.slide(st.session.slide["id"])["status"] == "open"
+    assert st.conn.execute("SELECT COUNT(*) FROM lis_outbox").fetchone()[0] == 1
+    st.close()
+
+
+# --------------------------------------------------------------------------- delivery
+
+
+def _cfg(tmp_path: Path, **env: str) -> Any:
+    base = {"HOME": str(tmp_path), "EDGE_WBC_LIS_TIMEOUT_S": "0.5", "EDGE_WBC_LIS_RETRY_S": "1"}
+    return load_config(None, env={**base, **{f"EDGE_WBC_LIS_{k.upper()}": v
+                                             for k, v in env.items()}})
+
+
+def _drain(d: LisDelivery, until: Any, timeout: float = 8.0) -> None:
+    t0 = time.monotonic()
+    while not until():
+        assert time.monotonic() - t0 < timeout, d.status()
+        d.run_once()
+        time.sleep(0.05)
+
+
+def _make(tmp_path: Path, **env: str) -> tuple[Station, LisDelivery]:
+    cfg = _cfg(tmp_path, **env)
+    data = tmp_path / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    st = Station.__new__(Station)
+    # The delivery creates its tables before the store takes its hook, as the station does.
+    from edge_wbc.counting.store import DB_NAME
+
+    d = LisDelivery(cfg.lis, data / DB_NAME, data, station_id="haem-3")
+    Station.__init__(st, data, d)
+    return st, d
+
+
+def test_mllp_ack_delivers_once_and_nak_holds_with_reason(tmp_path: Path) -> None:
+    with mllp_peer() as peer:
+        st, d = _make(tmp_path, delivery="mllp", host="127.0.0.1", port=str(peer.port))
+        a = st.finalise_slide(DELIMS)
+        d.run_once()
+        assert peer.acked == [control_id(a)]
+        msg = peer.received[0]
+        assert msg.unescape(str(msg.segment("PID")(3)(1)(1))) == DELIMS
+        assert d.status()["state"] == "ok" and d.status()["waiting"] == 0
+        assert d.status()["last_delivered"]["slide_id"] == a
+
+        for code in ("AE", "AR"):
+            peer.script = [code]
+            sid = st.finalise_slide(f"H-{code}")
+            d.run_once()
+            row = st.conn.execute("SELECT held, last_error FROM lis_outbox WHERE slide_id = ?",
+                                  (sid,)).fetchone()
+            assert row[0] == 1 and f"LIS answered {code}: sample unknown to LIS" in row[1]
+            assert "Application internal error" in row[1]
+        s = d.status()
+        assert s["state"] == "refused" and s["held"] == 2
+        # Held reports are not resent by themselves...
+        n = len(peer.received)
+        d.run_once()
+        assert len(peer.received) == n
+        # ...until released; then each is delivered exactly once.
+        assert outbox.release(st.conn) == 2
+        d.run_once()
+        assert len(peer.acked) == 3 and len(set(peer.acked)) == 3
+        assert d.status()["state"] == "ok" and d.status()["held"] == 0
+        d.stop()
+        st.close()
+
+
+@pytest.mark.parametrize(("mode", "why"), [
+    ("close", "closed the connection before acknowledging"),
+    ("half", "closed the connection before acknowledging"),
+    ("silent", "no ACK"),
+    ("wrong", "not '"),
+])
+def test_mllp_peer_going_away_mid_stream_is_retried(tmp_path: Path, mode: str, why: str
+                                                     ) -> None:
+    with mllp_peer() as peer:
+        st, d = _make(tmp_path, delivery="mllp", host="127.0.0.1", port=str(peer.port))
+        peer.script = [mode]
+        sid = st.finalise_slide("H-1")
+        d.run_once()
+        err, held = st.conn.execute("SELECT last_error, held FROM lis_outbox").fetchone()
+        assert why in err and held == 0
+        assert d.status()["state"] == "unreachable"
+        # The retry (after retry_s) gets an ACK: delivered once, nothing left.
+        _drain(d, lambda: peer.acked)
+        assert peer.acked == [control_id(sid)]
+        assert st.conn.execute("SELECT COUNT(*) FROM lis_outbox").fetchone()[0] == 0
+        d.stop()
+        st.close()
+
+
+def test_lis_down_gets_every_report_once_back_none_twice(tmp_path: Path) -> None:
+    port = free_port()
+    st, d = _make(tmp_path, delivery="mllp", host="127.0.0.1", port=str(port))
+    sids = [st.finalise_slide(f"H-{i}") for i in range(3)]
+    d.run_once()
+    s = d.status()
+    assert s["state"] == "unreachable" and s["waiting"] == 3
+    assert "cannot connect" in s["problems"][0]["error"]
+    peer = MllpPeer(port).start()
+    try:
+        _drain(d, lambda: len(peer.acked) == 3)
+        assert peer.acked == [control_id(x) for x in sids]  # in order, each once
+        # The listener goes away with the next report pending, then returns.
+        peer.stop()
+        later = st.finalise_slide("H-3")
+        d.run_once()
+        assert d.status()["waiting"] == 1
+        peer.start()
+        _drain(d, lambda: len(peer.acked) == 4)
+        assert peer.acked[-1] == control_id(later) and len(set(peer.acked)) == 4
+        d.run_once()
+        assert len(peer.received) == 4
+    finally:
+        d.stop()
+        peer.close()
+        st.close()
+
+
+def test_fhir_server_201_400_500_and_timeout(tmp_path: Path) -> None:
+    peer = FhirPeer()
+    try:
+        st, d = _make(tmp_path, delivery="fhir", fhir_url=peer.url, fhir_token="s3cret")
+        peer.script = [201]
+        st.finalise_slide(DELIMS)
+        d.run_once()
+        assert len(peer.bodies) == 1 and peer.auth == ["Bearer s3cret"]
+        _validate_every_resource(peer.bodies[0])
+        assert d.status()["last_delivered"]["detail"] == "HTTP 201 Bundle/1"
+
+        peer.script = [400]
+        bad = st.finalise_slide("H-400")
+        d.run_once()
+        held, err = st.conn.execute("SELECT held, last_error FROM lis_outbox WHERE slide_id = ?",
+                                    (bad,)).fetchone()
+        assert held == 1 and err == ("FHIR server answered HTTP 400: Observation.code: unknown "
+                                     "code system")
+
+        peer.script = [302]
+        moved = st.finalise_slide("H-302")
+        d.run_once()
+        held, err = st.conn.execute("SELECT held, last_error FROM lis_outbox WHERE slide_id = ?",
+                                    (moved,)).fetchone()
+        assert held == 1 and "HTTP 302" in err and peer.gets == 0
+
+        for mode, why in ((500, "HTTP 500: db down"), ("timeout", "no answer")):
+            peer.script = [mode]
+            sid = st.finalise_slide(f"H-{mode}")
+            d.run_once()
+            held, err = st.conn.execute(
+                "SELECT held, last_error FROM lis_outbox WHERE slide_id = ?", (sid,)).fetchone()
+            assert held == 0 and why in err
+            _drain(d, lambda sid=sid: st.conn.execute(
+                "SELECT COUNT(*) FROM lis_outbox WHERE slide_id = ?", (sid,)).fetchone()[0] == 0)
+        assert len(peer.bodies) == 3
+        assert d.status()["state"] == "refused"
+        d.stop()
+        st.close()
+    finally:
+        peer.close()
+
+
+def test_folder_delivery_writes_one_file_per_slide_atomically(tmp_path: Path) -> None:
+    out = tmp_path / "lis-import"
+    st, d = _make(tmp_path, delivery="folder", folder=str(out), format="hl7")
+    sid = st.finalise_slide(DELIMS)
+    d.run_once()
+    assert "does not exist" in d.status()["problems"][0]["error"]  # not mounted yet: kept
+    out.mkdir()
+    _drain(d, lambda: any(out.iterdir()))
+    files = list(out.iterdir())
+    assert [f.name for f in files] == [f"A_B_C_D_E_F_{sid}.hl7"]  # no temporary left behind
+    with open(files[0], encoding="utf-8", newline="") as f:  # keep HL7's CR separators
+        msg = hl7.parse(f.read())
+    assert msg.unescape(str(msg.segment("OBR")(2))) == DELIMS
+    d.stop()
+    st.close()
+
+    st2, d2 = _make(tmp_path / "f", delivery="folder", folder=str(out), format="fhir")
+    sid2 = st2.finalise_slide("H-9")
+    d2.run_once()
+    _validate_every_resource(json.loads((out / f"H-9_{sid2}.fhir.json").read_text()))
+    d2.stop()
+    st2.close()
+
+
+def test_missing_report_file_is_held_with_the_reason(tmp_path: Path) -> None:
+    with mllp_peer() as peer:
+        st, d = _make(tmp_path, delivery="mllp", host="127.0.0.1", port=str(peer.port))
+        sid = st.finalise_slide("H-1")
+        (tmp_path / "data" / "slides" / sid / "report" / "report.json").unlink()
+        d.run_once()
+        assert peer.received == []
+        s = d.status()
+        assert s["held"] == 1 and "report.json" in s["problems"][0]["error"]
+        d.stop()
+        st.close()
+
+
+def test_config_requires_the_destination_and_keeps_the_token_secret(tmp_path: Path) -> None:
+    from edge_wbc.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"lis\.host"):
+        _cfg(tmp_path, delivery="mllp")
+    with pytest.raises(ConfigError, match="clear text"):
+        _cfg(tmp_path, delivery="fhir", fhir_url="http://fhir.lab.example/fhir",
+             fhir_token="t")
+    p = tmp_path / "c.toml"
+    p.write_text('[lis]\ndelivery = "fhir"\nfhir_url = "https://x/fhir"\nfhir_token = "t"\n'
+                 'sending_application = "A|B"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(p, env={"HOME": str(tmp_path)})
+    text = str(e.value)
+    assert "c.toml:4: lis.fhir_token: secrets are not read from here" in text
+    assert "c.toml:5: lis.sending_application" in text
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "lis-fhir-token").write_text("from-systemd\n")
+    cfg = load_config(None, env={"HOME": str(tmp_path), "CREDENTIALS_DIRECTORY": str(creds),
+                                 "EDGE_WBC_LIS_DELIVERY": "fhir",
+                                 "EDGE_WBC_LIS_FHIR_URL": "https://x/fhir"})
+    assert cfg.lis.fhir_token == "from-systemd"
+    assert "from-systemd" not in repr(cfg) and cfg.to_dict()["lis"]["fhir_token"] == "***"
+
+
+# --------------------------------------------------------------------------- doctor and CLI
+
+
+def test_doctor_and_cli_show_the_outbox(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edge_wbc.cli import app
+    from edge_wbc.cli import doctor as doc
+
+    assert doc.check_lis(_cfg(tmp_path)).status == doc.SKIP
+    port = free_port()
+    st, d = _make(tmp_path, delivery="mllp", host="127.0.0.1", port=str(port))
+    sid = st.finalise_slide("H-1")
+    d.run_once()
+    env = {"HOME": str(tmp_path), "EDGE_WBC_SESSION_DATA_DIR": str(tmp_path / "data"),
+           "EDGE_WBC_LIS_DELIVERY": "mllp", "EDGE_WBC_LIS_HOST": "127.0.0.1",
+           "EDGE_WBC_LIS_PORT": str(port)}
+    cfg = load_config(None, env=env)
+    row = doc.check_lis(cfg, timeout=0.5)
+    assert row.status == doc.WARN and "unreachable" in row.detail
+    assert "1 report(s) waiting" in row.detail
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["lis", "status", "--json"], env=env)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["waiting"] == 1
+    with mllp_peer() as peer:
+        peer.script = ["AR"]
+        d2 = LisDelivery(load_config(None, env={**env, "EDGE_WBC_LIS_PORT": str(peer.port)}).lis,
+                         st.store.db_path, st.data)
+        d2.run_once()
+        r = runner.invoke(app, ["lis", "status"], env=env)
+        assert "REFUSED  sample H-1" in r.output and "LIS answered AR" in r.output
+        row = doc.check_lis(load_config(None, env={**env, "EDGE_WBC_LIS_PORT": str(peer.port)}))
+        assert row.status == doc.WARN and "1 refused by the LIS" in row.detail
+        assert "edge-wbc lis retry" in row.detail
+        r = runner.invoke(app, ["lis", "retry"], env=env)
+        assert "1 report(s) released" in r.output
+        d2.run_once()
+        assert peer.acked == [control_id(sid)]
+        # On demand: a delivered slide sent again, and its report in every format.
+        r = runner.invoke(app, ["lis", "send", "--slide", sid], env=env)
+        assert r.exit_code == 0 and "queued for the LIS" in r.output
+        d2.run_once()
+        assert peer.acked == [control_id(sid)] * 2
+        d2.stop()
+    for fmt in ("hl7", "fhir", "json", "csv", "html"):
+        r = runner.invoke(app, ["report", "--slide", sid, "--format", fmt], env=env)
+        assert r.exit_code == 0, (fmt, r.output)
+        assert r.stdout_bytes
+    r = runner.invoke(app, ["report", "--slide", "nope", "--format", "hl7"], env=env)
+    assert r.exit_code == 1 and "no slide 'nope'" in r.output
+    st.session.new_slide("H-open", 3)
+    r = runner.invoke(app, ["report", "--slide", st.session.slide["id"], "--format", "hl7"],
+                      env=env)
+    assert r.exit_code == 1 and "not finalised" in r.output
+    r = runner.invoke(app, ["report", "--slide", sid, "--format", "pdf"], env=env)
+    assert r.exit_code != 0
+    d.stop()
+    st.close()
+
+
+def test_formula_report_rows_and_raised_flags() -> None:
+    """The report rows and flags as the lab's formula writes them (edge-wbc/report/2): kind,
+    group, classes; flags naming a class or group, with their rule."""
+    rep = _report(differential=[
+        {"label": "neutrophil", "name": "Neutrophils", "group": "neutrophil", "kind": "counted",
+         "classes": ["neutrophil", "band_neutrophil", "segmented_neutrophil"], "count": 88,
+         "percent": 88.0, "ci_low": 79.9, "ci_high": 93.6},
+        {"label": "blast", "name": "Blasts", "group": "abnormal_wbc", "kind": "counted",
+         "classes": ["blast"], "count": 2, "percent": 2.0, "ci_low": 0.2, "ci_high": 7.0},
+        {"label": "lymphocyte", "name": "Lymphocytes", "group": "lymphocyte", "kind": "counted",
+         "classes": ["lymphocyte", "reactive_lymphocyte"], "count": 10, "percent": 10.0,
+         "ci_low": 4.9, "ci_high": 17.6},
+        {"label": "nrbc", "name": "NRBC", "group": "nrbc", "kind": "per_100_wbc",
+         "classes": ["erythroblast"], "count": 3, "percent": 3.0, "ci_low": None,
+         "ci_high": None},
+        {"label": "non_wbc", "name": "Not leukocytes", "group": "non_wbc", "kind": "count_only",
+         "classes": ["platelet", "smudge_cell"], "count": 14, "percent": 14.0, "ci_low": None,
+         "ci_high": None},
+    ], flags=[
+        {"rule": "blast > 0", "name": "blast", "op": ">", "unit": "count", "threshold": 0,
+         "count": 2, "value": 2, "text": "Blasts: 2 (blast > 0)"},
+        {"rule": "smudge_cell > 10 %", "name": "smudge_cell", "op": ">", "unit": "percent",
+         "threshold": 10, "count": 12, "value": 12.0, "text": "Smudge cells: 12.0 % (smudge_cell "
+                                                             "> 10 %)"},
+        {"rule": "band_neutrophil > 5 %", "name": "band_neutrophil", "op": ">",
+         "threshold": 5, "text": "Band neutrophils: 7.0 % (band_neutrophil > 5 %)"},
+        {"rule": "myelocyte > 0", "name": "myelocyte", "op": ">", "threshold": 0,
+         "text": "Myelocytes: 1 (myelocyte > 0)"},
+    ])
+    # As the formula writes them (edge_wbc.counting.formula): the rows a flag covers.
+    rep["flags"].append({"rule": "neutrophil > 80%", "name": "neutrophil", "op": ">",
+                         "threshold": 80, "rows": ["band_neutrophil", "segmented_neutrophil"],
+                         "text": "Neutrophil: 88.0 % (neutrophil > 80%)"})
+    rep["flags"].append({"rule": "blast > 1", "name": "blast", "rows": ["blast"],
+                         "threshold": 1, "text": "Blast: 2 (blast > 1)"})
+    msg = hl7.parse(build_oru(rep))
+    obx = {str(o(3)(1)(1)): o for o in _obx(msg)}
+    assert str(obx["770-8"](8)) == "H"  # band_neutrophil is one of the neutrophil row's classes
+    assert "flag: Blasts: 2 (blast > 0); Blast: 2 (blast > 1)" in str(msg)
+    assert "NTE|3|L|flag: Neutrophil: 88.0 % (neutrophil > 80%)" in str(msg)
+    assert str(obx["blast"](8)) == "H" and str(obx["736-9"](8)) == ""
+    assert str(obx["58413-6"](6)(1)(1)) == "/100{WBCs}"
+    assert str(obx["non_wbc"](5)) == "14" and str(obx["non_wbc"](8)) == "H"
+    text = str(msg)
+    assert "flag: Blasts: 2 (blast > 0)" in text
+    # A flag no row holds still reaches the LIS, as a note on the report.
+    assert "NTE|2|L|flag: Myelocytes: 1 (myelocyte > 0)" in text
+    res = _validate_every_resource(build_bundle(rep))
+    assert "Flag: Myelocytes: 1 (myelocyte > 0)." in res["DiagnosticReport"][0]["conclusion"]
+    nrbc = next(o for o in res["Observation"] if o["code"]["coding"][0]["code"] == "58413-6")
+    assert nrbc["valueQuantity"]["code"] == "/100{WBCs}" and "component" in nrbc
+
+
+def test_doctor_reads_a_station_that_never_ran_with_the_lis_without_changing_it(
+        tmp_path: Path) -> None:
+    from edge_wbc.cli import doctor as doc
+
+    store = Store(tmp_path / "data")
+    store.close()
+    db = tmp_path / "data" / "edge-wbc.sqlite3"
+    before = db.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = load_config(None, env={"HOME": str(tmp_path),
+                                 "EDGE_WBC_SESSION_DATA_DIR": str(tmp_path / "data"),
+                                 "EDGE_WBC_LIS_DELIVERY": "folder",
+                                 "EDGE_WBC_LIS_FOLDER": str(out)})
+    row = doc.check_lis(cfg)
+    assert row.status == doc.OK and "0 report(s) waiting, 0 refused" in row.detail
+    assert db.read_bytes() == before
+    out.rmdir()
+    row = doc.check_lis(cfg)
+    assert row.status == doc.WARN and "does not exist" in row.detail
+
+
+def test_a_transport_bug_keeps_the_report_and_backs_off(tmp_path: Path) -> None:
+    st, d = _make(tmp_path, delivery="folder", folder=str(tmp_path))
+
+    def broken(rep: dict[str, Any]) -> Any:
+        raise RuntimeError("boom")
+
+    d.transport.send = broken  # type: ignore[method-assign]
+    st.finalise_slide("H-1")
+    wait = d.run_once()
+    s = d.status()
+    assert s["waiting"] == 1 and s["state"] == "unreachable"
+    assert s["problems"][0]["error"] == "internal error: RuntimeError: boom"
+    assert 0 < wait <= 1.0  # retry_s = 1: nothing is tried again before then
+    d.stop()
+    st.close()
