@@ -17,6 +17,7 @@ probability of that set.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,17 +74,10 @@ def set_nll(z: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return logsumexp(z, axis=1) - logsumexp(np.where(mask, z, -np.inf), axis=1)
 
 
-def fit_flat(
-    x: np.ndarray,
-    mask: np.ndarray,
-    weight: np.ndarray,
-    w0: np.ndarray,
-    b0: np.ndarray,
-    lam: float,
-    maxiter: int = 400,
-) -> tuple[np.ndarray, np.ndarray]:
-    """argmin mean_i w_i * set_nll + lam * ||W - W0||^2 (bias free), L-BFGS from the prior.
-    Any number of classes (the columns of ``w0``)."""
+def flat_objective(
+    x: np.ndarray, mask: np.ndarray, weight: np.ndarray, w0: np.ndarray, lam: float
+) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
+    """theta = (W ravelled, b) -> (sum_i w_i set_nll_i / sum w + lam ||W - W0||^2, gradient)."""
     d, k = w0.shape
     ws = weight / weight.sum()
 
@@ -99,9 +93,24 @@ def fit_flat(
         q = np.where(mask, np.exp(zm - lsm[:, None]), 0.0)
         g = (p - q) * ws[:, None]
         gw = x.T @ g + 2 * lam * (w - w0)
-        gb = g.sum(0)
-        return loss, np.concatenate([gw.ravel(), gb])
+        return loss, np.concatenate([gw.ravel(), g.sum(0)])
 
+    return f
+
+
+def fit_flat(
+    x: np.ndarray,
+    mask: np.ndarray,
+    weight: np.ndarray,
+    w0: np.ndarray,
+    b0: np.ndarray,
+    lam: float,
+    maxiter: int = 400,
+) -> tuple[np.ndarray, np.ndarray]:
+    """argmin of flat_objective (bias free), L-BFGS from the prior. Any number of classes (the
+    columns of ``w0``)."""
+    d, k = w0.shape
+    f = flat_objective(x, mask, weight, w0, lam)
     theta0 = np.concatenate([w0.ravel(), b0])
     r = minimize(
         f, theta0, jac=True, method="L-BFGS-B", options={"maxiter": maxiter, "maxfun": 2 * maxiter}

@@ -40,10 +40,11 @@ def analyze(paths: list[Path], models: Path, work: Path) -> dict:
     for i, p in enumerate(paths):
         (lst / f"{i:05d}_{p.name}").symlink_to(p.resolve())
     out = work / "analysis.json"
-    cmd = [sys.executable, "-m", "edge_wbc.cli", "analyze", str(lst), "--models", str(models),
-           "--json", str(out), "--cell-diameter", f"{PBC_DIAMETER_PX:g}"]  # fmt: skip
+    cmd = [sys.executable, "-c", "from edge_wbc.cli import app; app()", "analyze", str(lst),
+           "--models", str(models), "--json", str(out),
+           "--cell-diameter", f"{PBC_DIAMETER_PX:g}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-    if proc.returncode not in (0, 1):
+    if proc.returncode not in (0, 1) or not out.is_file():
         sys.exit(f"analyze failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     return json.loads(out.read_text())
 
