@@ -193,6 +193,7 @@ def report(
     pred_u = np.where(named, top, -2)  # -2: unidentified
     out: dict = {
         "n": len(labels),
+        "n_leukocytes": int(leuko.sum()),
         "unidentified_rate": float((~named).mean()) if len(labels) else 0.0,
         "five_part_accuracy_named": (
             float(ok5[leuko & named].mean()) if (leuko & named).any() else 0.0

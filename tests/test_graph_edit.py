@@ -192,3 +192,15 @@ def test_a_head_for_another_classifier_or_tampered_is_refused(tmp_path: Path) ->
     (models / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match="a head reads the embedding"):
         load_manifest(models)
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped classifier in models/")
+def test_shipped_fine_head_reads_the_shipped_classifier() -> None:
+    from edge_wbc import taxonomy
+
+    man = load_manifest(SHIPPED.parent)
+    ce = man.classifier
+    assert ce is not None and ce.head is not None and ce.embedding_dim == 1280
+    head = LinearHead.load(SHIPPED.parent / ce.head.file, ce.sha256)
+    assert head.classes == ce.head.classes == taxonomy.MODEL_CLASSES and head.dim == 1280
+    assert 0.0 < head.confidence_threshold <= (head.other_threshold or 1.0) < 1.0
