@@ -751,7 +751,7 @@ def parse_command(kind: str, raw: bytes) -> Command:
     if kind != "slide":
         raise CommandError(f"unknown command {kind!r}")
     name = data.get("action")
-    if name not in SLIDE_COMMANDS:
+    if not isinstance(name, str) or name not in SLIDE_COMMANDS:
         raise CommandError(f"slide action must be one of {', '.join(SLIDE_COMMANDS)}, "
                            f"got {name!r}")
     action, allowed = SLIDE_COMMANDS[name]

@@ -7,6 +7,7 @@ Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
 
     GET  /                          the page (static/index.html)
     GET  /api/state                 the slide's formula (= MQTT differential) + "station" health
+                                    + "limits" (largest target, longest sample id)
     GET  /api/events                server-sent events: hello (full state), differential, field,
                                     cell, slide, status
     GET  /api/preview.mjpg          live camera view (MJPEG); /api/preview.jpg one frame
@@ -68,9 +69,9 @@ import numpy as np
 from edge_wbc.camera import CameraError, FrameError
 from edge_wbc.config import is_loopback
 from edge_wbc.counting.events import Event
-from edge_wbc.counting.session import SessionError
+from edge_wbc.counting.session import MAX_NAME_CHARS, MAX_NOTE_CHARS, SessionError
 from edge_wbc.counting.store import DiskFullError, StoreError
-from edge_wbc.inputs import InputError, parse_json_object
+from edge_wbc.inputs import MAX_SAMPLE_ID_CHARS, MAX_TARGET, InputError, parse_json_object
 from edge_wbc.station.actions import Actions
 from edge_wbc.station.app import BusyError, Station
 
@@ -90,6 +91,9 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
 # The printed report is one self-contained file: an inline stylesheet and data: thumbnails.
 REPORT_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
               "form-action 'none'; frame-ancestors 'none'")
+# The page's inputs take their bounds from here (edge_wbc.inputs), not from copies in its HTML.
+LIMITS = {"target_max": MAX_TARGET, "sample_id_max_chars": MAX_SAMPLE_ID_CHARS,
+          "name_max_chars": MAX_NAME_CHARS, "comment_max_chars": MAX_NOTE_CHARS}
 SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",  # frame-ancestors for browsers that predate it
     "X-Content-Type-Options": "nosniff",
@@ -497,7 +501,7 @@ class Handler(BaseHTTPRequestHandler):
             healthy = s["worker_alive"]
             self._json(200 if healthy else 503, {"ok": healthy, "camera": s["camera"]})
         elif path == "/api/state":
-            self._json(200, {**session.state(), "station": st.status()})
+            self._json(200, {**session.state(), "station": st.status(), "limits": LIMITS})
         elif path == "/api/events":
             self._sse()
         elif path == "/api/preview.mjpg":
@@ -696,7 +700,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             # A fresh page (or one reconnecting after a restart) starts from the full state.
             st = srv.station
-            first = {**st.session.state(), "station": st.status()}
+            first = {**st.session.state(), "station": st.status(), "limits": LIMITS}
             self._sse_write("hello", json.dumps(first, default=str))
             while not srv.stopping.is_set():
                 try:
