@@ -55,6 +55,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edge_wbc_convert import card  # noqa: E402
 from edge_wbc_convert.casts import CASTS  # noqa: E402
 from edge_wbc_convert.cells import bccd_cells, central_box, raabin_cells  # noqa: E402
 from edge_wbc_convert.data import load_items, read_mask, voc_boxes  # noqa: E402
@@ -526,6 +527,10 @@ def main() -> None:
                "targets": {st: r["targets"] for st, r in report["settings"].items()},
                "costs": c}  # fmt: skip
         args.card.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        readme = args.card.parent / "README.md"
+        if args.card.name == card.ADAPTATION_EVAL and readme.is_file():
+            card.replace_adaptation_section(readme, args.card.parent)
+            print(f"rewrote the adaptation section of {readme}")
 
 
 if __name__ == "__main__":
