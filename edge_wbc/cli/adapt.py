@@ -257,6 +257,11 @@ def shipped_base(analyzer: Any) -> Any:
     ce = analyzer.manifest.classifier
     if ce is None or analyzer.classifier is None:
         raise A.AdaptationError(f"{analyzer.manifest.root}: no classifier to adapt")
+    # A classifier shipped with a head file on its embedding (the fine classes) is adapted from
+    # that head; otherwise from the int8 graph's own last layer.
+    head = getattr(analyzer.classifier, "head", None)
+    if isinstance(head, A.LinearHead):
+        return A.base_head_from_linear(head)
     return A.shipped_head(
         analyzer.manifest.path(ce),
         ce.classes,

@@ -41,8 +41,10 @@ ROW_KEYS = ("label", "name", "group", "kind", "classes", "count", "percent", "ci
 LOW_CONFIDENCE = 0.7
 #: The printed report holds one to two A4 pages: at most this many thumbnails and changes are
 #: printed (every cell is in cells.csv and report.json).
-MAX_THUMBNAILS = 24
-MAX_PRINTED_CHANGES = 30
+MAX_THUMBNAILS = 16
+MAX_PRINTED_CHANGES = 16
+#: A thumbnail's caption is cut to this many characters on paper.
+MAX_CAPTION = 60
 FORMATS = ("json", "csv", "cells_csv", "html")
 CI_NAMES = {
     "clopper-pearson": "Clopper–Pearson (exact binomial, as in Rümke's table)",
@@ -449,9 +451,12 @@ def render_html(rep: dict[str, Any], cells: list[ReportCell], data_dir: Path) ->
         src = _thumb(by_id[f["cell_id"]], data_dir) if f["cell_id"] in by_id else ""
         img = (f"<img src='{src}' alt='{e(f['cell_id'])}'>" if src
                else f"<div class=noimg>{'by hand' if f.get('manual') else 'no image'}</div>")
+        why = "; ".join(r for r in f["reasons"] if not r.startswith("comment:"))
+        if len(why) > MAX_CAPTION:
+            why = why[: MAX_CAPTION - 1] + "…"
         figs.append(
-            f"<figure>{img}<figcaption><b>{e(f['counted_as'] or 'not counted')}</b><br>"
-            f"{e('; '.join(f['reasons']))}</figcaption></figure>"
+            f"<figure>{img}<figcaption><b>{e(f['counted_as'] or 'not counted')}</b>"
+            f"{' ✎' if f.get('comment') else ''}<br>{e(why)}</figcaption></figure>"
         )
     if len(shown) > MAX_THUMBNAILS:
         figs.append(f"<p>… and {len(shown) - MAX_THUMBNAILS} more (cells.csv)</p>")

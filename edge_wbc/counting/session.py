@@ -61,7 +61,9 @@ STATUS_MANUAL = "manual"
 DISCARD_REASONS = ("duplicate", "bad_area", "unusable")
 #: Reject reason only a manually added cell takes: the key was pressed by mistake.
 ADDED_IN_ERROR = "added_in_error"
+#: Longest comment (slide or cell) and longest name (who counted, who signed off).
 MAX_NOTE_CHARS = 2000
+MAX_NAME_CHARS = 120
 #: A slide started without a sample ID gets a placeholder starting so.
 UNNAMED = "unnamed-"
 #: Side of the stored cell thumbnail (px). Larger than the classifier's input so the technician
@@ -911,7 +913,7 @@ def _check_note(name: str, value: Any) -> str:
         else hidden_char(text)
     if bad is not None:
         raise SessionError(f"{name} must not contain {bad}")
-    limit = MAX_NOTE_CHARS if name == "comment" else 120
+    limit = MAX_NOTE_CHARS if name == "comment" else MAX_NAME_CHARS
     if len(text) > limit:
         raise SessionError(f"{name} must be at most {limit} characters, got {len(text)}")
     return text

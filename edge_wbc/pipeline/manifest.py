@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_wbc import taxonomy
 from edge_wbc.pipeline.preprocess import COLOR_ORDER, CROP_SCALE, PREPROCESS_VERSION
 from edge_wbc.pipeline.results import CLASSES, OTHER
 
@@ -28,6 +29,16 @@ VIEW_COUNTS = (1, 2, 4, 8)
 
 class ManifestError(Exception):
     """The models folder cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class HeadRef:
+    """A classifier's head on its embedding (edge_wbc.pipeline.heads): when present, the cell's
+    classes and calibration are the head's, not output 0's."""
+
+    file: str  # the head's JSON in the models folder (its .npz sits next to it)
+    sha256: str  # of the JSON, which records the .npz's sha256 in turn
+    classes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,8 @@ class ModelEntry:
     #: classifier only: length of output 1, the pooled features in front of the class head
     #: (manifest "embedding"); None when the model emits only its classes.
     embedding_dim: int | None = None
+    #: classifier only: the head on the embedding that names the cells (None: output 0 does).
+    head: HeadRef | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -265,6 +278,29 @@ def _entry(d: Any, i: int) -> ModelEntry:
                 f"{where}.embedding: expected a classifier's output 1 shaped [1, D], got {emb!r}"
             )
         embedding_dim = int(eshape[1])
+    head = None
+    if d.get("head") is not None:
+        h = d["head"]
+        hwhere = f"{where}.head"
+        if embedding_dim is None:
+            raise ManifestError(f"{hwhere}: a head reads the embedding; declare 'embedding'")
+        h = _obj(h, hwhere)
+        hfile = _file_name(_require(h, "file", hwhere), f"{hwhere}.file")
+        hsha = _sha(_require(h, "sha256", hwhere), f"{hwhere}.sha256")
+        hcls = _require(h, "classes", hwhere)
+        if (
+            not isinstance(hcls, list)
+            or len(hcls) < 2
+            or not all(isinstance(c, str) and c for c in hcls)
+            or len(set(hcls)) != len(hcls)
+        ):
+            raise ManifestError(
+                f"{hwhere}.classes: expected distinct class names, got {hcls!r:.80}"
+            )
+        unknown = [c for c in hcls if c not in taxonomy.GROUP_OF]
+        if unknown:
+            raise ManifestError(f"{hwhere}.classes: {unknown} are not classes of edge_wbc.taxonomy")
+        head = HeadRef(hfile, hsha, tuple(hcls))
     cal = _obj(d.get("calibration", {}), f"{where}.calibration")
     views = d.get("views", 1)
     if isinstance(views, bool) or views not in VIEW_COUNTS:
@@ -326,6 +362,7 @@ def _entry(d: Any, i: int) -> ModelEntry:
         views=int(views),
         crop_scale=crop_scale,
         embedding_dim=embedding_dim,
+        head=head,
         raw=d,
     )  # fmt: skip
 
@@ -396,6 +433,15 @@ def verify_files(man: Manifest) -> None:
                 f"model file {p} does not match the manifest (sha256 {digest[:12]}…, expected "
                 f"{e.sha256[:12]}…): refusing to run a model that is not the one shipped"
             )
+        if e.head is not None:
+            hp = man.root / e.head.file
+            if not hp.is_file():
+                raise ManifestError(f"head file {hp} listed in the manifest is missing")
+            if sha256_file(hp) != e.head.sha256:
+                raise ManifestError(
+                    f"head file {hp} does not match the manifest: refusing a head that is not "
+                    "the one shipped"
+                )
 
 
 def write_manifest(models_dir: str | Path, raw: dict[str, Any]) -> Path:

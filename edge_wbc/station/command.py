@@ -163,7 +163,9 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
         liveness=live,
         info={"accelerator": analyzer.accelerator, "station_id": cfg.mqtt.station_id,
               "models": [m["name"] for m in models.get("models", [])],
-              "data_dir": str(store.data_dir)},
+              "data_dir": str(store.data_dir),
+              # The page offers "Adapt to this lab" only where the classifier can be adapted.
+              "adaptable": lab_adaptation is not None},
     )
     actions = Actions(st)
     extra: dict[str, Any] = {}

@@ -69,7 +69,7 @@ import numpy as np
 from edge_wbc.camera import CameraError, FrameError
 from edge_wbc.config import is_loopback
 from edge_wbc.counting.events import Event
-from edge_wbc.counting.session import SessionError
+from edge_wbc.counting.session import MAX_NAME_CHARS, MAX_NOTE_CHARS, SessionError
 from edge_wbc.counting.store import DiskFullError, StoreError
 from edge_wbc.inputs import MAX_SAMPLE_ID_CHARS, MAX_TARGET, InputError, parse_json_object
 from edge_wbc.station.actions import Actions
@@ -92,7 +92,8 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
 REPORT_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
               "form-action 'none'; frame-ancestors 'none'")
 # The page's inputs take their bounds from here (edge_wbc.inputs), not from copies in its HTML.
-LIMITS = {"target_max": MAX_TARGET, "sample_id_max_chars": MAX_SAMPLE_ID_CHARS}
+LIMITS = {"target_max": MAX_TARGET, "sample_id_max_chars": MAX_SAMPLE_ID_CHARS,
+          "name_max_chars": MAX_NAME_CHARS, "comment_max_chars": MAX_NOTE_CHARS}
 SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",  # frame-ancestors for browsers that predate it
     "X-Content-Type-Options": "nosniff",
