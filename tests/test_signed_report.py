@@ -250,7 +250,7 @@ def analyzer():
 
 
 def test_adapt_to_this_lab_fit_activate_rollback(tmp_path: Path, analyzer) -> None:
-    from edge_wbc.cli.adapt import shipped_base
+    from edge_wbc.pipeline.adaptation import shipped_base
     from edge_wbc.station.adaptations import AdaptationRefused, LabAdaptation
 
     s = _session(tmp_path / "data")

@@ -766,3 +766,55 @@ def load_adaptation(path: Path, base_sha256: str) -> Adaptation:
     except HeadError as e:
         raise AdaptationError(str(e)) from None
     return Adaptation(id=ident, path=path, created=created, head=head, sha256=_sha256(raw), doc=doc)
+
+
+# ------------------------------------------------------------------ lab cells
+
+
+@dataclass
+class LabCells:
+    """Labelled cells with the base classifier's embedding of each."""
+
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    #: where each cell came from (its file, or its field in a store): cells of one field share
+    #: a fold in validation.
+    keys: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def shipped_base(analyzer: Any) -> Any:
+    """The shipped classifier's own head (a lab head is always fitted from, and validated
+    against, the model as shipped). Raises AdaptationError."""
+    ce = analyzer.manifest.classifier
+    if ce is None or analyzer.classifier is None:
+        raise AdaptationError(f"{analyzer.manifest.root}: no classifier to adapt")
+    # A classifier shipped with a head file on its embedding (the fine classes) is adapted from
+    # that head; otherwise from the int8 graph's own last layer.
+    head = getattr(analyzer.classifier, "head", None)
+    if isinstance(head, LinearHead):
+        return base_head_from_linear(head)
+    return shipped_head(
+        analyzer.manifest.path(ce),
+        ce.classes,
+        ce.temperature,
+        ce.confidence_threshold,
+        ce.other_threshold,
+        ce.sha256,
+        analyzer.runtime.interpreter_cls,
+    )
+
+
+def cells_from_rows(rows: list[Any], base_sha256: str) -> LabCells:
+    """A store's reviewed cells (``Store.reviewed_cells``) as labelled embeddings; cells seen by
+    another classifier, or stored without an embedding, are skipped and listed."""
+    lab = LabCells()
+    for r in rows:
+        if r.embedding is None or r.embedding_model != base_sha256:
+            why = "no embedding stored" if r.embedding is None else "seen by another classifier"
+            lab.skipped.append(f"cell {r.cell_id}: {why}")
+            continue
+        lab.embeddings.append(r.embedding)
+        lab.labels.append(r.label)
+        lab.keys.append(r.field_id)
+    return lab

@@ -107,7 +107,7 @@ class LabAdaptation:
     def fit(self) -> dict[str, Any]:
         """Fit on every reviewed cell of this station, validate on held-out cells, and write
         the version when it is better (not active yet: ``activate`` does that)."""
-        from edge_wbc.cli.adapt import cells_from_rows, shipped_base
+        from edge_wbc.pipeline.adaptation import cells_from_rows, shipped_base
 
         if not self._lock.acquire(blocking=False):
             raise AdaptationRefused("a fit is already running")

@@ -364,7 +364,7 @@ def test_adapt_to_this_lab(tmp_path: Path) -> None:
     _require_browser()
     from test_signed_report import _lab_cells
 
-    from edge_wbc.cli.adapt import shipped_base
+    from edge_wbc.pipeline.adaptation import shipped_base
     from edge_wbc.pipeline.analysis import FieldAnalyzer
     from edge_wbc.station.adaptations import LabAdaptation
 
