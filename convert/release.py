@@ -21,7 +21,7 @@ from edge_wbc_convert.evaluate import (
 from edge_wbc_convert.sources import CLS_DATA_NOTES, DATA_CARDS
 
 from edge_wbc.pipeline import preprocess as pp
-from edge_wbc.pipeline.manifest import sha256_file, write_manifest
+from edge_wbc.pipeline.manifest import label_binding, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,10 @@ def build_manifest(
                 "date": now,
             }
         )
+    for m in models:
+        # Ties each file to its class list and output meaning: an edit of either after this
+        # point is refused by the device's loader.
+        m["label_binding"] = label_binding(m)
     raw = {
         "created": now,
         "ensemble": {

@@ -361,6 +361,23 @@ class LisConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    require_sample_id: bool = _f(
+        True, "Refuse to finalise a slide that has no sample ID (started without one and never "
+        "given one).",
+    )
+    require_operator: bool = _f(
+        False, "Refuse to finalise a slide until a name or ID of who counted or who signs off "
+        "is entered (at the start of the slide or at finalise).",
+    )
+    timezone: str = _f(
+        "", "Time zone of the times in reports (IANA name, e.g. 'Europe/Berlin'); unset: the "
+        "station's own local time zone. Times carry their UTC offset either way.",
+        check="timezone",
+    )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = _f(
         "INFO", "Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL.", choices=LOG_LEVELS
@@ -376,6 +393,7 @@ SECTIONS: dict[str, type] = {
     "mqtt": MqttConfig,
     "formula": FormulaConfig,
     "lis": LisConfig,
+    "report": ReportConfig,
     "logging": LoggingConfig,
 }
 
@@ -390,6 +408,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     formula: FormulaConfig = field(default_factory=FormulaConfig)
     lis: LisConfig = field(default_factory=LisConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: The file this came from (None: defaults and environment only).
     path: Path | None = field(default=None, compare=False)
@@ -854,6 +873,14 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
     if check == "hl7" and re.search(r"[|^~\\&\r\n]", value):
         return False, None, (f"{value!r} must not contain the HL7 delimiters | ^ ~ \\ & "
                              "(it goes into one MSH field)")
+    if check == "timezone" and value:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            return False, None, (f"{value!r} is not a time zone this system knows (an IANA "
+                                 "name such as 'Europe/Berlin'; unset: the station's own)")
     if check == "topic" and value and (re.search(r"[#+/\s\x00]", value)):
         return False, None, (f"{value!r} must not contain '/', '+', '#' or spaces "
                              "(it is a topic level)")

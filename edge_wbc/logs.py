@@ -123,17 +123,33 @@ def under_journal(stream: IO[str] | None = None, env: Mapping[str, str] | None =
         return True
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when the record is emitted (as ``logging.lastResort``
+    does), so a stderr replaced later (a test runner's capture, a redirection) that has since
+    been closed never turns a log line into "--- Logging error ---" on somebody else's output."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass
+
+
 def setup_logging(
     level: str | int = "INFO",
     stream: IO[str] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> logging.Handler:
     """Configure the root logger once (idempotent: replaces our own handler)."""
-    stream = sys.stderr if stream is None else stream
     lvl = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     if not isinstance(lvl, int):
         lvl = logging.INFO
-    handler = logging.StreamHandler(stream)
+    handler: logging.Handler = _CurrentStderr() if stream is None else logging.StreamHandler(stream)
     handler.set_name("edge-wbc")
     handler.setFormatter(_Formatter(journal=under_journal(stream, env), debug=lvl <= logging.DEBUG))
     root = logging.getLogger()

@@ -37,3 +37,10 @@ export EDGE_WBC_REQUIRE_BROWSER=1
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 # An installed wheel (not the checkout) must analyse on its own: models and samples packaged.
 [ "$#" -gt 0 ] || bash scripts/check-wheel.sh .venv/bin/python
+# The Pi's architecture: the wheel in an arm64 bookworm root under qemu (needs root; the root is
+# kept in /var/tmp between runs). EDGE_WBC_SKIP_ARM64=1 skips it on a machine without root.
+if [ "$#" -eq 0 ] && [ "${EDGE_WBC_SKIP_ARM64:-0}" != 1 ]; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo env PYTHON="$PWD/.venv/bin/python" bash scripts/check-arm64.sh --fields 6
+fi

@@ -323,3 +323,219 @@ def test_a_large_frame_is_analysed_reduced_in_the_files_pixels(
     counted = [c for c in small["cells"] if c["label"] != "other"]
     assert int((m == 255).sum()) == sum(c["area_px"] for c in counted)
     assert cv2.imread(str(tmp_path / "ov" / "two.jpg")).shape[:2] == (273, 365)
+
+
+def _rebind(m: dict) -> None:
+    from edge_wbc.pipeline.manifest import label_binding
+
+    m["label_binding"] = label_binding(m)
+
+
+def _seg(raw: dict) -> dict:
+    return raw["models"][0]
+
+
+def _cls(raw: dict) -> dict:
+    return raw["models"][2]
+
+
+def _swap_classes(raw: dict) -> None:
+    c = _cls(raw)["classes"]
+    c[0], c[3] = c[3], c[0]  # neutrophil <-> lymphocyte, binding left as released
+
+
+def _drop_other(raw: dict) -> None:
+    _cls(raw)["classes"].remove("other")  # released with a list one short of the outputs
+    _rebind(_cls(raw))
+
+
+def _unknown_class(raw: dict) -> None:
+    _cls(raw)["classes"][5] = "blast"
+    _rebind(_cls(raw))
+
+
+def _twice(raw: dict) -> None:
+    _cls(raw)["classes"][5] = "monocyte"
+    _rebind(_cls(raw))
+
+
+def _output_type(raw: dict) -> None:
+    _cls(raw)["output"] = {"type": "odds"}
+    _rebind(_cls(raw))
+
+
+def _set(path: str, value: object):  # type: ignore[no-untyped-def]
+    def edit(raw: dict) -> None:
+        *head, last = path.split(".")
+        d: object = raw
+        for k in head:
+            d = d[int(k)] if isinstance(d, list) else d.setdefault(k, {})  # type: ignore[index,union-attr]
+        d[int(last) if isinstance(d, list) else last] = value  # type: ignore[index]
+
+    return edit
+
+
+def _all_weights_zero(raw: dict) -> None:
+    for m in raw["models"][:2]:
+        m["ensemble_weight"] = 0
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_swap_classes, "models[2].label_binding: the classes, output or embedding of 'cls-col"),
+        (_set("ensemble.threshold", 5.0), "ensemble.threshold: 5.0 is not in (0, 1]"),
+        (_set("models.2.calibration.confidence_threshold", 5.0),
+         "models[2].calibration.confidence_threshold: 5.0 is not in [0, 1]"),
+        (_set("models.2.calibration.other_threshold", -0.1),
+         "models[2].calibration.other_threshold: -0.1 is not in [0, 1]"),
+        (_set("models.2.calibration.temperature", 0), "models[2].calibration.temperature: 0"),
+        (_drop_other, "classifier has 6 outputs but the manifest lists 5 classes"),
+        (_unknown_class, "models[2].classes: ['blast'] unknown"),
+        (_twice, "models[2].classes: ['monocyte'] listed twice"),
+        (_output_type, "models[2].output.type: 'odds'"),
+        (_set("models", {"a": 1}), "models: expected a list of models, got dict"),
+        (_set("models.1", ["seg_dark.tflite"]), "models[1]: expected an object, got list"),
+        (_set("models.0.ensemble_weight", "0.5"),
+         "models[0].ensemble_weight: expected a number, got str"),
+        (_set("models.0.ensemble_weight", True), "models[0].ensemble_weight: expected a number"),
+        (_set("models.0.ensemble_weight", float("nan")),
+         "models[0].ensemble_weight: nan is not a finite number"),
+        (_set("models.0.ensemble_weight", float("inf")), "models[0].ensemble_weight: inf"),
+        (_all_weights_zero, "the segmenters' weights sum to 0"),
+        (_set("models.0.input.shape", ["1", "96", "128", "3"]),
+         "models[0].input.shape[0]: expected an integer, got str"),
+        (_set("models.0.file", "../models/seg_dark.tflite"), "models[0].file: '../models/"),
+        (_set("models.0.sha256", "abc"), "models[0].sha256: expected a sha256"),
+        (_set("models.0.label_binding", None), "models[0].label_binding: missing"),
+        (_set("models.2.views", True), "models[2]: views True is not one of 1, 2, 4, 8"),
+        (_set("models.2.calibration", [1.0, 0.4]), "models[2].calibration: expected an object"),
+        (_set("models.2.preprocessing.crop_scale", 0.1),
+         "models[2].preprocessing.crop_scale: 0.1 is not in [1, 4]"),
+        (_set("ensemble", "0.5"), "ensemble: expected an object, got str"),
+    ],
+)
+def test_bad_manifest_values_exit_2_naming_the_key(
+    app: typer.Typer, tmp_path: Path, edit: object, message: str
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(FIXTURE_MODELS, models)
+    raw = json.loads((models / "manifest.json").read_text())
+    edit(raw)  # type: ignore[operator]
+    (models / "manifest.json").write_text(json.dumps(raw))
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[models]\ndir = "{models}"\n')
+    r = CliRunner().invoke(app, ["analyze", str(FIELDS / "BloodImage_00007.jpg"), "--config",
+                                 str(cfg)])  # fmt: skip
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr
+    assert "Traceback" not in r.output and isinstance(r.exception, (SystemExit, type(None)))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2]", "the manifest: expected an object, got list"),
+        ("[" * 30000 + "]" * 30000, "nested too deeply"),
+        ('{"schema": "edge-wbc/manifest/1", "models": [], "x": NaN}', "no segmentation model"),
+    ],
+)
+def test_manifest_that_is_not_an_object(
+    app: typer.Typer, tmp_path: Path, text: str, message: str
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(FIXTURE_MODELS, models)
+    (models / "manifest.json").write_text(text)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[models]\ndir = "{models}"\n')
+    r = CliRunner().invoke(app, ["analyze", str(FIELDS / "BloodImage_00007.jpg"), "--config",
+                                 str(cfg)])  # fmt: skip
+    assert r.exit_code == 2 and message in r.stderr, r.output
+
+
+def test_shipped_manifests_are_bound() -> None:
+    from edge_wbc.pipeline.manifest import label_binding, load_manifest
+
+    for folder in (FIXTURE_MODELS, TESTS.parent / "models"):
+        man = load_manifest(folder, verify=True)
+        for e in man.models:
+            assert e.raw["label_binding"] == label_binding(e.raw)
+
+
+def test_paths_that_cannot_be_looked_at_are_each_their_own_error(
+    app: typer.Typer, batch: Path, config: Path, tmp_path: Path
+) -> None:
+    # As a user without permission sees them (tests run as root, so EACCES is simulated): a
+    # file inside a folder it may not search, a folder it may not list.
+    import os
+
+    hidden = tmp_path / "private" / "f.jpg"
+    hidden.parent.mkdir()
+    shutil.copy(FIELDS / "BloodImage_00007.jpg", hidden)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    shutil.copy(FIELDS / "BloodImage_00007.jpg", locked / "g.jpg")
+    denied = PermissionError(13, "Permission denied")
+    real = {"lstat": os.lstat, "open": os.open, "is_dir": Path.is_dir, "iterdir": Path.iterdir}
+
+    def lstat(p: object, *a: object, **k: object) -> os.stat_result:
+        if str(p) == str(hidden):
+            raise denied
+        return real["lstat"](p, *a, **k)  # type: ignore[operator,no-any-return]
+
+    def os_open(p: object, *a: object, **k: object) -> int:
+        if str(p) in (str(hidden), str(locked)):
+            raise denied
+        return real["open"](p, *a, **k)  # type: ignore[operator,no-any-return]
+
+    def is_dir(self: Path) -> bool:
+        if str(self) == str(hidden):
+            raise denied
+        return real["is_dir"](self)  # type: ignore[operator,no-any-return]
+
+    def iterdir(self: Path):  # type: ignore[no-untyped-def]
+        if str(self) == str(locked):
+            raise denied
+        return real["iterdir"](self)  # type: ignore[operator]
+
+    out = tmp_path / "out.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "lstat", lstat)
+        mp.setattr(os, "open", os_open)
+        mp.setattr(Path, "is_dir", is_dir)
+        mp.setattr(Path, "iterdir", iterdir)
+        code, stdout, _ = _run(
+            app, str(hidden), str(locked), str(batch / "two.jpg"),
+            "--config", str(config), "--json", str(out),
+        )  # fmt: skip
+    assert code == 1, stdout
+    by_name = {Path(i["path"]).name: i for i in json.loads(out.read_text())["images"]}
+    assert by_name["f.jpg"]["error"] == "cannot read file: Permission denied"
+    assert by_name["locked"]["error"] == "cannot read folder: Permission denied"
+    assert by_name["two.jpg"]["error"] is None and len(by_name["two.jpg"]["cells"]) == 2
+
+
+def test_cell_diameter_auto_measures_the_fields(
+    app: typer.Typer, config: Path, tmp_path: Path
+) -> None:
+    """--cell-diameter auto reads the magnification off the fields' red cells: BCCD fields at
+    their own size give about the default 170 px; the same fields at half size about half."""
+    full, half = tmp_path / "full", tmp_path / "half"
+    full.mkdir()
+    half.mkdir()
+    for p in sorted(FIELDS.glob("BloodImage_*.jpg"))[:4]:
+        img = cv2.imread(str(p))
+        cv2.imwrite(str(full / p.name), img)
+        cv2.imwrite(str(half / p.name), cv2.resize(img, None, fx=0.5, fy=0.5,
+                                                   interpolation=cv2.INTER_AREA))
+    sizes = {}
+    for name, d in (("full", full), ("half", half)):
+        code, out, err = _run(app, str(d), "--config", str(config), "--cell-diameter", "auto",
+                              "--json", "-")
+        assert code == 0, err
+        assert "Accept it with --cell-diameter" in err
+        sizes[name] = json.loads(out)["models"]["cell_diameter_px"]
+    assert 130 <= sizes["full"] <= 210
+    assert sizes["half"] == pytest.approx(sizes["full"] / 2, rel=0.15)
+    code, _, err = _run(app, str(full), "--config", str(config), "--cell-diameter", "big")
+    assert code == 2 and "number of pixels or 'auto'" in err

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from edge_wbc.cli import app, doctor
 from edge_wbc.config import load_config
+from edge_wbc.pipeline.manifest import label_binding
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -42,6 +43,8 @@ def _manifest(models: Path, files: dict[str, bytes], tamper: str | None = None) 
             **({} if seg else {"classes": ["neutrophil", "eosinophil", "basophil",
                                            "lymphocyte", "monocyte"]}),
         })
+    for e in entries:
+        e["label_binding"] = label_binding(e)
     (models / "manifest.json").write_text(json.dumps(
         {"schema": "edge-wbc/manifest/1", "models": entries, "ensemble": {"threshold": 0.5}}))
 

@@ -17,9 +17,10 @@ from edge_wbc_convert.graph_edit import (
 
 from edge_wbc.pipeline.analysis import FieldAnalyzer
 from edge_wbc.pipeline.classify import CellClassifier
+from edge_wbc.pipeline.heads import LinearHead
 from edge_wbc.pipeline.imageio import read_image
 from edge_wbc.pipeline.inference import TFLiteModel
-from edge_wbc.pipeline.manifest import ManifestError, load_manifest, sha256_file
+from edge_wbc.pipeline.manifest import ManifestError, label_binding, load_manifest, sha256_file
 
 TESTS = Path(__file__).parent
 FIXTURE_MODELS = TESTS / "fixtures" / "models"
@@ -75,6 +76,7 @@ def _models_with_embedding(tmp_path: Path, declare: object) -> Path:
     cls["sha256"] = sha256_file(tmp_path / "cls_colour.tflite")
     if declare is not None:
         cls["embedding"] = declare
+    cls["label_binding"] = label_binding(cls)  # a release of the edited model
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     return tmp_path
 
@@ -111,6 +113,7 @@ def test_manifest_and_model_must_agree_on_the_embedding(tmp_path: Path) -> None:
     raw = json.loads((models / "manifest.json").read_text())
     cls = next(m for m in raw["models"] if m["task"] == "classification")
     cls["embedding"] = {"shape": [2, 3]}
+    cls["label_binding"] = label_binding(cls)
     (models / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match=r"models\[2\]\.embedding"):
         load_manifest(models)
@@ -118,6 +121,86 @@ def test_manifest_and_model_must_agree_on_the_embedding(tmp_path: Path) -> None:
     shutil.copy(FIXTURE_MODELS / "cls_colour.tflite", models / "cls_colour.tflite")
     cls["embedding"] = {"output_index": 1, "shape": [1, 3]}
     cls["sha256"] = sha256_file(models / "cls_colour.tflite")
+    cls["label_binding"] = label_binding(cls)
     (models / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match="3-d embedding output, the model has none"):
         FieldAnalyzer(models, threads=1)
+
+
+FINE = (
+    "band_neutrophil", "segmented_neutrophil", "eosinophil", "basophil", "lymphocyte",
+    "monocyte", "immature_granulocyte", "erythroblast", "platelet", "other",
+)  # fmt: skip
+
+
+def _with_head(models: Path, base_sha256: str) -> LinearHead:
+    """A head on cls_colour's 3-d embedding (mean colour): red -> band, green -> erythroblast."""
+    w = np.zeros((3, len(FINE)))
+    w[0, 0] = 40.0
+    w[1, 7] = 40.0
+    head = LinearHead(FINE, w, np.zeros(len(FINE)), base_sha256, 1.0, 0.5, 0.9)
+    jp = head.save(models / "classifier_fine.json")
+    raw = json.loads((models / "manifest.json").read_text())
+    cls = next(m for m in raw["models"] if m["task"] == "classification")
+    cls["head"] = {"file": jp.name, "sha256": sha256_file(jp), "classes": list(FINE)}
+    (models / "manifest.json").write_text(json.dumps(raw))
+    return head
+
+
+def test_a_head_in_the_manifest_names_the_cells(tmp_path: Path) -> None:
+    models = _models_with_embedding(tmp_path, {"output_index": 1, "shape": [1, 3]})
+    base = sha256_file(models / "cls_colour.tflite")
+    head = _with_head(models, base)
+    a = FieldAnalyzer(models, threads=1)
+    assert a.classifier.head is not None and a.classifier.labels == FINE
+    res = a.analyze(read_image(TESTS / "fixtures" / "fields" / "BloodImage_00249.jpg"), "f")
+    assert res.cells
+    for c in res.cells:
+        assert set(c.probs) == set(FINE)
+        want = head.probs(c.embedding)
+        np.testing.assert_allclose([c.probs[k] for k in FINE], want, rtol=1e-5)
+    # The same crop by hand: the head on the mean of the views' embeddings.
+    crop = res.cells[0].crop
+    views = [a.classifier.model.infer_pixels(np.ascontiguousarray(np.rot90(crop, k)))[1][0]
+             for k in range(a.classifier.views)]  # fmt: skip
+    p = a.classifier.classify(crop)
+    np.testing.assert_allclose(p.embedding, np.mean(views, 0), rtol=1e-6)
+
+
+def test_a_head_for_another_classifier_or_tampered_is_refused(tmp_path: Path) -> None:
+    models = _models_with_embedding(tmp_path, {"output_index": 1, "shape": [1, 3]})
+    _with_head(models, "0" * 64)
+    with pytest.raises(ManifestError, match="fitted on the classifier with sha256 000000"):
+        FieldAnalyzer(models, threads=1)
+    _with_head(models, sha256_file(models / "cls_colour.tflite"))
+    raw = json.loads((models / "manifest.json").read_text())
+    cls = next(m for m in raw["models"] if m["task"] == "classification")
+    cls["head"]["classes"] = [*FINE[1:], FINE[0]]
+    (models / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"classifier_fine\.json: classes"):
+        FieldAnalyzer(models, threads=1)
+    cls["head"]["classes"] = list(FINE)
+    (models / "manifest.json").write_text(json.dumps(raw))
+    (models / "classifier_fine.json").write_text(
+        (models / "classifier_fine.json")
+        .read_text()
+        .replace('"temperature": 1.0', '"temperature": 2.0')
+    )
+    with pytest.raises(ManifestError, match=r"head file .* does not match the manifest"):
+        load_manifest(models)
+    del cls["embedding"]
+    (models / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match="a head reads the embedding"):
+        load_manifest(models)
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped classifier in models/")
+def test_shipped_fine_head_reads_the_shipped_classifier() -> None:
+    from edge_wbc import taxonomy
+
+    man = load_manifest(SHIPPED.parent)
+    ce = man.classifier
+    assert ce is not None and ce.head is not None and ce.embedding_dim == 1280
+    head = LinearHead.load(SHIPPED.parent / ce.head.file, ce.sha256)
+    assert head.classes == ce.head.classes == taxonomy.MODEL_CLASSES and head.dim == 1280
+    assert 0.0 < head.confidence_threshold <= (head.other_threshold or 1.0) < 1.0

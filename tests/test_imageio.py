@@ -395,3 +395,41 @@ def test_too_many_decoded_bytes_refused_before_decoding() -> None:
     data = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IEND", b"")
     with pytest.raises(ImageError, match=r"4 channel\(s\) of 16 bit.*114 MB"):
         decode_image(data)
+
+
+def test_station_answers_422_and_counts_nothing_for_bad_files(tmp_path: Path) -> None:
+    import http.client
+    import json
+
+    from station_fakes import RunningStation
+
+    d = tmp_path / "fields"
+    d.mkdir()
+    (d / "00.jpg").write_bytes(_cut_with_end_marker(FIELD_JPEG.read_bytes()))
+    (d / "01.tif").write_bytes(b"II*\x00\x08")
+    (d / "02.png").write_bytes(cv2.imencode(".png", np.full((2, 2, 3), 9, np.uint8))[1].tobytes())
+    (d / "03.tif").write_bytes(_strip_tiff(override={279: (4, 1, 0)}))
+    (d / "04.jpg").write_bytes(FIELD_JPEG.read_bytes())
+    rs = RunningStation(tmp_path / "data", f"folder:{d}", target=10)
+
+    def post(path: str) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", rs.server.port, timeout=10)
+        conn.request("POST", path, body=b"{}", headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        body = json.loads(r.read() or b"{}")
+        conn.close()
+        return r.status, body
+
+    try:
+        reasons = []
+        for _ in range(4):
+            status, body = post("/api/capture")
+            assert status == 422, body  # refused, never a 500
+            reasons.append(json.dumps(body))
+        assert "Corrupt JPEG data" in reasons[0] and "truncated TIFF" in reasons[1]
+        assert "too small" in reasons[2] and "empty strip" in reasons[3]
+        assert post("/api/capture")[0] == 202
+        rs.wait_idle()
+        assert rs.session.state()["fields"] == 1  # only the whole field was counted
+    finally:
+        rs.close()

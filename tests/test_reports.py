@@ -21,7 +21,8 @@ FIELDS = sorted((Path(__file__).resolve().parent.parent / "samples" / "fields").
 MODELS = {"manifest": "models/manifest.json", "created": "2026-11-25T20:00:00Z", "models": [
     {"name": "unet-a", "file": "a.tflite", "sha256": "ab" * 32, "task": "segmentation"},
     {"name": "cls", "file": "c.tflite", "sha256": "cd" * 32, "task": "classification"},
-]}
+], "classifier_sha256": "cd" * 32,
+    "adaptation": {"id": "20261201T120000Z-lab1", "sha256": "ef" * 32}}
 
 
 @pytest.fixture()
@@ -96,6 +97,7 @@ def test_html_report_is_self_contained_and_escaped(finalised: tuple[SlideSession
     assert page.count("data:image/jpeg;base64,") >= 3  # thumbnails of the reviewed cells
     assert "http://" not in page and "https://" not in page  # prints offline
     assert "ab" * 32 in page and "Clopper" in page
+    assert "lab adaptation 20261201T120000Z-lab1" in page and "ef" * 32 in page
     assert "37.5" in page and "8.5 – 75.5" in page
 
 

@@ -178,6 +178,10 @@ def test_readme_demo_reaches_100_cells_with_shipped_models(tmp_path: Path) -> No
                 best = max(("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte"),
                            key=lambda k: c["probs"].get(k, 0))
                 assert api(port, f"/api/cells/{c['id']}/review", {"label": best})[0] == 200
+        # The default config requires a sample ID on every report ([report] require_sample_id).
+        status, body = api(port, "/api/slide/finalise", {})
+        assert status == 409 and "sample ID" in body["error"], body
+        assert api(port, "/api/slide/sample", {"sample_id": "DEMO-1"})[0] == 200
         status, final = api(port, "/api/slide/finalise", {})
         assert status == 200 and final["finalised"], final
         status, rep = api(port, "/api/slide/report.json")

@@ -11,32 +11,24 @@ written, the reason printed); 2: usage error (nothing fitted).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import typer
 
-from edge_wbc.cli.analyze import _build_analyzer, _usage_error
-from edge_wbc.pipeline.adaptation import EXIT_NOT_BETTER
+from edge_wbc.cli.analyze import _build_analyzer, _usage_error, cell_diameter_option
+from edge_wbc.pipeline.adaptation import (
+    EXIT_NOT_BETTER,
+    LabCells,
+    cells_from_rows,
+    shipped_base,
+)
 
 adapt_app = typer.Typer(
     help="Adapt the classifier to this lab from its labelled cells (no TensorFlow).",
     no_args_is_help=True,
 )
-
-
-@dataclass
-class LabCells:
-    """Labelled cells with the base classifier's embedding of each."""
-
-    embeddings: list[np.ndarray] = field(default_factory=list)
-    labels: list[str] = field(default_factory=list)
-    #: where each cell came from (its file, or its field in a store): cells of one field share
-    #: a fold in validation.
-    keys: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
 
 
 def nearest_centre(cells: list[Any], width: int, height: int) -> Any | None:
@@ -158,38 +150,19 @@ def fit(
         raise _usage_error(f"--out {out} exists: an adaptation is a version, never overwritten")
     if not out.parent.resolve().is_dir():
         raise _usage_error(f"--out: folder {out.parent} does not exist")
-    diameter: float | None = None
-    if cell_diameter is not None and cell_diameter != "auto":
-        try:
-            diameter = float(cell_diameter)
-        except ValueError:
-            raise _usage_error(
-                f"--cell-diameter must be a number of pixels or 'auto', not {cell_diameter!r}"
-            ) from None
-    if cell_diameter == "auto":
-        if not dirs:
-            raise _usage_error("--cell-diameter auto measures image folders, not --data-dir")
-        diameter = _auto_diameter(dirs)
+    if cell_diameter is not None and cell_diameter.strip().lower() == "auto" and not dirs:
+        raise _usage_error("--cell-diameter auto measures image folders, not --data-dir")
+    diameter = cell_diameter_option(cell_diameter, lambda: _class_images(dirs or []))
 
     analyzer = _build_analyzer(config, models, None, None, diameter)
     # The base is the shipped head, even when the config names an adaptation: a lab head is
     # always fitted from, and validated against, the model as shipped.
     analyzer.adaptation = None
-    ce = analyzer.manifest.classifier
-    if ce is None or analyzer.classifier is None:
-        raise _usage_error(f"{analyzer.manifest.root}: no classifier to adapt")
     try:
-        base = A.shipped_head(
-            analyzer.manifest.path(ce),
-            ce.classes,
-            ce.temperature,
-            ce.confidence_threshold,
-            ce.other_threshold,
-            ce.sha256,
-            analyzer.runtime.interpreter_cls,
-        )
+        base = shipped_base(analyzer)
     except A.AdaptationError as e:
         raise _usage_error(str(e)) from None
+    ce = analyzer.manifest.classifier
 
     t0 = time.perf_counter()
     if dirs:
@@ -238,44 +211,21 @@ def fit(
     )
 
 
-def _auto_diameter(dirs: list[Path]) -> float:
-    from edge_wbc.pipeline.imageio import ImageError, list_images, read_image
-    from edge_wbc.pipeline.scale import ScaleError, estimate_cell_diameter
+def _class_images(dirs: list[Path]) -> list[Path]:
+    """Every image of DIR/<class>/ folders, classes in turn, to measure the magnification on."""
+    from edge_wbc.pipeline.imageio import list_images
 
-    subs = [s for d in dirs if d.is_dir() for s in sorted(d.iterdir()) if s.is_dir()]
-    images = []
-    # Spread over the classes: 40 fields measure the magnification to a few per cent.
-    every = list_images(subs)
-    for p in every[:: max(1, len(every) // 40)][:40]:
-        try:
-            images.append(read_image(p))
-        except ImageError:
-            continue
-    try:
-        est = estimate_cell_diameter(images)
-    except ScaleError as e:
-        raise _usage_error(f"--cell-diameter auto: {e}") from None
-    typer.echo(est.describe())
-    return est.leukocyte_px
+    return list_images([s for d in dirs if d.is_dir() for s in sorted(d.iterdir()) if s.is_dir()])
 
 
 def cells_from_store(data_dir: Path, base_sha256: str) -> LabCells:
     from edge_wbc.counting.store import Store, StoreError
 
-    lab = LabCells()
     try:
         rows = Store.reviewed_cells_readonly(data_dir)
     except StoreError as e:
         raise _usage_error(str(e)) from None
-    for r in rows:
-        if r.embedding is None or r.embedding_model != base_sha256:
-            why = "no embedding stored" if r.embedding is None else "seen by another classifier"
-            lab.skipped.append(f"cell {r.cell_id}: {why}")
-            continue
-        lab.embeddings.append(r.embedding)
-        lab.labels.append(r.label)
-        lab.keys.append(r.field_id)
-    return lab
+    return cells_from_rows(rows, base_sha256)
 
 
 @adapt_app.command("export")

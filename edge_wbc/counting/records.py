@@ -13,6 +13,10 @@ from typing import Any, TypedDict
 class _SlideExtra(TypedDict, total=False):
     #: Only while a slide is being finalised: every review action in order, for the report.
     review_history: list[dict[str, Any]]
+    #: Who counted, who signed off, the technician's comment ('' when not given).
+    operator: str
+    signed_off_by: str
+    comment: str
 
 
 class SlideRecord(_SlideExtra):
@@ -35,6 +39,9 @@ class _FieldExtra(TypedDict, total=False):
     latency_ms: float
     #: Time the session spent on the field (ms); not stored.
     session_ms: float
+    #: Why the technician set the field aside with its cells (absent: it counts), and when.
+    discarded: str
+    discarded_at: str
 
 
 class FieldRecord(_FieldExtra):
@@ -57,7 +64,14 @@ class FieldRecord(_FieldExtra):
     models: dict[str, Any]
 
 
-class CellRecord(TypedDict):
+class _CellExtra(TypedDict, total=False):
+    #: The technician's note on the cell.
+    comment: str
+    #: Its field was set aside (the reason): the cell does not count.
+    discarded: str
+
+
+class CellRecord(_CellExtra):
     id: str
     slide_id: str
     field_id: str
@@ -68,7 +82,7 @@ class CellRecord(TypedDict):
     label: str  # the machine's label, never overwritten
     score: float
     probs: dict[str, float]
-    status: str  # counted | duplicate | other
+    status: str  # counted | duplicate | other | manual (added by key, no image)
     reviewed_label: str | None
     review_reason: str | None
     reviewed_at: str | None

@@ -23,6 +23,9 @@ import html
 import io
 import json
 import os
+import platform
+import zoneinfo
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -36,7 +39,12 @@ REPORT_SCHEMA = "edge-wbc/report/2"
 ROW_KEYS = ("label", "name", "group", "kind", "classes", "count", "percent", "ci_low", "ci_high")
 #: A counted cell the machine was less sure of than this is shown among the flagged cells.
 LOW_CONFIDENCE = 0.7
-MAX_THUMBNAILS = 120
+#: The printed report holds one to two A4 pages: at most this many thumbnails and changes are
+#: printed (every cell is in cells.csv and report.json).
+MAX_THUMBNAILS = 16
+MAX_PRINTED_CHANGES = 16
+#: A thumbnail's caption is cut to this many characters on paper.
+MAX_CAPTION = 60
 FORMATS = ("json", "csv", "cells_csv", "html")
 CI_NAMES = {
     "clopper-pearson": "Clopper–Pearson (exact binomial, as in Rümke's table)",
@@ -56,12 +64,20 @@ def flag_reasons(cell: CellRecord) -> list[str]:
 
     out = []
     rl = cell.get("reviewed_label")
+    from edge_wbc.counting.session import STATUS_MANUAL
+
+    if cell["status"] == STATUS_MANUAL:
+        out.append("added by hand (no image)")
+    if cell.get("discarded"):
+        out.append(f"field discarded ({cell['discarded'].replace('_', ' ')})")
     if rl == REJECTED:
         out.append(f"rejected ({(cell.get('review_reason') or '').replace('_', ' ')})")
     elif rl and rl != cell["label"]:
         out.append(f"reclassified {cell['label']} → {rl}")
     elif rl:
         out.append("confirmed")
+    if cell.get("comment"):
+        out.append(f"comment: {cell['comment']}")
     if cell["label"] == UNIDENTIFIED and not rl:
         out.append("unidentified by the classifier")
     if cell["status"] == STATUS_DUPLICATE:
@@ -74,13 +90,41 @@ def flag_reasons(cell: CellRecord) -> list[str]:
     return out
 
 
+def local_time(iso: str | None, tz: str = "") -> str | None:
+    """A stored UTC time in the report's time zone (``tz``, IANA; '': the station's own), ISO
+    8601 with its offset: a reader sees the lab's clock and can still compare instants."""
+    if not iso:
+        return iso
+    try:
+        t = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return iso
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.astimezone(zoneinfo.ZoneInfo(tz) if tz else None).isoformat(timespec="seconds")
+
+
+def zone_name(tz: str = "") -> str:
+    if tz:
+        return tz
+    now = datetime.now().astimezone()
+    return str(now.tzname() or now.strftime("%z"))
+
+
 def build_report(
     slide: SlideRecord,
     state: dict[str, Any],
     cells: list[ReportCell],
     fields: list[FieldRecord],
     generated_at: str,
+    tz: str = "",
 ) -> dict[str, Any]:
+    """The report's content. Times are in ``tz`` (see :func:`local_time`)."""
+    from edge_wbc.counting.session import STATUS_MANUAL
+
+    def lt(iso: str | None) -> str | None:
+        return local_time(iso, tz)
+
     changes = [
         {
             "cell_id": c["id"],
@@ -89,7 +133,8 @@ def build_report(
             "machine_score": round(float(c["score"]), 4),
             "reviewed_label": c["reviewed_label"],
             "reason": c.get("review_reason"),
-            "reviewed_at": c.get("reviewed_at"),
+            "reviewed_at": lt(c.get("reviewed_at")),
+            "comment": c.get("comment") or "",
         }
         for c in cells
         if c.get("reviewed_label")
@@ -103,10 +148,18 @@ def build_report(
             "reviewed_label": c.get("reviewed_label"),
             "counted_as": _counted_as(c),
             "reasons": r,
+            "manual": c["status"] == STATUS_MANUAL,
+            "comment": c.get("comment") or "",
         }
         for c in cells
         if (r := flag_reasons(c))
     ]
+    # A lab adaptation may be switched during a slide: each one that counted a field is named.
+    used: dict[str, Any] = {}
+    for f in fields:
+        ad = (f.get("models") or {}).get("adaptation")
+        key = ad.get("id") if isinstance(ad, dict) else None
+        used.setdefault(str(key), {"adaptation": ad, "fields": 0})["fields"] += 1
     warnings: dict[str, int] = {}
     for f in fields:
         for w in _quality_flags(f.get("quality") or {}):
@@ -118,9 +171,15 @@ def build_report(
         "sample_id": slide["sample_id"],
         "slide_id": slide["id"],
         "station_id": slide.get("station_id") or state.get("station_id") or "",
-        "started_at": slide["created_at"],
-        "finalised_at": slide.get("finalised_at"),
-        "generated_at": generated_at,
+        "station_host": platform.node(),
+        "time_zone": zone_name(tz),
+        "started_at": lt(slide["created_at"]),
+        "finalised_at": lt(slide.get("finalised_at")),
+        "generated_at": lt(generated_at),
+        # Who counted and who signed off, as entered at the station; the slide's comment.
+        "operator": slide.get("operator") or "",
+        "signed_off_by": slide.get("signed_off_by") or "",
+        "comment": slide.get("comment") or "",
         "target": state["target"],
         "counted": state["counted"],
         "ci_method": state["ci_method"],
@@ -139,15 +198,25 @@ def build_report(
         "class_counts": state.get("class_counts", {}),
         "unidentified": state["unidentified"],
         "excluded": state["excluded"],
+        "manual_cells": sum(1 for c in cells if c["status"] == STATUS_MANUAL
+                            and _counted_as(c) is not None),
         "reviewed_changes": changes,
-        "review_history": slide.get("review_history", []),
+        "review_history": [{**h, "at": lt(h.get("at"))}
+                           for h in slide.get("review_history", [])],
+        "cell_comments": [{"cell_id": c["id"], "comment": c["comment"]}
+                          for c in cells if c.get("comment")],
         "flagged_cells": flagged,
         "fields": {
             "captured": len(fields),
             "overlapping_previous": sum(1 for f in fields if f.get("overlap_field")),
             "quality_warnings": warnings,
+            "discarded": [{"field_id": f["id"], "seq": f["seq"], "reason": f["discarded"],
+                           "at": lt(f.get("discarded_at"))}
+                          for f in fields if f.get("discarded")],
         },
         "models": models,
+        # Which lab adaptation (None: the shipped head) classified how many fields.
+        "adaptations": list(used.values()),
     }
 
 
@@ -173,8 +242,10 @@ def write_reports(
     fields: list[FieldRecord],
     out_dir: str | Path,
     data_dir: str | Path,
+    tz: str = "",
 ) -> dict[str, str]:
-    """Write every report format; returns {format: path relative to data_dir}.
+    """Write every report format; returns {format: path relative to data_dir}. ``tz``: the
+    time zone of its times (IANA name; '': the station's own).
 
     Each file is written to a temporary name and renamed, so a report on disk is never half a
     report (a full disk fails the finalise, which then leaves the slide open).
@@ -184,11 +255,11 @@ def write_reports(
     out = Path(out_dir)
     data = Path(data_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rep = build_report(slide, state, cells, fields, now_iso())
+    rep = build_report(slide, state, cells, fields, now_iso(), tz)
     files = {
         "json": ("report.json", json.dumps(rep, indent=2, ensure_ascii=False) + "\n"),
         "csv": ("report.csv", _formula_csv(rep)),
-        "cells_csv": ("cells.csv", _cells_csv(rep, cells)),
+        "cells_csv": ("cells.csv", _cells_csv(rep, cells, tz)),
         "html": ("report.html", render_html(rep, cells, data)),
     }
     paths: dict[str, str] = {}
@@ -243,17 +314,17 @@ def _num(v: float | None) -> str:
     return "" if v is None else f"{v:.1f}"
 
 
-def _cells_csv(rep: dict[str, Any], cells: list[ReportCell]) -> str:
+def _cells_csv(rep: dict[str, Any], cells: list[ReportCell], tz: str) -> str:
     buf = io.StringIO()
     w = _SafeWriter(buf)
     w.writerow(["sample_id", "cell_id", "field_id", "x0", "y0", "x1", "y1", "machine_label",
                 "machine_score", "status", "reviewed_label", "review_reason", "reviewed_at",
-                "counted_as"])
+                "counted_as", "field_discarded", "comment"])
     for c in cells:
         w.writerow([rep["sample_id"], c["id"], c["field_id"], *c["bbox"], c["label"],
                     f"{float(c['score']):.4f}", c["status"], c.get("reviewed_label") or "",
-                    c.get("review_reason") or "", c.get("reviewed_at") or "",
-                    _counted_as(c) or ""])
+                    c.get("review_reason") or "", local_time(c.get("reviewed_at"), tz) or "",
+                    _counted_as(c) or "", c.get("discarded") or "", c.get("comment") or ""])
     return buf.getvalue()
 
 
@@ -273,47 +344,61 @@ def _thumb(cell: CellRecord, data_dir: Path) -> str:
 
 
 _CSS = """
-@page { size: A4; margin: 14mm; }
+@page { size: A4; margin: 12mm 13mm; }
 * { box-sizing: border-box; }
-body { font: 10.5pt/1.4 "DejaVu Sans", "Helvetica Neue", Arial, sans-serif; color: #1b2430;
-       margin: 0 auto; max-width: 190mm; padding: 8mm 0; }
+body { font: 9.5pt/1.35 "DejaVu Sans", "Helvetica Neue", Arial, sans-serif; color: #1b2430;
+       margin: 0 auto; max-width: 190mm; padding: 6mm 0; }
 header { display: flex; justify-content: space-between; align-items: flex-end;
-         border-bottom: 2px solid #1b2430; padding-bottom: 4mm; margin-bottom: 5mm; }
-h1 { font-size: 16pt; margin: 0; letter-spacing: .02em; }
-h2 { font-size: 11.5pt; margin: 7mm 0 2mm; text-transform: uppercase; letter-spacing: .06em;
-     color: #3a4656; border-bottom: 1px solid #c9d0d9; padding-bottom: 1mm; }
-.sub { color: #56616f; font-size: 9.5pt; }
-dl { display: grid; grid-template-columns: max-content 1fr max-content 1fr; gap: 1mm 5mm;
+         border-bottom: 2px solid #1b2430; padding-bottom: 2.5mm; margin-bottom: 3mm; }
+h1 { font-size: 15pt; margin: 0; letter-spacing: .02em; }
+h2 { font-size: 10pt; margin: 4.5mm 0 1.5mm; text-transform: uppercase; letter-spacing: .06em;
+     color: #3a4656; border-bottom: 1px solid #c9d0d9; padding-bottom: .8mm;
+     break-after: avoid; }
+.sub { color: #56616f; font-size: 8.5pt; }
+dl { display: grid; grid-template-columns: max-content 1fr max-content 1fr; gap: .6mm 4mm;
      margin: 0; }
 dt { color: #56616f; } dd { margin: 0; font-weight: 600; }
 table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
-th, td { text-align: left; padding: 1.4mm 2mm; border-bottom: 1px solid #dde2e8; }
-th { font-size: 9pt; color: #56616f; font-weight: 600; }
+th, td { text-align: left; padding: .9mm 1.6mm; border-bottom: 1px solid #dde2e8;
+         vertical-align: top; }
+th { font-size: 8pt; color: #56616f; font-weight: 600; }
 td.n { text-align: right; }
-.bar { position: relative; height: 3.2mm; background: #eef1f4; min-width: 40mm; }
+table.small td, table.small th { font-size: 8pt; padding: .5mm 1.4mm; }
+tr { break-inside: avoid; }
+.bar { position: relative; height: 3mm; background: #eef1f4; min-width: 40mm; }
 .bar i { position: absolute; top: 0; bottom: 0; left: 0; background: #2f6f9f; }
-.bar b { position: absolute; top: -0.8mm; bottom: -0.8mm; border-left: 1.5px solid #1b2430;
+.bar b { position: absolute; top: -0.7mm; bottom: -0.7mm; border-left: 1.5px solid #1b2430;
          border-right: 1.5px solid #1b2430; }
-.status { display: inline-block; padding: 0.6mm 2.5mm; border: 1.5px solid #1f7a4d;
+.status { display: inline-block; padding: 0.5mm 2.5mm; border: 1.5px solid #1f7a4d;
           color: #1f7a4d; font-weight: 700; letter-spacing: .05em; }
-.thumbs { display: grid; grid-template-columns: repeat(6, 1fr); gap: 2.5mm; }
-figure { margin: 0; break-inside: avoid; font-size: 8pt; }
+.thumbs { display: grid; grid-template-columns: repeat(8, 1fr); gap: 2mm; }
+figure { margin: 0; break-inside: avoid; font-size: 7pt; }
 figure img { width: 100%; aspect-ratio: 1; object-fit: cover; border: 1px solid #c9d0d9; }
-figcaption { line-height: 1.25; }
-.mono { font-family: "DejaVu Sans Mono", monospace; font-size: 8.5pt; word-break: break-all; }
-footer { margin-top: 8mm; font-size: 8.5pt; color: #56616f; border-top: 1px solid #c9d0d9;
-         padding-top: 2mm; }
-.flags { margin: 5mm 0 0; padding: 2mm 4mm; border: 1px solid #c9d0d9; }
+figure .noimg { aspect-ratio: 1; border: 1px dashed #9aa3ad; display: grid;
+                place-items: center; color: #56616f; }
+figcaption { line-height: 1.2; }
+.mono { font-family: "DejaVu Sans Mono", monospace; font-size: 7.5pt; word-break: break-all; }
+.comment { margin: 2mm 0 0; padding: 1.5mm 3mm; border-left: 3px solid #2f6f9f;
+           background: #f4f7fa; white-space: pre-wrap; }
+.sign { display: grid; grid-template-columns: 1fr 1fr 1fr; gap: 6mm; margin-top: 6mm;
+        break-inside: avoid; }
+.sign div { border-top: 1px solid #1b2430; padding-top: 1mm; font-size: 8pt; color: #56616f; }
+.sign b { display: block; color: #1b2430; font-size: 9.5pt; min-height: 4.5mm; }
+footer { margin-top: 4mm; font-size: 7.5pt; color: #56616f; border-top: 1px solid #c9d0d9;
+         padding-top: 1.5mm; }
+.flags { margin: 3mm 0 0; padding: 1.5mm 3mm; border: 1px solid #c9d0d9; }
 .flags.raised { border: 2px solid #b3261e; color: #b3261e; }
-.flags ul { margin: 1mm 0 0; padding-left: 5mm; }
+.flags ul { margin: .5mm 0 0; padding-left: 5mm; }
 .print { position: fixed; bottom: 5mm; right: 5mm; font: inherit; font-weight: 700;
          padding: 2mm 5mm; border: 1.5px solid #1b2430; background: #fff; border-radius: 4px;
          cursor: pointer; }
-@media print { body { padding: 0; } h2 { break-after: avoid; } .print { display: none; } }
+@media print { body { padding: 0; } .print { display: none; } }
 """
 
 
 def render_html(rep: dict[str, Any], cells: list[ReportCell], data_dir: Path) -> str:
+    """The paper record: laid out to print on one or two A4 pages, whatever the slide holds
+    (long lists are cut with a pointer to cells.csv, which has every cell)."""
     e = html.escape
     rows = []
     for r in (r for r in rep["differential"] if r["kind"] == taxonomy.COUNTED):
@@ -331,9 +416,9 @@ def render_html(rep: dict[str, Any], cells: list[ReportCell], data_dir: Path) ->
         for r in rep["differential"] if r["kind"] != taxonomy.COUNTED
     )
     also_html = (
-        "<h2>Also reported</h2><table><thead><tr><th>Class</th><th class=n>Cells</th>"
-        f"<th class=n>per 100 WBC</th><th>How</th></tr></thead><tbody>{also}</tbody></table>"
-        if also else ""
+        "<h2>Also reported</h2><table class=small><thead><tr><th>Class</th><th class=n>Cells"
+        "</th><th class=n>per 100 WBC</th><th>How</th></tr></thead>"
+        f"<tbody>{also}</tbody></table>" if also else ""
     )
     flags = rep.get("flags", [])
     rules = (rep.get("formula") or {}).get("flags", [])
@@ -343,33 +428,60 @@ def render_html(rep: dict[str, Any], cells: list[ReportCell], data_dir: Path) ->
         if flags else
         f"<div class=flags>No flag raised (rules: {e(', '.join(rules) or 'none set')}).</div>"
     )
+    # Confirmations are counted, not listed: what a reader checks is what was changed.
+    changed = [c for c in rep["reviewed_changes"] if c.get("reason") != "confirmed"]
+    n_confirmed = len(rep["reviewed_changes"]) - len(changed)
     changes = "".join(
         f"<tr><td class=mono>{e(c['cell_id'])}</td><td>{e(c['machine_label'])} "
         f"({c['machine_score']:.2f})</td><td>{e(c['reviewed_label'])}"
-        f"{' — ' + e(c['reason'].replace('_', ' ')) if c.get('reason') else ''}</td>"
-        f"<td>{e(c.get('reviewed_at') or '')}</td></tr>"
-        for c in rep["reviewed_changes"]
+        f"{' — ' + e(c['reason'].replace('_', ' ')) if c.get('reason') else ''}"
+        f"{'<br><i>' + e(c['comment']) + '</i>' if c.get('comment') else ''}</td>"
+        f"<td>{e(_clock(c.get('reviewed_at')))}</td></tr>"
+        for c in changed[:MAX_PRINTED_CHANGES]
     ) or "<tr><td colspan=4>No cell was changed in review.</td></tr>"
+    if len(changed) > MAX_PRINTED_CHANGES:
+        changes += (f"<tr><td colspan=4>… and {len(changed) - MAX_PRINTED_CHANGES} more "
+                    "(cells.csv)</td></tr>")
     by_id = {c["id"]: c for c in cells}
+    # Thumbnails of what a reader should look at: changed, rejected, commented, hand-added or
+    # left uncertain; confirmed-only cells are the technician's agreement, not a doubt.
+    shown = [f for f in rep["flagged_cells"] if f["reasons"] != ["confirmed"]]
     figs = []
-    for f in rep["flagged_cells"][:MAX_THUMBNAILS]:
+    for f in shown[:MAX_THUMBNAILS]:
         src = _thumb(by_id[f["cell_id"]], data_dir) if f["cell_id"] in by_id else ""
-        img = f"<img src='{src}' alt='{e(f['cell_id'])}'>" if src else "<div>(no image)</div>"
+        img = (f"<img src='{src}' alt='{e(f['cell_id'])}'>" if src
+               else f"<div class=noimg>{'by hand' if f.get('manual') else 'no image'}</div>")
+        why = "; ".join(r for r in f["reasons"] if not r.startswith("comment:"))
+        if len(why) > MAX_CAPTION:
+            why = why[: MAX_CAPTION - 1] + "…"
         figs.append(
-            f"<figure>{img}<figcaption><b>{e(f['counted_as'] or 'not counted')}</b><br>"
-            f"{e('; '.join(f['reasons']))}</figcaption></figure>"
+            f"<figure>{img}<figcaption><b>{e(f['counted_as'] or 'not counted')}</b>"
+            f"{' ✎' if f.get('comment') else ''}<br>{e(why)}</figcaption></figure>"
         )
-    more = len(rep["flagged_cells"]) - MAX_THUMBNAILS
-    if more > 0:
-        figs.append(f"<p>… and {more} more (see cells.csv)</p>")
+    if len(shown) > MAX_THUMBNAILS:
+        figs.append(f"<p>… and {len(shown) - MAX_THUMBNAILS} more (cells.csv)</p>")
     models = "".join(
         f"<tr><td>{e(str(m.get('name')))}</td><td>{e(str(m.get('task')))}</td>"
         f"<td class=mono>{e(str(m.get('sha256')))}</td></tr>"
         for m in (rep["models"] or {}).get("models", [])
     ) or "<tr><td colspan=3>Model information not recorded.</td></tr>"
+    adapted = []
+    for a in rep.get("adaptations") or []:
+        ad = a.get("adaptation")
+        what = (f"lab adaptation {e(str(ad.get('id')))} (sha256 "
+                f"<span class=mono>{e(str(ad.get('sha256')))}</span>)"
+                if isinstance(ad, dict) else "shipped classifier head (no lab adaptation)")
+        adapted.append(f"<tr><td colspan=2>{what}</td><td>{a['fields']} field"
+                       f"{'s' if a['fields'] != 1 else ''}</td></tr>")
     ex = rep["excluded"]
     warn = rep["fields"]["quality_warnings"]
     warn_txt = ", ".join(f"{k.replace('_', ' ')} × {v}" for k, v in warn.items()) or "none"
+    disc = rep["fields"].get("discarded") or []
+    disc_txt = (f" {len(disc)} discarded by the technician (" + ", ".join(
+        f"#{d['seq']} {d['reason'].replace('_', ' ')}" for d in disc) + ")." if disc else "")
+    manual = rep.get("manual_cells", 0)
+    comment = (f"<div class=comment><b>Comment:</b> {e(rep['comment'])}</div>"
+               if rep.get("comment") else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Leukocyte differential — {e(rep['sample_id'])}</title>
@@ -381,12 +493,16 @@ def render_html(rep: dict[str, Any], cells: list[ReportCell], data_dir: Path) ->
 review</div></div><div class=status>FINALISED</div></header>
 <dl>
 <dt>Sample</dt><dd>{e(rep['sample_id'])}</dd><dt>Slide</dt><dd class=mono>{e(rep['slide_id'])}</dd>
-<dt>Started</dt><dd>{e(rep['started_at'])}</dd>
+<dt>Started</dt><dd>{e(rep['started_at'] or '')}</dd>
 <dt>Finalised</dt><dd>{e(rep['finalised_at'] or '')}</dd>
+<dt>Counted by</dt><dd>{e(rep.get('operator') or '—')}</dd>
+<dt>Signed off by</dt><dd>{e(rep.get('signed_off_by') or '—')}</dd>
 <dt>Station</dt><dd>{e(rep['station_id'] or '—')}</dd><dt>Cells counted</dt>
-<dd>{rep['counted']} (target {rep['target']})</dd>
+<dd>{rep['counted']} (target {rep['target']}){f', {manual} added by hand' if manual else ''}</dd>
 <dt>Formula</dt><dd>{e(str((rep.get('formula') or {}).get('name', '—')))}</dd>
+<dt>Time zone</dt><dd>{e(rep.get('time_zone') or '')}</dd>
 </dl>
+{comment}
 {flags_html}
 <h2>Differential</h2>
 <table><thead><tr><th>Class</th><th class=n>Count</th><th class=n>%</th>
@@ -395,17 +511,30 @@ review</div></div><div class=status>FINALISED</div></header>
 on {rep['counted']} cells. Not counted: {ex['rejected']}
 rejected in review, {ex['duplicate']} in overlapping fields, {ex['other']} not mature leukocytes.
 Fields: {rep['fields']['captured']} captured, {rep['fields']['overlapping_previous']} overlapping a
-previous field. Field-quality warnings: {e(warn_txt)}.</p>
+previous field.{e(disc_txt)} Field-quality warnings: {e(warn_txt)}.</p>
 {also_html}
-<h2>Review changes ({len(rep['reviewed_changes'])})</h2>
-<table><thead><tr><th>Cell</th><th>Machine</th><th>Reviewed</th><th>When</th></tr></thead>
-<tbody>{changes}</tbody></table>
-<h2>Flagged cells ({len(rep['flagged_cells'])})</h2>
+<h2>Review: {len(changed)} changed, {n_confirmed} confirmed</h2>
+<table class=small><thead><tr><th>Cell</th><th>Machine</th><th>Reviewed</th><th>When</th></tr>
+</thead><tbody>{changes}</tbody></table>
+<h2>Cells to look at ({len(shown)})</h2>
 <div class=thumbs>{''.join(figs) or '<p>None.</p>'}</div>
 <h2>Models</h2>
-<table><thead><tr><th>Model</th><th>Task</th><th>sha256</th></tr></thead><tbody>{models}</tbody></table>
-<footer>Report generated {e(rep['generated_at'])} · schema {e(rep['schema'])} · The machine's
-labels and every review are kept in the station's database (audit trail). For laboratory use
-by trained staff; results require technologist verification.</footer>
+<table class=small><thead><tr><th>Model</th><th>Task</th><th>sha256</th></tr></thead>
+<tbody>{models}{''.join(adapted)}</tbody></table>
+<div class=sign><div><b>{e(rep.get('operator') or '')}</b>Counted by</div>
+<div><b>{e(rep.get('signed_off_by') or '')}</b>Signed off by</div>
+<div><b></b>Signature and date</div></div>
+<footer>Report generated {e(rep['generated_at'] or '')} on station {e(rep['station_id'] or '—')}
+({e(rep.get('station_host') or '')}), edge-wbc {e(rep['software']['version'])}, schema
+{e(rep['schema'])}. The machine's labels and every review are kept in the station's database
+(audit trail). For laboratory use by trained staff; results require technologist verification.
+</footer>
 </body></html>
 """
+
+
+def _clock(iso: str | None) -> str:
+    """A report time shortened for a table cell (the date is in the header)."""
+    if not iso:
+        return ""
+    return iso[11:19] if len(iso) >= 19 else iso

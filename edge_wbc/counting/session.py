@@ -42,7 +42,7 @@ from edge_wbc.counting.overlap import box_fraction_inside, field_signature, find
 from edge_wbc.counting.records import CellRecord, FieldRecord, SlideRecord
 from edge_wbc.counting.stats import CI_METHODS
 from edge_wbc.counting.store import CONFIRMED
-from edge_wbc.inputs import InputError, check_sample_id, check_target
+from edge_wbc.inputs import InputError, check_sample_id, check_target, hidden_char
 from edge_wbc.pipeline.preprocess import cell_crop, ensure_rgb_uint8, white_balance
 from edge_wbc.pipeline.results import FieldResult
 from edge_wbc.taxonomy import UNIDENTIFIED, Formula
@@ -51,8 +51,21 @@ from edge_wbc.taxonomy import UNIDENTIFIED, Formula
 STATE_SCHEMA = "edge-wbc/state/2"
 REJECT_REASONS = ("not_leukocyte", "counted_twice", "unusable")
 REJECTED = "rejected"
+#: Gallery group of the cells of a discarded field.
+DISCARDED = "discarded"
 #: Cell status decided by the machine when the field was counted.
 STATUS_COUNTED, STATUS_DUPLICATE, STATUS_OTHER = "counted", "duplicate", "other"
+#: A cell the technician added by key, as on a manual differential counter: the camera missed it.
+STATUS_MANUAL = "manual"
+#: Why a field is set aside with its cells.
+DISCARD_REASONS = ("duplicate", "bad_area", "unusable")
+#: Reject reason only a manually added cell takes: the key was pressed by mistake.
+ADDED_IN_ERROR = "added_in_error"
+#: Longest comment (slide or cell) and longest name (who counted, who signed off).
+MAX_NOTE_CHARS = 2000
+MAX_NAME_CHARS = 120
+#: A slide started without a sample ID gets a placeholder starting so.
+UNNAMED = "unnamed-"
 #: Side of the stored cell thumbnail (px). Larger than the classifier's input so the technician
 #: sees the cell comfortably on a desktop screen as well.
 CROP_PX = 128
@@ -73,7 +86,7 @@ def effective_label(cell: CellRecord) -> str | None:
     """The class a cell stands as (the formula says where it counts), or None when it does not
     stand: rejected in review, or a duplicate the technician left alone."""
     rl = cell.get("reviewed_label")
-    if rl == REJECTED:
+    if rl == REJECTED or cell.get("discarded"):
         return None
     if rl:
         return str(rl)
@@ -108,6 +121,8 @@ class SlideSession:
         reporter: Any = None,
         guard_history: int = 3,
         formula: Formula | None = None,
+        require_sample_id: bool = False,
+        require_operator: bool = False,
     ) -> None:
         if ci_method not in CI_METHODS:
             raise ValueError(f"unknown CI method {ci_method!r}; expected one of {CI_METHODS}")
@@ -122,6 +137,9 @@ class SlideSession:
         self.reporter = reporter
         self.guard_history = guard_history
         self.formula = formula if formula is not None else taxonomy.formula_or_raise()
+        # What a lab wants on every signed report before finalise ([report] in the config).
+        self.require_sample_id = require_sample_id
+        self.require_operator = require_operator
         self._lock = threading.RLock()
         self.slide: SlideRecord  # set by _resume_or_start below
         self.cells: dict[str, CellRecord] = {}  # insertion order = capture order
@@ -155,7 +173,7 @@ class SlideSession:
     def _start(self, sample_id: str, target: int) -> Event:
         sid = _new_slide_id()
         at = now_iso()
-        sample = sample_id.strip() or "unnamed-" + sid[1:16]
+        sample = sample_id.strip() or UNNAMED + sid[1:16]
         slide: SlideRecord = {
             "id": sid,
             "sample_id": sample,
@@ -178,12 +196,15 @@ class SlideSession:
         return ev
 
     def new_slide(
-        self, sample_id: str | None = "", target: int | None = None, abandon: bool = False
+        self, sample_id: str | None = "", target: int | None = None, abandon: bool = False,
+        operator: str | None = None,
     ) -> None:
         """Start counting a new slide. An open slide with cells is only closed when ``abandon``
-        is set (it stays in the database, marked abandoned, never silently discarded)."""
+        is set (it stays in the database, marked abandoned, never silently discarded).
+        ``operator``: who counts it (for the signed report)."""
         target = self.default_target if target is None else _check_target(target)
         sample_id = _check_sample_id(sample_id)
+        operator = _check_note("operator", operator)
         with self._lock:
             events: list[Event] = []
             if self.slide.get("status") == "open":
@@ -201,6 +222,8 @@ class SlideSession:
                 events.append(Event("slide", {"action": "abandoned",
                                               **self._slide_payload(self.slide), "at": at}))
             events.append(self._start(sample_id, target))
+            if operator:
+                events.append(self._set_notes({"operator": operator}))
             self._emit(events)
 
     def set_sample_id(self, sample_id: str | None) -> None:
@@ -278,7 +301,155 @@ class SlideSession:
 
     def finalise_blockers(self) -> list[str]:
         with self._lock:
-            return _blockers(self.slide, self.tally())
+            return self._blockers(self.slide, self.tally())
+
+    def _blockers(self, slide: SlideRecord, t: Tally) -> list[str]:
+        out = _blockers(slide, t)
+        if self.require_sample_id and slide["sample_id"].startswith(UNNAMED):
+            out.append("enter the sample ID (the lab requires one on every report)")
+        if self.require_operator and not (slide.get("operator") or slide.get("signed_off_by")):
+            out.append("enter who counted or signs off (the lab requires a name on every "
+                       "report)")
+        return out
+
+    def set_models(self, models: dict[str, Any], change: dict[str, Any]) -> None:
+        """The models counting from the next field on (a lab adaptation activated or rolled
+        back): recorded on every later field, and as an event in the open slide's audit trail."""
+        with self._lock:
+            at = now_iso()
+            ev = Event("slide", {"action": "adaptation", **self._slide_payload(self.slide),
+                                 "at": at, **change})
+            self.store.audit(self.slide["id"], [ev])
+            self.models = models
+            self._emit([ev])
+
+    # ------------------------------------------------------------------ notes
+
+    def set_notes(self, **notes: str | None) -> dict[str, str]:
+        """Operator (who counted), signed_off_by and the slide's comment; None leaves one as it
+        is, '' clears it. Returns the slide's notes."""
+        unknown = set(notes) - {"operator", "signed_off_by", "comment"}
+        if unknown:
+            raise SessionError(f"unknown slide notes {sorted(unknown)} (operator, "
+                               "signed_off_by, comment)")
+        given = {k: _check_note(k, v) for k, v in notes.items() if v is not None}
+        with self._lock:
+            self._require_open()
+            if given:
+                self._emit([self._set_notes(given)])
+            return self.notes()
+
+    def _set_notes(self, given: dict[str, str]) -> Event:
+        at = now_iso()
+        ev = Event("slide", {"action": "notes", **self._slide_payload(self.slide), "at": at,
+                             **given})
+        self.store.set_slide_notes(self.slide["id"], given, at, [ev])
+        for k, v in given.items():
+            self.slide[k] = v  # type: ignore[literal-required]
+        return ev
+
+    def notes(self, slide: SlideRecord | None = None) -> dict[str, str]:
+        s = self.slide if slide is None else slide
+        return {"operator": s.get("operator") or "", "signed_off_by": s.get("signed_off_by") or "",
+                "comment": s.get("comment") or ""}
+
+    def comment_cell(self, cell_id: str, comment: str | None) -> CellRecord:
+        """The technician's note on one cell ('' or None removes it); audited."""
+        text = _check_note("comment", comment)
+        with self._lock:
+            self._require_open()
+            cell = self.cells.get(cell_id)
+            if cell is None:
+                raise SessionError(f"no cell {cell_id!r} on the open slide")
+            at = now_iso()
+            updated: CellRecord = {**cell}
+            if text:
+                updated["comment"] = text
+            else:
+                updated.pop("comment", None)
+            payload = self._cell_payload(updated, "commented")
+            payload["at"] = at
+            payload["comment"] = text
+            ev = Event("cell", payload)
+            self.store.set_cell_comment(cell_id, text, at, [ev])
+            self.cells[cell_id] = updated
+            self._emit([ev])
+            return updated
+
+    # ------------------------------------------------------------------ manual count, discards
+
+    def add_manual(self, label: str) -> CellRecord:
+        """Count a cell the camera missed, as on a manual differential counter: it belongs to
+        the field on screen (the last captured), has no image, and is marked as added by hand
+        in the gallery and the reports. Taken back by rejecting it ('added_in_error')."""
+        if not isinstance(label, str) or label not in taxonomy.GROUP_OF:
+            raise SessionError(f"cannot add a cell of class {label!r}: use one of "
+                               f"{', '.join(self.formula.review_classes())}")
+        with self._lock:
+            self._require_open()
+            f = self._last_field
+            if f is None:
+                raise SessionError("capture a field first: a cell added by hand belongs to the "
+                                   "field on screen")
+            if f.get("discarded"):
+                raise SessionError(f"field #{f['seq']} is discarded: take it back or capture "
+                                   "another before adding cells to it")
+            n = 1 + sum(1 for c in self.cells.values()
+                        if c["field_id"] == f["id"] and c["status"] == STATUS_MANUAL)
+            at = now_iso()
+            cell: CellRecord = {
+                "id": f"{f['id']}-M{n:02d}", "slide_id": self.slide["id"], "field_id": f["id"],
+                "seq": f["seq"], "idx": 100 + n, "bbox": [0, 0, 0, 0], "area_px": 0,
+                "label": label, "score": 1.0, "probs": {label: 1.0}, "status": STATUS_MANUAL,
+                "reviewed_label": None, "review_reason": None, "reviewed_at": None,
+                "created_at": at, "crop_file": None,
+            }
+            ev = Event("cell", {**self._cell_payload(cell, "added"), "at": at})
+            self.store.add_manual_cell(cell, [ev])
+            self.cells[cell["id"]] = cell
+            self._emit([ev])
+            return cell
+
+    def discard_field(self, field_id: str, reason: str | None) -> dict[str, Any]:
+        """Set a field aside with all its cells (``reason`` in DISCARD_REASONS), or take it back
+        (None). Nothing is deleted; both are events in the audit trail."""
+        if reason is not None and reason not in DISCARD_REASONS:
+            raise SessionError(f"discard reason must be one of {', '.join(DISCARD_REASONS)}")
+        with self._lock:
+            self._require_open()
+            fields = {f["id"]: f for f in self.store.fields(self.slide["id"])}
+            f = fields.get(field_id)
+            if f is None:
+                raise SessionError(f"no field {field_id!r} on the open slide")
+            if (reason is None) == (not f.get("discarded")):
+                raise SessionError(f"field #{f['seq']} is "
+                                   f"{'already discarded' if reason else 'not discarded'}")
+            at = now_iso()
+            mine = [c for c in self.cells.values() if c["field_id"] == field_id]
+            before = self.counted()
+            ev = Event("slide", {"action": "field_discarded" if reason else "field_restored",
+                                 **self._slide_payload(self.slide), "at": at,
+                                 "field_id": field_id, "seq": f["seq"], "reason": reason,
+                                 "cells": len(mine)})
+            self.store.set_field_discarded(field_id, reason, at, [ev])
+            for c in mine:
+                u: CellRecord = {**c}
+                if reason:
+                    u["discarded"] = reason
+                else:
+                    u.pop("discarded", None)
+                self.cells[c["id"]] = u
+            if self._last_field is not None and self._last_field["id"] == field_id:
+                if reason:
+                    self._last_field["discarded"] = reason
+                    self._last_field["discarded_at"] = at
+                else:
+                    self._last_field.pop("discarded", None)
+                    self._last_field.pop("discarded_at", None)
+            ev.payload["counted_change"] = self.counted() - before
+            self._emit([ev])
+            return {"field_id": field_id, "seq": f["seq"], "discarded": reason,
+                    "counted_change": ev.payload["counted_change"]}
 
     # ------------------------------------------------------------------ counting
 
@@ -407,8 +578,10 @@ class SlideSession:
             if label is None:
                 action, reason = "restored", None
             elif label == REJECTED:
-                if reason not in REJECT_REASONS:
-                    raise SessionError(f"reject reason must be one of {', '.join(REJECT_REASONS)}")
+                allowed = REJECT_REASONS + ((ADDED_IN_ERROR,) if cell["status"] == STATUS_MANUAL
+                                            else ())
+                if reason not in allowed:
+                    raise SessionError(f"reject reason must be one of {', '.join(allowed)}")
                 action = "rejected"
             elif isinstance(label, str) and label in taxonomy.GROUP_OF:
                 action, reason = "reclassified", None
@@ -446,7 +619,9 @@ class SlideSession:
                 cell = self.cells.get(cid)
                 if cell is None:
                     raise SessionError(f"no cell {cid!r} on the open slide")
-                if cell.get("reviewed_label"):
+                # A cell added by key is the technician's own call already, and has no image
+                # to learn from.
+                if cell.get("reviewed_label") or cell["status"] == STATUS_MANUAL:
                     continue
                 if cell["label"] == UNIDENTIFIED or effective_label(cell) is None:
                     raise SessionError(
@@ -509,7 +684,7 @@ class SlideSession:
         reviewed = [c for c in cells.values() if c.get("reviewed_label")]
         unreviewed = [c for c in cells.values() if not c.get("reviewed_label")]
         target = int(slide["target"])
-        blockers = _blockers(slide, t) if slide.get("status") == "open" else []
+        blockers = self._blockers(slide, t) if slide.get("status") == "open" else []
         return {
             "schema": STATE_SCHEMA,
             "station_id": self.station_id,
@@ -543,6 +718,13 @@ class SlideSession:
                 "rejected": sum(1 for c in reviewed if c["reviewed_label"] == REJECTED),
             },
             "reviewed": len(reviewed),
+            # Standing cells the technician added by key, and fields set aside with their cells.
+            "manual": sum(1 for c in cells.values()
+                          if c["status"] == STATUS_MANUAL and effective_label(c) is not None),
+            "fields_discarded": len({c["field_id"] for c in cells.values()
+                                     if c.get("discarded")}),
+            "notes": self.notes(slide),
+            "requires": {"sample_id": self.require_sample_id, "operator": self.require_operator},
             "can_finalise": slide.get("status") == "open" and not blockers,
             "finalise_blockers": blockers,
             "reports": slide.get("reports") or {},
@@ -557,6 +739,18 @@ class SlideSession:
                 return None
             return {**f, "cells": [self.cell_view(c) for c in self.cells.values()
                                    if c["field_id"] == f["id"]]}
+
+    def field_view(self, field_id: str) -> dict[str, Any] | None:
+        """One field of the open slide with its cells (the review's field view)."""
+        with self._lock:
+            if self._last_field is not None and self._last_field["id"] == field_id:
+                return self.last_field()
+            f = next((x for x in self.store.fields(self.slide["id"]) if x["id"] == field_id),
+                     None)
+            if f is None:
+                return None
+            return {**f, "cells": [self.cell_view(c) for c in self.cells.values()
+                                   if c["field_id"] == field_id]}
 
     def gallery(self) -> list[dict[str, Any]]:
         """Every cell of the slide for review, most doubtful first within each group."""
@@ -576,6 +770,8 @@ class SlideSession:
             group = row
         elif c.get("reviewed_label") == REJECTED:
             group = REJECTED
+        elif c.get("discarded"):
+            group = DISCARDED
         elif eff is not None:
             group = STATUS_OTHER  # a non-leukocyte the formula has no row for
         else:
@@ -584,7 +780,7 @@ class SlideSession:
         # formula's rows in its order, then what does not stand.
         keys = [r.key for r in self.formula.rows]
         order = [UNIDENTIFIED, *(k for k in keys if k != UNIDENTIFIED)]
-        tail = [STATUS_OTHER, STATUS_DUPLICATE, REJECTED]
+        tail = [STATUS_OTHER, STATUS_DUPLICATE, DISCARDED, REJECTED]
         group_order = (order.index(group) if group in order
                        else len(order) + (tail.index(group) + 1 if group in tail else 0))
         return {
@@ -604,6 +800,9 @@ class SlideSession:
             "class_group": taxonomy.group_of(eff) if eff is not None else None,
             "group": group,
             "group_order": group_order,
+            "manual": c["status"] == STATUS_MANUAL,
+            "comment": c.get("comment") or "",
+            "discarded": c.get("discarded"),
         }
 
     # ------------------------------------------------------------------ helpers
@@ -700,6 +899,24 @@ def _check_target(target: Any) -> int:
         return check_target(target)
     except InputError as e:
         raise SessionError(str(e)) from None
+
+
+def _check_note(name: str, value: Any) -> str:
+    """A name or comment as stored: text, no hidden characters, bounded."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise SessionError(f"{name} must be text, got {type(value).__name__}")
+    text = value.strip()
+    # Line breaks are what a comment is made of; any other hidden character is refused.
+    bad = hidden_char(text.replace("\n", " ").replace("\r", " ")) if name == "comment" \
+        else hidden_char(text)
+    if bad is not None:
+        raise SessionError(f"{name} must not contain {bad}")
+    limit = MAX_NOTE_CHARS if name == "comment" else MAX_NAME_CHARS
+    if len(text) > limit:
+        raise SessionError(f"{name} must be at most {limit} characters, got {len(text)}")
+    return text
 
 
 def _check_sample_id(sample_id: Any) -> str:

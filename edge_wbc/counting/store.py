@@ -159,6 +159,31 @@ CREATE TABLE IF NOT EXISTS captures (
 CREATE INDEX IF NOT EXISTS captures_status ON captures (status);
 """
 
+# Also additive: what the technician adds to a slide for the signed report (who counted, who
+# signed off, a comment), a comment per cell, and fields set aside (a duplicate, a bad smear
+# area) with all their cells. A discard is a row, its reversal deletes the row; both are events.
+_NOTES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS slide_notes (
+    slide_id TEXT PRIMARY KEY REFERENCES slides (id),
+    operator TEXT NOT NULL DEFAULT '',
+    signed_off_by TEXT NOT NULL DEFAULT '',
+    comment TEXT NOT NULL DEFAULT '',
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cell_comments (
+    cell_id TEXT PRIMARY KEY REFERENCES cells (id),
+    comment TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS field_discards (
+    field_id TEXT PRIMARY KEY REFERENCES fields (id),
+    reason TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+"""
+#: The notes a slide carries (slide_notes' columns), '' when never set.
+NOTE_KEYS = ("operator", "signed_off_by", "comment")
+
 
 TransactionHook = Callable[[sqlite3.Connection, Event], None]
 
@@ -359,6 +384,7 @@ class Store:
                 )
             self.conn.executescript(_SCHEMA)
             self.conn.executescript(_CAPTURES_SCHEMA)
+            self.conn.executescript(_NOTES_SCHEMA)
             row = self.conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self.conn.execute(
@@ -738,6 +764,65 @@ class Store:
                 (reviewed_label, reason, reviewed_at, cell_id),
             )
 
+    def set_slide_notes(self, slide_id: str, notes: dict[str, str], at: str,
+                        events: Sequence[Event]) -> None:
+        """Operator, sign-off and comment of a slide (keys of NOTE_KEYS; others kept)."""
+        bad = set(notes) - set(NOTE_KEYS)
+        if bad:
+            raise StoreError(f"unknown slide notes {sorted(bad)}")
+        with self._transaction(events, slide_id) as c:
+            c.execute("INSERT OR IGNORE INTO slide_notes (slide_id, updated_at) VALUES (?, ?)",
+                      (slide_id, at))
+            for k, v in notes.items():  # k is one of NOTE_KEYS, checked above
+                c.execute(f"UPDATE slide_notes SET {k}=?, updated_at=? WHERE slide_id=?",
+                          (v, at, slide_id))
+
+    def audit(self, slide_id: str, events: Sequence[Event]) -> None:
+        """Events with no row to change (a station-wide switch recorded in a slide's trail)."""
+        with self._transaction(events, slide_id):
+            pass
+
+    def set_cell_comment(self, cell_id: str, comment: str, at: str,
+                         events: Sequence[Event]) -> None:
+        """A technician's free-text note on one cell ('' removes it)."""
+        slide = self._one("SELECT slide_id FROM cells WHERE id=?", (cell_id,))
+        if slide is None:
+            raise StoreError(f"no cell {cell_id}")
+        with self._transaction(events, slide["slide_id"]) as c:
+            if comment:
+                c.execute("INSERT INTO cell_comments (cell_id, comment, at) VALUES (?, ?, ?) "
+                          "ON CONFLICT (cell_id) DO UPDATE SET comment=excluded.comment, "
+                          "at=excluded.at", (cell_id, comment, at))
+            else:
+                c.execute("DELETE FROM cell_comments WHERE cell_id=?", (cell_id,))
+
+    def set_field_discarded(self, field_id: str, reason: str | None, at: str,
+                            events: Sequence[Event]) -> None:
+        """Set a field aside with its cells (``reason``), or take it back (None)."""
+        row = self._one("SELECT slide_id FROM fields WHERE id=?", (field_id,))
+        if row is None:
+            raise StoreError(f"no field {field_id}")
+        with self._transaction(events, row["slide_id"]) as c:
+            if reason is None:
+                c.execute("DELETE FROM field_discards WHERE field_id=?", (field_id,))
+            else:
+                c.execute("INSERT OR REPLACE INTO field_discards (field_id, reason, at) "
+                          "VALUES (?, ?, ?)", (field_id, reason, at))
+
+    def add_manual_cell(self, cell: CellRecord, events: Sequence[Event]) -> None:
+        """A cell the technician counted by key (no image, no box of its own)."""
+        with self._transaction(events, cell["slide_id"]) as c:
+            c.execute(
+                "INSERT INTO cells (id, slide_id, field_id, seq, idx, x0, y0, x1, y1, area_px, "
+                "label, score, probs, status, reviewed_label, review_reason, reviewed_at, "
+                "created_at, crop_file) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (cell["id"], cell["slide_id"], cell["field_id"], cell["seq"], cell["idx"],
+                 *cell["bbox"], cell["area_px"], cell["label"], cell["score"],
+                 _dumps(cell["probs"]), cell["status"], cell["reviewed_label"],
+                 cell["review_reason"], cell["reviewed_at"], cell["created_at"], None),
+            )
+
     def update_cells(
         self, updates: Sequence[tuple[str, str | None, str | None, str | None]],
         events: Sequence[Event],
@@ -767,7 +852,7 @@ class Store:
                 "c.crop_file, e.model_sha256, e.dim, e.vector FROM cells c "
                 "LEFT JOIN cell_embeddings e ON e.cell_id = c.id "
                 "WHERE c.reviewed_label IS NOT NULL AND c.reviewed_label != 'rejected' "
-                "ORDER BY c.created_at, c.seq, c.idx"
+                "AND c.status != 'manual' ORDER BY c.created_at, c.seq, c.idx"
             )
         except sqlite3.OperationalError as e:  # a read-only schema-1 file never opened since
             if "cell_embeddings" not in str(e):
@@ -776,7 +861,7 @@ class Store:
                 "SELECT id, field_id, label, reviewed_label, review_reason, crop_file, "
                 "NULL AS model_sha256, NULL AS dim, NULL AS vector FROM cells "
                 "WHERE reviewed_label IS NOT NULL AND reviewed_label != 'rejected' "
-                "ORDER BY created_at, seq, idx"
+                "AND status != 'manual' ORDER BY created_at, seq, idx"
             )
         out = []
         for r in rows:
@@ -830,29 +915,52 @@ class Store:
         with self._lock:
             return self.conn.execute(sql, args).fetchall()
 
-    def open_slide(self) -> SlideRecord | None:
-        row = self._one(
-            "SELECT * FROM slides WHERE status='open' ORDER BY created_at DESC, rowid DESC LIMIT 1"
-        )
-        return _slide(row) if row else None
+    def _notes_tables(self) -> bool:
+        """A read-only open of a database no newer station has opened lacks the notes tables."""
+        return self._one("SELECT 1 FROM sqlite_master WHERE type='table' AND "
+                         "name='field_discards'") is not None
 
-    def slide(self, slide_id: str) -> SlideRecord | None:
-        row = self._one("SELECT * FROM slides WHERE id=?", (slide_id,))
-        return _slide(row) if row else None
-
-    def slides(self, limit: int = 50) -> list[SlideRecord]:
-        rows = self._all("SELECT * FROM slides ORDER BY created_at DESC, rowid DESC LIMIT ?",
-                         (limit,))
+    def _slides(self, where: str, args: Sequence[Any], tail: str = "") -> list[SlideRecord]:
+        if self._notes_tables():
+            rows = self._all(
+                "SELECT s.*, n.operator, n.signed_off_by, n.comment FROM slides s "
+                f"LEFT JOIN slide_notes n ON n.slide_id = s.id {where} {tail}", args)
+        else:
+            rows = self._all(f"SELECT s.* FROM slides s {where} {tail}", args)
         return [_slide(r) for r in rows]
 
+    def open_slide(self) -> SlideRecord | None:
+        rows = self._slides("WHERE s.status='open'", (),
+                            "ORDER BY s.created_at DESC, s.rowid DESC LIMIT 1")
+        return rows[0] if rows else None
+
+    def slide(self, slide_id: str) -> SlideRecord | None:
+        rows = self._slides("WHERE s.id=?", (slide_id,))
+        return rows[0] if rows else None
+
+    def slides(self, limit: int = 50) -> list[SlideRecord]:
+        return self._slides("", (limit,), "ORDER BY s.created_at DESC, s.rowid DESC LIMIT ?")
+
     def cells(self, slide_id: str) -> list[CellRecord]:
-        rows = self._all("SELECT * FROM cells WHERE slide_id=? ORDER BY seq, idx", (slide_id,))
+        if self._notes_tables():
+            rows = self._all(
+                "SELECT c.*, cc.comment, fd.reason AS discarded FROM cells c "
+                "LEFT JOIN cell_comments cc ON cc.cell_id = c.id "
+                "LEFT JOIN field_discards fd ON fd.field_id = c.field_id "
+                "WHERE c.slide_id=? ORDER BY c.seq, c.idx", (slide_id,))
+        else:
+            rows = self._all("SELECT * FROM cells WHERE slide_id=? ORDER BY seq, idx",
+                             (slide_id,))
         return [_cell(r) for r in rows]
 
     def fields(self, slide_id: str) -> list[FieldRecord]:
-        rows = self._all(
-            "SELECT * FROM fields WHERE slide_id=? ORDER BY seq", (slide_id,)
-        )
+        if self._notes_tables():
+            rows = self._all(
+                "SELECT f.*, fd.reason AS discarded, fd.at AS discarded_at FROM fields f "
+                "LEFT JOIN field_discards fd ON fd.field_id = f.id "
+                "WHERE f.slide_id=? ORDER BY f.seq", (slide_id,))
+        else:
+            rows = self._all("SELECT * FROM fields WHERE slide_id=? ORDER BY seq", (slide_id,))
         return [_field(r) for r in rows]
 
     def field_signatures(self, slide_id: str, k: int) -> list[tuple[str, np.ndarray]]:
@@ -975,7 +1083,7 @@ def _json_default(v: Any) -> Any:
 
 
 def _slide(r: sqlite3.Row) -> SlideRecord:
-    return {
+    out: SlideRecord = {
         "id": r["id"],
         "sample_id": r["sample_id"],
         "target": r["target"],
@@ -986,10 +1094,15 @@ def _slide(r: sqlite3.Row) -> SlideRecord:
         "models": json.loads(r["models"]),
         "reports": json.loads(r["reports"]),
     }
+    keys = r.keys()  # a Row's `in` looks at its values, not its column names
+    for k in NOTE_KEYS:
+        if k in keys:
+            out[k] = r[k] or ""  # type: ignore[literal-required]
+    return out
 
 
 def _cell(r: sqlite3.Row) -> CellRecord:
-    return {
+    out: CellRecord = {
         "id": r["id"],
         "slide_id": r["slide_id"],
         "field_id": r["field_id"],
@@ -1007,10 +1120,16 @@ def _cell(r: sqlite3.Row) -> CellRecord:
         "created_at": r["created_at"],
         "crop_file": r["crop_file"],
     }
+    keys = r.keys()
+    if "comment" in keys and r["comment"]:
+        out["comment"] = r["comment"]
+    if "discarded" in keys and r["discarded"]:
+        out["discarded"] = r["discarded"]
+    return out
 
 
 def _field(r: sqlite3.Row) -> FieldRecord:
-    return {
+    out: FieldRecord = {
         "id": r["id"],
         "slide_id": r["slide_id"],
         "seq": r["seq"],
@@ -1030,3 +1149,8 @@ def _field(r: sqlite3.Row) -> FieldRecord:
         "models": json.loads(r["models"]),
         "image_file": r["image_file"],
     }
+    keys = r.keys()
+    if "discarded" in keys and r["discarded"]:
+        out["discarded"] = r["discarded"]
+        out["discarded_at"] = r["discarded_at"]
+    return out

@@ -21,6 +21,7 @@ import numpy as np
 from edge_wbc.bundled import locate_models
 from edge_wbc.pipeline.adaptation import Adaptation, AdaptationError, load_adaptation
 from edge_wbc.pipeline.classify import CellClassifier, Prediction
+from edge_wbc.pipeline.heads import HeadError, LinearHead
 from edge_wbc.pipeline.inference import (
     CPU,
     TFLiteModel,
@@ -106,6 +107,17 @@ class FieldAnalyzer:
             if cm.input_hw[0] != cm.input_hw[1]:
                 raise ManifestError(f"{ce.file}: classifier input must be square, is {cm.input_hw}")
             declared = (ce.raw.get("output") or {}).get("type")
+            head = None
+            if ce.head is not None:
+                try:
+                    head = LinearHead.load(self.manifest.root / ce.head.file, ce.sha256)
+                except HeadError as e:
+                    raise ManifestError(str(e)) from e
+                if head.classes != ce.head.classes:
+                    raise ManifestError(
+                        f"{ce.head.file}: classes {list(head.classes)}, the manifest says "
+                        f"{list(ce.head.classes)}"
+                    )
             try:
                 classifier = CellClassifier(
                     cm,
@@ -116,6 +128,7 @@ class FieldAnalyzer:
                     ce.other_threshold,
                     ce.views,
                     ce.embedding_dim,
+                    head,
                 )
             except ValueError as e:
                 raise ManifestError(f"{ce.file}: {e}") from e

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from edge_wbc import taxonomy
 from edge_wbc.pipeline.inference import Model
 from edge_wbc.pipeline.manifest import VIEW_COUNTS
 from edge_wbc.pipeline.results import UNIDENTIFIED
+
+if TYPE_CHECKING:  # heads builds on this module's Prediction and decide
+    from edge_wbc.pipeline.heads import LinearHead
 
 
 @dataclass(frozen=True)
@@ -126,9 +130,11 @@ class CellClassifier:
         other_threshold: float | None = None,
         views: int = 1,
         embedding_dim: int | None = None,
+        head: LinearHead | None = None,
     ) -> None:
         """``embedding_dim``: what the manifest declares for output 1 (None: not declared; a
-        model that has one still hands it out)."""
+        model that has one still hands it out). ``head``: a head on the embedding that names
+        the cells instead of output 0 (its classes, calibration and thresholds)."""
         if views not in VIEW_COUNTS:
             raise ValueError(f"classifier views must be one of {VIEW_COUNTS}, not {views}")
         n_out = int(np.prod(model.outputs[0].shape))
@@ -142,7 +148,14 @@ class CellClassifier:
                 f"the manifest declares a {embedding_dim}-d embedding output, the model has "
                 + ("none" if self.embedding_dim is None else f"{self.embedding_dim}-d")
             )
+        if head is not None and head.dim != self.embedding_dim:
+            raise ValueError(
+                f"the head reads a {head.dim}-d embedding, the model emits "
+                + ("none" if self.embedding_dim is None else f"a {self.embedding_dim}-d one")
+            )
+        self.head = head
         self.model = model
+        #: what output 0 means; the cells' classes are ``labels``.
         self.classes = tuple(classes)
         self.temperature = float(temperature)
         self.confidence_threshold = float(confidence_threshold)
@@ -157,6 +170,11 @@ class CellClassifier:
     def classify(self, crop: np.ndarray) -> Prediction:
         """One RGB uint8 crop at the model's input size (averaged over ``views`` views)."""
         outs = [self.model.infer_pixels(v) for v in crop_views(crop, self.views)]
+        if self.head is not None:
+            # A linear head on the views' mean embedding is the mean of its logits over the
+            # views: the same averaging as output 0's.
+            emb = np.stack([o[1].reshape(-1) for o in outs]).mean(axis=0, dtype=np.float64)
+            return self.head.predict(emb.astype(np.float32))
         logits = combine_views([o[0] for o in outs], self.output_type)
         probs = calibrated_softmax(logits, self.temperature)
         pred = decide(probs, self.classes, self.confidence_threshold, self.other_threshold)
@@ -166,6 +184,11 @@ class CellClassifier:
         # cell happened to lie either.
         emb = np.stack([o[1].reshape(-1) for o in outs]).mean(axis=0, dtype=np.float64)
         return replace(pred, embedding=emb.astype(np.float32))
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The classes a cell's probabilities are over (the head's when there is one)."""
+        return self.head.classes if self.head is not None else self.classes
 
     def classify_all(self, crops: Sequence[np.ndarray]) -> list[Prediction]:
         # Batch 1 models (the op gate demands it): one invoke per crop.

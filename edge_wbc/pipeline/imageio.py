@@ -19,7 +19,7 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,15 +38,17 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MIN_SIDE = 64
 
 #: Frames with more pixels are analysed reduced (JPEG: decoded reduced by libjpeg-turbo's DCT
-#: scaling; others: decoded, then shrunk at once). Measured on x86-64 with the shipped models
-#: (docs/hardening.md): the analysis costs ~15 bytes per pixel, ~44 on a faded field (the chroma
-#: restoration works in float32), on top of ~180 MB of runtime and models; 4 MP keeps the
-#: whole process under the 400 MB a Pi can give it.
+#: scaling; others: decoded, then shrunk at once). Measured with the shipped models on x86-64
+#: (docs/hardening.md): ~165 MB of runtime and models, then the analysis costs ~15 bytes per
+#: pixel, ~44 on a faded field (the chroma restoration works in float32): a 4 MP faded field
+#: peaks at 341 MB, under the 400 MB a Pi can give the process.
 ANALYSIS_MAX_PIXELS = 4_000_000
 
 #: Largest decoded frame (width x height x channels x bytes per sample) accepted from formats
-#: that cannot be decoded reduced: the decoder holds all of it, plus the file, at once.
-MAX_DECODED_BYTES = 96 * 2**20
+#: that are decoded whole: the decoder holds all of it and the file at once (an uncompressed
+#: TIFF or BMP is as large as its pixels). The worst case measured, a 32-bit BMP of 64 MB,
+#: peaks at 375 MB; 96 MB let a 16-bit TIFF reach 446 MB.
+MAX_DECODED_BYTES = 64 * 2**20
 
 #: Largest JPEG frame accepted (it is decoded at most 1/8 reduced: 64 MP gives 1 MP).
 MAX_JPEG_PIXELS = 64_000_000
@@ -380,7 +382,8 @@ def _read_file(path: Path) -> bytes:
             raise ImageError("symbolic link loop: the name never reaches a file") from None
         if e.errno == errno.ENXIO:
             raise ImageError("not a regular file (a socket): refused") from None
-        raise ImageError(f"cannot read file: {e.strerror or e}") from None
+        what = "folder" if _probe(path.is_dir, False) else "file"
+        raise ImageError(f"cannot read {what}: {e.strerror or e}") from None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
@@ -414,22 +417,35 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     return read_field(path, max_pixels).rgb
 
 
+def _probe(check: Callable[[], bool], default: bool) -> bool:
+    try:
+        return check()
+    except OSError:  # not ours to look at (EACCES): the read of it will say so, per file
+        return default
+
+
 def list_images(paths: Iterable[str | Path]) -> list[Path]:
     """Expand the command line: files are kept as given (so a bad one is reported, not skipped);
-    folders contribute their image files (by ending, sorted, not recursive)."""
+    folders contribute their image files (by ending, sorted, not recursive). A folder that
+    cannot be listed is kept as given too, so its error is reported like a file's."""
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)
-        if p.is_dir():
-            out.extend(
-                sorted(
-                    c
-                    for c in p.iterdir()
-                    if c.is_file()
-                    and not c.name.startswith(".")
-                    and c.suffix.lower() in IMAGE_SUFFIXES
-                )
-            )
-        else:
+        if not _probe(p.is_dir, False):
             out.append(p)
+            continue
+        try:
+            children = list(p.iterdir())
+        except OSError:
+            out.append(p)
+            continue
+        out.extend(
+            sorted(
+                c
+                for c in children
+                if not c.name.startswith(".")
+                and c.suffix.lower() in IMAGE_SUFFIXES
+                and _probe(c.is_file, True)
+            )
+        )
     return out

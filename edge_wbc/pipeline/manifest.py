@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_wbc import taxonomy
 from edge_wbc.pipeline.preprocess import COLOR_ORDER, CROP_SCALE, PREPROCESS_VERSION
-from edge_wbc.pipeline.results import CLASSES
+from edge_wbc.pipeline.results import CLASSES, OTHER
 
 MANIFEST_SCHEMA = "edge-wbc/manifest/1"
 MANIFEST_NAME = "manifest.json"
@@ -26,6 +29,16 @@ VIEW_COUNTS = (1, 2, 4, 8)
 
 class ManifestError(Exception):
     """The models folder cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class HeadRef:
+    """A classifier's head on its embedding (edge_wbc.pipeline.heads): when present, the cell's
+    classes and calibration are the head's, not output 0's."""
+
+    file: str  # the head's JSON in the models folder (its .npz sits next to it)
+    sha256: str  # of the JSON, which records the .npz's sha256 in turn
+    classes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,8 @@ class ModelEntry:
     #: classifier only: length of output 1, the pooled features in front of the class head
     #: (manifest "embedding"); None when the model emits only its classes.
     embedding_dim: int | None = None
+    #: classifier only: the head on the embedding that names the cells (None: output 0 does).
+    head: HeadRef | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -104,39 +119,147 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+#: The keys of a model entry that say what the model's outputs mean, bound to the model file by
+#: ``label_binding`` at release: swapping two class names, or calling logits probabilities,
+#: without re-releasing is refused at load instead of relabelling every cell.
+BOUND_KEYS = ("sha256", "task", "classes", "output", "embedding")
+#: What a classifier's classes may be: the five counted types and "other" (not counted).
+CLASSIFIER_CLASSES = (*CLASSES, OTHER)
+SEGMENTER_CLASSES = ((), ("leukocyte",))
+OUTPUT_TYPES = ("probabilities", "logits")
+_HEX = frozenset("0123456789abcdef")
+
+
+def label_binding(entry: Mapping[str, Any]) -> str:
+    """The sha256, over a canonical JSON text, of a model entry's BOUND_KEYS: the model file's
+    sha256 with its class list (in output order), its output block(s) and declared embedding.
+
+    ``edge-wbc-convert release`` records it as ``label_binding`` in every entry and the loader
+    recomputes it, so a class list or an output meaning belongs to one model file. It guards
+    against edits and mix-ups (a hand-edited or merged manifest, a model copied under another
+    entry), not against someone who recomputes it on purpose: that needs a signature, and the
+    sha256 of every file already stops a swapped model.
+    """
+    bound = {k: entry.get(k) for k in BOUND_KEYS}
+    text = json.dumps(bound, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _require(d: dict[str, Any], key: str, where: str) -> Any:
     if key not in d:
         raise ManifestError(f"{where}: missing key '{key}'")
     return d[key]
 
 
-def _entry(d: dict[str, Any], i: int) -> ModelEntry:
-    where = f"models[{i}]"
-    if not isinstance(d, dict):
-        raise ManifestError(f"{where}: expected an object")
-    task = _require(d, "task", where)
-    if task not in TASKS:
-        raise ManifestError(f"{where}: task '{task}' is not one of {TASKS}")
-    inp = _require(d, "input", where)
-    shape = tuple(int(v) for v in _require(inp, "shape", where + ".input"))
-    if len(shape) != 4 or shape[0] != 1 or shape[3] != 3:
-        raise ManifestError(f"{where}: input shape {list(shape)} is not [1, H, W, 3]")
-    dtype = _require(inp, "dtype", where + ".input")
-    if dtype not in ("int8", "uint8", "float32"):
-        raise ManifestError(f"{where}: input dtype '{dtype}' not supported")
-    if d.get("color_order", COLOR_ORDER) != COLOR_ORDER:
-        raise ManifestError(f"{where}: colour order {d.get('color_order')} != {COLOR_ORDER}")
-    pre = d.get("preprocessing", {})
-    if pre.get("version", PREPROCESS_VERSION) != PREPROCESS_VERSION:
-        raise ManifestError(
-            f"{where}: built for preprocessing v{pre.get('version')}, this runtime has "
-            f"v{PREPROCESS_VERSION}; reconvert the model or install the matching edge-wbc"
-        )
-    classes = tuple(d.get("classes", ()))
+def _obj(v: Any, where: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ManifestError(f"{where}: expected an object, got {type(v).__name__} {v!r:.60}")
+    return v
+
+
+def _num(
+    v: Any, where: str, lo: float, hi: float, *, lo_open: bool = False, integer: bool = False
+) -> float:
+    """A JSON number (not a string, not true/false, not NaN or infinite) within [lo, hi]
+    ((lo, hi] when ``lo_open``)."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(v, bool) or not isinstance(v, kinds):
+        want = "an integer" if integer else "a number"
+        raise ManifestError(f"{where}: expected {want}, got {type(v).__name__} {v!r:.60}")
+    if not math.isfinite(v):
+        raise ManifestError(f"{where}: {v} is not a finite number")
+    if v < lo or v > hi or (lo_open and v == lo):
+        raise ManifestError(f"{where}: {v} is not in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+    return float(v)
+
+
+def _str(v: Any, where: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise ManifestError(f"{where}: expected a non-empty string, got {v!r:.60}")
+    return v
+
+
+def _sha(v: Any, where: str) -> str:
+    if not isinstance(v, str) or len(v) != 64 or not set(v) <= _HEX:
+        raise ManifestError(f"{where}: expected a sha256 (64 lower-case hex digits), got {v!r:.80}")
+    return v
+
+
+def _file_name(v: Any, where: str) -> str:
+    name = _str(v, where)
+    # A plain name in the models folder: the loader must never be pointed outside it.
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ManifestError(f"{where}: {name!r} is not a file name in the models folder")
+    return name
+
+
+def _classes(d: dict[str, Any], task: str, where: str) -> tuple[str, ...]:
+    raw = d.get("classes", [])
+    if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
+        raise ManifestError(f"{where}.classes: expected a list of class names, got {raw!r:.80}")
+    classes = tuple(raw)
+    if len(set(classes)) != len(classes):
+        dup = sorted({c for c in classes if classes.count(c) > 1})
+        raise ManifestError(f"{where}.classes: {dup} listed twice")
     if task == "classification":
+        unknown = [c for c in classes if c not in CLASSIFIER_CLASSES]
+        if unknown:
+            raise ManifestError(
+                f"{where}.classes: {unknown} unknown (a classifier's classes are "
+                f"{', '.join(CLASSIFIER_CLASSES)})"
+            )
         missing = [c for c in CLASSES if c not in classes]
         if missing:
-            raise ManifestError(f"{where}: classifier lacks classes {missing}")
+            raise ManifestError(f"{where}.classes: classifier lacks classes {missing}")
+    elif classes not in SEGMENTER_CLASSES:
+        raise ManifestError(f"{where}.classes: a segmenter's are [] or ['leukocyte'], not {raw}")
+    return classes
+
+
+def _entry(d: Any, i: int) -> ModelEntry:
+    where = f"models[{i}]"
+    d = _obj(d, where)
+    name = _str(_require(d, "name", where), f"{where}.name")
+    file = _file_name(_require(d, "file", where), f"{where}.file")
+    sha = _sha(_require(d, "sha256", where), f"{where}.sha256")
+    task = _require(d, "task", where)
+    if task not in TASKS:
+        raise ManifestError(f"{where}.task: '{task}' is not one of {TASKS}")
+    inp = _obj(_require(d, "input", where), f"{where}.input")
+    raw_shape = _require(inp, "shape", where + ".input")
+    if not isinstance(raw_shape, list):
+        raise ManifestError(f"{where}.input.shape: expected a list, got {raw_shape!r:.60}")
+    shape = tuple(
+        int(_num(v, f"{where}.input.shape[{k}]", 1, 65535, integer=True))
+        for k, v in enumerate(raw_shape)
+    )
+    if len(shape) != 4 or shape[0] != 1 or shape[3] != 3:
+        raise ManifestError(f"{where}.input.shape: {list(shape)} is not [1, H, W, 3]")
+    dtype = _require(inp, "dtype", where + ".input")
+    if dtype not in ("int8", "uint8", "float32"):
+        raise ManifestError(f"{where}.input.dtype: '{dtype}' not supported")
+    if d.get("color_order", COLOR_ORDER) != COLOR_ORDER:
+        raise ManifestError(
+            f"{where}.color_order: {d.get('color_order')!r:.40} != {COLOR_ORDER}"
+        )
+    pre = _obj(d.get("preprocessing", {}), f"{where}.preprocessing")
+    if pre.get("version", PREPROCESS_VERSION) != PREPROCESS_VERSION:
+        raise ManifestError(
+            f"{where}.preprocessing.version: built for preprocessing v{pre.get('version')!r:.20}, "
+            f"this runtime has v{PREPROCESS_VERSION}; reconvert the model or install the "
+            "matching edge-wbc"
+        )
+    crop_scale = _num(
+        pre.get("crop_scale", CROP_SCALE), f"{where}.preprocessing.crop_scale", 1.0, 4.0
+    )
+    classes = _classes(d, task, where)
+    out = d.get("output")
+    if out is not None:
+        out = _obj(out, f"{where}.output")
+        if out.get("type") is not None and out["type"] not in OUTPUT_TYPES:
+            raise ManifestError(
+                f"{where}.output.type: {out['type']!r:.40} is not one of {OUTPUT_TYPES}"
+            )
     emb = d.get("embedding")
     embedding_dim = None
     if emb is not None:
@@ -147,6 +270,7 @@ def _entry(d: dict[str, Any], i: int) -> ModelEntry:
             or len(eshape) != 2
             or eshape[0] != 1
             or not isinstance(eshape[1], int)
+            or isinstance(eshape[1], bool)
             or eshape[1] < 1
             or emb.get("output_index", 1) != 1
         ):
@@ -154,35 +278,98 @@ def _entry(d: dict[str, Any], i: int) -> ModelEntry:
                 f"{where}.embedding: expected a classifier's output 1 shaped [1, D], got {emb!r}"
             )
         embedding_dim = int(eshape[1])
-    cal = d.get("calibration", {})
+    head = None
+    if d.get("head") is not None:
+        h = d["head"]
+        hwhere = f"{where}.head"
+        if embedding_dim is None:
+            raise ManifestError(f"{hwhere}: a head reads the embedding; declare 'embedding'")
+        h = _obj(h, hwhere)
+        hfile = _file_name(_require(h, "file", hwhere), f"{hwhere}.file")
+        hsha = _sha(_require(h, "sha256", hwhere), f"{hwhere}.sha256")
+        hcls = _require(h, "classes", hwhere)
+        if (
+            not isinstance(hcls, list)
+            or len(hcls) < 2
+            or not all(isinstance(c, str) and c for c in hcls)
+            or len(set(hcls)) != len(hcls)
+        ):
+            raise ManifestError(
+                f"{hwhere}.classes: expected distinct class names, got {hcls!r:.80}"
+            )
+        unknown = [c for c in hcls if c not in taxonomy.GROUP_OF]
+        if unknown:
+            raise ManifestError(f"{hwhere}.classes: {unknown} are not classes of edge_wbc.taxonomy")
+        head = HeadRef(hfile, hsha, tuple(hcls))
+    cal = _obj(d.get("calibration", {}), f"{where}.calibration")
     views = d.get("views", 1)
-    if views not in VIEW_COUNTS:
+    if isinstance(views, bool) or views not in VIEW_COUNTS:
         raise ManifestError(
-            f"{where}: views {views!r} is not one of {', '.join(map(str, VIEW_COUNTS))}"
+            f"{where}: views {views!r:.20} is not one of {', '.join(map(str, VIEW_COUNTS))}"
+        )
+    other = cal.get("other_threshold")
+    for key in ("threshold",):  # a segmenter's own copy of the ensemble threshold
+        if key in d:
+            _num(d[key], f"{where}.{key}", 0.0, 1.0)
+    for kind in ("edgetpu",):
+        if kind in d and d[kind] is not None:
+            block = _obj(d[kind], f"{where}.{kind}")
+            if "sha256" in block:
+                _sha(block["sha256"], f"{where}.{kind}.sha256")
+            if "file" in block:
+                _file_name(block["file"], f"{where}.{kind}.file")
+    binding = d.get("label_binding")
+    if binding is None:
+        raise ManifestError(
+            f"{where}.label_binding: missing: nothing ties this entry's classes and output to "
+            f"{file}; release the models with edge-wbc-convert release"
+        )
+    try:
+        expected = label_binding(d)
+    except ValueError:  # NaN or Infinity, which JSON itself does not have
+        raise ManifestError(
+            f"{where}: NaN or Infinity in {', '.join(k for k in BOUND_KEYS if k in d)}"
+        ) from None
+    if binding != expected:
+        raise ManifestError(
+            f"{where}.label_binding: the classes, output or embedding of '{name}' are not the "
+            f"ones released with {file} (edited after release?): refusing to relabel its "
+            "answers; restore the released manifest.json or release again"
         )
     return ModelEntry(
-        name=str(_require(d, "name", where)),
-        file=str(_require(d, "file", where)),
-        sha256=str(_require(d, "sha256", where)),
+        name=name,
+        file=file,
+        sha256=sha,
         task=task,
         input_shape=shape,
         input_dtype=dtype,
         classes=classes,
-        ensemble_weight=float(d.get("ensemble_weight", 1.0)),
-        temperature=float(cal.get("temperature", 1.0)),
-        confidence_threshold=float(cal.get("confidence_threshold", 0.0)),
+        ensemble_weight=_num(
+            d.get("ensemble_weight", 1.0), f"{where}.ensemble_weight", 0.0, 1e6
+        ),
+        temperature=_num(
+            cal.get("temperature", 1.0), f"{where}.calibration.temperature", 0.0, 1e3,
+            lo_open=True,
+        ),
+        confidence_threshold=_num(
+            cal.get("confidence_threshold", 0.0),
+            f"{where}.calibration.confidence_threshold", 0.0, 1.0,
+        ),
         other_threshold=(
-            float(cal["other_threshold"]) if cal.get("other_threshold") is not None else None
+            None if other is None
+            else _num(other, f"{where}.calibration.other_threshold", 0.0, 1.0)
         ),
         views=int(views),
-        crop_scale=float(pre.get("crop_scale", CROP_SCALE)),
+        crop_scale=crop_scale,
         embedding_dim=embedding_dim,
+        head=head,
         raw=d,
-    )
+    )  # fmt: skip
 
 
 def load_manifest(models_dir: str | Path, verify: bool = True) -> Manifest:
-    """Read and validate ``models_dir/manifest.json``.
+    """Read and validate ``models_dir/manifest.json``: every value's type and range, the class
+    list against the five types, each entry's ``label_binding``.
 
     With ``verify`` every file must exist and match its sha256: a model that was swapped,
     truncated by a failed copy or corrupted on the SD card is refused, never run.
@@ -197,15 +384,39 @@ def load_manifest(models_dir: str | Path, verify: bool = True) -> Manifest:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ManifestError(f"{path}: unreadable manifest: {e}") from e
+    except RecursionError:
+        raise ManifestError(f"{path}: unreadable manifest: nested too deeply") from None
+    try:
+        return _manifest(root, raw, verify)
+    except ManifestError as e:
+        raise ManifestError(f"{path}: {e}") from None
+
+
+def _manifest(root: Path, raw: Any, verify: bool) -> Manifest:
+    raw = _obj(raw, "the manifest")
     if raw.get("schema") != MANIFEST_SCHEMA:
-        raise ManifestError(f"{path}: schema {raw.get('schema')!r}, expected {MANIFEST_SCHEMA!r}")
-    entries = tuple(_entry(d, i) for i, d in enumerate(raw.get("models", [])))
-    if not any(e.task == "segmentation" for e in entries):
-        raise ManifestError(f"{path}: no segmentation model")
-    ens = raw.get("ensemble", {})
-    man = Manifest(
-        root=root, models=entries, seg_threshold=float(ens.get("threshold", 0.5)), raw=raw
-    )
+        raise ManifestError(f"schema {raw.get('schema')!r:.60}, expected {MANIFEST_SCHEMA!r}")
+    models = _require(raw, "models", "the manifest")
+    if not isinstance(models, list):
+        raise ManifestError(f"models: expected a list of models, got {type(models).__name__}")
+    entries = tuple(_entry(d, i) for i, d in enumerate(models))
+    names = [e.name for e in entries]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ManifestError(f"models: name {dup[0]!r} is used twice")
+    segs = [e for e in entries if e.task == "segmentation"]
+    if not segs:
+        raise ManifestError("no segmentation model")
+    if sum(e.ensemble_weight for e in segs) <= 0:
+        raise ManifestError(
+            "models[*].ensemble_weight: the segmenters' weights sum to 0, so no field would "
+            "have a leukocyte"
+        )
+    if sum(1 for e in entries if e.task == "classification") > 1:
+        raise ManifestError("models: more than one classification model")
+    ens = _obj(raw.get("ensemble", {}), "ensemble")
+    threshold = _num(ens.get("threshold", 0.5), "ensemble.threshold", 0.0, 1.0, lo_open=True)
+    man = Manifest(root=root, models=entries, seg_threshold=threshold, raw=raw)
     if verify:
         verify_files(man)
     return man
@@ -222,6 +433,15 @@ def verify_files(man: Manifest) -> None:
                 f"model file {p} does not match the manifest (sha256 {digest[:12]}…, expected "
                 f"{e.sha256[:12]}…): refusing to run a model that is not the one shipped"
             )
+        if e.head is not None:
+            hp = man.root / e.head.file
+            if not hp.is_file():
+                raise ManifestError(f"head file {hp} listed in the manifest is missing")
+            if sha256_file(hp) != e.head.sha256:
+                raise ManifestError(
+                    f"head file {hp} does not match the manifest: refusing a head that is not "
+                    "the one shipped"
+                )
 
 
 def write_manifest(models_dir: str | Path, raw: dict[str, Any]) -> Path:

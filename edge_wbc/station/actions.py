@@ -25,10 +25,15 @@ class Actions:
         return self.station.capture(trigger)
 
     def new_slide(self, sample_id: str | None = None, target: int | None = None,
-                  abandon: bool = False) -> dict[str, Any]:
+                  abandon: bool = False, operator: str | None = None) -> dict[str, Any]:
         # Passed as given: the session's rule refuses 0, [] or false rather than reading them
         # as "no sample id" (None is none).
-        self.session.new_slide(sample_id, target, abandon=abandon)
+        self.session.new_slide(sample_id, target, abandon=abandon, operator=operator)
+        return self.session.state()
+
+    def set_notes(self, operator: str | None = None, signed_off_by: str | None = None,
+                  comment: str | None = None) -> dict[str, Any]:
+        self.session.set_notes(operator=operator, signed_off_by=signed_off_by, comment=comment)
         return self.session.state()
 
     def set_sample_id(self, sample_id: str | None) -> dict[str, Any]:
@@ -47,6 +52,15 @@ class Actions:
         cell = self.session.review(cell_id, label, reason)
         return self.session.cell_view(cell)
 
+    def comment_cell(self, cell_id: str, comment: str | None) -> dict[str, Any]:
+        return self.session.cell_view(self.session.comment_cell(cell_id, comment))
+
+    def add_cell(self, label: str) -> dict[str, Any]:
+        """A cell the camera missed, counted by key (manual differential counter)."""
+        return self.session.cell_view(self.session.add_manual(label))
+
+    def discard_field(self, field_id: str, reason: str | None) -> dict[str, Any]:
+        return self.session.discard_field(field_id, reason)
     def confirm(self, cell_ids: list[str]) -> dict[str, Any]:
         """The shown classes are right: the cells become reviewed (labelled) cells."""
         cells = self.session.confirm(cell_ids)

@@ -133,9 +133,19 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
         store, fanout, default_target=cfg.session.target,
         duplicate_overlap=cfg.session.duplicate_overlap, models=models,
         station_id=cfg.mqtt.station_id,
-        reporter=partial(write_reports, data_dir=store.data_dir),
+        reporter=partial(write_reports, data_dir=store.data_dir, tz=cfg.report.timezone),
         formula=cfg.formula.build(),
+        require_sample_id=cfg.report.require_sample_id,
+        require_operator=cfg.report.require_operator,
     )
+    from edge_wbc.station.adaptations import LabAdaptation
+
+    lab_adaptation = None
+    if analyzer.classifier is not None and analyzer.classifier.embedding_dim is not None:
+        lab_adaptation = LabAdaptation(analyzer, session, store.data_dir)
+        problem = lab_adaptation.restore()
+        if problem:
+            log.warning("%s", problem)
     try:
         # A folder is replayed once per slide (loop=False): going round again would count the
         # same fields twice, which the duplicate guard (last few fields only) would not catch.
@@ -153,7 +163,9 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
         liveness=live,
         info={"accelerator": analyzer.accelerator, "station_id": cfg.mqtt.station_id,
               "models": [m["name"] for m in models.get("models", [])],
-              "data_dir": str(store.data_dir)},
+              "data_dir": str(store.data_dir),
+              # The page offers "Adapt to this lab" only where the classifier can be adapted.
+              "adaptable": lab_adaptation is not None},
     )
     actions = Actions(st)
     extra: dict[str, Any] = {}
@@ -188,7 +200,8 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
             extra["mqtt"] = publisher.status
     try:
         server = StationServer(st, hub, cfg.station.host, cfg.station.port, cfg.station.token,
-                               cfg.camera.preview_fps, lis=cfg.lis, actions=actions)
+                               cfg.camera.preview_fps, lis=cfg.lis, actions=actions,
+                               adaptation=lab_adaptation)
     except (OSError, ValueError) as e:
         source.close()
         if publisher is not None:

@@ -7,6 +7,7 @@ Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
 
     GET  /                          the page (static/index.html)
     GET  /api/state                 the slide's formula (= MQTT differential) + "station" health
+                                    + "limits" (largest target, longest sample id)
     GET  /api/events                server-sent events: hello (full state), differential, field,
                                     cell, slide, status
     GET  /api/preview.mjpg          live camera view (MJPEG); /api/preview.jpg one frame
@@ -15,16 +16,26 @@ Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
                                     507 disk below its margin
     GET  /api/fields/last           last field with its cells; /api/fields/<id>.jpg its image
     GET  /api/cells                 review gallery (unidentified first, least certain first)
-    GET  /api/cells/<id>.jpg        the cell's crop
+    GET  /api/cells/<id>.jpg        the cell's crop; /api/cells/<id>/large.jpg the cell with its
+                                    surroundings at the camera's full resolution
     POST /api/cells/<id>/review     {"label": class | "rejected" + "reason" | null (restore)}
     POST /api/cells/<id>/confirm    the shown class is right (a reviewed label for adaptation)
     POST /api/cells/confirm         {"ids": [...]}: confirm several (a gallery group) at once
-    POST /api/slide/new             {"sample_id", "target", "abandon"}
+    POST /api/cells/<id>/comment    {"comment": text ('' removes it)}
+    POST /api/cells/add             {"label"}: a cell the camera missed, counted by key
+    GET  /api/fields/<id>           one field of the open slide with its cells
+    POST /api/fields/<id>/discard   {"reason": duplicate | bad_area | unusable | null (take back)}
+    POST /api/slide/new             {"sample_id", "target", "abandon", "operator"}
+    POST /api/slide/notes           {"operator", "signed_off_by", "comment"} (absent: unchanged)
     POST /api/slide/sample          {"sample_id"};  POST /api/slide/target {"target"}
     POST /api/slide/finalise        -> final state; 409 with the reasons when blocked
     GET  /api/slide/report.html|report.json|report.csv|cells.csv[?slide=<id>][&download=1]
     GET  /api/slide/report.hl7|report.fhir.json[?slide=<id>]   the finalised report as the LIS
                                     gets it (HL7 v2.5.1 ORU^R01, FHIR R4 Bundle; docs/lis.md)
+    GET  /api/adaptation            the lab adaptation in use, fitted versions, reviewed cells
+    POST /api/adaptation/fit        fit on the reviewed cells -> held-out validation (+ "id" when
+                                    better: written, not yet active); 409 when it cannot be fitted
+    POST /api/adaptation/activate   {"id": version | null (the shipped model)}; 409 when refused
     GET  /api/slides                recent slides;  POST /api/errors/clear;  GET /healthz
 
 Security: the server binds 127.0.0.1 unless told otherwise; any other address needs a token
@@ -33,6 +44,9 @@ Security: the server binds 127.0.0.1 unless told otherwise; any other address ne
 Requests whose Host header is not this station are refused (DNS-rebinding: a web page in the
 kiosk's browser must not reach the API through a name that resolves to 127.0.0.1), and POSTs must
 be JSON, which a cross-site form cannot send without a CORS preflight this server never grants.
+Every response forbids framing (``Content-Security-Policy`` with ``frame-ancestors 'none'``,
+``X-Frame-Options: DENY``); bodies need an exact ``Content-Length`` and strict JSON
+(``edge_wbc.inputs``); connections are bounded (see :class:`StationServer`).
 """
 
 from __future__ import annotations
@@ -58,9 +72,9 @@ import numpy as np
 from edge_wbc.camera import CameraError, FrameError
 from edge_wbc.config import is_loopback
 from edge_wbc.counting.events import Event
-from edge_wbc.counting.session import SessionError
+from edge_wbc.counting.session import MAX_NAME_CHARS, MAX_NOTE_CHARS, SessionError
 from edge_wbc.counting.store import DiskFullError, StoreError
-from edge_wbc.inputs import InputError, parse_json_object
+from edge_wbc.inputs import MAX_SAMPLE_ID_CHARS, MAX_TARGET, InputError, parse_json_object
 from edge_wbc.station.actions import Actions
 from edge_wbc.station.app import BusyError, Station
 
@@ -80,13 +94,19 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
 # The printed report is one self-contained file: an inline stylesheet and data: thumbnails.
 REPORT_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
               "form-action 'none'; frame-ancestors 'none'")
+# The page's inputs take their bounds from here (edge_wbc.inputs), not from copies in its HTML.
+LIMITS = {"target_max": MAX_TARGET, "sample_id_max_chars": MAX_SAMPLE_ID_CHARS,
+          "name_max_chars": MAX_NAME_CHARS, "comment_max_chars": MAX_NOTE_CHARS}
 SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",  # frame-ancestors for browsers that predate it
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-_CELL = re.compile(r"^/api/cells/([A-Za-z0-9_:-]+)(/review|/confirm|\.jpg)$")
-_FIELD = re.compile(r"^/api/fields/([A-Za-z0-9_:-]+)(\.jpg)?$")
+_CELL = re.compile(
+    r"^/api/cells/([A-Za-z0-9_:-]+)(/review|/confirm|/comment|/large\.jpg|\.jpg)$")
+_FIELD = re.compile(r"^/api/fields/([A-Za-z0-9_:-]+)(\.jpg|/discard)?$")
+#: Context around a cell in its large view, as a fraction of the box on each side.
+LARGE_MARGIN = 0.6
 _TRIGGER = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 _REPORT = re.compile(
     r"^/api/slide/(report\.html|report\.json|report\.csv|cells\.csv|report\.hl7|"
@@ -176,6 +196,7 @@ class StationServer(ThreadingHTTPServer):
         preview_fps: float = 5.0,
         lis: Any = None,
         actions: Actions | None = None,
+        adaptation: Any = None,
     ) -> None:
         if not is_loopback(host) and not token:
             raise ValueError(
@@ -188,6 +209,8 @@ class StationServer(ThreadingHTTPServer):
         self.token = token or None
         self.preview_fps = preview_fps
         self.lis = lis  # the [lis] section: the HL7 header of on-demand messages
+        #: station.adaptations.LabAdaptation, or None when the analyser cannot be adapted.
+        self.adaptation = adaptation
         self.stopping = threading.Event()
         self.bind_host = host
         self._slots = threading.BoundedSemaphore(self.max_handlers)
@@ -521,7 +544,7 @@ class Handler(BaseHTTPRequestHandler):
             healthy = s["worker_alive"]
             self._json(200 if healthy else 503, {"ok": healthy, "camera": s["camera"]})
         elif path == "/api/state":
-            self._json(200, {**session.state(), "station": st.status()})
+            self._json(200, {**session.state(), "station": st.status(), "limits": LIMITS})
         elif path == "/api/events":
             self._sse()
         elif path == "/api/preview.mjpg":
@@ -538,17 +561,26 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, f)
         elif path == "/api/cells":
             self._json(200, {"slide_id": session.slide["id"], "cells": session.gallery()})
+        elif path == "/api/adaptation":
+            self._json(200, self._adaptation().status())
         elif path == "/api/slides":
             self._json(200, {"slides": session.store.slides(50)})
-        elif m := _FIELD.match(path):
+        elif (m := _FIELD.match(path)) and m.group(2) != "/discard":
             fid, jpg = m.group(1), m.group(2)
             if not jpg:
-                raise _ApiError(404, "use /api/fields/last or /api/fields/<id>.jpg")
+                f = session.field_view(fid)
+                if f is None:
+                    raise _ApiError(404, f"no field {fid} on the open slide")
+                self._json(200, f)
+                return
             p = session.store.field_image(fid)
             self._file(p, "image/jpeg", f"no image for field {fid}")
         elif (m := _CELL.match(path)) and m.group(2) == ".jpg":
             p = session.store.crop_image(m.group(1))
             self._file(p, "image/jpeg", f"no crop for cell {m.group(1)}")
+        elif (m := _CELL.match(path)) and m.group(2) == "/large.jpg":
+            self._send(200, self._large_crop(m.group(1)), "image/jpeg",
+                       {"Cache-Control": "max-age=86400"})
         elif m := _REPORT.match(path):
             self._report(m.group(1), query)
         else:
@@ -567,6 +599,19 @@ class Handler(BaseHTTPRequestHandler):
                 raise _ApiError(400, "give 'label' (a class, 'rejected' with 'reason', or null "
                                      "to restore the machine's label)")
             self._json(200, act.review(m.group(1), body["label"], body.get("reason")))
+        elif (m := _CELL.match(path)) and m.group(2) == "/comment":
+            if "comment" not in body:
+                raise _ApiError(400, "give 'comment' (text; '' removes it)")
+            self._json(200, act.comment_cell(m.group(1), body["comment"]))
+        elif path == "/api/cells/add":
+            if "label" not in body:
+                raise _ApiError(400, "give 'label': the class of the cell to add")
+            self._json(200, act.add_cell(body["label"]))
+        elif (m := _FIELD.match(path)) and m.group(2) == "/discard":
+            if "reason" not in body:
+                raise _ApiError(400, "give 'reason' (duplicate, bad_area, unusable) or null to "
+                                     "take the field back")
+            self._json(200, act.discard_field(m.group(1), body["reason"]))
         elif (m := _CELL.match(path)) and m.group(2) == "/confirm":
             self._json(200, act.confirm([m.group(1)]))
         elif path == "/api/cells/confirm":
@@ -580,7 +625,10 @@ class Handler(BaseHTTPRequestHandler):
                 # "no" or "false" must not close a slide with counted cells.
                 raise _ApiError(400, f"abandon must be true or false, got {abandon!r}")
             self._json(200, act.new_slide(body.get("sample_id"), body.get("target"),
-                                          abandon=abandon))
+                                          abandon=abandon, operator=body.get("operator")))
+        elif path == "/api/slide/notes":
+            self._json(200, act.set_notes(body.get("operator"), body.get("signed_off_by"),
+                                          body.get("comment")))
         elif path == "/api/slide/sample":
             self._json(200, act.set_sample_id(body.get("sample_id")))
         elif path == "/api/slide/target":
@@ -591,6 +639,20 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, act.finalise())
         elif path == "/api/errors/clear":
             self._json(200, act.clear_error())
+        elif path in ("/api/adaptation/fit", "/api/adaptation/activate"):
+            from edge_wbc.station.adaptations import AdaptationRefused
+
+            lab = self._adaptation()
+            try:
+                if path.endswith("/fit"):
+                    self._json(200, lab.fit())
+                else:
+                    if "id" not in body or not (body["id"] is None or isinstance(body["id"], str)):
+                        raise _ApiError(400, "give 'id': an adaptation's id, or null for the "
+                                             "shipped model")
+                    self._json(200, lab.activate(body["id"]))
+            except AdaptationRefused as e:
+                raise _ApiError(409, str(e)) from None
         else:
             raise _ApiError(404, f"no such action: {path}")
 
@@ -608,6 +670,34 @@ class Handler(BaseHTTPRequestHandler):
         if ctype.startswith("text/") or ctype in ("application/javascript",):
             ctype += "; charset=utf-8"
         self._send(200, p.read_bytes(), ctype)
+
+    def _adaptation(self) -> Any:
+        if self.server.adaptation is None:
+            raise _ApiError(404, "this station's analyser cannot be adapted (no classifier "
+                                 "embedding)")
+        return self.server.adaptation
+
+    def _large_crop(self, cell_id: str) -> bytes:
+        """The cell with its surroundings from the stored field image, at the camera's own
+        resolution (the gallery's crop is a 128 px thumbnail)."""
+        store = self.server.station.session.store
+        cell = self.server.station.session.cells.get(cell_id)
+        if cell is None:
+            raise _ApiError(404, f"no cell {cell_id} on the open slide")
+        p = store.field_image(cell["field_id"])
+        if p is None or not p.is_file() or cell["bbox"][2] <= cell["bbox"][0]:
+            raise _ApiError(404, f"no image of cell {cell_id} (added by hand, or its field "
+                                 "image is missing)")
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if img is None:
+            raise _ApiError(404, f"the image of field {cell['field_id']} cannot be read")
+        h, w = img.shape[:2]
+        x0, y0, x1, y1 = cell["bbox"]
+        side = max(x1 - x0, y1 - y0) * (1 + 2 * LARGE_MARGIN)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        a0, b0 = max(0, int(cx - side / 2)), max(0, int(cy - side / 2))
+        a1, b1 = min(w, int(cx + side / 2)), min(h, int(cy + side / 2))
+        return encode_jpeg(cv2.cvtColor(img[b0:b1, a0:a1], cv2.COLOR_BGR2RGB), 92)
 
     def _file(self, p: Path | None, ctype: str, missing: str) -> None:
         if p is None or not p.is_file():
@@ -662,7 +752,7 @@ class Handler(BaseHTTPRequestHandler):
                 return  # the headers alone: a stream that never ends is no answer to HEAD
             # A fresh page (or one reconnecting after a restart) starts from the full state.
             st = srv.station
-            first = {**st.session.state(), "station": st.status()}
+            first = {**st.session.state(), "station": st.status(), "limits": LIMITS}
             self._sse_write("hello", json.dumps(first, default=str))
             while not srv.stopping.is_set():
                 try:

@@ -65,8 +65,8 @@ def test_blast_in_review_flags_page_report_and_mqtt(broker: Mosquitto, tmp_path:
             # (ru's seventh row).
             pg.click("#tab-review")
             pg.wait_for_selector(".cell.sel")
-            # ru has nine rows: keys 1-9 (then Reject X and Undo U, as always).
-            assert pg.locator("#insp-actions button kbd").count() == 9 + 2
+            # ru has nine rows: keys 1-9 (then Confirm C, Reject X, Undo U and In field F).
+            assert pg.locator("#insp-actions button kbd").count() == 9 + 4
             cid = pg.locator(".cell.sel").get_attribute("data-id")
             pg.select_option("#insp-more", "blast")
             pg.wait_for_function("() => window.__reviewsPending === 0", timeout=10000)

@@ -84,6 +84,12 @@ def test_technician_flow(page) -> None:
     pg, rs = page, page.rs
     pg.wait_for_function("() => window.__counted === 0")
     assert pg.locator("#capture").is_enabled()
+    # The inputs' bounds are the station's rules, not copies in the HTML.
+    from edge_wbc.inputs import MAX_SAMPLE_ID_CHARS, MAX_TARGET
+
+    assert pg.eval_on_selector("#target-custom", "e => e.max") == str(MAX_TARGET)
+    for sel in ("#new-sample", "#sample-input"):
+        assert pg.eval_on_selector(sel, "e => e.maxLength") == MAX_SAMPLE_ID_CHARS
 
     # Capture with the on-screen button and the space bar until the target is reached.
     n = 0
