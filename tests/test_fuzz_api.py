@@ -33,13 +33,13 @@ from hypothesis.stateful import (
 )
 from station_fakes import RunningStation
 
-from edge_wbc.comms.mqtt import (
+from edge_wbc.comms.commands import (
     MAX_COMMAND_BYTES,
     SLIDE_COMMANDS,
     Command,
     CommandError,
-    _request_id_of,
     parse_command,
+    request_id_of,
 )
 from edge_wbc.inputs import MAX_SAMPLE_ID_CHARS, MAX_TARGET, check_sample_id
 from edge_wbc.pipeline.results import CLASSES
@@ -230,21 +230,25 @@ ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_:-"
 GET_ROUTES = [
     "/", "/index.html", "/static/app.js", "/static/style.css", "/static/", "/healthz",
     "/api/state", "/api/preview.jpg", "/api/fields/last", "/api/fields/{field}",
-    "/api/fields/{field}.jpg", "/api/cells", "/api/cells/{cell}.jpg", "/api/slide/report.html",
+    "/api/fields/{field}.jpg", "/api/cells", "/api/cells/{cell}.jpg",
+    "/api/cells/{cell}/large.jpg", "/api/adaptation", "/api/slide/report.html",
     "/api/slide/report.json", "/api/slide/report.csv", "/api/slide/cells.csv",
     "/api/slide/report.hl7", "/api/slide/report.fhir.json", "/api/slides",
 ]
 POST_ROUTES = [
     "/api/cells/{cell}/review", "/api/cells/{cell}/confirm", "/api/cells/confirm",
     "/api/capture", "/api/slide/new", "/api/slide/sample", "/api/slide/target",
-    "/api/slide/finalise", "/api/errors/clear",
+    "/api/slide/finalise", "/api/errors/clear", "/api/cells/{cell}/comment", "/api/cells/add",
+    "/api/fields/{field}/discard", "/api/slide/notes", "/api/adaptation/fit",
+    "/api/adaptation/activate",
 ]
 # Streams never end: their own tests read them (test_station_api); only HEAD reaches them here.
 STREAMS = ["/api/events", "/api/preview.mjpg"]
 METHODS = ["GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"]
 BODY_KEYS = ["trigger", "label", "reason", "ids", "sample_id", "target", "abandon",
-             "request_id", "action"]
-LABELS = [*CLASSES, "rejected", "not_leukocyte", "counted_twice", "unusable", "confirmed"]
+             "operator", "signed_off_by", "comment", "id", "request_id", "action"]
+LABELS = [*CLASSES, "rejected", "not_leukocyte", "counted_twice", "unusable", "confirmed",
+          "duplicate", "bad_area"]
 
 # Any latin-1 character but CR and LF (those end a line: a different request, not a bad one).
 line_text = st.text(st.characters(codec="latin-1", exclude_characters="\r\n"), max_size=40)
@@ -476,6 +480,27 @@ class SlideWorkflow(RuleBasedStateMachine):
         self._post("/api/cells/confirm", {"ids": usual(data.draw, st.just(given),
                                                        st.just(odd))})
 
+    @rule(label=st.sampled_from(CLASSES) | json_values)
+    def add_cell(self, label: Any) -> None:
+        self._post("/api/cells/add", {"label": label})
+
+    @rule(data=st.data(), reason=st.sampled_from(["duplicate", "bad_area", "unusable", None])
+          | json_values)
+    def discard_field(self, data: Any, reason: Any) -> None:
+        fields = [f["id"] for f in self.p.rs.store.fields(self.p.rs.session.slide["id"])]
+        fid = one_of_known(data.draw, fields, st.just("nofield"))
+        self._post(f"/api/fields/{fid}/discard", {"reason": reason})
+
+    @rule(data=st.data(), comment=st.sampled_from(["band form?", ""]) | json_values)
+    def comment(self, data: Any, comment: Any) -> None:
+        cid = one_of_known(data.draw, self._cells(), st.just("nocell"))
+        self._post(f"/api/cells/{cid}/comment", {"comment": comment})
+
+    @rule(notes=st.dictionaries(st.sampled_from(["operator", "signed_off_by", "comment"]),
+                                st.sampled_from(["A. Tech", ""]) | json_values, max_size=3))
+    def notes(self, notes: dict[str, Any]) -> None:
+        self._post("/api/slide/notes", notes)
+
     # (`target` is a keyword of rule() itself: hence `count`.)
     @rule(sample=st.sampled_from(["S-1", "LAB 7/2", ""]) | json_values,
           count=st.integers(1, 6) | json_values, abandon=st.booleans() | json_values,
@@ -567,7 +592,7 @@ def test_mqtt_command_parser_gives_a_command_or_a_clear_error(kind: str, raw: by
         if "sample_id" in cmd.args:
             assert cmd.args["sample_id"] and check_sample_id(cmd.args["sample_id"]) == \
                 cmd.args["sample_id"]
-    rid = _request_id_of(raw)
+    rid = request_id_of(raw)
     assert rid is None or isinstance(rid, str)
 
 
