@@ -167,6 +167,14 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
               # The page offers "Adapt to this lab" only where the classifier can be adapted.
               "adaptable": lab_adaptation is not None},
     )
+    from edge_wbc.station.magnification import Magnification, config_rule
+
+    magnification = Magnification(analyzer, st, cfg.postprocess.cell_diameter_px,
+                                  store.data_dir, config_rule(cfg))
+    problem = magnification.restore()
+    if problem:
+        log.warning("%s", problem)
+    st.info["measurable"] = True  # the page offers "Measure magnification"
     actions = Actions(st)
     extra: dict[str, Any] = {}
     if lis is not None:
@@ -201,7 +209,7 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
     try:
         server = StationServer(st, hub, cfg.station.host, cfg.station.port, cfg.station.token,
                                cfg.camera.preview_fps, lis=cfg.lis, actions=actions,
-                               adaptation=lab_adaptation)
+                               adaptation=lab_adaptation, magnification=magnification)
     except (OSError, ValueError) as e:
         source.close()
         if publisher is not None:
