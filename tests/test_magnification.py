@@ -12,6 +12,8 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from station_fakes import FakeAnalyzer, RunningStation
 from test_station_api import capture, jreq
 
@@ -130,8 +132,8 @@ def test_accept_counts_the_next_field_audits_and_survives_a_restart(
         capture(rs, 1)
         m = mag.measure()
         px = round(m["leukocyte_px"])
-        st = mag.accept(px)
-        assert st["cell_diameter_px"] == px and st["saved"]["measured"] == m
+        shown = mag.accept(px)
+        assert shown["cell_diameter_px"] == px and shown["saved"]["measured"] == m
         capture(rs, 1)
         assert rs.analyzer.used == [CONFIG_PX, px]  # the next field is analysed with it
         f = rs.store.fields(rs.session.slide["id"])
@@ -152,8 +154,8 @@ def test_accept_counts_the_next_field_audits_and_survives_a_restart(
         assert rs.analyzer.params.cell_diameter_px == px
         assert rs.session.models["cell_diameter_px"] == px
         assert f"overrides the config's {CONFIG_PX:g} px" in caplog.text
-        st = mag.reset()
-        assert st["cell_diameter_px"] == CONFIG_PX and st["saved"] is None
+        shown = mag.reset()
+        assert shown["cell_diameter_px"] == CONFIG_PX and shown["saved"] is None
         assert not (rs.store.data_dir / FILE).exists()
         capture(rs, 1)
         assert rs.analyzer.used[-1] == CONFIG_PX
@@ -229,3 +231,32 @@ def test_api(tmp_path: Path) -> None:
         assert status == 409 and "too few red cells" in body["error"]
     finally:
         rs.close()
+
+
+@pytest.fixture(scope="module")
+def fuzz_station(tmp_path_factory: pytest.TempPathFactory):
+    rs, _ = _station(tmp_path_factory.mktemp("fuzz-mag"), f"folder:{SAMPLES}")
+    yield rs
+    rs.close()
+
+
+_values = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20)
+           | st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(path=st.sampled_from(["/api/magnification/accept", "/api/magnification/reset"]),
+       body=st.dictionaries(st.sampled_from(["cell_diameter_px", "x"]), _values, max_size=2)
+       | _values)
+def test_routes_answer_any_json_with_a_4xx_and_a_reason(fuzz_station: RunningStation,
+                                                         path: str, body: Any) -> None:
+    status, answer = jreq(fuzz_station.url + path, "POST", body)
+    assert status in (200, 400), (status, answer)
+    if status == 400:
+        assert answer["error"] and answer["status"] == 400
+    else:
+        assert 4.0 <= answer["cell_diameter_px"] <= 2000.0
+    px = fuzz_station.analyzer.params.cell_diameter_px
+    assert 4.0 <= px <= 2000.0 and px == px  # never NaN, always within the config's range
