@@ -50,6 +50,9 @@ Security: the server binds 127.0.0.1 unless told otherwise; any other address ne
 Requests whose Host header is not this station are refused (DNS-rebinding: a web page in the
 kiosk's browser must not reach the API through a name that resolves to 127.0.0.1), and POSTs must
 be JSON, which a cross-site form cannot send without a CORS preflight this server never grants.
+Every response forbids framing (``Content-Security-Policy`` with ``frame-ancestors 'none'``,
+``X-Frame-Options: DENY``); bodies need an exact ``Content-Length`` and strict JSON
+(``edge_wbc.inputs``); connections are bounded (see :class:`StationServer`).
 """
 
 from __future__ import annotations
