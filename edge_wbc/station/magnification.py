@@ -64,13 +64,33 @@ def config_rule(cfg: Any) -> Callable[[Any], float]:
     return check
 
 
+def restore_saved(analyzer: Any, data_dir: Path, config_px: float,
+                  check: Callable[[Any], float]) -> tuple[dict[str, Any] | None, str | None]:
+    """At start, before the session records the models of its slide: puts the diameter accepted
+    on this station (over the config's) into ``analyzer``. Returns the saved document (None:
+    the config's value stays) and a warning when the saved value cannot be used."""
+    f = Path(data_dir) / FILE
+    if not f.is_file():
+        return None, None
+    try:
+        doc = json.loads(f.read_text())
+        px = check(doc["cell_diameter_px"])
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        return None, (f"{f}: cannot be used ({e}); counting with the config's "
+                      f"cell_diameter_px {config_px:g}")
+    analyzer.params = dataclasses.replace(analyzer.params, cell_diameter_px=px)
+    log.info("cell_diameter_px %g px accepted on this station at %s (%s) overrides the "
+             "config's %g px", px, doc.get("at"), f, config_px)
+    return doc, None
+
+
 class Magnification:
     """``analyzer``: the FieldAnalyzer counting the station's fields; ``config_px``: the
     config's cell_diameter_px; ``check``: the config's rule for the value (returns it as a float,
     raises ValueError with the reason)."""
 
     def __init__(self, analyzer: Any, station: Station, config_px: float, data_dir: Path,
-                 check: Callable[[Any], float]) -> None:
+                 check: Callable[[Any], float], saved: dict[str, Any] | None = None) -> None:
         self.analyzer = analyzer
         self.station = station
         self.session = station.session
@@ -80,27 +100,19 @@ class Magnification:
         self._measuring = threading.Lock()
         self._changing = threading.Lock()
         self.last: dict[str, Any] | None = None
-        self.saved: dict[str, Any] | None = None
+        #: What restore_saved found at start (None: the config's value is in use).
+        self.saved = saved
 
     # ------------------------------------------------------------------ start
 
     def restore(self) -> str | None:
         """At start: the diameter accepted on this station (over the config's), if any.
         Returns a warning when the saved value cannot be used (the config's stays)."""
-        if not self.file.is_file():
-            return None
-        try:
-            doc = json.loads(self.file.read_text())
-            px = self.check(doc["cell_diameter_px"])
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            return (f"{self.file}: cannot be used ({e}); counting with the config's "
-                    f"cell_diameter_px {self.config_px:g}")
-        self._apply(px)
-        self.session.models = self.analyzer.describe()
-        self.saved = doc
-        log.info("cell_diameter_px %g px accepted on this station at %s (%s) overrides the "
-                 "config's %g px", px, doc.get("at"), self.file, self.config_px)
-        return None
+        self.saved, problem = restore_saved(self.analyzer, self.file.parent, self.config_px,
+                                            self.check)
+        if self.saved is not None:
+            self.session.models = self.analyzer.describe()
+        return problem
 
     # ------------------------------------------------------------------ reading
 
