@@ -397,8 +397,14 @@ def fit_mixture(
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "fitted_on": "edge-wbc-convert fit-mixture on the flat head of fit-head "
         f"({base.info.get('fitted_on', '')}); shift and group threshold chosen on val",
-        "flat_lam": base.info.get("lam"),
         "shift": chosen["shift"],
+        # The flat head's own calibration: a lab adaptation starts from the flat head
+        # (edge_wbc.pipeline.adaptation.base_head_from_linear) and needs its thresholds.
+        "flat": {
+            "lam": base.info.get("lam"),
+            "confidence_threshold": base.confidence_threshold,
+            "other_threshold": base.other_threshold,
+        },
         "train_cells": base.info.get("train_cells", {}),
     }
     head = LinearHead(**{**head.__dict__, "info": info})
@@ -447,6 +453,29 @@ def fit_mixture(
         write_manifest(models, raw)
         load_manifest(models)  # what the device will check
     typer.echo(f"wrote {jp} (+ .npz), {jp.parent / 'fine_eval.json'}")
+
+
+@app.command("fine-card")
+def fine_card(
+    models: Path = typer.Option(Path("models"), help="models folder with fine_eval.json"),
+    formula: Path = typer.Option(None, help="scripts/eval_formula.py --json of the head"),
+    formula_shipped: Path = typer.Option(
+        None, help="the same for the six-class output (a models folder without the head)"
+    ),
+) -> None:
+    """Record the PBC test through `edge-wbc analyze` in fine_eval.json and rewrite the card's
+    fine-class section from it."""
+    import json
+
+    from edge_wbc_convert.card import update_fine_section
+
+    fp = models / "fine_eval.json"
+    fe = json.loads(fp.read_text())
+    for key, f in (("pbc_test_analyze", formula), ("pbc_test_analyze_shipped", formula_shipped)):
+        if f is not None:
+            fe[key] = json.loads(f.read_text())
+    fp.write_text(json.dumps(fe, indent=2) + "\n")
+    typer.echo(f"wrote {fp}, {update_fine_section(models)}")
 
 
 @app.command()
