@@ -3,7 +3,9 @@
 ``ThreadingHTTPServer`` keeps the device free of a web framework: the page needs a dozen routes,
 one SSE stream and an MJPEG preview, a few requests per second at most.
 
-Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
+Routes (JSON unless said; errors are ``{"error": message, "status": code}``, the standard
+library's own refusals of a request line or headers included; methods other than GET, HEAD and
+POST get 405, a request line that is not HTTP/1.x 400 or 505; HEAD of a stream is its headers):
 
     GET  /                          the page (static/index.html)
     GET  /api/state                 the slide's formula (= MQTT differential) + "station" health
@@ -91,6 +93,7 @@ COOKIE = "edge_wbc_token"
 SSE_CLIENT_QUEUE = 256
 SSE_HEARTBEAT_S = 15.0
 MAX_BODY = 64 * 1024
+LINGER_S, LINGER_BYTES = 2.0, 1 << 20  # see Handler.finish
 # The page loads its script and stylesheet from here and sets colours and bar widths through
 # style attributes (hence style-src-attr, which leaves <style> elements and inline scripts
 # blocked); images are crops, fields, the preview and the empty data: favicon.
@@ -330,6 +333,25 @@ class Handler(BaseHTTPRequestHandler):
         # it from the instance, so a per-server value belongs there.)
         self.timeout = self.server.idle_timeout_s  # type: ignore[misc]
         super().setup()
+
+    def finish(self) -> None:
+        super().finish()
+        # Lingering close (RFC 9112 9.6): a refused request's body may still be arriving.
+        # Closing with it unread makes the kernel reset the connection, and a client still
+        # sending sees the reset instead of the answer it was sent. Our side is shut first, so
+        # the client reads the answer's end at once; what it still sends is read and dropped,
+        # for at most LINGER_S and LINGER_BYTES.
+        sock = self.connection
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_S
+            left = LINGER_BYTES
+            while left > 0 and (wait := deadline - time.monotonic()) > 0:
+                sock.settimeout(wait)
+                chunk = sock.recv(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
 
     def handle_one_request(self) -> None:
         self.server.waiting(self)
