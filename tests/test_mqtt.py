@@ -28,14 +28,8 @@ from mqtt_support import (
 )
 
 from edge_wbc.comms import mqtt as edge_mqtt
-from edge_wbc.comms.mqtt import (
-    SLIDE_COMMANDS,
-    Command,
-    CommandError,
-    MqttError,
-    MqttPublisher,
-    parse_command,
-)
+from edge_wbc.comms.commands import SLIDE_COMMANDS, Command, CommandError, parse_command
+from edge_wbc.comms.mqtt import MqttError, MqttPublisher
 from edge_wbc.config import ConfigError, MqttConfig, load_config
 from edge_wbc.counting import outbox
 from edge_wbc.station.actions import REMOTE

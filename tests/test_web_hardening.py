@@ -18,7 +18,7 @@ from mqtt_support import wait_for
 from station_fakes import RunningStation
 from test_station_api import capture, jreq, req
 
-from edge_wbc.comms.mqtt import CommandError, parse_command
+from edge_wbc.comms.commands import CommandError, parse_command
 from edge_wbc.config import ConfigError, is_loopback, load_config
 from edge_wbc.counting.reports import csv_cell
 from edge_wbc.inputs import MAX_SAMPLE_ID_CHARS, InputError, check_sample_id, hidden_char

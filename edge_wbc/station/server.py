@@ -36,6 +36,12 @@ Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
     POST /api/adaptation/fit        fit on the reviewed cells -> held-out validation (+ "id" when
                                     better: written, not yet active); 409 when it cannot be fitted
     POST /api/adaptation/activate   {"id": version | null (the shipped model)}; 409 when refused
+    GET  /api/magnification         cell diameter in use, the config's, the saved one, last measure
+    POST /api/magnification/measure the red cells of the fields at hand -> the leukocyte diameter
+                                    they imply; 409 when too few red cells (or already running)
+    POST /api/magnification/accept  {"cell_diameter_px": px}: counts from the next field, kept
+                                    over restarts; 400 when not a diameter the config would take
+    POST /api/magnification/reset   back to the config's cell_diameter_px
     GET  /api/slides                recent slides;  POST /api/errors/clear;  GET /healthz
 
 Security: the server binds 127.0.0.1 unless told otherwise; any other address needs a token
@@ -44,6 +50,9 @@ Security: the server binds 127.0.0.1 unless told otherwise; any other address ne
 Requests whose Host header is not this station are refused (DNS-rebinding: a web page in the
 kiosk's browser must not reach the API through a name that resolves to 127.0.0.1), and POSTs must
 be JSON, which a cross-site form cannot send without a CORS preflight this server never grants.
+Every response forbids framing (``Content-Security-Policy`` with ``frame-ancestors 'none'``,
+``X-Frame-Options: DENY``); bodies need an exact ``Content-Length`` and strict JSON
+(``edge_wbc.inputs``); connections are bounded (see :class:`StationServer`).
 """
 
 from __future__ import annotations
@@ -194,6 +203,7 @@ class StationServer(ThreadingHTTPServer):
         lis: Any = None,
         actions: Actions | None = None,
         adaptation: Any = None,
+        magnification: Any = None,
     ) -> None:
         if not is_loopback(host) and not token:
             raise ValueError(
@@ -208,6 +218,8 @@ class StationServer(ThreadingHTTPServer):
         self.lis = lis  # the [lis] section: the HL7 header of on-demand messages
         #: station.adaptations.LabAdaptation, or None when the analyser cannot be adapted.
         self.adaptation = adaptation
+        #: station.magnification.Magnification, or None (not wired: its routes answer 404).
+        self.magnification = magnification
         self.stopping = threading.Event()
         self.bind_host = host
         self._slots = threading.BoundedSemaphore(self.max_handlers)
@@ -520,6 +532,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"slide_id": session.slide["id"], "cells": session.gallery()})
         elif path == "/api/adaptation":
             self._json(200, self._adaptation().status())
+        elif path == "/api/magnification":
+            self._json(200, self._magnification().status())
         elif path == "/api/slides":
             self._json(200, {"slides": session.store.slides(50)})
         elif (m := _FIELD.match(path)) and m.group(2) != "/discard":
@@ -607,8 +621,30 @@ class Handler(BaseHTTPRequestHandler):
                     self._json(200, lab.activate(body["id"]))
             except AdaptationRefused as e:
                 raise _ApiError(409, str(e)) from None
+        elif path in ("/api/magnification/measure", "/api/magnification/accept",
+                      "/api/magnification/reset"):
+            self._magnification_action(path.rsplit("/", 1)[1], body)
         else:
             raise _ApiError(404, f"no such action: {path}")
+
+    def _magnification_action(self, what: str, body: dict[str, Any]) -> None:
+        from edge_wbc.station.magnification import BadDiameter, MagnificationRefused
+
+        mag = self._magnification()
+        try:
+            if what == "measure":
+                self._json(200, mag.measure())
+            elif what == "accept":
+                if "cell_diameter_px" not in body:
+                    raise _ApiError(400, "give 'cell_diameter_px': the leukocyte diameter in "
+                                         "pixels to count with")
+                self._json(200, mag.accept(body["cell_diameter_px"]))
+            else:
+                self._json(200, mag.reset())
+        except BadDiameter as e:
+            raise _ApiError(400, str(e)) from None
+        except MagnificationRefused as e:
+            raise _ApiError(409, str(e)) from None
 
     # ------------------------------------------------------------------ helpers
 
@@ -620,6 +656,11 @@ class Handler(BaseHTTPRequestHandler):
         if ctype.startswith("text/") or ctype in ("application/javascript",):
             ctype += "; charset=utf-8"
         self._send(200, p.read_bytes(), ctype)
+
+    def _magnification(self) -> Any:
+        if self.server.magnification is None:
+            raise _ApiError(404, "this station does not measure its magnification")
+        return self.server.magnification
 
     def _adaptation(self) -> Any:
         if self.server.adaptation is None:
