@@ -71,8 +71,10 @@ def parse_command(kind: str, raw: bytes) -> Command:
         raise CommandError("request_id must be a string")
     if kind == "capture":
         unknown = set(data) - {"request_id", "action"}
-        if unknown or data.get("action", "capture") != "capture":
-            raise CommandError(f"unexpected capture fields {sorted(unknown) or data['action']}")
+        if unknown:
+            raise CommandError(f"unexpected capture fields {sorted(unknown)}")
+        if data.get("action", "capture") != "capture":
+            raise CommandError(f"capture action must be 'capture', got {data['action']!r}")
         return Command(kind, "capture", {}, request_id or None)
     if kind != "slide":
         raise CommandError(f"unknown command {kind!r}")

@@ -196,7 +196,7 @@ class SlideSession:
         return ev
 
     def new_slide(
-        self, sample_id: str = "", target: int | None = None, abandon: bool = False,
+        self, sample_id: str | None = "", target: int | None = None, abandon: bool = False,
         operator: str | None = None,
     ) -> None:
         """Start counting a new slide. An open slide with cells is only closed when ``abandon``
@@ -226,7 +226,7 @@ class SlideSession:
                 events.append(self._set_notes({"operator": operator}))
             self._emit(events)
 
-    def set_sample_id(self, sample_id: str) -> None:
+    def set_sample_id(self, sample_id: str | None) -> None:
         sample_id = _check_sample_id(sample_id)
         if not sample_id:
             raise SessionError("the sample id cannot be empty")

@@ -345,6 +345,41 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
+    # The standard library answers a request line without a version as HTTP/0.9: the body
+    # alone, no status line, no headers. Every answer here has them.
+    default_request_version = "HTTP/1.1"
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if len(self.requestline.split()) == 2:
+            self.send_error(400, "the request line needs a version: METHOD /path HTTP/1.1")
+            return False
+        major = self.request_version.split("/", 1)[1].split(".")[0]
+        if int(major) != 1:
+            self.send_error(505, f"{self.request_version} is not served: send HTTP/1.1")
+            return False
+        if self.command not in ("GET", "HEAD", "POST"):
+            # 405, not the standard library's 501: the method is the client's to change.
+            self.send_error(405, f"method {self.command} is not allowed: use GET, HEAD or POST",
+                            headers={"Allow": "GET, HEAD, POST"})
+            return False
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None,
+                   headers: dict[str, str] | None = None) -> None:
+        """The standard library's refusals (request line, headers, method, version) in the
+        API's error shape, ``{"error", "status"}``, instead of an HTML page."""
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True  # what is left of the request is not to be read as another
+        if self.request_version == "HTTP/0.9":
+            # Refused before its line was read whole ("GET / x HTTP/0.9"): an HTTP/0.9 answer
+            # would go without its status line.
+            self.request_version = "HTTP/1.1"
+        reason = message or self.responses.get(code, ("error",))[0]
+        body = json.dumps({"error": reason, "status": code}).encode()
+        self._send(code, body, "application/json", {"Connection": "close", **(headers or {})})
+
     # ------------------------------------------------------------------ plumbing
 
     def _send(self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None
@@ -442,7 +477,12 @@ class Handler(BaseHTTPRequestHandler):
         if not self.server.working(self):
             self.close_connection = True  # closed to make room for another connection
             return
-        url = urlsplit(self.path)
+        try:
+            url = urlsplit(self.path)
+        except ValueError as e:  # "http://[x/": an absolute-form target that is no URL
+            self.close_connection = True
+            self._error(400, f"request target is not a URL: {e}")
+            return
         query = parse_qs(url.query)
         path = url.path
         if not self._host_ok():
@@ -591,9 +631,12 @@ class Handler(BaseHTTPRequestHandler):
                 raise _ApiError(400, "give 'ids': a non-empty list of cell ids")
             self._json(200, act.confirm(ids))
         elif path == "/api/slide/new":
+            abandon = body.get("abandon", False)
+            if not isinstance(abandon, bool):
+                # "no" or "false" must not close a slide with counted cells.
+                raise _ApiError(400, f"abandon must be true or false, got {abandon!r}")
             self._json(200, act.new_slide(body.get("sample_id"), body.get("target"),
-                                          abandon=bool(body.get("abandon")),
-                                          operator=body.get("operator")))
+                                          abandon=abandon, operator=body.get("operator")))
         elif path == "/api/slide/notes":
             self._json(200, act.set_notes(body.get("operator"), body.get("signed_off_by"),
                                           body.get("comment")))
@@ -649,9 +692,13 @@ class Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ helpers
 
     def _static(self, rel: str) -> None:
-        p = (STATIC / rel).resolve()
-        if not p.is_relative_to(STATIC.resolve()) or not p.is_file():
-            raise _ApiError(404, f"no such file: {rel}")
+        try:
+            p = (STATIC / rel).resolve()
+            found = p.is_relative_to(STATIC.resolve()) and p.is_file()
+        except (OSError, ValueError):  # a NUL in the name, a name too long for the file system
+            found = False
+        if not found:
+            raise _ApiError(404, f"no such file: {rel!r}")
         ctype = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
         if ctype.startswith("text/") or ctype in ("application/javascript",):
             ctype += "; charset=utf-8"
@@ -739,6 +786,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("X-Accel-Buffering", "no")
             self.end_headers()
             self.close_connection = True
+            if self.command == "HEAD":
+                return  # the headers alone: a stream that never ends is no answer to HEAD
             # A fresh page (or one reconnecting after a restart) starts from the full state.
             st = srv.station
             first = {**st.session.state(), "station": st.status(), "limits": LIMITS}
@@ -773,6 +822,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
         self.close_connection = True
+        if self.command == "HEAD":
+            return
         period = 1.0 / fps
         try:
             while not srv.stopping.is_set():
