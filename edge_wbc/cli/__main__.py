@@ -3,4 +3,6 @@ on PATH (and for scripts that run the CLI with a given interpreter)."""
 
 from edge_wbc.cli import app
 
-app(prog_name="edge-wbc")
+# Guarded: tools that import every module (tests/test_no_tensorflow.py) must not run the CLI.
+if __name__ == "__main__":
+    app(prog_name="edge-wbc")
