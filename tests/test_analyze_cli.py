@@ -539,3 +539,13 @@ def test_cell_diameter_auto_measures_the_fields(
     assert sizes["half"] == pytest.approx(sizes["full"] / 2, rel=0.15)
     code, _, err = _run(app, str(full), "--config", str(config), "--cell-diameter", "big")
     assert code == 2 and "number of pixels or 'auto'" in err
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    """``python -m edge_wbc.cli`` (scripts/eval_analyze.py runs the CLI that way) is the command."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "edge_wbc.cli", "analyze", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--cell-diameter" in r.stdout, r.stderr

@@ -505,6 +505,9 @@ def test_full_outbox_warning_reaches_status_and_stats(broker: Mosquitto, tmp_pat
         # What the station's page shows while the broker is away: live, not the depth at start,
         # and the full outbox named next to the reason nothing goes out (#15.19).
         assert pub.wait_until(lambda s: s["outbox"]["depth"] == 17, 5), pub.status()
+        # The first failed connect may still be under way on a loaded machine: wait for its reason.
+        assert pub.wait_until(lambda s: "cannot reach the broker" in (s.get("warning") or ""),
+                              10), pub.status()
         status = pub.status()
         assert status["outbox"]["full"] and status["outbox"]["dropped_field"] + \
             status["outbox"]["refused_field"] == 8
