@@ -290,6 +290,27 @@ def write_card(
     return path
 
 
+FINE_TITLE = "## Fine classes: a head on the classifier's embedding"
+
+
+def update_fine_section(models: Path) -> Path:
+    """Rewrite the card's fine-class section (models/README.md) from models/fine_eval.json,
+    in place of the old one (or before the op gate section)."""
+    import json
+
+    fe = json.loads((models / "fine_eval.json").read_text())
+    card = models / "README.md"
+    s = card.read_text()
+    start = s.find(FINE_TITLE)
+    if start < 0:
+        start = end = s.index("## Op gate and Edge TPU")
+    else:
+        end = s.index("\n## ", start + 3) + 1
+    sec = fine_section(fe, fe.get("pbc_test_analyze"), fe.get("pbc_test_analyze_shipped"))
+    card.write_text(s[:start] + "\n".join(sec) + "\n" + s[end:])
+    return card
+
+
 def fine_section(
     fe: dict[str, Any],
     formula: dict[str, Any] | None = None,
@@ -299,8 +320,9 @@ def fine_section(
     same head through ``edge-wbc analyze`` on PBC test, from scripts/eval_formula.py;
     ``formula_shipped``: the six-class output through the same command)."""
     cal = fe["calibration"]
+    mixture = "group_thresholds" in cal
     lines = [
-        "## Fine classes: a head on the classifier's embedding",
+        FINE_TITLE,
         "",
         "**The trunk was not retrained.** The shipped classifier's float weights were lost "
         "(its training runs are gone and no `.keras` file survives) and a retrain from scratch "
@@ -314,9 +336,20 @@ def fine_section(
         + fe["method"]
         + ".",
         "",
-        f"Calibration: temperature {cal['temperature']:.3f}; a cell whose top class is below "
-        f"{cal['confidence_threshold']:.3f} goes to *unidentified*; platelet or other needs "
-        f"{cal['other_threshold']:.3f}.",
+        (
+            f"Decision: the shipped head's own thresholds on the cell's counting group (band + "
+            f"segmented as one neutrophil, platelet + other as one non-leukocyte): below "
+            f"{cal['confidence_threshold']:.3f} *unidentified*, leaving the count needs "
+            f"{cal['other_threshold']:.3f}; immature granulocytes and erythroblasts, which the "
+            "shipped head has no output for, are named from "
+            + ", ".join(f"{g} {v:.2f}" for g, v in cal["group_thresholds"].items())
+            + f"; the group's top class names the cell (the fine head's temperature "
+            f"{cal['temperature']:.3f})."
+            if mixture
+            else f"Calibration: temperature {cal['temperature']:.3f}; a cell whose top class "
+            f"is below {cal['confidence_threshold']:.3f} goes to *unidentified*; platelet or "
+            f"other needs {cal['other_threshold']:.3f}."
+        ),
         "",
         "Cells as the device sees them: PBC images through the device's analysis (lab diameter "
         "110 px, the cell nearest the centre; platelets are mostly not segmented at all), "
@@ -334,10 +367,24 @@ def fine_section(
         "erythroblast F1 | PBC five-part on named | BCCD five-part on named |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    if mixture:
+        lines[-2:] = [
+            "| IG / erythroblast log-odds shift | their threshold | other labs no worse | "
+            "PBC macro-F1 | band F1 | segmented F1 | IG F1 | erythroblast F1 | "
+            "PBC five-part on named | BCCD five-part on named |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for r in fe["selection"]:
-        mark = " (chosen)" if r["lam"] == fe["chosen"]["lam"] else ""
+        key = ("shift", "group_threshold") if mixture else ("lam",)
+        mark = " (chosen)" if all(r[k] == fe["chosen"][k] for k in key) else ""
+        first = (
+            f"{r['shift']:+g}{mark} | {r['group_threshold']:g} | "
+            f"{'yes' if r['other_labs_no_worse'] else 'no'}"
+            if mixture
+            else f"{r['lam']:g}{mark}"
+        )
         lines.append(
-            f"| {r['lam']:g}{mark} | {_f(r['val_pbc_macro_f1'])} | "
+            f"| {first} | {_f(r['val_pbc_macro_f1'])} | "
             f"{_f(r.get('val_f1_band_neutrophil'))} | {_f(r.get('val_f1_segmented_neutrophil'))} | "
             f"{_f(r.get('val_f1_immature_granulocyte'))} | {_f(r.get('val_f1_erythroblast'))} | "
             f"{_f(r['val_pbc_five_part_named'])} | {_f(r.get('val_bccd_five_part_named'))} |"
@@ -372,8 +419,14 @@ def fine_section(
         "",
         "Five-part against the shipped output on the same test cells: "
         + ("worse on " + "; ".join(worse) if worse else "no source worse")
-        + ". The head's threshold is fitted like the shipped one (at most 4 % of PBC val "
-        "unidentified), and on the small sets it leaves far fewer cells unidentified.",
+        + (
+            ". The head decides what a cell counts as with the shipped thresholds, so on the "
+            "labs it was not fitted to it names and leaves unidentified what the shipped output "
+            "does; it only refines the names."
+            if mixture
+            else ". The head's threshold is fitted like the shipped one (at most 4 % of PBC "
+            "val unidentified), and on the small sets it leaves far fewer cells unidentified."
+        ),
     ]
     lines += [
         "",

@@ -20,11 +20,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from edge_wbc_convert.fine import ALLOWED, FINE, FIVE_OF
 from scipy.optimize import minimize
 from scipy.special import logsumexp
+
+if TYPE_CHECKING:
+    from edge_wbc.pipeline.heads import LinearHead
 
 log = logging.getLogger(__name__)
 K = len(FINE)
@@ -279,3 +283,104 @@ def summary(
 
 def macro_f1(rep: dict) -> float:
     return float(np.mean([v["f1"] for v in rep["per_class"].values()]))
+
+
+# ----------------------------------------------------------------------------- mixture
+
+#: What each shipped class splits into in the mixture head: immature granulocytes and
+#: erythroblasts are taken out of `other` only (hiding them also in neutrophil / lymphocyte
+#: lowered Zheng 2 val five-part accuracy on named cells: runs of 2026-12-01).
+MIXTURE_SPLITS: dict[str, tuple[str, ...]] = {
+    "neutrophil": ("band_neutrophil", "segmented_neutrophil"),
+    "eosinophil": ("eosinophil",),
+    "basophil": ("basophil",),
+    "lymphocyte": ("lymphocyte",),
+    "monocyte": ("monocyte",),
+    "other": ("immature_granulocyte", "erythroblast", "platelet", "other"),
+}
+#: Fine classes the shipped classifier has no output for; their groups get their own threshold.
+REFINED = ("immature_granulocyte", "erythroblast")
+
+
+def mixture_labels(
+    head: LinearHead, x: np.ndarray, p6: np.ndarray, named: bool = True
+) -> list[str]:
+    """Each cell's label from a mixture head (edge_wbc.pipeline.heads.LinearHead) as the device
+    decides it; ``named=False``: the top group's class whatever its probability (top-1)."""
+    from dataclasses import replace
+
+    if not named:
+        head = replace(head, confidence_threshold=0.0, other_threshold=0.0,
+                       group_thresholds={})  # fmt: skip
+    q = head.mixture_probs(x, p6)
+    return [head.decide_groups(row)[0] for row in q]
+
+
+def _five(label: str) -> str | None:
+    return FIVE_OF.get(label)
+
+
+def label_report(truth: list[str], named: list[str], top1: list[str]) -> dict:
+    """report()'s numbers from labels: per fine class (unidentified counts against recall),
+    five-part top-1 and on named, the unidentified share among the five types' leukocytes."""
+    t5 = [_five(t) for t in truth]
+    le = [i for i, t in enumerate(t5) if t is not None]
+    nm = [i for i in le if named[i] != "unidentified"]
+    out: dict = {
+        "n": len(truth),
+        "n_leukocytes": len(le),
+        "unidentified_rate": 1 - len(nm) / len(le) if le else 0.0,
+        "five_part_accuracy_named": (
+            float(np.mean([_five(named[i]) == t5[i] for i in nm])) if nm else 0.0
+        ),
+        "five_part_accuracy_top1": (
+            float(np.mean([_five(top1[i]) == t5[i] for i in le])) if le else 0.0
+        ),
+        "wrong_named": int(sum(_five(named[i]) != t5[i] for i in nm)),
+        "per_class": {},
+    }
+    y = np.array([FINE.index(t) if t in FINE else -1 for t in truth])
+    pred = np.array([FINE.index(p) if p in FINE else -2 for p in named])
+    fine = y >= 0
+    for k, c in enumerate(FINE):
+        if (y == k).any():
+            out["per_class"][c] = prf(y[fine], pred[fine], k)
+    return out
+
+
+def mixture_summary(head: LinearHead, sp: Split) -> dict:
+    return labels_summary(
+        sp, mixture_labels(head, sp.x, sp.p6), mixture_labels(head, sp.x, sp.p6, named=False)
+    )
+
+
+def shipped_summary(sp: Split, conf: float, other: float | None) -> dict:
+    """The shipped six-class output on the same cells, decided as the device does."""
+    from edge_wbc.pipeline.classify import decide
+
+    named = [decide(p, SHIPPED6, conf, other).label for p in sp.p6]
+    return labels_summary(sp, named, [SHIPPED6[k] for k in sp.p6.argmax(1)])
+
+
+def labels_summary(sp: Split, named: list[str], top1: list[str]) -> dict:
+    out = {}
+    for src in sorted(set(sp.source)):
+        m = [i for i, s in enumerate(sp.source) if s == src]
+        out[src] = label_report(
+            [sp.label[i] for i in m], [named[i] for i in m], [top1[i] for i in m]
+        )
+    return out
+
+
+def mixture_ok(mix: dict, shipped: dict) -> bool:
+    """The selection constraint: on every source but PBC, five-part accuracy on named no worse
+    than the shipped output's, and unidentified not lower where that accuracy would drop."""
+    for src, s in shipped.items():
+        if src == "pbc":
+            continue
+        m = mix[src]
+        if m["five_part_accuracy_named"] < s["five_part_accuracy_named"] - 1e-12:
+            return False
+        if m["five_part_accuracy_top1"] < s["five_part_accuracy_top1"] - 1e-12:
+            return False
+    return True

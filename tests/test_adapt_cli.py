@@ -162,10 +162,11 @@ def test_fit_measures_the_magnification_and_lists_images_without_a_leukocyte(
 
     lab = _lab_dir(tmp_path / "lab", {"neutrophil": 3, "lymphocyte": 3})
     cv2.imwrite(str(lab / "lymphocyte" / "blank.png"), np.full((300, 300, 3), 225, np.uint8))
-    code, out, err = _run(
+    code, _out, err = _run(
         app, "adapt", "fit", str(lab), "--out", str(tmp_path / "o"), "--cell-diameter", "auto"
     )
-    assert "red cells measure" in out and "leukocyte diameter" in out
+    # the measurement goes to stderr (stdout may carry a JSON document)
+    assert "red cells measure" in err and "leukocyte diameter" in err
     assert f"skipped {lab / 'lymphocyte' / 'blank.png'}: no leukocyte found" in err
     assert code == 2 and "at least two classes with >= 5 cells" in err
     assert not (tmp_path / "o").exists()

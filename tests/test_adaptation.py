@@ -312,3 +312,21 @@ def test_a_head_file_can_be_the_base() -> None:
     )
     E, y = _lab(rng, protos, COUNTS)
     assert A.fit_adaptation(E, y, again).accepted
+
+
+def test_a_mixture_head_is_adapted_from_its_flat_head_with_the_flat_thresholds() -> None:
+    """The shipped fine-class head refines the six-class output (a mixture); a lab head is
+    linear, so it starts from the mixture's flat head and that head's own thresholds."""
+    rng = np.random.default_rng(3)
+    w, b = rng.normal(size=(4, 2)), rng.normal(size=2)
+    kw = {"base_classes": ("neutrophil", "other"),
+          "splits": {"neutrophil": ("band_neutrophil",), "other": ("other",)}}  # fmt: skip
+    cls2 = ("band_neutrophil", "other")
+    flat = {"flat": {"confidence_threshold": 0.5, "other_threshold": 0.6}}
+    mix = A.LinearHead(cls2, w, b, "ab" * 32, 1.2, 0.9, 0.95, flat, **kw)  # type: ignore[arg-type]
+    base = A.base_head_from_linear(mix)
+    np.testing.assert_allclose(base.W, w.T)
+    assert (base.temperature, base.confidence_threshold, base.other_threshold) == (1.2, 0.5, 0.6)
+    bare = A.LinearHead(cls2, w, b, "ab" * 32, 1.2, 0.9, 0.95, **kw)  # type: ignore[arg-type]
+    with pytest.raises(A.AdaptationError, match=r"info\.flat"):
+        A.base_head_from_linear(bare)

@@ -513,3 +513,39 @@ def test_paths_that_cannot_be_looked_at_are_each_their_own_error(
     assert by_name["f.jpg"]["error"] == "cannot read file: Permission denied"
     assert by_name["locked"]["error"] == "cannot read folder: Permission denied"
     assert by_name["two.jpg"]["error"] is None and len(by_name["two.jpg"]["cells"]) == 2
+
+
+def test_cell_diameter_auto_measures_the_fields(
+    app: typer.Typer, config: Path, tmp_path: Path
+) -> None:
+    """--cell-diameter auto reads the magnification off the fields' red cells: BCCD fields at
+    their own size give about the default 170 px; the same fields at half size about half."""
+    full, half = tmp_path / "full", tmp_path / "half"
+    full.mkdir()
+    half.mkdir()
+    for p in sorted(FIELDS.glob("BloodImage_*.jpg"))[:4]:
+        img = cv2.imread(str(p))
+        cv2.imwrite(str(full / p.name), img)
+        cv2.imwrite(str(half / p.name), cv2.resize(img, None, fx=0.5, fy=0.5,
+                                                   interpolation=cv2.INTER_AREA))
+    sizes = {}
+    for name, d in (("full", full), ("half", half)):
+        code, out, err = _run(app, str(d), "--config", str(config), "--cell-diameter", "auto",
+                              "--json", "-")
+        assert code == 0, err
+        assert "Accept it with --cell-diameter" in err
+        sizes[name] = json.loads(out)["models"]["cell_diameter_px"]
+    assert 130 <= sizes["full"] <= 210
+    assert sizes["half"] == pytest.approx(sizes["full"] / 2, rel=0.15)
+    code, _, err = _run(app, str(full), "--config", str(config), "--cell-diameter", "big")
+    assert code == 2 and "number of pixels or 'auto'" in err
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    """``python -m edge_wbc.cli`` (scripts/eval_analyze.py runs the CLI that way) is the command."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "edge_wbc.cli", "analyze", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--cell-diameter" in r.stdout, r.stderr

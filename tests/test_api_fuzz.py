@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from station_fakes import RunningStation
 
-from edge_wbc.comms.mqtt import CommandError, parse_command
+from edge_wbc.comms.commands import CommandError, parse_command
 from edge_wbc.inputs import (
     MAX_SAMPLE_ID_CHARS,
     MAX_TARGET,

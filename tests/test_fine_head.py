@@ -97,3 +97,45 @@ def test_the_card_section_says_the_trunk_was_not_retrained() -> None:
     text = "\n".join(fine_section(fe))
     assert "**The trunk was not retrained.**" in text and "1e-05 (chosen)" in text
     assert "| band_neutrophil | 0.500 | 0.500 | 0.500 | 3 |" in text
+
+
+def test_the_card_section_of_a_mixture_names_its_thresholds_and_selection() -> None:
+    per = {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 3}
+    src = {"n": 3, "five_part_accuracy_top1": 1.0, "five_part_accuracy_named": 1.0,
+           "unidentified_rate": 0.0, "per_class": {"band_neutrophil": per}}  # fmt: skip
+    row = {"shift": -1.0, "group_threshold": 0.4, "other_labs_no_worse": True,
+           "val_pbc_macro_f1": 0.9, "val_pbc_five_part_named": 0.99}  # fmt: skip
+    fe = {
+        "method": "mixture",
+        "calibration": {"temperature": 1.5, "confidence_threshold": 0.9, "other_threshold": 0.9,
+                        "group_thresholds": {"immature_granulocyte": 0.4, "nrbc": 0.4}},
+        "train_cells": {"pbc": {"band_neutrophil": 3}},
+        "selection": [row, row | {"shift": 0.0, "other_labs_no_worse": False}],
+        "chosen": row,
+        "test": {"pbc": src},
+        "test_shipped_five_part": {"pbc": src},
+    }  # fmt: skip
+    text = "\n".join(fine_section(fe))
+    assert "| -1 (chosen) | 0.4 | yes |" in text and "| +0 | 0.4 | no |" in text
+    assert "immature_granulocyte 0.40, nrbc 0.40" in text
+    assert "no source worse" in text
+
+
+def test_the_mixture_selection_refuses_a_worse_other_lab() -> None:
+    from edge_wbc_convert.fine_fit import label_report, mixture_ok
+
+    truth = ["neutrophil", "lymphocyte", "eosinophil", "neutrophil"]
+    shipped = label_report(truth, ["neutrophil", "lymphocyte", "unidentified", "neutrophil"],
+                           ["neutrophil", "lymphocyte", "basophil", "neutrophil"])  # fmt: skip
+    band, seg, ig = "band_neutrophil", "segmented_neutrophil", "immature_granulocyte"
+    same = label_report(truth, [band, "lymphocyte", "unidentified", seg],
+                        [band, "lymphocyte", "basophil", band])  # fmt: skip
+    assert shipped["five_part_accuracy_named"] == 1.0 and shipped["unidentified_rate"] == 0.25
+    assert mixture_ok({"bccd": same}, {"bccd": shipped})
+    # an immature granulocyte call on a lab without any: a wrong named cell
+    worse = label_report(truth, [ig, "lymphocyte", "unidentified", band],
+                         [ig, "lymphocyte", "basophil", band])  # fmt: skip
+    assert worse["wrong_named"] == 1
+    assert not mixture_ok({"bccd": worse}, {"bccd": shipped})
+    # PBC is not a constraint (its fine classes are what the selection maximises)
+    assert mixture_ok({"pbc": worse}, {"pbc": shipped})

@@ -153,6 +153,9 @@ def test_a_head_in_the_manifest_names_the_cells(tmp_path: Path) -> None:
     head = _with_head(models, base)
     a = FieldAnalyzer(models, threads=1)
     assert a.classifier.head is not None and a.classifier.labels == FINE
+    cls = next(m for m in a.describe()["models"] if m["task"] == "classification")
+    assert cls["head"] == {"file": "classifier_fine.json", "sha256": sha256_file(
+        models / "classifier_fine.json")}  # fmt: skip
     res = a.analyze(read_image(TESTS / "fixtures" / "fields" / "BloodImage_00249.jpg"), "f")
     assert res.cells
     for c in res.cells:

@@ -113,3 +113,84 @@ def test_bad_heads_are_refused_when_built() -> None:
         _head(classes=("a", "a", "b", "c", "d", "e"))
     with pytest.raises(HeadError, match="sha256 hex digest"):
         _head(base_sha256="abc")
+
+
+# ----------------------------------------------------------------------------- mixture heads
+
+FINE4 = ("band_neutrophil", "segmented_neutrophil", "immature_granulocyte", "other")
+BASE2 = ("neutrophil", "other")
+SPLITS = {"neutrophil": FINE4[:2], "other": FINE4[2:]}
+
+
+def _mixture(**kw: object) -> LinearHead:
+    w = np.zeros((2, 4))
+    w[0, 0] = 2.0  # feature 0: band rather than segmented
+    w[1, 2] = 3.0  # feature 1: immature granulocyte rather than other
+    args: dict[str, object] = {
+        "classes": FINE4,
+        "weight": w,
+        "bias": np.zeros(4),
+        "base_sha256": BASE,
+        "confidence_threshold": 0.9,
+        "other_threshold": 0.95,
+        "base_classes": BASE2,
+        "splits": SPLITS,
+        "group_thresholds": {"immature_granulocyte": 0.6},
+    }
+    return LinearHead(**(args | kw))  # type: ignore[arg-type]
+
+
+def test_a_mixture_splits_the_classifiers_probabilities_and_keeps_their_sum() -> None:
+    h = _mixture()
+    e, base = np.array([1.0, 1.0]), np.array([0.7, 0.3])
+    q = h.mixture_probs(e, base)
+    f = h.probs(e)
+    assert q.sum() == pytest.approx(1.0)
+    assert q[0] + q[1] == pytest.approx(0.7)  # band + segmented = the classifier's neutrophil
+    assert q[0] / q[1] == pytest.approx(f[0] / f[1])
+    assert q[2] / q[3] == pytest.approx(f[2] / f[3])
+
+
+def test_a_mixture_decides_on_the_group_with_the_classifiers_thresholds() -> None:
+    h = _mixture()
+    # Sure neutrophil, band and segmented nearly even: named (the group is sure), band.
+    p = h.predict(np.array([0.2, 0.0]), np.array([0.97, 0.03]))
+    assert p.label == "band_neutrophil" and p.score == pytest.approx(0.97)
+    assert p.probs["band_neutrophil"] < 0.9  # a flat head would have sent it to review
+    # The classifier unsure: unidentified whatever the split says.
+    assert h.predict(np.array([5.0, 0.0]), np.array([0.8, 0.2])).label == UNIDENTIFIED
+    # An immature granulocyte out of "other" is named at its own group's threshold ...
+    ig = h.predict(np.array([0.0, 0.3]), np.array([0.05, 0.95]))
+    assert ig.label == "immature_granulocyte" and 0.6 <= ig.score < 0.9
+    # ... and "other" still needs other_threshold to leave the count.
+    assert h.predict(np.array([0.0, -2.0]), np.array([0.06, 0.94])).label == UNIDENTIFIED
+    assert h.predict(np.array([0.0, -9.0]), np.array([0.01, 0.99])).label == OTHER
+    with pytest.raises(HeadError, match="pass base_probs"):
+        h.predict(np.array([0.0, 0.0]))
+    with pytest.raises(HeadError, match="3 base probabilities"):
+        h.predict(np.array([0.0, 0.0]), np.array([0.5, 0.3, 0.2]))
+
+
+def test_a_mixture_roundtrips_and_a_bad_one_is_refused(tmp_path: Path) -> None:
+    h = _mixture()
+    jp = h.save(tmp_path / "mix.json")
+    doc = json.loads(jp.read_text())
+    assert doc["kind"] == "mixture" and doc["splits"]["other"] == list(FINE4[2:])
+    g = LinearHead.load(jp, BASE)
+    assert g.is_mixture and g.base_classes == BASE2 and g.group_thresholds == h.group_thresholds
+    e, base = np.array([0.3, 0.4]), np.array([0.5, 0.5])
+    np.testing.assert_allclose(g.mixture_probs(e, base), h.mixture_probs(e, base))
+    with pytest.raises(HeadError, match="splits cover"):
+        _mixture(splits={"neutrophil": FINE4[:2], "other": ("other",)})
+    with pytest.raises(HeadError, match="splits name"):
+        _mixture(base_classes=("neutrophil", "eosinophil", "other"))
+    with pytest.raises(HeadError, match="group_thresholds"):
+        _mixture(group_thresholds={"blastoid": 0.5})
+    doc.pop("splits")
+    jp.write_text(json.dumps(doc))
+    with pytest.raises(HeadError, match="mixture head without a valid 'splits'"):
+        LinearHead.load(jp)
+    doc["kind"] = "cubic"
+    jp.write_text(json.dumps(doc))
+    with pytest.raises(HeadError, match="kind 'cubic'"):
+        LinearHead.load(jp)

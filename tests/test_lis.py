@@ -192,6 +192,33 @@ def test_fhir_bundle_validates_and_carries_the_differential() -> None:
                                                                    ensure_ascii=False) + "\n"
 
 
+def test_operators_are_named_in_both_messages() -> None:
+    """Who counted and who signed off, as entered at the station: FHIR Practitioners referenced
+    as performer / resultsInterpreter; HL7 OBR-34 (technician), OBR-32 (interpreter), OBX-16."""
+    rep = _report(operator="A. Ivanova|lab 2", signed_off_by="Dr. B. Petrov")
+    res = _validate_every_resource(json.loads(render(rep, "fhir")))
+    names = {r["name"][0]["text"]: r for r in res["Practitioner"]}
+    assert set(names) == {"A. Ivanova|lab 2", "Dr. B. Petrov"}
+    bundle = json.loads(render(rep, "fhir"))
+    url = {e["resource"]["name"][0]["text"]: e["fullUrl"] for e in bundle["entry"]
+           if e["resource"]["resourceType"] == "Practitioner"}
+    dr = res["DiagnosticReport"][0]
+    assert dr["performer"] == [{"reference": url["A. Ivanova|lab 2"]}]
+    assert dr["resultsInterpreter"] == [{"reference": url["Dr. B. Petrov"]}]
+    assert all(o.get("performer") == [{"reference": url["A. Ivanova|lab 2"]}]
+               for o in res["Observation"])
+    msg = hl7.parse(build_oru(rep))
+    obr = msg.segment("OBR")
+    assert msg.unescape(str(obr(34))) == "A. Ivanova|lab 2"
+    assert msg.unescape(str(obr(32))) == "Dr. B. Petrov"
+    assert all(msg.unescape(str(s(16)(1)(2))) == "A. Ivanova|lab 2" for s in _obx(msg)[:-1])
+    # Nobody entered: no Practitioner, no empty fields.
+    res = _validate_every_resource(json.loads(render(_report(), "fhir")))
+    assert "Practitioner" not in res and "performer" not in res["DiagnosticReport"][0]
+    obr = hl7.parse(build_oru(_report())).segment("OBR")
+    assert len(obr) <= 32  # no OBR-32/34 at all
+
+
 def test_fhir_manual_codes_flags_and_local_system() -> None:
     rep = _report(reviewed_changes=[{"cell_id": "c"}], differential=[
         {"label": "lymphocyte", "count": 40, "percent": 40.0, "flag": "H"},

@@ -18,7 +18,7 @@ from mqtt_support import wait_for
 from station_fakes import RunningStation
 from test_station_api import capture, jreq, req
 
-from edge_wbc.comms.mqtt import CommandError, parse_command
+from edge_wbc.comms.commands import CommandError, parse_command
 from edge_wbc.config import ConfigError, is_loopback, load_config
 from edge_wbc.counting.reports import csv_cell
 from edge_wbc.inputs import MAX_SAMPLE_ID_CHARS, InputError, check_sample_id, hidden_char
@@ -140,10 +140,11 @@ def test_every_response_forbids_framing(st: RunningStation) -> None:
         assert h["X-Content-Type-Options"] == "nosniff", status
     csp = answers[0][1]["Content-Security-Policy"]
     assert "script-src 'self'" in csp and "'unsafe-inline'" not in csp.split("style-src-attr")[0]
-    # The standard library's own error page (an unknown method) too.
-    answer = raw_http(st.server.port, b"BREW /pot HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    assert status_of(answer) == 501 and b"X-Frame-Options: DENY" in answer
-    assert b"frame-ancestors 'none'" in answer
+    # The standard library's own refusals (an unknown method, a request line too long) too.
+    for line, code in ((b"BREW /pot", 405), (b"GET /" + b"a" * 70000, 414)):
+        answer = raw_http(st.server.port, line + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert status_of(answer) == code and b"X-Frame-Options: DENY" in answer
+        assert b"frame-ancestors 'none'" in answer
 
 
 def test_report_page_has_its_own_policy(st: RunningStation) -> None:

@@ -31,6 +31,3 @@ for _name in _COMMAND_MODULES:
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
-
-if __name__ == "__main__":  # pragma: no cover - python -m edge_wbc.cli
-    main()

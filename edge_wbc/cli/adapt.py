@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import typer
 
-from edge_wbc.cli.analyze import _build_analyzer, _usage_error
+from edge_wbc.cli.analyze import _build_analyzer, _usage_error, cell_diameter_option
 from edge_wbc.pipeline.adaptation import (
     EXIT_NOT_BETTER,
     LabCells,
@@ -150,18 +150,9 @@ def fit(
         raise _usage_error(f"--out {out} exists: an adaptation is a version, never overwritten")
     if not out.parent.resolve().is_dir():
         raise _usage_error(f"--out: folder {out.parent} does not exist")
-    diameter: float | None = None
-    if cell_diameter is not None and cell_diameter != "auto":
-        try:
-            diameter = float(cell_diameter)
-        except ValueError:
-            raise _usage_error(
-                f"--cell-diameter must be a number of pixels or 'auto', not {cell_diameter!r}"
-            ) from None
-    if cell_diameter == "auto":
-        if not dirs:
-            raise _usage_error("--cell-diameter auto measures image folders, not --data-dir")
-        diameter = _auto_diameter(dirs)
+    if cell_diameter is not None and cell_diameter.strip().lower() == "auto" and not dirs:
+        raise _usage_error("--cell-diameter auto measures image folders, not --data-dir")
+    diameter = cell_diameter_option(cell_diameter, lambda: _class_images(dirs or []))
 
     analyzer = _build_analyzer(config, models, None, None, diameter)
     # The base is the shipped head, even when the config names an adaptation: a lab head is
@@ -220,25 +211,11 @@ def fit(
     )
 
 
-def _auto_diameter(dirs: list[Path]) -> float:
-    from edge_wbc.pipeline.imageio import ImageError, list_images, read_image
-    from edge_wbc.pipeline.scale import ScaleError, estimate_cell_diameter
+def _class_images(dirs: list[Path]) -> list[Path]:
+    """Every image of DIR/<class>/ folders, classes in turn, to measure the magnification on."""
+    from edge_wbc.pipeline.imageio import list_images
 
-    subs = [s for d in dirs if d.is_dir() for s in sorted(d.iterdir()) if s.is_dir()]
-    images = []
-    # Spread over the classes: 40 fields measure the magnification to a few per cent.
-    every = list_images(subs)
-    for p in every[:: max(1, len(every) // 40)][:40]:
-        try:
-            images.append(read_image(p))
-        except ImageError:
-            continue
-    try:
-        est = estimate_cell_diameter(images)
-    except ScaleError as e:
-        raise _usage_error(f"--cell-diameter auto: {e}") from None
-    typer.echo(est.describe())
-    return est.leukocyte_px
+    return list_images([s for d in dirs if d.is_dir() for s in sorted(d.iterdir()) if s.is_dir()])
 
 
 def cells_from_store(data_dir: Path, base_sha256: str) -> LabCells:

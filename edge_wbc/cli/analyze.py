@@ -9,6 +9,7 @@ import resource
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,31 @@ def _absolute(p: Path) -> Path:
         return Path(os.path.abspath(p))
 
 
+def cell_diameter_option(value: str | None, images: Callable[[], list[Path]]) -> float | None:
+    """``--cell-diameter PX|auto``: pixels, or measured on the given fields' red cells (printed
+    for the technician to accept into the config). ``images`` lists the fields to measure."""
+    if value is None:
+        return None
+    if value.strip().lower() != "auto":
+        try:
+            return float(value)  # its range is the config's rule (postprocess.cell_diameter_px)
+        except ValueError:
+            raise _usage_error(
+                f"--cell-diameter must be a number of pixels or 'auto', not {value!r}"
+            ) from None
+    from edge_wbc.pipeline.scale import ScaleError, estimate_from_files
+
+    files = images()
+    if not files:
+        raise _usage_error("--cell-diameter auto: no image files to measure")
+    try:
+        est = estimate_from_files(files)
+    except ScaleError as e:
+        raise _usage_error(f"--cell-diameter auto: {e}") from None
+    typer.echo(est.describe(), err=True)
+    return est.leukocyte_px
+
+
 def _summary_line(res: FieldResult) -> str:
     if res.error:
         return f"{res.path}: ERROR {res.error}"
@@ -172,10 +198,11 @@ def analyze(
     accelerator: str | None = typer.Option(
         None, "--accelerator", help=" or ".join(ACCELERATORS) + "."
     ),
-    cell_diameter: float | None = typer.Option(
+    cell_diameter: str | None = typer.Option(
         None,
         "--cell-diameter",
-        help="Expected leukocyte diameter in pixels (overrides the config).",
+        help="Expected leukocyte diameter in pixels (overrides the config), or 'auto': measured "
+        "on these fields' red cells and printed.",
     ),
     adaptation: Path | None = typer.Option(
         None,
@@ -218,7 +245,10 @@ def analyze(
     if json_out is not None and not to_stdout and not json_out.parent.resolve().is_dir():
         raise _usage_error(f"--json: folder {json_out.parent} does not exist")
 
-    analyzer = _build_analyzer(config, models, threads, accelerator, cell_diameter, adaptation)
+    from edge_wbc.pipeline.imageio import list_images
+
+    diameter = cell_diameter_option(cell_diameter, lambda: list_images(paths))
+    analyzer = _build_analyzer(config, models, threads, accelerator, diameter, adaptation)
     echo = (lambda s: typer.echo(s, err=True)) if to_stdout else typer.echo
     entries: list[dict[str, Any]] = []
     failed = 0

@@ -1,10 +1,10 @@
 """MQTT publisher: the station as a well-behaved client of central monitoring's broker.
 
 It takes the validated ``[mqtt]`` section (edge_wbc.config.MqttConfig: topics, secrets, TLS
-files and the host-name default are checked there) and owns the connection, outbox draining,
-stats and command parsing; Home Assistant discovery is ``ha_discovery``, and what a command
-does is ``edge_wbc.station.actions`` (the page's own actions), reached through the
-``command_handler`` the station passes in.
+files and the host-name default are checked there) and owns the connection, outbox draining and
+stats; command payloads are parsed in ``commands``, Home Assistant discovery is
+``ha_discovery``, and what a command does is ``edge_wbc.station.actions`` (the page's own
+actions), reached through the ``command_handler`` the station passes in.
 
 Availability contract (as Frigate's comms/mqtt.py and the paho README): the last will
 ``offline`` (retained) is set before connecting; on every connect the retained differential is
@@ -36,7 +36,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +43,10 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_wbc.comms import ha_discovery
+from edge_wbc.comms.commands import CommandError, parse_command, request_id_of
 from edge_wbc.config import MqttConfig, is_loopback
 from edge_wbc.counting import outbox
 from edge_wbc.counting.outbox import MQTT_SCHEMA, utc_now_iso
-from edge_wbc.inputs import InputError, check_sample_id, check_target, parse_json_object
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,6 @@ HealthProvider = Callable[[], dict[str, Any]]
 ONLINE, OFFLINE, STOPPED = "online", "offline", "stopped"
 #: Rows published but not yet acknowledged; bounds memory and the re-send burst after a restart.
 INFLIGHT_WINDOW = 200
-MAX_COMMAND_BYTES = 4096
 #: Back-off between reconnect attempts (seconds, first and longest).
 RECONNECT_S = (1, 60)
 # CONNACK reasons that retrying will not fix until someone changes the broker or our secrets.
@@ -68,10 +66,6 @@ _AUTH_REASONS = {"Bad user name or password", "Not authorized"}
 
 class MqttError(RuntimeError):
     """Configuration that cannot work (missing TLS file, bad topic...): a clear startup error."""
-
-
-class CommandError(ValueError):
-    """A malformed or refused command payload."""
 
 
 class _PahoNoise(logging.Filter):
@@ -668,7 +662,7 @@ class MqttPublisher:
         except CommandError as exc:
             log.warning("MQTT: ignoring malformed %s command %r: %s", kind, raw[:200], exc)
             echo = {"ok": False, "error": str(exc)}
-            request_id = _request_id_of(raw)
+            request_id = request_id_of(raw)
         except Exception as exc:  # the station refused it (e.g. finalise with unidentified)
             log.warning("MQTT: %s command failed: %s", kind, exc)
             echo = {"ok": False, "error": str(exc) or type(exc).__name__}
@@ -691,85 +685,6 @@ class MqttPublisher:
         with self._cv:
             acked, self._acked = self._acked, []
         self._ack(db, acked)
-
-
-def _request_id_of(raw: bytes) -> str | None:
-    """The request_id of a refused command, when it has one, so the sender can match the echo."""
-    try:
-        rid = parse_json_object(raw[:MAX_COMMAND_BYTES]).get("request_id")
-    except InputError:
-        return None
-    return rid if isinstance(rid, str) else None
-
-
-@dataclass(frozen=True)
-class Command:
-    """One command from the broker as the station's action it asks for."""
-
-    kind: str  # the topic it came on: "capture" or "slide"
-    action: str  # a name in edge_wbc.station.actions.REMOTE
-    args: dict[str, Any]
-    request_id: str | None = None
-
-
-#: slide/set "action" -> the station's action and the fields it takes.
-SLIDE_COMMANDS: dict[str, tuple[str, frozenset[str]]] = {
-    "new": ("new_slide", frozenset({"sample_id", "target"})),
-    "finalise": ("finalise", frozenset()),
-    "target": ("set_target", frozenset({"target"})),
-}
-
-
-def parse_command(kind: str, raw: bytes) -> Command:
-    """Validate a command payload; raises CommandError with the reason for a malformed one.
-
-    capture/set: empty, ``PRESS`` (Home Assistant's button), ``capture``, or a JSON object
-    ``{"request_id": "..."}``. slide/set: a JSON object ``{"action": "new", "sample_id": "S1",
-    "target": 100}``, ``{"action": "finalise"}`` or ``{"action": "target", "target": 200}``.
-    The sample ID and target obey edge_wbc.inputs, the rules the HTTP API's values obey.
-    """
-    if len(raw) > MAX_COMMAND_BYTES:
-        raise CommandError(f"payload of {len(raw)} bytes is over {MAX_COMMAND_BYTES}")
-    try:
-        text = raw.decode("utf-8").strip()
-    except UnicodeDecodeError as exc:
-        raise CommandError("payload is not UTF-8") from exc
-    if kind == "capture" and text in ("", "PRESS", "capture"):
-        return Command(kind, "capture", {})
-    try:
-        data = parse_json_object(raw, "payload")
-    except InputError as exc:
-        raise CommandError(str(exc)) from None
-    request_id = data.get("request_id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise CommandError("request_id must be a string")
-    if kind == "capture":
-        unknown = set(data) - {"request_id", "action"}
-        if unknown or data.get("action", "capture") != "capture":
-            raise CommandError(f"unexpected capture fields {sorted(unknown) or data['action']}")
-        return Command(kind, "capture", {}, request_id or None)
-    if kind != "slide":
-        raise CommandError(f"unknown command {kind!r}")
-    name = data.get("action")
-    if not isinstance(name, str) or name not in SLIDE_COMMANDS:
-        raise CommandError(f"slide action must be one of {', '.join(SLIDE_COMMANDS)}, "
-                           f"got {name!r}")
-    action, allowed = SLIDE_COMMANDS[name]
-    unknown = set(data) - allowed - {"action", "request_id"}
-    if unknown:
-        raise CommandError(f"unexpected fields for {name}: {sorted(unknown)}")
-    args: dict[str, Any] = {}
-    try:
-        if "target" in data or name == "target":
-            args["target"] = check_target(data.get("target"))
-        if name == "new":
-            sample = check_sample_id(data.get("sample_id"))
-            if not sample:
-                raise CommandError("new slide needs a sample_id")
-            args["sample_id"] = sample
-    except InputError as exc:
-        raise CommandError(str(exc)) from None
-    return Command(kind, action, args, request_id or None)
 
 
 def start_publisher(

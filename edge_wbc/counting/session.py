@@ -196,7 +196,7 @@ class SlideSession:
         return ev
 
     def new_slide(
-        self, sample_id: str = "", target: int | None = None, abandon: bool = False,
+        self, sample_id: str | None = "", target: int | None = None, abandon: bool = False,
         operator: str | None = None,
     ) -> None:
         """Start counting a new slide. An open slide with cells is only closed when ``abandon``
@@ -226,7 +226,7 @@ class SlideSession:
                 events.append(self._set_notes({"operator": operator}))
             self._emit(events)
 
-    def set_sample_id(self, sample_id: str) -> None:
+    def set_sample_id(self, sample_id: str | None) -> None:
         sample_id = _check_sample_id(sample_id)
         if not sample_id:
             raise SessionError("the sample id cannot be empty")
@@ -312,12 +312,14 @@ class SlideSession:
                        "report)")
         return out
 
-    def set_models(self, models: dict[str, Any], change: dict[str, Any]) -> None:
-        """The models counting from the next field on (a lab adaptation activated or rolled
-        back): recorded on every later field, and as an event in the open slide's audit trail."""
+    def set_models(self, models: dict[str, Any], change: dict[str, Any],
+                   action: str = "adaptation") -> None:
+        """The models and settings counting from the next field on (a lab adaptation activated
+        or rolled back, ``action`` "adaptation"; a new cell diameter, "magnification"): recorded
+        on every later field, and as an event in the open slide's audit trail."""
         with self._lock:
             at = now_iso()
-            ev = Event("slide", {"action": "adaptation", **self._slide_payload(self.slide),
+            ev = Event("slide", {"action": action, **self._slide_payload(self.slide),
                                  "at": at, **change})
             self.store.audit(self.slide["id"], [ev])
             self.models = models

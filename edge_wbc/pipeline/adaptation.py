@@ -786,14 +786,28 @@ def fit_adaptation(
 
 
 def base_head_from_linear(head: LinearHead) -> BaseHead:
-    """A head file (edge_wbc.pipeline.heads, e.g. the fine-class head) as the adaptation's base."""
+    """A head file (edge_wbc.pipeline.heads, e.g. the fine-class head) as the adaptation's base.
+
+    A mixture head (the shipped output split by a flat head) is adapted from its flat head: a
+    lab head is linear on the embedding. The flat head's own thresholds come with it (the
+    mixture's are the six-class output's, for its group probabilities, not for these)."""
+    conf, other = head.confidence_threshold, head.other_threshold
+    if head.is_mixture:
+        flat = head.info.get("flat")
+        if not isinstance(flat, dict) or "confidence_threshold" not in flat:
+            raise AdaptationError(
+                "a mixture head without its flat head's thresholds (info.flat) cannot be a "
+                "lab adaptation's base; refit it with edge-wbc-convert fit-mixture"
+            )
+        conf = float(flat["confidence_threshold"])
+        other = None if flat.get("other_threshold") is None else float(flat["other_threshold"])
     return BaseHead(
         head.classes,
         head.weight.T.copy(),
         head.bias.copy(),
         head.temperature,
-        head.confidence_threshold,
-        head.other_threshold,
+        conf,
+        other,
         head.base_sha256,
     )
 

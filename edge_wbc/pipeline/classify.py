@@ -153,6 +153,11 @@ class CellClassifier:
                 f"the head reads a {head.dim}-d embedding, the model emits "
                 + ("none" if self.embedding_dim is None else f"a {self.embedding_dim}-d one")
             )
+        if head is not None and head.is_mixture and head.base_classes != tuple(classes):
+            raise ValueError(
+                f"the mixture head splits {list(head.base_classes)}, the classifier's output 0 "
+                f"is {list(classes)}"
+            )
         self.head = head
         self.model = model
         #: what output 0 means; the cells' classes are ``labels``.
@@ -174,7 +179,13 @@ class CellClassifier:
             # A linear head on the views' mean embedding is the mean of its logits over the
             # views: the same averaging as output 0's.
             emb = np.stack([o[1].reshape(-1) for o in outs]).mean(axis=0, dtype=np.float64)
-            return self.head.predict(emb.astype(np.float32))
+            if not self.head.is_mixture:
+                return self.head.predict(emb.astype(np.float32))
+            # A mixture refines output 0 as shipped (same views, same calibration).
+            base = calibrated_softmax(
+                combine_views([o[0] for o in outs], self.output_type), self.temperature
+            )
+            return self.head.predict(emb.astype(np.float32), base)
         logits = combine_views([o[0] for o in outs], self.output_type)
         probs = calibrated_softmax(logits, self.temperature)
         pred = decide(probs, self.classes, self.confidence_threshold, self.other_threshold)

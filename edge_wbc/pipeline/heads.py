@@ -12,6 +12,19 @@ whose sha256 the JSON records; the JSON is written last, so a half-written head 
 
     head = LinearHead.load(path, base_sha256=manifest.classifier.sha256)
     pred = head.predict(cell.embedding)   # an edge_wbc.pipeline.classify.Prediction
+
+A *mixture* head (``kind: mixture``) refines the classifier's own output instead of replacing
+it: each of the classifier's classes (``base_classes``, output 0, calibrated as shipped) hands
+its probability to the head classes it ``splits`` into, in the proportions the head's softmax
+gives them (band vs segmented within neutrophil; immature granulocyte, erythroblast, platelet,
+other within other). The cell is then decided on its counting group (edge_wbc.taxonomy: band +
+segmented are one neutrophil, platelet + other one non-leukocyte) under the classifier's own
+thresholds, so where the shipped output is unsure the cell stays unidentified, and the group's
+finer class names it. ``group_thresholds`` replaces the confidence threshold for the groups
+the classifier has no output for (an immature granulocyte or an erythroblast named at a lower
+probability rather than sent to review).
+
+    pred = head.predict(cell.embedding, base_probs)   # base_probs: the classifier's output 0
 """
 
 from __future__ import annotations
@@ -26,7 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from edge_wbc import taxonomy
 from edge_wbc.pipeline.classify import Prediction, decide
+from edge_wbc.pipeline.results import UNIDENTIFIED
 
 HEAD_SCHEMA = "edge-wbc/head/1"
 
@@ -52,6 +67,11 @@ class LinearHead:
     confidence_threshold: float = 0.0
     other_threshold: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: mixture only: the classifier's classes (output 0) and what each splits into.
+    base_classes: tuple[str, ...] = ()
+    splits: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: mixture only: counting group -> its confidence threshold (default: confidence_threshold)
+    group_thresholds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         w = np.asarray(self.weight, np.float64)
@@ -77,6 +97,29 @@ class LinearHead:
                 raise HeadError(f"{name} must lie in [0, 1], got {v}")
         if len(self.base_sha256) != 64:
             raise HeadError(f"base_sha256 {self.base_sha256!r} is not a sha256 hex digest")
+        object.__setattr__(self, "base_classes", tuple(str(c) for c in self.base_classes))
+        splits = {str(g): tuple(str(c) for c in m) for g, m in dict(self.splits).items()}
+        object.__setattr__(self, "splits", splits)
+        gthr = {str(g): float(v) for g, v in dict(self.group_thresholds).items()}
+        object.__setattr__(self, "group_thresholds", gthr)
+        if self.base_classes or splits or gthr:
+            if set(splits) != set(self.base_classes):
+                raise HeadError(
+                    f"a mixture head splits each base class: splits name {sorted(splits)}, "
+                    f"base_classes are {list(self.base_classes)}"
+                )
+            covered = {c for m in splits.values() for c in m}
+            if not all(m for m in splits.values()) or covered != set(self.classes):
+                raise HeadError(
+                    f"splits cover {sorted(covered)}, the head's classes are {list(self.classes)}"
+                    " (every class from at least one base class, nothing else)"
+                )
+            unknown = [c for c in self.classes if c not in taxonomy.GROUP_OF]
+            if unknown:
+                raise HeadError(f"a mixture head decides on taxonomy groups; unknown {unknown}")
+            bad = {g: v for g, v in gthr.items() if g not in taxonomy.GROUPS or not 0 <= v <= 1}
+            if bad:
+                raise HeadError(f"group_thresholds: unknown group or not in [0, 1]: {bad}")
 
     @property
     def dim(self) -> int:
@@ -96,9 +139,57 @@ class LinearHead:
         p = np.exp(z)
         return p / p.sum(axis=-1, keepdims=True)
 
-    def predict(self, embedding: np.ndarray) -> Prediction:
-        """One cell's label (or "unidentified") under this head's thresholds."""
-        p = self.probs(np.asarray(embedding).reshape(-1))
+    @property
+    def is_mixture(self) -> bool:
+        """True when the head refines the classifier's output (needs ``base_probs``)."""
+        return bool(self.base_classes)
+
+    def mixture_probs(self, embedding: np.ndarray, base_probs: np.ndarray) -> np.ndarray:
+        """The classifier's calibrated probabilities (..., B) split over the head's classes
+        by the head's own, (..., K); rows still sum to one."""
+        f = self.probs(embedding)
+        b = np.asarray(base_probs, np.float64)
+        if b.shape[-1] != len(self.base_classes):
+            raise HeadError(
+                f"{b.shape[-1]} base probabilities, the head splits {len(self.base_classes)}"
+            )
+        q = np.zeros(f.shape)
+        for j, g in enumerate(self.base_classes):
+            idx = [self.classes.index(c) for c in self.splits[g]]
+            share = f[..., idx]
+            q[..., idx] += b[..., j : j + 1] * share / share.sum(axis=-1, keepdims=True)
+        return q
+
+    def decide_groups(self, q: np.ndarray) -> tuple[str, float]:
+        """One cell's (label or "unidentified", its group's probability) from mixture
+        probabilities: the group decides under the thresholds, its top class names the cell."""
+        groups: dict[str, float] = {}
+        for c, v in zip(self.classes, q, strict=True):
+            g = taxonomy.GROUP_OF[c]
+            groups[g] = groups.get(g, 0.0) + float(v)
+        g = max(groups, key=groups.__getitem__)
+        score = groups[g]
+        thr = self.group_thresholds.get(g, self.confidence_threshold)
+        if taxonomy.GROUPS[g][0] == taxonomy.COUNT_ONLY:
+            # leaving the count needs the stricter threshold, as in classify.decide
+            thr = max(thr, self.other_threshold or 0.0)
+        if score < thr:
+            return UNIDENTIFIED, score
+        members = [k for k, c in enumerate(self.classes) if taxonomy.GROUP_OF[c] == g]
+        return self.classes[max(members, key=lambda k: q[k])], score
+
+    def predict(self, embedding: np.ndarray, base_probs: np.ndarray | None = None) -> Prediction:
+        """One cell's label (or "unidentified") under this head's thresholds. A mixture head
+        needs the classifier's calibrated output 0 (``base_probs``, in ``base_classes`` order)."""
+        e = np.asarray(embedding).reshape(-1)
+        if self.is_mixture:
+            if base_probs is None:
+                raise HeadError("a mixture head refines the classifier's output: pass base_probs")
+            q = self.mixture_probs(e, np.asarray(base_probs).reshape(-1))
+            label, score = self.decide_groups(q)
+            probs = {c: float(v) for c, v in zip(self.classes, q, strict=True)}
+            return Prediction(label, score, probs, np.asarray(embedding, np.float32))
+        p = self.probs(e)
         pred = decide(p, self.classes, self.confidence_threshold, self.other_threshold)
         return Prediction(pred.label, pred.score, pred.probs, np.asarray(embedding, np.float32))
 
@@ -113,7 +204,7 @@ class LinearHead:
         data = buf.getvalue()
         doc = {
             "schema": HEAD_SCHEMA,
-            "kind": "linear",
+            "kind": "mixture" if self.is_mixture else "linear",
             "classes": list(self.classes),
             "dim": self.dim,
             "temperature": float(self.temperature),
@@ -125,6 +216,10 @@ class LinearHead:
             "weights": {"file": npz.name, "sha256": hashlib.sha256(data).hexdigest()},
             "info": self.info,
         }
+        if self.is_mixture:
+            doc["base_classes"] = list(self.base_classes)
+            doc["splits"] = {g: list(m) for g, m in self.splits.items()}
+            doc["group_thresholds"] = dict(self.group_thresholds)
         text = json.dumps(doc, indent=2) + "\n"  # fails here, before any file, if info is odd
         jp.parent.mkdir(parents=True, exist_ok=True)
         for p, payload in ((npz, data), (jp, text.encode())):
@@ -169,6 +264,21 @@ class LinearHead:
             raise HeadError(f"{npz}: unreadable weights: {e}") from e
         if w.ndim != 2 or w.shape[0] != doc.get("dim"):
             raise HeadError(f"{npz}: weight {list(w.shape)}, {jp.name} says dim {doc.get('dim')}")
+        kind = doc.get("kind", "linear")
+        if kind not in ("linear", "mixture"):
+            raise HeadError(f"{jp}: kind {kind!r}, expected 'linear' or 'mixture'")
+        mix: dict[str, Any] = {}
+        if kind == "mixture":
+            try:
+                mix = {
+                    "base_classes": tuple(doc["base_classes"]),
+                    "splits": dict(doc["splits"]),
+                    "group_thresholds": dict(doc.get("group_thresholds") or {}),
+                }
+            except (KeyError, TypeError, ValueError) as e:
+                raise HeadError(f"{jp}: mixture head without a valid {e}") from e
+            if not mix["base_classes"]:
+                raise HeadError(f"{jp}: a mixture head names its base_classes")
         try:
             other = doc.get("other_threshold")
             return cls(
@@ -180,6 +290,7 @@ class LinearHead:
                 confidence_threshold=float(doc.get("confidence_threshold", 0.0)),
                 other_threshold=None if other is None else float(other),
                 info=dict(doc.get("info") or {}),
+                **mix,
             )
         except HeadError as e:
             raise HeadError(f"{jp}: {e}") from e

@@ -106,6 +106,8 @@ class Manifest:
                     "task": m.task,
                     "ensemble_weight": m.ensemble_weight if m.task == "segmentation" else None,
                 }
+                # The head that names the cells changes the answers as much as the model does.
+                | ({"head": {"file": m.head.file, "sha256": m.head.sha256}} if m.head else {})
                 for m in self.models
             ],
         }

@@ -15,8 +15,9 @@ fields shrunk to 0.4x: 42.8 px (expected 42.4).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -82,6 +83,21 @@ def red_cell_diameter(rgb: np.ndarray) -> float | None:
     # Area-weighted: a speck of debris counts for less than a cell.
     c = np.cumsum(v**2)
     return float(2.0 * v[np.searchsorted(c, c[-1] / 2.0)])
+
+
+def estimate_from_files(paths: Sequence[Path], limit: int = 40) -> CellScale:
+    """The leukocyte diameter from up to ``limit`` of the image files, spread over the list
+    (40 fields measure a magnification to a few per cent); unreadable files are passed over."""
+    from edge_wbc.pipeline.imageio import ImageError, read_image
+
+    def images() -> Iterator[np.ndarray]:
+        for p in list(paths)[:: max(1, len(paths) // limit)][:limit]:
+            try:
+                yield read_image(p)
+            except ImageError:
+                continue
+
+    return estimate_cell_diameter(images())
 
 
 def estimate_cell_diameter(images: Iterable[np.ndarray]) -> CellScale:

@@ -26,7 +26,9 @@ class Actions:
 
     def new_slide(self, sample_id: str | None = None, target: int | None = None,
                   abandon: bool = False, operator: str | None = None) -> dict[str, Any]:
-        self.session.new_slide(sample_id or "", target, abandon=abandon, operator=operator)
+        # Passed as given: the session's rule refuses 0, [] or false rather than reading them
+        # as "no sample id" (None is none).
+        self.session.new_slide(sample_id, target, abandon=abandon, operator=operator)
         return self.session.state()
 
     def set_notes(self, operator: str | None = None, signed_off_by: str | None = None,
@@ -35,7 +37,7 @@ class Actions:
         return self.session.state()
 
     def set_sample_id(self, sample_id: str | None) -> dict[str, Any]:
-        self.session.set_sample_id(sample_id or "")
+        self.session.set_sample_id(sample_id)
         return self.session.state()
 
     def set_target(self, target: Any) -> dict[str, Any]:

@@ -73,6 +73,9 @@ class Station:
         self.extra_status: Callable[[], dict[str, Any]] | None = None
         self._q: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_max)
         self._lock = threading.Lock()
+        # Held by the worker from a field's analysis to its commit: a change of the analyser's
+        # settings taken under it (``between_fields``) never splits one field.
+        self._field_lock = threading.Lock()
         self._busy: _Job | None = None
         self._stop = threading.Event()
         self.last_error: dict[str, Any] | None = None
@@ -201,7 +204,36 @@ class Station:
             with self.liveness.busy("field analysis"):
                 yield
 
+    @contextlib.contextmanager
+    def between_fields(self) -> Iterator[None]:
+        """Waits for the field being analysed to be counted; no field starts inside."""
+        with self._field_lock:
+            yield
+
+    def frames(self, n: int) -> list[np.ndarray]:
+        """Up to ``n`` analysis frames from the camera, not queued nor counted. A replayed
+        folder is put back where it was, so the fields looked at are still counted later."""
+        out: list[np.ndarray] = []
+        with self._lock:
+            pos = getattr(self.source, "position", None)
+            try:
+                for _ in range(n):
+                    out.append(self.source.capture().rgb)
+            except (CameraError, FrameError):
+                if not out:
+                    raise
+                # A corrupt frame or the end of a replay: measure on those already taken.
+            finally:
+                seek = getattr(self.source, "seek", None)
+                if isinstance(pos, int) and seek is not None:
+                    seek(pos)
+        return out
+
     def _process(self, job: _Job) -> None:
+        with self._field_lock:
+            self._process_field(job)
+
+    def _process_field(self, job: _Job) -> None:
         with self._busy_section():
             result = self.analyze(job.frame.rgb, job.frame.source)
         if result.error:

@@ -108,6 +108,15 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
     except (OSError, RuntimeError, ValueError) as e:
         store.close()
         raise StartupError(f"cannot load the models: {e}") from e
+    from edge_wbc.station.magnification import Magnification, config_rule, restore_saved
+
+    # Before the session is made: its models (recorded on every field, and on a slide it
+    # starts now) carry the diameter in use.
+    check_diameter = config_rule(cfg)
+    saved_diameter, problem = restore_saved(analyzer, store.data_dir,
+                                            cfg.postprocess.cell_diameter_px, check_diameter)
+    if problem:
+        log.warning("%s", problem)
     models = analyzer.describe()
     log.info("models loaded from %s in %.0f ms on %s", analyzer.models_location.describe(),
              analyzer.load_ms, analyzer.accelerator)
@@ -167,6 +176,9 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
               # The page offers "Adapt to this lab" only where the classifier can be adapted.
               "adaptable": lab_adaptation is not None},
     )
+    magnification = Magnification(analyzer, st, cfg.postprocess.cell_diameter_px,
+                                  store.data_dir, check_diameter, saved_diameter)
+    st.info["measurable"] = True  # the page offers "Measure magnification"
     actions = Actions(st)
     extra: dict[str, Any] = {}
     if lis is not None:
@@ -201,7 +213,7 @@ def run(cfg: Any, stop: threading.Event | None = None, reset: bool = False) -> N
     try:
         server = StationServer(st, hub, cfg.station.host, cfg.station.port, cfg.station.token,
                                cfg.camera.preview_fps, lis=cfg.lis, actions=actions,
-                               adaptation=lab_adaptation)
+                               adaptation=lab_adaptation, magnification=magnification)
     except (OSError, ValueError) as e:
         source.close()
         if publisher is not None:

@@ -3,7 +3,9 @@
 ``ThreadingHTTPServer`` keeps the device free of a web framework: the page needs a dozen routes,
 one SSE stream and an MJPEG preview, a few requests per second at most.
 
-Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
+Routes (JSON unless said; errors are ``{"error": message, "status": code}``, the standard
+library's own refusals of a request line or headers included; methods other than GET, HEAD and
+POST get 405, a request line that is not HTTP/1.x 400 or 505; HEAD of a stream is its headers):
 
     GET  /                          the page (static/index.html)
     GET  /api/state                 the slide's formula (= MQTT differential) + "station" health
@@ -36,6 +38,12 @@ Routes (JSON unless said; errors are ``{"error": message, "status": code}``):
     POST /api/adaptation/fit        fit on the reviewed cells -> held-out validation (+ "id" when
                                     better: written, not yet active); 409 when it cannot be fitted
     POST /api/adaptation/activate   {"id": version | null (the shipped model)}; 409 when refused
+    GET  /api/magnification         cell diameter in use, the config's, the saved one, last measure
+    POST /api/magnification/measure the red cells of the fields at hand -> the leukocyte diameter
+                                    they imply; 409 when too few red cells (or already running)
+    POST /api/magnification/accept  {"cell_diameter_px": px}: counts from the next field, kept
+                                    over restarts; 400 when not a diameter the config would take
+    POST /api/magnification/reset   back to the config's cell_diameter_px
     GET  /api/slides                recent slides;  POST /api/errors/clear;  GET /healthz
 
 Security: the server binds 127.0.0.1 unless told otherwise; any other address needs a token
@@ -44,6 +52,9 @@ Security: the server binds 127.0.0.1 unless told otherwise; any other address ne
 Requests whose Host header is not this station are refused (DNS-rebinding: a web page in the
 kiosk's browser must not reach the API through a name that resolves to 127.0.0.1), and POSTs must
 be JSON, which a cross-site form cannot send without a CORS preflight this server never grants.
+Every response forbids framing (``Content-Security-Policy`` with ``frame-ancestors 'none'``,
+``X-Frame-Options: DENY``); bodies need an exact ``Content-Length`` and strict JSON
+(``edge_wbc.inputs``); connections are bounded (see :class:`StationServer`).
 """
 
 from __future__ import annotations
@@ -82,6 +93,7 @@ COOKIE = "edge_wbc_token"
 SSE_CLIENT_QUEUE = 256
 SSE_HEARTBEAT_S = 15.0
 MAX_BODY = 64 * 1024
+LINGER_S, LINGER_BYTES = 2.0, 1 << 20  # see Handler.finish
 # The page loads its script and stylesheet from here and sets colours and bar widths through
 # style attributes (hence style-src-attr, which leaves <style> elements and inline scripts
 # blocked); images are crops, fields, the preview and the empty data: favicon.
@@ -194,6 +206,7 @@ class StationServer(ThreadingHTTPServer):
         lis: Any = None,
         actions: Actions | None = None,
         adaptation: Any = None,
+        magnification: Any = None,
     ) -> None:
         if not is_loopback(host) and not token:
             raise ValueError(
@@ -208,6 +221,8 @@ class StationServer(ThreadingHTTPServer):
         self.lis = lis  # the [lis] section: the HL7 header of on-demand messages
         #: station.adaptations.LabAdaptation, or None when the analyser cannot be adapted.
         self.adaptation = adaptation
+        #: station.magnification.Magnification, or None (not wired: its routes answer 404).
+        self.magnification = magnification
         self.stopping = threading.Event()
         self.bind_host = host
         self._slots = threading.BoundedSemaphore(self.max_handlers)
@@ -319,6 +334,25 @@ class Handler(BaseHTTPRequestHandler):
         self.timeout = self.server.idle_timeout_s  # type: ignore[misc]
         super().setup()
 
+    def finish(self) -> None:
+        super().finish()
+        # Lingering close (RFC 9112 9.6): a refused request's body may still be arriving.
+        # Closing with it unread makes the kernel reset the connection, and a client still
+        # sending sees the reset instead of the answer it was sent. Our side is shut first, so
+        # the client reads the answer's end at once; what it still sends is read and dropped,
+        # for at most LINGER_S and LINGER_BYTES.
+        sock = self.connection
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_S
+            left = LINGER_BYTES
+            while left > 0 and (wait := deadline - time.monotonic()) > 0:
+                sock.settimeout(wait)
+                chunk = sock.recv(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+
     def handle_one_request(self) -> None:
         self.server.waiting(self)
         try:
@@ -332,6 +366,41 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
+
+    # The standard library answers a request line without a version as HTTP/0.9: the body
+    # alone, no status line, no headers. Every answer here has them.
+    default_request_version = "HTTP/1.1"
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if len(self.requestline.split()) == 2:
+            self.send_error(400, "the request line needs a version: METHOD /path HTTP/1.1")
+            return False
+        major = self.request_version.split("/", 1)[1].split(".")[0]
+        if int(major) != 1:
+            self.send_error(505, f"{self.request_version} is not served: send HTTP/1.1")
+            return False
+        if self.command not in ("GET", "HEAD", "POST"):
+            # 405, not the standard library's 501: the method is the client's to change.
+            self.send_error(405, f"method {self.command} is not allowed: use GET, HEAD or POST",
+                            headers={"Allow": "GET, HEAD, POST"})
+            return False
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None,
+                   headers: dict[str, str] | None = None) -> None:
+        """The standard library's refusals (request line, headers, method, version) in the
+        API's error shape, ``{"error", "status"}``, instead of an HTML page."""
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True  # what is left of the request is not to be read as another
+        if self.request_version == "HTTP/0.9":
+            # Refused before its line was read whole ("GET / x HTTP/0.9"): an HTTP/0.9 answer
+            # would go without its status line.
+            self.request_version = "HTTP/1.1"
+        reason = message or self.responses.get(code, ("error",))[0]
+        body = json.dumps({"error": reason, "status": code}).encode()
+        self._send(code, body, "application/json", {"Connection": "close", **(headers or {})})
 
     # ------------------------------------------------------------------ plumbing
 
@@ -430,7 +499,12 @@ class Handler(BaseHTTPRequestHandler):
         if not self.server.working(self):
             self.close_connection = True  # closed to make room for another connection
             return
-        url = urlsplit(self.path)
+        try:
+            url = urlsplit(self.path)
+        except ValueError as e:  # "http://[x/": an absolute-form target that is no URL
+            self.close_connection = True
+            self._error(400, f"request target is not a URL: {e}")
+            return
         query = parse_qs(url.query)
         path = url.path
         if not self._host_ok():
@@ -520,6 +594,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"slide_id": session.slide["id"], "cells": session.gallery()})
         elif path == "/api/adaptation":
             self._json(200, self._adaptation().status())
+        elif path == "/api/magnification":
+            self._json(200, self._magnification().status())
         elif path == "/api/slides":
             self._json(200, {"slides": session.store.slides(50)})
         elif (m := _FIELD.match(path)) and m.group(2) != "/discard":
@@ -577,9 +653,12 @@ class Handler(BaseHTTPRequestHandler):
                 raise _ApiError(400, "give 'ids': a non-empty list of cell ids")
             self._json(200, act.confirm(ids))
         elif path == "/api/slide/new":
+            abandon = body.get("abandon", False)
+            if not isinstance(abandon, bool):
+                # "no" or "false" must not close a slide with counted cells.
+                raise _ApiError(400, f"abandon must be true or false, got {abandon!r}")
             self._json(200, act.new_slide(body.get("sample_id"), body.get("target"),
-                                          abandon=bool(body.get("abandon")),
-                                          operator=body.get("operator")))
+                                          abandon=abandon, operator=body.get("operator")))
         elif path == "/api/slide/notes":
             self._json(200, act.set_notes(body.get("operator"), body.get("signed_off_by"),
                                           body.get("comment")))
@@ -607,19 +686,50 @@ class Handler(BaseHTTPRequestHandler):
                     self._json(200, lab.activate(body["id"]))
             except AdaptationRefused as e:
                 raise _ApiError(409, str(e)) from None
+        elif path in ("/api/magnification/measure", "/api/magnification/accept",
+                      "/api/magnification/reset"):
+            self._magnification_action(path.rsplit("/", 1)[1], body)
         else:
             raise _ApiError(404, f"no such action: {path}")
+
+    def _magnification_action(self, what: str, body: dict[str, Any]) -> None:
+        from edge_wbc.station.magnification import BadDiameter, MagnificationRefused
+
+        mag = self._magnification()
+        try:
+            if what == "measure":
+                self._json(200, mag.measure())
+            elif what == "accept":
+                if "cell_diameter_px" not in body:
+                    raise _ApiError(400, "give 'cell_diameter_px': the leukocyte diameter in "
+                                         "pixels to count with")
+                self._json(200, mag.accept(body["cell_diameter_px"]))
+            else:
+                self._json(200, mag.reset())
+        except BadDiameter as e:
+            raise _ApiError(400, str(e)) from None
+        except MagnificationRefused as e:
+            raise _ApiError(409, str(e)) from None
 
     # ------------------------------------------------------------------ helpers
 
     def _static(self, rel: str) -> None:
-        p = (STATIC / rel).resolve()
-        if not p.is_relative_to(STATIC.resolve()) or not p.is_file():
-            raise _ApiError(404, f"no such file: {rel}")
+        try:
+            p = (STATIC / rel).resolve()
+            found = p.is_relative_to(STATIC.resolve()) and p.is_file()
+        except (OSError, ValueError):  # a NUL in the name, a name too long for the file system
+            found = False
+        if not found:
+            raise _ApiError(404, f"no such file: {rel!r}")
         ctype = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
         if ctype.startswith("text/") or ctype in ("application/javascript",):
             ctype += "; charset=utf-8"
         self._send(200, p.read_bytes(), ctype)
+
+    def _magnification(self) -> Any:
+        if self.server.magnification is None:
+            raise _ApiError(404, "this station does not measure its magnification")
+        return self.server.magnification
 
     def _adaptation(self) -> Any:
         if self.server.adaptation is None:
@@ -698,6 +808,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("X-Accel-Buffering", "no")
             self.end_headers()
             self.close_connection = True
+            if self.command == "HEAD":
+                return  # the headers alone: a stream that never ends is no answer to HEAD
             # A fresh page (or one reconnecting after a restart) starts from the full state.
             st = srv.station
             first = {**st.session.state(), "station": st.status(), "limits": LIMITS}
@@ -732,6 +844,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
         self.close_connection = True
+        if self.command == "HEAD":
+            return
         period = 1.0 / fps
         try:
             while not srv.stopping.is_set():

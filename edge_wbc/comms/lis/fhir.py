@@ -4,9 +4,10 @@
 formula row (LOINC per :mod:`edge_wbc.comms.lis.codes`, value in %, or /100 WBC, or a count;
 components: cells counted and the 95 % CI; interpretation from the lab's flag), one for the
 leukocytes counted, the sample as ``Specimen`` (accession identifier = sample ID) and the station
-as ``Device`` (its software and model hashes as versions). There is no ``Practitioner``: the
-station records no operator, so it has none to send; and no ``Patient``, which the station never
-learns (``subject`` is optional in R4).
+as ``Device`` (its software and model hashes as versions), and the people the report names as
+``Practitioner``: who counted (the report's ``operator``: DiagnosticReport.performer and each
+Observation's performer) and who signed off (``signed_off_by``: resultsInterpreter), each when
+entered. No ``Patient``, which the station never learns (``subject`` is optional in R4).
 
 Every resource is validated with ``fhir.resources`` before anything is sent or written. That
 package ships R5 and R4B models; R4B (4.3.0) is used, whose five resources here have the same
@@ -45,6 +46,8 @@ SLIDE_SYSTEM = "urn:edge-wbc:slide"
 SAMPLE_SYSTEM = "urn:edge-wbc:sample"
 STATION_SYSTEM = "urn:edge-wbc:station"
 OBSERVATION_SYSTEM = "urn:edge-wbc:observation"
+#: The station knows operators by the name or ID typed at the station, not by a registry's ID.
+OPERATOR_SYSTEM = "urn:edge-wbc:operator"
 _NS = uuid.UUID("5d0f6a52-1f7e-4c0e-9b0e-4c1f3f0a6e21")  # edge-wbc's namespace for uuid5
 _V3_INTERP = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 
@@ -122,6 +125,20 @@ def build_bundle(rep: dict[str, Any]) -> dict[str, Any]:
     }
     entries.append(_entry(dev_url, device, dev_id))
 
+    people: dict[str, str] = {}  # name -> fullUrl
+    for role in ("operator", "signed_off_by"):
+        name = str(rep.get(role) or "").strip()
+        if name and name not in people:
+            who_id = {"system": OPERATOR_SYSTEM, "value": name}
+            people[name] = _uuid(slide_id, f"practitioner/{name}")
+            entries.append(_entry(people[name], {"resourceType": "Practitioner",
+                                                 "identifier": [who_id],
+                                                 "name": [{"text": name}]}, who_id))
+    counted_by = [{"reference": people[str(rep["operator"]).strip()]}] if str(
+        rep.get("operator") or "").strip() else []
+    signed_by = [{"reference": people[str(rep["signed_off_by"]).strip()]}] if str(
+        rep.get("signed_off_by") or "").strip() else []
+
     method = ("automated count, reviewed by a technologist" if manual
               else "automated count, not reviewed")
     results = []
@@ -140,6 +157,7 @@ def build_bundle(rep: dict[str, Any]) -> dict[str, Any]:
             "issued": done,
             "specimen": {"reference": spec_url},
             "device": {"reference": dev_url},
+            **({"performer": counted_by} if counted_by else {}),
         }
         if row.value is None:
             obs["valueQuantity"] = _qty(row.count, CELLS.code, CELLS.display)
@@ -173,6 +191,7 @@ def build_bundle(rep: dict[str, Any]) -> dict[str, Any]:
         "specimen": {"reference": spec_url},
         "device": {"reference": dev_url},
         "valueQuantity": _qty(counted(rep, rows), CELLS.code, CELLS.display),
+        **({"performer": counted_by} if counted_by else {}),
     }
     tot_url = _uuid(slide_id, "obs/counted")
     entries.append(_entry(tot_url, total, tot_id))
@@ -189,6 +208,8 @@ def build_bundle(rep: dict[str, Any]) -> dict[str, Any]:
         "effectivePeriod": period,
         "issued": done,
         "specimen": [{"reference": spec_url}],
+        **({"performer": counted_by} if counted_by else {}),
+        **({"resultsInterpreter": signed_by} if signed_by else {}),
         "result": results,
         "conclusion": " ".join([
             f"Leukocyte differential, {method}: {counted(rep, rows)} cells counted, 95 % CI "

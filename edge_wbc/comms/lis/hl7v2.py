@@ -139,8 +139,12 @@ def build_oru(
     # PID-3 (CX): the sample ID, with the slide as its assigning authority's namespace; the
     # station never learns who the patient is.
     b.seg("PID", {1: "1", 3: [sample_id or slide_id, "", "", "EDGE-WBC", "SID"]})
+    operator = str(rep.get("operator") or "").strip()
+    signed = str(rep.get("signed_off_by") or "").strip()
+    # OBR-32 principal result interpreter (who signed off), OBR-34 technician (who counted):
+    # NDL, the name as typed at the station in its first component.
     b.seg("OBR", {1: "1", 2: sample_id, 3: slide_id, 4: _cwe(panel_code()), 7: started,
-                  8: done, 22: done, 24: "HM", 25: "F"})
+                  8: done, 22: done, 24: "HM", 25: "F", 32: [signed], 34: [operator]})
     method = ("automated count, reviewed by a technologist" if manual
               else "automated count, not reviewed")
     b.seg("NTE", {1: "1", 2: "L", 3: (
@@ -156,7 +160,8 @@ def build_oru(
             n += 1
             b.seg("OBX", {1: str(n), 2: "NM", 3: _cwe(code), 4: str(i), 5: _num(row.value),
                           6: [row.unit.code, row.unit.display, "UCUM"], 8: row.flag or "",
-                          11: "F", 14: done, 18: station, 19: done})
+                          11: "F", 14: done, 16: ["", operator], 18: station,
+                          19: done})
             notes = []
             if row.ci_low is not None and row.ci_high is not None:
                 notes.append(f"95 % CI {_num(row.ci_low)}-{_num(row.ci_high)} "
@@ -170,7 +175,8 @@ def build_oru(
                                                      else code),
                       4: str(i), 5: str(row.count), 6: [CELLS.code, CELLS.display, "UCUM"],
                       8: row.flag if row.value is None and row.flag else "",
-                      11: "F", 14: done, 18: station, 19: done})
+                      11: "F", 14: done, 16: ["", operator], 18: station,
+                          19: done})
         if row.value is None and row.flag_text:
             b.seg("NTE", {1: "1", 2: "L", 3: f"flag: {row.flag_text}"})
     n += 1

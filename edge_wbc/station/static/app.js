@@ -296,7 +296,7 @@ function renderStation() {
   const st = ui.station;
   if (!st) return;
   const cam = st.camera || {};
-  $("tab-lab").hidden = !st.adaptable;
+  $("tab-lab").hidden = !(st.adaptable || st.measurable);
   $("cam-dot").className = "dot " + (cam.ok ? "ok" : "bad");
   $("cam-name").textContent = cam.name || "camera";
   $("cam-name").parentElement.title = cam.message || "";
@@ -1029,10 +1029,74 @@ async function loadPastSlides() {
 const pct = (x) => x == null ? "–" : `${Math.round(x * 1000) / 10} %`;
 
 async function openLab() {
+  const st = ui.station || {};
   $("lab-err").textContent = "";
   $("lab-result").textContent = "";
+  $("mag-err").textContent = "";
+  $("mag").hidden = !st.measurable;
+  $("lab-adapt").hidden = !st.adaptable;
   $("dlg-lab").showModal();
-  await renderLab();
+  if (st.measurable) { $("mag-measure").focus(); await renderMag(); }
+  if (st.adaptable) await renderLab();
+}
+
+/* ------------------------------------------------------------------ magnification */
+
+const px = (x) => `${Math.round(x)} px`;
+
+async function renderMag() {
+  let d;
+  try { d = await api("/api/magnification"); } catch (e) { $("mag-err").textContent = e.message; return; }
+  const saved = d.saved;
+  $("mag-current").innerHTML = `Leukocyte diameter in use: <b id="mag-px">${px(d.cell_diameter_px)}</b> ` +
+    (saved ? `<span class="muted">(accepted on this station ${escapeHtml(saved.at || "")}; the config says ${px(d.config_px)})</span>`
+           : `<span class="muted">(the config's value)</span>`);
+  $("mag-reset").disabled = !saved;
+}
+
+async function measureMag() {
+  $("mag-err").textContent = "";
+  const out = $("mag-result");
+  out.innerHTML = `<p class="muted">Measuring the red cells…</p>`;
+  $("mag-measure").disabled = true;
+  try {
+    const m = await api("/api/magnification/measure", {});
+    const lead = Math.round(m.leukocyte_px);
+    const change = Math.abs(lead - m.current_px) / m.current_px;
+    out.innerHTML = `<table><tbody>
+      <tr><th>Red cells</th><td>${m.red_cell_px.toFixed(1)} px across <span class="muted">(${m.spread[0].toFixed(1)}–${m.spread[1].toFixed(1)} between fields)</span></td></tr>
+      <tr><th>Leukocyte diameter</th><td><b>${px(m.leukocyte_px)}</b></td></tr>
+      <tr><th>In use now</th><td>${px(m.current_px)}${change >= 0.1 ? ` <b>(${Math.round(change * 100)} % off)</b>` : ""}</td></tr>
+      <tr><th>Measured on</th><td>${m.fields} of the ${escapeHtml(m.source)}${m.skipped ? ` <span class="muted">(${m.skipped} without enough red cells)</span>` : ""}</td></tr>
+      </tbody></table>`;
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "primary";
+    b.id = "mag-accept";
+    b.textContent = `Accept ${lead} px`;
+    b.onclick = () => acceptMag(lead);
+    out.appendChild(b);
+    b.focus();
+  } catch (e) {
+    out.textContent = "";
+    $("mag-err").textContent = e.message;
+  } finally {
+    $("mag-measure").disabled = false;
+  }
+}
+
+async function acceptMag(value) {
+  $("mag-err").textContent = "";
+  try {
+    const d = value === null ? await api("/api/magnification/reset", {})
+                             : await api("/api/magnification/accept", { cell_diameter_px: value });
+    toast(`Leukocyte diameter ${px(d.cell_diameter_px)} from the next field`);
+    $("mag-result").textContent = "";
+    await renderMag();
+    $("mag-measure").focus();
+  } catch (e) {
+    $("mag-err").textContent = e.message;
+  }
 }
 
 async function renderLab() {
@@ -1176,6 +1240,7 @@ document.addEventListener("keydown", (e) => {
     // As on a manual differential counter: a key adds a cell the camera missed.
     else if (idx >= 0 && idx < nKeys) addCell(reviewClasses()[idx]);
     else if (e.key === "u" || e.key === "U") undoAdd();
+    else if ((e.key === "m" || e.key === "M") && !$("tab-lab").hidden) openLab();
     return;
   }
   const c = selected();
@@ -1203,6 +1268,8 @@ $("tab-slide").onclick = () => openSlideDialog(false);
 $("tab-lab").onclick = openLab;
 $("lab-fit").onclick = fitLab;
 $("lab-rollback").onclick = () => activateLab(null);
+$("mag-measure").onclick = measureMag;
+$("mag-reset").onclick = () => acceptMag(null);
 $("field-discard").onclick = discardDialog;
 $("field-restore").onclick = restoreField;
 $("live-show").onclick = () => { $("field").classList.add("live-big"); placeLive(); };
