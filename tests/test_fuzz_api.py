@@ -3,11 +3,11 @@ analyzer) and of the MQTT command parser: generated methods, paths, query string
 bodies; generated sequences of slide actions; generated command payloads.
 
 Properties: every request gets one well-formed answer (no dropped connection, no hang), never a
-5xx (505 only for a request line that claims HTTP/2 or later, which HTTP prescribes), every error
-is ``{"error": reason, "status": code}``, nothing is logged as a crash, no part of a request
-is answered as a request of its own, the server answers afterwards, and the slide state the API shows is what the store holds, with nothing added to a
-finalised slide. docs/hardening.md, "API and MQTT commands, generated inputs".
-"""
+5xx (505 only for a request line that claims HTTP/2 or later or 0.9, which HTTP prescribes),
+every error is ``{"error": reason, "status": code}``, nothing is logged as a crash, no part of a
+request is answered as a request of its own, the server answers afterwards, and the slide state
+the API shows is what the store holds, with nothing added to a finalised slide.
+docs/hardening.md, "API and MQTT commands, generated inputs"."""
 
 from __future__ import annotations
 
