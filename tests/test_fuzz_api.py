@@ -3,11 +3,11 @@ analyzer) and of the MQTT command parser: generated methods, paths, query string
 bodies; generated sequences of slide actions; generated command payloads.
 
 Properties: every request gets one well-formed answer (no dropped connection, no hang), never a
-5xx (505 only for a request line that claims HTTP/2 or later, which HTTP prescribes), every error
-is ``{"error": reason, "status": code}``, nothing is logged as a crash, the server answers
-afterwards, and the slide state the API shows is what the store holds, with nothing added to a
-finalised slide. docs/hardening.md, "API and MQTT commands, generated inputs".
-"""
+5xx (505 only for a request line that claims HTTP/2 or later or 0.9, which HTTP prescribes),
+every error is ``{"error": reason, "status": code}``, nothing is logged as a crash, no part of a
+request is answered as a request of its own, the server answers afterwards, and the slide state
+the API shows is what the store holds, with nothing added to a finalised slide.
+docs/hardening.md, "API and MQTT commands, generated inputs"."""
 
 from __future__ import annotations
 
@@ -324,8 +324,9 @@ def _fill_ids(draw: st.DrawFn, path: str, known: dict[str, list[str]]) -> str:
 
 @st.composite
 def http_requests(draw: st.DrawFn, known: dict[str, list[str]], port: int,
-                  token: str | None = None) -> tuple[str, bytes, str]:
-    """(method, request bytes, HTTP version) for one request to the station."""
+                  token: str | None = None, framed: bool = False) -> tuple[str, bytes, str]:
+    """(method, request bytes, HTTP version) for one request to the station; ``framed``: its
+    Content-Length always the body's (what follows it is then the client's next request)."""
     post = draw(st.booleans())
     route = _fill_ids(draw, draw(st.sampled_from(POST_ROUTES if post else GET_ROUTES)), known)
     method = usual(draw, st.just("POST" if post else "GET"),
@@ -361,7 +362,7 @@ def http_requests(draw: st.DrawFn, known: dict[str, list[str]], port: int,
         headers.append(("Host", host))
     if ctype is not None:
         headers.append(("Content-Type", ctype))
-    length = usual(draw, st.just("right"),
+    length = "right" if framed else usual(draw, st.just("right"),
                    st.sampled_from(["none", "-5", "abc", "1e3", "+7", "0x10",
                                     "99999999999999999999", "short", "long", "twice",
                                     "chunked"]))
@@ -413,6 +414,44 @@ def test_any_request_gets_a_clear_answer_and_the_state_holds(probe: Probe, data:
     a = send(probe.port, raw, "HEAD" if method == "HEAD" else method)
     event(f"{a.status}")  # the spread of answers: pytest --hypothesis-show-statistics
     check_answer(a, method, version)
+    check_station(probe)
+
+
+def answers(data: bytes, first_method: str) -> list[http.client.HTTPResponse]:
+    """Every answer in what a connection returned, in order."""
+    class Stream(io.BytesIO):
+        def close(self) -> None:  # HTTPResponse closes its file after each answer
+            pass
+
+    f = Stream(data)
+    out = []
+    while f.tell() < len(data):
+        r = http.client.HTTPResponse(_Bytes(b""), method=first_method if not out else "GET")
+        r.fp = f  # type: ignore[assignment]
+        r.begin()
+        r.body = r.read()  # type: ignore[attr-defined]
+        out.append(r)
+    return out
+
+
+@settings(FUZZ, max_examples=150)
+@given(data=st.data())
+def test_nothing_in_a_request_is_read_as_another(probe: Probe, data: Any) -> None:
+    """A generated request, then `GET /api/state` on the same connection: at most two answers,
+    the second (when the first left the connection open) the state. A third answer, or a second
+    that is not the state, is part of the first request answered as a request of its own."""
+    method, raw, _ = data.draw(http_requests(ids(probe), probe.port, framed=True))
+    follow = request_bytes("GET", "/api/state", [("Host", "127.0.0.1")], b"")
+    with socket.create_connection(("127.0.0.1", probe.port), timeout=20) as s:
+        s.sendall(raw + follow)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    got = answers(out, "HEAD" if method == "HEAD" else method)
+    assert 1 <= len(got) <= 2, [(r.status, r.body[:80]) for r in got]  # type: ignore[attr-defined]
+    if len(got) == 2:
+        assert got[1].status == 200 and "slide_id" in json.loads(got[1].body)  # type: ignore[attr-defined]
     check_station(probe)
 
 
@@ -688,3 +727,17 @@ def test_a_refused_body_still_arriving_gets_the_answer_not_a_reset(guarded: Prob
     for _ in range(20):
         assert send(guarded.port, head + b"x" * size, "POST").status == 401
     assert guarded.crashes.take() == []
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_get_body_is_not_read_as_the_next_request(probe: Probe, method: str) -> None:
+    """A GET or HEAD with a body on a kept-alive connection: the body (here a request of its
+    own) was answered as the next request; now the connection closes after the answer."""
+    inner = request_bytes("POST", "/api/errors/clear", [
+        ("Host", "127.0.0.1"), ("Content-Type", "application/json"), ("Content-Length", "0")],
+        b"")
+    outer = request_bytes(method, "/api/state", [("Host", "127.0.0.1"),
+                                                 ("Content-Length", str(len(inner)))], inner)
+    a = send(probe.port, outer, method)
+    assert a.status == 200 and a.raw.count(b"HTTP/1.1 ") == 1, a.raw[-300:]
+    check_station(probe)

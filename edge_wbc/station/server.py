@@ -499,6 +499,11 @@ class Handler(BaseHTTPRequestHandler):
         if not self.server.working(self):
             self.close_connection = True  # closed to make room for another connection
             return
+        if method == "GET" and (self.headers.get("Transfer-Encoding")
+                                or self.headers.get("Content-Length", "0").strip() != "0"):
+            # GET and HEAD bodies are never read: on a kept-alive connection the body would be
+            # read as the next request (one smuggled past whatever looked at this one).
+            self.close_connection = True
         try:
             url = urlsplit(self.path)
         except ValueError as e:  # "http://[x/": an absolute-form target that is no URL
