@@ -100,10 +100,13 @@ ACCEPT_P_LOGLIK = 0.01
 #: (a better likelihood on cells the shipped head already names right changes nothing).
 MIN_NAMED_GAIN = 0.02
 
-#: Labels the shipped head agrees with less often than this are not a lab's view of the same
-#: classes (a misnamed folder, labels shuffled among the cells): nothing is fitted to them. A
-#: permutation of a few dozen labels can be learnable on held-out folds (it anti-correlates
-#: with the cells' true types); it always shows as this disagreement first.
+#: Labels the shipped head agrees with less often than this, class by class (mean per-class
+#: top-1), are not a lab's view of the same classes (a misnamed folder, labels shuffled among
+#: the cells): nothing is fitted to them. Per class, not overall: a permutation keeps the class
+#: frequencies, so on a lab of mostly neutrophils shuffled labels still agree with the shipped
+#: head on 40-51 % of cells overall, and a head that learns the lab's prior "improves" on them
+#: (2 of 30 shuffled fits on BCCD/Zheng 1 were accepted so); per class they agree at about
+#: chance (0.15-0.46 there), real labels of a camera the shipped head reads badly at 0.7.
 MIN_SHIPPED_AGREEMENT = 0.5
 #: The mean per-class top-1 on held-out cells may fall by at most this much. (It had to rise by
 #: 0.02: that refused every head that learnt the lab's prior, which is most of what a lab of
@@ -674,10 +677,11 @@ def _fit_adaptation(
     named_drop = shipped["named_at_target"] - adapted["named_at_target"]
     named_gain = -named_drop
     balanced_drop = shipped["balanced_top1"] - adapted["balanced_top1"]
-    if shipped["top1"] < MIN_SHIPPED_AGREEMENT:
+    if shipped["balanced_top1"] < MIN_SHIPPED_AGREEMENT:
         accepted = False
         reason = (
-            f"the shipped model agrees with only {shipped['top1']:.0%} of these labels (needs "
+            f"the shipped model agrees with only {shipped['balanced_top1']:.0%} of these labels, "
+            f"class by class (needs "
             f">= {MIN_SHIPPED_AGREEMENT:.0%}): an adaptation refines the shipped head, it does "
             "not replace it; check that each class folder (or review) names its cells right"
         )
