@@ -524,7 +524,9 @@ def adaptation_section(models: Path) -> list[str]:
         "with the best grouped held-out likelihood, judged against the shipped head by nested "
         "grouped CV and written only when better. Measured with "
         f"`{doc['command']}` on classifier sha256 `{doc['classifier_sha256'][:12]}…` "
-        f'({ADAPTATION_EVAL}). "base" is the head the lab starts from; "used" is what '
+        f"({ADAPTATION_EVAL}; x86-64 VM, 2 cores shared with other jobs). "
+        '"base" is the head the lab starts from, as `adapt fit` takes it from the manifest (of '
+        'a mixture head, its linear flat head, scored by the top fine class); "used" is what '
         "the station runs after `adapt fit` on the N cells (the adaptation when accepted, else "
         "the base head); the last column is the fitted head even where it was refused. "
         "Where a pool has fewer than N + 20 cells there is no test left, and the row says so. "

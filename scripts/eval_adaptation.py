@@ -405,10 +405,12 @@ def targets(rep: dict[str, Any]) -> list[str]:
         v = r["per_n"][N]
         t1 = v["used_top1"] >= 0.95 or v["used_top1"] >= v["shipped_top1"] + 0.05
         nm = v["used_named_at_target"] >= 0.80
+        # A target the base head already meets is not the adaptation's doing: say so.
+        by_base = " (by the base head: no fit accepted)" if v["accepted"] == 0 else ""
         out.append(
             f"{lab} (N={N}): top-1 {v['used_top1']:.3f} (base {v['shipped_top1']:.3f}) "
             f"{'met' if t1 else 'NOT met'}; named ≥97 % {v['used_named_at_target']:.3f} "
-            f"{'met' if nm else 'NOT met'}"
+            f"{'met' if nm else 'NOT met'}{by_base if t1 or nm else ''}"
         )
     return out
 
@@ -444,6 +446,7 @@ def main() -> None:
     ap.add_argument("--scale", action="store_true", help="also the 0.4x magnification check")
     ap.add_argument("--json", type=Path, help="write every number here")
     ap.add_argument("--card", type=Path, help="write the model card's section here (JSON)")
+    ap.add_argument("--tables-from", type=Path, help="only render a run's --json again")
     args = ap.parse_args()
     settings = args.setting or ["shared", "unseen", "cast:monochrome", "cast:yellow, strong",
                                 "cast:blue, strong + haze"]  # fmt: skip
@@ -451,6 +454,24 @@ def main() -> None:
         if st not in ("shared", "unseen") and not (st.startswith("cast:") and st[5:] in CASTS):
             sys.exit(f"unknown setting {st!r}; shared, unseen or cast:NAME with NAME one of "
                      f"{', '.join(CASTS)}")  # fmt: skip
+
+    if args.tables_from:
+        # Only the tables and the card again, from a run's --json (no fits).
+        report = json.loads(args.tables_from.read_text())
+        md = []
+        for st, rep in report["settings"].items():
+            rep["labs"] = {lab: {**r, "per_n": {int(k): v for k, v in r["per_n"].items()}}
+                           for lab, r in rep["labs"].items()}  # fmt: skip
+            rep["targets"] = targets(rep)
+            md += setting_tables(st, rep, args.repeats)
+            md += ["Targets after 100 cells (top-1 ≥ 0.95 or +5 points; named at ≥ 97 % "
+                   "precision ≥ 0.80): " + "; ".join(rep["targets"]) + ".", ""]  # fmt: skip
+        c = report["costs"]
+        md += _cost_table(c)
+        print("\n".join(md))
+        if args.card:
+            _write_card(args, report, md, c, report["classifier_sha256"])
+        return
 
     an = FieldAnalyzer(args.models, threads=1)
     ce = an.manifest.classifier
@@ -498,13 +519,7 @@ def main() -> None:
     c = costs(cells["E"].astype(np.float64), [str(x) for x in cells["meta"][:, 2]],
               [str(x) for x in cells["meta"][:, 3]], base)  # fmt: skip
     report["costs"] = c
-    part = [
-        "#### Costs (this machine)", "",
-        "| fit of 500 cells | per-cell head | fit peak RSS increase | head in memory |",
-        "|---|---|---|---|",
-        f"| {c['fit_s']:.2f} s | {c['per_cell_ms']:.3f} ms | {c['fit_peak_rss_delta_mb']:.1f} MB "
-        f"| {c['head_bytes'] / 1024:.0f} KiB |", "",
-    ]  # fmt: skip
+    part = _cost_table(c)
     md += part
     print("\n".join(part))
     if args.scale:
@@ -522,15 +537,36 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
     if args.card:
-        doc = {"command": " ".join(["python", "scripts/eval_adaptation.py", *sys.argv[1:]]),
-               "classifier_sha256": ce.sha256, "repeats": args.repeats, "tables": md,
-               "targets": {st: r["targets"] for st, r in report["settings"].items()},
-               "costs": c}  # fmt: skip
-        args.card.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-        readme = args.card.parent / "README.md"
-        if args.card.name == card.ADAPTATION_EVAL and readme.is_file():
-            card.replace_adaptation_section(readme, args.card.parent)
-            print(f"rewrote the adaptation section of {readme}")
+        _write_card(args, report, md, c, ce.sha256)
+
+
+def _cost_table(c: dict[str, Any]) -> list[str]:
+    return [
+        "#### Costs (this machine)", "",
+        "| fit of 500 cells | per-cell head | fit peak RSS increase | head in memory |",
+        "|---|---|---|---|",
+        f"| {c['fit_s']:.2f} s | {c['per_cell_ms']:.3f} ms | {c['fit_peak_rss_delta_mb']:.1f} MB "
+        f"| {c['head_bytes'] / 1024:.0f} KiB |", "",
+    ]  # fmt: skip
+
+
+def _write_card(
+    args: argparse.Namespace, report: dict[str, Any], md: list[str], c: dict[str, Any], sha: str
+) -> None:
+    import shlex
+
+    command = shlex.join(["python", "scripts/eval_adaptation.py", *sys.argv[1:]])
+    if args.tables_from and args.card.is_file():  # the command that measured, not the re-render
+        command = json.loads(args.card.read_text()).get("command", command)
+    doc = {"command": command,
+           "classifier_sha256": sha, "repeats": args.repeats, "tables": md,
+           "targets": {st: r["targets"] for st, r in report["settings"].items()},
+           "costs": c}  # fmt: skip
+    args.card.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    readme = args.card.parent / "README.md"
+    if args.card.name == card.ADAPTATION_EVAL and readme.is_file():
+        card.replace_adaptation_section(readme, args.card.parent)
+        print(f"rewrote the adaptation section of {readme}")
 
 
 if __name__ == "__main__":
