@@ -260,6 +260,7 @@ def write_card(
 
         fe = json.loads(fine.read_text())
         lines += fine_section(fe, fe.get("pbc_test_analyze"), fe.get("pbc_test_analyze_shipped"))
+    lines += adaptation_section(out)
     lines += ["## Op gate and Edge TPU", "", "| file | op gate | Edge TPU |", "|---|---|---|"]
     for f, g in seg_eval.get("gate", {}).items():
         t = seg_eval.get("edgetpu", {}).get(f, {})
@@ -498,3 +499,51 @@ def fine_section(
         ]
     lines.append("")
     return lines
+
+
+#: The lab adaptation's measurements (scripts/eval_adaptation.py --card), committed next to the
+#: card so that a release regenerates the section instead of erasing it.
+ADAPTATION_EVAL = "adaptation_eval.json"
+ADAPTATION_TITLE = "## Adaptation to a lab"
+
+
+def adaptation_section(models: Path) -> list[str]:
+    """The "Adaptation to a lab" section from ``models/adaptation_eval.json`` (none if absent)."""
+    import json
+
+    f = models / ADAPTATION_EVAL
+    if not f.is_file():
+        return []
+    doc = json.loads(f.read_text())
+    return [
+        ADAPTATION_TITLE,
+        "",
+        "`edge-wbc adapt fit` fits a lab's own last layer on the shipped classifier's pooled "
+        'embedding (README, "Learning a lab"): the candidate (the shipped head at the lab\'s '
+        "temperature; plus one bias per class; the whole head pulled toward the shipped one) "
+        "with the best grouped held-out likelihood, judged against the shipped head by nested "
+        "grouped CV and written only when better. Measured with "
+        f"`{doc['command']}` on classifier sha256 `{doc['classifier_sha256'][:12]}…` "
+        f'({ADAPTATION_EVAL}). "base" is the head the lab starts from; "used" is what '
+        "the station runs after `adapt fit` on the N cells (the adaptation when accepted, else "
+        "the base head); the last column is the fitted head even where it was refused. "
+        "Where a pool has fewer than N + 20 cells there is no test left, and the row says so. "
+        "The shared labs' pools are cells outside the classifier's training split, but head and "
+        'trunk trained on the same labs\' train splits; in the "head never saw the lab" '
+        "setting the trunk still did.",
+        "",
+        *doc["tables"],
+    ]
+
+
+def replace_adaptation_section(readme: Path, models: Path) -> None:
+    """Rewrite the section in an existing card (between its title and the next ``## ``), or
+    insert it before "## Op gate and Edge TPU"; the rest of the card is left as it is."""
+    text = readme.read_text().split("\n")
+    new = adaptation_section(models)
+    if ADAPTATION_TITLE in text:
+        a = text.index(ADAPTATION_TITLE)
+        b = next((i for i in range(a + 1, len(text)) if text[i].startswith("## ")), len(text))
+    else:
+        a = b = next((i for i, t in enumerate(text) if t.startswith("## Op gate")), len(text))
+    readme.write_text("\n".join(text[:a] + new + text[b:]))

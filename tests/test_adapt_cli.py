@@ -46,7 +46,7 @@ def _lymphocyte_lab(shipped: A.BaseHead, out: Path, sha: str | None = None) -> A
     b = shipped.b.copy()
     b[shipped.classes.index("lymphocyte")] += 50.0
     fit = A.FitResult(
-        accepted=True, reason="test", lam=1.0, W=shipped.W.astype(np.float32),
+        accepted=True, reason="test", method="pull 1", W=shipped.W.astype(np.float32),
         b=b.astype(np.float32), temperature=1.0, confidence_threshold=0.5,
         other_threshold=0.5, cells={"lymphocyte": 5}, too_few={}, validation={}, seconds=0.0,
     )  # fmt: skip

@@ -139,7 +139,7 @@ def test_group_name_uses_the_summed_probability_of_its_classes() -> None:
     X, z0 = np.ones((1, 3)), np.zeros((1, 5))
     scale = np.ones(4)
     loss, _ = A._loss_grad(
-        np.zeros(20), X, z0, M[:1].astype(float), np.ones(1), 0.0, np.ones(5, bool), scale
+        np.zeros(20), X, z0, M[:1].astype(float), np.ones(1), 0.0, np.eye(5), scale
     )
     assert loss == pytest.approx(-np.log(2 / 5))
     # numerical gradient check on a random point, preconditioned
@@ -151,7 +151,7 @@ def test_group_name_uses_the_summed_probability_of_its_classes() -> None:
         M[[0, 1, 2, 0]].astype(float),
         np.full(4, 0.25),
         0.3,
-        np.ones(5, bool),
+        np.eye(5),  # no rows frozen or tied: the plain gradient
         rng.uniform(0.5, 2.0, 4),
     )
     _, g = A._loss_grad(u, *args)
@@ -163,6 +163,27 @@ def test_group_name_uses_the_summed_probability_of_its_classes() -> None:
         ]
     )
     np.testing.assert_allclose(g, num, rtol=1e-4, atol=1e-6)
+
+
+def test_classes_the_labels_never_tell_apart_keep_their_shipped_split() -> None:
+    fine = ("band", "segmented", "eosinophil", "lymphocyte", "other")
+    groups = {"band": "neutrophil", "segmented": "neutrophil"}
+    rng = np.random.default_rng(8)
+    W0, b0 = rng.normal(size=(5, 6)), rng.normal(size=5)
+    head = A.BaseHead(fine, W0, b0, 1.0, 0.5, 0.5, "x", groups)
+    labels = ["neutrophil"] * 20 + ["lymphocyte"] * 20 + ["eosinophil"] * 10
+    M = A.label_masks(labels, head)
+    tie = A.tie_projection(M, M.any(axis=0))
+    # band and segmented move together; "other" (no label allows it) is frozen
+    np.testing.assert_allclose(tie[:2, :2], 0.5)
+    assert not tie[4].any() and not tie[:, 4].any()
+    np.testing.assert_allclose(tie[2:4, 2:4], np.eye(2))
+    E = rng.normal(size=(len(labels), 6)) + np.repeat(rng.normal(size=(3, 6)), [20, 20, 10], 0)
+    ((W, b),) = A.fit_head(E, M, W0, b0, [1e-2], M.any(axis=0), balanced=False)
+    np.testing.assert_allclose(W[0] - W[1], W0[0] - W0[1], atol=1e-8)
+    np.testing.assert_allclose(b[0] - b[1], b0[0] - b0[1], atol=1e-8)
+    np.testing.assert_allclose(W[4], W0[4])
+    assert np.abs(W[3] - W0[3]).max() > 1e-3  # a class the labels name does move
 
 
 def test_grouped_folds_keep_groups_and_near_duplicates_together() -> None:

@@ -100,8 +100,8 @@ def _table(v: dict[str, Any]) -> str:
     classes = list(a["per_class"])
     w = max(12, *(len(c) for c in classes))
     rows = [
-        f"held-out validation: {v['folds']} grouped folds ({v['groups']} groups), "
-        f"penalty {v['penalty']:g}",
+        f"held-out validation: {v['folds']} nested grouped folds ({v['groups']} groups), "
+        f"head: {v['method']}",
         f"{'class':<{w}} {'n':>5} {'shipped top-1':>14} {'adapted top-1':>14}",
     ]
     for c in classes:

@@ -2,17 +2,25 @@
 
 The shipped classifier's last layer is linear on its pooled embedding (``logits = W e + b``).
 A new lab's stain and camera move the embeddings, not the idea of a lymphocyte, so the lab head
-is the shipped head pulled toward the lab's labelled cells and held near the shipped weights by
-an L2 penalty (``lam/2 * |W - W0|^2``; scipy's L-BFGS, analytic gradient). Classes are weighted
-equally in the fit, so the head learns what the lab's cells look like and not how often they
-came up in the reviewed slides: a station must not push the next patient's differential toward
-the last patients'.
+is one of a few candidates, from the fewest parameters to the most: the shipped head at the
+lab's temperature; the shipped head with the lab's temperature and one bias per class; the whole
+head pulled toward the shipped one by an L2 penalty (``lam/2 * |W - W0|^2``, three strengths;
+scipy's L-BFGS, analytic gradient). The candidate with the best grouped held-out likelihood on
+the lab's cells is the one fitted. The shipped head is always a candidate: a lab it already
+reads well keeps it.
 
 Everything is judged on held-out cells: folds are grouped (cells of one field and near-identical
-embeddings stay in one fold) and stratified; the penalty is chosen on them, the lab's temperature
-and confidence threshold are fitted on the out-of-fold predictions (so "unidentified" keeps its
-meaning: cells the head names are >= 97 % right on that lab), and the adaptation is accepted
-only when it beats the shipped head on those same held-out cells by a paired exact test.
+embeddings stay in one fold) and stratified. The judging is nested -- inside each outer fold an
+inner grouped CV on the other folds chooses the candidate -- so the cells that judge a head never
+chose it. The lab's temperature and confidence threshold are fitted on out-of-fold predictions
+(so "unidentified" keeps its meaning: cells the head names are >= 97 % right on that lab), and
+the adaptation is accepted only when it beats the shipped head on the held-out cells by a paired
+test (top-1, or the labels' log-likelihood with no loss in top-1).
+
+Class prototypes of the lab's embeddings (cosine to each class mean, blended with the shipped
+logits) were tried and left out: cosine to a centred mean is not linear in the embedding, so the
+station's LinearHead could not apply it, and on the shared labs it did no better than the pulled
+head (Zheng 1, 50 cells: 0.952 both; BCCD 100: 0.870 vs 0.867).
 
 On disk an adaptation is a versioned folder written atomically::
 
@@ -34,6 +42,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -59,24 +68,49 @@ TARGET_PRECISION = 0.97
 #: Fewer cells than this in a class: the class is left as shipped (its row of the head is frozen)
 #: and the fit says so. Below it, a fold may hold none of the class and nothing can be validated.
 MIN_CELLS_PER_CLASS = 5
-#: Penalties tried (per unit of the class-balanced mean log-loss); the best on held-out cells wins.
-LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+#: Candidate heads, from the fewest parameters to the most; the best held-out likelihood wins.
+#: SHIPPED is the shipped head at the lab's temperature (a calibration only: it must always be
+#: among the candidates, or a lab the shipped head already reads well gets a worse head);
+#: BIAS adds one bias per class (a stain shift, the lab's prior); the pulls are the whole head
+#: held near the shipped one (per unit of the mean log-loss; 1 was nearly the shipped head on
+#: the shared labs and the bias candidate covers it).
+SHIPPED = "shipped"
+BIAS = "bias"
+PULLS = (1e-2, 1e-1)
+_PULL_OF = {f"pull {lam:g}": lam for lam in PULLS}
+#: L2 penalty on the per-class biases (per unit of the mean log-loss).
+BIAS_PENALTY = 1e-2
+#: Folds of the inner CV that chooses the candidate inside each outer fold: three keep a few
+#: cells of every class in each on 25-cell labs, and the fit of 500 cells within its 5 s.
+INNER_FOLDS = 3
 #: Embeddings at least this cosine-similar (about the cells' mean) are one cell seen twice (a
 #: re-captured field, a copied file): they share a fold. On the four labs' 1078 cells 1 % of
 #: the cells have a neighbour this close (the closest pairs, 0.9998, are Zheng crops of one cell).
 NEAR_DUPLICATE_COSINE = 0.999
-#: One-sided exact McNemar p-value the held-out gain in top-1 must reach. 0.05 let 1 of 60 fits
-#: on shuffled labels of the shared labs through (the penalty is chosen on the same folds); 0.01
-#: let none, and needs e.g. 7 cells fixed and none broken.
-ACCEPT_P = 0.01
+#: One-sided exact McNemar p-value the nested held-out gain in top-1 must reach. The cells that
+#: judge an adaptation never chose it (nested CV), so the usual 0.05 is honest; the former 0.01
+#: paid for choosing the penalty on the same folds and refused most real gains.
+ACCEPT_P = 0.05
+#: Or: the held-out log-likelihood of the labels is better (one-sided Wilcoxon signed-rank on the
+#: per-cell log-loss) with no more cells broken than fixed -- a lab calibration or prior that
+#: ranks the lab's cells better by confidence (more named at the target precision) without
+#: changing enough answers to show in top-1.
+ACCEPT_P_LOGLIK = 0.01
+#: ... and it must show where it matters: the share named at the target precision up this much
+#: (a better likelihood on cells the shipped head already names right changes nothing).
+MIN_NAMED_GAIN = 0.02
 
 #: Labels the shipped head agrees with less often than this are not a lab's view of the same
 #: classes (a misnamed folder, labels shuffled among the cells): nothing is fitted to them. A
 #: permutation of a few dozen labels can be learnable on held-out folds (it anti-correlates
 #: with the cells' true types); it always shows as this disagreement first.
 MIN_SHIPPED_AGREEMENT = 0.5
-#: The mean per-class top-1 on held-out cells must rise by at least this much too.
-MIN_BALANCED_GAIN = 0.02
+#: The mean per-class top-1 on held-out cells may fall by at most this much. (It had to rise by
+#: 0.02: that refused every head that learnt the lab's prior, which is most of what a lab of
+#: neutrophils has to teach; shuffled labels are refused by the agreement rule and the nested test.)
+MAX_BALANCED_DROP = 0.02
+#: ... and the share named at the target precision by at most this much.
+MAX_NAMED_DROP = 0.02
 
 EXIT_NOT_BETTER = 3
 
@@ -135,11 +169,12 @@ def _loss_grad(
     M: np.ndarray,
     w: np.ndarray,
     lam: float,
-    free: np.ndarray,
+    tie: np.ndarray,
     scale: np.ndarray,
 ) -> tuple[float, np.ndarray]:
     """Penalised group log-loss of logits ``z0 + X A^T + beta`` in the preconditioned
-    variables ``u = (A | beta) * scale``, and its gradient in u."""
+    variables ``u = (A | beta) * scale``, and its gradient in u, projected by ``tie``
+    (tie_projection: frozen rows get none, tied rows the same)."""
     K, r = z0.shape[1], X.shape[1]
     P = u.reshape(K, r + 1) / scale
     z = z0 + X @ P[:, :r].T + P[:, r]
@@ -151,8 +186,25 @@ def _loss_grad(
     q = p * M / np.maximum(pg, 1e-300)[:, None]
     dz = w[:, None] * (p - q)
     dP = np.concatenate([dz.T @ X, dz.sum(axis=0)[:, None]], axis=1) + lam * P
-    dP[~free] = 0.0
+    dP = tie @ dP
     return loss, (dP / scale).ravel()
+
+
+def tie_projection(M: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """K x K projection of a change to the head's rows: rows of classes no label allows are
+    frozen (zero), and classes the labels never tell apart (identical columns of M, e.g. band
+    and segmented when the lab only says ``neutrophil``) move together, so their split stays
+    the shipped one -- the lab's cells say nothing about it, and a free fit reshuffled it (PBC
+    band vs segmented lost up to 7 points with a five-part lab's head)."""
+    K = M.shape[1]
+    Pi = np.zeros((K, K))
+    groups: dict[bytes, list[int]] = {}
+    for k in range(K):
+        if free[k]:
+            groups.setdefault(np.asarray(M[:, k], bool).tobytes(), []).append(k)
+    for ks in groups.values():
+        Pi[np.ix_(ks, ks)] = 1.0 / len(ks)
+    return Pi
 
 
 def balanced_weights(M: np.ndarray) -> np.ndarray:
@@ -173,6 +225,7 @@ def fit_head(
     lambdas: Sequence[float],
     free: np.ndarray | None = None,
     balanced: bool = True,
+    basis: np.ndarray | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each penalty (largest first, each fit warm-starting the next): W, b minimising the
     (class-balanced) log-loss of the labels -- the group likelihood, the summed probability of
@@ -181,6 +234,8 @@ def fit_head(
     The change to W that minimises this lies in the span of the cells' embeddings (a change
     orthogonal to every cell moves no logit and only adds penalty), so it is fitted in that
     span: at most n x K numbers instead of D x K, preconditioned by each direction's spread.
+    ``basis`` (D x r, orthonormal columns spanning at least these cells, e.g. of all the lab's
+    cells when fitting a fold) saves the SVD: the fits of one validation share it.
     """
     from scipy import optimize
 
@@ -190,13 +245,12 @@ def fit_head(
     W0 = np.asarray(W0, np.float64)
     b0 = np.asarray(b0, np.float64)
     w = balanced_weights(M) if balanced else np.full(len(M), 1.0 / max(len(M), 1))
-    _, S, Vt = np.linalg.svd(E, full_matrices=False)
-    keep = (S[0] if len(S) else 0.0) * 1e-6 < S
-    V = Vt[keep].T
+    V = span_basis(E) if basis is None else basis
     X = E @ V
     z0 = E @ W0.T + b0
     spread = np.concatenate([(w[:, None] * X**2).sum(axis=0), [1.0]])
     Mf = M.astype(np.float64)
+    tie = tie_projection(M, free)
     out: dict[float, tuple[np.ndarray, np.ndarray]] = {}
     P = np.zeros((K, X.shape[1] + 1))
     for lam in sorted(lambdas, reverse=True):
@@ -205,7 +259,7 @@ def fit_head(
         res = optimize.minimize(
             _loss_grad,
             (P * scale).ravel(),
-            args=(X, z0, Mf, w, float(lam), free, scale),
+            args=(X, z0, Mf, w, float(lam), tie, scale),
             jac=True,
             method="L-BFGS-B",
             options={"maxiter": 300},
@@ -213,6 +267,13 @@ def fit_head(
         P = res.x.reshape(K, -1) / scale
         out[lam] = (W0 + P[:, :-1] @ V.T, b0 + P[:, -1])
     return [out[lam] for lam in lambdas]
+
+
+def span_basis(E: np.ndarray) -> np.ndarray:
+    """D x r orthonormal basis of the span of the rows of E (numerically nonzero directions)."""
+    _, S, Vt = np.linalg.svd(np.asarray(E, np.float64), full_matrices=False)
+    keep = (S[0] if len(S) else 0.0) * 1e-6 < S
+    return Vt[keep].T
 
 
 def fit_temperature(logits: np.ndarray, M: np.ndarray) -> float:
@@ -253,9 +314,12 @@ def named_at_precision(
     return (j + 1) / n, float(s[j])
 
 
-def expected_precision_threshold(score: np.ndarray, target: float = TARGET_PRECISION) -> float:
-    """The lowest threshold at which the cells named would be right >= target of the time, by
-    the calibrated probabilities themselves (mean top probability of the named cells).
+def expected_precision_threshold(
+    score: np.ndarray, target: float = TARGET_PRECISION, right: np.ndarray | None = None
+) -> float:
+    """The lowest threshold on ``score`` at which the cells named would be right >= target of
+    the time, by the calibrated probabilities themselves: ``right`` per cell is the probability
+    that its named answer is right (default: the score itself).
 
     On a few dozen held-out cells the empirical precision moves in steps of one cell; the
     calibrated probabilities carry far more of the information, once the lab's temperature is
@@ -263,12 +327,22 @@ def expected_precision_threshold(score: np.ndarray, target: float = TARGET_PRECI
     """
     if len(score) == 0:
         return 1.0
-    s = np.sort(score)[::-1]
-    mean_above = np.cumsum(s) / np.arange(1, len(s) + 1)
+    order = np.argsort(-score, kind="stable")
+    s = score[order]
+    r = s if right is None else np.asarray(right)[order]
+    mean_above = np.cumsum(r) / np.arange(1, len(s) + 1)
     ok = np.nonzero(mean_above >= target)[0]
     if len(ok) == 0:
         return float(min(1.0, s[0]))
     return float(s[ok[-1]])
+
+
+def group_probability(p: np.ndarray, head: BaseHead) -> np.ndarray:
+    """Per cell, the probability of the top class's counting group (band or segmented: a
+    neutrophil), i.e. that the named cell is counted right in the differential."""
+    g = [head.group_of(c) for c in head.classes]
+    same = np.array([[a == b for b in g] for a in g], float)
+    return (p * same[p.argmax(axis=1)]).sum(axis=1)
 
 
 def near_duplicate_groups(
@@ -370,9 +444,23 @@ def metrics(
     }
 
 
+def loglik_p(base_p: np.ndarray, new_p: np.ndarray, M: np.ndarray) -> float:
+    """One-sided Wilcoxon signed-rank p-value that the new probabilities give the labels a
+    higher log-likelihood, cell by cell, than the base ones."""
+    from scipy import stats
+
+    d = np.log(np.maximum((new_p * M).sum(1), 1e-300)) - np.log(
+        np.maximum((base_p * M).sum(1), 1e-300)
+    )
+    if not np.any(d != 0):
+        return 1.0
+    return float(stats.wilcoxon(d, alternative="greater").pvalue)
+
+
 def mcnemar_p(base_ok: np.ndarray, new_ok: np.ndarray) -> float:
     """One-sided exact McNemar p-value that the new head is right more often than the base."""
     from scipy import stats
+
     fixed = int(np.sum(new_ok & ~base_ok))
     broken = int(np.sum(base_ok & ~new_ok))
     if fixed + broken == 0:
@@ -387,7 +475,7 @@ def mcnemar_p(base_ok: np.ndarray, new_ok: np.ndarray) -> float:
 class FitResult:
     accepted: bool
     reason: str
-    lam: float
+    method: str  # the candidate chosen: SHIPPED, BIAS or a pull
     W: np.ndarray
     b: np.ndarray
     temperature: float
@@ -403,16 +491,108 @@ def base_probs(E: np.ndarray, head: BaseHead) -> np.ndarray:
     return softmax((E @ head.W.T + head.b) / max(head.temperature, 1e-6))
 
 
+def _fit_bias(
+    E: np.ndarray, M: np.ndarray, head: BaseHead, free: np.ndarray, w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The shipped head with the lab's temperature and one bias per class (``z0 / t + beta``,
+    ``BIAS_PENALTY/2 * |beta|^2``): a stain or camera that moves every cell's logits the same
+    way, and the lab's own prior, in K + 1 numbers that a few dozen cells can pin down."""
+    from scipy import optimize
+
+    z0 = E @ head.W.T + head.b
+    K = z0.shape[1]
+    tie = tie_projection(M, free)
+
+    def f(u: np.ndarray) -> tuple[float, np.ndarray]:
+        t = float(np.exp(u[0]))
+        beta = u[1:]
+        p = softmax(z0 / t + beta)
+        pg = np.maximum((p * M).sum(axis=1), 1e-300)
+        q = p * M / pg[:, None]
+        dz = w[:, None] * (p - q)
+        loss = -float(np.sum(w * np.log(pg))) + 0.5 * BIAS_PENALTY * float(np.sum(beta**2))
+        g_t = float(np.sum(dz * (-z0 / t)))  # d/d(log t)
+        g_b = tie @ (dz.sum(axis=0) + BIAS_PENALTY * beta)
+        return loss, np.r_[g_t, g_b]
+
+    u0 = np.r_[np.log(max(head.temperature, 1e-3)), np.zeros(K)]
+    bounds = [(np.log(0.05), np.log(20.0))] + [(None, None)] * K
+    res = optimize.minimize(f, u0, jac=True, method="L-BFGS-B", bounds=bounds)
+    t = float(np.exp(res.x[0]))
+    beta = res.x[1:]
+    return head.W / t, head.b / t + beta
+
+
+def _fit_candidates(
+    E: np.ndarray,
+    M: np.ndarray,
+    head: BaseHead,
+    free: np.ndarray,
+    balanced: bool,
+    basis: np.ndarray,
+    only: str | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every candidate head (or ``only`` the one named) fitted on these cells: W, b."""
+    w = balanced_weights(M) if balanced else np.full(len(M), 1.0 / max(len(M), 1))
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if only in (None, SHIPPED):
+        out[SHIPPED] = (np.asarray(head.W, np.float64), np.asarray(head.b, np.float64))
+    if only in (None, BIAS):
+        out[BIAS] = _fit_bias(E, M, head, free, w)
+    pulls = [lam for lam in PULLS if only in (None, _pull_name(lam))]
+    if pulls:
+        fits = fit_head(E, M, head.W, head.b, pulls, free, balanced, basis)
+        out |= {_pull_name(lam): wb for lam, wb in zip(pulls, fits, strict=True)}
+    return out
+
+
+def _pull_name(lam: float) -> str:
+    return f"pull {lam:g}"
+
+
+def _out_of_fold(
+    E: np.ndarray, M: np.ndarray, labels: Sequence[str], fold: np.ndarray, head: BaseHead,
+    free: np.ndarray, balanced: bool, basis: np.ndarray,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Each candidate's logits on every cell from the fit on the other folds. A fold whose
+    complement holds one class only (possible on tiny labs) gets the shipped logits: nothing
+    was learnt for it."""
+    z0 = E @ head.W.T + head.b
+    oof: dict[str, np.ndarray] = {}
+    for f in np.unique(fold):
+        tr, te = fold != f, fold == f
+        if len({labels[i] for i in np.nonzero(tr)[0]}) < 2:
+            for z in oof.values():
+                z[te] = z0[te]
+            continue
+        for name, (W, b) in _fit_candidates(E[tr], M[tr], head, free, balanced, basis).items():
+            oof.setdefault(name, z0.copy())[te] = E[te] @ W.T + b
+    return oof or {SHIPPED: z0}
+
+
+def _select(oof: Mapping[str, np.ndarray], M: np.ndarray) -> tuple[str, float]:
+    """The candidate with the best held-out log-likelihood (each at its own held-out
+    temperature), and that temperature. Ties go to the earlier, simpler candidate."""
+    best: tuple[float, str, float] | None = None
+    for name, z in oof.items():
+        T = fit_temperature(z, M)
+        p = softmax(z / T)
+        nll = -float(np.mean(np.log(np.maximum((p * M).sum(axis=1), 1e-300))))
+        if best is None or nll < best[0] - 1e-9:
+            best = (nll, name, T)
+    assert best is not None
+    return best[1], best[2]
+
+
 def _fit_adaptation(
     E: np.ndarray,
     labels: Sequence[str],
     head: BaseHead,
     keys: Sequence[str] | None = None,
     folds: int = 5,
-    lambdas: Sequence[float] = LAMBDAS,
     seed: int = 0,
     target: float = TARGET_PRECISION,
-    balanced: bool = True,
+    balanced: bool = False,
 ) -> FitResult:
     """fit_adaptation without the thread limit."""
     t0 = time.perf_counter()
@@ -444,39 +624,56 @@ def _fit_adaptation(
     groups = near_duplicate_groups(
         E_u, None if keys is None else [k for k, u in zip(keys, use, strict=True) if u]
     )
-    n_folds = int(min(folds, min(kept.values())))
-    n_folds = max(2, n_folds)
+    n_folds = max(2, int(min(folds, min(kept.values()))))
     fold = grouped_folds(groups, lab_u, n_folds, seed)
+    basis = span_basis(E_u)
 
-    # Out-of-fold logits of every penalty (warm-started from the next larger penalty's fit).
-    oof: dict[float, np.ndarray] = {}
+    # Nested: each outer fold's head is chosen by an inner grouped CV on the other folds only,
+    # so the held-out cells that judge the adaptation never chose it (the former single CV both
+    # chose the penalty and judged it, which is why it needed p < 0.01 and lost most real gains).
+    p_ad = np.zeros((len(E_u), K))
+    chosen_outer: list[str] = []
     for f in range(n_folds):
-        tr, te = fold != f, fold == f
-        if not te.any() or len({lab_u[i] for i in np.nonzero(tr)[0]}) < 2:
+        tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
+        lab_tr = [lab_u[i] for i in tr]
+        if len(set(lab_tr)) < 2 or not len(te):
+            p_ad[te] = base_probs(E_u[te], head)
+            chosen_outer.append(SHIPPED)
             continue
-        fits = fit_head(E_u[tr], M_u[tr], head.W, head.b, lambdas, free, balanced)
-        for lam, (W, b) in zip(lambdas, fits, strict=True):
-            oof.setdefault(lam, np.zeros((len(E_u), K)))[te] = E_u[te] @ W.T + b
+        n_in = max(2, min(INNER_FOLDS, min(Counter(lab_tr).values())))
+        inner = grouped_folds(groups[tr], lab_tr, n_in, seed + 1 + f)
+        oof_in = _out_of_fold(E_u[tr], M_u[tr], lab_tr, inner, head, free, balanced, basis)
+        name, T_f = _select(oof_in, M_u[tr])
+        ((W, b),) = _fit_candidates(
+            E_u[tr], M_u[tr], head, free, balanced, basis, only=name
+        ).values()
+        p_ad[te] = softmax((E_u[te] @ W.T + b) / T_f)
+        chosen_outer.append(name)
+
+    # The head the station gets: chosen the same way on all the cells.
+    oof = _out_of_fold(E_u, M_u, lab_u, fold, head, free, balanced, basis)
+    method, T = _select(oof, M_u)
+    ((W, b),) = _fit_candidates(E_u, M_u, head, free, balanced, basis, only=method).values()
+    # The device names a cell by its top fine class's probability; the threshold is where the
+    # named cells are >= target right as the differential counts them (their group). With the
+    # top class's own probability instead, a lab that says only "neutrophil" had its threshold
+    # set by the band/segmented split, which its labels cannot judge: 90 % of monochrome BCCD
+    # went unidentified.
+    p_sel = softmax(oof[method] / T)
+    thr = expected_precision_threshold(p_sel.max(1), target, group_probability(p_sel, head))
+
     base_p = base_probs(E_u, head)
-    base_top_ok = M_u[np.arange(len(E_u)), base_p.argmax(1)]
-
-    def held_out_loss(lam: float) -> float:
-        T = fit_temperature(oof[lam], M_u)
-        p = softmax(oof[lam] / T)
-        w = balanced_weights(M_u)
-        return -float(np.sum(w * np.log(np.maximum((p * M_u).sum(1), 1e-300))))
-
-    lam = min(oof, key=held_out_loss)
-    T = fit_temperature(oof[lam], M_u)
-    p_ad = softmax(oof[lam] / T)
+    base_ok = M_u[np.arange(len(E_u)), base_p.argmax(1)]
     ad_ok = M_u[np.arange(len(E_u)), p_ad.argmax(1)]
-    thr = expected_precision_threshold(p_ad.max(1), target)
     shipped = metrics(base_p, M_u, lab_u, head.confidence_threshold, target)
     adapted = metrics(p_ad, M_u, lab_u, thr, target)
-    p_val = mcnemar_p(base_top_ok, ad_ok)
-    fixed = int(np.sum(ad_ok & ~base_top_ok))
-    broken = int(np.sum(base_top_ok & ~ad_ok))
+    p_top1 = mcnemar_p(base_ok, ad_ok)
+    p_nll = loglik_p(base_p, p_ad, M_u)
+    fixed = int(np.sum(ad_ok & ~base_ok))
+    broken = int(np.sum(base_ok & ~ad_ok))
     named_drop = shipped["named_at_target"] - adapted["named_at_target"]
+    named_gain = -named_drop
+    balanced_drop = shipped["balanced_top1"] - adapted["balanced_top1"]
     if shipped["top1"] < MIN_SHIPPED_AGREEMENT:
         accepted = False
         reason = (
@@ -484,24 +681,29 @@ def _fit_adaptation(
             f">= {MIN_SHIPPED_AGREEMENT:.0%}): an adaptation refines the shipped head, it does "
             "not replace it; check that each class folder (or review) names its cells right"
         )
-    elif p_val >= ACCEPT_P:
+    elif not (
+        p_top1 < ACCEPT_P
+        or (p_nll < ACCEPT_P_LOGLIK and fixed >= broken and named_gain >= MIN_NAMED_GAIN)
+    ):
         accepted = False
         reason = (
             f"not better on held-out cells: top-1 {shipped['top1']:.3f} shipped vs "
             f"{adapted['top1']:.3f} adapted ({fixed} cells fixed, {broken} broken; one-sided "
-            f"exact p = {p_val:.3g}, needs < {ACCEPT_P})"
+            f"exact p = {p_top1:.3g}, needs < {ACCEPT_P}; log-likelihood p = {p_nll:.3g}, "
+            f"needs < {ACCEPT_P_LOGLIK} with no loss in top-1 and named at >= {target:.0%} "
+            f"precision {shipped['named_at_target']:.3f} -> {adapted['named_at_target']:.3f} "
+            f"up by >= {MIN_NAMED_GAIN})"
         )
-    elif adapted["balanced_top1"] < shipped["balanced_top1"] + MIN_BALANCED_GAIN:
-        # A gain in top-1 alone can come from calling the lab's commonest class more often,
-        # which labels shuffled among the cells also reward; a head that learnt the lab's cells
-        # is better class by class.
+    elif balanced_drop > MAX_BALANCED_DROP:
+        # A gain in top-1 can come from calling the lab's commonest class more often; a head
+        # that gives up a whole class for it is not what the lab wants, however common it is.
         accepted = False
         reason = (
             f"top-1 is better ({shipped['top1']:.3f} -> {adapted['top1']:.3f}) but not class by "
             f"class: mean per-class top-1 {shipped['balanced_top1']:.3f} -> "
-            f"{adapted['balanced_top1']:.3f} (needs + {MIN_BALANCED_GAIN:.2f})"
+            f"{adapted['balanced_top1']:.3f} (may fall by at most {MAX_BALANCED_DROP:.2f})"
         )
-    elif named_drop > 0.02:
+    elif named_drop > MAX_NAMED_DROP:
         accepted = False
         reason = (
             f"top-1 is better ({shipped['top1']:.3f} -> {adapted['top1']:.3f}) but fewer cells "
@@ -511,27 +713,32 @@ def _fit_adaptation(
     else:
         accepted = True
         reason = (
-            f"better on held-out cells: top-1 {shipped['top1']:.3f} -> {adapted['top1']:.3f} "
-            f"({fixed} fixed, {broken} broken, p = {p_val:.3g}); named at >= {target:.0%} "
-            f"precision {shipped['named_at_target']:.3f} -> {adapted['named_at_target']:.3f}"
+            f"better on held-out cells ({method}): top-1 {shipped['top1']:.3f} -> "
+            f"{adapted['top1']:.3f} ({fixed} fixed, {broken} broken, p = {p_top1:.3g}; "
+            f"log-likelihood p = {p_nll:.3g}); named at >= {target:.0%} precision "
+            f"{shipped['named_at_target']:.3f} -> {adapted['named_at_target']:.3f}"
         )
-    ((W, b),) = fit_head(E_u, M_u, head.W, head.b, [lam], free, balanced)
+    # The lab threshold is for the lab's cells; "other" keeps the shipped bar as a floor so an
+    # adaptation never lets more leukocytes leave the count than the shipped model did.
     other_thr = None if head.other_threshold is None else max(thr, head.other_threshold)
     validation = {
         "folds": n_folds,
         "groups": int(groups.max() + 1) if len(groups) else 0,
-        "penalty": lam,
+        "method": method,
+        "chosen_per_fold": chosen_outer,
+        "penalty": _PULL_OF.get(method),
         "target_precision": target,
         "shipped": shipped,
         "adapted": adapted,
         "fixed": fixed,
         "broken": broken,
-        "p_value": p_val,
+        "p_value": p_top1,
+        "p_value_loglik": p_nll,
     }
     return FitResult(
         accepted=accepted,
         reason=reason,
-        lam=lam,
+        method=method,
         W=W.astype(np.float32),
         b=b.astype(np.float32),
         temperature=T,
@@ -550,20 +757,29 @@ def fit_adaptation(
     head: BaseHead,
     keys: Sequence[str] | None = None,
     folds: int = 5,
-    lambdas: Sequence[float] = LAMBDAS,
     seed: int = 0,
     target: float = TARGET_PRECISION,
-    balanced: bool = True,
+    balanced: bool = False,
 ) -> FitResult:
-    """Fit, validate on grouped held-out folds, and decide. Raises AdaptationError for inputs
-    that cannot be fitted at all (unknown classes, wrong embedding size, one class only)."""
+    """Fit, validate on nested grouped held-out folds, and decide. Raises AdaptationError for
+    inputs that cannot be fitted at all (unknown classes, wrong embedding size, one class only).
+
+    ``balanced``: weight classes equally in the fit. Off by default: the lab's cells as they
+    come are what top-1 and the named share are judged on, and equal weights on a lab of
+    mostly neutrophils moved the prior away from it and cost top-1 (BCCD, 100 cells: the pulled
+    head at 0.01 read 0.842 balanced, 0.862 not, shipped 0.868).
+    """
     # The fit is hundreds of small matrix products: one BLAS thread does them fastest, and a
     # thread pool per core fighting the station's interpreters (or other jobs) for the CPU makes
-    # it 20x slower.
+    # it 20x slower. scipy is imported first: threadpoolctl limits only the BLAS libraries
+    # already loaded, and scipy's own OpenBLAS loaded inside the block ran unlimited (a first fit
+    # in a process took 16 s for 100 cells instead of ~1 s here).
+    import scipy.optimize
+    import scipy.stats  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1, user_api="blas"):
-        return _fit_adaptation(E, labels, head, keys, folds, lambdas, seed, target, balanced)
+        return _fit_adaptation(E, labels, head, keys, folds, seed, target, balanced)
 
 
 # --- the base head --------------------------------------------------------------------------
@@ -710,9 +926,11 @@ def write_adaptation(
             "created": now.isoformat(timespec="seconds"),
             "base_model": {"sha256": head.sha256},
             "classes": list(head.classes),
-            "method": "linear head pulled toward the shipped head (L2), class-balanced, "
-            "temperature and threshold fitted on held-out folds",
-            "penalty": fit.lam,
+            "method": fit.method,
+            "method_note": "candidate (shipped at the lab's temperature, per-class bias + "
+            "temperature, the head pulled toward the shipped one) chosen by grouped held-out "
+            "likelihood; temperature and threshold fitted on held-out folds; judged by nested CV",
+            "penalty": _PULL_OF.get(fit.method),
             "temperature": fit.temperature,
             "confidence_threshold": fit.confidence_threshold,
             "other_threshold": fit.other_threshold,
