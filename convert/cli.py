@@ -209,12 +209,13 @@ def fit_head(
     import json
 
     import numpy as np
+    from edge_wbc_convert import fine
     from edge_wbc_convert import fine_fit as ff
     from edge_wbc_convert.fine import FINE
     from edge_wbc_convert.graph_edit import dense_head
 
     from edge_wbc.pipeline.heads import LinearHead
-    from edge_wbc.pipeline.manifest import load_manifest, sha256_file, write_manifest
+    from edge_wbc.pipeline.manifest import load_manifest
 
     _logging(cache)
     man = load_manifest(models)
@@ -282,28 +283,10 @@ def fit_head(
     jp = head.save(out)
     (cache / "head_report.json").write_text(json.dumps(rep, indent=2) + "\n")
     (jp.parent / "fine_eval.json").write_text(json.dumps(rep, indent=2) + "\n")
-    for split in ("val", "test"):
-        r = rep[split]["pbc"]
-        typer.echo(
-            f"{split}: PBC macro-F1 {ff.macro_f1(r):.4f}, five-part on named "
-            f"{r['five_part_accuracy_named']:.4f}, unidentified {r['unidentified_rate']:.4f}"
-        )
+    for line in fine.summary_lines(rep):
+        typer.echo(line)
     if register:
-        raw = json.loads((models / "manifest.json").read_text())
-        for m in raw["models"]:
-            if m.get("task") == "classification":
-                # The head's JSON holds its calibration and the sha256 of its weights; the
-                # numbers are in fine_eval.json and the card.
-                m["head"] = {
-                    "file": jp.name,
-                    "sha256": sha256_file(jp),
-                    "classes": list(FINE),
-                    "kind": "linear",
-                    "weights": jp.with_suffix(".npz").name,
-                    "evaluation": "fine_eval.json",
-                }
-        write_manifest(models, raw)
-        load_manifest(models)  # what the device will check
+        fine.register_head(models, jp, "linear")
     typer.echo(f"wrote {jp} (+ .npz), {cache / 'head_report.json'}")
 
 
@@ -329,11 +312,12 @@ def fit_mixture(
     import datetime as dt
     import json
 
+    from edge_wbc_convert import fine
     from edge_wbc_convert import fine_fit as ff
     from edge_wbc_convert.fine import FINE
 
     from edge_wbc.pipeline.heads import LinearHead
-    from edge_wbc.pipeline.manifest import load_manifest, sha256_file, write_manifest
+    from edge_wbc.pipeline.manifest import load_manifest
 
     _logging(cache)
     man = load_manifest(models)
@@ -432,26 +416,10 @@ def fit_mixture(
     }
     jp = head.save(out)
     (jp.parent / "fine_eval.json").write_text(json.dumps(rep, indent=2) + "\n")
-    for split in ("val", "test"):
-        r = rep[split]["pbc"]
-        typer.echo(
-            f"{split}: PBC macro-F1 {ff.macro_f1(r):.4f}, five-part on named "
-            f"{r['five_part_accuracy_named']:.4f}, unidentified {r['unidentified_rate']:.4f}"
-        )
+    for line in fine.summary_lines(rep):
+        typer.echo(line)
     if register:
-        raw = json.loads((models / "manifest.json").read_text())
-        for m in raw["models"]:
-            if m.get("task") == "classification":
-                m["head"] = {
-                    "file": jp.name,
-                    "sha256": sha256_file(jp),
-                    "classes": list(FINE),
-                    "kind": "mixture",
-                    "weights": jp.with_suffix(".npz").name,
-                    "evaluation": "fine_eval.json",
-                }
-        write_manifest(models, raw)
-        load_manifest(models)  # what the device will check
+        fine.register_head(models, jp, "mixture")
     typer.echo(f"wrote {jp} (+ .npz), {jp.parent / 'fine_eval.json'}")
 
 

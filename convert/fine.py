@@ -259,3 +259,38 @@ def box_cells(data_root: Path, models: Path, cache_dir: Path, threads: int = 1) 
         return p.embedding, [p.probs[c] for c in ce.classes], box
 
     return _extract(cache_dir / "boxes", jobs, embed, int(ce.embedding_dim or 0))
+
+
+def summary_lines(rep: dict) -> list[str]:
+    """One line per split of a fitted head's report: what fit-head and fit-mixture print."""
+    from edge_wbc_convert import fine_fit as ff
+
+    out = []
+    for split in ("val", "test"):
+        r = rep[split]["pbc"]
+        out.append(
+            f"{split}: PBC macro-F1 {ff.macro_f1(r):.4f}, five-part on named "
+            f"{r['five_part_accuracy_named']:.4f}, unidentified {r['unidentified_rate']:.4f}"
+        )
+    return out
+
+
+def register_head(models: Path, head_json: Path, kind: str) -> None:
+    """Name a fitted head in ``models/manifest.json`` (file, sha256, classes, kind) and load the
+    manifest as the device will. The head's JSON holds its calibration and the sha256 of its
+    weights; the numbers are in fine_eval.json and the card."""
+    from edge_wbc.pipeline.manifest import load_manifest, sha256_file, write_manifest
+
+    raw = json.loads((models / "manifest.json").read_text())
+    for m in raw["models"]:
+        if m.get("task") == "classification":
+            m["head"] = {
+                "file": head_json.name,
+                "sha256": sha256_file(head_json),
+                "classes": list(taxonomy.MODEL_CLASSES),
+                "kind": kind,
+                "weights": head_json.with_suffix(".npz").name,
+                "evaluation": "fine_eval.json",
+            }
+    write_manifest(models, raw)
+    load_manifest(models)  # what the device will check

@@ -741,3 +741,11 @@ def test_a_get_body_is_not_read_as_the_next_request(probe: Probe, method: str) -
     a = send(probe.port, outer, method)
     assert a.status == 200 and a.raw.count(b"HTTP/1.1 ") == 1, a.raw[-300:]
     check_station(probe)
+
+
+def test_the_token_redirect_stays_on_the_station(guarded: Probe) -> None:
+    """`GET http://x//evil.example/?token=…` was redirected to `//evil.example/`, off the
+    station (found while reading the absolute-form answers above)."""
+    a = send(guarded.port, request_bytes("GET", f"http://x//evil.example/?token={TOKEN}",
+                                         [("Host", "127.0.0.1")], b""), "GET")
+    assert a.status == 303 and a.headers["Location"] == "/evil.example/"

@@ -564,7 +564,7 @@ def _out_of_fold(
     oof: dict[str, np.ndarray] = {}
     for f in np.unique(fold):
         tr, te = fold != f, fold == f
-        if len({labels[i] for i in np.nonzero(tr)[0]}) < 2:
+        if len({labels[int(i)] for i in np.nonzero(tr)[0]}) < 2:
             for z in oof.values():
                 z[te] = z0[te]
             continue

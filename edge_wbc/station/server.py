@@ -525,7 +525,8 @@ class Handler(BaseHTTPRequestHandler):
         if set_cookie is not None:
             # Strip the token from the address bar (and from the kiosk's history).
             self.send_response(303)
-            self.send_header("Location", path)
+            # One leading slash: "//host/" (an absolute-form target's path) would leave the site.
+            self.send_header("Location", "/" + path.lstrip("/"))
             self.send_header("Set-Cookie", f"{COOKIE}={set_cookie}; HttpOnly; SameSite=Strict; "
                              "Path=/")
             self.send_header("Content-Length", "0")
