@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
-py="${1:-python3}"
+# Absolute, so it still names the same interpreter after the cd below.
+py="$(realpath -s "$(command -v "${1:-python3}")")"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
