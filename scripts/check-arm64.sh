@@ -71,6 +71,9 @@ in_root() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/bin:/bin LANG=C.
 echo "arm64 root: $(in_root uname -m), $(in_root python3 --version)"
 [ -x "$root/opt/venv/bin/python" ] || in_root python3 -m venv /opt/venv
 in_root /opt/venv/bin/python -m pip install -q --upgrade "/tmp/edge-wbc-check/dist/$whl" >/dev/null
+# The version number does not change between commits: force this wheel over a kept root's copy.
+in_root /opt/venv/bin/python -m pip install -q --force-reinstall --no-deps \
+  "/tmp/edge-wbc-check/dist/$whl" >/dev/null
 in_root /opt/venv/bin/python -c 'import platform, numpy, cv2, ai_edge_litert; print("installed:", platform.machine(), "numpy", numpy.__version__, "opencv", cv2.__version__)'
 
 # The same bundled fields on both sides, named by their place in the package.
