@@ -229,7 +229,13 @@ class CropSampler:
         seed: int = 0,
         augment: bool = True,
         source_weights: dict[str, float] | None = None,
+        classes: tuple[str, ...] = LABELS6,
+        allowed: dict[str, tuple[str, ...]] | None = None,
+        class_weights: dict[str, float] | None = None,
     ):
+        """``classes``: the model's outputs; ``allowed``: a label -> the outputs it allows (a
+        partial label such as a five-part "neutrophil" for a band/segmented model: its target
+        marks both); ``class_weights``: how often each label is drawn (default 1)."""
         unknown = set(source_weights or {}) - set(self.SOURCE_WEIGHT)
         if unknown:
             known = list(self.SOURCE_WEIGHT)
@@ -245,9 +251,22 @@ class CropSampler:
             if c.image not in self.images:
                 self.images[c.image] = read_rgb(c.image)
             self.index.setdefault(c.label, {}).setdefault(c.source, []).append(c)
-        self.labels = [lab for lab in LABELS6 if lab in self.index]
-        w = np.array([self.CLASS_WEIGHT[lab] for lab in self.labels])
+        self.classes = classes
+        self.allowed = allowed or {c: (c,) for c in classes}
+        unknown_labels = sorted(set(self.index) - set(self.allowed))
+        if unknown_labels:
+            raise ValueError(f"labels {unknown_labels} name none of the outputs {list(classes)}")
+        weights = class_weights if class_weights is not None else self.CLASS_WEIGHT
+        self.labels = sorted(self.index, key=lambda lab: (lab not in classes, lab))
+        w = np.array([weights.get(lab, 1.0) for lab in self.labels])
         self.p = w / w.sum()
+
+    def target(self, label: str) -> np.ndarray:
+        """Multi-hot over the outputs: 1 for each output the label allows."""
+        y = np.zeros(len(self.classes), np.float32)
+        for c in self.allowed[label]:
+            y[self.classes.index(c)] = 1.0
+        return y
 
     def crop(self, c: CellItem, rng: np.random.Generator | None, augment: bool) -> np.ndarray:
         """Exactly the device's crop when not augmenting; otherwise colour, optics, scale,
@@ -286,9 +305,7 @@ class CropSampler:
         src = srcs[int(rng.choice(len(srcs), p=w / w.sum()))]
         pool = self.index[lab][src]
         c = pool[int(rng.integers(len(pool)))]
-        y = np.zeros(len(LABELS6), np.float32)
-        y[LABELS6.index(lab)] = 1.0
-        return self.crop(c, rng, self.augment), y
+        return self.crop(c, rng, self.augment), self.target(lab)
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = zip(*(self.sample() for _ in range(n)), strict=True)

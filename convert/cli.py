@@ -513,8 +513,17 @@ def train_cls(
     source_weights: str = typer.Option(
         "", help="override sampling weights of sources within a class, e.g. 'bccd=0.5'"
     ),
+    fine: bool = typer.Option(
+        False, help="ten outputs (band/segmented, IG, erythroblast, platelet) instead of six"
+    ),
+    init_int8: Path | None = typer.Option(
+        None, help="start from the float weights recovered from this int8 classifier"
+    ),
+    head_init: Path | None = typer.Option(
+        None, help="class layer from this head .npz (weight, bias) when the outputs differ"
+    ),
 ) -> None:
-    """Train the cell classifier (five types + 'other') on crops made by the device's rule."""
+    """Train the cell classifier on crops made by the device's rule."""
     from edge_wbc_convert.train import train_classifier
 
     _logging(run_dir)
@@ -534,6 +543,9 @@ def train_cls(
         weights=weights,
         init=init,
         source_weights=_source_weights(source_weights),
+        fine=fine,
+        init_int8=init_int8,
+        head_init=head_init,
     )
     typer.echo(f"best model: {best}")
 

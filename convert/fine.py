@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from edge_wbc_convert.cells import CellItem
 
 from edge_wbc import taxonomy
 
@@ -294,3 +295,35 @@ def register_head(models: Path, head_json: Path, kind: str) -> None:
             }
     write_manifest(models, raw)
     load_manifest(models)  # what the device will check
+
+
+def fine_cells(cells: Sequence[CellItem]) -> list[CellItem]:
+    """The classifier run's cells with the fine labels a ten-output classifier learns from:
+    PBC's from its file-name prefixes, BCCD's red-cell/platelet boxes as ``bccd_other`` (a red
+    cell or a platelet), every other source's five-part label as it is (``neutrophil`` is a
+    partial label: band or segmented)."""
+    out = []
+    for c in cells:
+        if c.source == "pbc":
+            lab = pbc_label(c.image.name)
+        elif c.source == "bccd" and c.label == taxonomy.OTHER:
+            lab = "bccd_other"
+        else:
+            lab = c.label
+        if lab not in ALLOWED:
+            raise ValueError(f"{c.image}: label {lab!r} names none of {list(FINE)}")
+        out.append(replace(c, label=lab))
+    return out
+
+
+#: How often each label is drawn in a fine run (1 if absent): a five-part ``neutrophil`` is drawn
+#: less than band and segmented, which together already make neutrophils the commonest draw;
+#: non-leukocytes less than leukocytes (as ``other`` always was).
+FINE_DRAW: dict[str, float] = {
+    "neutrophil": 0.5,
+    "band_neutrophil": 0.9,
+    "segmented_neutrophil": 0.9,
+    "platelet": 0.3,
+    "other": 0.3,
+    "bccd_other": 0.3,
+}

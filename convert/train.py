@@ -264,13 +264,32 @@ def train_segmenter(
     )
 
 
+def partial_ce(y_true: Any, y_pred: Any) -> Any:
+    """Cross-entropy against a set of allowed classes: -log of the probability the model puts
+    on the set (``y_true`` marks it). With one class marked it is the usual cross-entropy; a
+    five-part "neutrophil" from a source without band/segmented labels marks both and teaches
+    "a neutrophil" without guessing which. A 5 % uniform term smooths like label smoothing."""
+    from keras import ops
+
+    p = ops.clip(y_pred, 1e-7, 1.0)
+    allowed = ops.sum(y_true * p, axis=-1)
+    return -0.95 * ops.log(ops.clip(allowed, 1e-7, 1.0)) - 0.05 * ops.mean(ops.log(p), axis=-1)
+
+
 def cls_evaluator(
-    cells: list[Any], size: int, max_per_source: int = 600
+    cells: list[Any],
+    size: int,
+    max_per_source: int = 600,
+    classes: tuple[str, ...] | None = None,
+    allowed: dict[str, tuple[str, ...]] | None = None,
 ) -> Callable[[Any], dict[str, float]]:
     """Validation accuracy per source of the float classifier, at most ``max_per_source`` cells
-    of each (a fixed draw), crops made without augmentation."""
+    of each (a fixed draw), crops made without augmentation. A prediction is right when it is
+    one of the outputs the cell's label allows (``allowed``; default: the label itself)."""
     from edge_wbc_convert.cells import LABELS6, CropSampler
 
+    classes = classes or LABELS6
+    allowed = allowed or {c: (c,) for c in classes}
     rng = np.random.default_rng(0)
     by_src: dict[str, list[Any]] = {}
     for c in cells:
@@ -279,19 +298,20 @@ def cls_evaluator(
     for _s, v in by_src.items():
         idx = rng.permutation(len(v))[:max_per_source]
         chosen.extend(v[i] for i in idx)
-    sampler = CropSampler(chosen, size, augment=False)
+    sampler = CropSampler(chosen, size, augment=False, classes=classes, allowed=allowed)
     xs = np.stack([sampler.crop(c, None, False) for c in chosen])
-    ys = np.array([LABELS6.index(c.label) for c in chosen])
+    ok = np.stack([sampler.target(c.label) for c in chosen]) > 0
     srcs = [c.source for c in chosen]
 
     def evaluate(model: Any) -> dict[str, float]:
         pred = np.concatenate(
             [np.asarray(model(xs[i : i + 1], training=False)).argmax(1) for i in range(len(xs))]
         )
+        right = ok[np.arange(len(pred)), pred]
         out = {}
         for s in sorted(set(srcs)):
             m = np.array([t == s for t in srcs])
-            out[f"acc_{s}"] = float((pred[m] == ys[m]).mean())
+            out[f"acc_{s}"] = float(right[m].mean())
         out["acc_mean"] = float(np.mean(list(out.values())))
         return out
 
@@ -315,10 +335,20 @@ def train_classifier(
     weights: str | None = None,
     init: Path | None = None,
     source_weights: dict[str, float] | None = None,
+    fine: bool = False,
+    init_int8: Path | None = None,
+    head_init: Path | None = None,
 ) -> Path:
-    """Train the cell classifier (five types + 'other') on crops made by the device's rule;
-    the run's cells are boxed through ``segmenter`` on its first call. Returns the best model's
-    path."""
+    """Train the cell classifier on crops made by the device's rule; the run's cells are boxed
+    through ``segmenter`` on its first call. Returns the best model's path.
+
+    Five types + 'other' by default; ``fine``: the ten outputs of ``taxonomy.MODEL_CLASSES``
+    (band/segmented, immature granulocytes, erythroblasts, platelets), learnt from PBC's
+    subtypes with the other sources' five-part labels as partial labels (``partial_ce``).
+    ``init_int8``: start from the float weights recovered from a shipped int8 classifier of the
+    same architecture (``recover.py``); its class layer is kept when the outputs match, else
+    ``head_init`` (an .npz with ``weight`` (D, K) and ``bias`` (K,), e.g. a fitted head on the
+    same embedding) or a fresh layer."""
     import keras
     from edge_wbc_convert.architectures import build_classifier
     from edge_wbc_convert.cells import LABELS6, CropSampler, prepare_cells, run_cells
@@ -329,20 +359,66 @@ def train_classifier(
         if (run_dir / "cells.json").exists()
         else prepare_cells(run_dir, data_root, segmenter)
     )
+    classes: tuple[str, ...] = LABELS6
+    allowed: dict[str, tuple[str, ...]] | None = None
+    draw: dict[str, float] | None = None
+    loss: Any = keras.losses.CategoricalCrossentropy(label_smoothing=0.05)
+    if fine:
+        from edge_wbc_convert import fine as fine_mod
+
+        cells = fine_mod.fine_cells(cells)
+        classes, allowed, draw, loss = (
+            fine_mod.FINE,
+            fine_mod.ALLOWED,
+            fine_mod.FINE_DRAW,
+            partial_ce,
+        )
     cfg = TrainConfig(
         "classification", arch, str(run_dir), str(data_root), steps, batch, lr, seed,
         eval_every, (size, size), threads, weights, alpha,
     )  # fmt: skip
     sampler = CropSampler(
-        [c for c in cells if c.split == "train"], size, seed, source_weights=source_weights
+        [c for c in cells if c.split == "train"],
+        size,
+        seed,
+        source_weights=source_weights,
+        classes=classes,
+        allowed=allowed,
+        class_weights=draw,
     )
-    evaluate = cls_evaluator([c for c in cells if c.split == "val"], size)
-    loss = keras.losses.CategoricalCrossentropy(label_smoothing=0.05)
-    return train(
-        cfg,
-        lambda: sampler.batch(batch),
-        evaluate,
-        lambda: init_from(build_classifier(arch, size, len(LABELS6), weights, alpha), init),
-        loss,
-        "acc_mean",
+    evaluate = cls_evaluator(
+        [c for c in cells if c.split == "val"], size, classes=classes, allowed=allowed
     )
+
+    def build() -> Any:
+        model = build_classifier(arch, size, len(classes), weights, alpha)
+        if init_int8 is not None:
+            _init_from_int8(model, init_int8, arch, size, alpha, head_init)
+        return init_from(model, init)
+
+    return train(cfg, lambda: sampler.batch(batch), evaluate, build, loss, "acc_mean")
+
+
+def _init_from_int8(
+    model: Any, int8: Path, arch: str, size: int, alpha: float, head_init: Path | None
+) -> None:
+    """Trunk (and, when the outputs match, class layer) from a shipped int8 classifier."""
+    from edge_wbc_convert.architectures import build_classifier
+    from edge_wbc_convert.recover import load_into, weighted_ops
+
+    n_int8 = int(weighted_ops(int8)[-1][1].shape[0])
+    src = load_into(build_classifier(arch, size, n_int8, None, alpha), int8)
+    dense = model.get_layer("logits")
+    for mine, theirs in zip(model.layers, src.layers, strict=True):
+        if mine is not dense and mine.weights:
+            mine.set_weights(theirs.get_weights())
+    if n_int8 == dense.units:
+        dense.set_weights(src.get_layer("logits").get_weights())
+    elif head_init is not None:
+        with np.load(head_init) as z:
+            w, b = z["weight"].astype(np.float32), z["bias"].astype(np.float32)
+        if w.shape != tuple(dense.kernel.shape):
+            raise ValueError(
+                f"{head_init}: weight {w.shape}, the class layer is {dense.kernel.shape}"
+            )
+        dense.set_weights([w, b])
