@@ -18,7 +18,7 @@ from edge_wbc_convert.evaluate import (
     keras_prob_fn,
     tflite_prob_fn,
 )
-from edge_wbc_convert.sources import CLS_DATA_NOTES, DATA_CARDS
+from edge_wbc_convert.sources import DATA_CARDS, training_card
 
 from edge_wbc.pipeline import preprocess as pp
 from edge_wbc.pipeline.manifest import label_binding, sha256_file, write_manifest
@@ -173,7 +173,7 @@ def classifier_entry(
         },
         "metrics": cls_eval or {},
         "training_data": [
-            DATA_CARDS[s] | CLS_DATA_NOTES.get(s, {}) | {"split": "train"}
+            training_card(s, cls_model.get("labs", {}))
             for s in cls_model.get("sources", ("pbc", "bccd", "zheng1", "zheng2"))
         ],
         "converter": conv,
@@ -289,6 +289,7 @@ def make_release(
     if cls is not None:
         from edge_wbc_convert.cells import run_cells
         from edge_wbc_convert.cls_eval import evaluate_classifier
+        from edge_wbc_convert.finetune import lab_cards
 
         from edge_wbc.pipeline.inference import TFLiteModel
 
@@ -327,6 +328,7 @@ def make_release(
             "group_thresholds": cls_eval["calibration"].get("group_thresholds") or {},
             "views": cls_views,
             "sources": sorted({c.source for c in train_cells}),
+            "labs": lab_cards(cls),
         }
     for f in sorted(out.glob("*.tflite")):
         if f.stem.endswith("_edgetpu"):
@@ -378,6 +380,7 @@ def release_classifier(
     from edge_wbc_convert.card import write_card
     from edge_wbc_convert.cells import run_cells
     from edge_wbc_convert.cls_eval import evaluate_classifier
+    from edge_wbc_convert.finetune import lab_cards
     from edge_wbc_convert.gate import check
     from edge_wbc_convert.quantize import converter_versions, quantize_run
 
@@ -416,6 +419,9 @@ def release_classifier(
             {c.source for c in train_cells if c.label in ("other", "bccd_other")}
         )
         cls_eval["run"] = str(cls)
+        labs = lab_cards(cls)
+        if labs:
+            cls_eval["labs"] = labs
         (tmp / "cls_eval.json").write_text(json.dumps(cls_eval, indent=2))
         shutil.copy2(cls / "best.keras", tmp / "classifier.keras")
         cal = cls_eval["calibration"]
@@ -431,6 +437,7 @@ def release_classifier(
             "group_thresholds": cal.get("group_thresholds") or {},
             "views": views,
             "sources": sorted({c.source for c in train_cells}),
+            "labs": labs,
         }
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         conv = converter_versions() | {"tool": "edge-wbc-convert 0.1.0"}
