@@ -98,6 +98,41 @@ def test_a_lab_fine_tune_releases_a_classifier_with_a_lab_row(tmp_path: Path) ->
     res = analyzer.analyze(np.asarray(read_image(next(lab.glob("*/*.jpg")))), "field.jpg")
     assert res.error is None and res.cells
 
+    # A second fine-tune starts from the float weights the release recorded (sha256-checked),
+    # with the first run's cells as the training sources and another lab.
+    lab2 = shutil.copytree(lab, tmp_path / "lab2")
+    out2 = _convert(
+        "finetune", "--cells", str(lab2), "--out", str(tmp_path / "run2"), "--models",
+        str(models), "--base-cells", str(run / "cells.json"), "--steps", "1", "--batch", "4",
+        "--eval-every", "1", "--threads", "1",
+    cwd=tmp_path).stdout  # fmt: skip
+    assert "start: float weights classifier.keras (sha256 as the manifest records)" in out2
+    sources = {c["source"] for c in json.loads((tmp_path / "run2" / "cells.json").read_text())}
+    assert sources >= {"lab-mylab", "lab-lab2", "bccd"}
+
+
+def test_float_weights_that_do_not_match_the_manifest_are_refused(tmp_path: Path) -> None:
+    from edge_wbc_convert.finetune import FinetuneError, check_start, shipped_start
+
+    from edge_wbc.pipeline.manifest import sha256_file
+
+    models = shutil.copytree(MODELS, tmp_path / "models")
+    assert shipped_start(models).keras is None  # no float weights: the int8 recovery
+    keras = models / "classifier.keras"
+    keras.write_bytes(b"not a keras file")
+    raw = json.loads((models / "manifest.json").read_text())
+    entry = next(m for m in raw["models"] if m["task"] == "classification")
+    entry["float_weights"] = {"file": "classifier.keras", "sha256": "0" * 64}
+    (models / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(FinetuneError, match="does not match the manifest's float_weights"):
+        shipped_start(models)
+    entry["float_weights"]["sha256"] = sha256_file(keras)
+    (models / "manifest.json").write_text(json.dumps(raw))
+    start = shipped_start(models)
+    assert start.keras == keras
+    with pytest.raises(FinetuneError, match="not the weights of a mnv2 96x96 classifier"):
+        check_start(start)
+
 
 @pytest.mark.parametrize(
     ("classes", "message"),
