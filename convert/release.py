@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edge_wbc_convert.architectures import describe_classifier, describe_unet
 from edge_wbc_convert.data import seg_split
 from edge_wbc_convert.evaluate import (
     by_source,
@@ -18,12 +20,18 @@ from edge_wbc_convert.evaluate import (
     keras_prob_fn,
     tflite_prob_fn,
 )
+from edge_wbc_convert.recover import agreement, float_file, float_record, map_agreement
 from edge_wbc_convert.sources import CLS_DATA_NOTES, DATA_CARDS
 
 from edge_wbc.pipeline import preprocess as pp
 from edge_wbc.pipeline.manifest import label_binding, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
+
+
+#: Test cells (spread over the sources) the released float classifier is compared on with its
+#: int8 file.
+AGREEMENT_CELLS = 200
 
 
 class ReleaseError(Exception):
@@ -97,11 +105,14 @@ def seg_release(
     # Equal weights, to show what the fitted vote adds.
     eq = ensemble_maps(test_maps, {k: 1.0 for k in members})
     report["test"]["ensemble_equal_weights"] = by_source(srcs, eq, gts, 0.5)
+    report["float_agreement"] = {}
     for k, (_, keras_path) in members.items():
         if keras_path is None or not Path(keras_path).exists():
             continue
         fk = keras_prob_fn(load_keras(keras_path))
-        fl = by_source(srcs, [fk(p[1]) for p in test], gts, 0.5)
+        float_maps = [fk(p[1]) for p in test]
+        fl = by_source(srcs, float_maps, gts, 0.5)
+        report["float_agreement"][k] = map_agreement(srcs, float_maps, test_maps[k], thr)
         report["float_vs_int8"][k] = {
             s: {
                 "float_iou": fl[s]["iou"],
@@ -133,8 +144,9 @@ def build_manifest(
     cls_model: dict[str, Any] | None,
     cls_eval: dict[str, Any] | None,
 ) -> Path:
-    """seg_models: name -> {"file", "encoder", "run"}; cls_model: {"file", "arch", "classes",
-    "temperature", "confidence_threshold", "run", "sources" (its training sources)}."""
+    """seg_models: name -> {"file", "encoder", "run", "float_weights" (optional)}; cls_model:
+    {"file", "arch", "classes", "temperature", "confidence_threshold", "run", "sources" (its
+    training sources), "float_weights" (optional)}."""
     from edge_wbc_convert.quantize import converter_versions
 
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -156,7 +168,7 @@ def build_manifest(
                 "sha256": sha256_file(f),
                 "size_bytes": f.stat().st_size,
                 "task": "segmentation",
-                "architecture": f"U-Net, {info['encoder']} encoder, bilinear decoder",
+                "architecture": describe_unet(info["encoder"]),
                 "input": q["input"],
                 "output": q["output"]
                 | {"type": "probabilities", "meaning": "leukocyte probability (sigmoid)"},
@@ -175,6 +187,7 @@ def build_manifest(
                 ],
                 "converter": conv,
                 "date": now,
+                **({"float_weights": info["float_weights"]} if "float_weights" in info else {}),
             }
         )
     if cls_model is not None:
@@ -218,6 +231,11 @@ def build_manifest(
                 ],
                 "converter": conv,
                 "date": now,
+                **(
+                    {"float_weights": cls_model["float_weights"]}
+                    if "float_weights" in cls_model
+                    else {}
+                ),
             }
         )
     for m in models:
@@ -234,11 +252,6 @@ def build_manifest(
         "models": models,
     }
     return write_manifest(models_dir, raw)
-
-
-def alpha_tag(cfg: dict[str, Any]) -> str:
-    a = cfg.get("alpha")
-    return f"-{a:g}" if a is not None and cfg["arch"] == "mnv2" else ""
 
 
 def make_release(
@@ -301,7 +314,7 @@ def make_release(
         cls_model = {
             "name": "classifier",
             "file": f.name,
-            "arch": f"{cfg['arch']}{alpha_tag(cfg)} {size}x{size}",
+            "arch": describe_classifier(cfg["arch"], cfg.get("alpha"), size),
             "classes": list(LABELS6),
             "run": str(cls),
             "temperature": cls_eval["calibration"]["temperature"],
@@ -320,6 +333,29 @@ def make_release(
             raise ReleaseError(f"op gate FAILED for {f.name}: {r.problems}")
     seg_eval = seg_release(members, data_root, out)
     seg_eval["gate"], seg_eval["edgetpu"] = gates, tpu
+    # The float models ship next to their int8 files (not in the wheel): what a later
+    # fine-tune or re-release starts from.
+    for name, (f, keras_path) in members.items():
+        if keras_path is None or not keras_path.exists():
+            log.warning("%s: no float model %s; its float weights are not kept", name, keras_path)
+            continue
+        keep = float_file(f.name)
+        shutil.copyfile(keras_path, out / keep)
+        seg_info[name]["float_weights"] = float_record(
+            out, keep, False, seg_eval["float_agreement"][name]
+        )
+    if cls is not None and cls_model is not None:
+        from edge_wbc_convert.cells import run_cells
+        from edge_wbc_convert.cls_eval import crops
+        from edge_wbc_convert.quantize import load_keras
+
+        f = out / cls_model["file"]
+        keep = float_file(f.name)
+        shutil.copyfile(cls / "best.keras", out / keep)
+        test_cells = run_cells(cls, "test")
+        sample = test_cells[:: max(1, len(test_cells) // AGREEMENT_CELLS)]
+        ag = agreement(load_keras(out / keep), f, crops(sample, size))
+        cls_model["float_weights"] = float_record(out, keep, False, ag)
     (out / "seg_eval.json").write_text(json.dumps(seg_eval, indent=2))
     path = build_manifest(out, seg_info, seg_eval, cls_model, cls_eval)
     write_card(out, seg_eval, cls_eval, data_root)

@@ -404,9 +404,9 @@ def _init_from_int8(
 ) -> None:
     """Trunk (and, when the outputs match, class layer) from a shipped int8 classifier."""
     from edge_wbc_convert.architectures import build_classifier
-    from edge_wbc_convert.recover import load_into, weighted_ops
+    from edge_wbc_convert.recover import load_into, read_graph
 
-    n_int8 = int(weighted_ops(int8)[-1][1].shape[0])
+    n_int8 = int(read_graph(int8)[-1].kernel.shape[0])
     src = load_into(build_classifier(arch, size, n_int8, None, alpha), int8)
     dense = model.get_layer("logits")
     for mine, theirs in zip(model.layers, src.layers, strict=True):
