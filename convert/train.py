@@ -403,6 +403,7 @@ def _init_from_int8(
     model: Any, int8: Path, arch: str, size: int, alpha: float, head_init: Path | None
 ) -> None:
     """Trunk (and, when the outputs match, class layer) from a shipped int8 classifier."""
+    import keras
     from edge_wbc_convert.architectures import build_classifier
     from edge_wbc_convert.recover import load_into, read_graph
 
@@ -422,3 +423,10 @@ def _init_from_int8(
                 f"{head_init}: weight {w.shape}, the class layer is {dense.kernel.shape}"
             )
         dense.set_weights([w, b])
+    # The recovered BatchNormalizations are the identity plus the folded bias: frozen, they stay
+    # so (a frozen Keras BatchNormalization runs in inference mode) and fine-tuning moves the
+    # convolutions. Trained, they would normalise by batch statistics the folded weights were
+    # never scaled for (measured on 64 val crops: 6 % of top-1 answers change at step 0).
+    for lyr in model.layers:
+        if isinstance(lyr, keras.layers.BatchNormalization):
+            lyr.trainable = False

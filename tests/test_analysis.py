@@ -178,6 +178,61 @@ def test_other_threshold_is_read_from_the_manifest(tmp_path: Path) -> None:
     assert FieldAnalyzer(tmp_path, threads=1).classifier.other_threshold == pytest.approx(0.93)
 
 
+def test_the_counting_group_decides_and_its_likelier_class_names_the_cell() -> None:
+    from edge_wbc.taxonomy import MODEL_CLASSES
+
+    def p(**kw: float) -> np.ndarray:
+        return np.array([kw.get(c, 0.0) for c in MODEL_CLASSES])
+
+    # Surely a neutrophil, unsure band or segmented: counted, named by the likelier one.
+    split = decide(p(band_neutrophil=0.48, segmented_neutrophil=0.5, lymphocyte=0.02),
+                   MODEL_CLASSES, 0.9)  # fmt: skip
+    assert split.label == "segmented_neutrophil" and split.score == pytest.approx(0.98)
+    # Platelet + other are one "not a leukocyte" group, under the stricter threshold.
+    non = p(platelet=0.5, other=0.45, monocyte=0.05)
+    assert decide(non, MODEL_CLASSES, 0.9, 0.9).label == "platelet"
+    assert decide(non, MODEL_CLASSES, 0.9, 0.97).label == UNIDENTIFIED
+    # A group's own threshold: an immature granulocyte named at a lower probability.
+    ig = p(immature_granulocyte=0.7, band_neutrophil=0.2, monocyte=0.1)
+    assert decide(ig, MODEL_CLASSES, 0.9).label == UNIDENTIFIED
+    got = decide(ig, MODEL_CLASSES, 0.9, None, {"immature_granulocyte": 0.6})
+    assert got.label == "immature_granulocyte"
+    # A lower threshold for a group never lets "not a leukocyte" below the other threshold.
+    assert decide(non, MODEL_CLASSES, 0.9, 0.97, {"non_wbc": 0.5}).label == UNIDENTIFIED
+
+
+def test_a_ten_class_classifier_and_group_thresholds_load_from_the_manifest(
+    tmp_path: Path,
+) -> None:
+    from edge_wbc.pipeline.manifest import ManifestError, label_binding, load_manifest
+    from edge_wbc.taxonomy import MODEL_CLASSES
+
+    for f in FIXTURE_MODELS.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    cls = next(m for m in raw["models"] if m["task"] == "classification")
+    cls.setdefault("calibration", {})["group_thresholds"] = {"immature_granulocyte": 0.6}
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert load_manifest(tmp_path).classifier.group_thresholds == {"immature_granulocyte": 0.6}
+    cls["calibration"]["group_thresholds"] = {"myeloid": 0.6}
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match="group_thresholds: 'myeloid' is not a group"):
+        load_manifest(tmp_path)
+    del cls["calibration"]["group_thresholds"]
+    # The fine outputs are a classifier's classes (bound anew, as a release would bind them);
+    # without any neutrophil output the five-part differential is impossible: refused.
+    cls["classes"] = list(MODEL_CLASSES)
+    cls["label_binding"] = label_binding(cls)
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert load_manifest(tmp_path).classifier.classes == MODEL_CLASSES
+    no_neutrophil = [c for c in MODEL_CLASSES if "neutrophil" not in c]
+    cls["classes"] = no_neutrophil
+    cls["label_binding"] = label_binding(cls)
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"no output for \['neutrophil'\]"):
+        load_manifest(tmp_path)
+
+
 def test_crop_views_are_the_dihedral_orientations() -> None:
     crop = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
     assert crop_views(crop, 1)[0] is crop

@@ -129,6 +129,7 @@ class FieldAnalyzer:
                     ce.views,
                     ce.embedding_dim,
                     head,
+                    ce.group_thresholds,
                 )
             except ValueError as e:
                 raise ManifestError(f"{ce.file}: {e}") from e

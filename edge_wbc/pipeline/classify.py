@@ -8,7 +8,7 @@ data, so the score is a probability a threshold can mean something against.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -78,30 +78,38 @@ def decide(
     classes: Sequence[str],
     confidence_threshold: float,
     other_threshold: float | None = None,
+    group_thresholds: Mapping[str, float] | None = None,
 ) -> Prediction:
-    """Top class, or "unidentified" below the threshold. A confident "other" (not a
-    leukocyte: any class of the taxonomy's non_wbc group) stays out of the differential; an
-    unsure one goes to the technician like any unsure cell, so a leukocyte is never dropped from
-    the count on a weak vote.
+    """The cell's counting group (edge_wbc.taxonomy), named by its most probable class, or
+    "unidentified" below the threshold. The group decides: a cell that is surely a neutrophil
+    but split between band and segmented is a neutrophil to count, named by the likelier of
+    the two, not a cell to review. With one class per group (the five-part classifier) this is
+    the top class. ``group_thresholds`` replace the confidence threshold for some groups.
 
-    "other" needs ``other_threshold`` (at least the confidence threshold): the segmenter already
-    voted the region a leukocyte, and dropping a real one from the count silently is worse than
-    one more cell to review, above all on stains and cameras the classifier never saw.
+    A confident "other" (not a leukocyte: the taxonomy's count-only groups) stays out of the
+    differential; an unsure one goes to the technician like any unsure cell, so a leukocyte is
+    never dropped from the count on a weak vote. Leaving the count needs ``other_threshold``
+    (at least the confidence threshold): the segmenter already voted the region a leukocyte,
+    and dropping a real one silently is worse than one more cell to review, above all on
+    stains and cameras the classifier never saw. Every class the table knows keeps its name (an
+    immature granulocyte or an erythroblast is never folded into "other"); a class the table
+    does not know is its own group and goes to the technician rather than out of the count.
     """
-    k = int(np.argmax(probs))
-    score = float(probs[k])
-    top = classes[k]
-    other_min = max(confidence_threshold, other_threshold or 0.0)
-    known = top in taxonomy.GROUP_OF
-    # Every class the table knows keeps its name: the lab's formula says where it counts
-    # (an immature granulocyte or an erythroblast is never folded into "other"). A class that
-    # says "not a leukocyte" needs the stricter threshold, like "other" always did; a class
-    # the table does not know goes to the technician rather than out of the count.
-    if (score < confidence_threshold or not known
-            or (taxonomy.kind_of(top) == taxonomy.COUNT_ONLY and score < other_min)):
+    groups: dict[str, float] = {}
+    for c, v in zip(classes, probs, strict=True):
+        g = taxonomy.GROUP_OF.get(c, "?" + c)
+        groups[g] = groups.get(g, 0.0) + float(v)
+    g = max(groups, key=groups.__getitem__)
+    score = groups[g]
+    thr = (group_thresholds or {}).get(g, confidence_threshold)
+    known = g in taxonomy.GROUPS
+    if known and taxonomy.GROUPS[g][0] == taxonomy.COUNT_ONLY:
+        thr = max(thr, confidence_threshold, other_threshold or 0.0)
+    if score < thr or not known:
         label = UNIDENTIFIED
     else:
-        label = top
+        members = [k for k, c in enumerate(classes) if taxonomy.GROUP_OF.get(c) == g]
+        label = classes[max(members, key=lambda k: probs[k])]
     return Prediction(label, score, {c: float(p) for c, p in zip(classes, probs, strict=True)})
 
 
@@ -131,6 +139,7 @@ class CellClassifier:
         views: int = 1,
         embedding_dim: int | None = None,
         head: LinearHead | None = None,
+        group_thresholds: Mapping[str, float] | None = None,
     ) -> None:
         """``embedding_dim``: what the manifest declares for output 1 (None: not declared; a
         model that has one still hands it out). ``head``: a head on the embedding that names
@@ -165,6 +174,7 @@ class CellClassifier:
         self.temperature = float(temperature)
         self.confidence_threshold = float(confidence_threshold)
         self.other_threshold = None if other_threshold is None else float(other_threshold)
+        self.group_thresholds = dict(group_thresholds or {})
         self.output_type = output_type
         self.views = views
 
@@ -188,7 +198,13 @@ class CellClassifier:
             return self.head.predict(emb.astype(np.float32), base)
         logits = combine_views([o[0] for o in outs], self.output_type)
         probs = calibrated_softmax(logits, self.temperature)
-        pred = decide(probs, self.classes, self.confidence_threshold, self.other_threshold)
+        pred = decide(
+            probs,
+            self.classes,
+            self.confidence_threshold,
+            self.other_threshold,
+            self.group_thresholds,
+        )
         if self.embedding_dim is None:
             return pred
         # Averaged over the views like the logits, so the embedding does not depend on how the

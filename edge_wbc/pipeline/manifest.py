@@ -15,7 +15,7 @@ from typing import Any
 
 from edge_wbc import taxonomy
 from edge_wbc.pipeline.preprocess import COLOR_ORDER, CROP_SCALE, PREPROCESS_VERSION
-from edge_wbc.pipeline.results import CLASSES, OTHER
+from edge_wbc.pipeline.results import CLASSES
 
 MANIFEST_SCHEMA = "edge-wbc/manifest/1"
 MANIFEST_NAME = "manifest.json"
@@ -57,6 +57,9 @@ class ModelEntry:
     confidence_threshold: float = 0.0
     #: the confidence an "other" call needs to leave the count (None: confidence_threshold).
     other_threshold: float | None = None
+    #: classifier only: counting group -> its own confidence threshold (edge_wbc.taxonomy;
+    #: absent: confidence_threshold), e.g. immature granulocytes named at a lower probability.
+    group_thresholds: Mapping[str, float] = field(default_factory=dict)
     #: classifier only: views of each crop averaged (one of VIEW_COUNTS); the calibration was
     #: fitted with this many.
     views: int = 1
@@ -125,8 +128,10 @@ def sha256_file(path: Path) -> str:
 #: ``label_binding`` at release: swapping two class names, or calling logits probabilities,
 #: without re-releasing is refused at load instead of relabelling every cell.
 BOUND_KEYS = ("sha256", "task", "classes", "output", "embedding")
-#: What a classifier's classes may be: the five counted types and "other" (not counted).
-CLASSIFIER_CLASSES = (*CLASSES, OTHER)
+#: What a classifier's classes may be: the five-part classifier's and the fine one's outputs.
+CLASSIFIER_CLASSES = tuple(
+    dict.fromkeys((*taxonomy.LEGACY_MODEL_CLASSES, *taxonomy.MODEL_CLASSES))
+)
 SEGMENTER_CLASSES = ((), ("leukocyte",))
 OUTPUT_TYPES = ("probabilities", "logits")
 _HEX = frozenset("0123456789abcdef")
@@ -207,12 +212,15 @@ def _classes(d: dict[str, Any], task: str, where: str) -> tuple[str, ...]:
         unknown = [c for c in classes if c not in CLASSIFIER_CLASSES]
         if unknown:
             raise ManifestError(
-                f"{where}.classes: {unknown} unknown (a classifier's classes are "
-                f"{', '.join(CLASSIFIER_CLASSES)})"
+                f"{where}.classes: {unknown} unknown (a classifier's classes are those of "
+                f"edge_wbc.taxonomy: {', '.join(CLASSIFIER_CLASSES)})"
             )
-        missing = [c for c in CLASSES if c not in classes]
+        # Each five-part type needs an output (band + segmented make the neutrophil).
+        missing = [
+            g for g in CLASSES if not any(taxonomy.GROUP_OF[c] == g for c in classes)
+        ]
         if missing:
-            raise ManifestError(f"{where}.classes: classifier lacks classes {missing}")
+            raise ManifestError(f"{where}.classes: classifier has no output for {missing}")
     elif classes not in SEGMENTER_CLASSES:
         raise ManifestError(f"{where}.classes: a segmenter's are [] or ['leukocyte'], not {raw}")
     return classes
@@ -326,6 +334,15 @@ def _entry(d: Any, i: int) -> ModelEntry:
             f"{where}: views {views!r:.20} is not one of {', '.join(map(str, VIEW_COUNTS))}"
         )
     other = cal.get("other_threshold")
+    gthr_raw = _obj(cal.get("group_thresholds", {}), f"{where}.calibration.group_thresholds")
+    gthr = {}
+    for g, v in gthr_raw.items():
+        if g not in taxonomy.GROUPS:
+            raise ManifestError(
+                f"{where}.calibration.group_thresholds: {g!r:.40} is not a group of "
+                f"edge_wbc.taxonomy ({', '.join(taxonomy.GROUPS)})"
+            )
+        gthr[g] = _num(v, f"{where}.calibration.group_thresholds.{g}", 0.0, 1.0)
     for key in ("threshold",):  # a segmenter's own copy of the ensemble threshold
         if key in d:
             _num(d[key], f"{where}.{key}", 0.0, 1.0)
@@ -379,6 +396,7 @@ def _entry(d: Any, i: int) -> ModelEntry:
             None if other is None
             else _num(other, f"{where}.calibration.other_threshold", 0.0, 1.0)
         ),
+        group_thresholds=gthr,
         views=int(views),
         crop_scale=crop_scale,
         embedding_dim=embedding_dim,
