@@ -8,7 +8,7 @@ SeparableConv2D is a DEPTHWISE_CONV_2D followed by a 1x1 CONV_2D), and each Batc
 is set to the identity plus the folded bias (gamma 1, mean 0, variance 1 - epsilon,
 beta = bias). The rebuilt model reproduces the int8 file's outputs up to quantisation error
 (measured by ``agreement`` and ``seg_agreement``) and, unlike the int8 file, can be trained
-again: the BatchNorm layers start as the identity and learn from there.
+again, with those BatchNorm layers frozen (train.py ``_init_from_int8`` says why).
 
 Ops are matched to layers by where they sit in the graph, not by their position in the list:
 TFLite's execution order need not follow Keras' layer order once a graph has skips or
