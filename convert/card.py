@@ -109,16 +109,26 @@ def cls_section(ev: dict[str, Any]) -> list[str]:
             if "raabin" in ev.get("test", {})
             else ""
         )
-        + ". Six "
-        "outputs: the five types and `other` (PBC's immature granulocytes, erythroblasts, "
-        "platelets"
+        + "."
         + (
-            "; red cells and platelets from BCCD fields' boxes, so that a doubtful segmented "
-            "region on a red cell leaves the count"
-            if "bccd" in ev.get("other_sources", ())
-            else ""
-        )
-        + "), which never enters the differential.",
+            " Ten outputs: band and segmented neutrophils, eosinophils, basophils, lymphocytes, "
+            "monocytes, immature granulocytes, erythroblasts (NRBC), platelets and `other` "
+            "(red cells, debris). PBC's file-name prefixes give the fine types; the other "
+            "sources' five-part labels are partial labels (a `neutrophil` there is band or "
+            "segmented: the loss is on the two together). The device decides on the counting "
+            "group (band + segmented are the neutrophil; platelet + other are not leukocytes) "
+            "and names the cell by the group's likelier class."
+            if len(ev.get("classes", ())) > 6
+            else " Six outputs: the five types and `other` (PBC's immature granulocytes, "
+            "erythroblasts, platelets"
+            + (
+                "; red cells and platelets from BCCD fields' boxes, so that a doubtful segmented "
+                "region on a red cell leaves the count"
+                if "bccd" in ev.get("other_sources", ())
+                else ""
+            )
+            + "), which never enters the differential."
+        ),
         "",
         *(
             [
@@ -154,6 +164,12 @@ def cls_section(ev: dict[str, Any]) -> list[str]:
             if cal.get("other_threshold") is not None
             else ""
         )
+        + (
+            "; groups with their own threshold: "
+            + ", ".join(f"{g} {v:.3f}" for g, v in cal["group_thresholds"].items())
+            if cal.get("group_thresholds")
+            else ""
+        )
         + f" ({cal['fitted_on']}).",
         "",
         "### Test splits, int8 as shipped",
@@ -183,6 +199,29 @@ def cls_section(ev: dict[str, Any]) -> list[str]:
                 f"{v['support']} |"
             )
         lines += ["", f"![confusion matrix {s}](confusion_{s}.png)", ""]
+    fine = (ev.get("test", {}).get("pbc") or {}).get("fine")
+    if fine:
+        lines += [
+            "### Fine classes (PBC test, int8, device decision at the shipped thresholds)",
+            "",
+            "A cell sent to *unidentified* counts against its class's recall.",
+            "",
+            "| class | precision | recall | F1 | n | unidentified |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c, v in fine["per_class"].items():
+            lines.append(
+                f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | "
+                f"{v['support']} | {v['unidentified']:.3f} |"
+            )
+        conf = fine.get("band_segmented_confusion") or {}
+        if conf:
+            cols = list(next(iter(conf.values())))
+            lines += ["", "Band / segmented (rows: PBC's label; columns: the device's call):", ""]
+            lines += ["| label | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            for r, row in conf.items():
+                lines.append(f"| {r} | " + " | ".join(str(row[k]) for k in cols) + " |")
+        lines.append("")
     if ev.get("shifts_pbc_test"):
         clean = ev["shifts_pbc_test"].get("clean", 0.0)
         lines += [

@@ -641,5 +641,33 @@ def release(
     typer.echo(f"wrote {path} and {out / 'README.md'}")
 
 
+@app.command("release-classifier")
+def release_classifier_cmd(
+    cls: Path = typer.Option(..., help="classifier run dir (train-cls)"),
+    models: Path = typer.Option(Path("models"), help="a released models folder to update"),
+    data_root: Path = typer.Option(DEFAULT_DATA),
+    views: int = typer.Option(4, help="views of each crop the device averages: 1, 2, 4 or 8"),
+    rep_samples: int = typer.Option(200, help="representative inputs for quantization"),
+) -> None:
+    """Replace the classifier of a released models folder, keeping its segmenters: quantize,
+    gate, calibrate, evaluate per source and per class, swap the file, manifest entry and card
+    section in (the replaced files go to MODELS.previous/)."""
+    from edge_wbc_convert.release import ReleaseError, release_classifier
+
+    _logging()
+    if not (models / "manifest.json").is_file():
+        typer.echo(f"{models}: no manifest.json (release the whole set with `release`)", err=True)
+        raise typer.Exit(2)
+    if not (cls / "best.keras").is_file():
+        typer.echo(f"{cls}: no best.keras (not a finished train-cls run)", err=True)
+        raise typer.Exit(2)
+    try:
+        path = release_classifier(cls, models, data_root, views=views, rep_samples=rep_samples)
+    except ReleaseError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {path} and {models / 'README.md'}")
+
+
 if __name__ == "__main__":
     app()

@@ -137,6 +137,76 @@ def seg_release(
     return report
 
 
+def classifier_entry(
+    models_dir: Path,
+    cls_model: dict[str, Any],
+    cls_eval: dict[str, Any] | None,
+    conv: dict[str, str],
+    now: str,
+) -> dict[str, Any]:
+    """The classifier's manifest entry (without its label_binding)."""
+    f = models_dir / cls_model["file"]
+    q = tensor_quant(f)
+    return {
+        "name": cls_model["name"],
+        "file": cls_model["file"],
+        "sha256": sha256_file(f),
+        "size_bytes": f.stat().st_size,
+        "task": "classification",
+        "architecture": cls_model["arch"],
+        "input": q["input"],
+        "output": q["output"]
+        | {"type": "probabilities", "meaning": "class probabilities (softmax)"},
+        "color_order": pp.COLOR_ORDER,
+        "preprocessing": {
+            "version": pp.PREPROCESS_VERSION,
+            "white_balance": "on the whole field, before cropping",
+            "crop": "square, side = crop_scale x the cell box's longer side, centred; "
+            "outside the field filled with background grey",
+            "crop_scale": pp.CROP_SCALE,
+            "scale": "x / 255",
+        },
+        **({"embedding": embedding_spec(q)} if "embedding" in q else {}),
+        "classes": list(cls_model["classes"]),
+        # The device averages the model over this many dihedral views of each crop
+        # (edge_wbc.pipeline.classify.crop_views); the calibration below was fitted on them.
+        "views": int(cls_model.get("views", 1)),
+        "calibration": {
+            "method": "temperature scaling of log-probabilities on val",
+            "temperature": cls_model["temperature"],
+            "confidence_threshold": cls_model["confidence_threshold"],
+            "other_threshold": cls_model.get("other_threshold"),
+            **(
+                {"group_thresholds": cls_model["group_thresholds"]}
+                if cls_model.get("group_thresholds")
+                else {}
+            ),
+        },
+        "metrics": cls_eval or {},
+        "training_data": [
+            DATA_CARDS[s] | CLS_DATA_NOTES.get(s, {}) | {"split": "train"}
+            for s in cls_model.get("sources", ("pbc", "bccd", "zheng1", "zheng2"))
+        ],
+        "converter": conv,
+        "date": now,
+        **({"float_weights": cls_model["float_weights"]} if "float_weights" in cls_model else {}),
+    }
+
+
+def _float_classifier(
+    models_dir: Path, keep: str, int8: Path, test_cells: list[Any], size: int
+) -> dict[str, Any]:
+    """The manifest's float_weights of a released classifier: its float model (``keep``,
+    already in ``models_dir``) compared with its int8 file on test cells spread over the
+    sources."""
+    from edge_wbc_convert.cls_eval import crops
+    from edge_wbc_convert.quantize import load_keras
+
+    sample = test_cells[:: max(1, len(test_cells) // AGREEMENT_CELLS)]
+    ag = agreement(load_keras(models_dir / keep), int8, crops(sample, size))
+    return float_record(models_dir, keep, False, ag)
+
+
 def build_manifest(
     models_dir: Path,
     seg_models: dict[str, dict[str, Any]],
@@ -191,53 +261,7 @@ def build_manifest(
             }
         )
     if cls_model is not None:
-        f = models_dir / cls_model["file"]
-        q = tensor_quant(f)
-        models.append(
-            {
-                "name": cls_model["name"],
-                "file": cls_model["file"],
-                "sha256": sha256_file(f),
-                "size_bytes": f.stat().st_size,
-                "task": "classification",
-                "architecture": cls_model["arch"],
-                "input": q["input"],
-                "output": q["output"]
-                | {"type": "probabilities", "meaning": "class probabilities (softmax)"},
-                "color_order": pp.COLOR_ORDER,
-                "preprocessing": {
-                    "version": pp.PREPROCESS_VERSION,
-                    "white_balance": "on the whole field, before cropping",
-                    "crop": "square, side = crop_scale x the cell box's longer side, centred; "
-                    "outside the field filled with background grey",
-                    "crop_scale": pp.CROP_SCALE,
-                    "scale": "x / 255",
-                },
-                **({"embedding": embedding_spec(q)} if "embedding" in q else {}),
-                "classes": list(cls_model["classes"]),
-                # The device averages the model over this many dihedral views of each crop
-                # (edge_wbc.pipeline.classify.crop_views); the calibration below was fitted on them.
-                "views": int(cls_model.get("views", 1)),
-                "calibration": {
-                    "method": "temperature scaling of log-probabilities on val",
-                    "temperature": cls_model["temperature"],
-                    "confidence_threshold": cls_model["confidence_threshold"],
-                    "other_threshold": cls_model.get("other_threshold"),
-                },
-                "metrics": cls_eval or {},
-                "training_data": [
-                    DATA_CARDS[s] | CLS_DATA_NOTES.get(s, {}) | {"split": "train"}
-                    for s in cls_model.get("sources", ("pbc", "bccd", "zheng1", "zheng2"))
-                ],
-                "converter": conv,
-                "date": now,
-                **(
-                    {"float_weights": cls_model["float_weights"]}
-                    if "float_weights" in cls_model
-                    else {}
-                ),
-            }
-        )
+        models.append(classifier_entry(models_dir, cls_model, cls_eval, conv, now))
     for m in models:
         # Ties each file to its class list and output meaning: an edit of either after this
         # point is refused by the device's loader.
@@ -286,7 +310,7 @@ def make_release(
         seg_info[name] = {"file": f.name, "encoder": cfg["arch"], "run": str(run)}
     cls_model = cls_eval = None
     if cls is not None:
-        from edge_wbc_convert.cells import LABELS6, run_cells
+        from edge_wbc_convert.cells import run_cells
         from edge_wbc_convert.cls_eval import evaluate_classifier
 
         from edge_wbc.pipeline.inference import TFLiteModel
@@ -297,14 +321,17 @@ def make_release(
             quantize_run(cls, f, data_root, samples=rep_samples, seed=123)
         size = int(cfg["input_hw"][0])
         emb = TFLiteModel(f, threads=1).outputs[1:]
+        classes, allowed, relabel = run_classes(cls)
         cls_eval = evaluate_classifier(
             f,
             cls / "best.keras",
-            run_cells(cls, "val"),
-            run_cells(cls, "test"),
+            relabel(run_cells(cls, "val")),
+            relabel(run_cells(cls, "test")),
             size,
             out,
             views=cls_views,
+            classes=classes,
+            allowed=allowed,
         )
         if emb:
             cls_eval["embedding_dim"] = int(emb[0].shape[-1])
@@ -315,11 +342,12 @@ def make_release(
             "name": "classifier",
             "file": f.name,
             "arch": describe_classifier(cfg["arch"], cfg.get("alpha"), size),
-            "classes": list(LABELS6),
+            "classes": list(classes),
             "run": str(cls),
             "temperature": cls_eval["calibration"]["temperature"],
             "confidence_threshold": cls_eval["calibration"]["confidence_threshold"],
             "other_threshold": cls_eval["calibration"].get("other_threshold"),
+            "group_thresholds": cls_eval["calibration"].get("group_thresholds") or {},
             "views": cls_views,
             "sources": sorted({c.source for c in train_cells}),
         }
@@ -346,17 +374,132 @@ def make_release(
         )
     if cls is not None and cls_model is not None:
         from edge_wbc_convert.cells import run_cells
-        from edge_wbc_convert.cls_eval import crops
-        from edge_wbc_convert.quantize import load_keras
 
         f = out / cls_model["file"]
         keep = float_file(f.name)
         shutil.copyfile(cls / "best.keras", out / keep)
-        test_cells = run_cells(cls, "test")
-        sample = test_cells[:: max(1, len(test_cells) // AGREEMENT_CELLS)]
-        ag = agreement(load_keras(out / keep), f, crops(sample, size))
-        cls_model["float_weights"] = float_record(out, keep, False, ag)
+        cls_model["float_weights"] = _float_classifier(out, keep, f, run_cells(cls, "test"), size)
     (out / "seg_eval.json").write_text(json.dumps(seg_eval, indent=2))
     path = build_manifest(out, seg_info, seg_eval, cls_model, cls_eval)
     write_card(out, seg_eval, cls_eval, data_root)
+    return path
+
+
+def run_classes(run: Path) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]] | None, Any]:
+    """A classifier run's outputs, what each label allows, and how its cells are relabelled:
+    the five-part classifier's six, or the fine ten (``train-cls --fine``: config ``fine``,
+    or a run made before that key, told by its model's output count)."""
+    from edge_wbc_convert import fine as fine_mod
+    from edge_wbc_convert.cells import LABELS6
+
+    cfg = json.loads((run / "config.json").read_text())
+    fine = cfg.get("fine")
+    if fine is None:
+        from edge_wbc_convert.quantize import load_keras
+
+        fine = int(load_keras(run / "best.keras").output.shape[-1]) == len(fine_mod.FINE)
+    if fine:
+        return fine_mod.FINE, fine_mod.ALLOWED, fine_mod.fine_cells
+    return LABELS6, None, list
+
+
+def release_classifier(
+    cls: Path, models_dir: Path, data_root: Path, *, views: int = 4, rep_samples: int = 200
+) -> Path:
+    """Replace the classifier of a released models folder by a training run's, keeping the
+    segmenters as released: quantize (with the embedding output), gate, calibrate and evaluate
+    on the run's val/test cells, then swap the file, its manifest entry and the card's
+    classifier section in. A head fitted on the old classifier's embedding (and its evaluation)
+    is removed: it reads features the new model does not make. Nothing in ``models_dir``
+    changes until everything has passed; the replaced files are kept beside it, in
+    ``<models_dir>.previous/`` (outside the folder the wheel ships)."""
+    import shutil
+    import tempfile
+
+    from edge_wbc_convert.card import write_card
+    from edge_wbc_convert.cells import run_cells
+    from edge_wbc_convert.cls_eval import evaluate_classifier
+    from edge_wbc_convert.gate import check
+    from edge_wbc_convert.quantize import converter_versions, quantize_run
+
+    from edge_wbc.pipeline.inference import TFLiteModel
+
+    raw = json.loads((models_dir / "manifest.json").read_text())
+    idx = [i for i, m in enumerate(raw["models"]) if m.get("task") == "classification"]
+    if len(idx) != 1:
+        raise ReleaseError(f"{models_dir}/manifest.json: expected one classifier, found {len(idx)}")
+    cfg = json.loads((cls / "config.json").read_text())
+    size = int(cfg["input_hw"][0])
+    classes, allowed, relabel = run_classes(cls)
+    with tempfile.TemporaryDirectory(dir=models_dir, prefix=".release-") as tmpd:
+        tmp = Path(tmpd)
+        f = tmp / "classifier.tflite"
+        quantize_run(cls, f, data_root, samples=rep_samples, seed=123)
+        gate = check(f)
+        if not gate.ok:
+            raise ReleaseError(f"op gate FAILED for {f.name}: {gate.problems}")
+        cls_eval = evaluate_classifier(
+            f,
+            cls / "best.keras",
+            relabel(run_cells(cls, "val")),
+            relabel(run_cells(cls, "test")),
+            size,
+            tmp,
+            views=views,
+            classes=classes,
+            allowed=allowed,
+        )
+        emb = TFLiteModel(f, threads=1).outputs[1:]
+        if emb:
+            cls_eval["embedding_dim"] = int(emb[0].shape[-1])
+        train_cells = relabel(run_cells(cls, "train"))
+        cls_eval["other_sources"] = sorted(
+            {c.source for c in train_cells if c.label in ("other", "bccd_other")}
+        )
+        cls_eval["run"] = str(cls)
+        (tmp / "cls_eval.json").write_text(json.dumps(cls_eval, indent=2))
+        keep = float_file(f.name)
+        shutil.copy2(cls / "best.keras", tmp / keep)
+        cal = cls_eval["calibration"]
+        cls_model = {
+            "name": "classifier",
+            "file": f.name,
+            "arch": describe_classifier(cfg["arch"], cfg.get("alpha"), size),
+            "classes": list(classes),
+            "run": str(cls),
+            "temperature": cal["temperature"],
+            "confidence_threshold": cal["confidence_threshold"],
+            "other_threshold": cal.get("other_threshold"),
+            "group_thresholds": cal.get("group_thresholds") or {},
+            "views": views,
+            "sources": sorted({c.source for c in train_cells}),
+            "float_weights": _float_classifier(tmp, keep, f, run_cells(cls, "test"), size),
+        }
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        conv = converter_versions() | {"tool": "edge-wbc-convert 0.1.0"}
+        entry = classifier_entry(tmp, cls_model, cls_eval, conv, now)
+        entry["label_binding"] = label_binding(entry)
+        raw["models"][idx[0]] = entry
+        raw["created"] = now
+        # Everything passed: keep the old classifier, then move the new one in.
+        prev = models_dir.with_name(models_dir.name + ".previous")
+        prev.mkdir(exist_ok=True)
+        for name in ("classifier.tflite", "classifier.keras", "cls_eval.json", "manifest.json",
+                     "classifier_head.json", "classifier_head.npz", "fine_eval.json"):  # fmt: skip
+            if (models_dir / name).exists():
+                shutil.copy2(models_dir / name, prev / name)
+        for name in ("classifier_head.json", "classifier_head.npz", "fine_eval.json"):
+            (models_dir / name).unlink(missing_ok=True)
+        for p in tmp.iterdir():
+            if p.is_file():
+                p.replace(models_dir / p.name)
+        path = write_manifest(models_dir, raw)
+    seg_eval = json.loads((models_dir / "seg_eval.json").read_text())
+    seg_eval.setdefault("gate", {})["classifier.tflite"] = {
+        "ok": gate.ok,
+        "problems": gate.problems,
+        "ops": gate.ops,
+    }
+    (models_dir / "seg_eval.json").write_text(json.dumps(seg_eval, indent=2))
+    write_card(models_dir, seg_eval, cls_eval, data_root)
     return path

@@ -36,6 +36,7 @@ class TrainConfig:
     threads: int = 1
     weights: str | None = None
     alpha: float | None = None  # classifier width (MobileNetV2 alpha)
+    fine: bool = False  # classifier: the ten outputs of taxonomy.MODEL_CLASSES
 
 
 def set_threads(n: int) -> None:
@@ -375,7 +376,7 @@ def train_classifier(
         )
     cfg = TrainConfig(
         "classification", arch, str(run_dir), str(data_root), steps, batch, lr, seed,
-        eval_every, (size, size), threads, weights, alpha,
+        eval_every, (size, size), threads, weights, alpha, fine,
     )  # fmt: skip
     sampler = CropSampler(
         [c for c in cells if c.split == "train"],

@@ -237,3 +237,53 @@ def test_float_weights_recovered_from_a_released_unet_match_the_trained_ones(
     )  # fmt: skip
     assert proc.returncode == 1 and "nothing written" in proc.stderr
     assert not (copy / "seg_a.keras").exists()
+
+
+def test_a_fine_classifier_from_the_recovered_weights_replaces_the_released_one(
+    released: Path, tmp_path: Path
+) -> None:
+    """train-cls --fine from the int8 file's recovered weights, then release-classifier swaps
+    it into a released folder: ten classes, segmenters untouched, the old files kept aside,
+    the device analyses a field with it."""
+    import shutil
+
+    import numpy as np
+
+    from edge_wbc.pipeline.analysis import FieldAnalyzer
+    from edge_wbc.pipeline.imageio import read_image
+    from edge_wbc.pipeline.manifest import load_manifest
+    from edge_wbc.taxonomy import MODEL_CLASSES
+
+    models = tmp_path / "models"
+    shutil.copytree(released, models)
+    before = json.loads((models / "manifest.json").read_text())
+    seg_sha = {m["name"]: m["sha256"] for m in before["models"] if m["task"] == "segmentation"}
+    run = tmp_path / "cls_fine"
+    shutil.copytree(released.parent / "runs" / "cls", run)
+    for stale in ("last.keras", "state.json", "metrics.csv", "best.keras", "final.keras"):
+        (run / stale).unlink(missing_ok=True)
+    common = ["--data-root", str(DATA)]
+    convert("train-cls", "--run-dir", str(run), "--segmenter", "unused.tflite", "--size", "48",
+            "--steps", "2", "--batch", "4", "--eval-every", "2", "--fine",
+            "--init-int8", str(models / "classifier.tflite"), *common, cwd=tmp_path)  # fmt: skip
+    assert json.loads((run / "config.json").read_text())["fine"] is True
+    convert("release-classifier", "--cls", str(run), "--models", str(models),
+            "--rep-samples", "4", *common, cwd=tmp_path)  # fmt: skip
+    man = load_manifest(models)
+    assert man.classifier is not None and man.classifier.classes == MODEL_CLASSES
+    assert {s.name: s.sha256 for s in man.segmenters} == seg_sha
+    raw = json.loads((models / "manifest.json").read_text())
+    cls = next(m for m in raw["models"] if m["task"] == "classification")
+    assert cls["float_weights"]["file"] == "classifier.keras"
+    assert 0.0 <= cls["float_weights"]["agreement"]["top1_agreement"] <= 1.0
+    assert (models / "classifier.keras").is_file()
+    assert cls["embedding"]["shape"][1] > 0  # lab adaptation still reads the pooled features
+    assert "Ten outputs" in (models / "README.md").read_text()
+    kept = tmp_path / "models.previous"
+    old = (released / "classifier.tflite").read_bytes()
+    assert (kept / "classifier.tflite").read_bytes() == old
+    analyzer = FieldAnalyzer(models, threads=1)
+    rgb = read_image(DATA / "bccd" / "JPEGImages" / "BloodImage_00019.jpg")
+    res = analyzer.analyze(np.asarray(rgb), "field.jpg")
+    assert res.error is None
+    assert all(c.label in (*MODEL_CLASSES, "unidentified") for c in res.cells)
