@@ -318,6 +318,12 @@ def write_card(
     for k, v in DATA_CARDS.items():
         name = CLS_DATA_NOTES[k]["name"] if k in CLS_DATA_NOTES and k in cls_sources else v["name"]
         lines.append(f"| {name} | {v['licence']} | {v['url']} |")
+    for src, lab in ((cls_eval or {}).get("labs") or {}).items():
+        n = {s: sum(r[s] for r in lab["cells"].values()) for s in ("train", "val", "test")}
+        lines.append(
+            f"| {src}: the lab's own cells ({n['train']} train / {n['val']} val / {n['test']} "
+            f"test; `edge-wbc-convert finetune`) | the lab's | {lab['folder']} |"
+        )
     lines += [
         "",
         "Models trained on GPL-3.0 data (Zheng) are distributed with that notice; "

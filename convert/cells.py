@@ -210,6 +210,14 @@ def context_patch(rgb: np.ndarray, box: Box) -> tuple[np.ndarray, Box]:
     return canvas, b
 
 
+#: Source names of a lab's own cells (``edge-wbc-convert finetune``): ``lab-<name>``.
+LAB_PREFIX = "lab-"
+
+
+def is_lab_source(source: str) -> bool:
+    return source.startswith(LAB_PREFIX) and len(source) > len(LAB_PREFIX)
+
+
 class CropSampler:
     """Balanced stream of (crop float32 SxSx3 in [0,1], one-hot label)."""
 
@@ -236,9 +244,11 @@ class CropSampler:
         """``classes``: the model's outputs; ``allowed``: a label -> the outputs it allows (a
         partial label such as a five-part "neutrophil" for a band/segmented model: its target
         marks both); ``class_weights``: how often each label is drawn (default 1)."""
-        unknown = set(source_weights or {}) - set(self.SOURCE_WEIGHT)
+        unknown = {
+            s for s in source_weights or {} if s not in self.SOURCE_WEIGHT and not is_lab_source(s)
+        }
         if unknown:
-            known = list(self.SOURCE_WEIGHT)
+            known = [*self.SOURCE_WEIGHT, f"{LAB_PREFIX}<name>"]
             raise ValueError(f"no classifier source {sorted(unknown)}; known: {known}")
         self.source_weight = {**self.SOURCE_WEIGHT, **(source_weights or {})}
         self.size, self.augment = size, augment
@@ -312,13 +322,18 @@ class CropSampler:
         return np.stack(xs), np.stack(ys)
 
 
-def run_cells(run_dir: Path, split: str | None = None) -> list[CellItem]:
-    """The labelled cells of a classifier run (boxes fixed when the run started)."""
-    raw = json.loads((run_dir / "cells.json").read_text())
-    cells = [
+def read_cells(path: Path) -> list[CellItem]:
+    """A run's cells.json."""
+    raw = json.loads(path.read_text())
+    return [
         CellItem(c["source"], Path(c["image"]), c["split"], c["label"], tuple(c["box"]))
         for c in raw
     ]
+
+
+def run_cells(run_dir: Path, split: str | None = None) -> list[CellItem]:
+    """The labelled cells of a classifier run (boxes fixed when the run started)."""
+    cells = read_cells(run_dir / "cells.json")
     return [c for c in cells if split is None or c.split == split]
 
 

@@ -595,6 +595,156 @@ def train_cls(
     typer.echo(f"best model: {best}")
 
 
+@app.command()
+def finetune(
+    cells: list[Path] = typer.Option(
+        ...,
+        help="a lab's labelled cells, DIR/<class>/<image> with the labelled leukocyte nearest "
+        "the centre (repeat for more labs: one source and one card row each)",
+    ),
+    out: Path = typer.Option(..., help="the classifier run to write (must not exist)"),
+    models: Path = typer.Option(Path("models"), help="the released models folder to start from"),
+    data_root: Path = typer.Option(DEFAULT_DATA, help="the training sources' data folder"),
+    base_cells: Path | None = typer.Option(
+        None,
+        help="the training sources' cells from an earlier run (RUN/cells.json) instead of "
+        "boxing them again through the released segmenter",
+    ),
+    cell_diameter: str | None = typer.Option(
+        None, help="leukocyte diameter in pixels of the lab's images, or 'auto'"
+    ),
+    steps: int = typer.Option(3000, help="training steps (about 15 min on 2 CPU cores)"),
+    lab_weight: float = typer.Option(
+        0.5, help="how often a class's draw comes from the lab (PBC 0.5, BCCD 0.25, ...)"
+    ),
+    seed: int = 0,
+    lr: float = typer.Option(3e-4, help="peak learning rate (cosine schedule)"),
+    batch: int = 32,
+    eval_every: int = typer.Option(1000, help="val evaluation (and best.keras) every N steps"),
+    threads: int = 2,
+) -> None:
+    """Fine-tune the shipped classifier (every layer but the BatchNorms) on a lab's exported
+    cells mixed with the training sources; `release-classifier` makes the int8 model."""
+    from dataclasses import fields
+
+    from edge_wbc_convert import finetune as ft
+
+    from edge_wbc.cli.adapt import _class_images, class_folders
+    from edge_wbc.cli.analyze import cell_diameter_option
+    from edge_wbc.pipeline.adaptation import MIN_CELLS_PER_CLASS
+
+    def fail(msg: str) -> typer.Exit:
+        typer.echo(f"error: {msg}", err=True)
+        return typer.Exit(2)
+
+    if out.exists():
+        raise fail(f"--out {out} exists: a run is never overwritten")
+    if not out.resolve().parent.is_dir():
+        raise fail(f"--out: folder {out.parent} does not exist")
+    if steps < 1 or batch < 1 or eval_every < 1 or lab_weight <= 0:
+        raise fail("--steps, --batch and --eval-every must be >= 1, --lab-weight > 0")
+    for d in cells:
+        if not d.is_dir():
+            raise fail(f"--cells {d}: not a folder")
+    if base_cells is not None and not base_cells.is_file():
+        raise fail(f"--base-cells {base_cells}: no such file")
+    _logging()
+    try:
+        start = ft.shipped_start(models)
+        segmenter = ft.segmenter_of(models)
+    except ft.FinetuneError as e:
+        raise fail(str(e)) from None
+    rule = ft.label_rule(start.fine)
+    class_folders(list(cells), rule)  # a misnamed folder costs no analysis (exits 2)
+    diameter = cell_diameter_option(cell_diameter, lambda: _class_images(list(cells)))
+    from edge_wbc.pipeline.analysis import FieldAnalyzer
+    from edge_wbc.pipeline.inference import ModelLoadError, RuntimeMissing
+    from edge_wbc.pipeline.postprocess import PostprocessParams
+
+    params = PostprocessParams()
+    if diameter is not None:
+        # The config schema's range for the key, so the two cannot disagree.
+        meta = next(f.metadata for f in fields(PostprocessParams) if f.name == "cell_diameter_px")
+        if not meta["min"] <= diameter <= meta["max"]:
+            raise fail(f"--cell-diameter {diameter:g}: outside {meta['min']:g}-{meta['max']:g} px")
+        params = PostprocessParams(cell_diameter_px=diameter)
+    try:
+        analyzer = FieldAnalyzer(models, threads=threads, postprocess=params)
+    except (ModelLoadError, RuntimeMissing) as e:
+        raise fail(str(e)) from None
+    labs = ft.box_labs(cells, analyzer, rule, seed)
+    for lab in labs:
+        for s in lab.skipped:
+            typer.echo(f"skipped {s}", err=True)
+    try:
+        ft.validate_labs(labs, MIN_CELLS_PER_CLASS)
+    except ft.FinetuneError as e:
+        raise fail(str(e)) from None
+    for lab in labs:
+        for c, n in lab.too_few.items():
+            typer.echo(
+                f"too few cells: {lab.source} {c} has {n} (< {MIN_CELLS_PER_CLASS}): "
+                "trained on, not in val/test",
+                err=True,
+            )
+    from edge_wbc_convert.train import set_threads
+
+    set_threads(threads)  # before the start model is built: TensorFlow fixes it at first use
+    try:
+        ft.check_start(start)
+    except ft.FinetuneError as e:
+        raise fail(str(e)) from None
+    typer.echo(f"start: {start.note}; {len(start.classes)} outputs")
+    table = ft.split_table(labs)
+    typer.echo("\n".join(table))
+    from edge_wbc_convert.cells import prepare_cells
+
+    train_args = {
+        "steps": steps, "batch": batch, "lr": lr, "seed": seed, "eval_every": eval_every,
+        "threads": threads, "lab_weight": lab_weight,
+    }  # fmt: skip
+    info = {
+        "models": str(models.resolve()),
+        "start": {
+            "weights": str(start.keras or start.int8),
+            "sha256": start.sha256,
+            "note": start.note,
+            "classes": list(start.classes),
+        },
+        "cell_diameter_px": params.cell_diameter_px,
+        "base_cells": str(base_cells.resolve()) if base_cells else f"boxed by {segmenter}",
+        "labs": ft.lab_info(labs),
+        "train": train_args,
+    }
+    try:
+        ft.write_run(
+            out,
+            labs,
+            (lambda _d: ft.base_cells_from(base_cells))
+            if base_cells is not None
+            else (lambda d: prepare_cells(d, data_root, segmenter)),
+            info,
+        )
+    except (ft.FinetuneError, FileNotFoundError) as e:
+        raise fail(str(e)) from None
+    _logging(out)
+    from edge_wbc_convert.train import train_classifier
+
+    best = train_classifier(
+        out, segmenter, data_root, arch=start.arch, size=start.size, alpha=start.alpha,
+        steps=steps, batch=batch, lr=lr, seed=seed, eval_every=eval_every, threads=threads,
+        init=start.keras, init_int8=None if start.keras else start.int8, fine=start.fine,
+        source_weights={lab.source: lab_weight for lab in labs}, freeze_bn=True,
+    )  # fmt: skip
+    typer.echo(f"best model: {best}")
+    typer.echo("\n".join(table))
+    typer.echo(
+        "next: make the int8 model in a copy of the models folder (gate, calibration, a card "
+        f"row per lab):\n  cp -r {models} {models}_lab && edge-wbc-convert release-classifier "
+        f"--cls {out} --models {models}_lab"
+    )
+
+
 # ----------------------------------------------------------------------------- release
 
 

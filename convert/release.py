@@ -21,7 +21,7 @@ from edge_wbc_convert.evaluate import (
     tflite_prob_fn,
 )
 from edge_wbc_convert.recover import agreement, float_file, float_record, map_agreement
-from edge_wbc_convert.sources import CLS_DATA_NOTES, DATA_CARDS
+from edge_wbc_convert.sources import DATA_CARDS, training_card
 
 from edge_wbc.pipeline import preprocess as pp
 from edge_wbc.pipeline.manifest import label_binding, sha256_file, write_manifest
@@ -184,7 +184,7 @@ def classifier_entry(
         },
         "metrics": cls_eval or {},
         "training_data": [
-            DATA_CARDS[s] | CLS_DATA_NOTES.get(s, {}) | {"split": "train"}
+            training_card(s, cls_model.get("labs", {}))
             for s in cls_model.get("sources", ("pbc", "bccd", "zheng1", "zheng2"))
         ],
         "converter": conv,
@@ -312,6 +312,7 @@ def make_release(
     if cls is not None:
         from edge_wbc_convert.cells import run_cells
         from edge_wbc_convert.cls_eval import evaluate_classifier
+        from edge_wbc_convert.finetune import lab_cards
 
         from edge_wbc.pipeline.inference import TFLiteModel
 
@@ -350,6 +351,7 @@ def make_release(
             "group_thresholds": cls_eval["calibration"].get("group_thresholds") or {},
             "views": cls_views,
             "sources": sorted({c.source for c in train_cells}),
+            "labs": lab_cards(cls),
         }
     for f in sorted(out.glob("*.tflite")):
         if f.stem.endswith("_edgetpu"):
@@ -419,6 +421,7 @@ def release_classifier(
     from edge_wbc_convert.card import write_card
     from edge_wbc_convert.cells import run_cells
     from edge_wbc_convert.cls_eval import evaluate_classifier
+    from edge_wbc_convert.finetune import lab_cards
     from edge_wbc_convert.gate import check
     from edge_wbc_convert.quantize import converter_versions, quantize_run
 
@@ -457,6 +460,9 @@ def release_classifier(
             {c.source for c in train_cells if c.label in ("other", "bccd_other")}
         )
         cls_eval["run"] = str(cls)
+        labs = lab_cards(cls)
+        if labs:
+            cls_eval["labs"] = labs
         (tmp / "cls_eval.json").write_text(json.dumps(cls_eval, indent=2))
         keep = float_file(f.name)
         shutil.copy2(cls / "best.keras", tmp / keep)
@@ -473,6 +479,7 @@ def release_classifier(
             "group_thresholds": cal.get("group_thresholds") or {},
             "views": views,
             "sources": sorted({c.source for c in train_cells}),
+            "labs": labs,
             "float_weights": _float_classifier(tmp, keep, f, run_cells(cls, "test"), size),
         }
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 DATA_CARDS = {
     "zheng1": {
         "name": "Zheng et al. 2018, dataset 1 (Jiangxi Tecom, rapid stain)",
@@ -38,3 +41,20 @@ CLS_DATA_NOTES: dict[str, dict[str, str]] = {
         "image does not settle left out)"
     },
 }
+
+
+def training_card(source: str, labs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A classifier's training source as the manifest lists it; ``labs``: what a fine-tune run
+    recorded of each lab's cells (``edge_wbc_convert.finetune.lab_cards``)."""
+    from edge_wbc_convert.cells import is_lab_source
+
+    if is_lab_source(source):
+        lab = labs.get(source, {})
+        where = f" from {lab['folder']}" if lab.get("folder") else ""
+        return {
+            "name": f"{source}: the lab's own labelled cells{where} (edge-wbc-convert finetune)",
+            "licence": "the lab's",
+            "url": "",
+            "split": "train",
+        }
+    return DATA_CARDS[source] | CLS_DATA_NOTES.get(source, {}) | {"split": "train"}

@@ -42,6 +42,8 @@ class TrainConfig:
 def set_threads(n: int) -> None:
     import tensorflow as tf
 
+    if tf.config.threading.get_intra_op_parallelism_threads() == n:
+        return  # set already (by a caller that used TensorFlow first); a second set raises
     tf.config.threading.set_intra_op_parallelism_threads(n)
     tf.config.threading.set_inter_op_parallelism_threads(max(1, n))
 
@@ -111,6 +113,10 @@ def _reestimate_bn(model: Any, batches: Iterator[Any], n: int = 60) -> None:
         b.momentum = m
 
 
+#: Steps timed (after as many warm-up steps) for the expected-time message.
+RATE_STEPS = 20
+
+
 def train(
     cfg: TrainConfig,
     make_batch: Callable[[], tuple[np.ndarray, np.ndarray]],
@@ -147,6 +153,7 @@ def train(
         trainer.compile(optimizer=keras.optimizers.Adam(sched), loss=loss)
     batches = prefetch(make_batch)
     t0, losses = time.time(), []
+    start_step, t_rate = state["step"], t0
     try:
         from tqdm import tqdm
 
@@ -159,6 +166,16 @@ def train(
         state["step"] += 1
         if bar:
             bar.update(1)
+        if state["step"] - start_step == RATE_STEPS + 1:
+            t_rate = time.time()
+        elif state["step"] - start_step == 2 * RATE_STEPS + 1:
+            # Measured after the first steps (graph tracing, prefetch warm-up).
+            rate = RATE_STEPS / max(time.time() - t_rate, 1e-6)
+            left = cfg.steps - state["step"]
+            log.info(
+                "%.2f steps/s here: about %.0f min for the remaining %d steps, plus %d "
+                "evaluations", rate, left / rate / 60, left, left // cfg.eval_every + 1,
+            )  # fmt: skip
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
             if state["step"] == cfg.steps:
                 _reestimate_bn(trainer, batches)
@@ -339,6 +356,7 @@ def train_classifier(
     fine: bool = False,
     init_int8: Path | None = None,
     head_init: Path | None = None,
+    freeze_bn: bool = False,
 ) -> Path:
     """Train the cell classifier on crops made by the device's rule; the run's cells are boxed
     through ``segmenter`` on its first call. Returns the best model's path.
@@ -349,7 +367,9 @@ def train_classifier(
     ``init_int8``: start from the float weights recovered from a shipped int8 classifier of the
     same architecture (``recover.py``); its class layer is kept when the outputs match, else
     ``head_init`` (an .npz with ``weight`` (D, K) and ``bias`` (K,), e.g. a fitted head on the
-    same embedding) or a fresh layer."""
+    same embedding) or a fresh layer. ``freeze_bn``: every BatchNormalization stays in inference
+    mode (a fine-tune on a few lab cells among many: mixed batches' statistics are not the
+    device's)."""
     import keras
     from edge_wbc_convert.architectures import build_classifier
     from edge_wbc_convert.cells import LABELS6, CropSampler, prepare_cells, run_cells
@@ -395,7 +415,12 @@ def train_classifier(
         model = build_classifier(arch, size, len(classes), weights, alpha)
         if init_int8 is not None:
             _init_from_int8(model, init_int8, arch, size, alpha, head_init)
-        return init_from(model, init)
+        model = init_from(model, init)
+        if freeze_bn:
+            for lyr in model.layers:
+                if isinstance(lyr, keras.layers.BatchNormalization):
+                    lyr.trainable = False
+        return model
 
     return train(cfg, lambda: sampler.batch(batch), evaluate, build, loss, "acc_mean")
 

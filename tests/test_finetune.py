@@ -1,0 +1,124 @@
+"""`edge-wbc-convert finetune`: a lab's DIR/<class>/ cells boxed by the device's analysis, split
+train/val/test, mixed with the training sources' cells, the shipped classifier fine-tuned from its
+weights; `release-classifier` then gives a manifest the device loads with a row for the lab. Bad
+input exits 2 and writes no run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("tensorflow")
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "fixtures" / "data"
+SAMPLES = ROOT / "samples" / "fields"
+MODELS = ROOT / "models"
+pytestmark = pytest.mark.slow
+
+
+def _lab(root: Path, per_class: dict[str, int]) -> Path:
+    """DIR/<class>/ from the bundled BCCD sample fields with one leukocyte of that type."""
+    with open(SAMPLES / "index.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["wbc_boxes"] == "1"]
+    for cls, n in per_class.items():
+        picked = [r["file"] for r in rows if r["kaggle_types"] == cls][:n]
+        assert len(picked) == n, f"the samples have fewer than {n} {cls} fields"
+        (root / cls).mkdir(parents=True)
+        for name in picked:
+            shutil.copy(SAMPLES / name, root / cls / name)
+    return root
+
+
+def _convert(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = os.environ | {"PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_wbc_convert.cli", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_a_lab_fine_tune_releases_a_classifier_with_a_lab_row(tmp_path: Path) -> None:
+    import numpy as np
+
+    from edge_wbc.pipeline.analysis import FieldAnalyzer
+    from edge_wbc.pipeline.imageio import read_image
+    from edge_wbc.pipeline.manifest import load_manifest
+
+    lab = _lab(tmp_path / "mylab", {"neutrophil": 8, "lymphocyte": 8})
+    run = tmp_path / "run"
+    out = _convert(
+        "finetune", "--cells", str(lab), "--out", str(run), "--models", str(MODELS),
+        "--data-root", str(DATA), "--steps", "2", "--batch", "4", "--eval-every", "2",
+        "--threads", "1",
+    cwd=tmp_path).stdout  # fmt: skip
+    assert "lab-mylab" in out and "release-classifier --cls" in out
+    cells = json.loads((run / "cells.json").read_text())
+    mine = [c for c in cells if c["source"] == "lab-mylab"]
+    assert len(mine) == 16  # every sample field has its leukocyte found
+    assert {c["split"] for c in mine} == {"train", "val", "test"}
+    assert {c["label"] for c in mine if c["split"] == "test"} == {"neutrophil", "lymphocyte"}
+    assert {c["source"] for c in cells} >= {"bccd", "lab-mylab"}  # the training sources too
+    # Each lab image is one cell, in one split; its box lies inside the image.
+    assert len({c["image"] for c in mine}) == 16
+    assert all(0 <= c["box"][0] < c["box"][2] <= 640 for c in mine)
+    info = json.loads((run / "finetune.json").read_text())
+    assert info["labs"]["lab-mylab"]["cells"]["neutrophil"]["train"] >= 4
+    man0 = load_manifest(MODELS)
+    assert info["start"]["classes"] == list(man0.classifier.classes)  # type: ignore[union-attr]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["steps"] == 2 and cfg["input_hw"] == [96, 96]
+    assert (run / "best.keras").is_file()
+
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models)
+    _convert("release-classifier", "--cls", str(run), "--models", str(models),
+             "--rep-samples", "4", "--data-root", str(DATA), cwd=tmp_path)  # fmt: skip
+    man = load_manifest(models)
+    ce = man.classifier
+    assert ce is not None and ce.classes == man0.classifier.classes  # type: ignore[union-attr]
+    test = ce.raw["metrics"]["test"]
+    assert test["lab-mylab"]["n"] == sum(c["split"] == "test" for c in mine)
+    assert "bccd" in test
+    assert any("lab-mylab" in d["name"] for d in ce.raw["training_data"])
+    card = (models / "README.md").read_text()
+    assert "| lab-mylab |" in card and "the lab's own cells" in card
+    analyzer = FieldAnalyzer(models, threads=1)
+    res = analyzer.analyze(np.asarray(read_image(next(lab.glob("*/*.jpg")))), "field.jpg")
+    assert res.error is None and res.cells
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [
+        ({"neutrophil": 6, "blast_cell": 0}, "blast_cell: unknown class name 'blast_cell'"),
+        ({"neutrophil": 0, "lymphocyte": 0}, "no cell found in any image (no images)"),
+        ({"neutrophil": 6}, "at least two classes with >= 5 cells"),
+    ],
+)
+def test_bad_lab_input_exits_2_and_writes_no_run(
+    tmp_path: Path, classes: dict[str, int], message: str
+) -> None:
+    from edge_wbc_convert.cli import app
+
+    lab = _lab(tmp_path / "lab", classes)
+    run = tmp_path / "run"
+    r = CliRunner().invoke(
+        app,
+        ["finetune", "--cells", str(lab), "--out", str(run), "--models", str(MODELS),
+         "--data-root", str(DATA), "--steps", "2"],
+    )  # fmt: skip
+    assert r.exit_code == 2, r.stdout + r.stderr
+    assert message in r.stderr
+    assert not run.exists() and not list(tmp_path.glob(".run*"))
