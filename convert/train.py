@@ -223,11 +223,17 @@ def seg_evaluator(
 
 
 def init_from(model: Any, init: Path | None) -> Any:
-    """Second-stage training: same architecture, weights of an earlier run's model."""
+    """Second-stage training: same architecture, weights of an earlier run's model, and its
+    frozen layers stay frozen (a model grown from recovered int8 weights trains with its
+    BatchNorms frozen, stage after stage)."""
     if init is not None:
         from edge_wbc_convert.quantize import load_keras
 
-        model.set_weights(load_keras(init).get_weights())
+        src = load_keras(init)
+        model.set_weights(src.get_weights())
+        for mine, theirs in zip(model.layers, src.layers, strict=True):
+            if not theirs.trainable:
+                mine.trainable = False
     return model
 
 
