@@ -14,6 +14,7 @@ Encoders:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +209,39 @@ def with_batch(model: Any, batch: int | None) -> Any:
     )
     clone.set_weights(model.get_weights())
     return clone
+
+
+# The manifest's "architecture" text of each model: written by release, read back by
+# ``recover-float`` to rebuild the float model an int8 file came from.
+
+
+def describe_unet(encoder: str) -> str:
+    return f"U-Net, {encoder} encoder, bilinear decoder"
+
+
+def describe_classifier(arch: str, alpha: float | None, size: int) -> str:
+    tag = f"-{alpha:g}" if alpha is not None and arch == "mnv2" else ""
+    return f"{arch}{tag} {size}x{size}"
+
+
+_UNET_TEXT = re.compile(r"U-Net, (\w+) encoder, bilinear decoder")
+_CLS_TEXT = re.compile(r"(\w+?)(?:-(\d+(?:\.\d+)?))? (\d+)x(\d+)")
+
+
+def parse_architecture(text: str, task: str) -> dict[str, Any]:
+    """A manifest's "architecture" back to build_unet / build_classifier arguments:
+    {"encoder"} for a segmenter, {"arch", "alpha", "size"} for a classifier."""
+    if task == "segmentation":
+        m = _UNET_TEXT.fullmatch(text)
+        if m is None or m.group(1) not in EDGE_ENCODERS + PAPER_ENCODERS:
+            raise ValueError(f"segmenter architecture {text!r}: expected {describe_unet('ENC')!r}")
+        return {"encoder": m.group(1)}
+    c = _CLS_TEXT.fullmatch(text)
+    if c is None or c.group(1) not in CLASSIFIERS or c.group(3) != c.group(4):
+        raise ValueError(f"classifier architecture {text!r}: expected e.g. 'mnv2-0.75 96x96'")
+    if c.group(1) == "mnv2" and c.group(2) is None:
+        raise ValueError(
+            f"classifier architecture {text!r}: MobileNetV2 without its width (-ALPHA)"
+        )
+    alpha = float(c.group(2)) if c.group(2) else 1.0
+    return {"arch": c.group(1), "alpha": alpha, "size": int(c.group(3))}

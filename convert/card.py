@@ -370,7 +370,8 @@ def fine_section(
         FINE_TITLE,
         "",
         "**The trunk was not retrained.** The shipped classifier's float weights were lost "
-        "(its training runs are gone and no `.keras` file survives) and a retrain from scratch "
+        "with its training runs (since recovered from the int8 file, docs/training.md "
+        '"Float weights") and a retrain from scratch '
         "costs about three CPU-hours on the 2-core VM that made these models, which did not fit "
         "the session. The ten outputs (band and segmented neutrophils, the other four types, "
         "immature granulocytes, erythroblasts, platelets, other) are therefore a softmax head "

@@ -491,6 +491,51 @@ def verify(
     raise typer.Exit(1 if worst < -max_delta else 0)
 
 
+@app.command("recover-float")
+def recover_float(
+    models: Path = typer.Option(Path("models"), help="the models folder (manifest.json)"),
+    data_root: Path = typer.Option(DEFAULT_DATA),
+    split: str = typer.Option("test", help="the fields (BCCD, Zheng) the models are compared on"),
+    min_iou: float = typer.Option(0.97, help="least mean float-vs-int8 mask IoU per segmenter"),
+    min_top1: float = typer.Option(0.97, help="least float-vs-int8 top-1 agreement (classifier)"),
+) -> None:
+    """Rebuild each shipped model's float Keras weights from its int8 file, compare the two on
+    real fields, write them next to the int8 files (NAME.keras) and record them in the
+    manifest (float_weights). The int8 files are not changed."""
+    from edge_wbc_convert.data import seg_split
+    from edge_wbc_convert.recover import RecoveryError, recover_models
+
+    from edge_wbc.pipeline.manifest import ManifestError
+
+    _logging()
+    try:
+        pairs = seg_split(data_root, split, Path("runs/cache"))
+    except FileNotFoundError as e:
+        typer.echo(f"recover-float: {e}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        rows = recover_models(models, pairs, min_iou=min_iou, min_top1=min_top1)
+    except (RecoveryError, ManifestError, ValueError) as e:
+        typer.echo(f"recover-float: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{'model':11} {'float file':18} {'n':>4}  agreement with the int8 file")
+    for r in rows:
+        a = r["agreement"]
+        if "mean_iou" in a:
+            what = (
+                f"mask IoU mean {a['mean_iou']:.4f} (min {a['min_iou']:.4f}, thr "
+                f"{a['threshold']:.2f}), |dp| mean {a['mean_abs_prob_diff']:.4f} "
+                f"max {a['max_abs_prob_diff']:.3f}"
+            )
+        else:
+            what = (
+                f"top-1 {a['top1_agreement']:.4f}, |dp| mean {a['mean_abs_prob_diff']:.4f} "
+                f"max {a['max_abs_prob_diff']:.3f}"
+            )
+        typer.echo(f"{r['name']:11} {r['file']:18} {int(a['n']):4d}  {what}")
+    typer.echo(f"recorded in {models / 'manifest.json'} (float_weights)")
+
+
 # ----------------------------------------------------------------------------- classifier
 
 

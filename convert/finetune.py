@@ -83,9 +83,6 @@ def lab_source(folder: Path) -> str:
     return f"{LAB_PREFIX}{name}"
 
 
-_ARCH = re.compile(r"^(?P<arch>[a-z0-9]+?)(?:-(?P<alpha>[0-9.]+))? (?P<h>\d+)x(?P<w>\d+)$")
-
-
 def shipped_start(models: Path) -> Start:
     """The shipped classifier of ``models`` as a starting point. Its float weights
     (``float_weights`` in the manifest, else ``classifier.keras``) are preferred; when the
@@ -109,14 +106,13 @@ def shipped_start(models: Path) -> Start:
             f"{models}/manifest.json: classifier classes {list(classes)} are neither the six "
             f"{list(LABELS6)} nor the ten {list(taxonomy.MODEL_CLASSES)}"
         )
-    m = _ARCH.match(str(ce.raw.get("architecture", "")))
-    if m is None or m["h"] != m["w"]:
-        raise FinetuneError(
-            f"{models}/manifest.json: classifier architecture {ce.raw.get('architecture')!r} "
-            "is not 'ARCH[-ALPHA] SxS' (made by edge-wbc-convert release)"
-        )
-    arch, size = m["arch"], int(m["h"])
-    alpha = float(m["alpha"]) if m["alpha"] else 1.0
+    from edge_wbc_convert.architectures import parse_architecture
+
+    try:
+        built = parse_architecture(str(ce.raw.get("architecture", "")), "classification")
+    except ValueError as e:
+        raise FinetuneError(f"{models}/manifest.json: {e}") from None
+    arch, size, alpha = built["arch"], built["size"], built["alpha"]
     int8 = man.path(ce)
     fw = ce.raw.get("float_weights") or {}
     keras = models / str(fw.get("file") or "classifier.keras")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edge_wbc_convert.architectures import describe_classifier, describe_unet
 from edge_wbc_convert.data import seg_split
 from edge_wbc_convert.evaluate import (
     by_source,
@@ -18,12 +20,18 @@ from edge_wbc_convert.evaluate import (
     keras_prob_fn,
     tflite_prob_fn,
 )
+from edge_wbc_convert.recover import agreement, float_file, float_record, map_agreement
 from edge_wbc_convert.sources import DATA_CARDS, training_card
 
 from edge_wbc.pipeline import preprocess as pp
 from edge_wbc.pipeline.manifest import label_binding, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
+
+
+#: Test cells (spread over the sources) the released float classifier is compared on with its
+#: int8 file.
+AGREEMENT_CELLS = 200
 
 
 class ReleaseError(Exception):
@@ -97,11 +105,14 @@ def seg_release(
     # Equal weights, to show what the fitted vote adds.
     eq = ensemble_maps(test_maps, {k: 1.0 for k in members})
     report["test"]["ensemble_equal_weights"] = by_source(srcs, eq, gts, 0.5)
+    report["float_agreement"] = {}
     for k, (_, keras_path) in members.items():
         if keras_path is None or not Path(keras_path).exists():
             continue
         fk = keras_prob_fn(load_keras(keras_path))
-        fl = by_source(srcs, [fk(p[1]) for p in test], gts, 0.5)
+        float_maps = [fk(p[1]) for p in test]
+        fl = by_source(srcs, float_maps, gts, 0.5)
+        report["float_agreement"][k] = map_agreement(srcs, float_maps, test_maps[k], thr)
         report["float_vs_int8"][k] = {
             s: {
                 "float_iou": fl[s]["iou"],
@@ -178,7 +189,22 @@ def classifier_entry(
         ],
         "converter": conv,
         "date": now,
+        **({"float_weights": cls_model["float_weights"]} if "float_weights" in cls_model else {}),
     }
+
+
+def _float_classifier(
+    models_dir: Path, keep: str, int8: Path, test_cells: list[Any], size: int
+) -> dict[str, Any]:
+    """The manifest's float_weights of a released classifier: its float model (``keep``,
+    already in ``models_dir``) compared with its int8 file on test cells spread over the
+    sources."""
+    from edge_wbc_convert.cls_eval import crops
+    from edge_wbc_convert.quantize import load_keras
+
+    sample = test_cells[:: max(1, len(test_cells) // AGREEMENT_CELLS)]
+    ag = agreement(load_keras(models_dir / keep), int8, crops(sample, size))
+    return float_record(models_dir, keep, False, ag)
 
 
 def build_manifest(
@@ -188,8 +214,9 @@ def build_manifest(
     cls_model: dict[str, Any] | None,
     cls_eval: dict[str, Any] | None,
 ) -> Path:
-    """seg_models: name -> {"file", "encoder", "run"}; cls_model: {"file", "arch", "classes",
-    "temperature", "confidence_threshold", "run", "sources" (its training sources)}."""
+    """seg_models: name -> {"file", "encoder", "run", "float_weights" (optional)}; cls_model:
+    {"file", "arch", "classes", "temperature", "confidence_threshold", "run", "sources" (its
+    training sources), "float_weights" (optional)}."""
     from edge_wbc_convert.quantize import converter_versions
 
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -211,7 +238,7 @@ def build_manifest(
                 "sha256": sha256_file(f),
                 "size_bytes": f.stat().st_size,
                 "task": "segmentation",
-                "architecture": f"U-Net, {info['encoder']} encoder, bilinear decoder",
+                "architecture": describe_unet(info["encoder"]),
                 "input": q["input"],
                 "output": q["output"]
                 | {"type": "probabilities", "meaning": "leukocyte probability (sigmoid)"},
@@ -230,6 +257,7 @@ def build_manifest(
                 ],
                 "converter": conv,
                 "date": now,
+                **({"float_weights": info["float_weights"]} if "float_weights" in info else {}),
             }
         )
     if cls_model is not None:
@@ -248,11 +276,6 @@ def build_manifest(
         "models": models,
     }
     return write_manifest(models_dir, raw)
-
-
-def alpha_tag(cfg: dict[str, Any]) -> str:
-    a = cfg.get("alpha")
-    return f"-{a:g}" if a is not None and cfg["arch"] == "mnv2" else ""
 
 
 def make_release(
@@ -319,7 +342,7 @@ def make_release(
         cls_model = {
             "name": "classifier",
             "file": f.name,
-            "arch": f"{cfg['arch']}{alpha_tag(cfg)} {size}x{size}",
+            "arch": describe_classifier(cfg["arch"], cfg.get("alpha"), size),
             "classes": list(classes),
             "run": str(cls),
             "temperature": cls_eval["calibration"]["temperature"],
@@ -340,6 +363,24 @@ def make_release(
             raise ReleaseError(f"op gate FAILED for {f.name}: {r.problems}")
     seg_eval = seg_release(members, data_root, out)
     seg_eval["gate"], seg_eval["edgetpu"] = gates, tpu
+    # The float models ship next to their int8 files (not in the wheel): what a later
+    # fine-tune or re-release starts from.
+    for name, (f, keras_path) in members.items():
+        if keras_path is None or not keras_path.exists():
+            log.warning("%s: no float model %s; its float weights are not kept", name, keras_path)
+            continue
+        keep = float_file(f.name)
+        shutil.copyfile(keras_path, out / keep)
+        seg_info[name]["float_weights"] = float_record(
+            out, keep, False, seg_eval["float_agreement"][name]
+        )
+    if cls is not None and cls_model is not None:
+        from edge_wbc_convert.cells import run_cells
+
+        f = out / cls_model["file"]
+        keep = float_file(f.name)
+        shutil.copyfile(cls / "best.keras", out / keep)
+        cls_model["float_weights"] = _float_classifier(out, keep, f, run_cells(cls, "test"), size)
     (out / "seg_eval.json").write_text(json.dumps(seg_eval, indent=2))
     path = build_manifest(out, seg_info, seg_eval, cls_model, cls_eval)
     write_card(out, seg_eval, cls_eval, data_root)
@@ -423,12 +464,13 @@ def release_classifier(
         if labs:
             cls_eval["labs"] = labs
         (tmp / "cls_eval.json").write_text(json.dumps(cls_eval, indent=2))
-        shutil.copy2(cls / "best.keras", tmp / "classifier.keras")
+        keep = float_file(f.name)
+        shutil.copy2(cls / "best.keras", tmp / keep)
         cal = cls_eval["calibration"]
         cls_model = {
             "name": "classifier",
             "file": f.name,
-            "arch": f"{cfg['arch']}{alpha_tag(cfg)} {size}x{size}",
+            "arch": describe_classifier(cfg["arch"], cfg.get("alpha"), size),
             "classes": list(classes),
             "run": str(cls),
             "temperature": cal["temperature"],
@@ -438,15 +480,11 @@ def release_classifier(
             "views": views,
             "sources": sorted({c.source for c in train_cells}),
             "labs": labs,
+            "float_weights": _float_classifier(tmp, keep, f, run_cells(cls, "test"), size),
         }
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         conv = converter_versions() | {"tool": "edge-wbc-convert 0.1.0"}
         entry = classifier_entry(tmp, cls_model, cls_eval, conv, now)
-        entry["float_weights"] = {
-            "file": "classifier.keras",
-            "sha256": sha256_file(tmp / "classifier.keras"),
-            "recovered_from_int8": False,
-        }
         entry["label_binding"] = label_binding(entry)
         raw["models"][idx[0]] = entry
         raw["created"] = now

@@ -223,11 +223,17 @@ def seg_evaluator(
 
 
 def init_from(model: Any, init: Path | None) -> Any:
-    """Second-stage training: same architecture, weights of an earlier run's model."""
+    """Second-stage training: same architecture, weights of an earlier run's model, and its
+    frozen layers stay frozen (a model grown from recovered int8 weights trains with its
+    BatchNorms frozen, stage after stage)."""
     if init is not None:
         from edge_wbc_convert.quantize import load_keras
 
-        model.set_weights(load_keras(init).get_weights())
+        src = load_keras(init)
+        model.set_weights(src.get_weights())
+        for mine, theirs in zip(model.layers, src.layers, strict=True):
+            if not theirs.trainable:
+                mine.trainable = False
     return model
 
 
@@ -431,9 +437,9 @@ def _init_from_int8(
     """Trunk (and, when the outputs match, class layer) from a shipped int8 classifier."""
     import keras
     from edge_wbc_convert.architectures import build_classifier
-    from edge_wbc_convert.recover import load_into, weighted_ops
+    from edge_wbc_convert.recover import load_into, read_graph
 
-    n_int8 = int(weighted_ops(int8)[-1][1].shape[0])
+    n_int8 = int(read_graph(int8)[-1].kernel.shape[0])
     src = load_into(build_classifier(arch, size, n_int8, None, alpha), int8)
     dense = model.get_layer("logits")
     for mine, theirs in zip(model.layers, src.layers, strict=True):

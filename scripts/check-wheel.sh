@@ -14,6 +14,14 @@ trap 'rm -rf "$work"' EXIT
 "$py" -m pip wheel -q --disable-pip-version-check --no-deps -w "$work/dist" . >/dev/null
 whl="$(ls "$work"/dist/edge_wbc-*.whl)"
 echo "wheel: $(basename "$whl") ($(du -k "$whl" | cut -f1) KB)"
+# The float weights (models/*.keras) stay in the repository: a device never loads them.
+"$py" - "$whl" <<'PY'
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+keras = [n for n in names if n.endswith(".keras")]
+assert not keras, f"the wheel carries float weights: {keras}"
+assert any(n.endswith("models/manifest.json") for n in names), "the wheel has no models"
+PY
 "$py" -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q --disable-pip-version-check "$whl" >/dev/null
 

@@ -161,6 +161,84 @@ def test_tampered_model_is_refused(released: Path, tmp_path: Path) -> None:
         load_manifest(copy)
 
 
+def test_release_keeps_each_float_model_next_to_its_int8_file(released: Path) -> None:
+    from edge_wbc.pipeline.manifest import load_manifest, sha256_file
+
+    man = load_manifest(released)
+    for m in man.models:
+        fw = m.raw["float_weights"]
+        assert fw["file"] == Path(m.file).stem + ".keras"
+        assert sha256_file(released / fw["file"]) == fw["sha256"]
+        assert fw["recovered_from_int8"] is False
+        key = "mean_iou" if m.task == "segmentation" else "top1_agreement"
+        assert 0.0 <= fw["agreement"][key] <= 1.0 and fw["agreement"]["n"] > 0
+
+
+def test_float_weights_recovered_from_a_released_unet_match_the_trained_ones(
+    released: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    import numpy as np
+    from edge_wbc_convert.data import load_items, seg_eval_pairs
+    from edge_wbc_convert.evaluate import keras_prob_fn, tflite_prob_fn
+    from edge_wbc_convert.quantize import load_keras
+    from edge_wbc_convert.recover import cell_crops, recover_classifier, recover_unet
+
+    trained = load_keras(released / "seg_a.keras")
+    recovered = recover_unet(released / "seg_a.tflite", "rescnn", (48, 64))
+    pairs = seg_eval_pairs(load_items(DATA, ("bccd",)), DATA)
+    maps = {
+        k: [f(rgb) for _, rgb, _ in pairs]
+        for k, f in (
+            ("trained", keras_prob_fn(trained)),
+            ("recovered", keras_prob_fn(recovered)),
+            ("int8", tflite_prob_fn(released / "seg_a.tflite")),
+        )
+    }
+
+    def gap(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+        return float(np.mean([np.abs(x - y).mean() for x, y in zip(a, b, strict=True)]))
+
+    # Only the weights' int8 rounding separates the recovered model from the trained one; the
+    # int8 file rounds its activations too.
+    assert gap(maps["trained"], maps["recovered"]) < 0.03
+    assert gap(maps["trained"], maps["recovered"]) <= gap(maps["trained"], maps["int8"])
+    # The classifier (its int8 file has the embedding as a second output) the same way.
+    cls_trained = load_keras(released / "classifier.keras")
+    cls = recover_classifier(released / "classifier.tflite", "mnv2", 48, 0.5, 6)
+    crops = cell_crops(pairs, 48)
+    d = [np.abs(np.asarray(cls_trained(c[None], training=False)) - cls(c[None], training=False))
+         for c in crops]  # fmt: skip
+    assert len(crops) >= 6 and float(np.mean(d)) < 0.03, float(np.mean(d))
+
+    # recover-float on a copy of the release: every model gets its recovered float file.
+    copy = tmp_path / "models"
+    shutil.copytree(released, copy)
+    for k in copy.glob("*.keras"):
+        k.unlink()
+    before = {f.name: f.read_bytes() for f in copy.glob("*.tflite")}
+    out = convert(
+        "recover-float", "--models", str(copy), "--data-root", str(DATA), "--split", "val",
+        "--min-iou", "0", "--min-top1", "0", cwd=tmp_path,
+    ).stdout  # fmt: skip
+    assert "seg_a.keras" in out and "classifier.keras" in out
+    raw = json.loads((copy / "manifest.json").read_text())
+    assert all(m["float_weights"]["recovered_from_int8"] is True for m in raw["models"])
+    assert {f.name: f.read_bytes() for f in copy.glob("*.tflite")} == before
+    # A model that agrees too little is not written.
+    (copy / "seg_a.keras").unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_wbc_convert.cli", "recover-float", "--models", str(copy),
+         "--data-root", str(DATA), "--split", "val", "--min-iou", "1.01"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+        env=os.environ | {"PYTHONPATH": os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)},
+    )  # fmt: skip
+    assert proc.returncode == 1 and "nothing written" in proc.stderr
+    assert not (copy / "seg_a.keras").exists()
+
+
 def test_a_fine_classifier_from_the_recovered_weights_replaces_the_released_one(
     released: Path, tmp_path: Path
 ) -> None:
@@ -197,6 +275,7 @@ def test_a_fine_classifier_from_the_recovered_weights_replaces_the_released_one(
     raw = json.loads((models / "manifest.json").read_text())
     cls = next(m for m in raw["models"] if m["task"] == "classification")
     assert cls["float_weights"]["file"] == "classifier.keras"
+    assert 0.0 <= cls["float_weights"]["agreement"]["top1_agreement"] <= 1.0
     assert (models / "classifier.keras").is_file()
     assert cls["embedding"]["shape"][1] > 0  # lab adaptation still reads the pooled features
     assert "Ten outputs" in (models / "README.md").read_text()

@@ -226,6 +226,24 @@ def _classes(d: dict[str, Any], task: str, where: str) -> tuple[str, ...]:
     return classes
 
 
+def _float_weights(v: Any, model_file: str, where: str) -> None:
+    """A model's float Keras weights (``edge-wbc-convert recover-float`` or ``release``): kept
+    in the models folder to train from, never loaded here and left out of the wheel, so their
+    description is checked, not their presence."""
+    fw = _obj(v, where)
+    name = _file_name(_require(fw, "file", where), f"{where}.file")
+    if not name.endswith(".keras") or name == model_file:
+        raise ManifestError(f"{where}.file: {name!r} is not a .keras file next to {model_file}")
+    _sha(_require(fw, "sha256", where), f"{where}.sha256")
+    recovered = _require(fw, "recovered_from_int8", where)
+    if not isinstance(recovered, bool):
+        raise ManifestError(
+            f"{where}.recovered_from_int8: expected true or false, got {recovered!r:.40}"
+        )
+    if "agreement" in fw:
+        _obj(fw["agreement"], f"{where}.agreement")
+
+
 def _entry(d: Any, i: int) -> ModelEntry:
     where = f"models[{i}]"
     d = _obj(d, where)
@@ -249,9 +267,7 @@ def _entry(d: Any, i: int) -> ModelEntry:
     if dtype not in ("int8", "uint8", "float32"):
         raise ManifestError(f"{where}.input.dtype: '{dtype}' not supported")
     if d.get("color_order", COLOR_ORDER) != COLOR_ORDER:
-        raise ManifestError(
-            f"{where}.color_order: {d.get('color_order')!r:.40} != {COLOR_ORDER}"
-        )
+        raise ManifestError(f"{where}.color_order: {d.get('color_order')!r:.40} != {COLOR_ORDER}")
     pre = _obj(d.get("preprocessing", {}), f"{where}.preprocessing")
     if pre.get("version", PREPROCESS_VERSION) != PREPROCESS_VERSION:
         raise ManifestError(
@@ -337,6 +353,8 @@ def _entry(d: Any, i: int) -> ModelEntry:
                 _sha(block["sha256"], f"{where}.{kind}.sha256")
             if "file" in block:
                 _file_name(block["file"], f"{where}.{kind}.file")
+    if d.get("float_weights") is not None:
+        _float_weights(d["float_weights"], file, f"{where}.float_weights")
     binding = d.get("label_binding")
     if binding is None:
         raise ManifestError(
