@@ -117,13 +117,16 @@ def test_float_weights_that_do_not_match_the_manifest_are_refused(tmp_path: Path
     from edge_wbc.pipeline.manifest import sha256_file
 
     models = shutil.copytree(MODELS, tmp_path / "models")
-    assert shipped_start(models).keras is None  # no float weights: the int8 recovery
-    keras = models / "classifier.keras"
-    keras.write_bytes(b"not a keras file")
     raw = json.loads((models / "manifest.json").read_text())
     entry = next(m for m in raw["models"] if m["task"] == "classification")
-    entry["float_weights"] = {"file": "classifier.keras", "sha256": "0" * 64}
+    keras = models / "classifier.keras"
+    if entry.get("float_weights") is None:  # a models folder from before float weights
+        shutil.copy(MODELS / "classifier.tflite", keras)  # any bytes: replaced below
+        entry["float_weights"] = {"file": keras.name, "recovered_from_int8": True}
+    entry["float_weights"]["sha256"] = sha256_file(keras)
     (models / "manifest.json").write_text(json.dumps(raw))
+    assert shipped_start(models).keras == keras
+    keras.write_bytes(b"not a keras file")
     with pytest.raises(FinetuneError, match="does not match the manifest's float_weights"):
         shipped_start(models)
     entry["float_weights"]["sha256"] = sha256_file(keras)
@@ -132,6 +135,9 @@ def test_float_weights_that_do_not_match_the_manifest_are_refused(tmp_path: Path
     assert start.keras == keras
     with pytest.raises(FinetuneError, match="not the weights of a mnv2 96x96 classifier"):
         check_start(start)
+    keras.unlink()  # the manifest names float weights the folder lacks (a wheel's): the int8
+    start = shipped_start(models)
+    assert start.keras is None and "recovered from the int8" in start.note
 
 
 @pytest.mark.parametrize(
