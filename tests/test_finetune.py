@@ -163,3 +163,32 @@ def test_bad_lab_input_exits_2_and_writes_no_run(
     assert r.exit_code == 2, r.stdout + r.stderr
     assert message in r.stderr
     assert not run.exists() and not list(tmp_path.glob(".run*"))
+
+
+def test_a_ten_output_classifier_is_fine_tuned_with_partial_labels(tmp_path: Path) -> None:
+    """From a ten-output release (band/segmented split): ten outputs again, and a lab's
+    five-part `neutrophil` folder is a partial label (band or segmented)."""
+    from edge_wbc.pipeline.manifest import load_manifest
+    from edge_wbc.taxonomy import MODEL_CLASSES
+
+    models = shutil.copytree(MODELS, tmp_path / "models")
+    common = ["--data-root", str(DATA), "--threads", "1"]
+    if load_manifest(models).classifier.classes != MODEL_CLASSES:  # type: ignore[union-attr]
+        run0 = tmp_path / "run0"
+        int8, seg = str(models / "classifier.tflite"), str(models / "seg_rescnn.tflite")
+        _convert("train-cls", "--run-dir", str(run0), "--segmenter", seg, "--size", "96",
+                 "--alpha", "0.75", "--steps", "1", "--batch", "4", "--eval-every", "1",
+                 "--fine", "--init-int8", int8, *common, cwd=tmp_path)  # fmt: skip
+        _convert("release-classifier", "--cls", str(run0), "--models", str(models),
+                 "--rep-samples", "4", "--data-root", str(DATA), cwd=tmp_path)  # fmt: skip
+    assert load_manifest(models).classifier.classes == MODEL_CLASSES  # type: ignore[union-attr]
+    lab = _lab(tmp_path / "tenlab", {"neutrophil": 6, "lymphocyte": 6})
+    run = tmp_path / "run"
+    out = _convert("finetune", "--cells", str(lab), "--out", str(run), "--models", str(models),
+                   "--steps", "1", "--batch", "4", "--eval-every", "1", *common,
+                   cwd=tmp_path).stdout  # fmt: skip
+    assert "start: float weights classifier.keras" in out and "10 outputs" in out
+    assert json.loads((run / "config.json").read_text())["fine"] is True
+    labels = {c["label"] for c in json.loads((run / "cells.json").read_text())
+              if c["source"] == "lab-tenlab"}  # fmt: skip
+    assert labels == {"neutrophil", "lymphocyte"}
