@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -595,83 +596,65 @@ def train_cls(
     typer.echo(f"best model: {best}")
 
 
-@app.command()
-def finetune(
-    cells: list[Path] = typer.Option(
-        ...,
-        help="a lab's labelled cells, DIR/<class>/<image> with the labelled leukocyte nearest "
-        "the centre (repeat for more labs: one source and one card row each)",
-    ),
-    out: Path = typer.Option(..., help="the classifier run to write (must not exist)"),
-    models: Path = typer.Option(Path("models"), help="the released models folder to start from"),
-    data_root: Path = typer.Option(DEFAULT_DATA, help="the training sources' data folder"),
-    base_cells: Path | None = typer.Option(
-        None,
-        help="the training sources' cells from an earlier run (RUN/cells.json) instead of "
-        "boxing them again through the released segmenter",
-    ),
-    cell_diameter: str | None = typer.Option(
-        None, help="leukocyte diameter in pixels of the lab's images, or 'auto'"
-    ),
-    steps: int = typer.Option(3000, help="training steps (about 15 min on 2 CPU cores)"),
-    lab_weight: float = typer.Option(
-        0.5, help="how often a class's draw comes from the lab (PBC 0.5, BCCD 0.25, ...)"
-    ),
-    seed: int = 0,
-    lr: float = typer.Option(3e-4, help="peak learning rate (cosine schedule)"),
-    batch: int = 32,
-    eval_every: int = typer.Option(1000, help="val evaluation (and best.keras) every N steps"),
-    threads: int = 2,
-) -> None:
-    """Fine-tune the shipped classifier (every layer but the BatchNorms) on a lab's exported
-    cells mixed with the training sources; `release-classifier` makes the int8 model."""
+def _fail(msg: str) -> typer.Exit:
+    """A usage error of finetune: said on stderr, exit 2, nothing written."""
+    typer.echo(f"error: {msg}", err=True)
+    return typer.Exit(2)
+
+
+def _check_start(start: Any, threads: int) -> None:
+    from edge_wbc_convert import finetune as ft
+    from edge_wbc_convert.train import set_threads
+
+    set_threads(threads)  # before the start model is built: TensorFlow fixes it at first use
+    try:
+        ft.check_start(start)
+    except ft.FinetuneError as e:
+        raise _fail(str(e)) from None
+
+
+def _new_finetune_run(
+    out: Path,
+    cells: list[Path],
+    start: Any,
+    segmenter: Path,
+    models: Path,
+    data_root: Path,
+    base_cells: Path | None,
+    cell_diameter: str | None,
+    seed: int,
+    train_args: dict[str, Any],
+) -> dict[str, Any]:
+    """Box and split the labs' cells, check the start weights, then write the run folder (its
+    cells.json and finetune.json); returns what finetune.json says."""
     from dataclasses import fields
 
     from edge_wbc_convert import finetune as ft
+    from edge_wbc_convert.cells import prepare_cells
 
     from edge_wbc.cli.adapt import _class_images, class_folders
     from edge_wbc.cli.analyze import cell_diameter_option
     from edge_wbc.pipeline.adaptation import MIN_CELLS_PER_CLASS
-
-    def fail(msg: str) -> typer.Exit:
-        typer.echo(f"error: {msg}", err=True)
-        return typer.Exit(2)
-
-    if out.exists():
-        raise fail(f"--out {out} exists: a run is never overwritten")
-    if not out.resolve().parent.is_dir():
-        raise fail(f"--out: folder {out.parent} does not exist")
-    if steps < 1 or batch < 1 or eval_every < 1 or lab_weight <= 0:
-        raise fail("--steps, --batch and --eval-every must be >= 1, --lab-weight > 0")
-    for d in cells:
-        if not d.is_dir():
-            raise fail(f"--cells {d}: not a folder")
-    if base_cells is not None and not base_cells.is_file():
-        raise fail(f"--base-cells {base_cells}: no such file")
-    _logging()
-    try:
-        start = ft.shipped_start(models)
-        segmenter = ft.segmenter_of(models)
-    except ft.FinetuneError as e:
-        raise fail(str(e)) from None
-    rule = ft.label_rule(start.fine)
-    class_folders(list(cells), rule)  # a misnamed folder costs no analysis (exits 2)
-    diameter = cell_diameter_option(cell_diameter, lambda: _class_images(list(cells)))
     from edge_wbc.pipeline.analysis import FieldAnalyzer
     from edge_wbc.pipeline.inference import ModelLoadError, RuntimeMissing
     from edge_wbc.pipeline.postprocess import PostprocessParams
+
+    threads = int(train_args["threads"])
+    rule = ft.label_rule(start.fine)
+    class_folders(list(cells), rule)  # a misnamed folder costs no analysis (exits 2)
+    diameter = cell_diameter_option(cell_diameter, lambda: _class_images(list(cells)))
 
     params = PostprocessParams()
     if diameter is not None:
         # The config schema's range for the key, so the two cannot disagree.
         meta = next(f.metadata for f in fields(PostprocessParams) if f.name == "cell_diameter_px")
         if not meta["min"] <= diameter <= meta["max"]:
-            raise fail(f"--cell-diameter {diameter:g}: outside {meta['min']:g}-{meta['max']:g} px")
+            raise _fail(f"--cell-diameter {diameter:g}: outside {meta['min']:g}-{meta['max']:g} px")
         params = PostprocessParams(cell_diameter_px=diameter)
     try:
         analyzer = FieldAnalyzer(models, threads=threads, postprocess=params)
     except (ModelLoadError, RuntimeMissing) as e:
-        raise fail(str(e)) from None
+        raise _fail(str(e)) from None
     labs = ft.box_labs(cells, analyzer, rule, seed)
     for lab in labs:
         for s in lab.skipped:
@@ -679,7 +662,7 @@ def finetune(
     try:
         ft.validate_labs(labs, MIN_CELLS_PER_CLASS)
     except ft.FinetuneError as e:
-        raise fail(str(e)) from None
+        raise _fail(str(e)) from None
     for lab in labs:
         for c, n in lab.too_few.items():
             typer.echo(
@@ -687,22 +670,7 @@ def finetune(
                 "trained on, not in val/test",
                 err=True,
             )
-    from edge_wbc_convert.train import set_threads
-
-    set_threads(threads)  # before the start model is built: TensorFlow fixes it at first use
-    try:
-        ft.check_start(start)
-    except ft.FinetuneError as e:
-        raise fail(str(e)) from None
-    typer.echo(f"start: {start.note}; {len(start.classes)} outputs")
-    table = ft.split_table(labs)
-    typer.echo("\n".join(table))
-    from edge_wbc_convert.cells import prepare_cells
-
-    train_args = {
-        "steps": steps, "batch": batch, "lr": lr, "seed": seed, "eval_every": eval_every,
-        "threads": threads, "lab_weight": lab_weight,
-    }  # fmt: skip
+    _check_start(start, threads)
     info = {
         "models": str(models.resolve()),
         "start": {
@@ -726,7 +694,86 @@ def finetune(
             info,
         )
     except (ft.FinetuneError, FileNotFoundError) as e:
-        raise fail(str(e)) from None
+        raise _fail(str(e)) from None
+    return info
+
+
+@app.command()
+def finetune(
+    cells: list[Path] = typer.Option(
+        ...,
+        help="a lab's labelled cells, DIR/<class>/<image> with the labelled leukocyte nearest "
+        "the centre (repeat for more labs: one source and one card row each)",
+    ),
+    out: Path = typer.Option(
+        ...,
+        help="the classifier run to write; the same command on an interrupted one resumes it "
+        "(its cells, split and settings; a larger --steps extends it)",
+    ),
+    models: Path = typer.Option(Path("models"), help="the released models folder to start from"),
+    data_root: Path = typer.Option(DEFAULT_DATA, help="the training sources' data folder"),
+    base_cells: Path | None = typer.Option(
+        None,
+        help="the training sources' cells from an earlier run (RUN/cells.json) instead of "
+        "boxing them again through the released segmenter",
+    ),
+    cell_diameter: str | None = typer.Option(
+        None, help="leukocyte diameter in pixels of the lab's images, or 'auto'"
+    ),
+    steps: int = typer.Option(3000, help="training steps (about 15 min on 2 CPU cores)"),
+    lab_weight: float = typer.Option(
+        0.5, help="how often a class's draw comes from the lab (PBC 0.5, BCCD 0.25, ...)"
+    ),
+    seed: int = 0,
+    lr: float = typer.Option(3e-4, help="peak learning rate (cosine schedule)"),
+    batch: int = 32,
+    eval_every: int = typer.Option(1000, help="val evaluation (and best.keras) every N steps"),
+    threads: int = 2,
+) -> None:
+    """Fine-tune the shipped classifier (every layer but the BatchNorms) on a lab's exported
+    cells mixed with the training sources; `release-classifier` makes the int8 model."""
+    import json
+
+    from edge_wbc_convert import finetune as ft
+
+    if not out.resolve().parent.is_dir():
+        raise _fail(f"--out: folder {out.parent} does not exist")
+    if steps < 1 or batch < 1 or eval_every < 1 or lab_weight <= 0:
+        raise _fail("--steps, --batch and --eval-every must be >= 1, --lab-weight > 0")
+    for d in cells:
+        if not d.is_dir():
+            raise _fail(f"--cells {d}: not a folder")
+    if base_cells is not None and not base_cells.is_file():
+        raise _fail(f"--base-cells {base_cells}: no such file")
+    _logging()
+    try:
+        start = ft.shipped_start(models)
+        segmenter = ft.segmenter_of(models)
+    except ft.FinetuneError as e:
+        raise _fail(str(e)) from None
+    if out.exists():
+        try:
+            info = ft.resume_info(out, cells, start)
+        except ft.FinetuneError as e:
+            raise _fail(str(e)) from None
+        # The run's own settings: a different --lr or --seed halfway would be another run.
+        t = info["train"]
+        batch, lr, seed, eval_every, lab_weight = (
+            t["batch"], t["lr"], t["seed"], t["eval_every"], t["lab_weight"]
+        )  # fmt: skip
+        info["train"]["steps"] = steps
+        (out / ft.RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        typer.echo(f"resuming {out} (its cells, split and settings; --steps {steps})")
+        _check_start(start, threads)
+    else:
+        info = _new_finetune_run(
+            out, cells, start, segmenter, models, data_root, base_cells, cell_diameter, seed,
+            {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "eval_every": eval_every,
+             "threads": threads, "lab_weight": lab_weight},
+        )  # fmt: skip
+    typer.echo(f"start: {start.note}; {len(start.classes)} outputs")
+    table = ft.split_table(info["labs"])
+    typer.echo("\n".join(table))
     _logging(out)
     from edge_wbc_convert.train import train_classifier
 
@@ -734,7 +781,7 @@ def finetune(
         out, segmenter, data_root, arch=start.arch, size=start.size, alpha=start.alpha,
         steps=steps, batch=batch, lr=lr, seed=seed, eval_every=eval_every, threads=threads,
         init=start.keras, init_int8=None if start.keras else start.int8, fine=start.fine,
-        source_weights={lab.source: lab_weight for lab in labs}, freeze_bn=True,
+        source_weights=dict.fromkeys(info["labs"], lab_weight), freeze_bn=True,
     )  # fmt: skip
     typer.echo(f"best model: {best}")
     typer.echo("\n".join(table))

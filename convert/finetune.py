@@ -327,20 +327,45 @@ def lab_info(labs: Sequence[Lab]) -> dict[str, Any]:
     }
 
 
-def split_table(labs: Sequence[Lab]) -> list[str]:
+def split_table(labs: dict[str, Any]) -> list[str]:
+    """Per lab (``lab_info``'s form), cells per class and split."""
     lines = []
-    for lab in labs:
-        counts = lab.counts()
+    for source, lab in labs.items():
+        counts = lab["cells"]
         w = max(12, *(len(c) for c in counts))
+        tot = {s: sum(r[s] for r in counts.values()) for s in ("train", "val", "test")}
         lines += [
-            f"{lab.source} ({lab.folder}): {len(lab.cells)} cells, {len(lab.skipped)} skipped",
+            f"{source} ({lab['folder']}): {sum(tot.values())} cells, {lab['skipped']} skipped",
             f"  {'class':<{w}} {'train':>6} {'val':>5} {'test':>5}",
         ]
         for c, row in counts.items():
             lines.append(f"  {c:<{w}} {row['train']:>6} {row['val']:>5} {row['test']:>5}")
-        tot = {s: sum(r[s] for r in counts.values()) for s in ("train", "val", "test")}
         lines.append(f"  {'all':<{w}} {tot['train']:>6} {tot['val']:>5} {tot['test']:>5}")
     return lines
+
+
+def resume_info(out: Path, dirs: Sequence[Path], start: Start) -> dict[str, Any]:
+    """An existing ``out``: continued only when it is a fine-tune of the same lab folders from
+    the same start weights (its cells, split and settings as they were; ``--steps`` may extend
+    it). Anything else there is never overwritten."""
+    p = out / RUN_INFO
+    if not p.is_file():
+        raise FinetuneError(f"--out {out} exists and is not a fine-tune run: never overwritten")
+    try:
+        info = json.loads(p.read_text())
+        have = sorted(v["folder"] for v in info["labs"].values())
+        started = info["start"]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FinetuneError(f"{p}: damaged ({e!r}); start a new run") from None
+    want = sorted(str(d.resolve()) for d in dirs)
+    if want != have:
+        raise FinetuneError(f"--out {out} is a fine-tune of {have}, not of {want}")
+    if started.get("sha256") != start.sha256:
+        raise FinetuneError(
+            f"--out {out} started from {started.get('weights')}; the models folder's classifier "
+            "has changed since: start a new run"
+        )
+    return dict(info)
 
 
 def lab_cards(run: Path) -> dict[str, dict[str, Any]]:

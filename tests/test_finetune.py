@@ -192,3 +192,28 @@ def test_a_ten_output_classifier_is_fine_tuned_with_partial_labels(tmp_path: Pat
     labels = {c["label"] for c in json.loads((run / "cells.json").read_text())
               if c["source"] == "lab-tenlab"}  # fmt: skip
     assert labels == {"neutrophil", "lymphocyte"}
+    # The same command with more steps resumes the run: its cells and split as they were.
+    before = (run / "cells.json").read_bytes()
+    out = _convert("finetune", "--cells", str(lab), "--out", str(run), "--models", str(models),
+                   "--steps", "2", "--batch", "4", "--eval-every", "1", *common,
+                   cwd=tmp_path).stdout  # fmt: skip
+    assert f"resuming {run}" in out
+    assert json.loads((run / "state.json").read_text())["step"] == 2
+    assert (run / "cells.json").read_bytes() == before
+
+
+def test_an_existing_out_is_resumed_only_when_it_is_the_same_fine_tune(tmp_path: Path) -> None:
+    from edge_wbc_convert.cli import app
+
+    lab = _lab(tmp_path / "lab", {"neutrophil": 5, "lymphocyte": 5})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    args = ["finetune", "--cells", str(lab), "--out", str(run), "--models", str(MODELS)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "is not a fine-tune run: never overwritten" in r.stderr
+    other = {"lab-x": {"folder": str(tmp_path / "x"), "cells": {}, "skipped": 0}}
+    (run / "finetune.json").write_text(json.dumps({"labs": other, "start": {}}))
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and f"is a fine-tune of ['{tmp_path / 'x'}']" in r.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["finetune.json", "notes.txt"]
