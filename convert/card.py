@@ -561,9 +561,24 @@ def adaptation_section(models: Path) -> list[str]:
     if not f.is_file():
         return []
     doc = json.loads(f.read_text())
+    stale = []
+    try:
+        man = json.loads((models / "manifest.json").read_text())
+        now = next(m["sha256"] for m in man["models"] if m.get("task") == "classification")
+    except (OSError, ValueError, KeyError, StopIteration):
+        now = None
+    if now and now != doc["classifier_sha256"]:
+        stale = [
+            f"**Measured with a previous classifier** (sha256 `{doc['classifier_sha256'][:12]}…`; "
+            f"the shipped one is `{now[:12]}…`): these numbers are not this classifier's, and "
+            "an adaptation fitted on that one is refused by this one. Run "
+            "`scripts/eval_adaptation.py --card models/adaptation_eval.json` again.",
+            "",
+        ]
     return [
         ADAPTATION_TITLE,
         "",
+        *stale,
         "`edge-wbc adapt fit` fits a lab's own last layer on the shipped classifier's pooled "
         'embedding (README, "Learning a lab"): the candidate (the shipped head at the lab\'s '
         "temperature; plus one bias per class; the whole head pulled toward the shipped one) "
