@@ -21,8 +21,12 @@ pytestmark = pytest.mark.slow
 def test_recovered_classifier_reproduces_the_shipped_int8_file() -> None:
     from edge_wbc_convert.recover import agreement, recover_classifier
 
+    import json
+
     int8 = ROOT / "models" / "classifier.tflite"
-    model = recover_classifier(int8, "mnv2", 96, 0.75, 6)
+    man = json.loads((ROOT / "models" / "manifest.json").read_text())
+    classes = next(m["classes"] for m in man["models"] if m["task"] == "classification")
+    model = recover_classifier(int8, "mnv2", 96, 0.75, len(classes))
     rng = np.random.default_rng(0)
     # Smooth blobs on a light background: crops the int8 file gives varied answers on.
     yy, xx = np.mgrid[0:96, 0:96]
@@ -41,7 +45,7 @@ def test_a_recovered_model_from_another_architecture_is_refused() -> None:
     from edge_wbc_convert.recover import recover_classifier
 
     with pytest.raises(ValueError, match=r"not this architecture|weighted"):
-        recover_classifier(ROOT / "models" / "classifier.tflite", "mnv2", 96, 0.5, 6)
+        recover_classifier(ROOT / "models" / "classifier.tflite", "mnv2", 96, 0.5, 10)
 
 
 def _fixture_pairs() -> list:
