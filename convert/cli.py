@@ -30,7 +30,11 @@ def _main() -> None:
 
 
 def _logging(run_dir: Path | None = None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    from edge_wbc.logs import CurrentStderrHandler
+
+    # The stderr of the moment, not the one at set-up: a command run in-process (a test's
+    # CliRunner) closes its captured stream, and a later log line must not hit it.
+    handlers: list[logging.Handler] = [CurrentStderrHandler()]
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "train.log"))

@@ -123,7 +123,7 @@ def under_journal(stream: IO[str] | None = None, env: Mapping[str, str] | None =
         return True
 
 
-class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+class CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever ``sys.stderr`` is when the record is emitted (as ``logging.lastResort``
     does), so a stderr replaced later (a test runner's capture, a redirection) that has since
     been closed never turns a log line into "--- Logging error ---" on somebody else's output."""
@@ -149,7 +149,9 @@ def setup_logging(
     lvl = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     if not isinstance(lvl, int):
         lvl = logging.INFO
-    handler: logging.Handler = _CurrentStderr() if stream is None else logging.StreamHandler(stream)
+    handler: logging.Handler = (
+        CurrentStderrHandler() if stream is None else logging.StreamHandler(stream)
+    )
     handler.set_name("edge-wbc")
     handler.setFormatter(_Formatter(journal=under_journal(stream, env), debug=lvl <= logging.DEBUG))
     root = logging.getLogger()

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_recovered_classifier_reproduces_the_shipped_int8_file() -> None:
-    from edge_wbc_convert.recover import agreement, recover_classifier
-
     import json
+
+    from edge_wbc_convert.recover import agreement, recover_classifier
 
     int8 = ROOT / "models" / "classifier.tflite"
     man = json.loads((ROOT / "models" / "manifest.json").read_text())

@@ -56,8 +56,10 @@ def test_a_model_without_the_pool_is_refused() -> None:
 
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped classifier in models/")
 def test_shipped_classifier_emits_its_embedding_and_head() -> None:
+    man = load_manifest(SHIPPED.parent)
+    assert man.classifier is not None
     m = TFLiteModel(SHIPPED, threads=1)
-    assert [o.shape for o in m.outputs] == [(1, 6), (1, 1280)]
+    assert [o.shape for o in m.outputs] == [(1, len(man.classifier.classes)), (1, 1280)]
     w, bias, _ = dense_head(SHIPPED.read_bytes())
     for x in _crops(3, 96):
         probs, emb = m.infer_pixels(x)

@@ -32,7 +32,9 @@ def test_every_shipped_model_records_its_float_weights() -> None:
         fw = m["float_weights"]
         assert fw["file"] == Path(m["file"]).stem + ".keras"
         assert (MODELS / fw["file"]).is_file()
-        assert fw["recovered_from_int8"] is True
+        # The segmenters' were recovered from their int8 files; the ten-output classifier was
+        # trained from its recovered weights and released with its own float model.
+        assert fw["recovered_from_int8"] is (m["task"] == "segmentation")
         assert fw["agreement"]["n"] >= 100
 
 
