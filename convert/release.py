@@ -311,33 +311,14 @@ def make_release(
     cls_model = cls_eval = None
     if cls is not None:
         from edge_wbc_convert.cells import run_cells
-        from edge_wbc_convert.cls_eval import evaluate_classifier
         from edge_wbc_convert.finetune import lab_cards
-
-        from edge_wbc.pipeline.inference import TFLiteModel
 
         cfg = json.loads((cls / "config.json").read_text())
         f = out / "classifier.tflite"
         if requantize or not f.exists():
             quantize_run(cls, f, data_root, samples=rep_samples, seed=123)
         size = int(cfg["input_hw"][0])
-        emb = TFLiteModel(f, threads=1).outputs[1:]
-        classes, allowed, relabel = run_classes(cls)
-        cls_eval = evaluate_classifier(
-            f,
-            cls / "best.keras",
-            relabel(run_cells(cls, "val")),
-            relabel(run_cells(cls, "test")),
-            size,
-            out,
-            views=cls_views,
-            classes=classes,
-            allowed=allowed,
-        )
-        if emb:
-            cls_eval["embedding_dim"] = int(emb[0].shape[-1])
-        train_cells = run_cells(cls, "train")
-        cls_eval["other_sources"] = sorted({c.source for c in train_cells if c.label == "other"})
+        classes, cls_eval, train_cells = evaluate_run(cls, f, out, size, cls_views)
         (out / "cls_eval.json").write_text(json.dumps(cls_eval, indent=2))
         cls_model = {
             "name": "classifier",
@@ -387,6 +368,38 @@ def make_release(
     return path
 
 
+def evaluate_run(
+    cls: Path, tflite: Path, out: Path, size: int, views: int
+) -> tuple[tuple[str, ...], dict[str, Any], list[Any]]:
+    """A classifier run's int8 file calibrated and evaluated on the run's own val/test cells
+    (figures into ``out``): its classes, the evaluation, and its (relabelled) training cells."""
+    from edge_wbc_convert.cells import run_cells
+    from edge_wbc_convert.cls_eval import evaluate_classifier
+
+    from edge_wbc.pipeline.inference import TFLiteModel
+
+    classes, allowed, relabel = run_classes(cls)
+    cls_eval = evaluate_classifier(
+        tflite,
+        cls / "best.keras",
+        relabel(run_cells(cls, "val")),
+        relabel(run_cells(cls, "test")),
+        size,
+        out,
+        views=views,
+        classes=classes,
+        allowed=allowed,
+    )
+    emb = TFLiteModel(tflite, threads=1).outputs[1:]
+    if emb:
+        cls_eval["embedding_dim"] = int(emb[0].shape[-1])
+    train_cells = relabel(run_cells(cls, "train"))
+    cls_eval["other_sources"] = sorted(
+        {c.source for c in train_cells if c.label in ("other", "bccd_other")}
+    )
+    return classes, cls_eval, train_cells
+
+
 def run_classes(run: Path) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]] | None, Any]:
     """A classifier run's outputs, what each label allows, and how its cells are relabelled:
     the five-part classifier's six, or the fine ten (``train-cls --fine``: config ``fine``,
@@ -420,12 +433,9 @@ def release_classifier(
 
     from edge_wbc_convert.card import write_card
     from edge_wbc_convert.cells import run_cells
-    from edge_wbc_convert.cls_eval import evaluate_classifier
     from edge_wbc_convert.finetune import lab_cards
     from edge_wbc_convert.gate import check
     from edge_wbc_convert.quantize import converter_versions, quantize_run
-
-    from edge_wbc.pipeline.inference import TFLiteModel
 
     raw = json.loads((models_dir / "manifest.json").read_text())
     idx = [i for i, m in enumerate(raw["models"]) if m.get("task") == "classification"]
@@ -433,7 +443,6 @@ def release_classifier(
         raise ReleaseError(f"{models_dir}/manifest.json: expected one classifier, found {len(idx)}")
     cfg = json.loads((cls / "config.json").read_text())
     size = int(cfg["input_hw"][0])
-    classes, allowed, relabel = run_classes(cls)
     with tempfile.TemporaryDirectory(dir=models_dir, prefix=".release-") as tmpd:
         tmp = Path(tmpd)
         f = tmp / "classifier.tflite"
@@ -441,24 +450,7 @@ def release_classifier(
         gate = check(f)
         if not gate.ok:
             raise ReleaseError(f"op gate FAILED for {f.name}: {gate.problems}")
-        cls_eval = evaluate_classifier(
-            f,
-            cls / "best.keras",
-            relabel(run_cells(cls, "val")),
-            relabel(run_cells(cls, "test")),
-            size,
-            tmp,
-            views=views,
-            classes=classes,
-            allowed=allowed,
-        )
-        emb = TFLiteModel(f, threads=1).outputs[1:]
-        if emb:
-            cls_eval["embedding_dim"] = int(emb[0].shape[-1])
-        train_cells = relabel(run_cells(cls, "train"))
-        cls_eval["other_sources"] = sorted(
-            {c.source for c in train_cells if c.label in ("other", "bccd_other")}
-        )
+        classes, cls_eval, train_cells = evaluate_run(cls, f, tmp, size, views)
         cls_eval["run"] = str(cls)
         labs = lab_cards(cls)
         if labs:
