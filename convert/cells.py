@@ -179,12 +179,14 @@ def cell_items(items: list[Item], boxes: dict[str, Box | None]) -> tuple[list[Ce
 #: Context patch side / cell box side: room for the scale (x1.2) and offset jitter of the crop
 #: window (1.5 x the box) and enough background around the cell for white balance.
 CONTEXT_SCALE = 2.4
-#: Cells are stored with their box at most this many pixels across (never upscaled): the
-#: 96-px crop window then still comes from more pixels than it keeps.
-PATCH_BOX_PX = 84
+#: Cells are stored with their box at most this many pixels across per pixel of the crop side
+#: (never upscaled): the crop window (1.5 x the box) then still comes from more pixels than it
+#: keeps (84 px for a 96-px crop, 112 for 128).
+PATCH_BOX_PER_CROP_PX = 84 / 96
+PATCH_BOX_PX = round(96 * PATCH_BOX_PER_CROP_PX)
 
 
-def context_patch(rgb: np.ndarray, box: Box) -> tuple[np.ndarray, Box]:
+def context_patch(rgb: np.ndarray, box: Box, box_px: int = PATCH_BOX_PX) -> tuple[np.ndarray, Box]:
     """The raw (unbalanced) surroundings of a cell and the cell's box inside them.
 
     Outside the field the patch is filled with the field's own background colour, so white
@@ -194,7 +196,7 @@ def context_patch(rgb: np.ndarray, box: Box) -> tuple[np.ndarray, Box]:
     wx0, wy0 = window[:2]
     canvas = pp.window_canvas(rgb, window, pp.background_rgb(rgb).astype(np.uint8))
     side = max(box[2] - box[0], box[3] - box[1], 1)
-    s = min(1.0, PATCH_BOX_PX / side)
+    s = min(1.0, box_px / side)
     if s < 1.0:
         canvas = cv2.resize(
             canvas,
@@ -290,7 +292,11 @@ class CropSampler:
             # Augmenting a whole 640x480 field to train on one 96-px crop cost 3/4 of every
             # training step; the cell's surroundings are all the crop (and white balance) need.
             img = self.images.get(c.image)
-            self.patches[id(c)] = context_patch(read_rgb(c.image) if img is None else img, c.box)
+            self.patches[id(c)] = context_patch(
+                read_rgb(c.image) if img is None else img,
+                c.box,
+                round(self.size * PATCH_BOX_PER_CROP_PX),
+            )
         patch, box = self.patches[id(c)]
         img = self.color(patch, rng)
         x0, y0, x1, y1 = box
