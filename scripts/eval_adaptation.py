@@ -12,11 +12,11 @@ classifier with its views, as on the station. The base head is whatever the mani
   lab's train split, so there is little left to learn here.
 * ``cast:NAME``: the same pools with every lab field under a camera cast of
   edge_wbc_convert.casts before the device's white balance (a simulated new camera).
-* ``unseen``: the head never saw this lab. The base is the fine-class head refitted the way
-  ``edge-wbc-convert fit-head`` fits it (same prior, pull 1e-6, temperature and thresholds on
-  val) on the embeddings of the OTHER sources only (``edge-wbc-convert embed-cells``' cache,
-  ``--fine-cache``); the pool is all of the lab's cells. Honest caveat: the trunk (the int8
-  classifier whose float weights are lost) still trained on the lab's train split.
+* ``unseen``: the head never saw this lab. The base is the classifier's last layer refitted
+  the way ``edge-wbc-convert fit-head`` fits a head (from the shipped layer, pull 1e-6,
+  temperature and thresholds on val) on the embeddings of the OTHER sources only
+  (``edge-wbc-convert embed-cells``' cache, ``--fine-cache``); the pool is all of the lab's
+  cells. Honest caveat: the trunk still trained on the lab's train split.
 
 For N = 25, 50, 100, 200 reviewed cells drawn at random (``--repeats`` times) the rest of the
 pool is the test: top-1, the share of cells that can be named at >= 97 % precision, and the
@@ -143,8 +143,10 @@ def unseen_base(lab: str, shipped: A.BaseHead, an: FieldAnalyzer, fine_cache: Pa
 
         ce = an.manifest.classifier
         assert ce is not None
-        w6, b6, _ = dense_head(an.manifest.path(ce).read_bytes())
-        w0, b0 = ff.prior_head(w6, b6)
+        wk, bk, _ = dense_head(an.manifest.path(ce).read_bytes())
+        # A ten-output classifier's own last layer is the start; a six-output one's columns are
+        # spread over the fine classes as fit-head starts.
+        w0, b0 = (wk.copy(), bk.copy()) if wk.shape[1] == len(ff.FINE) else ff.prior_head(wk, bk)
         sp = ff.load_splits(fine_cache)
         tr, va = sp["train"], sp["val"]
         k = np.array([s != lab for s in tr.source])

@@ -25,14 +25,16 @@ def test_recovered_classifier_reproduces_the_shipped_int8_file() -> None:
 
     int8 = ROOT / "models" / "classifier.tflite"
     man = json.loads((ROOT / "models" / "manifest.json").read_text())
-    classes = next(m["classes"] for m in man["models"] if m["task"] == "classification")
-    model = recover_classifier(int8, "mnv2", 96, 0.75, len(classes))
+    entry = next(m for m in man["models"] if m["task"] == "classification")
+    size = int(entry["input"]["shape"][1])
+    model = recover_classifier(int8, "mnv2", size, 0.75, len(entry["classes"]))
     rng = np.random.default_rng(0)
     # Smooth blobs on a light background: crops the int8 file gives varied answers on.
-    yy, xx = np.mgrid[0:96, 0:96]
+    yy, xx = np.mgrid[0:size, 0:size]
     crops = []
     for _ in range(24):
-        cx, cy, r = rng.uniform(30, 66), rng.uniform(30, 66), rng.uniform(12, 30)
+        u = size / 96
+        cx, cy, r = rng.uniform(30, 66) * u, rng.uniform(30, 66) * u, rng.uniform(12, 30) * u
         col = rng.uniform(0.2, 0.8, 3)
         blob = ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r)[..., None]
         crops.append(np.where(blob, col, 0.88).astype(np.float32))
@@ -129,7 +131,8 @@ def test_the_float_weights_in_models_are_the_recorded_ones_and_reproduce_the_int
             assert rep["mean_iou"] >= 0.97, (m["name"], rep)
         else:
             assert fw["agreement"]["top1_agreement"] >= 0.97
-            rep = agreement(model, ROOT / "models" / m["file"], cell_crops(pairs, 96))
+            size = int(m["input"]["shape"][1])
+            rep = agreement(model, ROOT / "models" / m["file"], cell_crops(pairs, size))
             assert rep["n"] >= 6 and rep["top1_agreement"] >= 0.9, rep
 
 
