@@ -109,13 +109,25 @@ def _load(cache: Path) -> CellSet | None:
     return CellSet(emb, p6, m["label"], m["split"], m["image"], m["box"])
 
 
-def _save(cache: Path, cs: CellSet) -> None:
+def cached_for(cache: Path) -> str | None:
+    """The sha256 of the classifier a cache was made with (None: made before it was recorded)."""
+    meta = cache.with_suffix(".json")
+    return json.loads(meta.read_text()).get("classifier_sha256") if meta.exists() else None
+
+
+def _save(cache: Path, cs: CellSet, sha: str = "") -> None:
     cache.parent.mkdir(parents=True, exist_ok=True)
     arr, meta = cache.with_suffix(".npz"), cache.with_suffix(".json")
     tmp = arr.with_name(arr.name + ".tmp.npz")
     np.savez(tmp, emb=cs.emb, p6=cs.p6)
     tmp.replace(arr)
-    doc = {"label": cs.label, "split": cs.split, "image": cs.image, "box": cs.box}
+    doc = {
+        "classifier_sha256": sha,
+        "label": cs.label,
+        "split": cs.split,
+        "image": cs.image,
+        "box": cs.box,
+    }
     tmpm = meta.with_name(meta.name + ".tmp")
     tmpm.write_text(json.dumps(doc))
     tmpm.replace(meta)
@@ -126,12 +138,23 @@ def _extract(
     jobs: Sequence[tuple[str, str, str, list[int] | None]],
     embed: callable,  # type: ignore[valid-type]
     dim: int,
+    n_out: int,
+    sha: str,
     save_every: int = 400,
 ) -> CellSet:
-    """jobs: (image, label, split, box or None); embed(job) -> (emb, p6, box) or None."""
+    """jobs: (image, label, split, box or None); embed(job) -> (emb, probabilities, box) or
+    None. ``p6`` holds the classifier's calibrated probabilities, ``n_out`` of them (six for
+    the six-output classifier, whose name it kept)."""
+    made_for = cached_for(cache)
+    if made_for is not None and made_for != sha:
+        raise ValueError(f"{cache}: cached for classifier {made_for[:12]}, the models folder's is "
+                         f"{sha[:12]}: use another --cache")  # fmt: skip
     cs = _load(cache) or CellSet(
-        np.zeros((0, dim), np.float32), np.zeros((0, 6), np.float32), [], [], [], []
+        np.zeros((0, dim), np.float32), np.zeros((0, n_out), np.float32), [], [], [], []
     )
+    if cs.p6.shape[1] != n_out:
+        raise ValueError(f"{cache}: cached for a classifier with {cs.p6.shape[1]} outputs, this "
+                         f"one has {n_out}: use another --cache")  # fmt: skip
     done = len(cs.label)
     if done:
         log.info("%s: %d of %d cached", cache.name, done, len(jobs))
@@ -141,7 +164,7 @@ def _extract(
         r = embed(job)
         if r is None:
             embs.append(np.zeros((1, dim), np.float32))
-            p6s.append(np.zeros((1, 6), np.float32))
+            p6s.append(np.zeros((1, n_out), np.float32))
             cs.box.append(None)
         else:
             e, p, b = r
@@ -154,7 +177,7 @@ def _extract(
         if (k + 1) % save_every == 0 or k + 1 == len(jobs):
             cs.emb, cs.p6 = np.concatenate(embs), np.concatenate(p6s)
             embs, p6s = [cs.emb], [cs.p6]
-            _save(cache, cs)
+            _save(cache, cs, sha)
             log.info("%s: %d / %d", cache.name, k + 1, len(jobs))
     cs.emb, cs.p6 = np.concatenate(embs), np.concatenate(p6s)
     return cs
@@ -186,7 +209,9 @@ def pbc_cells(data_root: Path, models: Path, cache_dir: Path, threads: int = 1) 
             return None
         return cell.embedding, [cell.probs[c] for c in classes], cell.bbox
 
-    return _extract(cache_dir / "pbc", jobs, embed, analyzer.classifier.embedding_dim)
+    sha = analyzer.manifest.classifier.sha256  # type: ignore[union-attr]
+    dim = analyzer.classifier.embedding_dim
+    return _extract(cache_dir / "pbc", jobs, embed, dim, len(classes), sha)
 
 
 def nearest_centre(cells: Iterable, width: int, height: int):
@@ -259,7 +284,8 @@ def box_cells(data_root: Path, models: Path, cache_dir: Path, threads: int = 1) 
         p = clf.classify(pp.cell_crop(last[img], tuple(box), size))
         return p.embedding, [p.probs[c] for c in ce.classes], box
 
-    return _extract(cache_dir / "boxes", jobs, embed, int(ce.embedding_dim or 0))
+    dim = int(ce.embedding_dim or 0)
+    return _extract(cache_dir / "boxes", jobs, embed, dim, len(ce.classes), ce.sha256)
 
 
 def summary_lines(rep: dict) -> list[str]:

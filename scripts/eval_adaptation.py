@@ -193,7 +193,8 @@ def evaluate_lab(
             lab_tr = [labels[i] for i in tr]
             lab_te = [labels[i] for i in te]
             M_te = A.label_masks(lab_te, base)
-            shipped = A.metrics(A.base_probs(E[te], base), M_te, lab_te, base.confidence_threshold)
+            shipped = A.metrics(A.base_probs(E[te], base), M_te, lab_te, base.confidence_threshold,
+                                head=base)  # fmt: skip
             try:
                 fit = A.fit_adaptation(E[tr], lab_tr, base, [keys[i] for i in tr], seed=rep)
             except A.AdaptationError as e:
@@ -201,7 +202,7 @@ def evaluate_lab(
                 continue
             fitted = A.metrics(
                 head_probs(E[te], fit.W, fit.b, fit.temperature), M_te, lab_te,
-                fit.confidence_threshold,
+                fit.confidence_threshold, head=base,
             )  # fmt: skip
             used = fitted if fit.accepted else shipped
             rows.append({
@@ -264,10 +265,11 @@ def guard(
         ("five_", [base.group_of(c) if c in base.classes else c for c in pbc["labels"]]),
     ):
         M = A.label_masks(lab_p, base)
-        ship = A.metrics(A.base_probs(pbc["E"], base), M, lab_p, base.confidence_threshold)
+        ship = A.metrics(A.base_probs(pbc["E"], base), M, lab_p, base.confidence_threshold,
+                         head=base)  # fmt: skip
         adapt = A.metrics(
             head_probs(pbc["E"], fit.W, fit.b, fit.temperature), M, lab_p,
-            fit.confidence_threshold,
+            fit.confidence_threshold, head=base,
         )  # fmt: skip
         out |= {f"{kind}shipped_top1": ship["top1"], f"{kind}adapted_top1": adapt["top1"],
                 f"{kind}loss_points": 100 * (ship["top1"] - adapt["top1"])}  # fmt: skip

@@ -68,8 +68,8 @@ def test_fit_on_a_shifted_lab_is_accepted_and_better_held_out() -> None:
     M2 = A.label_masks(y2, head)
     p = A.softmax((E2 @ fit.W.T + fit.b) / fit.temperature)
     assert (
-        A.metrics(p, M2, y2, fit.confidence_threshold)["top1"]
-        > A.metrics(A.base_probs(E2, head), M2, y2, head.confidence_threshold)["top1"]
+        A.metrics(p, M2, y2, fit.confidence_threshold, head=head)["top1"]
+        > A.metrics(A.base_probs(E2, head), M2, y2, head.confidence_threshold, head=head)["top1"]
     )
 
 
@@ -330,3 +330,30 @@ def test_a_mixture_head_is_adapted_from_its_flat_head_with_the_flat_thresholds()
     bare = A.LinearHead(cls2, w, b, "ab" * 32, 1.2, 0.9, 0.95, **kw)  # type: ignore[arg-type]
     with pytest.raises(A.AdaptationError, match=r"info\.flat"):
         A.base_head_from_linear(bare)
+
+
+def test_metrics_name_and_score_cells_as_the_device_decides_them() -> None:
+    """A neutrophil split between band and segmented is a sure neutrophil on the device
+    (classify.decide): it is named, not unidentified, and it is right for a lab that says
+    `neutrophil`; a cell whose top fine class is not in its top group is named by the group."""
+    from edge_wbc.pipeline.classify import decide
+
+    fine = ("band_neutrophil", "segmented_neutrophil", "lymphocyte", "monocyte", "other")
+    head = A.BaseHead(fine, np.zeros((5, 3)), np.zeros(5), 1.0, 0.8, 0.8, "x")
+    p = np.array(
+        [
+            [0.50, 0.45, 0.02, 0.02, 0.01],  # sure neutrophil, unsure band vs segmented
+            [0.30, 0.30, 0.00, 0.40, 0.00],  # top class monocyte, top group neutrophil
+            [0.05, 0.05, 0.85, 0.05, 0.00],
+        ]
+    )
+    labels = ["neutrophil", "neutrophil", "monocyte"]
+    M = A.label_masks(labels, head)
+    named, score = A.group_decisions(p, head)
+    for row, k, s in zip(p, named, score, strict=True):
+        d = decide(row, fine, 0.0)
+        assert (fine[k], s) == (d.label, pytest.approx(d.score))
+    m = A.metrics(p, M, labels, 0.8, head=head)
+    assert m["top1"] == pytest.approx(2 / 3)  # the two neutrophils right, the third wrong
+    assert m["unidentified"] == pytest.approx(1 / 3)  # only the 0.60 neutrophil is below 0.8
+    assert m["named_at_target"] == pytest.approx(1 / 3)  # the 0.95 neutrophil, then a 0.85 error

@@ -7,9 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-from typer.testing import CliRunner
-
 from edge_wbc_convert.cli import app
+from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 

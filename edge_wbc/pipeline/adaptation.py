@@ -340,12 +340,19 @@ def expected_precision_threshold(
     return float(s[ok[-1]])
 
 
-def group_probability(p: np.ndarray, head: BaseHead) -> np.ndarray:
-    """Per cell, the probability of the top class's counting group (band or segmented: a
-    neutrophil), i.e. that the named cell is counted right in the differential."""
+def group_decisions(p: np.ndarray, head: BaseHead) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell, what the device's ``classify.decide`` names and scores it by: the most probable
+    counting group (band + segmented are one neutrophil), named by its likelier member, scored
+    by the group's summed probability. Returns (class index named, group probability). With one
+    class per group (the six-output classifier) that is the top class and its probability."""
     g = [head.group_of(c) for c in head.classes]
-    same = np.array([[a == b for b in g] for a in g], float)
-    return (p * same[p.argmax(axis=1)]).sum(axis=1)
+    names = list(dict.fromkeys(g))
+    member = np.array([[gi == n for n in names] for gi in g])  # K x G
+    gp = p @ member.astype(p.dtype)
+    top = gp.argmax(axis=1)
+    score = gp[np.arange(len(p)), top]
+    named = np.where(member[:, top].T, p, -np.inf).argmax(axis=1)
+    return named, score
 
 
 def near_duplicate_groups(
@@ -420,13 +427,15 @@ def metrics(
     M: np.ndarray,
     labels: Sequence[str],
     threshold: float,
+    *,
+    head: BaseHead,
     target: float = TARGET_PRECISION,
 ) -> dict[str, Any]:
     """top-1, class-balanced top-1, share named at >= target precision, unidentified share and
-    precision among named at ``threshold``, per-label n and top-1."""
+    precision among named at ``threshold``, per-label n and top-1 — each cell named and scored
+    as the device decides it (``group_decisions``)."""
     n = len(labels)
-    top = probs.argmax(axis=1)
-    score = probs.max(axis=1)
+    top, score = group_decisions(probs, head)
     correct = M[np.arange(n), top]
     named_share, _ = named_at_precision(score, correct, target)
     named = score >= threshold
@@ -657,19 +666,19 @@ def _fit_adaptation(
     oof = _out_of_fold(E_u, M_u, lab_u, fold, head, free, balanced, basis)
     method, T = _select(oof, M_u)
     ((W, b),) = _fit_candidates(E_u, M_u, head, free, balanced, basis, only=method).values()
-    # The device names a cell by its top fine class's probability; the threshold is where the
-    # named cells are >= target right as the differential counts them (their group). With the
-    # top class's own probability instead, a lab that says only "neutrophil" had its threshold
-    # set by the band/segmented split, which its labels cannot judge: 90 % of monochrome BCCD
-    # went unidentified.
+    # The device decides on the counting group's probability (classify.decide): the threshold
+    # is where the cells named are >= target right as the differential counts them. With the
+    # top fine class's own probability, a lab that says only "neutrophil" had its threshold set
+    # by the band/segmented split, which its labels cannot judge (90 % of monochrome BCCD went
+    # unidentified), and a sure neutrophil split between band and segmented looked unsure.
     p_sel = softmax(oof[method] / T)
-    thr = expected_precision_threshold(p_sel.max(1), target, group_probability(p_sel, head))
+    thr = expected_precision_threshold(group_decisions(p_sel, head)[1], target)
 
     base_p = base_probs(E_u, head)
-    base_ok = M_u[np.arange(len(E_u)), base_p.argmax(1)]
-    ad_ok = M_u[np.arange(len(E_u)), p_ad.argmax(1)]
-    shipped = metrics(base_p, M_u, lab_u, head.confidence_threshold, target)
-    adapted = metrics(p_ad, M_u, lab_u, thr, target)
+    base_ok = M_u[np.arange(len(E_u)), group_decisions(base_p, head)[0]]
+    ad_ok = M_u[np.arange(len(E_u)), group_decisions(p_ad, head)[0]]
+    shipped = metrics(base_p, M_u, lab_u, head.confidence_threshold, head=head, target=target)
+    adapted = metrics(p_ad, M_u, lab_u, thr, head=head, target=target)
     p_top1 = mcnemar_p(base_ok, ad_ok)
     p_nll = loglik_p(base_p, p_ad, M_u)
     fixed = int(np.sum(ad_ok & ~base_ok))
