@@ -357,3 +357,26 @@ def test_metrics_name_and_score_cells_as_the_device_decides_them() -> None:
     assert m["top1"] == pytest.approx(2 / 3)  # the two neutrophils right, the third wrong
     assert m["unidentified"] == pytest.approx(1 / 3)  # only the 0.60 neutrophil is below 0.8
     assert m["named_at_target"] == pytest.approx(1 / 3)  # the 0.95 neutrophil, then a 0.85 error
+
+
+def test_the_two_tests_are_scipy_s() -> None:
+    """binom_greater_p / signed_rank_greater_p give what scipy.stats gives (they replace it to
+    keep scipy.stats out of a station's memory): exact, asymptotic, ties, zeros, tiny samples."""
+    from scipy import stats
+
+    for k, n in [(0, 1), (3, 3), (5, 9), (12, 20), (40, 70), (1, 10)]:
+        want = stats.binomtest(k, n, 0.5, alternative="greater").pvalue
+        assert A.binom_greater_p(k, n) == pytest.approx(want, rel=1e-9, abs=1e-15)
+    rng = np.random.default_rng(0)
+    cases = []
+    for n in (1, 2, 5, 9, 13, 14, 30, 50, 51, 120, 400):
+        cases.append(rng.normal(0.2, 1.0, n))  # continuous: exact up to 50, normal above
+        t = np.round(rng.normal(0.3, 1.0, n), 1)  # ties and zeros
+        cases.append(t)
+    cases.append(np.array([0.0, 0.0, 1.0, -2.0, 3.0]))
+    cases.append(np.r_[np.zeros(10), rng.normal(0.5, 1, 60)])
+    for d in cases:
+        if not np.any(d != 0):
+            continue
+        want = stats.wilcoxon(d, alternative="greater").pvalue
+        assert A.signed_rank_greater_p(d) == pytest.approx(want, rel=1e-7, abs=1e-12), d

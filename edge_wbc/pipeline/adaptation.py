@@ -51,9 +51,9 @@ from typing import Any
 
 import numpy as np
 
-# scipy.optimize / scipy.stats and threadpoolctl are imported inside the fit: every analysis and
-# the station import this module only to apply a head, and scipy.stats alone took ~0.8 s of a
-# 1.4 s import of the pipeline here.
+# scipy.optimize and threadpoolctl are imported inside the fit: every analysis and the station
+# import this module only to apply a head. scipy.stats is not used at all (its import took ~0.8 s
+# and ~45 MB): the two tests it gave are written below.
 from edge_wbc import taxonomy
 from edge_wbc.pipeline.heads import HeadError, LinearHead
 
@@ -459,25 +459,78 @@ def metrics(
 def loglik_p(base_p: np.ndarray, new_p: np.ndarray, M: np.ndarray) -> float:
     """One-sided Wilcoxon signed-rank p-value that the new probabilities give the labels a
     higher log-likelihood, cell by cell, than the base ones."""
-    from scipy import stats
-
     d = np.log(np.maximum((new_p * M).sum(1), 1e-300)) - np.log(
         np.maximum((base_p * M).sum(1), 1e-300)
     )
     if not np.any(d != 0):
         return 1.0
-    return float(stats.wilcoxon(d, alternative="greater").pvalue)
+    return signed_rank_greater_p(d)
 
 
 def mcnemar_p(base_ok: np.ndarray, new_ok: np.ndarray) -> float:
     """One-sided exact McNemar p-value that the new head is right more often than the base."""
-    from scipy import stats
-
     fixed = int(np.sum(new_ok & ~base_ok))
     broken = int(np.sum(base_ok & ~new_ok))
     if fixed + broken == 0:
         return 1.0
-    return float(stats.binomtest(fixed, fixed + broken, 0.5, alternative="greater").pvalue)
+    return binom_greater_p(fixed, fixed + broken)
+
+
+# The two tests by hand, not scipy.stats: importing scipy.stats raised a station's peak memory
+# by ~45 MB at its first adaptation (issue: station RSS + <= 50 MB). They return what
+# scipy.stats.binomtest(k, n, 0.5, alternative="greater") and scipy.stats.wilcoxon(d,
+# alternative="greater") (its defaults: zeros dropped, no continuity correction, exact null
+# distribution up to 50 values without ties or zeros, else the normal approximation with the tie
+# correction, and all 2**n sign flips up to 13 values) return; tests/test_adaptation.py checks.
+
+
+def binom_greater_p(k: int, n: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2)."""
+    from math import comb
+
+    return float(sum(comb(n, i) for i in range(k, n + 1)) / 2.0**n)
+
+
+def _average_ranks(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks 1..n of a (ties get their average rank) and the size of each tie group."""
+    order = np.argsort(a, kind="mergesort")
+    s = a[order]
+    starts = np.r_[0, np.nonzero(s[1:] != s[:-1])[0] + 1]
+    sizes = np.diff(np.r_[starts, len(s)])
+    avg = starts + (sizes + 1) / 2.0
+    ranks = np.empty(len(a))
+    ranks[order] = np.repeat(avg, sizes)
+    return ranks, sizes
+
+
+def signed_rank_greater_p(d: np.ndarray) -> float:
+    """One-sided (greater) Wilcoxon signed-rank p-value of the differences ``d``."""
+    from math import erfc, sqrt
+
+    d = np.asarray(d, np.float64)
+    n_all, nz = len(d), d[d != 0]
+    n = len(nz)
+    if n == 0:
+        return float("nan")
+    ranks, ties = _average_ranks(np.abs(nz))
+    r_plus = float(ranks[nz > 0].sum())
+    exact = n_all <= 50 and n == n_all and bool(np.all(ties == 1))
+    if exact:
+        # counts of subsets of {1..n} by their sum: the null distribution of r_plus
+        counts = np.zeros(n * (n + 1) // 2 + 1)
+        counts[0] = 1.0
+        for r in range(1, n + 1):
+            counts[r:] = counts[r:] + counts[:-r].copy()
+        return float(counts[int(np.floor(r_plus)) :].sum() / 2.0**n)
+    if n_all <= 13:
+        # every sign flip of the non-zero differences, the observed one included
+        signs = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1).astype(bool)
+        stats = (signs * ranks).sum(axis=1)
+        return float(np.mean(stats >= r_plus - 1e-9 * max(r_plus, 1.0)))
+    mean = n * (n + 1) / 4.0
+    var = (n * (n + 1) * (2 * n + 1) - float(np.sum(ties**3 - ties)) / 2.0) / 24.0
+    z = (r_plus - mean) / sqrt(var)
+    return float(0.5 * erfc(z / sqrt(2.0)))
 
 
 # --- the fit ---------------------------------------------------------------------------------
@@ -787,8 +840,7 @@ def fit_adaptation(
     # it 20x slower. scipy is imported first: threadpoolctl limits only the BLAS libraries
     # already loaded, and scipy's own OpenBLAS loaded inside the block ran unlimited (a first fit
     # in a process took 16 s for 100 cells instead of ~1 s here).
-    import scipy.optimize
-    import scipy.stats  # noqa: F401
+    import scipy.optimize  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1, user_api="blas"):
