@@ -61,7 +61,7 @@ def test_shipped_classifier_emits_its_embedding_and_head() -> None:
     m = TFLiteModel(SHIPPED, threads=1)
     assert [o.shape for o in m.outputs] == [(1, len(man.classifier.classes)), (1, 1280)]
     w, bias, _ = dense_head(SHIPPED.read_bytes())
-    for x in _crops(3, 96):
+    for x in _crops(3, man.classifier.input_hw[0]):
         probs, emb = m.infer_pixels(x)
         z = emb[0].astype(np.float64) @ w + bias
         p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
