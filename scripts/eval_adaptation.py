@@ -482,7 +482,7 @@ def targets(rep: dict[str, Any]) -> list[str]:
 SETTING_TITLES = {
     "shared": "Leave-one-lab-out, shared labs (pool = the lab's val + test cells; head and trunk "
     "trained on its train split)",
-    "unseen": "Head never saw the lab (base = the fine head refitted on the other sources; "
+    "unseen": "Head never saw the lab (base = the last layer refitted on the other sources; "
     "pool = all of the lab's cells; the trunk did see its train split)",
 }
 
