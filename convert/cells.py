@@ -183,10 +183,9 @@ CONTEXT_SCALE = 2.4
 #: (never upscaled): the crop window (1.5 x the box) then still comes from more pixels than it
 #: keeps (84 px for a 96-px crop, 112 for 128).
 PATCH_BOX_PER_CROP_PX = 84 / 96
-PATCH_BOX_PX = round(96 * PATCH_BOX_PER_CROP_PX)
 
 
-def context_patch(rgb: np.ndarray, box: Box, box_px: int = PATCH_BOX_PX) -> tuple[np.ndarray, Box]:
+def context_patch(rgb: np.ndarray, box: Box, crop_px: int = 96) -> tuple[np.ndarray, Box]:
     """The raw (unbalanced) surroundings of a cell and the cell's box inside them.
 
     Outside the field the patch is filled with the field's own background colour, so white
@@ -196,7 +195,7 @@ def context_patch(rgb: np.ndarray, box: Box, box_px: int = PATCH_BOX_PX) -> tupl
     wx0, wy0 = window[:2]
     canvas = pp.window_canvas(rgb, window, pp.background_rgb(rgb).astype(np.uint8))
     side = max(box[2] - box[0], box[3] - box[1], 1)
-    s = min(1.0, box_px / side)
+    s = min(1.0, crop_px * PATCH_BOX_PER_CROP_PX / side)
     if s < 1.0:
         canvas = cv2.resize(
             canvas,
@@ -293,9 +292,7 @@ class CropSampler:
             # training step; the cell's surroundings are all the crop (and white balance) need.
             img = self.images.get(c.image)
             self.patches[id(c)] = context_patch(
-                read_rgb(c.image) if img is None else img,
-                c.box,
-                round(self.size * PATCH_BOX_PER_CROP_PX),
+                read_rgb(c.image) if img is None else img, c.box, self.size
             )
         patch, box = self.patches[id(c)]
         img = self.color(patch, rng)

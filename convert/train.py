@@ -328,14 +328,9 @@ def cls_evaluator(
     srcs = [c.source for c in chosen]
 
     def evaluate(model: Any) -> dict[str, float]:
-        # Batched: the graph is declared with batch 1 but Keras 3 calls it on any batch, and one
-        # eager call per crop made each evaluation take minutes.
-        pred = np.concatenate(
-            [
-                np.asarray(model(xs[i : i + 32], training=False)).argmax(1)
-                for i in range(0, len(xs), 32)
-            ]
-        )
+        from edge_wbc_convert.cls_eval import keras_logits
+
+        pred = keras_logits(model, xs).argmax(1)
         right = ok[np.arange(len(pred)), pred]
         out = {}
         for s in sorted(set(srcs)):

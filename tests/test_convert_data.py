@@ -100,7 +100,7 @@ def test_context_patch_crop_matches_the_device_crop() -> None:
     from edge_wbc_convert.cells import context_patch
 
     rgb = _field()
-    box = (250, 180, 360, 290)  # a 110-px box: the patch is downscaled to PATCH_BOX_PX
+    box = (250, 180, 360, 290)  # a 110-px box: the patch is downscaled to 84 px for a 96-px crop
     patch, pbox = context_patch(rgb, box)
     assert max(pbox[2] - pbox[0], pbox[3] - pbox[1]) <= 90
     ours = pp.cell_crop(pp.white_balance(patch), pbox, 96).astype(np.float32)
