@@ -377,7 +377,10 @@ def test_mllp_ack_delivers_once_and_nak_holds_with_reason(tmp_path: Path) -> Non
 def test_mllp_peer_going_away_mid_stream_is_retried(tmp_path: Path, mode: str, why: str
                                                      ) -> None:
     with mllp_peer() as peer:
-        st, d = _make(tmp_path, delivery="mllp", host="127.0.0.1", port=str(peer.port))
+        # 2 s to read an ACK, not the module's 0.5: the retry's ACK was once sent and recorded by
+        # the peer yet read after 0.5 s on a busy CI machine, and the outbox kept the report.
+        st, d = _make(tmp_path, delivery="mllp", host="127.0.0.1", port=str(peer.port),
+                      timeout_s="2")  # fmt: skip
         peer.script = [mode]
         sid = st.finalise_slide("H-1")
         d.run_once()
