@@ -197,6 +197,31 @@ def embed_cells(
         typer.echo(f"{name}: {len(cs.label)} cells, {found} with a box/cell found")
 
 
+@app.command()
+def anchors(
+    models: Path = typer.Option(Path("models"), help="models folder (classifier with embedding)"),
+    cache: Path = typer.Option(Path("runs/fine"), help="embed-cells' cache of this classifier"),
+    cells: int = typer.Option(300, min=10, help="PBC val cells to keep"),
+    weight: float = typer.Option(1.0, min=0.0, help="of the shipped answers on them in a fit"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Write the anchor cells of lab adaptation (PBC val embeddings) next to the classifier and
+    name them in the manifest (adaptation_anchors). Run after embed-cells."""
+    from edge_wbc_convert.anchors import AnchorsError, write_anchors
+
+    from edge_wbc.pipeline.manifest import ManifestError
+
+    try:
+        block = write_anchors(models, cache, cells, weight, seed)
+    except (AnchorsError, ManifestError, OSError) as e:
+        typer.echo(f"anchors: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(
+        f"{models / block['file']}: {block['cells']} cells, weight {block['weight']:g}, sha256 "
+        f"{block['sha256'][:12]}… (recorded in {models / 'manifest.json'})"
+    )
+
+
 @app.command("fit-head")
 def fit_head(
     models: Path = typer.Option(Path("models"), help="models folder whose classifier it reads"),

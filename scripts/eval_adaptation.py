@@ -159,8 +159,11 @@ def unseen_base(lab: str, shipped: A.BaseHead, an: FieldAnalyzer, fine_cache: Pa
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, W=w.T, b=b, T=T, conf=conf, other=other)
     z = np.load(cache)
+    # The shipped anchors come along: a station adapting this head would keep its answers on
+    # them as it keeps the shipped head's.
     return A.BaseHead(shipped.classes, z["W"], z["b"], float(z["T"]), float(z["conf"]),
-                      float(z["other"]), shipped.sha256)  # fmt: skip
+                      float(z["other"]), shipped.sha256, {}, shipped.anchors,
+                      shipped.anchor_weight)  # fmt: skip
 
 
 # --- evaluation --------------------------------------------------------------------------------

@@ -152,6 +152,8 @@ def test_fit_that_is_not_better_writes_nothing_and_exits_3(
     # half the labels are wrong by construction: the shipped model disagrees with them
     assert "not written: the shipped model agrees with only" in out
     assert "held-out validation" in out
+    # the shipped models carry their anchor cells: the fit says it kept the shipped answers
+    assert "the shipped answers kept on 301 anchor cells" in out
     assert not (tmp_path / "o").exists()
 
 

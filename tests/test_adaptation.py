@@ -406,3 +406,64 @@ def test_judge_accepts_a_better_ranking_without_a_top1_gain() -> None:
     # labels the shipped head mostly disagrees with, class by class: refused whatever the gain
     ok, why = A.judge(_m(0.80, 0.60, balanced=0.4), _m(1.0, 0.9), base, new, "x")
     assert not ok and "agrees with only" in why
+
+
+def test_anchors_keep_the_shipped_answers_on_its_own_cells() -> None:
+    """A lab (no lymphocytes in it) whose basophils look like the shipped source's lymphocytes:
+    without anchors the fit calls the source's own lymphocytes basophils too. With anchor cells
+    of the source the fitted head keeps the shipped answers on other cells of that source,
+    at a small price on the lab."""
+    import dataclasses
+
+    rng = np.random.default_rng(11)
+    protos = _prototypes(rng)
+    head = _head(protos)
+    E, y = [], []
+    for c, n in {"neutrophil": 40, "eosinophil": 20, "basophil": 20, "monocyte": 20}.items():
+        mu = protos[CLASSES.index(c)]
+        if c == "basophil":
+            mu = 0.1 * mu + 0.9 * protos[CLASSES.index("lymphocyte")]
+        E.append(mu + rng.normal(0, 0.12, (n, D)))
+        y += [c] * n
+    E_lab = np.concatenate(E)
+    source, _ = _lab(rng, protos, dict.fromkeys(CLASSES[:5], 60), shift=False)
+    anchors, held = source[::2], source[1::2]
+    ship = A.base_probs(held, head).argmax(1)
+
+    def agreement(h: A.BaseHead) -> tuple[float, float]:
+        M = A.label_masks(y, h)
+        W, b = A.fit_head(E_lab, M, h.W, h.b, [1e-2], balanced=False, anchors=h.anchors,
+                          anchor_weight=h.anchor_weight)[0]  # fmt: skip
+        lab_top1 = float(np.mean(M[np.arange(len(y)), (E_lab @ W.T + b).argmax(1)]))
+        return float(np.mean((held @ W.T + b).argmax(1) == ship)), lab_top1
+
+    anchored = dataclasses.replace(head, anchors=anchors, anchor_weight=1.0)
+    free, free_top1 = agreement(head)
+    kept, kept_top1 = agreement(anchored)
+    assert free < 0.9 and kept > free + 0.08, (free, kept)
+    assert kept_top1 >= free_top1 - 0.1, (free_top1, kept_top1)
+    fit = A.fit_adaptation(E_lab, y, anchored)
+    assert fit.validation["anchors"] == {"cells": len(anchors), "weight": 1.0}
+
+
+def test_damaged_anchors_stop_the_fit_with_the_file_named(tmp_path: Path) -> None:
+    import hashlib
+    import io
+
+    E = np.ones((5, 8), np.float16)
+    buf = io.BytesIO()
+    np.savez(buf, embeddings=E)
+    p = tmp_path / "classifier_anchors.npz"
+    p.write_bytes(buf.getvalue())
+    sha = hashlib.sha256(p.read_bytes()).hexdigest()
+    assert A.load_anchors(p, sha, 8).shape == (5, 8)
+    with pytest.raises(A.AdaptationError, match=r"classifier_anchors.npz.*5, 8.*x 16"):
+        A.load_anchors(p, sha, 16)
+    with pytest.raises(A.AdaptationError, match=r"classifier_anchors.npz.*sha256"):
+        A.load_anchors(p, "0" * 64, 8)
+    p.write_bytes(b"PK\x03\x04 not a zip")
+    bad = hashlib.sha256(p.read_bytes()).hexdigest()
+    with pytest.raises(A.AdaptationError, match=r"classifier_anchors.npz: unreadable"):
+        A.load_anchors(p, bad, 8)
+    with pytest.raises(A.AdaptationError, match=r"missing.npz: cannot read"):
+        A.load_anchors(tmp_path / "missing.npz", sha, 8)

@@ -68,3 +68,50 @@ def test_an_embedding_cache_is_only_reused_for_its_own_classifier(tmp_path: Path
         _extract(cache, jobs, embed, 4, 3, "b" * 64)
     with pytest.raises(ValueError, match="3 outputs, this one has 10"):
         _extract(cache, jobs, embed, 4, 10, "a" * 64)
+
+
+def _fake_cache(cache: Path, sha: str, dim: int, n: int = 40) -> None:
+    import numpy as np
+    from edge_wbc_convert.fine import CellSet, _save
+
+    rng = np.random.default_rng(0)
+    labels = ["lymphocyte", "eosinophil", "band_neutrophil", "erythroblast"] * (n // 4)
+    cs = CellSet(
+        rng.normal(size=(n, dim)).astype(np.float32), np.zeros((n, 10), np.float32), labels,
+        ["val"] * (n - 4) + ["train"] * 4, [f"i{i}.jpg" for i in range(n)],
+        [[0, 0, 9, 9]] * (n - 1) + [None],
+    )  # fmt: skip
+    _save(cache / "pbc", cs, sha)
+
+
+def test_anchors_are_written_for_their_own_classifier_only(tmp_path: Path) -> None:
+    """`anchors` samples PBC val cells of the embed-cells cache into the models folder and the
+    manifest; a cache of another classifier is refused (exit 2) and nothing is written."""
+    import numpy as np
+
+    from edge_wbc.pipeline.adaptation import load_anchors
+    from edge_wbc.pipeline.manifest import load_manifest
+
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "models", models, ignore=shutil.ignore_patterns("*.keras"))
+    man = load_manifest(models)
+    ce = man.classifier
+    assert ce is not None and ce.embedding_dim is not None
+    before = _tree(models)
+    _fake_cache(tmp_path / "other", "b" * 64, ce.embedding_dim)
+    r = CliRunner().invoke(app, ["anchors", "--models", str(models), "--cache",
+                                 str(tmp_path / "other")])  # fmt: skip
+    assert r.exit_code == 2 and "bbbbbbbbbbbb" in r.output and "embed-cells" in r.output
+    assert _tree(models) == before
+
+    _fake_cache(tmp_path / "own", ce.sha256, ce.embedding_dim)
+    r = CliRunner().invoke(app, ["anchors", "--models", str(models), "--cache",
+                                 str(tmp_path / "own"), "--cells", "20"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    ce2 = load_manifest(models).classifier
+    assert ce2 is not None and ce2.anchors is not None and ce2.anchors.weight == 1.0
+    E = load_anchors(models / ce2.anchors.file, ce2.anchors.sha256, ce.embedding_dim)
+    # val cells with a cell found only (35 of 40), about 20 of them, each label kept
+    assert 16 <= len(E) <= 24 and np.isfinite(E).all()
+    # the classifier's own entry is otherwise untouched: the station loads it as before
+    assert ce2.sha256 == ce.sha256 and ce2.classes == ce.classes

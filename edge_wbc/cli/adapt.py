@@ -195,7 +195,16 @@ def fit(
             err=True,
         )
     typer.echo(_table(result.validation))
-    typer.echo(f"fit {result.seconds:.1f} s")
+    anchors = result.validation.get("anchors")
+    typer.echo(
+        f"fit {result.seconds:.1f} s; "
+        + (
+            f"the shipped answers kept on {anchors['cells']} anchor cells of its own sources "
+            f"(weight {anchors['weight']:g})"
+            if anchors
+            else "no anchor cells in the manifest: the shipped sources are not guarded"
+        )
+    )
     if not result.accepted:
         typer.echo(f"not written: {result.reason}")
         raise typer.Exit(EXIT_NOT_BETTER)

@@ -36,15 +36,17 @@ names the file (the caller keeps its current model).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
 import time
 import uuid
+import zipfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,10 @@ class BaseHead:
     #: class -> the group a lab folder may name instead (default: edge_wbc.taxonomy's groups,
     #: so ``neutrophil`` stands for band or segmented on a head that splits them).
     groups: Mapping[str, str] = field(default_factory=dict)
+    #: embeddings of cells of the shipped model's own sources, and the weight of keeping the
+    #: shipped head's answers on them while fitting a lab (0: off).
+    anchors: np.ndarray | None = None
+    anchor_weight: float = 0.0
 
     def group_of(self, c: str) -> str:
         return self.groups.get(c) or taxonomy.GROUP_OF.get(c, c)
@@ -181,10 +187,12 @@ def _loss_grad(
     lam: float,
     tie: np.ndarray,
     scale: np.ndarray,
+    anchor: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None,
 ) -> tuple[float, np.ndarray]:
     """Penalised group log-loss of logits ``z0 + X A^T + beta`` in the preconditioned
     variables ``u = (A | beta) * scale``, and its gradient in u, projected by ``tie``
-    (tie_projection: frozen rows get none, tied rows the same)."""
+    (tie_projection: frozen rows get none, tied rows the same). ``anchor`` (Xa, z0a, qa, mu):
+    plus mu x the mean cross-entropy of the shipped head's own answers qa on anchor cells."""
     K, r = z0.shape[1], X.shape[1]
     P = u.reshape(K, r + 1) / scale
     z = z0 + X @ P[:, :r].T + P[:, r]
@@ -196,6 +204,14 @@ def _loss_grad(
     q = p * M / np.maximum(pg, 1e-300)[:, None]
     dz = w[:, None] * (p - q)
     dP = np.concatenate([dz.T @ X, dz.sum(axis=0)[:, None]], axis=1) + lam * P
+    if anchor is not None:
+        Xa, z0a, qa, mu = anchor
+        za = z0a + Xa @ P[:, :r].T + P[:, r]
+        za -= za.max(axis=1, keepdims=True)
+        lpa = za - np.log(np.exp(za).sum(axis=1, keepdims=True))
+        loss -= mu * float(np.sum(qa * lpa)) / len(Xa)
+        dza = (mu / len(Xa)) * (np.exp(lpa) - qa)
+        dP += np.concatenate([dza.T @ Xa, dza.sum(axis=0)[:, None]], axis=1)
     dP = tie @ dP
     return loss, (dP / scale).ravel()
 
@@ -236,6 +252,8 @@ def fit_head(
     free: np.ndarray | None = None,
     balanced: bool = True,
     basis: np.ndarray | None = None,
+    anchors: np.ndarray | None = None,
+    anchor_weight: float = 0.0,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each penalty (largest first, each fit warm-starting the next): W, b minimising the
     (class-balanced) log-loss of the labels -- the group likelihood, the summed probability of
@@ -261,6 +279,11 @@ def fit_head(
     spread = np.concatenate([(w[:, None] * X**2).sum(axis=0), [1.0]])
     Mf = M.astype(np.float64)
     tie = tie_projection(M, free)
+    anchor = None
+    if anchors is not None and len(anchors) and anchor_weight > 0:
+        Ea = np.asarray(anchors, np.float64)
+        z0a = Ea @ W0.T + b0
+        anchor = (Ea @ V, z0a, softmax(z0a), float(anchor_weight))
     out: dict[float, tuple[np.ndarray, np.ndarray]] = {}
     P = np.zeros((K, X.shape[1] + 1))
     for lam in sorted(lambdas, reverse=True):
@@ -269,7 +292,7 @@ def fit_head(
         res = optimize.minimize(
             _loss_grad,
             (P * scale).ravel(),
-            args=(X, z0, Mf, w, float(lam), tie, scale),
+            args=(X, z0, Mf, w, float(lam), tie, scale, anchor),
             jac=True,
             method="L-BFGS-B",
             options={"maxiter": 300},
@@ -519,6 +542,11 @@ def _fit_bias(
     z0 = E @ head.W.T + head.b
     K = z0.shape[1]
     tie = tie_projection(M, free)
+    use_anchors = head.anchors is not None and len(head.anchors) > 0 and head.anchor_weight > 0
+    if use_anchors:
+        z0a = np.asarray(head.anchors, np.float64) @ head.W.T + head.b
+        qa = softmax(z0a)
+        mu = head.anchor_weight / len(z0a)
 
     def f(u: np.ndarray) -> tuple[float, np.ndarray]:
         t = float(np.exp(u[0]))
@@ -529,8 +557,18 @@ def _fit_bias(
         dz = w[:, None] * (p - q)
         loss = -float(np.sum(w * np.log(pg))) + 0.5 * BIAS_PENALTY * float(np.sum(beta**2))
         g_t = float(np.sum(dz * (-z0 / t)))  # d/d(log t)
-        g_b = tie @ (dz.sum(axis=0) + BIAS_PENALTY * beta)
-        return loss, np.r_[g_t, g_b]
+        g_b = dz.sum(axis=0) + BIAS_PENALTY * beta
+        if use_anchors:
+            # The anchors' answers are those of z0a + t * beta (the lab's logits times t): the
+            # temperature itself changes no answer, the biases do.
+            za = z0a + t * beta
+            za -= za.max(axis=1, keepdims=True)
+            lpa = za - np.log(np.exp(za).sum(axis=1, keepdims=True))
+            loss -= mu * float(np.sum(qa * lpa))
+            dza = mu * (np.exp(lpa) - qa)
+            g_b = g_b + t * dza.sum(axis=0)
+            g_t += float(np.sum(dza * (t * beta)))
+        return loss, np.r_[g_t, tie @ g_b]
 
     u0 = np.r_[np.log(max(head.temperature, 1e-3)), np.zeros(K)]
     bounds = [(np.log(0.05), np.log(20.0))] + [(None, None)] * K
@@ -558,7 +596,8 @@ def _fit_candidates(
         out[BIAS] = _fit_bias(E, M, head, free, w)
     pulls = [lam for lam in PULLS if only in (None, _pull_name(lam))]
     if pulls:
-        fits = fit_head(E, M, head.W, head.b, pulls, free, balanced, basis)
+        fits = fit_head(E, M, head.W, head.b, pulls, free, balanced, basis, head.anchors,
+                        head.anchor_weight)  # fmt: skip
         out |= {_pull_name(lam): wb for lam, wb in zip(pulls, fits, strict=True)}
     return out
 
@@ -749,6 +788,9 @@ def _fit_adaptation(
         "fixed": fixed,
         "broken": broken,
         "p_value": p_top1,
+        "anchors": None
+        if head.anchors is None or head.anchor_weight <= 0
+        else {"cells": len(head.anchors), "weight": head.anchor_weight},
     }
     return FitResult(
         accepted=accepted,
@@ -1039,16 +1081,54 @@ def shipped_base(analyzer: Any) -> Any:
     # that head; otherwise from the int8 graph's own last layer.
     head = getattr(analyzer.classifier, "head", None)
     if isinstance(head, LinearHead):
-        return base_head_from_linear(head)
-    return shipped_head(
-        analyzer.manifest.path(ce),
-        ce.classes,
-        ce.temperature,
-        ce.confidence_threshold,
-        ce.other_threshold,
-        ce.sha256,
-        analyzer.runtime.interpreter_cls,
-    )
+        base = base_head_from_linear(head)
+    else:
+        base = shipped_head(
+            analyzer.manifest.path(ce),
+            ce.classes,
+            ce.temperature,
+            ce.confidence_threshold,
+            ce.other_threshold,
+            ce.sha256,
+            analyzer.runtime.interpreter_cls,
+        )
+    if ce.anchors is None:
+        return base
+    if ce.anchors.classifier_sha256 != ce.sha256:
+        # Embeddings of another classifier live in another space: a pull toward the shipped
+        # answers on them would be a pull toward noise.
+        raise AdaptationError(
+            f"{analyzer.manifest.root / ce.anchors.file}: adaptation anchors of classifier "
+            f"{ce.anchors.classifier_sha256[:12]}…, the models folder has {ce.sha256[:12]}…: "
+            "run `edge-wbc-convert anchors` for this classifier"
+        )
+    E = load_anchors(analyzer.manifest.root / ce.anchors.file, ce.anchors.sha256, base.W.shape[1])
+    return replace(base, anchors=E, anchor_weight=ce.anchors.weight)
+
+
+def load_anchors(path: Path, sha256: str, dim: int) -> np.ndarray:
+    """The anchor cells' embeddings (n x dim, float64), checked against the manifest's sha256.
+    Raises AdaptationError naming the file: a lab fit without them would drift on the shipped
+    model's own sources, so a damaged file stops the fit rather than being skipped."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise AdaptationError(f"{path}: cannot read the adaptation anchors ({e})") from None
+    if _sha256(data) != sha256:
+        raise AdaptationError(
+            f"{path}: the adaptation anchors do not match the manifest's sha256 (damaged or "
+            "replaced); restore the models folder"
+        )
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            E = np.asarray(z["embeddings"], np.float64)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise AdaptationError(f"{path}: unreadable adaptation anchors ({e})") from None
+    if E.ndim != 2 or E.shape[1] != dim or len(E) == 0 or not np.isfinite(E).all():
+        raise AdaptationError(
+            f"{path}: adaptation anchors shaped {E.shape}, expected cells x {dim} finite values"
+        )
+    return E
 
 
 def cells_from_rows(rows: list[Any], base_sha256: str) -> LabCells:

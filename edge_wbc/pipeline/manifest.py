@@ -42,6 +42,19 @@ class HeadRef:
 
 
 @dataclass(frozen=True)
+class AnchorsRef:
+    """Embeddings of cells of the classifier's own sources (``edge-wbc-convert anchors``): a lab
+    adaptation keeps the shipped head's answers on them while it learns the lab, so another
+    lab's head does not drift on the cells the model was made for. Read by ``edge-wbc adapt``
+    only; a station that never adapts never opens the file."""
+
+    file: str  # an .npz in the models folder: ``embeddings`` (cells x embedding_dim)
+    sha256: str
+    weight: float  # of the shipped answers on the anchors against the lab's own log-loss
+    classifier_sha256: str  # the classifier whose embeddings they are
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     name: str
     file: str
@@ -69,6 +82,8 @@ class ModelEntry:
     embedding_dim: int | None = None
     #: classifier only: the head on the embedding that names the cells (None: output 0 does).
     head: HeadRef | None = None
+    #: classifier only: the anchor cells of a lab adaptation (None: adapt without them).
+    anchors: AnchorsRef | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -355,6 +370,21 @@ def _entry(d: Any, i: int) -> ModelEntry:
                 _file_name(block["file"], f"{where}.{kind}.file")
     if d.get("float_weights") is not None:
         _float_weights(d["float_weights"], file, f"{where}.float_weights")
+    anchors = None
+    if d.get("adaptation_anchors") is not None:
+        awhere = f"{where}.adaptation_anchors"
+        if embedding_dim is None:
+            raise ManifestError(f"{awhere}: anchors are embeddings; declare 'embedding'")
+        a = _obj(d["adaptation_anchors"], awhere)
+        afile = _file_name(_require(a, "file", awhere), f"{awhere}.file")
+        if not afile.endswith(".npz"):
+            raise ManifestError(f"{awhere}.file: {afile!r} is not an .npz file")
+        anchors = AnchorsRef(
+            afile,
+            _sha(_require(a, "sha256", awhere), f"{awhere}.sha256"),
+            _num(_require(a, "weight", awhere), f"{awhere}.weight", 0.0, 1e3),
+            _sha(_require(a, "classifier_sha256", awhere), f"{awhere}.classifier_sha256"),
+        )
     binding = d.get("label_binding")
     if binding is None:
         raise ManifestError(
@@ -401,6 +431,7 @@ def _entry(d: Any, i: int) -> ModelEntry:
         crop_scale=crop_scale,
         embedding_dim=embedding_dim,
         head=head,
+        anchors=anchors,
         raw=d,
     )  # fmt: skip
 
