@@ -582,8 +582,11 @@ def adaptation_section(models: Path) -> list[str]:
         "`edge-wbc adapt fit` fits a lab's own last layer on the shipped classifier's pooled "
         'embedding (README, "Learning a lab"): the candidate (the shipped head at the lab\'s '
         "temperature; plus one bias per class; the whole head pulled toward the shipped one) "
-        "with the best grouped held-out likelihood, judged against the shipped head by nested "
-        "grouped CV and written only when better. Measured with "
+        "with the best grouped held-out likelihood, the bias and pulled candidates keeping the "
+        "shipped answers on the manifest's anchor cells (PBC val embeddings), judged against "
+        "the shipped head by nested grouped CV and written only when better (top-1 at exact "
+        "p < 0.05, or >= 5 points more cells named at 97 % precision with no more cells broken "
+        "than fixed). Measured with "
         f"`{doc['command']}` on classifier sha256 `{doc['classifier_sha256'][:12]}…` "
         f"({ADAPTATION_EVAL}; x86-64 VM, 2 cores shared with other jobs). "
         '"base" is the head the lab starts from, as `adapt fit` takes it from the manifest (of '
