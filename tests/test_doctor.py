@@ -112,9 +112,26 @@ def test_shipped_models_pass(tmp_path: Path) -> None:
     if not (models / "manifest.json").is_file():
         pytest.skip("models/ not built yet")
     cfg = _cfg(tmp_path, f"[models]\ndir = '{models}'\n")
-    assert doctor.check_models(cfg).status == doctor.OK
+    row = doctor.check_models(cfg)
+    assert row.status == doctor.OK and "adaptation anchors verified" in row.detail, row.detail
     row = doctor.check_interpreter(cfg)
     assert row.status == doctor.OK, row.detail
+
+
+def test_damaged_adaptation_anchors_warn_and_name_the_file(tmp_path: Path) -> None:
+    """The station still counts without its anchors (WARN, not FAIL); the fit would refuse."""
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "models", models, ignore=shutil.ignore_patterns("*.keras", "*.png"))
+    cfg = _cfg(tmp_path, f"[models]\ndir = '{models}'\n")
+    (models / "classifier_anchors.npz").write_bytes(b"truncated")
+    row = doctor.check_models(cfg)
+    assert row.status == doctor.WARN and "classifier_anchors.npz do not match" in row.detail
+    (models / "classifier_anchors.npz").unlink()
+    row = doctor.check_models(cfg)
+    assert row.status == doctor.WARN and "classifier_anchors.npz are missing" in row.detail
+    assert "lab adaptation will refuse to fit" in row.detail
 
 
 def test_edgetpu_absent_warns_or_fails_when_required(tmp_path: Path) -> None:
