@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -895,5 +896,28 @@ def release_classifier_cmd(
     typer.echo(f"wrote {path} and {models / 'README.md'}")
 
 
+def main() -> None:
+    """The console entry point: the command, then an exit without the interpreter's teardown.
+
+    TensorFlow's and LiteRT's C++ thread pools can abort the process while Python tears it
+    down ("terminate called without an active exception", exit -6): seen once in CI after a
+    `finetune` had written and printed everything. The command's own files are closed by
+    then; stdout, stderr and the log files are flushed here, and the exit status is the
+    command's. (Tests that run ``app`` in-process never come here.)"""
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            code = 1
+        else:
+            code = int(e.code or 0)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    app()
+    main()

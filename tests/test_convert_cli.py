@@ -115,3 +115,25 @@ def test_anchors_are_written_for_their_own_classifier_only(tmp_path: Path) -> No
     assert 16 <= len(E) <= 24 and np.isfinite(E).all()
     # the classifier's own entry is otherwise untouched: the station loads it as before
     assert ce2.sha256 == ce.sha256 and ce2.classes == ce.classes
+
+
+def test_the_console_entry_keeps_exit_status_and_output(tmp_path: Path) -> None:
+    """`main` ends the process without the interpreter's teardown (TensorFlow's thread pools
+    once aborted it there): the command's exit status and its last lines still come out."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "edge_wbc_convert.cli", *args]
+        return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+
+    ok = run("anchors", "--help")
+    assert ok.returncode == 0 and "anchor cells" in ok.stdout
+    bad = run("anchors", "--models", str(tmp_path / "nowhere"), "--cache", str(tmp_path))
+    assert bad.returncode == 2 and "anchors: " in bad.stderr and "manifest.json" in bad.stderr
+    usage = run("anchors", "--cells", "3")
+    assert usage.returncode == 2 and "--cells" in usage.stderr
