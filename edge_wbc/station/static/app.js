@@ -850,18 +850,30 @@ function setZoom(z) {
 async function addCell(cls) {
   const s = ui.state;
   if (!s || s.finalised) { toast("The slide is finalised.", true); return; }
+  // The add goes on the stack before its answer arrives: U pressed while it is in flight takes
+  // back this cell, not the one added before it (the count on screen already shows it).
+  const pending = api("/api/cells/add", { label: cls }).then((c) => c.id);
+  ui.added.push(pending);
   try {
-    const c = await api("/api/cells/add", { label: cls });
-    ui.added.push(c.id);
+    await pending;
     toast(`Added ${nameOf(cls)} by hand · U takes it back`);
   } catch (e) {
+    const i = ui.added.indexOf(pending);
+    if (i >= 0) ui.added.splice(i, 1);
     toast(e.message, true);
   }
 }
 
 async function undoAdd() {
-  const id = ui.added.pop();
-  if (!id) { toast("No cell added by hand to take back.", true); return; }
+  const pending = ui.added.pop();
+  if (!pending) { toast("No cell added by hand to take back.", true); return; }
+  let id;
+  try {
+    id = await pending;
+  } catch (e) {
+    toast("That add failed: nothing to take back.", true);
+    return;
+  }
   try {
     await api(`/api/cells/${id}/review`, { label: "rejected", reason: "added_in_error" });
     toast("Hand-added cell taken back");
