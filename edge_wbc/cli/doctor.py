@@ -95,7 +95,7 @@ def check_camera(cfg: Config) -> Check:
 
 
 def check_models(cfg: Config) -> Check:
-    from edge_wbc.pipeline.manifest import ManifestError, load_manifest, sha256_file
+    from edge_wbc.pipeline.manifest import ManifestError, load_manifest
 
     where = locate_models(cfg.models.dir or "")
     try:
@@ -108,23 +108,16 @@ def check_models(cfg: Config) -> Check:
     status = OK if cls is not None else FAIL
     # The anchors matter only to "Adapt to this lab": a problem with them is a warning (the
     # station counts as before), said here so IT hears of it before a technician's fit fails.
-    anchors = cls.anchors if cls is not None else None
     note = ""
-    if anchors is not None:
-        ap = where.path / anchors.file
-        if not ap.is_file():
-            problem = f"adaptation anchors {ap} are missing"
-        elif sha256_file(ap) != anchors.sha256:
-            problem = f"adaptation anchors {ap} do not match the manifest's sha256"
-        elif cls is not None and anchors.classifier_sha256 != cls.sha256:
-            problem = f"adaptation anchors {ap} are another classifier's"
-        else:
-            problem = ""
-        if problem:
-            status = WARN if status == OK else status
-            note = f"; {problem}: lab adaptation will refuse to fit (restore the models folder)"
-        else:
+    if cls is not None and cls.anchors is not None:
+        from edge_wbc.pipeline.adaptation import AdaptationError, manifest_anchors
+
+        try:
+            manifest_anchors(where.path, cls)
             note = ", adaptation anchors verified"
+        except AdaptationError as e:
+            status = WARN
+            note = f"; {e}: lab adaptation will refuse to fit (restore the models folder)"
     return Check("models", status, f"{where.path.resolve()} ({where.source}): "
                  f"{', '.join(parts)}, sha256 verified{note}")
 

@@ -58,6 +58,7 @@ import numpy as np
 # and ~45 MB): the two tests it gave are written below.
 from edge_wbc import taxonomy
 from edge_wbc.pipeline.heads import HeadError, LinearHead
+from edge_wbc.pipeline.manifest import ModelEntry
 
 ADAPTATION_SCHEMA = "edge-wbc/adaptation/1"
 ADAPTATION_JSON = "adaptation.json"
@@ -1092,18 +1093,28 @@ def shipped_base(analyzer: Any) -> Any:
             ce.sha256,
             analyzer.runtime.interpreter_cls,
         )
-    if ce.anchors is None:
+    E = manifest_anchors(analyzer.manifest.root, ce)
+    if E is None:
         return base
+    assert ce.anchors is not None
+    return replace(base, anchors=E, anchor_weight=ce.anchors.weight)
+
+
+def manifest_anchors(root: Path, ce: ModelEntry) -> np.ndarray | None:
+    """The classifier entry's adaptation anchors, checked (None: the manifest names none).
+    Raises AdaptationError naming the file; ``edge-wbc doctor`` reports the same message."""
+    if ce.anchors is None:
+        return None
+    path = root / ce.anchors.file
     if ce.anchors.classifier_sha256 != ce.sha256:
         # Embeddings of another classifier live in another space: a pull toward the shipped
         # answers on them would be a pull toward noise.
         raise AdaptationError(
-            f"{analyzer.manifest.root / ce.anchors.file}: adaptation anchors of classifier "
-            f"{ce.anchors.classifier_sha256[:12]}…, the models folder has {ce.sha256[:12]}…: "
-            "run `edge-wbc-convert anchors` for this classifier"
+            f"{path}: adaptation anchors of classifier {ce.anchors.classifier_sha256[:12]}…, "
+            f"the models folder has {ce.sha256[:12]}…: run `edge-wbc-convert anchors` for this "
+            "classifier"
         )
-    E = load_anchors(analyzer.manifest.root / ce.anchors.file, ce.anchors.sha256, base.W.shape[1])
-    return replace(base, anchors=E, anchor_weight=ce.anchors.weight)
+    return load_anchors(path, ce.anchors.sha256, int(ce.embedding_dim or 0))
 
 
 def load_anchors(path: Path, sha256: str, dim: int) -> np.ndarray:
@@ -1112,12 +1123,16 @@ def load_anchors(path: Path, sha256: str, dim: int) -> np.ndarray:
     model's own sources, so a damaged file stops the fit rather than being skipped."""
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        raise AdaptationError(
+            f"{path}: cannot read: the adaptation anchors {path.name} are missing"
+        ) from None
     except OSError as e:
         raise AdaptationError(f"{path}: cannot read the adaptation anchors ({e})") from None
     if _sha256(data) != sha256:
         raise AdaptationError(
-            f"{path}: the adaptation anchors do not match the manifest's sha256 (damaged or "
-            "replaced); restore the models folder"
+            f"{path}: the adaptation anchors {path.name} do not match the manifest's sha256 "
+            "(damaged or replaced); restore the models folder"
         )
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
