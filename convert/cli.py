@@ -223,6 +223,43 @@ def anchors(
     )
 
 
+@app.command("refit-head")
+def refit_head(
+    run: Path = typer.Option(..., help="the released classifier's train-cls run folder"),
+    models: Path = typer.Option(Path("models"), help="the models folder it was released into"),
+    cache: Path = typer.Option(Path("runs/fine"), help="embed-cells' cache of that classifier"),
+    out: Path = typer.Option(..., help="new run folder for release-classifier"),
+    lam: list[float] = typer.Option(
+        [1e-3, 1e-2, 1e-1], help="pulls toward the trained layer to try (chosen on val)"
+    ),
+    max_iter: int = typer.Option(400),
+) -> None:
+    """Refit the classifier's class layer on the device's embeddings of the train cells
+    (edge_wbc_convert.refit); writes a run folder for release-classifier when a fit beats the
+    trained layer on val, else nothing (exit 3)."""
+    from edge_wbc_convert.refit import RefitError
+    from edge_wbc_convert.refit import refit as do_refit
+
+    from edge_wbc.pipeline.manifest import ManifestError
+
+    _logging()
+    try:
+        rep = do_refit(run, models, cache, out, lam, max_iter)
+    except (RefitError, ManifestError, OSError) as e:
+        typer.echo(f"refit-head: {e}", err=True)
+        raise typer.Exit(2) from None
+    for c in rep["candidates"]:
+        name = "trained layer" if c["lam"] is None else f"{c['weighting']}, lam {c['lam']:g}"
+        vals = ", ".join(f"{s} {v:.3f}" for s, v in c["val_top1"].items())
+        typer.echo(f"{name}: val top-1 {vals}; mean {c['score']:.4f}")
+    if not rep["written"]:
+        typer.echo("no fit beats the trained layer on val: nothing written")
+        raise typer.Exit(3)
+    ch = rep["chosen"]
+    typer.echo(f"wrote {out} ({ch['weighting']}, lam {ch['lam']:g}); next: release-classifier "
+               f"--cls {out}")  # fmt: skip
+
+
 @app.command("fit-head")
 def fit_head(
     models: Path = typer.Option(Path("models"), help="models folder whose classifier it reads"),
