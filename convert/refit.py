@@ -75,9 +75,13 @@ def fit_layer(
 ) -> list[Candidate]:
     """The trained layer (w0, b0) and one refit per weighting and pull, each with its val top-1
     per source."""
-    # Fitted on standardised embeddings (values ~0.01 with very different spreads: L-BFGS
+    # Fitted on centred embeddings divided by one scale, their RMS spread (values ~0.01: L-BFGS
     # converges badly on them, and the pull's strength would mean nothing); folded back after.
-    mu, sd = tr.x.mean(0), tr.x.std(0) + 1e-6
+    # One scale, not one per feature: most features barely vary on int8 (787 of 1280 are
+    # constant), and dividing by their tiny spreads made weights of ~1000 against the trained
+    # layer's <= 8, which the int8 Dense layer's per-channel scale cannot hold next to the rest.
+    mu = tr.x.mean(0)
+    sd = np.full(tr.x.shape[1], float(np.sqrt(tr.x.var(0).mean())) + 1e-12)
     xs = (tr.x - mu) / sd
     ws0, bs0 = w0 * sd[:, None], b0 + mu @ w0
     cands = [Candidate(None, None, w0, b0, val_top1(va.x, w0, b0, va))]
@@ -157,8 +161,8 @@ def refit(
     report: dict[str, Any] = {
         "method": "multinomial logistic regression on the device's embeddings of the train "
         "cells (embed-cells), partial labels as allowed sets, sources weighted as the "
-        "classifier's sampler (its classes balanced within each, or its cells), on standardised "
-        "embeddings "
+        "classifier's sampler (its classes balanced within each, or its cells), on centred "
+        "embeddings over their RMS spread, "
         "with an L2 pull toward the trained layer; the pull chosen on the mean over sources of "
         "val top-1",
         "run": str(run),
@@ -167,7 +171,13 @@ def refit(
             s: int(sum(1 for t in tr.source if t == s)) for s in sorted(set(tr.source))
         },
         "candidates": [
-            {"weighting": c.weighting, "lam": c.lam, "val_top1": c.val, "score": c.score}
+            {
+                "weighting": c.weighting,
+                "lam": c.lam,
+                "val_top1": c.val,
+                "score": c.score,
+                "max_abs_weight": float(np.abs(c.w).max()),
+            }
             for c in cands
         ],
         "chosen": {"weighting": best.weighting, "lam": best.lam},

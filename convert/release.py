@@ -478,6 +478,9 @@ def release_classifier(
         conv = converter_versions() | {"tool": "edge-wbc-convert 0.1.0"}
         entry = classifier_entry(tmp, cls_model, cls_eval, conv, now)
         entry["label_binding"] = label_binding(entry)
+        if cfg.get("refit_of"):
+            # refit-head's run: the trunk is refit_of's, the class layer fitted on embeddings.
+            entry["class_layer_refit"] = cfg["refit_of"]
         raw["models"][idx[0]] = entry
         raw["created"] = now
         # Everything passed: keep the old classifier, then move the new one in.

@@ -89,3 +89,28 @@ def test_the_command_names_the_problem_and_writes_nothing(tmp_path: Path) -> Non
     assert r.exit_code == 2
     assert "no cached cells" in r.output
     assert not out.exists()
+
+
+def test_features_that_barely_vary_get_no_outsized_weights() -> None:
+    """Most int8 embedding features are (nearly) constant; a refit that standardised each
+    feature gave them weights ~1000 (the trained layer's are <= 8), which the int8 Dense
+    layer's scale cannot hold next to the rest."""
+    rng = np.random.default_rng(1)
+    k = len(FINE)
+
+    def split(n: int) -> ff.Split:
+        labels = [FINE[i % k] for i in range(n)]
+        y = np.array([FINE.index(c) for c in labels])
+        x = rng.normal(0.1, 0.1, (n, k))
+        x[np.arange(n), y] += 0.5
+        # Five near-constant features that carry a trace of the label.
+        faint = 1e-4 * (y[:, None] == np.arange(5)[None]) + rng.normal(0, 1e-5, (n, 5))
+        return ff.Split(np.hstack([x, faint]), np.zeros((n, k)), ff.allowed_mask(labels),
+                        ["pbc"] * n, labels)  # fmt: skip
+
+    tr, va = split(400), split(200)
+    w0 = np.vstack([np.eye(k) * 2.0, np.zeros((5, k))])
+    b0 = np.zeros(k)
+    for c in rf.fit_layer(tr, va, w0, b0, [1e-3, 1e-1])[1:]:
+        assert np.abs(c.w).max() < 20 * np.abs(w0).max()
+        assert c.val["pbc"] > 0.9
