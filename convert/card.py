@@ -145,6 +145,19 @@ def cls_section(ev: dict[str, Any]) -> list[str]:
         ),
         *(
             [
+                "The class layer was refitted on the device's own embeddings of the training "
+                "cells (`edge-wbc-convert refit-head`: cells weighted "
+                f"{ev['class_layer_refit']['weighting']}, pull {ev['class_layer_refit']['lam']:g} "
+                "toward the trained layer, chosen on val); the trunk is the trained run's (float "
+                f"weights sha256 {ev['class_layer_refit']['sha256'][:12]}…). docs/training.md, "
+                '"The class layer refitted".',
+                "",
+            ]
+            if ev.get("class_layer_refit")
+            else []
+        ),
+        *(
+            [
                 f"A second output carries the {ev['embedding_dim']}-d pooled features (the global "
                 "average pool that the class head reads; manifest `embedding`): the device "
                 "averages them over the views and keeps them with each cell for heads fitted on "

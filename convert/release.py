@@ -452,6 +452,8 @@ def release_classifier(
             raise ReleaseError(f"op gate FAILED for {f.name}: {gate.problems}")
         classes, cls_eval, train_cells = evaluate_run(cls, f, tmp, size, views)
         cls_eval["run"] = str(cls)
+        if cfg.get("refit_of"):
+            cls_eval["class_layer_refit"] = cfg["refit_of"]
         labs = lab_cards(cls)
         if labs:
             cls_eval["labs"] = labs

@@ -114,3 +114,15 @@ def test_features_that_barely_vary_get_no_outsized_weights() -> None:
     for c in rf.fit_layer(tr, va, w0, b0, [1e-3, 1e-1])[1:]:
         assert np.abs(c.w).max() < 20 * np.abs(w0).max()
         assert c.val["pbc"] > 0.9
+
+
+def test_the_card_says_when_the_class_layer_was_refitted() -> None:
+    from edge_wbc_convert.card import cls_section
+
+    ev = json.loads((REPO / "models" / "cls_eval.json").read_text())
+    ev["class_layer_refit"] = {"run": "r", "sha256": "ab" * 32, "weighting": "natural", "lam": 1.0}
+    text = "\n".join(cls_section(ev))
+    assert "refitted on the device's own embeddings" in text
+    assert "cells weighted natural, pull 1 toward" in text and "abababababab…" in text
+    del ev["class_layer_refit"]
+    assert "refitted" not in "\n".join(cls_section(ev))
