@@ -222,6 +222,39 @@ def test_all_view_moves_to_the_next_decision_confirms_and_says_what_is_next(
     assert not p.errors, p.errors
 
 
+def test_an_overtaken_cell_list_load_waits_for_the_newer_one(station: _Page) -> None:
+    """A review reloads the cell list and then moves on through it; the "cell" event the same
+    review sends reloads it too, and the older load's answer is dropped. That load used to
+    return at once, so the review moved on through the list as it was before the review (a
+    CI run: the selection stayed on the reviewed cell). The two answers are released here in
+    the order that went wrong, every time."""
+    pg = station.pg
+    station.capture(1)
+    pg.click("#tab-review")
+    pg.wait_for_selector(".cell.sel")
+    r = pg.evaluate("""async () => {
+      const realFetch = window.fetch;
+      const gates = [];
+      window.fetch = (path, opts) => {
+        if (String(path).endsWith("/api/cells") && !(opts && opts.method)) {
+          return new Promise((res) => gates.push(() => realFetch(path, opts).then(res)));
+        }
+        return realFetch(path, opts);
+      };
+      let firstDone = false;
+      const older = loadCells().then(() => { firstDone = true; });
+      const newer = loadCells();
+      gates[0]();  // the older load's answer comes first and is dropped
+      await new Promise((r) => setTimeout(r, 300));
+      const early = firstDone;
+      gates[1]();
+      await Promise.all([older, newer]);
+      window.fetch = realFetch;
+      return { early, done: firstDone, cells: ui.cells.length };
+    }""")
+    assert r == {"early": False, "done": True, "cells": len(station.rs.session.cells)}, r
+
+
 def test_count_view_keys_add_missed_cells_and_a_field_is_discarded(station: _Page) -> None:
     pg, rs = station.pg, station.rs
     station.capture(2)

@@ -458,18 +458,26 @@ function chip(text, cls = "") {
 /* ------------------------------------------------------------------ review */
 
 let cellsReq = 0;
-async function loadCells() {
+let cellsLatest = Promise.resolve();
+/* Resolves once ui.cells holds an answer asked for after this call: a load overtaken by a newer
+   one (a review's, and the "cell" event the same review sends) waits for that one instead of
+   returning early, or a review would move on through the list as it was before the review. */
+function loadCells() {
   const mine = ++cellsReq;
-  let d;
-  try {
-    d = await api("/api/cells");
-  } catch (e) {
-    toast(e.message, true);
-    return;
-  }
-  if (mine !== cellsReq) return;
-  ui.cells = d.cells;
-  renderGallery();
+  const p = (async () => {
+    let d;
+    try {
+      d = await api("/api/cells");
+    } catch (e) {
+      toast(e.message, true);
+      return;
+    }
+    if (mine !== cellsReq) { await cellsLatest; return; }
+    ui.cells = d.cells;
+    renderGallery();
+  })();
+  cellsLatest = p;
+  return p;
 }
 
 function groups() {
