@@ -90,9 +90,13 @@ in_root /bin/sh -c "cd /tmp/edge-wbc-check/elsewhere && /opt/venv/bin/edge-wbc a
 PYTHONPATH="$src" "$py" -c 'from edge_wbc.cli import app; app()' analyze "${host_fields[@]}" \
   --json "$work/host.json" >/dev/null
 "$py" - "$work/arm64.json" "$work/host.json" <<'PY'
-# Same labels, same cells; a box may differ by a few pixels: the int8 kernels requantise
-# differently on NEON and x86 (XNNPACK), which can move a probability across the threshold at
-# a cell's edge. What would matter to a count (a cell found on one side only, another type) fails.
+# Same cells, same types; a box may differ by a few pixels: the int8 kernels requantise
+# differently on NEON and x86 (XNNPACK), which moves a cell's edge, so its crop, so the
+# probabilities of a cell between two types (bundled 00348: a neutrophil with 0.11 eosinophil
+# on x86 at a box 3 px taller, 0.87 against 0.95 for the neutrophil on arm64, the threshold
+# 0.938 between them). A cell named on one side and sent to review on the other is allowed when
+# the unidentified side's likelier class is the name and the scores differ by <= 0.1; what
+# would matter to a count (a cell found on one side only, another type) fails.
 import json, platform, sys
 arm, host = (json.load(open(p)) for p in sys.argv[1:3])
 assert arm["models"]["models_source"] == "packaged", arm["models"].get("models_source")
@@ -101,19 +105,34 @@ def iou(a, b):
     ix = max(0, min(a[2], b[2]) - max(a[0], b[0])); iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
     u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
     return ix * iy / u if u else 1.0
-n = shift = 0; worst = 1.0; dp = 0.0
+def top(c):
+    return max(c["probs"], key=c["probs"].get) if c.get("probs") else c["label"]
+def same_type(a, b):
+    if a["label"] == b["label"]:
+        return True
+    if "unidentified" not in (a["label"], b["label"]):
+        return False
+    u, named = (a, b) if a["label"] == "unidentified" else (b, a)
+    return top(u) == named["label"] and abs(a["score"] - b["score"]) <= 0.1
+n = shift = 0; worst = 1.0; dp = 0.0; edge = []
 for ia, ib in zip(arm["images"], host["images"], strict=True):
     la = [c["label"] for c in ia["cells"]]; lb = [c["label"] for c in ib["cells"]]
-    assert la == lb, f"{ia['path']}: arm64 {la} != {platform.machine()} {lb}"
+    assert len(la) == len(lb) and all(
+        same_type(a, b) for a, b in zip(ia["cells"], ib["cells"])
+    ), f"{ia['path']}: arm64 {la} != {platform.machine()} {lb}"
     for a, b in zip(ia["cells"], ib["cells"]):
+        if a["label"] != b["label"]:
+            edge.append(f"{ia['path'].rsplit('/', 1)[-1]}: {a['label']} {a['score']:.3f} / "
+                        f"{b['label']} {b['score']:.3f}")
         n += 1
         worst = min(worst, iou(a["bbox"], b["bbox"]))
         shift = max(shift, *(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])))
         dp = max(dp, abs(a["score"] - b["score"]))
 assert worst >= 0.9, f"a box moved too far between arm64 and {platform.machine()}: IoU {worst:.3f}"
-print(f"arm64 analysis OK: {len(arm['images'])} fields, {n} cells, same labels as "
+print(f"arm64 analysis OK: {len(arm['images'])} fields, {n} cells, same types as "
       f"{platform.machine()}; boxes IoU >= {worst:.3f} (largest edge shift {shift} px), "
-      f"largest score difference {dp:.4f}")
+      f"largest score difference {dp:.4f}"
+      + (f"; at the threshold (arm64 / {platform.machine()}): {'; '.join(edge)}" if edge else ""))
 PY
 
 # The installer's plan, read on the Pi's architecture (changes nothing).
