@@ -12,10 +12,10 @@ calibrates and evaluates like any other.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from edge_wbc_convert import fine_fit as ff
 from edge_wbc_convert.fine import FINE, cached_for
+
+from edge_wbc.pipeline.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,6 @@ class Candidate:
     @property
     def score(self) -> float:
         return float(np.mean(list(self.val.values())))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def val_top1(x: np.ndarray, w: np.ndarray, b: np.ndarray, sp: ff.Split) -> dict[str, float]:
@@ -81,14 +79,15 @@ def fit_layer(
     # constant), and dividing by their tiny spreads made weights of ~1000 against the trained
     # layer's <= 8, which the int8 Dense layer's per-channel scale cannot hold next to the rest.
     mu = tr.x.mean(0)
-    sd = np.full(tr.x.shape[1], float(np.sqrt(tr.x.var(0).mean())) + 1e-12)
-    xs = (tr.x - mu) / sd
-    ws0, bs0 = w0 * sd[:, None], b0 + mu @ w0
+    scale = float(np.sqrt(tr.x.var(0).mean())) + 1e-12
+    xs = (tr.x - mu) / scale
+    ws0, bs0 = w0 * scale, b0 + mu @ w0
     cands = [Candidate(None, None, w0, b0, val_top1(va.x, w0, b0, va))]
     for name, weights in weightings(tr).items():
         for lam in lams:
             ws, bs = ff.fit_flat(xs, tr.mask, weights, ws0, bs0, lam, max_iter)
-            w, b = ws / sd[:, None], bs - mu @ (ws / sd[:, None])
+            w = ws / scale
+            b = bs - mu @ w
             cands.append(Candidate(lam, name, w, b, val_top1(va.x, w, b, va)))
             log.info("%s, lam %g: val %s", name, lam, cands[-1].val)
     return cands
@@ -106,8 +105,9 @@ def weightings(tr: ff.Split) -> dict[str, np.ndarray]:
     }
 
 
-def check_inputs(run: Path, models: Path, cache: Path) -> None:
-    """The run's float weights must be the released classifier's, and the cache made with it."""
+def check_inputs(run: Path, models: Path, cache: Path) -> str:
+    """The run's float weights must be the released classifier's, and the cache made with it;
+    returns their sha256."""
     from edge_wbc.pipeline.manifest import load_manifest
 
     best = run / "best.keras"
@@ -119,7 +119,7 @@ def check_inputs(run: Path, models: Path, cache: Path) -> None:
     fw = (ce.raw.get("float_weights") or {}) if ce is not None else {}
     if ce is None or not ce.embedding_dim or not fw.get("sha256"):
         raise RefitError(f"{models}: no classifier with an embedding output and float weights")
-    if _sha256(best) != fw["sha256"]:
+    if sha256_file(best) != fw["sha256"]:
         raise RefitError(f"{best}: not the float weights of {models}'s classifier (sha256 differs)")
     for name in ("pbc", "boxes"):
         made = cached_for(cache / name)
@@ -130,6 +130,7 @@ def check_inputs(run: Path, models: Path, cache: Path) -> None:
                 f"{cache / name}.json: cached for classifier {made[:12]}, {models}'s is "
                 f"{ce.sha256[:12]}: run embed-cells with another --cache"
             )
+    return str(fw["sha256"])
 
 
 def refit(
@@ -141,7 +142,7 @@ def refit(
     when no fit beats it on val, nothing is written."""
     from edge_wbc_convert.quantize import load_keras
 
-    check_inputs(run, models, cache)
+    trunk_sha = check_inputs(run, models, cache)
     if out.exists():
         raise RefitError(f"{out}: exists; give a new folder")
     model = load_keras(run / "best.keras")
@@ -154,22 +155,17 @@ def refit(
     if tr.x.shape[1] != w0.shape[0]:
         raise RefitError(f"{cache}: embeddings of {tr.x.shape[1]} values, {run}'s layer reads "
                          f"{w0.shape[0]}")  # fmt: skip
-    # Each source in its training weight, its classes balanced within it: the priors the
-    # trained layer learnt from the classifier's sampler.
     cands = fit_layer(tr, va, w0, b0, lams, max_iter)
     best = max(cands, key=lambda c: c.score)
     report: dict[str, Any] = {
         "method": "multinomial logistic regression on the device's embeddings of the train "
         "cells (embed-cells), partial labels as allowed sets, sources weighted as the "
         "classifier's sampler (its classes balanced within each, or its cells), on centred "
-        "embeddings over their RMS spread, "
-        "with an L2 pull toward the trained layer; the pull chosen on the mean over sources of "
-        "val top-1",
+        "embeddings over their RMS spread, with an L2 pull toward the trained layer; the pull "
+        "chosen on the mean over sources of val top-1",
         "run": str(run),
         "cache": str(cache),
-        "train_cells": {
-            s: int(sum(1 for t in tr.source if t == s)) for s in sorted(set(tr.source))
-        },
+        "train_cells": dict(sorted(Counter(tr.source).items())),
         "candidates": [
             {
                 "weighting": c.weighting,
@@ -191,7 +187,7 @@ def refit(
         model.save(out / "best.keras")
         cfg = json.loads((run / "config.json").read_text())
         cfg["run_dir"] = str(out)
-        cfg["refit_of"] = {"run": str(run), "sha256": _sha256(run / "best.keras"),
+        cfg["refit_of"] = {"run": str(run), "sha256": trunk_sha,
                            "weighting": best.weighting, "lam": best.lam}  # fmt: skip
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         shutil.copy2(run / "cells.json", out / "cells.json")
