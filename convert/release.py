@@ -453,6 +453,8 @@ def release_classifier(
         classes, cls_eval, train_cells = evaluate_run(cls, f, tmp, size, views)
         cls_eval["run"] = str(cls)
         if cfg.get("refit_of"):
+            # refit-head's run: the trunk is refit_of's, the class layer fitted on embeddings
+            # (the card says so; the manifest entry carries it in its metrics).
             cls_eval["class_layer_refit"] = cfg["refit_of"]
         labs = lab_cards(cls)
         if labs:
@@ -480,9 +482,6 @@ def release_classifier(
         conv = converter_versions() | {"tool": "edge-wbc-convert 0.1.0"}
         entry = classifier_entry(tmp, cls_model, cls_eval, conv, now)
         entry["label_binding"] = label_binding(entry)
-        if cfg.get("refit_of"):
-            # refit-head's run: the trunk is refit_of's, the class layer fitted on embeddings.
-            entry["class_layer_refit"] = cfg["refit_of"]
         raw["models"][idx[0]] = entry
         raw["created"] = now
         # Everything passed: keep the old classifier, then move the new one in.
