@@ -12,8 +12,13 @@ of the fine classes, and the five-part accuracy on named leukocytes with the uni
 against the targets of issue 17. Works with the six-class classifier too (its `other` then
 stands for immature granulocytes, erythroblasts and platelets).
 
+`--split val` runs the same on PBC val, for choosing anything (a rule, a threshold, the
+diameter); test is only to report. `--cell-diameter` is the lab's diameter given to analyze
+(default 110 px; the station's red-cell estimator says 58 px on these downscaled images, and
+docs/training.md gives the numbers at both).
+
 Usage: scripts/eval_formula.py [--data-root ../shared/data] [--models models] [--limit N]
-       [--json FILE]
+       [--json FILE] [--split test|val] [--cell-diameter PX]
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ UNIDENTIFIED = "unidentified"
 MISSING = "(no cell)"
 
 
-def analyze(paths: list[Path], models: Path, work: Path) -> dict:
+def analyze(
+    paths: list[Path], models: Path, work: Path, diameter: float = PBC_DIAMETER_PX
+) -> dict:
     lst = work / "inputs"
     lst.mkdir(exist_ok=True)
     for i, p in enumerate(paths):
@@ -42,7 +49,7 @@ def analyze(paths: list[Path], models: Path, work: Path) -> dict:
     out = work / "analysis.json"
     cmd = [sys.executable, "-c", "from edge_wbc.cli import app; app()", "analyze", str(lst),
            "--models", str(models), "--json", str(out),
-           "--cell-diameter", f"{PBC_DIAMETER_PX:g}"]  # fmt: skip
+           "--cell-diameter", f"{diameter:g}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if proc.returncode not in (0, 1) or not out.is_file():
         sys.exit(f"analyze failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -99,7 +106,8 @@ def evaluate(truth: list[str], pred: list[str]) -> dict:
 
 
 def print_report(r: dict) -> None:
-    print(f"PBC test: {r['n']} images\n")
+    print(f"PBC {r.get('split', 'test')}: {r['n']} images, cell diameter "
+          f"{r.get('cell_diameter_px', PBC_DIAMETER_PX):g} px\n")  # fmt: skip
     print(f"{'class':22} {'n':>5} {'called':>6} {'precision':>9} {'recall':>7} {'F1':>6}")
     for c, m in r["per_class"].items():
         print(f"{c:22} {m['n']:5d} {m['predicted']:6d} {m['precision']:9.4f} "
@@ -134,19 +142,24 @@ def main() -> None:
     ap.add_argument("--models", type=Path, default=ROOT / "models")
     ap.add_argument("--limit", type=int, default=None, help="a random sample of N images")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    ap.add_argument("--split", choices=("test", "val"), default="test",
+                    help="val: for choosing anything; test only to report")  # fmt: skip
+    ap.add_argument("--cell-diameter", type=float, default=PBC_DIAMETER_PX,
+                    help="the lab's leukocyte diameter in px, as given to analyze")  # fmt: skip
     a = ap.parse_args()
     with open(a.data_root / "pbc" / "index.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+        rows = [r for r in csv.DictReader(f) if r["split"] == a.split]
     if a.limit:
         rng = np.random.default_rng(0)
         rows = [rows[i] for i in sorted(rng.choice(len(rows), min(a.limit, len(rows)), False))]
     paths = [a.data_root / "pbc" / r["image"] for r in rows]
     with tempfile.TemporaryDirectory() as tmp:
-        doc = analyze(paths, a.models, Path(tmp))
+        doc = analyze(paths, a.models, Path(tmp), a.cell_diameter)
     by_name = {Path(im["path"]).name: im for im in doc["images"]}
     truth = [pbc_label(r["image"]) for r in rows]
     pred = [nearest_label(by_name.get(p.name)) for p in paths]
     r = evaluate(truth, pred)
+    r["split"], r["cell_diameter_px"] = a.split, a.cell_diameter
     print_report(r)
     if a.json:
         a.json.write_text(json.dumps(r, indent=2) + "\n")
