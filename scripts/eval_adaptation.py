@@ -30,11 +30,14 @@ cost of the head, memory.
 ``--scale``: BCCD test fields shrunk to 0.4x, leukocytes found against the VOC WBC boxes with
 the default cell diameter, the right one (0.4 x 170), and ``--cell-diameter auto``'s estimate.
 
+``--ceiling``: per lab and setting, each cell of the pool judged by the station's fit on all the
+others (10 grouped folds): how far any number of reviews can take a head on this embedding.
+
 ``--card models/adaptation_eval.json``: the tables and numbers as the model card's section
 (convert/card.py renders it, so a release keeps it).
 
     nice -n 10 python scripts/eval_adaptation.py [--data-root ../shared/data] [--repeats 10]
-        [--setting shared --setting unseen --setting "cast:monochrome" ...] [--scale]
+        [--setting shared --setting unseen --setting "cast:monochrome" ...] [--scale] [--ceiling]
         [--json out.json] [--card models/adaptation_eval.json]
 """
 
@@ -71,6 +74,8 @@ from edge_wbc.pipeline.scale import estimate_cell_diameter  # noqa: E402
 LABS = ("bccd", "raabin", "zheng1", "zheng2")
 NS = (25, 50, 100, 200)
 MIN_TEST = 20
+#: Folds of the ceiling: every cell judged by a fit on the other 90 % of its lab's pool.
+CEILING_FOLDS = 10
 BCCD_DIAMETER_PX = 170.0
 
 
@@ -114,15 +119,22 @@ def lab_cells(
     return out
 
 
-def pbc_guard_cells(fine_cache: Path) -> dict[str, Any]:
-    """PBC test cells as the device saw them (``edge-wbc-convert embed-cells``' cache): the
-    shipped model's own source, fine labels."""
-    from edge_wbc_convert.fine import _load
+def pbc_guard_cells(fine_cache: Path, sha256: str) -> dict[str, Any]:
+    """PBC test cells as the device saw them (``edge-wbc-convert embed-cells``' cache of the
+    classifier ``sha256``): the shipped model's own source, fine labels."""
+    from edge_wbc_convert.fine import _load, cached_for
 
     cs = _load(fine_cache / "pbc")
     if cs is None:
         sys.exit(f"no {fine_cache / 'pbc'}.npz: run `edge-wbc-convert embed-cells --cache "
                  f"{fine_cache}` first")  # fmt: skip
+    made_for = cached_for(fine_cache / "pbc")
+    if made_for != sha256:
+        # Another classifier's embeddings (even one sharing the trunk) would judge the guard
+        # and the unseen head on cells this one never embedded.
+        sys.exit(f"{fine_cache}: embeddings of classifier {str(made_for)[:12]}, the models "
+                 f"folder's is {sha256[:12]}: pass --fine-cache with embed-cells' cache of "
+                 "this classifier")  # fmt: skip
     m = cs.rows("test")
     return {"E": cs.emb[m].astype(np.float64), "labels": [lab for lab, k in zip(cs.label, m,
             strict=True) if k]}  # fmt: skip
@@ -248,6 +260,49 @@ def evaluate_lab(
         refused += not fit.accepted
     out["shuffled"] = {"n": N, "fits": fits, "refused": refused}
     return out
+
+
+def ceiling(
+    E: np.ndarray, labels: list[str], keys: list[str], base: A.BaseHead, k: int = CEILING_FOLDS
+) -> dict[str, Any]:
+    """How far a head on this embedding takes the lab at best: every cell of the pool judged by
+    the station's own fit on all the others (``k`` grouped folds; its chosen head used even where
+    the station would refuse it), and the named share at the best threshold in hindsight (as in
+    the tables). With reviews of the whole lab but one fold and no threshold rule, what a head
+    cannot reach here needs another trunk (``edge-wbc-convert finetune``), not more reviews."""
+    idx = np.arange(len(labels))
+    folds = A.grouped_folds(A.near_duplicate_groups(E, keys), labels, k)
+    p_shipped = A.base_probs(E, base)
+    p_fitted = np.array(p_shipped, copy=True)
+    failed: list[str] = []
+    sizes: list[int] = []
+    methods: Counter[str] = Counter()
+    for f in range(k):
+        te = folds == f
+        if not te.any():
+            continue
+        tr = idx[~te]
+        try:
+            fit = A.fit_adaptation(E[tr], [labels[i] for i in tr], base, [keys[i] for i in tr],
+                                   seed=f)  # fmt: skip
+        except A.AdaptationError as e:  # that fold keeps the shipped head's answers, said
+            failed.append(str(e))
+            continue
+        p_fitted[te] = head_probs(E[te], fit.W, fit.b, fit.temperature)
+        sizes.append(len(tr))
+        methods[fit.method] += 1
+    M = A.label_masks(labels, base)
+    shipped = A.metrics(p_shipped, M, labels, base.confidence_threshold, head=base)
+    fitted = A.metrics(p_fitted, M, labels, base.confidence_threshold, head=base)
+    return {
+        "folds": k, "fits": len(sizes), "failed": sorted(set(failed)),
+        "fit_cells": float(np.mean(sizes)) if sizes else 0.0, "methods": dict(methods),
+        **{f"{w}_{key}": m[key] for w, m in (("shipped", shipped), ("fitted", fitted))
+           for key in ("top1", "named_at_target")},
+        "per_class": {c: {"n": v["n"], "shipped": v["top1"],
+                          "fitted": fitted["per_class"][c]["top1"]}
+                      for c, v in shipped["per_class"].items()},
+    }  # fmt: skip
 
 
 def guard(
@@ -432,6 +487,28 @@ def setting_tables(name: str, rep: dict[str, Any], repeats: int) -> list[str]:
             for c in taxonomy.FIVE_PART
         ]
         md.append(f"| {lab} | {N} | " + " | ".join(cells_txt) + " |")
+    if any("ceiling" in r for r in rep["labs"].values()):
+        md += ["", "The ceiling of a head on this embedding: each cell judged by the station's fit "
+               f"on the rest of its lab's pool ({CEILING_FOLDS} grouped folds, its head used even "
+               "where refused), named share at the best threshold in hindsight:", "",
+               "| lab | pool | cells per fit | top-1 base → fitted | named ≥97 % base → fitted "
+               "| per class, top-1 base → fitted |",
+               "|---|---|---|---|---|---|"]  # fmt: skip
+        for lab, r in rep["labs"].items():
+            c = r.get("ceiling")
+            if not c:
+                continue
+            if not c["fits"]:
+                md.append(f"| {lab} | {r['pool']} | – | no fold could be fitted: "
+                          f"{'; '.join(c['failed'])} | | |")  # fmt: skip
+                continue
+            pc = ", ".join(f"{k} {v['shipped']:.2f} → {v['fitted']:.2f} (n={v['n']})"
+                           for k, v in c["per_class"].items())  # fmt: skip
+            md.append(
+                f"| {lab} | {r['pool']} | {c['fit_cells']:.0f} | {c['shipped_top1']:.3f} → "
+                f"{c['fitted_top1']:.3f} | {c['shipped_named_at_target']:.3f} → "
+                f"{c['fitted_named_at_target']:.3f} | {pc} |"
+            )
     md += [
         "",
         "| lab | shuffled labels: refused / fits (N) | guard: adaptation on the whole pool | "
@@ -505,6 +582,9 @@ def main() -> None:
                     "shared, unseen, cast:monochrome, cast:yellow, strong, "
                     "cast:blue, strong + haze")  # fmt: skip
     ap.add_argument("--scale", action="store_true", help="also the 0.4x magnification check")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also each lab's ceiling: every cell judged by a fit on the rest of "
+                    "its pool (how far a head on this embedding can go)")  # fmt: skip
     ap.add_argument("--json", type=Path, help="write every number here")
     ap.add_argument("--card", type=Path, help="write the model card's section here (JSON)")
     ap.add_argument("--tables-from", type=Path, help="only render a run's --json again")
@@ -539,7 +619,7 @@ def main() -> None:
     assert ce is not None
     base = A.shipped_base(an)
     tag = ce.sha256[:12]
-    pbc = pbc_guard_cells(args.fine_cache)
+    pbc = pbc_guard_cells(args.fine_cache, ce.sha256)
     report: dict[str, Any] = {"classifier_sha256": ce.sha256, "base_classes": list(base.classes),
                               "settings": {}}  # fmt: skip
     md: list[str] = []
@@ -563,6 +643,8 @@ def main() -> None:
             b = (unseen_base(lab, base, an, args.fine_cache, args.cache / f"unseen_{tag}_{lab}.npz")
                  if st == "unseen" else base)  # fmt: skip
             rep["labs"][lab] = evaluate_lab(E, labels, keys, b, args.repeats)
+            if args.ceiling:
+                rep["labs"][lab]["ceiling"] = ceiling(E, labels, keys, b)
             if st != "unseen":
                 rep["guard"][lab] = guard(E, labels, keys, base, pbc)
         rep["seconds"] = time.perf_counter() - t0
