@@ -113,6 +113,32 @@ def test_bad_labels_are_clear_errors() -> None:
         A.fit_adaptation(E[:, :10], y, head)
 
 
+def test_review_only_classes_teach_their_group_and_blasts_are_left_out() -> None:
+    from edge_wbc import taxonomy
+
+    rng = np.random.default_rng(12)
+    K = len(taxonomy.MODEL_CLASSES)
+    head = A.BaseHead(taxonomy.MODEL_CLASSES, rng.normal(size=(K, 6)), np.zeros(K), 1.0, 0.5,
+                      0.5, "x")  # fmt: skip
+    M = A.label_masks(["myelocyte", "reactive_lymphocyte", "smudge_cell"], head)
+    named = [{c for c, m in zip(head.classes, row, strict=True) if m} for row in M]
+    assert named == [{"immature_granulocyte"}, {"lymphocyte"}, {"platelet", "other"}]
+    why = A.unlearnable("blast", head)
+    assert why is not None and "no output for" in why and "abnormal_wbc" in why
+    assert A.unlearnable("myelocyte", head) is None
+    assert A.unlearnable("blasts", head) is None  # unknown: label_masks names it
+    lab = A.LabCells([np.zeros(6)] * 3, ["blast", "neutrophil", "plasma_cell"],
+                     ["f1", "f2", "f3"], ["earlier"])  # fmt: skip
+    kept = lab.learnable(head)
+    assert kept.labels == ["neutrophil"] and kept.keys == ["f2"] and len(kept.embeddings) == 1
+    assert kept.skipped[0] == "earlier"
+    assert kept.skipped[1].startswith("f1: reviewed as blast") and kept.skipped[2].startswith("f3")
+    # the five-part classifier has no immature granulocyte output: a myelocyte teaches it nothing
+    five = A.BaseHead(taxonomy.LEGACY_MODEL_CLASSES, rng.normal(size=(6, 6)), np.zeros(6), 1.0,
+                      0.5, 0.5, "y")  # fmt: skip
+    assert A.unlearnable("myelocyte", five) is not None
+
+
 def test_too_few_cells_of_a_class_are_said_and_left_as_shipped() -> None:
     rng = np.random.default_rng(6)
     protos = _prototypes(rng)

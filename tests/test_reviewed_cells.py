@@ -32,19 +32,25 @@ def session(tmp_path: Path):
     store.close()
 
 
-def _add(session: SlideSession, labels: list[str], k: int = 0) -> list[str]:
+def _add(
+    session: SlideSession, labels: list[str], k: int = 0, sha: str = SHA, seed: int | None = None
+) -> list[str]:
     img = cv2.cvtColor(cv2.imread(str(FIELDS[k])), cv2.COLOR_BGR2RGB)
     cells = []
     for i, lab in enumerate(labels):
         c = fake_cell((20 + 110 * i, 20, 120 + 110 * i, 120), lab)
-        c.embedding = np.full(1280, 0.01 * (i + 1), np.float32)
+        c.embedding = (
+            np.full(1280, 0.01 * (i + 1), np.float32)
+            if seed is None
+            else np.random.default_rng(seed + i).uniform(0, 2, 1280).astype(np.float32)
+        )
         cells.append(c)
     res = FieldResult(
         path="f",
         width=img.shape[1],
         height=img.shape[0],
         cells=cells,
-        model={"classifier_sha256": SHA, "adaptation": None},
+        model={"classifier_sha256": sha, "adaptation": None},
     )
     before = set(session.cells)
     session.add_field(img, res)
@@ -111,3 +117,63 @@ def test_export_writes_reviewed_cells_by_class(session: SlideSession, tmp_path: 
         f"neutrophil/{a}.jpg",
     ]
     assert json.loads((out / "cells.json").read_text())["cells"][0]["cell_id"] == a
+
+
+def _export(session: SlideSession, out: Path) -> tuple[int, str]:
+    app = typer.Typer()
+    cli_adapt.register(app)
+    r = CliRunner().invoke(
+        app, ["adapt", "export", "--data-dir", str(session.store.data_dir), "--out", str(out)]
+    )
+    return r.exit_code, r.stderr
+
+
+def test_export_never_merges_into_an_earlier_folder(session: SlideSession, tmp_path: Path) -> None:
+    # Crops of another export left in OUT would be fitted on without cells.json listing them.
+    (a,) = _add(session, ["neutrophil"])
+    session.confirm([a])
+    out = tmp_path / "export"
+    assert _export(session, out)[0] == 0
+    code, err = _export(session, out)
+    assert code == 2 and "exists" in err
+    assert [p.name for p in out.rglob("*.jpg")] == [f"{a}.jpg"]
+    code, err = _export(session, tmp_path / "no" / "export")
+    assert code == 2 and "does not exist" in err
+
+
+def test_export_without_any_crop_says_so_and_writes_nothing(
+    session: SlideSession, tmp_path: Path
+) -> None:
+    a, b = _add(session, ["neutrophil", "lymphocyte"])
+    session.confirm([a, b])
+    for r in session.store.reviewed_cells():
+        assert r.crop_path is not None
+        r.crop_path.unlink()
+    code, err = _export(session, tmp_path / "export")
+    assert code == 2, err
+    assert f"skipped cell {a}: its crop image is missing" in err
+    assert "none of the 2 reviewed cell(s) has its crop image" in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "data"]  # no folder, no temporary left
+
+
+def test_a_reviewed_blast_does_not_block_the_lab_fit(session: SlideSession, tmp_path: Path) -> None:
+    # Blasts are assigned only in review and the classifier has no output for them: the fit
+    # leaves them out and says so, instead of refusing every reviewed cell of the lab.
+    manifest = json.loads((Path(cli_adapt.__file__).parents[1] / "models" / "manifest.json")
+                          .read_text())  # fmt: skip
+    sha = next(m["sha256"] for m in manifest["models"] if m["name"] == "classifier")
+    ids = []
+    for k in range(6):
+        ids += _add(session, ["neutrophil", "lymphocyte"], k=k % len(FIELDS), sha=sha, seed=10 * k)
+    (blast,) = _add(session, ["lymphocyte"], sha=sha, seed=99)
+    session.confirm(ids)
+    session.review(blast, "blast")
+    app = typer.Typer()
+    cli_adapt.register(app)
+    r = CliRunner().invoke(app, ["adapt", "fit", "--data-dir", str(session.store.data_dir),
+                                 "--out", str(tmp_path / "o")])  # fmt: skip
+    assert f"skipped cell {blast}: reviewed as blast, which the classifier has no output" in (
+        r.stderr
+    )
+    assert "12 labelled cell(s)" in r.stdout and "1 skipped" in r.stdout
+    assert r.exit_code in (0, 3), r.stdout + r.stderr  # judged, not refused as a usage error

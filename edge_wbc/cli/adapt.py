@@ -46,7 +46,8 @@ def nearest_centre(cells: list[Any], width: int, height: int) -> Any | None:
 
 def class_folders(dirs: list[Path], known: Any) -> list[tuple[str, Path]]:
     """(label, folder) for every DIR/<class>/; an unknown class name is a usage error naming the
-    folder. ``known(name)`` raises AdaptationError for a name the base head cannot learn."""
+    folder. ``known(name)`` raises AdaptationError for a name it does not know, and may return a
+    string: why that (known) class is left out, printed as a skipped folder."""
     from edge_wbc.pipeline.adaptation import AdaptationError
 
     out: list[tuple[str, Path]] = []
@@ -59,9 +60,12 @@ def class_folders(dirs: list[Path], known: Any) -> list[tuple[str, Path]]:
             raise _usage_error(f"{d}: no class folders (expected {d}/<class>/<images>)")
         for s in subs:
             try:
-                known(s.name)
+                why = known(s.name)
             except AdaptationError as e:
                 bad.append(f"{s}: {e}")
+                continue
+            if isinstance(why, str):
+                typer.echo(f"skipped {s}: {why}", err=True)
                 continue
             out.append((s.name, s))
     if bad:
@@ -166,12 +170,14 @@ def fit(
 
     t0 = time.perf_counter()
     if dirs:
-        folders = class_folders(list(dirs), lambda name: A.label_masks([name], base))
+        folders = class_folders(
+            list(dirs), lambda name: A.unlearnable(name, base) or A.label_masks([name], base)
+        )
         lab = cells_from_folders(analyzer, folders)
         source: dict[str, Any] = {"folders": [str(d) for d in dirs]}
     else:
         assert data_dir is not None
-        lab = cells_from_store(data_dir, ce.sha256)
+        lab = cells_from_store(data_dir, ce.sha256).learnable(base)
         source = {"data_dir": str(data_dir)}
     embed_s = time.perf_counter() - t0
     for s in lab.skipped:
@@ -240,45 +246,69 @@ def cells_from_store(data_dir: Path, base_sha256: str) -> LabCells:
 @adapt_app.command("export")
 def export(
     data_dir: Path = typer.Option(..., "--data-dir", help="The station's data folder."),
-    out: Path = typer.Option(..., "--out", help="Folder to write OUT/<class>/<cell>.jpg into."),
+    out: Path = typer.Option(
+        ..., "--out", help="Folder to write OUT/<class>/<cell>.jpg into (must not exist)."
+    ),
 ) -> None:
     """Write the reviewed (changed or confirmed) cells of a station as OUT/<class>/<cell>.jpg,
     the layout 'adapt fit' reads, with OUT/cells.json saying what each one is."""
     import json
     import shutil
+    import tempfile
 
     from edge_wbc.counting.session import CROP_PX
     from edge_wbc.counting.store import Store, StoreError
     from edge_wbc.pipeline.preprocess import CROP_SCALE
 
+    # A new folder, written whole or not at all: crops merged into an earlier export would be
+    # fitted on although its cells.json no longer lists them.
+    if out.exists():
+        raise _usage_error(f"--out {out} exists: export writes a new folder")
+    if not out.parent.resolve().is_dir():
+        raise _usage_error(f"--out: folder {out.parent} does not exist")
     try:
         rows = Store.reviewed_cells_readonly(data_dir)
     except StoreError as e:
         raise _usage_error(str(e)) from None
     if not rows:
         raise _usage_error(f"{data_dir}: no reviewed cells (confirm or change cells first)")
-    listed = []
+    with_crop = []
     for r in rows:
-        if r.crop_path is None or not r.crop_path.is_file():
+        if r.crop_path is not None and r.crop_path.is_file():
+            with_crop.append(r)
+        else:
             typer.echo(f"skipped cell {r.cell_id}: its crop image is missing", err=True)
-            continue
-        d = out / r.label
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(r.crop_path, d / f"{r.cell_id}{r.crop_path.suffix}")
-        except OSError as e:
-            raise _usage_error(f"cannot write {d}: {e.strerror or e}") from None
-        listed.append(
-            {
-                "cell_id": r.cell_id,
-                "file": f"{r.label}/{r.cell_id}{r.crop_path.suffix}",
-                "label": r.label,
-                "review": "confirmed" if r.confirmed else "changed",
-                "machine_label": r.machine_label,
-                "embedding_model": r.embedding_model,
-            }
+    if not with_crop:
+        raise _usage_error(
+            f"{data_dir}: none of the {len(rows)} reviewed cell(s) has its crop image; "
+            "nothing written"
         )
-    (out / "cells.json").write_text(json.dumps({"cells": listed}, indent=2) + "\n")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise _usage_error(f"cannot write in {out.parent}: {e.strerror or e}") from None
+    listed = []
+    try:
+        for r in with_crop:
+            assert r.crop_path is not None
+            name = f"{r.label}/{r.cell_id}{r.crop_path.suffix}"
+            (tmp / r.label).mkdir(exist_ok=True)
+            shutil.copyfile(r.crop_path, tmp / name)
+            listed.append(
+                {
+                    "cell_id": r.cell_id,
+                    "file": name,
+                    "label": r.label,
+                    "review": "confirmed" if r.confirmed else "changed",
+                    "machine_label": r.machine_label,
+                    "embedding_model": r.embedding_model,
+                }
+            )
+        (tmp / "cells.json").write_text(json.dumps({"cells": listed}, indent=2) + "\n")
+        tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _usage_error(f"cannot write {out}: {e.strerror or e}; nothing written") from None
     # The crops are CROP_PX wide around a box CROP_SCALE times smaller than the crop.
     typer.echo(
         f"{len(listed)} reviewed cell(s) written to {out}"

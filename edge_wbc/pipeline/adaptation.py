@@ -164,13 +164,37 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def label_masks(labels: Sequence[str], head: BaseHead) -> np.ndarray:
-    """n x K boolean: the head classes each label allows. A label is a head class or a group
-    name (``neutrophil`` when the head splits band and segmented: any of them is right)."""
+def _allowed(head: BaseHead) -> dict[str, np.ndarray]:
+    """Label -> the head classes it allows: a head class; a group of head classes
+    (``neutrophil`` when the head splits band and segmented: any of them is right); a class only
+    a technician assigns whose group has head classes (a myelocyte teaches the head "immature
+    granulocyte", a reactive lymphocyte "lymphocyte", a smudge cell "not a leukocyte")."""
     allowed: dict[str, np.ndarray] = {}
     for k, c in enumerate(head.classes):
         for name in {c, head.group_of(c)}:
             allowed.setdefault(name, np.zeros(len(head.classes), bool))[k] = True
+    for c, g in taxonomy.GROUP_OF.items():
+        if c not in allowed and g in allowed:
+            allowed[c] = allowed[g]
+    return allowed
+
+
+def unlearnable(label: str, head: BaseHead) -> str | None:
+    """Why a cell labelled ``label`` cannot teach the head anything (None: it can, or the name is
+    unknown, which ``label_masks`` reports): a class of the taxonomy whose group the head has no
+    output for (a blast or a plasma cell, assigned only in review). Such cells are left out of a
+    fit and listed, so one reviewed blast never blocks a lab's adaptation."""
+    if label in _allowed(head) or label not in taxonomy.GROUP_OF:
+        return None
+    return (
+        f"reviewed as {label}, which the classifier has no output for (group "
+        f"{taxonomy.GROUP_OF[label]}): not learnt from"
+    )
+
+
+def label_masks(labels: Sequence[str], head: BaseHead) -> np.ndarray:
+    """n x K boolean: the head classes each label allows (``_allowed``)."""
+    allowed = _allowed(head)
     bad = sorted({lab for lab in labels if lab not in allowed})
     if bad:
         raise AdaptationError(
@@ -1070,6 +1094,26 @@ class LabCells:
     #: a fold in validation.
     keys: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    #: what a message calls each cell ("cell ID" in a store; empty: its key)
+    names: list[str] = field(default_factory=list)
+
+    def learnable(self, head: BaseHead) -> LabCells:
+        """These cells without those the head cannot learn from (``unlearnable``), which join
+        ``skipped`` with the reason."""
+        out = LabCells(skipped=list(self.skipped))
+        names = self.names or self.keys
+        rows = zip(self.embeddings, self.labels, self.keys, names, strict=True)
+        for e, label, key, name in rows:
+            why = unlearnable(label, head)
+            if why is not None:
+                out.skipped.append(f"{name}: {why}")
+                continue
+            out.embeddings.append(e)
+            out.labels.append(label)
+            out.keys.append(key)
+            if self.names:
+                out.names.append(name)
+        return out
 
 
 def shipped_base(analyzer: Any) -> Any:
@@ -1158,4 +1202,5 @@ def cells_from_rows(rows: list[Any], base_sha256: str) -> LabCells:
         lab.embeddings.append(r.embedding)
         lab.labels.append(r.label)
         lab.keys.append(r.field_id)
+        lab.names.append(f"cell {r.cell_id}")
     return lab

@@ -116,7 +116,9 @@ class LabAdaptation:
                 base = shipped_base(self.analyzer)
             except AdaptationError as e:
                 raise AdaptationRefused(str(e)) from None
-            lab = cells_from_rows(self.session.store.reviewed_cells(), base.sha256)
+            lab = cells_from_rows(self.session.store.reviewed_cells(), base.sha256).learnable(
+                base
+            )
             if not lab.labels:
                 raise AdaptationRefused(
                     "no reviewed cells yet: confirm or change cells in review first (at least "
