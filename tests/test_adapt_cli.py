@@ -174,3 +174,14 @@ def test_fit_measures_the_magnification_and_lists_images_without_a_leukocyte(
     assert f"skipped {lab / 'lymphocyte' / 'blank.png'}: no leukocyte found" in err
     assert code == 2 and "at least two classes with >= 5 cells" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_fit_ignores_a_broken_configured_adaptation(app: typer.Typer, tmp_path: Path) -> None:
+    # After a model update the configured adaptation is refused; the fit that replaces it must
+    # still run (it starts from the shipped head anyway).
+    lab = _lab_dir(tmp_path / "lab", {"neutrophil": 2, "eosinophil": 2})
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[models]\nadaptation = '{tmp_path / 'gone'}'\n")
+    code, _, err = _run(app, "adapt", "fit", str(lab), "--out", str(tmp_path / "o"),
+                        "--config", str(cfg))  # fmt: skip
+    assert code == 2 and "at least two classes with >= 5 cells" in err, err

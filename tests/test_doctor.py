@@ -212,3 +212,40 @@ def test_check_config_cli(tmp_path: Path) -> None:
                               "--show"], env={"EDGE_WBC_MQTT_PASSWORD": "pw",
                                               "EDGE_WBC_MQTT_USERNAME": "u"})
     assert res.exit_code == 0 and 'password = "***"' in res.output and "pw\"" not in res.output
+
+
+def test_a_configured_adaptation_the_station_cannot_load_fails_the_models_check(
+    tmp_path: Path,
+) -> None:
+    """The station refuses to start with it (exit 2): doctor must not say READY."""
+    import numpy as np
+
+    from edge_wbc.pipeline import adaptation as A
+
+    models = ROOT / "models"
+    man = json.loads((models / "manifest.json").read_text())
+    ce = next(m for m in man["models"] if m["name"] == "classifier")
+    K = len(ce["classes"])
+    base = A.BaseHead(tuple(ce["classes"]), np.zeros((K, 1280)), np.zeros(K), 1.0, 0.9, 0.9,
+                      ce["sha256"])  # fmt: skip
+    fit = A.FitResult(
+        accepted=True, reason="test", method="pull 1", W=base.W, b=base.b, temperature=1.0,
+        confidence_threshold=0.9, other_threshold=0.9, cells={}, too_few={}, validation={},
+        seconds=0.0,
+    )  # fmt: skip
+    ad = A.write_adaptation(tmp_path / "lab", fit, base)
+    cfg = _cfg(tmp_path, f"[models]\ndir = '{models}'\nadaptation = '{ad.path}'\n")
+    row = doctor.check_models(cfg)
+    assert row.status == doctor.OK and f"lab adaptation {ad.id} verified" in row.detail, row.detail
+    with (ad.path / "head.npz").open("ab") as f:
+        f.write(b"x")
+    row = doctor.check_models(cfg)
+    assert row.status == doctor.FAIL and "head.npz" in row.detail, row.detail
+    assert "[models] adaptation" in row.detail and "will not start" in row.detail
+    cfg = _cfg(tmp_path, f"[models]\ndir = '{models}'\nadaptation = '{tmp_path / 'none'}'\n")
+    assert doctor.check_models(cfg).status == doctor.FAIL
+    other = A.BaseHead(base.classes, base.W, base.b, 1.0, 0.9, 0.9, "e" * 64)
+    ad2 = A.write_adaptation(tmp_path / "lab2", fit, other)
+    cfg = _cfg(tmp_path, f"[models]\ndir = '{models}'\nadaptation = '{ad2.path}'\n")
+    row = doctor.check_models(cfg)
+    assert row.status == doctor.FAIL and "made for classifier" in row.detail, row.detail

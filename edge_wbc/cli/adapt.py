@@ -158,10 +158,10 @@ def fit(
         raise _usage_error("--cell-diameter auto measures image folders, not --data-dir")
     diameter = cell_diameter_option(cell_diameter, lambda: _class_images(dirs or []))
 
-    analyzer = _build_analyzer(config, models, None, None, diameter)
     # The base is the shipped head, even when the config names an adaptation: a lab head is
-    # always fitted from, and validated against, the model as shipped.
-    analyzer.adaptation = None
+    # always fitted from, and validated against, the model as shipped. The configured one is not
+    # even loaded: after a model update it is refused, and this fit is how the lab replaces it.
+    analyzer = _build_analyzer(config, models, None, None, diameter, shipped_head=True)
     try:
         base = shipped_base(analyzer)
     except A.AdaptationError as e:

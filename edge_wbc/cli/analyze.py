@@ -87,7 +87,12 @@ def _build_analyzer(
     accelerator: str | None,
     cell_diameter: float | None,
     adaptation: Path | None = None,
+    shipped_head: bool = False,
 ) -> Any:
+    """``shipped_head``: ignore the adaptation the config names (not even loaded, so a broken or
+    outdated one does not stop the caller)."""
+    import dataclasses
+
     from edge_wbc.config import ConfigError
     from edge_wbc.logs import setup_logging
     from edge_wbc.pipeline.analysis import FieldAnalyzer
@@ -106,6 +111,8 @@ def _build_analyzer(
         )
     except ConfigError as e:
         raise _usage_error(str(e)) from None
+    if shipped_head:
+        cfg = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, adaptation=None))
     try:
         return FieldAnalyzer.from_config(cfg)
     except (ManifestError, AcceleratorError, ModelLoadError, RuntimeMissing) as e:

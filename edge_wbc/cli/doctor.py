@@ -118,6 +118,17 @@ def check_models(cfg: Config) -> Check:
         except AdaptationError as e:
             status = WARN
             note = f"; {e}: lab adaptation will refuse to fit (restore the models folder)"
+    # The station refuses to start with an adaptation it cannot load: so does this check.
+    if cls is not None and cfg.models.adaptation:
+        from edge_wbc.pipeline.adaptation import AdaptationError, load_adaptation
+
+        try:
+            ad = load_adaptation(Path(cfg.models.adaptation), cls.sha256)
+            note += f", lab adaptation {ad.id} verified"
+        except AdaptationError as e:
+            return Check("models", FAIL, (
+                f"[models] adaptation: {e}; the station will not start with it (fit a new one, "
+                "or remove the setting to count with the shipped model)"))
     return Check("models", status, f"{where.path.resolve()} ({where.source}): "
                  f"{', '.join(parts)}, sha256 verified{note}")
 
