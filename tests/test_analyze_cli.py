@@ -155,6 +155,8 @@ def test_json_to_stdout(app: typer.Typer, config: Path) -> None:
             [str(FIELDS / "BloodImage_00007.jpg"), "--json", "/nonexistent/dir/out.json"],
             "does not exist",
         ),
+        # refused before the batch, not after analysing it all
+        ([str(FIELDS / "BloodImage_00007.jpg"), "--json", str(FIELDS)], "is a folder"),
     ],
 )
 def test_usage_errors_exit_2(app: typer.Typer, config: Path, args: list[str], message: str) -> None:
@@ -549,3 +551,10 @@ def test_python_dash_m_runs_the_cli() -> None:
     r = subprocess.run([sys.executable, "-m", "edge_wbc.cli", "analyze", "--help"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--cell-diameter" in r.stdout, r.stderr
+
+
+def test_a_failed_atomic_write_leaves_no_temporary(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OSError):
+        cli_analyze._atomic_write_bytes(tmp_path / "out", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

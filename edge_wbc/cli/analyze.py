@@ -38,11 +38,16 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     # A reader (or a crash) never sees half a file; an older file is replaced only when the new
     # one is complete.
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # a full disk or a target that cannot be replaced: no half-written temporary left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_png(path: Path, img: np.ndarray) -> None:
@@ -249,8 +254,11 @@ def analyze(
         except OSError as e:
             raise _usage_error(f"{what}: cannot create {out_dir}: {e.strerror or e}") from None
     to_stdout = json_out is not None and str(json_out) == "-"
-    if json_out is not None and not to_stdout and not json_out.parent.resolve().is_dir():
-        raise _usage_error(f"--json: folder {json_out.parent} does not exist")
+    if json_out is not None and not to_stdout:
+        if not json_out.parent.resolve().is_dir():
+            raise _usage_error(f"--json: folder {json_out.parent} does not exist")
+        if json_out.is_dir():  # found after the whole batch, it lost the batch
+            raise _usage_error(f"--json: {json_out} is a folder; give a file name")
 
     from edge_wbc.pipeline.imageio import list_images
 
