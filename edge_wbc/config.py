@@ -540,7 +540,8 @@ def load_config(
         values["mqtt"]["station_id"] = _hostname()
 
     cfg, more = _build(values, lambda s, k: file_lines.get(f"{s}.{k}"), src, cfg_path,
-                       lambda s, k, item: _item_line(text, file_lines.get(f"{s}.{k}"), item))
+                       lambda s, k, item: _item_line(text, file_lines.get(f"{s}.{k}"), item),
+                       _env_keys(env))
     problems += more
     if problems:
         raise ConfigError(problems)
@@ -610,6 +611,20 @@ def _apply_file(
             else:
                 problems.append(Problem(dotted, line, msg, src))
     return problems
+
+
+def _env_keys(env: Mapping[str, str]) -> dict[str, str]:
+    """"section.key" -> the environment variable that sets it (the environment wins over the
+    file, so a problem with such a key is the variable's, not the file's)."""
+    out: dict[str, str] = {}
+    for name in env:
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        sec = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        if sec is not None and _field(sec, rest[len(sec) + 1:]) is not None:
+            out[f"{sec}.{rest[len(sec) + 1:]}"] = name
+    return out
 
 
 def _apply_env(env: Mapping[str, str], values: dict[str, dict[str, Any]]) -> list[Problem]:
@@ -682,13 +697,22 @@ def _build(
     src: str,
     path: Path | None,
     item_line: typing.Callable[[str, str, str], int | None] | None = None,
+    from_env: Mapping[str, str] | None = None,
 ) -> tuple[Config, list[Problem]]:
-    """Construct the tree and run the checks that involve more than one key."""
+    """Construct the tree and run the checks that involve more than one key. ``from_env``:
+    the keys the environment set ("section.key" -> variable), whose problems are its own."""
     cfg = Config(**{s: cls(**values[s]) for s, cls in SECTIONS.items()}, path=path)
     problems: list[Problem] = []
+    env_set = from_env or {}
+
+    def problem(sec: str, key: str, line: int | None, msg: str) -> Problem:
+        var = env_set.get(f"{sec}.{key}")
+        if var is not None:
+            return Problem(f"{sec}.{key}", None, f"{var}: {msg}", "environment")
+        return Problem(f"{sec}.{key}", line, msg, src)
 
     def bad(sec: str, key: str, msg: str) -> None:
-        problems.append(Problem(f"{sec}.{key}", line_of(sec, key), msg, src))
+        problems.append(problem(sec, key, line_of(sec, key), msg))
 
     if not is_loopback(cfg.station.host) and not cfg.station.token:
         bad("station", "host", f"'{cfg.station.host}' is reachable from other machines: set a "
@@ -716,8 +740,8 @@ def _build(
         line = None
         if fp.item is not None and item_line is not None:
             line = item_line("formula", fp.key, fp.item)
-        problems.append(Problem(f"formula.{fp.key}", line or line_of("formula", fp.key),
-                                fp.message, src))
+        problems.append(problem("formula", fp.key, line or line_of("formula", fp.key),
+                                fp.message))
     lis = cfg.lis
     needs = {"folder": ("folder", "a folder to write to"), "mllp": ("host", "the LIS host"),
              "fhir": ("fhir_url", "the FHIR server's base URL")}.get(lis.delivery)

@@ -299,6 +299,16 @@ def build_formula(
             parsed.append(parse_flag(rule))
         except ValueError as e:
             problems.append(FormulaProblem("flags", rule, str(e)))
+    # A cell of a class the formula does not list is set aside uncounted when it is not a
+    # leukocyte (Formula.row_for): a flag on it could never be raised.
+    for f in parsed:
+        cls = members(f.name)
+        unlisted = [c for c in cls if c not in owner]
+        if kind_of(cls[0]) == COUNT_ONLY and unlisted:
+            problems.append(FormulaProblem(
+                "flags", f.rule, f"flag {f.rule!r} would never be raised: the formula sets "
+                f"{', '.join(unlisted)} aside uncounted; list "
+                f"{' and '.join(repr(c) for c in unlisted)} under 'count_only'"))
     if problems:
         return None, problems
     # Counted rows first, then unidentified (as today), then the rest in the lab's order.

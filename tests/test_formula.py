@@ -136,6 +136,29 @@ def test_check_config_names_key_and_line_for_every_formula_problem(tmp_path: Pat
     assert f"{p}:6: formula.counted: 'erythroblast' is reported per 100" in res.output
 
 
+def test_a_flag_on_cells_the_formula_sets_aside_is_refused(tmp_path: Path) -> None:
+    # A smudge cell not listed under count_only is set aside uncounted: its flag never fires.
+    p = tmp_path / "c.toml"
+    p.write_text('[formula]\nflags = [\n  "blast > 0",\n  "smudge_cell > 10%",\n]\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, env={})
+    (pr,) = exc.value.problems
+    assert (pr.key, pr.line) == ("formula.flags", 4)
+    assert "would never be raised" in pr.message and "under 'count_only'" in pr.message
+    p.write_text('[formula]\ncount_only = ["smudge_cell"]\nflags = ["smudge_cell > 10%"]\n')
+    assert load_config(p, env={}).formula.build().flags[0].name == "smudge_cell"
+
+
+def test_a_formula_problem_set_by_the_environment_is_the_environment_s(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('[formula]\npreset = "ru"\nflags = ["blast > 0"]\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, env={"EDGE_WBC_FORMULA_FLAGS": "eos > 5%"})
+    (pr,) = exc.value.problems
+    assert (pr.source, pr.line) == ("environment", None)
+    assert pr.message.startswith("EDGE_WBC_FORMULA_FLAGS: flag 'eos > 5%'")
+
+
 def test_a_formula_list_must_be_strings(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_text("[formula]\ncounted = \"neutrophil\"\nflags = [1]\n")
