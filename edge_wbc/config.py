@@ -540,10 +540,13 @@ def load_config(
         values["mqtt"]["station_id"] = _hostname()
 
     cfg, more = _build(values, lambda s, k: file_lines.get(f"{s}.{k}"), src, cfg_path,
-                       lambda s, k, item: _item_line(text, file_lines.get(f"{s}.{k}"), item),
+                       lambda s, k, item, nth: _item_line(text, file_lines.get(f"{s}.{k}"),
+                                                          item, nth),
                        _env_keys(env))
     problems += more
     if problems:
+        # The file's problems in its line order, then the environment's and the rest.
+        problems.sort(key=lambda p: (p.source != src, p.line if p.line is not None else 1 << 30))
         raise ConfigError(problems)
     return cfg
 
@@ -696,7 +699,7 @@ def _build(
     line_of: typing.Callable[[str, str], int | None],
     src: str,
     path: Path | None,
-    item_line: typing.Callable[[str, str, str], int | None] | None = None,
+    item_line: typing.Callable[[str, str, str, int], int | None] | None = None,
     from_env: Mapping[str, str] | None = None,
 ) -> tuple[Config, list[Problem]]:
     """Construct the tree and run the checks that involve more than one key. ``from_env``:
@@ -739,7 +742,7 @@ def _build(
     for fp in fproblems:
         line = None
         if fp.item is not None and item_line is not None:
-            line = item_line("formula", fp.key, fp.item)
+            line = item_line("formula", fp.key, fp.item, fp.nth)
         problems.append(problem("formula", fp.key, line or line_of("formula", fp.key),
                                 fp.message))
     lis = cfg.lis
@@ -991,19 +994,38 @@ def key_lines(text: str) -> dict[str, int]:
     return out
 
 
-def _item_line(text: str, key_line: int | None, item: str) -> int | None:
-    """The line of one string inside an array that starts at ``key_line`` (an array written
-    over several lines puts each problem on its own line)."""
+def _item_line(text: str, key_line: int | None, item: str, nth: int = 0) -> int | None:
+    """The line of the ``nth`` occurrence of one string inside an array that starts at
+    ``key_line`` (an array written over several lines puts each problem on its own line);
+    comments are not searched."""
     if key_line is None:
         return None
     lines = text.splitlines()
+    seen = 0
     for n in range(key_line, len(lines) + 1):
-        line = lines[n - 1]
-        if f'"{item}"' in line or f"'{item}'" in line:
-            return n
-        if n > key_line and ("]" in line.split("#", 1)[0] or _KEY_RE.match(line)):
+        code = _code_part(lines[n - 1])
+        for q in ('"', "'"):
+            found = code.count(f"{q}{item}{q}")
+            if seen + found > nth:
+                return n
+            seen += found
+        if n > key_line and ("]" in code or _KEY_RE.match(code)):
             break
     return key_line
+
+
+def _code_part(line: str) -> str:
+    """A TOML line without its comment (a # inside a string is kept)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#":
+            return line[:i]
+    return line
 
 
 def _toml_error_line(e: Exception) -> int | None:

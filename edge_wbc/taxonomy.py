@@ -233,6 +233,7 @@ class FormulaProblem:
     key: str  # "preset", "counted", "per_100_wbc", "count_only" or "flags"
     item: str | None  # the list item at fault, for its line in the file
     message: str
+    nth: int = 0  # which occurrence of ``item`` in the list (a repeated item: the repeat)
 
 
 def parse_flag(rule: str) -> Flag:
@@ -284,6 +285,9 @@ def build_formula(
             if natural != kind:
                 problems.append(FormulaProblem(kind, name, _wrong_kind(name, natural, kind)))
                 continue
+            if name in owner.values() and all(owner.get(c) == name for c in cls):
+                problems.append(FormulaProblem(kind, name, f"'{name}' is listed twice", nth=1))
+                continue
             clash = [c for c in cls if c in owner]
             if clash:
                 problems.append(FormulaProblem(
@@ -294,7 +298,13 @@ def build_formula(
                 owner[c] = name
             rows.append(Row(name, kind, cls))
     parsed: list[Flag] = []
+    seen: set[str] = set()
     for rule in (p_flags if flags is None else flags):
+        if rule.strip() in seen:
+            problems.append(FormulaProblem("flags", rule, f"flag {rule!r} is listed twice",
+                                           nth=1))
+            continue
+        seen.add(rule.strip())
         try:
             parsed.append(parse_flag(rule))
         except ValueError as e:

@@ -159,6 +159,30 @@ def test_a_formula_problem_set_by_the_environment_is_the_environment_s(tmp_path:
     assert pr.message.startswith("EDGE_WBC_FORMULA_FLAGS: flag 'eos > 5%'")
 
 
+def test_a_repeated_item_is_named_at_its_repeat_and_comments_are_not_read(
+    tmp_path: Path,
+) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(
+        "[formula]\n"  # 1
+        "counted = [\n"  # 2
+        '  "lymphocyte",  # not "monocyt"\n'  # 3
+        '  "monocyt",\n'  # 4: unknown
+        '  "monocyte",\n'  # 5
+        '  "monocyte",\n'  # 6: listed twice
+        "]\n"  # 7
+        'flags = [\n  "blast > 0",\n  "blast > 0",\n]\n'  # 8-11: the repeat on 10
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, env={})
+    got = [(pr.line, pr.message) for pr in exc.value.problems]
+    assert got == [
+        (4, "unknown class or group 'monocyt' (did you mean 'monocyte'?)"),
+        (6, "'monocyte' is listed twice"),
+        (10, "flag 'blast > 0' is listed twice"),
+    ]
+
+
 def test_a_formula_list_must_be_strings(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_text("[formula]\ncounted = \"neutrophil\"\nflags = [1]\n")
