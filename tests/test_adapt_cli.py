@@ -185,3 +185,8 @@ def test_fit_ignores_a_broken_configured_adaptation(app: typer.Typer, tmp_path: 
     code, _, err = _run(app, "adapt", "fit", str(lab), "--out", str(tmp_path / "o"),
                         "--config", str(cfg))  # fmt: skip
     assert code == 2 and "at least two classes with >= 5 cells" in err, err
+
+
+def test_fit_without_cells_says_what_to_give(app: typer.Typer, tmp_path: Path) -> None:
+    code, _, err = _run(app, "adapt", "fit", "--out", str(tmp_path / "o"))
+    assert code == 2 and "give folders of labelled cells" in err and "not both" not in err

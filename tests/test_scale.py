@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -43,3 +45,13 @@ def test_fields_without_red_cells_are_a_clear_error() -> None:
     blank = np.full((200, 200, 3), 220, np.uint8)
     with pytest.raises(ScaleError, match="none of the 2 image"):
         estimate_cell_diameter([blank, blank])
+
+
+def test_unreadable_files_are_named_when_nothing_could_be_measured(tmp_path: Path) -> None:
+    from edge_wbc.pipeline.scale import estimate_from_files
+
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    match = r"none of the 0 image.*1 could not be read: .*corrupt\.jpg"
+    with pytest.raises(ScaleError, match=match):
+        estimate_from_files([bad])

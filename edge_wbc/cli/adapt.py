@@ -148,8 +148,10 @@ def fit(
     """Fit this lab's head and validate it on held-out cells against the shipped one."""
     from edge_wbc.pipeline import adaptation as A
 
-    if bool(dirs) == (data_dir is not None):
+    if dirs and data_dir is not None:
         raise _usage_error("give either folders of labelled cells or --data-dir, not both")
+    if not dirs and data_dir is None:
+        raise _usage_error("give folders of labelled cells (DIR/<class>/) or --data-dir")
     if out.exists():
         raise _usage_error(f"--out {out} exists: an adaptation is a version, never overwritten")
     if not out.parent.resolve().is_dir():

@@ -90,14 +90,25 @@ def estimate_from_files(paths: Sequence[Path], limit: int = 40) -> CellScale:
     (40 fields measure a magnification to a few per cent); unreadable files are passed over."""
     from edge_wbc.pipeline.imageio import ImageError, read_image
 
+    unreadable: list[str] = []
+
     def images() -> Iterator[np.ndarray]:
         for p in list(paths)[:: max(1, len(paths) // limit)][:limit]:
             try:
                 yield read_image(p)
-            except ImageError:
-                continue
+            except ImageError as e:
+                unreadable.append(f"{p}: {e}")
 
-    return estimate_cell_diameter(images())
+    try:
+        return estimate_cell_diameter(images())
+    except ScaleError as e:
+        if not unreadable:
+            raise
+        # "none of the 0 images" alone hides that the files given could not be read at all
+        raise ScaleError(
+            f"{e}; {len(unreadable)} could not be read: {'; '.join(unreadable[:3])}"
+            + (" ..." if len(unreadable) > 3 else "")
+        ) from None
 
 
 def estimate_cell_diameter(images: Iterable[np.ndarray]) -> CellScale:
