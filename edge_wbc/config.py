@@ -507,7 +507,9 @@ def load_config(
     if cfg_path is not None:
         src = str(cfg_path)
         try:
-            text = cfg_path.read_text(encoding="utf-8")
+            # utf-8-sig: a file saved by Windows Notepad starts with a byte-order mark, which
+            # TOML does not allow but which says nothing about the settings.
+            text = cfg_path.read_text(encoding="utf-8-sig")
         except FileNotFoundError:
             raise ConfigError([Problem("", None, "file not found", src)]) from None
         except (OSError, UnicodeDecodeError) as e:
@@ -592,6 +594,16 @@ def _apply_file(
     problems: list[Problem] = []
     for sec, table in data.items():
         if sec not in SECTIONS:
+            home = [s for s, cls in SECTIONS.items()
+                    if sec in {f.name for f in dataclasses.fields(cls)}]  # fmt: skip
+            if not isinstance(table, dict):
+                # a key written above every [section] header
+                where = (f"; it belongs under [{home[0]}]" if len(home) == 1 else
+                         f"; put it under its section ({', '.join(f'[{h}]' for h in home)})"
+                         if home else "")  # fmt: skip
+                problems.append(Problem(sec, lines.get(sec), f"'{sec}' is outside any section"
+                                        f"{where}", src))  # fmt: skip
+                continue
             problems.append(Problem(sec, lines.get(sec), f"unknown section [{sec}] (known: "
                                     f"{', '.join(SECTIONS)})", src))
             continue
@@ -863,8 +875,11 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
         if value != value or value in (float("inf"), float("-inf")):
             return False, None, "must be a finite number"
     elif typing.get_origin(base) is tuple:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, (list, tuple)):
             return False, None, f"must be an array of strings, got {_describe(value)}"
+        odd = [v for v in value if not isinstance(v, str)]
+        if odd:
+            return False, None, f"must be an array of strings; it holds {_describe(odd[0])}"
         value = tuple(v.strip() for v in value)
     elif base is str:
         if not isinstance(value, str):

@@ -243,3 +243,21 @@ def test_example_and_docs_say_what_the_outbox_drops() -> None:
         assert "oldest field summary" in flat or "oldest queued **field** summary" in flat
         assert "never dropped" in flat or "**never dropped**" in flat
         assert "oldest are dropped" not in flat
+
+
+def test_a_key_above_every_section_header_is_said_to_be_one(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('preset = "ru"\nport = 9000\n[formula]\ncounted = ["monocyte", 1]\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, env={})
+    got = [(pr.line, pr.message) for pr in exc.value.problems]
+    assert got[0] == (1, "'preset' is outside any section; it belongs under [formula]")
+    assert got[1][0] == 2 and "outside any section" in got[1][1] and "[station]" in got[1][1]
+    assert got[2] == (4, "must be an array of strings; it holds integer 1")
+
+
+def test_a_byte_order_mark_is_not_a_syntax_error(tmp_path: Path) -> None:
+    # Windows Notepad writes one; the settings after it are what matter.
+    p = tmp_path / "c.toml"
+    p.write_bytes(b"\xef\xbb\xbf[formula]\npreset = 'ru'\n")
+    assert load_config(p, env={}).formula.preset == "ru"
