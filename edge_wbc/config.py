@@ -517,8 +517,10 @@ def load_config(
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError([Problem("", _toml_error_line(e), f"not valid TOML: {_toml_msg(e)}",
-                                       src)]) from None
+            line = _toml_error_line(e)
+            if line is None and "end of document" in str(e):
+                line = max(1, len(text.splitlines()))
+            raise ConfigError([Problem("", line, f"not valid TOML: {_toml_msg(e)}", src)]) from None
         file_lines = key_lines(text)
         problems += _apply_file(data, values, file_lines, src)
 

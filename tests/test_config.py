@@ -261,3 +261,12 @@ def test_a_byte_order_mark_is_not_a_syntax_error(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_bytes(b"\xef\xbb\xbf[formula]\npreset = 'ru'\n")
     assert load_config(p, env={}).formula.preset == "ru"
+
+
+def test_a_syntax_error_at_the_end_of_the_file_has_a_line(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('[formula]\nflags = ["blast > 0"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, env={})
+    (pr,) = exc.value.problems
+    assert pr.line == 2 and "not valid TOML" in pr.message

@@ -139,6 +139,9 @@ def test_export_never_merges_into_an_earlier_folder(session: SlideSession, tmp_p
     assert [p.name for p in out.rglob("*.jpg")] == [f"{a}.jpg"]
     code, err = _export(session, tmp_path / "no" / "export")
     assert code == 2 and "does not exist" in err
+    (tmp_path / "afile").write_text("")
+    code, err = _export(session, tmp_path / "afile" / "export")
+    assert code == 2 and "is a file, not a folder" in err
 
 
 def test_export_without_any_crop_says_so_and_writes_nothing(

@@ -155,7 +155,8 @@ def fit(
     if out.exists():
         raise _usage_error(f"--out {out} exists: an adaptation is a version, never overwritten")
     if not out.parent.resolve().is_dir():
-        raise _usage_error(f"--out: folder {out.parent} does not exist")
+        raise _usage_error(f"--out: {out.parent} " + (
+            "is a file, not a folder" if out.parent.exists() else "does not exist"))
     if cell_diameter is not None and cell_diameter.strip().lower() == "auto" and not dirs:
         raise _usage_error("--cell-diameter auto measures image folders, not --data-dir")
     diameter = cell_diameter_option(cell_diameter, lambda: _class_images(dirs or []))
@@ -267,7 +268,8 @@ def export(
     if out.exists():
         raise _usage_error(f"--out {out} exists: export writes a new folder")
     if not out.parent.resolve().is_dir():
-        raise _usage_error(f"--out: folder {out.parent} does not exist")
+        raise _usage_error(f"--out: {out.parent} " + (
+            "is a file, not a folder" if out.parent.exists() else "does not exist"))
     try:
         rows = Store.reviewed_cells_readonly(data_dir)
     except StoreError as e:
