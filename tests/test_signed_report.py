@@ -272,7 +272,13 @@ def test_adapt_to_this_lab_fit_activate_rollback(tmp_path: Path, analyzer) -> No
     with pytest.raises(AdaptationRefused, match="at least two classes"):
         lab.fit()
     _lab_cells(s, base, base.sha256, n_per=24)
+    # A cell the technician called a blast (no output of the classifier's) is left out, said;
+    # it does not refuse the lab's other cells.
+    blast = next(iter(s.cells))
+    s.review(blast, "blast")
     out = lab.fit()
+    assert out["skipped"] == 1
+    assert out["skipped_reasons"][0].startswith(f"cell {blast}: reviewed as blast")
     assert out["accepted"], out["reason"]
     v = out["validation"]
     assert v["adapted"]["top1"] > v["shipped"]["top1"]

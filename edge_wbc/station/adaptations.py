@@ -131,7 +131,7 @@ class LabAdaptation:
                 "at": now_iso(), "accepted": result.accepted, "reason": result.reason,
                 "cells": result.cells, "too_few": result.too_few,
                 "validation": result.validation, "seconds": round(result.seconds, 2),
-                "skipped": len(lab.skipped), "id": None,
+                "skipped": len(lab.skipped), "skipped_reasons": lab.skipped[:50], "id": None,
             }
             if result.accepted:
                 self.dir.mkdir(parents=True, exist_ok=True)

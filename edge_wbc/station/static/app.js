@@ -1181,7 +1181,9 @@ async function fitLab() {
     const few = Object.entries(r.too_few || {}).map(([k, n]) => `${nameOf(k)} (${n})`).join(", ");
     out.innerHTML = validationTable(r.validation) +
       `<p class="${r.accepted ? "ok" : "bad"}"><b>${r.accepted ? "Adapted is better: written, not yet in use" : "Not better: nothing written"}</b> — ${escapeHtml(r.reason)}</p>` +
-      (few ? `<p class="muted small">Too few cells, left as shipped: ${escapeHtml(few)}</p>` : "");
+      (few ? `<p class="muted small">Too few cells, left as shipped: ${escapeHtml(few)}</p>` : "") +
+      // a blast or plasma cell the classifier has no output for, a cell another model saw
+      (r.skipped ? `<p class="muted small">Left out of the fit: ${r.skipped} cell(s) — ${escapeHtml((r.skipped_reasons || []).slice(0, 3).join("; "))}${r.skipped > 3 ? " …" : ""}</p>` : "");
     if (r.accepted) {
       const b = document.createElement("button");
       b.type = "button";
