@@ -282,6 +282,39 @@ def test_new_slide_needs_abandon_when_open(st: RunningStation) -> None:
     assert jreq(st.url + "/api/slide/sample", "POST", {"sample_id": "X-2"})[1]["sample_id"] == "X-2"
 
 
+def test_a_field_analysed_after_a_new_slide_is_not_counted_on_it(tmp_path: Path) -> None:
+    # One patient's field must never land on the next patient's slide: the capture was accepted
+    # for slide A, a new slide B started while it was being analysed.
+    import threading
+
+    class Held(FakeAnalyzer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def analyze(self, rgb: np.ndarray, path: str = "") -> FieldResult:
+            self.entered.set()
+            assert self.release.wait(10)
+            return super().analyze(rgb, path)
+
+    an = Held()
+    rs = RunningStation(tmp_path / "data", f"folder:{SAMPLES}", analyzer=an, target=10)
+    try:
+        first = jreq(rs.url + "/api/slide/new", "POST", {"sample_id": "PATIENT-A"})[1]
+        status, _ = jreq(rs.url + "/api/capture", "POST")
+        assert status == 202 and an.entered.wait(10)
+        status, st_b = jreq(rs.url + "/api/slide/new", "POST", {"sample_id": "PATIENT-B"})
+        assert status == 200 and st_b["slide_id"] != first["slide_id"]
+        an.release.set()
+        rs.wait_idle()
+        state = jreq(rs.url + "/api/state")[1]
+        assert state["sample_id"] == "PATIENT-B" and state["fields"] == 0 and state["counted"] == 0
+        assert "captured for slide" in rs.station.last_error["message"]
+    finally:
+        an.release.set()
+        rs.close()
+
+
 def test_page_static_and_preview(st: RunningStation) -> None:
     status, h, page = req(st.url + "/")
     assert status == 200 and b"<title>edge-wbc" in page and "text/html" in h["Content-Type"]

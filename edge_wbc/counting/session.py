@@ -464,14 +464,23 @@ class SlideSession:
         captured_at: str = "",
         t_trigger: float | None = None,
         capture_id: int | None = None,
+        slide_id: str | None = None,
     ) -> FieldRecord:
         """Count one analysed field. Returns the field summary (also published as an event).
-        ``capture_id``: the store's record of the capture, closed in the field's transaction."""
+        ``capture_id``: the store's record of the capture, closed in the field's transaction.
+        ``slide_id``: the slide the field was captured for; another one open now (a new slide
+        started while it was analysed) refuses it rather than count one patient's field on
+        another's slide."""
         rgb = ensure_rgb_uint8(rgb)
         if result.error:
             raise SessionError(f"field not counted: {result.error}")
         with self._lock:
             self._require_open()
+            if slide_id is not None and slide_id != self.slide["id"]:
+                raise SessionError(
+                    f"field not counted: it was captured for slide {slide_id}, which was closed "
+                    "before its analysis finished"
+                )
             t0 = time.perf_counter()
             h, w = rgb.shape[:2]
             sig = field_signature(rgb)

@@ -46,6 +46,7 @@ class _Job:
     frame: Frame
     trigger: str
     t0: float  # perf_counter at the trigger
+    slide_id: str  # the slide it was captured for
 
 
 class Station:
@@ -164,7 +165,7 @@ class Station:
                 self._set_error("disk" if isinstance(e, DiskFullError) else "store",
                                 f"capture refused: {e}")
                 raise
-            job = _Job(cid, frame, trigger, t0)
+            job = _Job(cid, frame, trigger, t0, st["slide_id"])
             try:
                 self._q.put_nowait(job)
             except queue.Full:  # cannot happen under the lock, but never lose it silently
@@ -243,6 +244,7 @@ class Station:
             summary = self.session.add_field(
                 job.frame.rgb, result, source=job.frame.source,
                 captured_at=job.frame.captured_at, t_trigger=job.t0, capture_id=job.capture_id,
+                slide_id=job.slide_id,
             )
         except DiskFullError as e:
             self._refuse(job, "disk", str(e))
