@@ -315,6 +315,26 @@ def test_a_field_analysed_after_a_new_slide_is_not_counted_on_it(tmp_path: Path)
         rs.close()
 
 
+def test_a_body_that_never_arrives_is_a_408_not_a_crash(
+    st: RunningStation, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    st.server.idle_timeout_s = 1.0
+    u = urlsplit(st.url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+        sock.sendall(b"POST /api/slide/target HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 20\r\n\r\n"
+                     b'{"target":')  # fmt: skip
+        answer = b""
+        while chunk := sock.recv(65536):  # the server closes the connection after answering
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"did not arrive" in answer
+    assert jreq(st.url + "/api/state")[0] == 200  # and it goes on serving
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_page_static_and_preview(st: RunningStation) -> None:
     status, h, page = req(st.url + "/")
     assert status == 200 and b"<title>edge-wbc" in page and "text/html" in h["Content-Type"]

@@ -357,9 +357,10 @@ class Handler(BaseHTTPRequestHandler):
         self.server.waiting(self)
         try:
             super().handle_one_request()
-        except ConnectionError:
-            # The client went away (mid-request or while its answer was written), or the
-            # connection was closed to make room: nobody to answer, nothing to log as a crash.
+        except OSError:
+            # The client went away (mid-request or while its answer was written), the
+            # connection was closed to make room, or it timed out (a timed-out socket's file
+            # refuses any further read): nobody to answer, nothing to log as a crash.
             self.close_connection = True
         finally:
             self.server.working(self)
@@ -452,7 +453,12 @@ class Handler(BaseHTTPRequestHandler):
         if length > MAX_BODY:
             self.close_connection = True
             raise _ApiError(413, "request body too large")
-        raw = self.rfile.read(length) if length else b""
+        try:
+            raw = self.rfile.read(length) if length else b""
+        except TimeoutError:
+            # The client stopped sending: the rest of the stream is no request to read.
+            self.close_connection = True
+            raise _ApiError(408, f"the body did not arrive ({length} bytes announced)") from None
         if len(raw) < length:
             self.close_connection = True
             raise _ApiError(400, f"body ended after {len(raw)} of {length} bytes")
