@@ -200,6 +200,16 @@ def test_target_extend_and_validation(session: SlideSession) -> None:
             session.set_target(bad)
 
 
+def test_the_placeholder_prefix_is_not_a_sample_id(session: SlideSession) -> None:
+    # Entered, it would read as "no sample ID" and a lab requiring one could never finalise.
+    for bad in ("unnamed-x", "Unnamed-2"):
+        with pytest.raises(SessionError, match="placeholder"):
+            session.set_sample_id(bad)
+        with pytest.raises(SessionError, match="placeholder"):
+            session.new_slide(bad, abandon=True)
+    session.set_sample_id("unnamed patient 7")  # only the exact prefix is the station's
+
+
 def test_new_slide_requires_finalise_or_abandon(session: SlideSession) -> None:
     _add(session, _distinct_fields(1)[0], ["neutrophil"])
     old = session.slide["id"]

@@ -932,6 +932,14 @@ def _check_note(name: str, value: Any) -> str:
 
 def _check_sample_id(sample_id: Any) -> str:
     try:
-        return check_sample_id(sample_id)
+        text = check_sample_id(sample_id)
     except InputError as e:
         raise SessionError(str(e)) from None
+    if text.lower().startswith(UNNAMED):
+        # The station's own name for a slide without one: entered, it would read as missing
+        # (a lab that requires a sample ID could never finalise the slide).
+        raise SessionError(
+            f"a sample id starting with {UNNAMED!r} is the station's placeholder for a slide "
+            "without one: enter the sample's own id"
+        )
+    return text
