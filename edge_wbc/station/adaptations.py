@@ -119,14 +119,19 @@ class LabAdaptation:
             lab = cells_from_rows(self.session.store.reviewed_cells(), base.sha256).learnable(
                 base
             )
+            # The cells left out (a blast, a cell another classifier saw) are named in every
+            # answer, refusals included, so the count on the page adds up.
+            left_out = (f" ({len(lab.skipped)} reviewed cell(s) left out: "
+                        f"{'; '.join(lab.skipped[:3])}{' …' if len(lab.skipped) > 3 else ''})"
+                        if lab.skipped else "")  # fmt: skip
             if not lab.labels:
                 raise AdaptationRefused(
-                    "no reviewed cells yet: confirm or change cells in review first (at least "
-                    f"{MIN_CELLS_PER_CLASS} of each of two classes)")
+                    "no reviewed cells to learn from yet: confirm or change cells in review "
+                    f"first (at least {MIN_CELLS_PER_CLASS} of each of two classes){left_out}")
             try:
                 result = fit_adaptation(np.stack(lab.embeddings), lab.labels, base, lab.keys)
             except AdaptationError as e:
-                raise AdaptationRefused(f"cannot adapt: {e}") from None
+                raise AdaptationRefused(f"cannot adapt: {e}{left_out}") from None
             out: dict[str, Any] = {
                 "at": now_iso(), "accepted": result.accepted, "reason": result.reason,
                 "cells": result.cells, "too_few": result.too_few,
