@@ -200,6 +200,14 @@ def test_target_extend_and_validation(session: SlideSession) -> None:
             session.set_target(bad)
 
 
+def test_confirming_a_cell_of_a_discarded_field_says_why_not(session: SlideSession) -> None:
+    rec = _add(session, _distinct_fields(1)[0], ["lymphocyte"])
+    (cid,) = [c for c in session.cells if c.startswith(rec["id"])]
+    session.discard_field(rec["id"], "unusable")
+    with pytest.raises(SessionError, match="discarded field: take the field back first"):
+        session.confirm([cid])
+
+
 def test_the_placeholder_prefix_is_not_a_sample_id(session: SlideSession) -> None:
     # Entered, it would read as "no sample ID" and a lab requiring one could never finalise.
     for bad in ("unnamed-x", "Unnamed-2"):

@@ -277,8 +277,11 @@ def test_new_slide_needs_abandon_when_open(st: RunningStation) -> None:
     capture(st)
     status, body = jreq(st.url + "/api/slide/new", "POST", {"sample_id": "X"})
     assert status == 409 and "abandon" in body["error"]
+    old = jreq(st.url + "/api/state")[1]["slide_id"]
     status, s = jreq(st.url + "/api/slide/new", "POST", {"sample_id": "X", "abandon": True})
     assert status == 200 and s["counted"] == 0
+    status, body = jreq(st.url + f"/api/slide/report.json?slide={old}")
+    assert status == 404 and "was abandoned: it has no report" in body["error"]
     assert jreq(st.url + "/api/slide/sample", "POST", {"sample_id": "X-2"})[1]["sample_id"] == "X-2"
 
 

@@ -634,6 +634,9 @@ class SlideSession:
                 # to learn from.
                 if cell.get("reviewed_label") or cell["status"] == STATUS_MANUAL:
                     continue
+                if cell.get("discarded"):
+                    raise SessionError(f"cell {cid} is in a discarded field: take the field "
+                                       "back first")  # fmt: skip
                 if cell["label"] == UNIDENTIFIED or effective_label(cell) is None:
                     raise SessionError(
                         f"cell {cid} has no class to confirm ({cell['label']}, "

@@ -785,6 +785,8 @@ class Handler(BaseHTTPRequestHandler):
         key = _REPORT_KEYS[name]
         rel = (slide.get("reports") or {}).get("json" if key in ("hl7", "fhir") else key)
         if not rel:
+            if slide.get("status") == "abandoned":
+                raise _ApiError(404, f"slide {slide['sample_id']} was abandoned: it has no report")
             raise _ApiError(404, f"slide {slide['sample_id']} has no report yet: finalise it first")
         p = session.store.data_dir / rel
         if not p.is_file():
