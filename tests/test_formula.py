@@ -266,6 +266,22 @@ def test_ru_formula_review_only_classes_and_count_only_rows(tmp_path: Path) -> N
     assert view["class_group"] == "immature_granulocyte"
 
 
+def test_cells_added_by_hand_are_counted_alike_on_the_page_and_in_the_report(
+    tmp_path: Path,
+) -> None:
+    # A hand-added platelet has no row in the ru formula: set aside, not one of the cells the
+    # count says were added by hand (the page said 3, the report 2).
+    s = _session(tmp_path, _formula(preset="ru"), target=2)
+    _add(s, ["lymphocyte"])
+    for label in ("myelocyte", "erythroblast", "platelet"):
+        s.add_manual(label)
+    assert s.state()["manual"] == 2
+    s.finalise()
+    rep = json.loads((tmp_path / "data" / s.store.slide(s.slide["id"])["reports"]["json"])
+                     .read_text())  # fmt: skip
+    assert rep["manual_cells"] == 2
+
+
 def test_a_blast_assigned_in_review_raises_the_flag_in_state_and_reports(tmp_path: Path) -> None:
     s = _session(tmp_path, target=3)
     _add(s, ["neutrophil", "lymphocyte", "monocyte"])

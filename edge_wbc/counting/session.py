@@ -733,8 +733,9 @@ class SlideSession:
             },
             "reviewed": len(reviewed),
             # Standing cells the technician added by key, and fields set aside with their cells.
+            # (the report's rule: a hand-added cell the formula sets aside is not one of them)
             "manual": sum(1 for c in cells.values()
-                          if c["status"] == STATUS_MANUAL and effective_label(c) is not None),
+                          if c["status"] == STATUS_MANUAL and self._row_key(c) is not None),
             "fields_discarded": len({c["field_id"] for c in cells.values()
                                      if c.get("discarded")}),
             "notes": self.notes(slide),
