@@ -11,6 +11,7 @@ written, the reason printed); 2: usage error (nothing fitted).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,12 @@ def nearest_centre(cells: list[Any], width: int, height: int) -> Any | None:
     return min(counted, key=dist)
 
 
-def class_folders(dirs: list[Path], known: Any) -> list[tuple[str, Path]]:
+def class_folders(
+    dirs: list[Path], known: Any, skip: Callable[[str], str | None] | None = None
+) -> list[tuple[str, Path]]:
     """(label, folder) for every DIR/<class>/; an unknown class name is a usage error naming the
-    folder. ``known(name)`` raises AdaptationError for a name it does not know, and may return a
-    string: why that (known) class is left out, printed as a skipped folder."""
+    folder. ``known(name)`` raises AdaptationError for a name it does not know; ``skip(name)``
+    says why a known class is left out (printed as a skipped folder), or None."""
     from edge_wbc.pipeline.adaptation import AdaptationError
 
     out: list[tuple[str, Path]] = []
@@ -59,13 +62,14 @@ def class_folders(dirs: list[Path], known: Any) -> list[tuple[str, Path]]:
         if not subs:
             raise _usage_error(f"{d}: no class folders (expected {d}/<class>/<images>)")
         for s in subs:
+            why = skip(s.name) if skip is not None else None
+            if why is not None:
+                typer.echo(f"skipped {s}: {why}", err=True)
+                continue
             try:
-                why = known(s.name)
+                known(s.name)
             except AdaptationError as e:
                 bad.append(f"{s}: {e}")
-                continue
-            if isinstance(why, str):
-                typer.echo(f"skipped {s}: {why}", err=True)
                 continue
             out.append((s.name, s))
     if bad:
@@ -174,7 +178,7 @@ def fit(
     t0 = time.perf_counter()
     if dirs:
         folders = class_folders(
-            list(dirs), lambda name: A.unlearnable(name, base) or A.label_masks([name], base)
+            list(dirs), lambda name: A.label_masks([name], base), lambda n: A.unlearnable(n, base)
         )
         lab = cells_from_folders(analyzer, folders)
         source: dict[str, Any] = {"folders": [str(d) for d in dirs]}
