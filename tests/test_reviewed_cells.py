@@ -134,6 +134,11 @@ def test_export_never_merges_into_an_earlier_folder(session: SlideSession, tmp_p
     session.confirm([a])
     out = tmp_path / "export"
     assert _export(session, out)[0] == 0
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # readable as any folder the user makes
     code, err = _export(session, out)
     assert code == 2 and "exists" in err
     assert [p.name for p in out.rglob("*.jpg")] == [f"{a}.jpg"]

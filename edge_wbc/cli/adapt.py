@@ -260,8 +260,8 @@ def export(
     """Write the reviewed (changed or confirmed) cells of a station as OUT/<class>/<cell>.jpg,
     the layout 'adapt fit' reads, with OUT/cells.json saying what each one is."""
     import json
+    import secrets
     import shutil
-    import tempfile
 
     from edge_wbc.counting.session import CROP_PX
     from edge_wbc.counting.store import Store, StoreError
@@ -291,8 +291,11 @@ def export(
             f"{data_dir}: none of the {len(rows)} reviewed cell(s) has its crop image; "
             "nothing written"
         )
+    # mkdir, not mkdtemp: the folder keeps the user's umask (mkdtemp's 0700 would hide the
+    # export from the IT account that copies it off the station).
+    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp.mkdir()
     except OSError as e:
         raise _usage_error(f"cannot write in {out.parent}: {e.strerror or e}") from None
     listed = []
