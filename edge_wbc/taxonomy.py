@@ -224,7 +224,7 @@ PRESETS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tupl
 DEFAULT_PRESET = "five-part"
 
 _FLAG_RE = re.compile(
-    r"^\s*(?P<name>[a-z_]+)\s*(?P<op>>=|>)\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<pct>%)?\s*$"
+    r"^\s*(?P<name>[A-Za-z_]+)\s*(?P<op>>=|>)\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<pct>%)?\s*$"
 )
 
 
@@ -338,7 +338,10 @@ def formula_or_raise(**kw: object) -> Formula:
 def _unknown(name: str) -> str:
     import difflib
 
-    close = difflib.get_close_matches(name, [*CLASSES, *GROUPS], n=1, cutoff=0.7)
+    known = [*CLASSES, *GROUPS]
+    # Names are lower case: "Blast" is blast, said so rather than left unexplained.
+    close = ([name.lower()] if name.lower() in known else
+             difflib.get_close_matches(name, known, n=1, cutoff=0.7))  # fmt: skip
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return f"unknown class or group '{name}'{hint}"
 

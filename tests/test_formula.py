@@ -183,6 +183,14 @@ def test_a_repeated_item_is_named_at_its_repeat_and_comments_are_not_read(
     ]
 
 
+def test_a_name_in_capitals_is_pointed_at_its_lower_case_self() -> None:
+    _, problems = taxonomy.build_formula(counted=["Monocyte"], flags=["BLAST > 0"])
+    assert [p.message for p in problems] == [
+        "unknown class or group 'Monocyte' (did you mean 'monocyte'?)",
+        "flag 'BLAST > 0': unknown class or group 'BLAST' (did you mean 'blast'?)",
+    ]
+
+
 def test_a_formula_list_must_be_strings(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_text("[formula]\ncounted = \"neutrophil\"\nflags = [1]\n")

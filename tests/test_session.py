@@ -208,6 +208,18 @@ def test_confirming_a_cell_of_a_discarded_field_says_why_not(session: SlideSessi
         session.confirm([cid])
 
 
+def test_small_wording_and_pasted_text(session: SlideSession) -> None:
+    _add(session, _distinct_fields(1)[0], ["neutrophil"])
+    with pytest.raises(SessionError, match="is open with 1 cell counted"):
+        session.new_slide("B-2")
+    (cid,) = list(session.cells)
+    with pytest.raises(SessionError) as exc:
+        session.review(cid, "x" * 4000)
+    assert len(str(exc.value)) < 400  # the label is not echoed whole
+    session.set_notes(comment="MCV\t92\nHb\t140")  # a tab pasted from a table
+    assert session.notes(session.slide)["comment"] == "MCV 92\nHb 140"
+
+
 def test_the_placeholder_prefix_is_not_a_sample_id(session: SlideSession) -> None:
     # Entered, it would read as "no sample ID" and a lab requiring one could never finalise.
     for bad in ("unnamed-x", "Unnamed-2"):

@@ -210,7 +210,8 @@ class SlideSession:
             if self.slide.get("status") == "open":
                 if self.cells and not abandon:
                     raise SessionError(
-                        f"slide {self.slide['sample_id']} is open with {self.counted()} cells "
+                        f"slide {self.slide['sample_id']} is open with {self.counted()} "
+                        f"cell{'' if self.counted() == 1 else 's'} "
                         "counted: finalise it, or confirm that it is abandoned"
                     )
                 at = now_iso()
@@ -385,7 +386,7 @@ class SlideSession:
         the field on screen (the last captured), has no image, and is marked as added by hand
         in the gallery and the reports. Taken back by rejecting it ('added_in_error')."""
         if not isinstance(label, str) or label not in taxonomy.GROUP_OF:
-            raise SessionError(f"cannot add a cell of class {label!r}: use one of "
+            raise SessionError(f"cannot add a cell of class {_shown(label)}: use one of "
                                f"{', '.join(self.formula.review_classes())}")
         with self._lock:
             self._require_open()
@@ -598,7 +599,7 @@ class SlideSession:
                 action, reason = "reclassified", None
             else:
                 raise SessionError(
-                    f"cannot reclassify as {label!r}: use one of "
+                    f"cannot reclassify as {_shown(label)}: use one of "
                     f"{', '.join(self.formula.review_classes())}, or reject"
                 )
             before = effective_label(cell)
@@ -916,6 +917,12 @@ def _check_target(target: Any) -> int:
         raise SessionError(str(e)) from None
 
 
+def _shown(value: object, limit: int = 60) -> str:
+    """A value quoted in an error, cut short: a 4,000-character label is not echoed whole."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _check_note(name: str, value: Any) -> str:
     """A name or comment as stored: text, no hidden characters, bounded."""
     if value is None:
@@ -923,6 +930,9 @@ def _check_note(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise SessionError(f"{name} must be text, got {type(value).__name__}")
     text = value.strip()
+    if name == "comment":
+        # A tab pasted from a table reads as a space; refused, the comment was lost.
+        text = text.replace("\t", " ")
     # Line breaks are what a comment is made of; any other hidden character is refused.
     bad = hidden_char(text.replace("\n", " ").replace("\r", " ")) if name == "comment" \
         else hidden_char(text)
