@@ -349,12 +349,15 @@ def test_unusable_settings_fail_at_startup_with_the_reason(tmp_path: Path) -> No
     with pytest.raises(MqttError, match="TLS settings unusable"):
         MqttPublisher(MqttConfig(host="broker.lab", station_id="st1",
                                  tls_ca=str(tmp_path / "missing.pem")), tmp_path / "x.db")
-    # The checks themselves are config's, with the key (one place: #16.1).
-    with pytest.raises(ConfigError, match=r"mqtt\.tls_ca: cannot read"):
+    # The checks themselves are config's, with the key (one place: #16.1) and, for a value the
+    # environment set, the variable that set it.
+    with pytest.raises(ConfigError, match=r"environment: mqtt\.tls_ca: EDGE_WBC_MQTT_TLS_CA: "
+                       r"cannot read"):  # fmt: skip
         _loaded(1883, {"EDGE_WBC_MQTT_TLS_CA": str(tmp_path / "missing.pem")})
     with pytest.raises(ConfigError, match=r"mqtt\.station_id: .*'a/b' must not contain"):
         _loaded(1883, {"EDGE_WBC_MQTT_STATION_ID": "a/b"})
-    with pytest.raises(ConfigError, match=r"mqtt\.prefix: must not be empty"):
+    with pytest.raises(ConfigError, match=r"mqtt\.prefix: EDGE_WBC_MQTT_PREFIX: must not be "
+                       r"empty"):  # fmt: skip
         _loaded(1883, {"EDGE_WBC_MQTT_PREFIX": ""})
     s = _loaded(1883, {"EDGE_WBC_MQTT_STATION_ID": ""})
     assert s.station_id and "/" not in s.station_id
