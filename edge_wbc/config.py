@@ -630,31 +630,34 @@ def _apply_file(
     return problems
 
 
+def _env_setting(name: str) -> tuple[str, str] | None:
+    """(section, key) an ``EDGE_WBC_<SECTION>_<KEY>`` variable names (the key may not exist),
+    or None for a variable outside the sections (EDGE_WBC_CONFIG, EDGE_WBC_TOKEN, test hooks)."""
+    if not name.startswith(ENV_PREFIX):
+        return None
+    rest = name[len(ENV_PREFIX):].lower()
+    sec = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+    return None if sec is None else (sec, rest[len(sec) + 1:])
+
+
 def _env_keys(env: Mapping[str, str]) -> dict[str, str]:
     """"section.key" -> the environment variable that sets it (the environment wins over the
     file, so a problem with such a key is the variable's, not the file's)."""
     out: dict[str, str] = {}
     for name in env:
-        if not name.startswith(ENV_PREFIX):
-            continue
-        rest = name[len(ENV_PREFIX):].lower()
-        sec = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
-        if sec is not None and _field(sec, rest[len(sec) + 1:]) is not None:
-            out[f"{sec}.{rest[len(sec) + 1:]}"] = name
+        setting = _env_setting(name)
+        if setting is not None and _field(*setting) is not None:
+            out[".".join(setting)] = name
     return out
 
 
 def _apply_env(env: Mapping[str, str], values: dict[str, dict[str, Any]]) -> list[Problem]:
     problems: list[Problem] = []
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX):
+        setting = _env_setting(name)
+        if setting is None:
             continue
-        rest = name[len(ENV_PREFIX):].lower()
-        sec = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
-        if sec is None:
-            # EDGE_WBC_CONFIG, EDGE_WBC_TOKEN and test hooks live outside the sections.
-            continue
-        key = rest[len(sec) + 1:]
+        sec, key = setting
         dotted = f"{sec}.{key}"
         fdef = _field(sec, key)
         if fdef is None:

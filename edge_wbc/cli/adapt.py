@@ -156,11 +156,7 @@ def fit(
         raise _usage_error("give either folders of labelled cells or --data-dir, not both")
     if not dirs and data_dir is None:
         raise _usage_error("give folders of labelled cells (DIR/<class>/) or --data-dir")
-    if out.exists():
-        raise _usage_error(f"--out {out} exists: an adaptation is a version, never overwritten")
-    if not out.parent.resolve().is_dir():
-        raise _usage_error(f"--out: {out.parent} " + (
-            "is a file, not a folder" if out.parent.exists() else "does not exist"))
+    _new_folder(out, "an adaptation is a version, never overwritten")
     if cell_diameter is not None and cell_diameter.strip().lower() == "auto" and not dirs:
         raise _usage_error("--cell-diameter auto measures image folders, not --data-dir")
     diameter = cell_diameter_option(cell_diameter, lambda: _class_images(dirs or []))
@@ -233,6 +229,15 @@ def fit(
     )
 
 
+def _new_folder(out: Path, why_new: str) -> None:
+    """``--out`` must name a folder still to be made, in one that exists (usage error if not)."""
+    if out.exists():
+        raise _usage_error(f"--out {out} exists: {why_new}")
+    if not out.parent.resolve().is_dir():
+        raise _usage_error(f"--out: {out.parent} " + (
+            "is a file, not a folder" if out.parent.exists() else "does not exist"))
+
+
 def _class_images(dirs: list[Path]) -> list[Path]:
     """Every image of DIR/<class>/ folders, classes in turn, to measure the magnification on."""
     from edge_wbc.pipeline.imageio import list_images
@@ -269,11 +274,7 @@ def export(
 
     # A new folder, written whole or not at all: crops merged into an earlier export would be
     # fitted on although its cells.json no longer lists them.
-    if out.exists():
-        raise _usage_error(f"--out {out} exists: export writes a new folder")
-    if not out.parent.resolve().is_dir():
-        raise _usage_error(f"--out: {out.parent} " + (
-            "is a file, not a folder" if out.parent.exists() else "does not exist"))
+    _new_folder(out, "export writes a new folder")
     try:
         rows = Store.reviewed_cells_readonly(data_dir)
     except StoreError as e:

@@ -184,7 +184,11 @@ def unlearnable(label: str, head: BaseHead) -> str | None:
     unknown, which ``label_masks`` reports): a class of the taxonomy whose group the head has no
     output for (a blast or a plasma cell, assigned only in review). Such cells are left out of a
     fit and listed, so one reviewed blast never blocks a lab's adaptation."""
-    if label in _allowed(head) or label not in taxonomy.GROUP_OF:
+    return _unlearnable(label, _allowed(head))
+
+
+def _unlearnable(label: str, allowed: Mapping[str, np.ndarray]) -> str | None:
+    if label in allowed or label not in taxonomy.GROUP_OF:
         return None
     return (
         f"reviewed as {label}, which the classifier has no output for (group "
@@ -1101,10 +1105,11 @@ class LabCells:
         """These cells without those the head cannot learn from (``unlearnable``), which join
         ``skipped`` with the reason."""
         out = LabCells(skipped=list(self.skipped))
+        allowed = _allowed(head)
         names = self.names or self.keys
         rows = zip(self.embeddings, self.labels, self.keys, names, strict=True)
         for e, label, key, name in rows:
-            why = unlearnable(label, head)
+            why = _unlearnable(label, allowed)
             if why is not None:
                 out.skipped.append(f"{name}: {why}")
                 continue
