@@ -18,6 +18,7 @@ from station_fakes import FakeAnalyzer, RunningStation
 from test_station_api import capture, jreq
 
 from edge_wbc.config import load_config
+from edge_wbc.counting.reports import build_report, render_html
 from edge_wbc.pipeline.imageio import read_image
 from edge_wbc.pipeline.postprocess import PostprocessParams
 from edge_wbc.pipeline.results import FieldResult
@@ -138,6 +139,14 @@ def test_accept_counts_the_next_field_audits_and_survives_a_restart(
         assert rs.analyzer.used == [CONFIG_PX, px]  # the next field is analysed with it
         f = rs.store.fields(rs.session.slide["id"])
         assert [x["models"]["cell_diameter_px"] for x in f] == [CONFIG_PX, px]
+        # The open slide's state names what counts its next field, not its start's value.
+        assert rs.session.state()["models"]["cell_diameter_px"] == px
+        # The report names each diameter with its fields, as it does lab adaptations.
+        rep = build_report(rs.session.slide, rs.session.state(), [], f, "2026-01-01T00:00:00Z")
+        assert rep["cell_diameters"] == [{"cell_diameter_px": CONFIG_PX, "fields": 1},
+                                         {"cell_diameter_px": px, "fields": 1}]
+        html = render_html(rep, [], rs.store.data_dir)
+        assert f"cell diameter {CONFIG_PX:g} px" in html and f"cell diameter {px:g} px" in html
         ev = [e for e in rs.store.events() if e["action"] == "magnification"]
         assert len(ev) == 1 and ev[0]["payload"]["cell_diameter_px"] == px
         assert ev[0]["payload"]["previous_px"] == CONFIG_PX

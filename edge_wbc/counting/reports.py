@@ -160,6 +160,11 @@ def build_report(
         ad = (f.get("models") or {}).get("adaptation")
         key = ad.get("id") if isinstance(ad, dict) else None
         used.setdefault(str(key), {"adaptation": ad, "fields": 0})["fields"] += 1
+    # Likewise the cell diameter ("Measure magnification" during a slide).
+    diameters: dict[str, dict[str, Any]] = {}
+    for f in fields:
+        px = (f.get("models") or {}).get("cell_diameter_px")
+        diameters.setdefault(str(px), {"cell_diameter_px": px, "fields": 0})["fields"] += 1
     warnings: dict[str, int] = {}
     for f in fields:
         for w in _quality_flags(f.get("quality") or {}):
@@ -217,6 +222,8 @@ def build_report(
         "models": models,
         # Which lab adaptation (None: the shipped head) classified how many fields.
         "adaptations": list(used.values()),
+        # At which cell diameter (px; None: not recorded) how many fields were analysed.
+        "cell_diameters": list(diameters.values()),
     }
 
 
@@ -473,6 +480,12 @@ def render_html(rep: dict[str, Any], cells: list[ReportCell], data_dir: Path) ->
                 if isinstance(ad, dict) else "shipped classifier head (no lab adaptation)")
         adapted.append(f"<tr><td colspan=2>{what}</td><td>{a['fields']} field"
                        f"{'s' if a['fields'] != 1 else ''}</td></tr>")
+    for d in rep.get("cell_diameters") or []:
+        px = d.get("cell_diameter_px")
+        what = (f"cell diameter {px:g} px" if isinstance(px, (int, float))
+                else "cell diameter not recorded")
+        adapted.append(f"<tr><td colspan=2>{e(what)}</td><td>{d['fields']} field"
+                       f"{'s' if d['fields'] != 1 else ''}</td></tr>")
     ex = rep["excluded"]
     warn = rep["fields"]["quality_warnings"]
     warn_txt = ", ".join(f"{k.replace('_', ' ')} × {v}" for k, v in warn.items()) or "none"

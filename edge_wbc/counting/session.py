@@ -744,7 +744,10 @@ class SlideSession:
             "can_finalise": slide.get("status") == "open" and not blockers,
             "finalise_blockers": blockers,
             "reports": slide.get("reports") or {},
-            "models": slide.get("models") or self.models,
+            # The open slide: what counts its next field (a magnification or an adaptation
+            # changed during it is on the fields and in the audit trail); else its start's.
+            "models": (self.models if slide is self.slide and slide.get("status") == "open"
+                       else slide.get("models") or self.models),
             "updated_at": now_iso(),
         }
 
