@@ -151,6 +151,20 @@ def test_too_few_cells_of_a_class_are_said_and_left_as_shipped() -> None:
     assert "eosinophil" not in fit.validation["adapted"]["per_class"]
 
 
+def test_labels_teaching_the_same_class_count_together_toward_the_minimum() -> None:
+    rng = np.random.default_rng(7)
+    protos = _prototypes(rng)
+    head = _head(protos)
+    for n, few in ((6, {}), (4, {"lymphocyte+reactive_lymphocyte": 4})):
+        E, y = _lab(rng, protos, {**COUNTS, "lymphocyte": n})
+        i = y.index("lymphocyte")
+        y[i: i + n // 2] = ["reactive_lymphocyte"] * (n // 2)  # a technician's finer call
+        fit = A.fit_adaptation(E, y, head)
+        assert fit.too_few == few
+        assert fit.cells["reactive_lymphocyte"] == n // 2
+        assert ("reactive_lymphocyte" in fit.validation["adapted"]["per_class"]) == (not few)
+
+
 def test_group_name_uses_the_summed_probability_of_its_classes() -> None:
     fine = ("band", "segmented", "eosinophil", "lymphocyte", "other")
     groups = {"band": "neutrophil", "segmented": "neutrophil"}

@@ -276,6 +276,11 @@ def test_adapt_to_this_lab_fit_activate_rollback(tmp_path: Path, analyzer) -> No
     with pytest.raises(AdaptationRefused, match="at least two classes") as refused:
         lab.fit()
     assert f"1 reviewed cell(s) left out: cell {blast}: reviewed as blast" in str(refused.value)
+    # The page's "ready to adapt" reads the fit's own count: the blast teaches nothing.
+    st = lab.status()
+    assert st["reviewed_by_class"] == {"blast": 1, "lymphocyte": 3, "monocyte": 4,
+                                       "neutrophil": 4}
+    assert st["learnable_by_class"] == {"lymphocyte": 3, "monocyte": 4, "neutrophil": 4}
     _lab_cells(s, base, base.sha256, n_per=24)
     out = lab.fit()
     assert out["skipped"] == 1

@@ -196,6 +196,21 @@ def _unlearnable(label: str, allowed: Mapping[str, np.ndarray]) -> str | None:
     )
 
 
+def _taught(labels: Sequence[str], masks: np.ndarray) -> list[str]:
+    """Each label's name for what it teaches the head: itself, or with "+" the labels of this
+    fit that allow the same head classes ("immature_granulocyte+myelocyte")."""
+    same: dict[bytes, set[str]] = {}
+    for lab, m in zip(labels, masks, strict=True):
+        same.setdefault(m.tobytes(), set()).add(lab)
+    return ["+".join(sorted(same[m.tobytes()])) for m in masks]
+
+
+def taught_counts(labels: Sequence[str], head: BaseHead) -> dict[str, int]:
+    """Cells per class the head would be taught (``_taught``): what the fit's minimum of
+    ``MIN_CELLS_PER_CLASS`` is judged on. Raises AdaptationError on an unknown label."""
+    return dict(sorted(Counter(_taught(labels, label_masks(labels, head))).items()))
+
+
 def label_masks(labels: Sequence[str], head: BaseHead) -> np.ndarray:
     """n x K boolean: the head classes each label allows (``_allowed``)."""
     allowed = _allowed(head)
@@ -739,24 +754,29 @@ def _fit_adaptation(
     counts = {
         c: int(n) for c, n in zip(*np.unique(np.asarray(labels), return_counts=True), strict=True)
     }
-    too_few = {c: n for c, n in counts.items() if n < MIN_CELLS_PER_CLASS}
-    kept = {c: n for c, n in counts.items() if c not in too_few}
+    # Labels that teach the same head classes count together (3 myelocytes and 3
+    # metamyelocytes are 6 immature granulocytes to the head), and are the folds' strata.
+    taught = _taught(labels, M_all)
+    n_taught = Counter(taught)
+    too_few = {c: n for c, n in n_taught.items() if n < MIN_CELLS_PER_CLASS}
+    kept = {c: n for c, n in n_taught.items() if c not in too_few}
     if len(kept) < 2:
         have = ", ".join(f"{c} {n}" for c, n in sorted(counts.items())) or "none"
         raise AdaptationError(
             f"at least two classes with >= {MIN_CELLS_PER_CLASS} cells each are needed to adapt "
             f"and validate (cells: {have})"
         )
-    use = np.array([lab not in too_few for lab in labels])
+    use = np.array([t not in too_few for t in taught])
     E_u, M_u = E[use], M_all[use]
     lab_u = [lab for lab, u in zip(labels, use, strict=True) if u]
+    strata_u = [t for t, u in zip(taught, use, strict=True) if u]
     # Rows of classes no kept label allows stay as shipped: nothing here says where they go.
     free = M_u.any(axis=0)
     groups = near_duplicate_groups(
         E_u, None if keys is None else [k for k, u in zip(keys, use, strict=True) if u]
     )
     n_folds = max(2, int(min(folds, min(kept.values()))))
-    fold = grouped_folds(groups, lab_u, n_folds, seed)
+    fold = grouped_folds(groups, strata_u, n_folds, seed)
     basis = span_basis(E_u)
 
     # Nested: each outer fold's head is chosen by an inner grouped CV on the other folds only,
@@ -766,7 +786,7 @@ def _fit_adaptation(
     chosen_outer: list[str] = []
     for f in range(n_folds):
         tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
-        lab_tr = [lab_u[i] for i in tr]
+        lab_tr = [strata_u[i] for i in tr]
         if len(set(lab_tr)) < 2 or not len(te):
             p_ad[te] = base_probs(E_u[te], head)
             chosen_outer.append(SHIPPED)
@@ -782,7 +802,7 @@ def _fit_adaptation(
         chosen_outer.append(name)
 
     # The head the station gets: chosen the same way on all the cells.
-    oof = _out_of_fold(E_u, M_u, lab_u, fold, head, free, balanced, basis)
+    oof = _out_of_fold(E_u, M_u, strata_u, fold, head, free, balanced, basis)
     method, T = _select(oof, M_u)
     ((W, b),) = _fit_candidates(E_u, M_u, head, free, balanced, basis, only=method).values()
     # The device decides on the counting group's probability (classify.decide): the threshold

@@ -25,7 +25,11 @@ from edge_wbc.pipeline.adaptation import (
     ADAPTATION_JSON,
     MIN_CELLS_PER_CLASS,
     AdaptationError,
+    BaseHead,
+    cells_from_rows,
     fit_adaptation,
+    shipped_base,
+    taught_counts,
     write_adaptation,
 )
 
@@ -48,6 +52,14 @@ class LabAdaptation:
         self.dir = Path(data_dir) / FOLDER
         self._lock = threading.Lock()
         self.last_fit: dict[str, Any] | None = None
+        self._shipped: BaseHead | None = None
+
+    def _base(self) -> BaseHead:
+        """The shipped head (it cannot change while the station runs: loaded once, as the
+        page asks for the status on every refresh). Raises AdaptationError."""
+        if self._shipped is None:
+            self._shipped = shipped_base(self.analyzer)
+        return self._shipped
 
     # ------------------------------------------------------------------ start
 
@@ -75,6 +87,14 @@ class LabAdaptation:
     def status(self) -> dict[str, Any]:
         ad = self.analyzer.adaptation
         rows = self.session.store.reviewed_cells()
+        # The fit's own rule for "enough cells": only cells it can learn from, labels that
+        # teach the same class together (None: no classifier to adapt).
+        try:
+            base = self._base()
+            learnable: dict[str, int] | None = taught_counts(
+                cells_from_rows(rows, base.sha256).learnable(base).labels, base)
+        except AdaptationError:
+            learnable = None
         return {
             "active": ({"id": ad.id, "created": ad.created, "path": str(ad.path),
                         "cells": ad.doc.get("cells"), "validation": ad.doc.get("validation")}
@@ -82,6 +102,7 @@ class LabAdaptation:
             "versions": self.versions(),
             "reviewed_cells": len(rows),
             "reviewed_by_class": _by_class(r.label for r in rows),
+            "learnable_by_class": learnable,
             "min_cells_per_class": MIN_CELLS_PER_CLASS,
             "last_fit": self.last_fit,
         }
@@ -107,13 +128,11 @@ class LabAdaptation:
     def fit(self) -> dict[str, Any]:
         """Fit on every reviewed cell of this station, validate on held-out cells, and write
         the version when it is better (not active yet: ``activate`` does that)."""
-        from edge_wbc.pipeline.adaptation import cells_from_rows, shipped_base
-
         if not self._lock.acquire(blocking=False):
             raise AdaptationRefused("a fit is already running")
         try:
             try:
-                base = shipped_base(self.analyzer)
+                base = self._base()
             except AdaptationError as e:
                 raise AdaptationRefused(str(e)) from None
             lab = cells_from_rows(self.session.store.reviewed_cells(), base.sha256).learnable(

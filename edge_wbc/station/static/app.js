@@ -1128,7 +1128,9 @@ async function renderLab() {
     : `In use: <b>the shipped model</b> (no lab adaptation)`;
   $("lab-rollback").disabled = !act;
   const by = Object.entries(d.reviewed_by_class).map(([k, n]) => `${nameOf(k)} ${n}`).join(", ");
-  const ready = Object.values(d.reviewed_by_class).filter((n) => n >= d.min_cells_per_class).length;
+  // The fit's own count (cells it can learn from; a myelocyte and a metamyelocyte both teach
+  // "immature granulocyte"); the reviewed labels only where the classifier cannot be read.
+  const ready = Object.values(d.learnable_by_class || d.reviewed_by_class).filter((n) => n >= d.min_cells_per_class).length;
   $("lab-cells").textContent = `${d.reviewed_cells} reviewed cells (confirmed or changed)` +
     (by ? `: ${by}` : "") + `. A class needs at least ${d.min_cells_per_class} to be adapted; two such classes are the minimum.`;
   // Refused before asking: too few cells is known here already (the station refuses it too).
