@@ -47,6 +47,12 @@ def hidden_char(text: str) -> str | None:
     return None
 
 
+def visible(text: str) -> str:
+    """``text`` with every character ``hidden_char`` would name replaced by U+FFFD: for
+    showing what another program sent (a monitor's terminal), where refusing is not an option."""
+    return "".join("\ufffd" if unicodedata.category(ch) in _HIDDEN else ch for ch in text)
+
+
 def check_sample_id(value: object) -> str:
     """The sample ID as stored (surrounding whitespace removed); ``""`` for none.
 

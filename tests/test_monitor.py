@@ -67,6 +67,62 @@ def test_percentages_computed_when_absent() -> None:
     assert pct["neutrophil"] == 75.0 and pct["monocyte"] == 25.0
 
 
+GOOD = {"schema": "edge-wbc/mqtt/2", "counted": 50, "target": 100, "sample_id": "OK-1",
+        "counts": {"neutrophil": 50},
+        "classes": [{"label": "neutrophil", "kind": "counted", "count": 50, "percent": 100.0}]}
+
+
+def _row(**bad: object) -> dict[str, object]:
+    return {**GOOD, "classes": [{**GOOD["classes"][0], **bad}]}  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("bad, problem", [
+    (_row(count="many"), "classes[0].count is not a count"),
+    (_row(kind="weird"), "classes[0].kind is not one of"),
+    (_row(percent="x"), "classes[0].percent is not a number"),
+    (_row(count=[1]), "classes[0].count is not a count"),
+    (_row(count=1e400), "classes[0].count is not a count"),
+    ({**GOOD, "counts": [1, 2]}, "counts is not an object"),
+    ({**GOOD, "counts": {"neutrophil": "x"}}, "counts.neutrophil is not a count"),
+    ({"counted": 1, "percentages": {"neutrophil": "x"}}, "percentages.neutrophil is not a number"),
+    ({"counted": 1, "counts": {"neutrophil": "1x"}}, "counts.neutrophil is not a count"),
+    ({**GOOD, "counted": -3}, "counted is not a count"),
+    ({**GOOD, "flags": ["blast > 0"]}, "flags is not a list of objects"),
+    ({**GOOD, "schema": "edge-wbc/mqtt/9"}, "schema 'edge-wbc/mqtt/9' is not one this monitor"),
+])
+def test_a_malformed_differential_is_named_and_the_other_stations_shown(
+        bad: dict[str, object], problem: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Retained on the broker, a bad message stopped the monitor at every start, for every station.
+    t = StationTable()
+    t.handle("edge-wbc/good-1/differential", json.dumps(GOOD).encode(), now=100.0)
+    assert t.handle("edge-wbc/bad-1/differential", json.dumps(bad).encode(), now=100.0)
+    text = t.render(now=100.0)
+    assert "good-1" in text and "OK-1" in text
+    assert f"bad-1: differential not shown: {problem}" in text
+    assert problem in caplog.text
+    assert t.stations["bad-1"].to_json()["problem"].startswith(problem)
+    assert t.stations["good-1"].to_json()["problem"] is None
+    # the station's next good differential is shown again
+    t.handle("edge-wbc/bad-1/differential", json.dumps(GOOD).encode(), now=101.0)
+    assert "not shown" not in t.render(now=101.0)
+
+
+def test_what_other_publishers_send_cannot_forge_or_hide_lines(
+        caplog: pytest.LogCaptureFixture) -> None:
+    t = StationTable()
+    forged = {**GOOD, "sample_id": "A\x1b[2J\x1b]0;pwned\x07B\nFAKE-ROW online 100/100"}
+    t.handle("edge-wbc/s1/differential", json.dumps(forged).encode(), now=100.0)
+    t.handle("edge-wbc/s1/available", b"on\x1bline", now=100.0)
+    text = t.render(now=100.0)
+    assert "\x1b" not in text and "\x07" not in text
+    assert not any(line.startswith("FAKE-ROW") for line in text.splitlines())
+    assert "A\ufffd[2J" in text
+    # an integer of 5,000 digits is not JSON Python reads: said, not silently dropped
+    huge = b'{"counted": ' + b"9" * 5000 + b', "target": 100}'
+    assert t.handle("edge-wbc/s2/differential", huge) is None
+    assert "ignoring non-JSON differential from s2" in caplog.text
+
+
 @pytest.mark.broker
 def test_twenty_stations_on_one_broker_all_shown_with_correct_counts(
         broker: Mosquitto, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import ssl
 import sys
@@ -25,6 +26,8 @@ import paho.mqtt.client as paho
 import typer
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_wbc.counting.outbox import MQTT_SCHEMA
+from edge_wbc.inputs import visible
 from edge_wbc.pipeline.results import CLASSES, UNIDENTIFIED
 from edge_wbc.taxonomy import COUNT_ONLY, COUNTED, PER_100_WBC, SHORT
 
@@ -32,6 +35,66 @@ log = logging.getLogger(__name__)
 
 #: Column suffix per row kind: a share of the leukocytes, per 100 of them, or a plain count.
 _UNIT = {COUNTED: "%", PER_100_WBC: "/100", COUNT_ONLY: "#"}
+#: Differential schemas this monitor reads (none given: an early station, read as /1).
+KNOWN_SCHEMAS = ("edge-wbc/mqtt/1", MQTT_SCHEMA)
+#: Larger counts are not a slide's (and would not fit the table).
+_MAX_COUNT = 10**9
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _MAX_COUNT
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and 0 <= v < _MAX_COUNT)
+
+
+def _has_rows(d: dict[str, Any]) -> bool:
+    rows = d.get("classes")
+    return isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and "kind" in r
+                                                         for r in rows)
+
+
+def differential_problem(d: dict[str, Any]) -> str | None:
+    """What in a station's differential this monitor cannot show, naming the key (None: it can
+    all be shown). Any publisher on the broker can write a station's topic, and one retained bad
+    message would otherwise stop the monitor for every station at each start."""
+    schema = d.get("schema")
+    if schema is not None and schema not in KNOWN_SCHEMAS:
+        return (f"schema {str(schema)[:40]!r} is not one this monitor reads "
+                f"({', '.join(KNOWN_SCHEMAS)}): update edge-wbc here")
+    for key in ("counted", "target"):
+        if d.get(key) is not None and not _is_count(d[key]):
+            return f"{key} is not a count"
+    if _has_rows(d):
+        for i, r in enumerate(d["classes"]):
+            if r["kind"] not in _UNIT:
+                return f"classes[{i}].kind is not one of {', '.join(_UNIT)}"
+            if not isinstance(r.get("label"), str):
+                return f"classes[{i}].label is not text"
+            if r.get("count") is not None and not _is_count(r["count"]):
+                return f"classes[{i}].count is not a count"
+            if r.get("percent") is not None and not _is_number(r["percent"]):
+                return f"classes[{i}].percent is not a number"
+    for key, ok in (("counts", _is_count), ("percentages", _is_number)):
+        raw = d.get(key)
+        if raw is None:
+            continue
+        if not isinstance(raw, dict):
+            return f"{key} is not an object"
+        for k, v in raw.items():
+            # counts may nest per-group detail (skipped when shown)
+            if v is not None and not (key == "counts" and isinstance(v, dict)) and not ok(v):
+                return f"{key}.{str(k)[:40]} is not a {'count' if ok is _is_count else 'number'}"
+    unid = d.get(UNIDENTIFIED)
+    if unid is not None and not isinstance(unid, dict) and not _is_count(unid):
+        return f"{UNIDENTIFIED} is not a count"
+    flags = d.get("flags")
+    if flags is not None and not (isinstance(flags, list)
+                                  and all(isinstance(f, dict) for f in flags)):
+        return "flags is not a list of objects"
+    return None
 
 
 @dataclass
@@ -42,16 +105,16 @@ class StationView:
     stats: dict[str, Any] = field(default_factory=dict)
     last_seen: float = 0.0
     cell_events: int = 0
+    #: Why the station's last differential is not shown (differential_problem), else None.
+    problem: str | None = None
 
     def rows(self) -> list[dict[str, Any]]:
         """The formula's rows but unidentified: label, kind, count, percent (per 100 counted
         leukocytes). A station without a formula in its differential: the five classes."""
-        raw = self.differential.get("classes")
-        if isinstance(raw, list) and raw and all(isinstance(r, dict) and "kind" in r
-                                                 for r in raw):
+        if _has_rows(self.differential):
             return [{"label": str(r.get("label")), "kind": r["kind"],
                      "count": int(r.get("count") or 0), "percent": float(r.get("percent") or 0)}
-                    for r in raw if r.get("label") != UNIDENTIFIED]
+                    for r in self.differential["classes"] if r.get("label") != UNIDENTIFIED]
         counts, pct = self.counts(), self.percentages()
         return [{"label": c, "kind": COUNTED, "count": counts[c], "percent": pct[c]}
                 for c in CLASSES]
@@ -68,9 +131,7 @@ class StationView:
 
     def counts(self) -> dict[str, int]:
         raw = self.differential.get("counts") or {}
-        rows = self.differential.get("classes")
-        if isinstance(rows, list) and rows and all(isinstance(r, dict) and "kind" in r
-                                                   for r in rows):
+        if _has_rows(self.differential):
             return {str(k): int(v or 0) for k, v in raw.items() if not isinstance(v, dict)}
         out = {c: int(raw.get(c, 0) or 0) for c in CLASSES}
         unid = raw.get(UNIDENTIFIED, self.differential.get(UNIDENTIFIED, 0))
@@ -78,9 +139,7 @@ class StationView:
         return out
 
     def percentages(self) -> dict[str, float]:
-        rows = self.differential.get("classes")
-        if isinstance(rows, list) and rows and all(isinstance(r, dict) and "kind" in r
-                                                   for r in rows):
+        if _has_rows(self.differential):
             return {r["label"]: r["percent"] for r in self.rows()}
         pct = self.differential.get("percentages")
         if isinstance(pct, dict) and pct:
@@ -129,6 +188,7 @@ class StationView:
             "differential_ts": d.get("ts"),
             "outbox_depth": ob.get("depth") if ob else None,
             "seen": self.last_seen,
+            "problem": self.problem,
         }
 
 
@@ -170,13 +230,22 @@ class StationTable:
         else:
             try:
                 data = json.loads(payload)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                log.warning("monitor: ignoring non-JSON %s from %s", kind, station)
+            # ValueError: also an integer of more digits than Python converts;
+            # RecursionError: arrays nested thousands deep
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                log.warning("monitor: ignoring non-JSON %s from %s", kind, visible(station))
                 return None
             if not isinstance(data, dict):
+                log.warning("monitor: ignoring %s from %s: not a JSON object", kind,
+                            visible(station))
                 return None
             view = view or self.stations.setdefault(station, StationView(station))
             if kind == "differential":
+                view.problem = differential_problem(data)
+                if view.problem is not None:
+                    log.warning("monitor: %s's differential is not shown: %s",
+                                visible(station), view.problem)
+                    data = {}
                 view.differential = data
             elif kind == "stats":
                 view.stats = data
@@ -219,13 +288,18 @@ class StationTable:
             flags = ",".join(str(f.get("rule", "?")).replace(" ", "") for f in raised
                              if isinstance(f, dict)) if isinstance(raised, list) else ""
             flags = flags or "-"
-            rows.append([sid, v.status(now), str(v.field("sample_id") or "-"), counted, *cols, unid,
-                         str(ob.get("depth")) if ob else "-",
-                         f"{age:.0f}s ago" if age < 3600 else f"{age / 3600:.1f}h ago", flags])
+            if v.problem is not None:
+                counted, flags = "?", "differential not shown (below)"
+            rows.append([visible(x) for x in (
+                sid, v.status(now), str(v.field("sample_id") or "-"), counted, *cols, unid,
+                str(ob.get("depth")) if ob else "-",
+                f"{age:.0f}s ago" if age < 3600 else f"{age / 3600:.1f}h ago", flags)])
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                  for r in rows]
         n_on = sum(1 for v in self.stations.values() if v.status(now) == "online")
+        lines += [visible(f"{sid}: differential not shown: {v.problem}")
+                  for sid, v in sorted(self.stations.items()) if v.problem is not None]
         lines.append(f"{len(self.stations)} stations, {n_on} online")
         return "\n".join(lines)
 
