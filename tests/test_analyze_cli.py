@@ -554,7 +554,9 @@ def test_python_dash_m_runs_the_cli() -> None:
 
 
 def test_a_failed_atomic_write_leaves_no_temporary(tmp_path: Path) -> None:
+    from edge_wbc.files import write_atomic
+
     (tmp_path / "out").mkdir()
     with pytest.raises(OSError):
-        cli_analyze._atomic_write_bytes(tmp_path / "out", b"{}")
+        write_atomic(tmp_path / "out", b"{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -579,6 +579,16 @@ def test_doctor_and_cli_show_the_outbox(tmp_path: Path) -> None:
         r = runner.invoke(app, ["report", "--slide", sid, "--format", fmt], env=env)
         assert r.exit_code == 0, (fmt, r.output)
         assert r.stdout_bytes
+    out = st.data / "out.hl7"
+    r = runner.invoke(app, ["report", "--slide", sid, "--format", "hl7", "--out", str(out)],
+                      env=env)
+    assert r.exit_code == 0 and out.read_bytes().startswith(b"MSH|")
+    for bad in (st.data / "no-such-folder" / "x.hl7", st.data):  # a missing folder, a folder
+        r = runner.invoke(app, ["report", "--slide", sid, "--format", "hl7", "--out", str(bad)],
+                          env=env)
+        assert r.exit_code == 1 and f"edge-wbc: cannot write {bad}: " in r.output, r.output
+        assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert not list(st.data.glob(".*.tmp*"))
     r = runner.invoke(app, ["report", "--slide", "nope", "--format", "hl7"], env=env)
     assert r.exit_code == 1 and "no slide 'nope'" in r.output
     st.session.new_slide("H-open", 3)

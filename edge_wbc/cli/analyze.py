@@ -18,6 +18,7 @@ import numpy as np
 import typer
 
 from edge_wbc.accelerators import ACCELERATORS
+from edge_wbc.files import write_atomic
 from edge_wbc.pipeline.results import ANALYSIS_SCHEMA, FieldResult
 
 log = logging.getLogger(__name__)
@@ -34,27 +35,11 @@ def _usage_error(msg: str) -> typer.Exit:
     return typer.Exit(EXIT_USAGE)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    # A reader (or a crash) never sees half a file; an older file is replaced only when the new
-    # one is complete.
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # a full disk or a target that cannot be replaced: no half-written temporary left behind
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_png(path: Path, img: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", img)
     if not ok:  # pragma: no cover - encoding a uint8 array does not fail
         raise OSError(f"could not encode {path.name}")
-    _atomic_write_bytes(path, buf.tobytes())
+    write_atomic(path, buf.tobytes())
 
 
 def _write_jpeg(path: Path, rgb: np.ndarray) -> None:
@@ -63,7 +48,7 @@ def _write_jpeg(path: Path, rgb: np.ndarray) -> None:
     )
     if not ok:  # pragma: no cover
         raise OSError(f"could not encode {path.name}")
-    _atomic_write_bytes(path, buf.tobytes())
+    write_atomic(path, buf.tobytes())
 
 
 def _check_accelerator(accelerator: str | None) -> None:
@@ -311,7 +296,7 @@ def analyze(
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     elif json_out is not None:
         try:
-            _atomic_write_bytes(json_out, (json.dumps(doc, indent=2) + "\n").encode())
+            write_atomic(json_out, (json.dumps(doc, indent=2) + "\n").encode())
         except OSError as e:
             typer.echo(f"error: could not write {json_out}: {e.strerror or e}", err=True)
             raise typer.Exit(EXIT_SOME_FAILED) from None
@@ -457,7 +442,7 @@ def bench(
             "peak_rss_mb": peak,
             "stages_ms": {k: {"median": m, "p90": p} for k, m, p in rows},
         }
-        _atomic_write_bytes(json_out, (json.dumps(doc, indent=2) + "\n").encode())
+        write_atomic(json_out, (json.dumps(doc, indent=2) + "\n").encode())
 
 
 def register(app: typer.Typer) -> None:

@@ -95,7 +95,12 @@ def report(
     finally:
         store.close()
     if out is not None:
-        out.write_bytes(data)
+        from edge_wbc.files import write_atomic
+
+        try:
+            write_atomic(out, data)
+        except OSError as e:
+            raise _fail(f"cannot write {out}: {e.strerror or e}") from None
         typer.echo(f"{out}: {len(data)} bytes", err=True)
     else:
         sys.stdout.buffer.write(data)

@@ -22,7 +22,6 @@ import csv
 import html
 import io
 import json
-import os
 import platform
 import zoneinfo
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from typing import Any, TypedDict
 
 from edge_wbc import __version__, taxonomy
 from edge_wbc.counting.records import CellRecord, FieldRecord, SlideRecord
+from edge_wbc.files import write_atomic
 from edge_wbc.taxonomy import UNIDENTIFIED
 
 #: 2: differential rows carry group, kind and classes; formula and flags are new.
@@ -272,9 +272,7 @@ def write_reports(
     paths: dict[str, str] = {}
     for fmt, (name, text) in files.items():
         p = out / name
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p)
+        write_atomic(p, text)
         paths[fmt] = str(p.relative_to(data)) if p.is_relative_to(data) else str(p)
     return paths
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edge_wbc.counting.session import SlideSession, now_iso
+from edge_wbc.files import write_atomic
 from edge_wbc.pipeline.adaptation import (
     ADAPTATION_JSON,
     MIN_CELLS_PER_CLASS,
@@ -201,10 +201,8 @@ class LabAdaptation:
 
     def _write_active(self, path: Path | None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        p = self.dir / ACTIVE
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"path": str(path) if path else None, "at": now_iso()}) + "\n")
-        os.replace(tmp, p)
+        write_atomic(self.dir / ACTIVE,
+                     json.dumps({"path": str(path) if path else None, "at": now_iso()}) + "\n")
 
 
 def _by_class(labels: Any) -> dict[str, int]:

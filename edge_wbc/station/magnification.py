@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from edge_wbc.counting.session import now_iso
+from edge_wbc.files import write_atomic
 from edge_wbc.pipeline.scale import CellScale, ScaleError, estimate_cell_diameter
 from edge_wbc.station.app import Station
 
@@ -234,11 +234,9 @@ class Magnification:
         log.info("cell_diameter_px %g px (was %g): %s", px, before, how)
 
     def _write(self, doc: dict[str, Any]) -> None:
-        tmp = self.file.with_suffix(".tmp")
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(doc) + "\n")
-            os.replace(tmp, self.file)
+            write_atomic(self.file, json.dumps(doc) + "\n")
         except OSError as e:
             # Not kept over a restart: not switched at all.
             raise MagnificationRefused(
