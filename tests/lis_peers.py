@@ -180,3 +180,60 @@ def mllp_peer() -> Iterator[MllpPeer]:
         yield p
     finally:
         p.close()
+
+
+class RawPeer:
+    """A TCP peer that reads one request (an MLLP block, or an HTTP request with its body) and
+    answers with the given bytes, whatever they are: the garbled, foreign and non-UTF-8 answers
+    python-hl7's and http.server's own peers cannot produce."""
+
+    def __init__(self, answer: bytes, kind: str = "mllp") -> None:
+        self.answer = answer
+        self.kind = kind
+        self.requests: list[bytes] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = int(self.sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}/fhir"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _read(self, c: socket.socket) -> bytes:
+        buf = b""
+        end = b"\x1c\x0d" if self.kind == "mllp" else b"\r\n\r\n"
+        while end not in buf:
+            d = c.recv(65536)
+            if not d:
+                return buf
+            buf += d
+        if self.kind == "http":
+            head, body = buf.split(end, 1)
+            n = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")), 0)
+            while len(body) < n:
+                d = c.recv(65536)
+                if not d:
+                    break
+                body += d
+            buf = head + end + body
+        return buf
+
+    def _serve(self, c: socket.socket) -> None:
+        with c:
+            try:
+                self.requests.append(self._read(c))
+                c.sendall(self.answer)
+                time.sleep(0.3)  # let the client read it before the connection goes
+            except OSError:
+                pass
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.bundle import Bundle
-from lis_peers import FhirPeer, MllpPeer, free_port, mllp_peer
+from lis_peers import FhirPeer, MllpPeer, RawPeer, free_port, mllp_peer
 from station_fakes import fake_cell
 
 from edge_wbc.comms.lis import outbox, render
@@ -393,6 +393,57 @@ def test_mllp_peer_going_away_mid_stream_is_retried(tmp_path: Path, mode: str, w
         assert st.conn.execute("SELECT COUNT(*) FROM lis_outbox").fetchone()[0] == 0
         d.stop()
         st.close()
+
+
+def _framed(text: str, encoding: str = "utf-8") -> bytes:
+    return b"\x0b" + text.encode(encoding) + b"\x1c\x0d"
+
+
+@pytest.mark.parametrize("answer", [
+    b"\x0bhello world\x1c\x0d",
+    b"\x0b\x1c\x0d",
+    "MSA|AA|{cid}\r",  # the MSA alone, no MSH
+])
+def test_mllp_answer_that_is_not_hl7_is_retried_without_a_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, answer: bytes | str) -> None:
+    peer = RawPeer(b"")
+    try:
+        st, d = _make(tmp_path, delivery="mllp", host="127.0.0.1", port=str(peer.port),
+                      timeout_s="2")  # fmt: skip
+        sid = st.finalise_slide("H-1")
+        peer.answer = (_framed(answer.format(cid=control_id(sid))) if isinstance(answer, str)
+                       else answer)
+        d.run_once()
+        err, held = st.conn.execute("SELECT last_error, held FROM lis_outbox").fetchone()
+        assert "answered with something that is not an HL7 ACK" in err and held == 0, err
+        assert "internal error" not in err
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        d.stop()
+        st.close()
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-8"])
+@pytest.mark.parametrize("sep", ["\r", "\n", "\r\n"])
+def test_mllp_ack_in_latin1_or_with_lf_separators_delivers(tmp_path: Path, encoding: str,
+                                                           sep: str) -> None:
+    """Only MSA-1/MSA-2 matter: a LIS answering AA in ISO 8859-1 (MSH-18 8859/1) or with LF
+    between segments accepted the report; it must not be sent again on every retry."""
+    peer = RawPeer(b"")
+    try:
+        st, d = _make(tmp_path, delivery="mllp", host="127.0.0.1", port=str(peer.port))
+        sid = st.finalise_slide("H-1")
+        peer.answer = _framed(sep.join([
+            "MSH|^~\\&|LIS|Klinikum München|||20261201||ACK^R01|A1|P|2.5.1|||||||8859/1",
+            f"MSA|AA|{control_id(sid)}", ""]), encoding)
+        d.run_once()
+        assert st.conn.execute("SELECT COUNT(*) FROM lis_outbox").fetchone()[0] == 0, d.status()
+        assert d.status()["last_delivered"]["detail"] == f"AA for message {control_id(sid)}"
+        d.stop()
+        st.close()
+    finally:
+        peer.close()
 
 
 def test_lis_down_gets_every_report_once_back_none_twice(tmp_path: Path) -> None:

@@ -194,6 +194,23 @@ def parse(text: str) -> hl7.Message:
         raise ReportError(f"not an HL7 v2 message: {e}") from e
 
 
+def parse_ack(block: bytes) -> hl7.Message:
+    """An ACK as it came off the wire (one MLLP block's bytes); raises :class:`ReportError`.
+
+    Only MSA-1 and MSA-2 decide anything, and both are ASCII, so the bytes are read leniently:
+    UTF-8 when they are UTF-8, else Latin-1 (ISO 8859-1, the commonest other MSH-18, and a byte
+    for byte reading of anything else), and segments may end in LF or CRLF as well as CR. A LIS
+    that accepted a report must not have it sent again forever for its facility's umlaut."""
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        text = block.decode("latin-1")
+    text = text.replace("\r\n", "\r").replace("\n", "\r")
+    if not text.startswith("MSH"):
+        raise ReportError(f"it starts with {text[:20]!r}, not with an MSH segment")
+    return parse(text)
+
+
 def ack_status(ack: hl7.Message, sent_control_id: str) -> tuple[str, str]:
     """(MSA-1 code, the LIS's reason) from an ACK; raises :class:`ReportError` if it is not an
     ACK for the message that was sent."""

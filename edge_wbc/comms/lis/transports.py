@@ -163,12 +163,14 @@ class MllpTransport:
             writer.writemessage(text)
             # A peer that stops reading must not hold the delivery thread beyond the timeout.
             await asyncio.wait_for(writer.drain(), self.timeout_s)
-            ack = await asyncio.wait_for(reader.readmessage(), self.timeout_s)
+            # The block's bytes, not readmessage(): that decodes strictly and lets python-hl7's
+            # ParseException out for a frame that is not HL7; hl7v2.parse_ack reads both.
+            block = await asyncio.wait_for(reader.readblock(), self.timeout_s)
         except asyncio.TimeoutError:
             return Outcome.retry(f"no ACK from {where} within {self.timeout_s:g} s")
         except asyncio.IncompleteReadError:
             return Outcome.retry(f"{where} closed the connection before acknowledging")
-        except (InvalidBlockError, ValueError, UnicodeDecodeError) as e:
+        except (InvalidBlockError, ValueError) as e:
             return Outcome.retry(f"{where} answered with something that is not an HL7 ACK: {e}")
         except OSError as e:
             return Outcome.retry(f"connection to {where} broke: {e.strerror or e}")
@@ -176,6 +178,10 @@ class MllpTransport:
             writer.close()
             with contextlib.suppress(OSError, asyncio.TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
+        try:
+            ack = hl7v2.parse_ack(block)
+        except ReportError as e:
+            return Outcome.retry(f"{where} answered with something that is not an HL7 ACK: {e}")
         try:
             code, reason = hl7v2.ack_status(ack, cid)
         except ReportError as e:
