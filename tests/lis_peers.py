@@ -109,8 +109,10 @@ class MllpPeer:
 
 
 class FhirPeer:
-    """A FHIR endpoint: each POST gets the next scripted status (201, 302, 400, 500, 'timeout');
-    unscripted: 201. Records the bodies and Authorization headers it was sent."""
+    """A FHIR endpoint: each POST gets the next scripted answer: 201 (the transaction-response
+    Bundle a FHIR server answers, one entry per entry sent), 302 / 307 (a redirect), 400, 500,
+    'timeout', or 'html' (200 with a login page, as a single-sign-on proxy answers); unscripted:
+    201. Records the bodies and Authorization headers it was sent."""
 
     def __init__(self) -> None:
         self.script: list[int | str] = []
@@ -147,15 +149,28 @@ class FhirPeer:
                 elif mode == 500:
                     out = {"resourceType": "OperationOutcome", "issue": [
                         {"severity": "fatal", "code": "exception", "diagnostics": "db down"}]}
-                elif mode == 302:
+                elif mode in (302, 307):
                     out = {}
+                elif mode == "html":
+                    data = b"<html><body>Please log in</body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 else:
                     peer.bodies.append(body)
-                    out = {"resourceType": "Bundle", "type": "transaction-response"}
+                    out = {"resourceType": "Bundle", "type": "transaction-response", "entry": [
+                        {"response": {"status": "201 Created", "etag": 'W/"1"',
+                                      "location": f"{e['resource']['resourceType']}/{i}"
+                                                  "/_history/1"}}
+                        for i, e in enumerate(body.get("entry") or [], 1)]}
                 data = json.dumps(out).encode()
                 self.send_response(int(mode))
-                if mode == 302:
-                    self.send_header("Location", "/elsewhere")
+                if mode in (302, 307):
+                    self.send_header("Location", "https://fhir.lab.example/fhir/r4/"
+                                     if mode == 307 else "/elsewhere")
                 self.send_header("Content-Type", "application/fhir+json")
                 self.send_header("Content-Length", str(len(data)))
                 if mode == 201:

@@ -500,6 +500,25 @@ def test_fhir_server_201_400_500_and_timeout(tmp_path: Path) -> None:
                                     (moved,)).fetchone()
         assert held == 1 and "HTTP 302" in err and peer.gets == 0
 
+        # A redirect names where it points: that is what fhir_url should be.
+        peer.script = [307]
+        moved = st.finalise_slide("H-307")
+        d.run_once()
+        held, err = st.conn.execute("SELECT held, last_error FROM lis_outbox WHERE slide_id = ?",
+                                    (moved,)).fetchone()
+        assert held == 1 and err == ("FHIR server answered HTTP 307, redirecting to "
+                                     "https://fhir.lab.example/fhir/r4/: set lis.fhir_url to the "
+                                     "FHIR base it names")
+
+        # A 200 that is not a FHIR answer (a single-sign-on proxy's login page) is no delivery.
+        peer.script = ["html"]
+        login = st.finalise_slide("H-sso")
+        d.run_once()
+        held, err = st.conn.execute("SELECT held, last_error FROM lis_outbox WHERE slide_id = ?",
+                                    (login,)).fetchone()
+        assert held == 1 and err == ("FHIR server answered HTTP 200 with text/html, not a FHIR "
+                                     "transaction-response Bundle: is lis.fhir_url the FHIR base?")
+
         for mode, why in ((500, "HTTP 500: db down"), ("timeout", "no answer")):
             peer.script = [mode]
             sid = st.finalise_slide(f"H-{mode}")
@@ -511,6 +530,59 @@ def test_fhir_server_201_400_500_and_timeout(tmp_path: Path) -> None:
                 "SELECT COUNT(*) FROM lis_outbox WHERE slide_id = ?", (sid,)).fetchone()[0] == 0)
         assert len(peer.bodies) == 3
         assert d.status()["state"] == "refused"
+        d.stop()
+        st.close()
+    finally:
+        peer.close()
+
+
+def _http(status: str, body: bytes = b"", ctype: str = "application/fhir+json") -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            "\r\n").encode() + body
+
+
+@pytest.mark.parametrize(("answer", "why"), [
+    (_http("200 OK", b"{}", "application/json"), "with JSON that is not a FHIR resource, not"),
+    (_http("200 OK", b'{"resourceType": "OperationOutcome"}'), "with a FHIR OperationOutcome, not"),
+    (_http("200 OK", b'{"resourceType": "Bundle", "type": "batch-response"}'),
+     "with a FHIR Bundle of type 'batch-response', not"),
+    (_http("200 OK", b'{"resourceType": "Bundle", "type": "transaction-response", "entry": '
+                     b'[{"response": {"status": "201 Created"}}, {"response": {"status": '
+                     b'"400 Bad Request"}}]}'),
+     "whose entry 2 answered 400 Bad Request"),
+    (_http("204 No Content"), "HTTP 204 with an empty body, not"),
+])
+def test_fhir_2xx_that_is_not_a_transaction_response_is_held(tmp_path: Path, answer: bytes,
+                                                             why: str) -> None:
+    peer = RawPeer(answer, "http")
+    try:
+        st, d = _make(tmp_path, delivery="fhir", fhir_url=peer.url)
+        st.finalise_slide("H-1")
+        d.run_once()
+        held, err = st.conn.execute("SELECT held, last_error FROM lis_outbox").fetchone()
+        assert held == 1 and why in err, err
+        d.stop()
+        st.close()
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"hello there\r\n\r\n",
+    b"HTTP/1.1 201 Created\r\nX: " + b"a" * 70000 + b"\r\n\r\n",
+    b"HTTP/1.1 201 Created\r\n" + b"X: a\r\n" * 150 + b"Content-Length: 0\r\n\r\n",
+])
+def test_fhir_garbled_http_answer_is_retried_with_the_reason(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, answer: bytes) -> None:
+    peer = RawPeer(answer, "http")
+    try:
+        st, d = _make(tmp_path, delivery="fhir", fhir_url=peer.url)
+        st.finalise_slide("H-1")
+        d.run_once()
+        held, err = st.conn.execute("SELECT held, last_error FROM lis_outbox").fetchone()
+        assert held == 0 and "answered with something that is not HTTP: " in err, err
+        assert "internal error" not in err
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
         d.stop()
         st.close()
     finally:

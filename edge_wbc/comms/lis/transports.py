@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -222,9 +223,21 @@ class FhirTransport:
         try:
             with _OPENER.open(req, timeout=self.timeout_s) as resp:
                 status = resp.status
+                ctype = resp.headers.get("Content-Type") or ""
                 loc = resp.headers.get("Location") or resp.headers.get("Content-Location") or ""
+                answer = resp.read(_MAX_ANSWER + 1)
         except urllib.error.HTTPError as e:
-            why = _outcome_text(e.read(4096))
+            try:
+                why = _outcome_text(e.read(4096))
+            except (http.client.HTTPException, OSError):
+                why = ""
+            if 300 <= e.code < 400:
+                # Where it points is what the technician needs to correct fhir_url.
+                to = _printable(e.headers.get("Location") or "", 200)
+                return Outcome.refused(
+                    f"FHIR server answered HTTP {e.code}, "
+                    + (f"redirecting to {to}" if to else "a redirect without a Location")
+                    + ": set lis.fhir_url to the FHIR base it names")
             msg = f"FHIR server answered HTTP {e.code}" + (f": {why}" if why else "")
             if e.code in _RETRY_HTTP or e.code >= 500:
                 return Outcome.retry(msg)
@@ -234,7 +247,14 @@ class FhirTransport:
             if isinstance(reason, (TimeoutError, socket.timeout)):
                 return Outcome.retry(f"no answer from {self.url} within {self.timeout_s:g} s")
             return Outcome.retry(f"cannot reach {self.url}: {reason}")
-        return Outcome.delivered(f"HTTP {status}" + (f" {loc}" if loc else ""))
+        except http.client.HTTPException as e:
+            # After OSError: http.client's RemoteDisconnected is both, and it is "cannot reach".
+            return Outcome.retry(f"{self.url} answered with something that is not HTTP: "
+                                 f"{type(e).__name__}: {_printable(str(e), 200)}")
+        wrong = _not_transaction_response(answer, ctype)
+        if wrong:
+            return Outcome.refused(f"FHIR server answered HTTP {status} with {wrong}")
+        return Outcome.delivered(f"HTTP {status}" + (f" {_printable(loc, 200)}" if loc else ""))
 
     def probe(self, timeout_s: float) -> str | None:
         from urllib.parse import urlsplit
@@ -257,6 +277,50 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+#: A transaction-response of this station's Bundle is a few kB even with every resource in it.
+_MAX_ANSWER = 8 << 20
+
+
+def _printable(text: str, limit: int) -> str:
+    """A peer's text fit for a log line and the page: whitespace runs as one space, control
+    characters dropped, cut at ``limit``."""
+    text = " ".join("".join(ch for ch in text if ch.isprintable() or ch.isspace()).split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _not_transaction_response(raw: bytes, ctype: str) -> str:
+    """'' when ``raw`` is a FHIR transaction-response Bundle whose every entry succeeded, else
+    what came instead. A 2xx is not enough: a login page from a proxy in front of the server
+    answers 200 too, and the report must not leave the outbox for it."""
+    hint = ", not a FHIR transaction-response Bundle: is lis.fhir_url the FHIR base?"
+    what = _printable(ctype.split(";")[0], 60) or "no Content-Type"
+    if len(raw) > _MAX_ANSWER:
+        return f"more than {_MAX_ANSWER >> 20} MiB of {what}{hint}"
+    if not raw.strip():
+        return f"an empty body{hint}"
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return f"{what}{hint}"
+    if not isinstance(obj, dict) or not isinstance(obj.get("resourceType"), str):
+        return f"JSON that is not a FHIR resource{hint}"
+    kind = _printable(str(obj.get("type") or ""), 40)
+    if obj["resourceType"] != "Bundle" or kind != "transaction-response":
+        return f"a FHIR {_printable(obj['resourceType'], 40)}" + (
+            f" of type {kind!r}" if kind else "") + hint
+    entries = obj.get("entry") or []
+    if not isinstance(entries, list):
+        return f"a transaction-response whose entry is not a list{hint}"
+    for i, e in enumerate(entries, 1):
+        resp = e.get("response") if isinstance(e, dict) else None
+        st = str(resp.get("status") or "") if isinstance(resp, dict) else ""
+        # A transaction is all or nothing; a server that says otherwise has not stored it.
+        if not st.startswith("2"):
+            return (f"a transaction-response whose entry {i} answered "
+                    f"{_printable(st, 60) or 'no status'}")
+    return ""
 
 
 def _outcome_text(raw: bytes) -> str:
