@@ -345,7 +345,8 @@ class LisConfig:
     )
     retry_s: float = _f(
         30.0, "Seconds before the first retry while the LIS is unreachable; doubles after "
-        "each failure, up to 10 minutes.", min=1.0, max=3600.0,
+        "each failure, up to 10 minutes (a longer retry_s stays as it is).", min=1.0,
+        max=3600.0,
     )
     sending_application: str = _f("EDGE-WBC", "HL7 MSH-3: this station's application name.",
                                   check="hl7")

@@ -814,3 +814,97 @@ def test_a_transport_bug_keeps_the_report_and_backs_off(tmp_path: Path) -> None:
     assert 0 < wait <= 1.0  # retry_s = 1: nothing is tried again before then
     d.stop()
     st.close()
+
+
+def test_a_delivery_the_station_cannot_record_backs_off_and_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk after the LIS's AA: the report stays and is sent again (the identical
+    message) after the back-off, not every POLL_S, and the reason is shown, not a traceback."""
+    def full(*a: Any, **k: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with mllp_peer() as peer:
+        st, d = _make(tmp_path, delivery="mllp", host="127.0.0.1", port=str(peer.port))
+        sid = st.finalise_slide("H-1")
+        monkeypatch.setattr(outbox, "delivered", full)
+        d.run_once()
+        assert peer.acked == [control_id(sid)]
+        d.run_once()  # at once: nothing is sent before the back-off is over
+        assert len(peer.received) == 1
+        why = (f"the LIS accepted it (AA for message {control_id(sid)}), but the station cannot "
+               "record that in its database: database or disk is full")
+        s = d.status()
+        assert s["waiting"] == 1 and s["problems"][0]["error"] == why
+        # The smaller write fitted: `lis status` (another process) reads it from the database.
+        assert st.conn.execute("SELECT attempts, last_error FROM lis_outbox").fetchone() == (
+            1, why)
+        # Nothing at all can be written: the delivery still backs off and shows it from memory.
+        monkeypatch.setattr(outbox, "failed", full)
+        d._resume_at = 0.0
+        d.run_once()
+        assert len(peer.received) == 2 and d.status()["problems"][0]["attempts"] == 2
+        assert d._resume_at > time.monotonic()
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        monkeypatch.undo()
+        _drain(d, lambda: st.conn.execute("SELECT COUNT(*) FROM lis_outbox").fetchone()[0] == 0)
+        assert len({str(m) for m in peer.received}) == 1  # the identical message each time
+        assert d.status()["problems"] == [] and d.status()["state"] == "ok"
+        d.stop()
+        st.close()
+
+
+def test_a_delivery_thread_that_keeps_failing_backs_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    st, d = _make(tmp_path, delivery="folder", folder=str(tmp_path))
+    calls: list[int] = []
+
+    def locked(*a: Any) -> None:
+        calls.append(1)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    class Clock:
+        """The thread's waits, without waiting: three turns of the loop, then stop."""
+        def __init__(self) -> None:
+            self.n = 0
+
+        def wait(self, t: float) -> None:
+            self.n += 1
+            if self.n == 3:
+                d._stop.set()
+
+        def clear(self) -> None:
+            pass
+
+        def set(self) -> None:
+            pass
+
+    monkeypatch.setattr(outbox, "due", locked)
+    d._wake = Clock()  # type: ignore[assignment]
+    d._run()
+    # Tried once, then left alone for the back-off; one traceback, not one per turn.
+    assert len(calls) == 1 and d._resume_at > time.monotonic()
+    assert len([r for r in caplog.records if r.exc_info]) == 1
+    d._stop.clear()
+    d.stop()
+    st.close()
+
+
+@pytest.mark.parametrize(("retry_s", "waits"), [
+    ("1", [1, 2, 4, 8]),
+    ("200", [200, 400, 600, 600]),
+    ("1200", [1200, 1200, 1200, 1200]),
+])
+def test_back_off_doubles_to_ten_minutes_or_keeps_a_longer_retry_s(
+        tmp_path: Path, retry_s: str, waits: list[int]) -> None:
+    st, d = _make(tmp_path, delivery="folder", folder=str(tmp_path / "absent"), retry_s=retry_s)
+    st.finalise_slide("H-1")
+    seen = []
+    for _ in waits:
+        d._resume_at = 0.0
+        d.run_once()
+        seen.append(round(d._resume_at - time.monotonic()))
+    assert seen == waits
+    d.stop()
+    st.close()
