@@ -768,11 +768,41 @@ def _build(
              "fhir": ("fhir_url", "the FHIR server's base URL")}.get(lis.delivery)
     if needs and not getattr(lis, needs[0]):
         bad("lis", needs[0], f"delivery = '{lis.delivery}' needs {needs[1]} ({needs[0]})")
+    if lis.fhir_url and "@" in _url_netloc(lis.fhir_url):
+        # urllib would not send it, and the URL is shown in logs, `lis status` and doctor.
+        bad("lis", "fhir_url", "must not hold a user name or password (user:password@): give "
+            "the server's bearer token as lis.fhir_token instead (EDGE_WBC_LIS_FHIR_TOKEN or "
+            f"the systemd credential '{CRED_LIS_FHIR_TOKEN}')")
     if lis.fhir_token and lis.fhir_url and lis.fhir_url.startswith("http://") \
             and not is_loopback(_url_host(lis.fhir_url)):
         bad("lis", "fhir_url", "a bearer token would cross the network in clear text: use "
             "https:// (plain http only to this machine)")
     return cfg, problems
+
+
+def _url_problem(url: str) -> str:
+    """Why ``url`` cannot be an http(s) address to connect to; '' when it can. A password in
+    it is never echoed."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    shown = url.replace(u.netloc, "***@" + u.netloc.rsplit("@", 1)[1], 1) if "@" in u.netloc \
+        else url
+    if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+        return f"{shown!r} is not an http:// or https:// URL"
+    try:
+        port = u.port
+    except ValueError:  # urlsplit's own words ("Port out of range 1-65535") name no key
+        port = 0
+    if port == 0:
+        return f"{shown!r}: the port must be a number from 1 to 65535"
+    return ""
+
+
+def _url_netloc(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).netloc
 
 
 def _url_host(url: str) -> str:
@@ -916,8 +946,10 @@ def _coerce(fdef: dataclasses.Field[Any], value: Any) -> tuple[bool, Any, str]:
     if check == "edgetpu" and value and not tpu.device_ok(value):
         spellings = ", ".join(repr(s) for s in tpu.device_spellings)
         return False, None, f"{value!r} is not an {tpu.label} device ({spellings})"
-    if check == "url" and value and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
-        return False, None, f"{value!r} is not an http:// or https:// URL"
+    if check == "url" and value:
+        why = _url_problem(value)
+        if why:
+            return False, None, why
     if check == "hl7" and re.search(r"[|^~\\&\r\n]", value):
         return False, None, (f"{value!r} must not contain the HL7 delimiters | ^ ~ \\ & "
                              "(it goes into one MSH field)")

@@ -652,6 +652,34 @@ def test_config_requires_the_destination_and_keeps_the_token_secret(tmp_path: Pa
     assert "from-systemd" not in repr(cfg) and cfg.to_dict()["lis"]["fhir_token"] == "***"
 
 
+@pytest.mark.parametrize(("url", "why"), [
+    ("http://127.0.0.1:99999/fhir", "the port must be a number from 1 to 65535"),
+    ("https://fhir.lab.example:http/fhir", "the port must be a number from 1 to 65535"),
+    ("https://edge:pa55word@fhir.lab.example/fhir",
+     "must not hold a user name or password (user:password@): give the server's bearer token "
+     "as lis.fhir_token instead (EDGE_WBC_LIS_FHIR_TOKEN or the systemd credential "
+     "'lis-fhir-token')"),
+])
+def test_config_refuses_a_fhir_url_that_cannot_work(tmp_path: Path, url: str, why: str) -> None:
+    """Each passed check-config before, then crashed doctor (urlsplit's 'Port out of range') or
+    could never log in while the password went to the logs and `lis status`."""
+    from typer.testing import CliRunner
+
+    from edge_wbc.cli import app
+    from edge_wbc.config import ConfigError
+
+    p = tmp_path / "c.toml"
+    p.write_text(f'[lis]\ndelivery = "fhir"\nfhir_url = "{url}"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(p, env={"HOME": str(tmp_path)})
+    assert "c.toml:3: lis.fhir_url: " in str(e.value) and why in str(e.value)
+    assert "pa55word" not in str(e.value)
+    r = CliRunner().invoke(app, ["doctor", "--config", str(p), "--only", "lis"],
+                           env={"HOME": str(tmp_path)})
+    assert r.exit_code != 0 and why in r.output and "pa55word" not in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
 # --------------------------------------------------------------------------- doctor and CLI
 
 
