@@ -752,6 +752,44 @@ def test_doctor_and_cli_show_the_outbox(tmp_path: Path) -> None:
     st.close()
 
 
+def test_lis_retry_of_one_slide_releases_only_a_refused_report(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edge_wbc.cli import app
+
+    port = free_port()
+    st, d = _make(tmp_path, delivery="mllp", host="127.0.0.1", port=str(port))
+    refused, waiting = st.finalise_slide("H-1"), st.finalise_slide("H-2")
+    st.conn.execute("UPDATE lis_outbox SET held = 1, last_error = 'LIS answered AR'"
+                    " WHERE slide_id = ?", (refused,))
+    d.run_once()  # nobody listening: the other one waits
+    env = {"HOME": str(tmp_path), "EDGE_WBC_SESSION_DATA_DIR": str(tmp_path / "data"),
+           "EDGE_WBC_LIS_DELIVERY": "mllp", "EDGE_WBC_LIS_HOST": "127.0.0.1",
+           "EDGE_WBC_LIS_PORT": str(port)}
+    runner = CliRunner()
+    r = runner.invoke(app, ["lis", "retry", "--slide", "nope"], env=env)
+    assert r.exit_code == 1 and "no slide 'nope'" in r.output, r.output
+    r = runner.invoke(app, ["lis", "retry", "--slide", waiting], env=env)
+    assert r.exit_code == 0 and "released" in r.output and "1 report(s)" not in r.output
+    assert f"slide {waiting} was not refused: its report is waiting for the LIS (1 attempt(s)" \
+        in r.output
+    r = runner.invoke(app, ["lis", "retry", "--slide", refused], env=env)
+    assert r.exit_code == 0 and "1 report(s) released" in r.output
+    assert st.conn.execute("SELECT COUNT(*) FROM lis_outbox WHERE held = 1").fetchone()[0] == 0
+    with mllp_peer() as peer:
+        d.transport.port = peer.port  # type: ignore[attr-defined]
+        d._resume_at = 0.0
+        _drain(d, lambda: len(peer.acked) == 2)
+    r = runner.invoke(app, ["lis", "retry", "--slide", refused], env=env)
+    assert r.exit_code == 1 and f"slide {refused} was delivered to mllp://" in r.output
+    assert "lis send --slide" in r.output
+    st.session.new_slide("H-open", 3)
+    r = runner.invoke(app, ["lis", "retry", "--slide", st.session.slide["id"]], env=env)
+    assert r.exit_code == 1 and "was never queued for the LIS" in r.output
+    d.stop()
+    st.close()
+
+
 def test_formula_report_rows_and_raised_flags() -> None:
     """The report rows and flags as the lab's formula writes them (edge-wbc/report/2): kind,
     group, classes; flags naming a class or group, with their rule."""

@@ -179,11 +179,30 @@ def lis_retry(
     store = _store(data_dir, cfg)
     try:
         conn = outbox.connect(str(store.db_path))
-        n = outbox.release(conn, slide)
-        conn.close()
+        try:
+            n = outbox.release(conn, slide)
+            where = outbox.find(conn, slide) if slide is not None and not n else None
+        finally:
+            conn.close()
+        known = slide is None or n or where is not None or store.slide(slide) is not None
     finally:
         store.close()
-    typer.echo(f"{n} report(s) released for another attempt")
+    if slide is None or n:
+        typer.echo(f"{n} report(s) released for another attempt")
+        return
+    if where is None:
+        if not known:
+            raise _fail(f"no slide {slide!r} in {store.data_dir}")
+        raise _fail(f"slide {slide} was never queued for the LIS: `edge-wbc lis send --slide "
+                    f"{slide}` queues it")
+    if where["state"] == "delivered":
+        raise _fail(f"slide {slide} was delivered to {where['destination']} at {where['at']} "
+                    f"({where['detail']}): nothing to release; `edge-wbc lis send --slide "
+                    f"{slide}` sends it again")
+    last = f"; last try {where['at']}: {where['error']}" if where["error"] else ""
+    typer.echo(f"slide {slide} was not refused: its report is waiting for the LIS "
+               f"({where['attempts']} attempt(s){last}) and goes out by itself; nothing "
+               "released")
 
 
 def register(app: typer.Typer) -> None:

@@ -140,9 +140,26 @@ def release(conn: sqlite3.Connection, slide_id: str | None = None) -> int:
         if slide_id is None:
             cur = conn.execute("UPDATE lis_outbox SET held = 0 WHERE held = 1")
         else:
-            cur = conn.execute("UPDATE lis_outbox SET held = 0 WHERE slide_id = ?",
+            # Only a held one: a waiting report is sent by itself, and counting it "released"
+            # told the technician something had been done.
+            cur = conn.execute("UPDATE lis_outbox SET held = 0 WHERE slide_id = ? AND held = 1",
                                (slide_id,))
         return cur.rowcount
+
+
+def find(conn: sqlite3.Connection, slide_id: str) -> dict[str, Any] | None:
+    """Where one slide's report is: ``state`` 'held', 'waiting' or 'delivered' with its
+    attempts and last error, or when and where it went; None when it was never queued."""
+    r = conn.execute("SELECT held, attempts, last_error, last_try_at FROM lis_outbox"
+                     " WHERE slide_id = ?", (slide_id,)).fetchone()
+    if r is not None:
+        return {"state": "held" if r[0] else "waiting", "attempts": r[1], "error": r[2],
+                "at": r[3]}
+    r = conn.execute("SELECT delivered_at, destination, detail FROM lis_delivered"
+                     " WHERE slide_id = ?", (slide_id,)).fetchone()
+    if r is not None:
+        return {"state": "delivered", "at": r[0], "destination": r[1], "detail": r[2]}
+    return None
 
 
 def queue_now(conn: sqlite3.Connection, slide_id: str, sample_id: str, report_file: str) -> None:
