@@ -149,6 +149,37 @@ def test_a_flag_on_cells_the_formula_sets_aside_is_refused(tmp_path: Path) -> No
     assert load_config(p, env={}).formula.build().flags[0].name == "smudge_cell"
 
 
+def test_a_flag_raised_on_every_slide_or_on_none_is_refused_with_its_line(
+        tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('[formula]\nflags = [\n  "blast >= 0",\n  "eosinophil > 100%",\n'
+                 '  "monocyte >= 100.5%",\n  "nrbc > 150%",\n  "blast\t>\t0",\n]\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, env={})
+    got = {pr.line: pr.message for pr in exc.value.problems}
+    assert set(got) == {3, 4, 5}  # NRBC per 100 WBC may well pass 150; a tab is a space
+    assert "raised on every slide" in got[3] and "'blast > 0' flags any" in got[3]
+    assert "can never be raised" in got[4] and "at most 100 %" in got[4]
+    assert "can never be raised" in got[5]
+    flag = taxonomy.parse_flag("blast\t>\t0")
+    assert flag.rule == "blast > 0" and flag.threshold == 0
+
+
+def test_a_raised_flag_shows_its_value_beyond_the_threshold(tmp_path: Path) -> None:
+    f = _formula(counted=["band_neutrophil", "segmented_neutrophil"],
+                 flags=["band_neutrophil > 6%"])
+    s = _session(tmp_path, f, target=400)
+    labels = ["band_neutrophil"] * 12 + ["segmented_neutrophil"] * 187  # 12/199 = 6.03 %
+    for i in range(0, len(labels), 40):
+        _add(s, labels[i:i + 40], field=(i // 40) % len(FIELDS))
+    (flag,) = s.state()["flags"]
+    assert flag["value"] == 6.03 and "6.03 %" in flag["text"]
+    s2 = _session(tmp_path / "b", _formula(flags=["eosinophil > 5%"]))
+    _add(s2, ["eosinophil"] * 3 + ["lymphocyte"] * 7)
+    (flag,) = s2.state()["flags"]
+    assert flag["value"] == 30.0 and flag["text"] == "Eosinophil: 30.0 % (eosinophil > 5%)"
+
+
 def test_a_formula_problem_set_by_the_environment_is_the_environment_s(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_text('[formula]\npreset = "ru"\nflags = ["blast > 0"]\n')

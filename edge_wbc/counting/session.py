@@ -17,7 +17,7 @@ Counting rules (what a cell contributes):
   non-leukocyte class the formula has no row for is set aside (``excluded.other``).
 
 Percentages of counted rows are of all counted leukocytes, unidentified included, so they add up
-to 100 %; the slide cannot be finalised while any unidentified cell remains.
+to 100 % (before rounding); the slide cannot be finalised while any unidentified cell remains.
 
 The intervals live in :mod:`edge_wbc.counting.stats`, the duplicate-field guard in
 :mod:`edge_wbc.counting.overlap`.
