@@ -386,6 +386,17 @@ def test_monitor_shows_each_stations_formula_and_flags(tmp_path: Path) -> None:
     assert {r["label"]: r["count"] for r in v["rows"]}["blast"] == 1
 
 
+def test_before_any_leukocyte_is_counted_the_intervals_say_nothing_is_known(
+        tmp_path: Path) -> None:
+    s = _session(tmp_path, _formula(per_100_wbc=["nrbc"]))
+    _add(s, ["erythroblast"] * 5)
+    st = s.state()
+    assert st["counted"] == 0
+    counted = [r for r in st["classes"] if r["kind"] == "counted"]
+    assert counted and all((r["ci_low"], r["ci_high"]) == (0.0, 100.0) for r in counted)
+    assert {r["label"]: r["count"] for r in st["classes"]}["nrbc"] == 5
+
+
 def test_a_flag_names_the_rows_it_is_about(tmp_path: Path) -> None:
     ru = _formula(preset="ru", flags=["neutrophil > 50%", "blast > 0"])
     s = _session(tmp_path, ru)

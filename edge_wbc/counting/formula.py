@@ -112,6 +112,7 @@ def _row(r: Row, k: int, n: int, ci_method: str) -> dict[str, Any]:
         "ci_high": None,
     }
     if r.kind == COUNTED:
-        lo, hi = interval(k, n, ci_method) if n else (0.0, 0.0)
+        # Nothing counted yet: nothing is known about the share, 0–100 % (not "exactly 0").
+        lo, hi = interval(k, n, ci_method) if n else (0.0, 1.0)
         out["ci_low"], out["ci_high"] = round(100.0 * lo, 1), round(100.0 * hi, 1)
     return out
