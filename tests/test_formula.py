@@ -422,6 +422,35 @@ def test_a_reopened_station_counts_the_open_slide_by_the_same_formula(tmp_path: 
     assert after["flags"][0]["rule"] == "blast > 0"
 
 
+def test_a_restart_with_another_formula_is_in_the_slides_trail_and_report(
+        tmp_path: Path) -> None:
+    s = _session(tmp_path, target=5)  # five-part, flag blast > 0
+    _add(s, ["neutrophil", "neutrophil", "lymphocyte", "monocyte", "eosinophil"])
+    s.review(list(s.cells)[1], "blast")
+    assert [f["rule"] for f in s.state()["flags"]] == ["blast > 0"]
+    sid = s.slide["id"]
+    s.store.close()
+    same = _session(tmp_path)  # the same formula: nothing to record
+    assert not [e for e in same.store.events(sid) if e["action"] == "formula"]
+    same.store.close()
+    s = _session(tmp_path, _formula(preset="ru", flags=[]))
+    (ev,) = [e for e in s.store.events(sid) if e["action"] == "formula"]
+    assert ev["payload"]["previous"]["name"] == "five-part"
+    assert ev["payload"]["previous"]["flags"] == ["blast > 0"]
+    assert ev["payload"]["formula"] == {"name": "ru", "rows": ev["payload"]["formula"]["rows"],
+                                        "flags": []}
+    assert s.state()["flags"] == []
+    s.finalise()
+    rep = json.loads((s.store.data_dir / s.slide["reports"]["json"]).read_text())
+    (ch,) = rep["formula_changes"]
+    assert (ch["previous"]["name"], ch["formula"]["name"]) == ("five-part", "ru")
+    html = (s.store.data_dir / s.slide["reports"]["html"]).read_text()
+    assert "from five-part (flags: blast &gt; 0) to ru (flags: none)" in html
+    s.store.close()
+    assert not [e for e in _session(tmp_path, _formula(preset="ru", flags=[])).store.events(sid)
+                if e["action"] == "formula" and e["id"] != ev["id"]]
+
+
 def test_home_assistant_sensors_follow_the_formula(tmp_path: Path) -> None:
     from edge_wbc.comms import ha_discovery
 
