@@ -223,8 +223,10 @@ PRESETS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tupl
 }
 DEFAULT_PRESET = "five-part"
 
+# Spaces or tabs between the parts (a rule is one line: it is shown and sent to the LIS as is).
 _FLAG_RE = re.compile(
-    r"^\s*(?P<name>[A-Za-z_]+)\s*(?P<op>>=|>)\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<pct>%)?\s*$"
+    r"^[ \t]*(?P<name>[A-Za-z_]+)[ \t]*(?P<op>>=|>)[ \t]*(?P<num>\d+(?:\.\d+)?)[ \t]*(?P<pct>%)?"
+    r"[ \t]*$"
 )
 
 
@@ -245,8 +247,17 @@ def parse_flag(rule: str) -> Flag:
     name = m.group("name")
     if name not in GROUPS and name not in GROUP_OF:
         raise ValueError(f"flag {rule!r}: {_unknown(name)}")
-    return Flag(rule.strip(), name, m.group("op"), float(m.group("num")),
-                "percent" if m.group("pct") else "count")
+    op, threshold, pct = m.group("op"), float(m.group("num")), bool(m.group("pct"))
+    # A rule that is raised on every slide, or on none, is a typo the lab would only find by
+    # its absence (or its noise) on real slides.
+    if op == ">=" and threshold == 0:
+        raise ValueError(f"flag {rule!r} is raised on every slide (any number is >= 0): "
+                         f"'{name} > 0' flags any")
+    share = pct and kind_of(members(name)[0]) == COUNTED
+    if share and (threshold > 100 or (op == ">" and threshold == 100)):
+        raise ValueError(f"flag {rule!r} can never be raised: {name} is a share of the counted "
+                         "leukocytes, at most 100 %")
+    return Flag(" ".join(rule.split()), name, op, threshold, "percent" if pct else "count")
 
 
 def build_formula(

@@ -149,6 +149,37 @@ def test_a_flag_on_cells_the_formula_sets_aside_is_refused(tmp_path: Path) -> No
     assert load_config(p, env={}).formula.build().flags[0].name == "smudge_cell"
 
 
+def test_a_flag_raised_on_every_slide_or_on_none_is_refused_with_its_line(
+        tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('[formula]\nflags = [\n  "blast >= 0",\n  "eosinophil > 100%",\n'
+                 '  "monocyte >= 100.5%",\n  "nrbc > 150%",\n  "blast\t>\t0",\n]\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, env={})
+    got = {pr.line: pr.message for pr in exc.value.problems}
+    assert set(got) == {3, 4, 5}  # NRBC per 100 WBC may well pass 150; a tab is a space
+    assert "raised on every slide" in got[3] and "'blast > 0' flags any" in got[3]
+    assert "can never be raised" in got[4] and "at most 100 %" in got[4]
+    assert "can never be raised" in got[5]
+    flag = taxonomy.parse_flag("blast\t>\t0")
+    assert flag.rule == "blast > 0" and flag.threshold == 0
+
+
+def test_a_raised_flag_shows_its_value_beyond_the_threshold(tmp_path: Path) -> None:
+    f = _formula(counted=["band_neutrophil", "segmented_neutrophil"],
+                 flags=["band_neutrophil > 6%"])
+    s = _session(tmp_path, f, target=400)
+    labels = ["band_neutrophil"] * 12 + ["segmented_neutrophil"] * 187  # 12/199 = 6.03 %
+    for i in range(0, len(labels), 40):
+        _add(s, labels[i:i + 40], field=(i // 40) % len(FIELDS))
+    (flag,) = s.state()["flags"]
+    assert flag["value"] == 6.03 and "6.03 %" in flag["text"]
+    s2 = _session(tmp_path / "b", _formula(flags=["eosinophil > 5%"]))
+    _add(s2, ["eosinophil"] * 3 + ["lymphocyte"] * 7)
+    (flag,) = s2.state()["flags"]
+    assert flag["value"] == 30.0 and flag["text"] == "Eosinophil: 30.0 % (eosinophil > 5%)"
+
+
 def test_a_formula_problem_set_by_the_environment_is_the_environment_s(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_text('[formula]\npreset = "ru"\nflags = ["blast > 0"]\n')
@@ -355,6 +386,17 @@ def test_monitor_shows_each_stations_formula_and_flags(tmp_path: Path) -> None:
     assert {r["label"]: r["count"] for r in v["rows"]}["blast"] == 1
 
 
+def test_before_any_leukocyte_is_counted_the_intervals_say_nothing_is_known(
+        tmp_path: Path) -> None:
+    s = _session(tmp_path, _formula(per_100_wbc=["nrbc"]))
+    _add(s, ["erythroblast"] * 5)
+    st = s.state()
+    assert st["counted"] == 0
+    counted = [r for r in st["classes"] if r["kind"] == "counted"]
+    assert counted and all((r["ci_low"], r["ci_high"]) == (0.0, 100.0) for r in counted)
+    assert {r["label"]: r["count"] for r in st["classes"]}["nrbc"] == 5
+
+
 def test_a_flag_names_the_rows_it_is_about(tmp_path: Path) -> None:
     ru = _formula(preset="ru", flags=["neutrophil > 50%", "blast > 0"])
     s = _session(tmp_path, ru)
@@ -378,6 +420,35 @@ def test_a_reopened_station_counts_the_open_slide_by_the_same_formula(tmp_path: 
     for key in ("classes", "counts", "flags", "class_counts", "excluded", "counted"):
         assert after[key] == before[key], key
     assert after["flags"][0]["rule"] == "blast > 0"
+
+
+def test_a_restart_with_another_formula_is_in_the_slides_trail_and_report(
+        tmp_path: Path) -> None:
+    s = _session(tmp_path, target=5)  # five-part, flag blast > 0
+    _add(s, ["neutrophil", "neutrophil", "lymphocyte", "monocyte", "eosinophil"])
+    s.review(list(s.cells)[1], "blast")
+    assert [f["rule"] for f in s.state()["flags"]] == ["blast > 0"]
+    sid = s.slide["id"]
+    s.store.close()
+    same = _session(tmp_path)  # the same formula: nothing to record
+    assert not [e for e in same.store.events(sid) if e["action"] == "formula"]
+    same.store.close()
+    s = _session(tmp_path, _formula(preset="ru", flags=[]))
+    (ev,) = [e for e in s.store.events(sid) if e["action"] == "formula"]
+    assert ev["payload"]["previous"]["name"] == "five-part"
+    assert ev["payload"]["previous"]["flags"] == ["blast > 0"]
+    assert ev["payload"]["formula"] == {"name": "ru", "rows": ev["payload"]["formula"]["rows"],
+                                        "flags": []}
+    assert s.state()["flags"] == []
+    s.finalise()
+    rep = json.loads((s.store.data_dir / s.slide["reports"]["json"]).read_text())
+    (ch,) = rep["formula_changes"]
+    assert (ch["previous"]["name"], ch["formula"]["name"]) == ("five-part", "ru")
+    html = (s.store.data_dir / s.slide["reports"]["html"]).read_text()
+    assert "from five-part (flags: blast &gt; 0) to ru (flags: none)" in html
+    s.store.close()
+    assert not [e for e in _session(tmp_path, _formula(preset="ru", flags=[])).store.events(sid)
+                if e["action"] == "formula" and e["id"] != ev["id"]]
 
 
 def test_home_assistant_sensors_follow_the_formula(tmp_path: Path) -> None:

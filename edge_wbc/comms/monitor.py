@@ -27,6 +27,7 @@ import typer
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_wbc.counting.outbox import MQTT_SCHEMA
+from edge_wbc.counting.session import STATE_SCHEMA
 from edge_wbc.inputs import visible
 from edge_wbc.pipeline.results import CLASSES, UNIDENTIFIED
 from edge_wbc.taxonomy import COUNT_ONLY, COUNTED, PER_100_WBC, SHORT
@@ -35,8 +36,9 @@ log = logging.getLogger(__name__)
 
 #: Column suffix per row kind: a share of the leukocytes, per 100 of them, or a plain count.
 _UNIT = {COUNTED: "%", PER_100_WBC: "/100", COUNT_ONLY: "#"}
-#: Differential schemas this monitor reads (none given: an early station, read as /1).
-KNOWN_SCHEMAS = ("edge-wbc/mqtt/1", MQTT_SCHEMA)
+#: Differential schemas this monitor reads (none given: an early station, read as /1). A
+#: differential event carries the session's state schema, the retained snapshot the envelope's.
+KNOWN_SCHEMAS = ("edge-wbc/mqtt/1", MQTT_SCHEMA, "edge-wbc/state/1", STATE_SCHEMA)
 #: Larger counts are not a slide's (and would not fit the table).
 _MAX_COUNT = 10**9
 

@@ -5,7 +5,7 @@ configuration's, built from :mod:`edge_wbc.taxonomy`; here the session's effecti
 labels become the numbers the page, the report and MQTT show.
 
 * counted rows (leukocytes, ``unidentified`` included): percent of the counted leukocytes, with
-  the 95 % interval; they add up to 100 %;
+  the 95 % interval; they add up to 100 % before each is rounded to 0.1 (shown, 99.9–100.1);
 * ``per_100_wbc`` rows (NRBC) and ``count_only`` rows (platelets, smudge cells, artefacts):
   the count, and the same count per 100 counted leukocytes as ``percent``, without an interval
   (they are not a share of the leukocytes).
@@ -25,6 +25,7 @@ from edge_wbc.taxonomy import (
     COUNTED,
     NAMES,
     UNIDENTIFIED,
+    Flag,
     Formula,
     Row,
     members,
@@ -74,17 +75,27 @@ def tally(formula: Formula, labels: Iterable[str], ci_method: str) -> Tally:
         cells = sum(by_class.get(c, 0) for c in members(f.name))
         value = cells if f.unit == "count" else (100.0 * cells / n if n else 0.0)
         if f.raised(value):
-            shown_value = str(cells) if f.unit == "count" else f"{value:.1f} %"
+            digits = _digits(f, value)
+            shown_value = str(cells) if f.unit == "count" else f"{value:.{digits}f} %"
             # The shown rows holding the flag's classes: a consumer (the LIS) puts the flag on
             # them ("row": the first, for a flag on one class).
             on_rows = [r.key for r in shown if any(c in r.classes for c in members(f.name))]
             flags.append({
                 "rule": f.rule, "name": f.name, "unit": f.unit, "threshold": f.threshold,
-                "count": cells, "value": round(value, 1),
+                "count": cells, "value": round(value, digits),
                 "text": f"{NAMES.get(f.name, f.name)}: {shown_value} ({f.rule})",
                 "row": on_rows[0] if on_rows else None, "rows": on_rows,
             })
     return Tally(rows, n, by_class, set_aside, flags)
+
+
+def _digits(f: Flag, value: float) -> int:
+    """Decimals that show a raised flag's value beyond its threshold: 12 of 199 band cells are
+    6.03 %, which one decimal shows as "6.0 % (band_neutrophil > 6%)"."""
+    for d in (1, 2, 3):
+        if f.raised(round(value, d)):
+            return d
+    return 4
 
 
 def _row(r: Row, k: int, n: int, ci_method: str) -> dict[str, Any]:
@@ -101,6 +112,7 @@ def _row(r: Row, k: int, n: int, ci_method: str) -> dict[str, Any]:
         "ci_high": None,
     }
     if r.kind == COUNTED:
-        lo, hi = interval(k, n, ci_method) if n else (0.0, 0.0)
+        # Nothing counted yet: nothing is known about the share, 0–100 % (not "exactly 0").
+        lo, hi = interval(k, n, ci_method) if n else (0.0, 1.0)
         out["ci_low"], out["ci_high"] = round(100.0 * lo, 1), round(100.0 * hi, 1)
     return out

@@ -13,6 +13,9 @@ from typing import Any, TypedDict
 class _SlideExtra(TypedDict, total=False):
     #: Only while a slide is being finalised: every review action in order, for the report.
     review_history: list[dict[str, Any]]
+    #: Likewise: each change of the formula while the slide was open (a restart with another
+    #: [formula]): at, previous, formula.
+    formula_changes: list[dict[str, Any]]
     #: Who counted, who signed off, the technician's comment ('' when not given).
     operator: str
     signed_off_by: str

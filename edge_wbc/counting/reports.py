@@ -191,6 +191,10 @@ def build_report(
         "ci_level": 0.95,
         "formula": {k: v for k, v in (state.get("formula") or {}).items()
                     if k in ("name", "rows", "flags")},
+        # The slide was counted by another formula before (the station restarted with a new
+        # [formula]): the flags seen on screen until then may not be this report's.
+        "formula_changes": [{**c, "at": lt(c.get("at"))}
+                            for c in slide.get("formula_changes", [])],
         # Every row but unidentified (none is left on a finalised slide): counted rows are a
         # share of the counted leukocytes with a CI; per_100_wbc and count_only rows are counts,
         # with `percent` per 100 counted leukocytes and no CI.
@@ -401,6 +405,13 @@ footer { margin-top: 4mm; font-size: 7.5pt; color: #56616f; border-top: 1px soli
 """
 
 
+def _formula_words(f: Any) -> str:
+    if not isinstance(f, dict):
+        return "a formula not recorded (an earlier version)"
+    flags = ", ".join(str(x) for x in f.get("flags") or []) or "none"
+    return f"{f.get('name')} (flags: {flags})"
+
+
 def render_html(rep: dict[str, Any], cells: list[ReportCell], data_dir: Path) -> str:
     """The paper record: laid out to print on one or two A4 pages, whatever the slide holds
     (long lists are cut with a pointer to cells.csv, which has every cell)."""
@@ -491,6 +502,10 @@ def render_html(rep: dict[str, Any], cells: list[ReportCell], data_dir: Path) ->
     disc_txt = (f" {len(disc)} discarded by the technician (" + ", ".join(
         f"#{d['seq']} {d['reason'].replace('_', ' ')}" for d in disc) + ")." if disc else "")
     manual = rep.get("manual_cells", 0)
+    formula_changed = "".join(
+        f"<br><span class=sub>changed {e(c.get('at') or '')}: from "
+        f"{e(_formula_words(c.get('previous')))} to {e(_formula_words(c.get('formula')))}</span>"
+        for c in rep.get("formula_changes") or [])
     comment = (f"<div class=comment><b>Comment:</b> {e(rep['comment'])}</div>"
                if rep.get("comment") else "")
     return f"""<!doctype html>
@@ -510,7 +525,7 @@ review</div></div><div class=status>FINALISED</div></header>
 <dt>Signed off by</dt><dd>{e(rep.get('signed_off_by') or '—')}</dd>
 <dt>Station</dt><dd>{e(rep['station_id'] or '—')}</dd><dt>Cells counted</dt>
 <dd>{rep['counted']} (target {rep['target']}){f', {manual} added by hand' if manual else ''}</dd>
-<dt>Formula</dt><dd>{e(str((rep.get('formula') or {}).get('name', '—')))}</dd>
+<dt>Formula</dt><dd>{e(str((rep.get('formula') or {}).get('name', '—')))}{formula_changed}</dd>
 <dt>Time zone</dt><dd>{e(rep.get('time_zone') or '')}</dd>
 </dl>
 {comment}

@@ -17,7 +17,7 @@ Counting rules (what a cell contributes):
   non-leukocyte class the formula has no row for is set aside (``excluded.other``).
 
 Percentages of counted rows are of all counted leukocytes, unidentified included, so they add up
-to 100 %; the slide cannot be finalised while any unidentified cell remains.
+to 100 % (before rounding); the slide cannot be finalised while any unidentified cell remains.
 
 The intervals live in :mod:`edge_wbc.counting.stats`, the duplicate-field guard in
 :mod:`edge_wbc.counting.overlap`.
@@ -169,6 +169,30 @@ class SlideSession:
         self._sigs = [
             (fid, sig) for fid, sig in self.store.field_signatures(slide["id"], self.guard_history)
         ]
+        # A station restarted with another [formula] counts the open slide by the new one; the
+        # switch goes into its audit trail and report, as the flags on screen until then may
+        # not be the report's.
+        recorded, now = self._recorded_formula(slide["id"]), self._formula_record()
+        if recorded != now:
+            ev = Event("slide", {"action": "formula", **self._slide_payload(slide),
+                                 "at": now_iso(), "formula": now, "previous": recorded})
+            self.store.audit(slide["id"], [ev])
+            self._emit([ev])
+
+    def _formula_record(self) -> dict[str, Any]:
+        """What of the formula changes the numbers: its rows (and their kinds) and flags."""
+        return {"name": self.formula.name,
+                "rows": [[r.key, r.kind] for r in self.formula.rows],
+                "flags": [f.rule for f in self.formula.flags]}
+
+    def _recorded_formula(self, slide_id: str) -> dict[str, Any] | None:
+        """The formula the slide was last counted by (None: a slide of a version that did not
+        record it)."""
+        out = None
+        for e in self.store.events(slide_id):
+            if e["kind"] == "slide" and isinstance(e["payload"].get("formula"), dict):
+                out = e["payload"]["formula"]
+        return out
 
     def _start(self, sample_id: str, target: int) -> Event:
         sid = _new_slide_id()
@@ -185,7 +209,8 @@ class SlideSession:
             "models": self.models,
             "reports": {},
         }
-        ev = Event("slide", {"action": "started", **self._slide_payload(slide), "at": at})
+        ev = Event("slide", {"action": "started", **self._slide_payload(slide), "at": at,
+                             "formula": self._formula_record()})
         self.store.create_slide(slide, [ev])
         self.slide = slide
         self.cells = {}
@@ -264,11 +289,16 @@ class SlideSession:
             at = now_iso()
             closing: SlideRecord = {**self.slide, "status": "finalised", "finalised_at": at}
             # Every review action in order, including ones later undone: the report's audit trail.
+            events = self.store.events(self.slide["id"])
             closing["review_history"] = [
                 {k: e["payload"].get(k) for k in ("cell_id", "action", "label", "reviewed_label",
                                                    "review_reason", "at")}
-                for e in self.store.events(self.slide["id"])
+                for e in events
                 if e["kind"] == "cell" and e["action"] != "counted"
+            ]
+            closing["formula_changes"] = [
+                {k: e["payload"].get(k) for k in ("at", "previous", "formula")}
+                for e in events if e["kind"] == "slide" and e["action"] == "formula"
             ]
             state = self._state(closing)
             reports: dict[str, str] = {}
@@ -296,6 +326,7 @@ class SlideSession:
                 [ev],
             )
             closing.pop("review_history", None)
+            closing.pop("formula_changes", None)
             self.slide = closing
             self._emit([ev])
             return state
