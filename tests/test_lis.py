@@ -136,6 +136,39 @@ def test_formula_rows_flags_local_codes_and_counts_only_rows() -> None:
     assert {"764-1", "769-0", "709-6", "plasma_cell"} <= codes
 
 
+def test_slide_and_cell_comments_reach_the_lis() -> None:
+    """Issue 18: NTE for comments. The slide's and each cell's comment, escaped, their lines as
+    HL7's \\.br\\; in FHIR the DiagnosticReport's conclusion (R4 has no DiagnosticReport.note)."""
+    rep = _report(comment="Platelet clumps | see smear\nToxic granulation ^ 2+",
+                  cell_comments=[{"cell_id": "S1-F0001-C01", "comment": "giant platelet & "
+                                                                        "clump\r\nsee field"},
+                                 {"cell_id": "S1-F0002-C04", "comment": "A|B\x07C"}])
+    text = build_oru(rep)
+    assert text == build_oru(rep)  # the identical message on every resend...
+    msg = hl7.parse(text)
+    assert str(msg.segment("MSH")(10)) == control_id(rep["slide_id"])  # ...with the same MSH-10
+    assert [str(s(0)) for s in msg][:7] == ["MSH", "PID", "OBR", "NTE", "NTE", "NTE", "NTE"]
+    notes = list(msg.segments("NTE"))[1:4]
+    assert [str(n(1)) for n in notes] == ["2", "3", "4"]
+    assert all(str(n(4)) == "RE^Remark^HL70364" for n in notes)
+    assert str(notes[0](3)) == r"comment: Platelet clumps \F\ see smear\.br\Toxic granulation " \
+                                r"\S\ 2+"
+    assert msg.unescape(str(notes[1](3))) == ("comment on cell S1-F0001-C01: giant platelet & "
+                                              "clump\rsee field")
+    assert msg.unescape(str(notes[2](3))) == "comment on cell S1-F0002-C04: A|B C"
+    assert "\x07" not in text and "\n" not in text
+    res = _validate_every_resource(build_bundle(rep))
+    assert res["DiagnosticReport"][0]["conclusion"].split("\n")[1:] == [
+        "Comment: Platelet clumps | see smear", "Toxic granulation ^ 2+",
+        "Comment on cell S1-F0001-C01: giant platelet & clump", "see field",
+        "Comment on cell S1-F0002-C04: A|B C"]
+    # No comment: no remark.
+    assert "RE^Remark" not in build_oru(_report(comment="", cell_comments=[]))
+    for bad in ({"comment": ["x"]}, {"cell_comments": "x"}, {"cell_comments": [{"comment": 1}]}):
+        with pytest.raises(ReportError):
+            build_oru(_report(**bad))
+
+
 @pytest.mark.parametrize("bad", [
     {"differential": []},
     {"differential": [{"label": "neutrophil", "count": -1, "percent": 1.0}]},

@@ -29,6 +29,7 @@ cell: the report's ``reviewed_changes`` is not empty), "automated" otherwise.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,6 +198,32 @@ def unplaced_flags(rep: dict[str, Any]) -> list[str]:
     placed = {id(f) for fs in _report_flags(rep, rows).values() for f in fs}
     return [str(f.get("text") or f.get("rule") or f.get("name"))
             for f in rep.get("flags") or [] if isinstance(f, dict) and id(f) not in placed]
+
+
+def comments(rep: dict[str, Any]) -> list[str]:
+    """The technologist's comments as notes for the LIS: the slide's, then each cell's (as the
+    report lists them). Lines are kept; other control characters read as spaces."""
+    out = []
+    slide = rep.get("comment")
+    if slide not in (None, ""):
+        if not isinstance(slide, str):
+            raise ReportError(f"the report's comment is not text: {slide!r:.60}")
+        out.append(f"comment: {_plain(slide)}")
+    cells = rep.get("cell_comments") or []
+    if not isinstance(cells, list):
+        raise ReportError("the report's cell_comments is not a list")
+    for c in cells:
+        if not (isinstance(c, dict) and isinstance(c.get("comment"), str)
+                and isinstance(c.get("cell_id", ""), str)):
+            raise ReportError(f"a cell comment is not {{cell_id, comment}} text: {c!r:.60}")
+        if c["comment"].strip():
+            out.append(f"comment on cell {c.get('cell_id') or '?'}: {_plain(c['comment'])}")
+    return out
+
+
+def _plain(text: str) -> str:
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")
+    return "\n".join(re.sub(r"[\x00-\x1f\x7f]", " ", line).rstrip() for line in lines)
 
 
 def _num(v: Any, label: str) -> float:

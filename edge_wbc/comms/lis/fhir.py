@@ -34,6 +34,7 @@ from edge_wbc.comms.lis.codes import (
     UCUM,
     Code,
     ReportError,
+    comments,
     counted,
     is_manual,
     panel_code,
@@ -211,9 +212,13 @@ def build_bundle(rep: dict[str, Any]) -> dict[str, Any]:
         **({"performer": counted_by} if counted_by else {}),
         **({"resultsInterpreter": signed_by} if signed_by else {}),
         "result": results,
-        "conclusion": " ".join([
+        # R4 has no DiagnosticReport.note (R5 added it), and the technologist's slide and cell
+        # comments are about the whole differential, not one Observation: they close the
+        # conclusion, one per line, as HL7's NTEs after the OBR.
+        "conclusion": "\n".join([" ".join([
             f"Leukocyte differential, {method}: {counted(rep, rows)} cells counted, 95 % CI "
             f"by {rep.get('ci_method', '')}.", *(f"Flag: {t}." for t in unplaced_flags(rep))]),
+            *(c[0].upper() + c[1:] for c in comments(rep))]),
     }
     entries.append(_entry(_uuid(slide_id, "report"), report, rep_id))
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}

@@ -2,9 +2,11 @@
 
 Segments: MSH, PID (the sample ID in PID-3: the station knows samples, not patients), OBR (the
 differential panel, LOINC 69738-3; OBR-2/3 the sample and slide IDs), NTE (how the count was
-made), then per formula row an OBX with the percentage (or per-100-WBC value) and its LOINC or
-local code, an OBX with the number of cells counted (same OBX-4 sub-ID), and an NTE with the
-95 % confidence interval and the lab's flag text; a last OBX gives the leukocytes counted.
+made, flags no row holds, then the technologist's slide and cell comments as remarks, their line
+breaks as ``\\.br\\``), then per formula row an OBX with the percentage (or per-100-WBC value)
+and its LOINC or local code, an OBX with the number of cells counted (same OBX-4 sub-ID), and an
+NTE with the 95 % confidence interval and the lab's flag text; a last OBX gives the leukocytes
+counted.
 
 Every value goes through python-hl7's escaping (``|^~\\&`` become escape sequences; text
 beyond ASCII is sent as UTF-8, declared in MSH-18), so a sample ID typed with delimiters travels
@@ -28,6 +30,7 @@ from edge_wbc.comms.lis.codes import (
     COUNTED_CODE,
     Code,
     ReportError,
+    comments,
     counted,
     is_manual,
     panel_code,
@@ -64,6 +67,14 @@ def hl7_ts(iso: str | None) -> str:
     return t.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S+0000")
 
 
+class _Escaped(str):
+    """A value already escaped (formatted text with its line breaks): seg() sends it as is."""
+
+
+#: HL7 table 0364 comment type: a remark (the technologist's words, not the station's).
+_REMARK = ["RE", "Remark", "HL70364"]
+
+
 class _Builder:
     def __init__(self) -> None:
         # A parsed header supplies the separators and the container factory for the rest.
@@ -75,6 +86,11 @@ class _Builder:
         # split() with a group alternates ASCII (even) and non-ASCII (odd) runs.
         return "".join(p if i % 2 else self.msg.escape(p) for i, p in enumerate(parts))
 
+    def ft(self, text: str) -> _Escaped:
+        """Formatted text (FT, as NTE-3 is): each line escaped, lines joined by HL7's line break
+        ``\\.br\\`` (python-hl7 would write a newline as a hex escape)."""
+        return _Escaped("\\.br\\".join(self.escape(line) for line in text.split("\n")))
+
     def seg(self, name: str, fields: dict[int, str | list[str]]) -> None:
         s = self.msg.create_segment([self.msg.create_field([name])])
         for num in sorted(fields):
@@ -83,6 +99,8 @@ class _Builder:
                 for comp, part in enumerate(v, 1):
                     if part:
                         s.assign_field(self.escape(part), num, 1, comp)
+            elif isinstance(v, _Escaped):
+                s.assign_field(str(v), num)
             elif v:
                 s.assign_field(self.escape(v), num)
         self.segments.append(s)
@@ -151,8 +169,12 @@ def build_oru(
         f"edge-wbc {rep.get('software', {}).get('version', '')}: {method}; "
         f"{counted(rep, rows)} leukocytes counted "
         f"(target {rep.get('target', '')}), 95 % CI by {rep.get('ci_method', '')}")})
-    for i, text in enumerate(unplaced_flags(rep), 2):
+    flags = unplaced_flags(rep)
+    for i, text in enumerate(flags, 2):
         b.seg("NTE", {1: str(i), 2: "L", 3: f"flag: {text}"})
+    # The technologist's slide and cell comments: remarks on the whole order, after the OBR.
+    for i, text in enumerate(comments(rep), 2 + len(flags)):
+        b.seg("NTE", {1: str(i), 2: "L", 3: b.ft(text), 4: _REMARK})
     n = 0
     for i, row in enumerate(rows, 1):
         code = row.code(manual)
