@@ -700,7 +700,7 @@ def test_a_sample_id_that_is_not_text_is_refused(probe: Probe, sample: Any) -> N
     before = probe.rs.session.slide["id"]
     for path in ("/api/slide/new", "/api/slide/sample"):
         status, answer = call(probe, "POST", path, {"sample_id": sample})
-        assert status == 409 and "must be text" in answer["error"], (path, answer)
+        assert status == 400 and "must be text" in answer["error"], (path, answer)
     assert probe.rs.session.slide["id"] == before
     check_station(probe)
 

@@ -92,7 +92,7 @@ def test_confirm_api_one_cell_and_a_group(tmp_path: Path) -> None:
         status, body = jreq(rs.url + "/api/cells/confirm", "POST", {"ids": named})
         assert status == 200 and [c["id"] for c in body["confirmed"]] == named[1:]
         assert jreq(rs.url + "/api/cells/confirm", "POST", {"ids": "x"})[0] == 400
-        assert jreq(rs.url + "/api/cells/nope/confirm", "POST")[0] == 409
+        assert jreq(rs.url + "/api/cells/nope/confirm", "POST")[0] == 404
     finally:
         rs.close()
 

@@ -244,14 +244,14 @@ def test_review_target_finalise_report(st: RunningStation) -> None:
     status, c = jreq(st.url + f"/api/cells/{neu}/review", "POST",
                      {"label": "rejected", "reason": "counted_twice"})
     assert status == 200 and c["effective_label"] is None
-    assert jreq(st.url + f"/api/cells/{neu}/review", "POST", {"label": "unicorn"})[0] == 409
+    assert jreq(st.url + f"/api/cells/{neu}/review", "POST", {"label": "unicorn"})[0] == 400
     assert jreq(st.url + f"/api/cells/{neu}/review", "POST", {})[0] == 400
     # 9 counted after the rejection: below target again, capture is allowed again.
     s = jreq(st.url + "/api/state")[1]
     assert s["counted"] == 9 and not s["complete"]
     status, s = jreq(st.url + "/api/slide/target", "POST", {"target": 9})
     assert status == 200 and s["can_finalise"]
-    assert jreq(st.url + "/api/slide/target", "POST", {"target": "lots"})[0] == 409
+    assert jreq(st.url + "/api/slide/target", "POST", {"target": "lots"})[0] == 400
 
     status, final = jreq(st.url + "/api/slide/finalise", "POST")
     assert status == 200 and final["finalised"]

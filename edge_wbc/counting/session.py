@@ -72,7 +72,17 @@ CROP_PX = 128
 
 
 class SessionError(Exception):
-    """A request the session refuses; the message is meant for the technician."""
+    """A request the session refuses in its present state (the slide is finalised, cells are
+    still unidentified...); the message is meant for the technician."""
+
+
+class BadValue(SessionError):
+    """A value no state of the session would take (an unknown class, a reason not in the list,
+    text with hidden characters)."""
+
+
+class UnknownItem(SessionError):
+    """A cell or field the open slide does not have."""
 
 
 # --------------------------------------------------------------------------- the session
@@ -255,7 +265,7 @@ class SlideSession:
     def set_sample_id(self, sample_id: str | None) -> None:
         sample_id = _check_sample_id(sample_id)
         if not sample_id:
-            raise SessionError("the sample id cannot be empty")
+            raise BadValue("the sample id cannot be empty")
         with self._lock:
             self._require_open()
             at = now_iso()
@@ -364,7 +374,7 @@ class SlideSession:
         is, '' clears it. Returns the slide's notes."""
         unknown = set(notes) - {"operator", "signed_off_by", "comment"}
         if unknown:
-            raise SessionError(f"unknown slide notes {sorted(unknown)} (operator, "
+            raise BadValue(f"unknown slide notes {sorted(unknown)} (operator, "
                                "signed_off_by, comment)")
         given = {k: _check_note(k, v) for k, v in notes.items() if v is not None}
         with self._lock:
@@ -394,7 +404,7 @@ class SlideSession:
             self._require_open()
             cell = self.cells.get(cell_id)
             if cell is None:
-                raise SessionError(f"no cell {cell_id!r} on the open slide")
+                raise UnknownItem(f"no cell {cell_id!r} on the open slide")
             at = now_iso()
             updated: CellRecord = {**cell}
             if text:
@@ -417,7 +427,7 @@ class SlideSession:
         the field on screen (the last captured), has no image, and is marked as added by hand
         in the gallery and the reports. Taken back by rejecting it ('added_in_error')."""
         if not isinstance(label, str) or label not in taxonomy.GROUP_OF:
-            raise SessionError(f"cannot add a cell of class {_shown(label)}: use one of "
+            raise BadValue(f"cannot add a cell of class {_shown(label)}: use one of "
                                f"{', '.join(self.formula.review_classes())}")
         with self._lock:
             self._require_open()
@@ -448,13 +458,13 @@ class SlideSession:
         """Set a field aside with all its cells (``reason`` in DISCARD_REASONS), or take it back
         (None). Nothing is deleted; both are events in the audit trail."""
         if reason is not None and reason not in DISCARD_REASONS:
-            raise SessionError(f"discard reason must be one of {', '.join(DISCARD_REASONS)}")
+            raise BadValue(f"discard reason must be one of {', '.join(DISCARD_REASONS)}")
         with self._lock:
             self._require_open()
             fields = {f["id"]: f for f in self.store.fields(self.slide["id"])}
             f = fields.get(field_id)
             if f is None:
-                raise SessionError(f"no field {field_id!r} on the open slide")
+                raise UnknownItem(f"no field {field_id!r} on the open slide")
             if (reason is None) == (not f.get("discarded")):
                 raise SessionError(f"field #{f['seq']} is "
                                    f"{'already discarded' if reason else 'not discarded'}")
@@ -617,19 +627,19 @@ class SlideSession:
             self._require_open()
             cell = self.cells.get(cell_id)
             if cell is None:
-                raise SessionError(f"no cell {cell_id!r} on the open slide")
+                raise UnknownItem(f"no cell {cell_id!r} on the open slide")
             if label is None:
                 action, reason = "restored", None
             elif label == REJECTED:
                 allowed = REJECT_REASONS + ((ADDED_IN_ERROR,) if cell["status"] == STATUS_MANUAL
                                             else ())
                 if reason not in allowed:
-                    raise SessionError(f"reject reason must be one of {', '.join(allowed)}")
+                    raise BadValue(f"reject reason must be one of {', '.join(allowed)}")
                 action = "rejected"
             elif isinstance(label, str) and label in taxonomy.GROUP_OF:
                 action, reason = "reclassified", None
             else:
-                raise SessionError(
+                raise BadValue(
                     f"cannot reclassify as {_shown(label)}: use one of "
                     f"{', '.join(self.formula.review_classes())}, or reject"
                 )
@@ -661,7 +671,7 @@ class SlideSession:
             for cid in dict.fromkeys(cell_ids):
                 cell = self.cells.get(cid)
                 if cell is None:
-                    raise SessionError(f"no cell {cid!r} on the open slide")
+                    raise UnknownItem(f"no cell {cid!r} on the open slide")
                 # A cell added by key is the technician's own call already, and has no image
                 # to learn from.
                 if cell.get("reviewed_label") or cell["status"] == STATUS_MANUAL:
@@ -948,7 +958,7 @@ def _check_target(target: Any) -> int:
     try:
         return check_target(target)
     except InputError as e:
-        raise SessionError(str(e)) from None
+        raise BadValue(str(e)) from None
 
 
 def _shown(value: object, limit: int = 60) -> str:
@@ -962,7 +972,7 @@ def _check_note(name: str, value: Any) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise SessionError(f"{name} must be text, got {type(value).__name__}")
+        raise BadValue(f"{name} must be text, got {type(value).__name__}")
     text = value.strip()
     if name == "comment":
         # A tab pasted from a table reads as a space; refused, the comment was lost.
@@ -971,10 +981,10 @@ def _check_note(name: str, value: Any) -> str:
     bad = hidden_char(text.replace("\n", " ").replace("\r", " ")) if name == "comment" \
         else hidden_char(text)
     if bad is not None:
-        raise SessionError(f"{name} must not contain {bad}")
+        raise BadValue(f"{name} must not contain {bad}")
     limit = MAX_NOTE_CHARS if name == "comment" else MAX_NAME_CHARS
     if len(text) > limit:
-        raise SessionError(f"{name} must be at most {limit} characters, got {len(text)}")
+        raise BadValue(f"{name} must be at most {limit} characters, got {len(text)}")
     return text
 
 
@@ -982,11 +992,11 @@ def _check_sample_id(sample_id: Any) -> str:
     try:
         text = check_sample_id(sample_id)
     except InputError as e:
-        raise SessionError(str(e)) from None
+        raise BadValue(str(e)) from None
     if text.lower().startswith(UNNAMED):
         # The station's own name for a slide without one: entered, it would read as missing
         # (a lab that requires a sample ID could never finalise the slide).
-        raise SessionError(
+        raise BadValue(
             f"a sample id starting with {UNNAMED!r} is the station's placeholder for a slide "
             "without one: enter the sample's own id"
         )

@@ -5,7 +5,9 @@ one SSE stream and an MJPEG preview, a few requests per second at most.
 
 Routes (JSON unless said; errors are ``{"error": message, "status": code}``, the standard
 library's own refusals of a request line or headers included; methods other than GET, HEAD and
-POST get 405, a request line that is not HTTP/1.x 400 or 505; HEAD of a stream is its headers):
+POST get 405, a request line that is not HTTP/1.x 400 or 505; HEAD of a stream is its headers;
+a value no state would take is 400, a cell or field the open slide does not have 404, what the
+slide's state refuses now (finalised, target reached, unidentified cells left) 409):
 
     GET  /                          the page (static/index.html)
     GET  /api/state                 the slide's formula (= MQTT differential) + "station" health
@@ -80,7 +82,13 @@ import numpy as np
 from edge_wbc.camera import CameraError, FrameError
 from edge_wbc.config import is_loopback
 from edge_wbc.counting.events import Event
-from edge_wbc.counting.session import MAX_NAME_CHARS, MAX_NOTE_CHARS, SessionError
+from edge_wbc.counting.session import (
+    MAX_NAME_CHARS,
+    MAX_NOTE_CHARS,
+    BadValue,
+    SessionError,
+    UnknownItem,
+)
 from edge_wbc.counting.store import DiskFullError, StoreError
 from edge_wbc.inputs import MAX_SAMPLE_ID_CHARS, MAX_TARGET, InputError, parse_json_object
 from edge_wbc.station.actions import Actions
@@ -545,6 +553,12 @@ class Handler(BaseHTTPRequestHandler):
                 self._post(path)
         except _ApiError as e:
             self._error(e.status, str(e))
+        # 400 and 404 for what no state would take, 409 for what this state refuses: a client
+        # retrying after a 409 may succeed once the technician acts; after a 400, never.
+        except BadValue as e:
+            self._error(400, str(e))
+        except UnknownItem as e:
+            self._error(404, str(e))
         except SessionError as e:
             self._error(409, str(e))
         except BusyError as e:
