@@ -94,6 +94,14 @@ def test_analyze_refuses_an_adaptation_of_another_model(
     (tmp_path / "broken" / "adaptation.json").write_text("{")
     code, _, err = _run(app, "analyze", field, "--adaptation", str(tmp_path / "broken"))
     assert code == 2 and "broken/adaptation.json: not valid JSON" in err
+    # '' is none: the shipped head, even with a broken adaptation in the config (it read
+    # ./adaptation.json)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[models]\nadaptation = "{tmp_path / "broken"}"\n')
+    code, out, err = _run(app, "analyze", field, "--config", str(cfg), "--json", "-",
+                          "--adaptation", "")
+    assert code == 0, err
+    assert json.loads(out)["images"][0]["model"]["adaptation"] is None
 
 
 def test_a_classifier_without_embedding_cannot_be_adapted(

@@ -201,10 +201,11 @@ def analyze(
         help="Expected leukocyte diameter in pixels (overrides the config), or 'auto': measured "
         "on these fields' red cells and printed.",
     ),
-    adaptation: Path | None = typer.Option(
+    adaptation: str | None = typer.Option(
         None,
         "--adaptation",
-        help="A lab's adaptation folder ('edge-wbc adapt fit'; overrides models.adaptation).",
+        help="A lab's adaptation folder ('edge-wbc adapt fit'; overrides models.adaptation); "
+        "'' for none: the shipped classifier, whatever the config names.",
     ),
     config: Path | None = typer.Option(
         None, "--config", help="Config file (default: the system one, if any)."
@@ -248,7 +249,10 @@ def analyze(
     from edge_wbc.pipeline.imageio import list_images
 
     diameter = cell_diameter_option(cell_diameter, lambda: list_images(paths))
-    analyzer = _build_analyzer(config, models, threads, accelerator, diameter, adaptation)
+    # "" is "none" (as in the config), not the current folder (Path("") is ".").
+    analyzer = _build_analyzer(config, models, threads, accelerator, diameter,
+                               Path(adaptation) if adaptation else None,
+                               shipped_head=adaptation == "")
     echo = (lambda s: typer.echo(s, err=True)) if to_stdout else typer.echo
     entries: list[dict[str, Any]] = []
     failed = 0
