@@ -17,6 +17,7 @@ technician fixing a config file on the Pi sees the whole list in one ``edge-wbc 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -40,12 +41,19 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 ENV_PREFIX = "EDGE_WBC_"
+CONFIG_ENV = "EDGE_WBC_CONFIG"
 DEFAULT_CONFIG_PATH = Path("/etc/edge-wbc/config.toml")
 #: Names of systemd credentials (``LoadCredential=NAME:...``) the config reads.
 CRED_TOKEN = "token"
 CRED_MQTT_PASSWORD = "mqtt-password"
 CRED_MQTT_TLS_KEY = "mqtt-tls-key"
 CRED_LIS_FHIR_TOKEN = "lis-fhir-token"
+#: Where install-pi.sh keeps them (the units' LoadCredential= read them from here): read
+#: directly when not under systemd, so `sudo edge-wbc check-config` and doctor judge what the
+#: service will (they said "set a token" for a station whose token was set).
+INSTALLED_CREDENTIALS = Path("/etc/edge-wbc/credentials")
+#: A station reachable from other machines needs a token at least this long.
+MIN_TOKEN_CHARS = 12
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LIS_DELIVERIES = ("off", "folder", "mllp", "fhir")
@@ -536,11 +544,12 @@ def load_config(
         elif not _can_create(Path(values["session"]["data_dir"])):
             # A user trying the station on a laptop: their own data folder, not a failure.
             values["session"]["data_dir"] = str(_user_data_dir(env))
-    creds = env.get("CREDENTIALS_DIRECTORY", "")
-    if values["mqtt"]["tls_key"] is None and creds:
-        key = Path(creds) / CRED_MQTT_TLS_KEY
-        if key.is_file() and key.stat().st_size > 0:
-            values["mqtt"]["tls_key"] = str(key)
+    creds = credentials_dir(env)
+    if values["mqtt"]["tls_key"] is None and creds is not None:
+        key = creds / CRED_MQTT_TLS_KEY
+        with contextlib.suppress(OSError):  # unreadable: the TLS check below says a key is needed
+            if key.is_file() and key.stat().st_size > 0:
+                values["mqtt"]["tls_key"] = str(key)
     if not values["mqtt"]["station_id"]:
         values["mqtt"]["station_id"] = _hostname()
 
@@ -560,8 +569,8 @@ def default_config_path(env: Mapping[str, str] | None = None) -> Path | None:
     """``$EDGE_WBC_CONFIG``, else ``$CONFIGURATION_DIRECTORY/config.toml`` (systemd), else
     ``/etc/edge-wbc/config.toml`` when it exists, else None (defaults)."""
     env = os.environ if env is None else env
-    if env.get("EDGE_WBC_CONFIG"):
-        return Path(env["EDGE_WBC_CONFIG"])
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
     conf_dir = env.get("CONFIGURATION_DIRECTORY", "")
     if conf_dir:
         p = Path(conf_dir.split(":")[0]) / "config.toml"
@@ -652,11 +661,36 @@ def _env_keys(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def _env_near_miss(name: str) -> str | None:
+    """A problem for an EDGE_WBC_ variable that is no setting but nearly names a section or one
+    of the variables read outside them (EDGE_WBC_MQQT_HOST, EDGE_WBC_TOKN), else None: such a
+    typo would do nothing, silently. Other EDGE_WBC_ names (a test hook, the kiosk's) are left
+    alone."""
+    from edge_wbc.bundled import MODELS_ENV
+
+    if not name.startswith(ENV_PREFIX):
+        return None
+    others = [CONFIG_ENV, MODELS_ENV, *(n for names, _ in SECRETS.values() for n in names)]
+    if name in others:
+        return None
+    rest = name[len(ENV_PREFIX):].lower()
+    head = rest.split("_")[0]
+    for sec in SECTIONS:
+        if _similar(head, sec):
+            return (f"{name}: no section '{head}' (did you mean "
+                    f"{ENV_PREFIX}{sec.upper()}{name[len(ENV_PREFIX) + len(head):]}?)")
+    close = [n for n in others if _similar(rest, n[len(ENV_PREFIX):].lower())]
+    return f"{name}: not a setting (did you mean {close[0]}?)" if close else None
+
+
 def _apply_env(env: Mapping[str, str], values: dict[str, dict[str, Any]]) -> list[Problem]:
     problems: list[Problem] = []
     for name, raw in env.items():
         setting = _env_setting(name)
         if setting is None:
+            miss = _env_near_miss(name)
+            if miss is not None:
+                problems.append(Problem("", None, miss, "environment"))
             continue
         sec, key = setting
         dotted = f"{sec}.{key}"
@@ -682,21 +716,38 @@ SECRETS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+def credentials_dir(env: Mapping[str, str]) -> Path | None:
+    """systemd's $CREDENTIALS_DIRECTORY; outside systemd the installer's folder, if any."""
+    if "CREDENTIALS_DIRECTORY" in env:
+        return Path(env["CREDENTIALS_DIRECTORY"]) if env["CREDENTIALS_DIRECTORY"] else None
+    return INSTALLED_CREDENTIALS if INSTALLED_CREDENTIALS.is_dir() else None
+
+
 def read_secret(dotted: str, env: Mapping[str, str] | None = None) -> str | None:
     """The secret ``dotted`` (a key of SECRETS) or None; OSError/UnicodeDecodeError when its
-    credential file exists but cannot be read. Also for commands without a config (monitor)."""
+    credential file exists but cannot be read. Also for commands without a config (monitor).
+    Whitespace alone is no secret (a token of ' ' guarded a station on 0.0.0.0)."""
     env = os.environ if env is None else env
     env_names, cred = SECRETS[dotted]
     for n in env_names:
-        if env.get(n):
+        if env.get(n, "").strip():
             return env[n]
-    creds = env.get("CREDENTIALS_DIRECTORY", "")
-    p = Path(creds) / cred
-    if not creds or not p.is_file():
+    creds = credentials_dir(env)
+    if creds is None:
         return None
-    # A trailing newline from `echo secret > file` is not part of the secret. The installer
-    # creates empty credential files so LoadCredential= never fails: empty means "not set".
-    return p.read_text(encoding="utf-8").rstrip("\r\n") or None
+    p = creds / cred
+    try:
+        if not p.is_file():
+            return None
+        # A trailing newline from `echo secret > file` is not part of the secret. The installer
+        # creates empty credential files so LoadCredential= never fails: empty means "not set".
+        text = p.read_text(encoding="utf-8").rstrip("\r\n")
+    except PermissionError as e:
+        if creds == INSTALLED_CREDENTIALS:
+            raise PermissionError(e.errno, f"{p} is readable by root only: run this with sudo "
+                                  "to check what the service reads") from None
+        raise
+    return text if text.strip() else None
 
 
 def _apply_secrets(env: Mapping[str, str], values: dict[str, dict[str, Any]]) -> list[Problem]:
@@ -735,6 +786,11 @@ def _build(
     def bad(sec: str, key: str, msg: str) -> None:
         problems.append(problem(sec, key, line_of(sec, key), msg))
 
+    if (not is_loopback(cfg.station.host) and cfg.station.token
+            and len(cfg.station.token) < MIN_TOKEN_CHARS):
+        bad("station", "host", f"'{cfg.station.host}' is reachable from other machines and the "
+            f"token is {len(cfg.station.token)} characters: use at least {MIN_TOKEN_CHARS} "
+            "(e.g. `openssl rand -hex 16`)")
     if not is_loopback(cfg.station.host) and not cfg.station.token:
         bad("station", "host", f"'{cfg.station.host}' is reachable from other machines: set a "
             f"token (EDGE_WBC_TOKEN or the systemd credential '{CRED_TOKEN}') or listen on "

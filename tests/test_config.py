@@ -146,6 +146,20 @@ def test_bad_environment_values_are_collected() -> None:
     assert all(p.source == "environment" for p in exc.value.problems)
 
 
+def test_a_misspelt_environment_section_is_named_not_ignored() -> None:
+    env = {"EDGE_WBC_MQQT_HOST": "broker", "EDGE_WBC_STATOIN_PORT": "9000",
+           "EDGE_WBC_TOKN": "abc", "EDGE_WBC_SOME_TEST_HOOK": "1", "EDGE_WBC_KIOSK_URL": "x"}
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, env=env)
+    got = sorted(p.message for p in exc.value.problems)
+    assert got == [
+        "EDGE_WBC_MQQT_HOST: no section 'mqqt' (did you mean EDGE_WBC_MQTT_HOST?)",
+        "EDGE_WBC_STATOIN_PORT: no section 'statoin' (did you mean EDGE_WBC_STATION_PORT?)",
+        "EDGE_WBC_TOKN: not a setting (did you mean EDGE_WBC_TOKEN?)",
+    ]
+    assert all(p.source == "environment" for p in exc.value.problems)
+
+
 def test_secrets_from_environment_or_credentials(tmp_path: Path) -> None:
     creds = tmp_path / "creds"
     creds.mkdir()
@@ -176,7 +190,47 @@ def test_non_loopback_listen_needs_a_token(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(p, env={})
     assert _problems(exc)["station.host"][0] == 2
-    assert load_config(p, env={"EDGE_WBC_TOKEN": "t"}).station.host == "0.0.0.0"
+    token = "0123456789ab"
+    assert load_config(p, env={"EDGE_WBC_TOKEN": token}).station.host == "0.0.0.0"
+    # whitespace is no token; a short one guards nothing on a network
+    for weak, why in (("   ", "set a token"), ("t", "the token is 1 characters")):
+        with pytest.raises(ConfigError) as exc:
+            load_config(p, env={"EDGE_WBC_TOKEN": weak})
+        assert why in _problems(exc)["station.host"][1]
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "token").write_text(" \n")
+    with pytest.raises(ConfigError, match="set a token"):
+        load_config(p, env={"CREDENTIALS_DIRECTORY": str(creds)})
+
+
+def test_outside_systemd_the_installed_credentials_are_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sudo edge-wbc check-config` on a station: it said "set a token" for a token set in
+    /etc/edge-wbc/credentials, which only the service's $CREDENTIALS_DIRECTORY showed."""
+    from edge_wbc import config
+
+    installed = tmp_path / "etc-creds"
+    installed.mkdir()
+    (installed / "token").write_text("0123456789abcdef\n")
+    monkeypatch.setattr(config, "INSTALLED_CREDENTIALS", installed)
+    p = _write(tmp_path, "[station]\nhost = '0.0.0.0'\n")
+    assert load_config(p, env={}).station.token == "0123456789abcdef"
+    # under systemd its own folder wins, even empty
+    with pytest.raises(ConfigError, match="set a token"):
+        load_config(p, env={"CREDENTIALS_DIRECTORY": ""})
+    # not root: said so, not "set a token"
+    real = Path.read_text
+
+    def denied(self: Path, *a: object, **k: object) -> str:
+        if self.parent == installed:
+            raise PermissionError(13, "Permission denied")
+        return real(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, env={})
+    assert "readable by root only: run this with sudo" in str(exc.value)
 
 
 def test_unwritable_default_data_dir_falls_back_to_the_users(

@@ -153,6 +153,45 @@ def test_disk(tmp_path: Path) -> None:
     assert row.status == doctor.FAIL and "at least" in row.detail
 
 
+def test_a_read_only_data_dir_fails_and_an_unreadable_one_is_said(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data_dir on a read-only file system (ProtectSystem=strict outside /var/lib) was
+    'OK … READY' while the station refused to start; an unreadable one was a traceback."""
+    import os
+    import types
+
+    data = tmp_path / "data"
+    data.mkdir()
+    cfg = _cfg(tmp_path, f"[session]\ndata_dir = '{data}'\n"
+               "[lis]\ndelivery = 'mllp'\nhost = '127.0.0.1'\nport = 9\n")
+    real = os.statvfs
+
+
+    def read_only(p: object) -> types.SimpleNamespace:
+        st = real(p)  # type: ignore[arg-type]
+        fields = {k: getattr(st, k) for k in dir(st) if k.startswith("f_")}
+        return types.SimpleNamespace(**{**fields, "f_flag": st.f_flag | os.ST_RDONLY})
+
+    monkeypatch.setattr(os, "statvfs", read_only)
+    row = doctor.check_disk(cfg, min_free=1, warn_free=2)
+    assert row.status == doctor.FAIL and "read-only file system" in row.detail
+    assert "ReadWritePaths=" in row.detail
+    monkeypatch.undo()
+    real_is_file = Path.is_file
+
+    def denied(self: Path) -> bool:
+        if self.parent == data:
+            raise PermissionError(13, "Permission denied")
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    row = doctor.check_lis(cfg, timeout=0.5)
+    assert row.status == doctor.WARN and "sudo -u edge-wbc" in row.detail
+    r = CliRunner().invoke(app, ["lis", "status", "--data-dir", str(data)])
+    assert r.exit_code == 1 and "cannot read" in r.output and "sudo -u edge-wbc" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
 def test_broker_reachable_and_not(tmp_path: Path, listener: int) -> None:
     assert doctor.check_broker(_cfg(tmp_path)).status == doctor.SKIP
     cfg = _cfg(tmp_path, f"[mqtt]\nhost = '127.0.0.1'\nport = {listener}\n")

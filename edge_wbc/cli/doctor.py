@@ -230,8 +230,15 @@ def check_disk(cfg: Config, min_free: int = MIN_FREE_BYTES, warn_free: int = WAR
         probe = probe.parent
     try:
         usage = shutil.disk_usage(probe)
+        read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
     except OSError as e:
         return Check("disk", FAIL, f"{d}: {e}")
+    if read_only:
+        # No user can write there: the station would refuse to start. Under the unit's
+        # ProtectSystem=strict, any folder outside /var/lib/edge-wbc reads as read-only.
+        return Check("disk", FAIL, f"{d}: {probe} is on a read-only file system; the station "
+                     "cannot store anything there (a data_dir outside /var/lib/edge-wbc needs "
+                     "ReadWritePaths= in a drop-in for edge-wbc.service, docs/pi.md)")
     free = usage.free
     human = f"{free / 1024**3:.1f} GiB free of {usage.total / 1024**3:.1f} GiB"
     if free < min_free:
@@ -279,7 +286,13 @@ def check_lis(cfg: Config, timeout: float = 3.0) -> Check:
     queue = ""
     status = OK
     db = Path(cfg.session.data_dir) / DB_NAME
-    if db.is_file():
+    try:
+        has_db = db.is_file()
+    except PermissionError:
+        return Check("lis", WARN, f"{db.parent}: not readable by this user, so the LIS outbox "
+                     "is not shown: run doctor as the service's user (sudo -u edge-wbc "
+                     "edge-wbc doctor)")
+    if has_db:
         import sqlite3
 
         try:

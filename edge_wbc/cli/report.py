@@ -34,12 +34,16 @@ def _store(data_dir: Path | None, cfg: Any) -> Any:
     from edge_wbc.counting.store import DB_NAME, Store, StoreError
 
     d = Path(data_dir) if data_dir is not None else Path(cfg.session.data_dir)
-    if not (d / DB_NAME).is_file():
-        raise _fail(f"no station database in {d} ({DB_NAME} missing): give --data-dir")
     try:
+        if not (d / DB_NAME).is_file():
+            raise _fail(f"no station database in {d} ({DB_NAME} missing): give --data-dir")
         return Store(d, read_only=True)  # beside the running station, which holds the folder
     except StoreError as e:
         raise _fail(str(e)) from None
+    except PermissionError:
+        # The unit's StateDirectoryMode=0750 keeps the data to the service's user.
+        raise _fail(f"cannot read {d}: run this as the station's user "
+                    "(sudo -u edge-wbc edge-wbc ...)") from None
 
 
 def _finalised(store: Any, slide_id: str) -> dict[str, Any]:

@@ -434,12 +434,17 @@ def test_adapt_to_this_lab(tmp_path: Path) -> None:
         assert pg.locator("#lab-fit").is_disabled()
         base = shipped_base(analyzer)
         _lab_cells(rs.session, base, base.sha256, n_per=24)
+        # a cell reviewed as a blast teaches no output: the fit leaves it out and the page says so
+        blast = next(iter(rs.session.cells))
+        rs.session.review(blast, "blast")
         pg.click("#dlg-lab menu button")
         pg.click("#tab-lab")
         pg.wait_for_selector("#lab-fit:not([disabled])")
         pg.click("#lab-fit")
         pg.wait_for_selector("#lab-activate", timeout=60000)
-        assert "Adapted is better" in pg.locator("#lab-result").inner_text()
+        result = pg.locator("#lab-result").inner_text()
+        assert "Adapted is better" in result
+        assert f"Left out of the fit: 1 cell(s) — cell {blast}: reviewed as blast" in result
         assert pg.locator(".lab-table tr").count() >= 6
         _shot(pg, "adapt-validation")
         pg.click("#lab-activate")
