@@ -510,3 +510,21 @@ def test_pi_guide_says_what_grows_and_what_a_data_dir_elsewhere_needs() -> None:
     assert "does not prune" in guide or "never deletes" in guide
     example = (ROOT / "edge_wbc" / "config.example.toml").read_text()
     assert "backups_keep = 7" in example and "7 backups" in guide
+
+
+def test_the_sample_fields_travel_with_their_licence(tmp_path: Path) -> None:
+    """The BCCD images are MIT-licensed: the notice goes wherever the images go (Pi and wheel)."""
+    fake = tmp_path / "root"
+    s = tmp_path / "src"
+    s.mkdir()
+    shutil.copy2(ROOT / "pyproject.toml", s)
+    shutil.copytree(ROOT / "edge_wbc", s / "edge_wbc", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(ROOT / "samples", s / "samples")
+    shutil.copytree(ROOT / "systemd", s / "systemd")
+    (s / "scripts").mkdir()
+    shutil.copy2(SCRIPT, s / "scripts")
+    _run(s, "--root", str(fake))
+    fields = fake / "opt/edge-wbc/samples/fields"
+    assert "MIT License" in (fields / "NOTICE").read_text()
+    assert any(fields.glob("*.jpg"))
