@@ -14,8 +14,8 @@
 #   --dry-run          print each step and the commands it would run; change nothing
 #   --edgetpu          also install the Coral Edge TPU runtime (libedgetpu1-std, Coral's apt repo)
 #   --kiosk            also install Chromium and the kiosk unit (station page full-screen)
-#   --kiosk-user USER  desktop user logged in on the display (default: $SUDO_USER, else pi);
-#                      must exist
+#   --kiosk-user USER  desktop user logged in on the display (default: $SUDO_USER, else the
+#                      user running a dry run, else pi); must exist, and not be root
 #   --prefix DIR       install directory (default /opt/edge-wbc); letters, digits, . _ - / only
 #   --no-start         enable the units but do not (re)start the station
 #   --root DIR         install into DIR as if it were / (tests, image building). Package
@@ -29,7 +29,11 @@ ROOT=""
 DRY=0
 EDGETPU=0
 KIOSK=0
-KIOSK_USER="${SUDO_USER:-pi}"
+# The desktop user: who ran sudo, or who runs a --dry-run from the desktop; pi as a last guess
+# (Bookworm has no default pi user any more, which is why a missing user stops the install).
+KIOSK_USER="${SUDO_USER:-}"
+if [ -z "$KIOSK_USER" ] && [ "$(id -u)" != 0 ]; then KIOSK_USER="$(id -un)"; fi
+KIOSK_USER="${KIOSK_USER:-pi}"
 START=1
 SERVICE_USER=edge-wbc
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -389,6 +393,12 @@ if [ "$KIOSK" = 1 ]; then
     exit 1
   fi
   KUID="$(printf '%s\n' "$KENTRY" | cut -d: -f3)"
+  if [ "$KUID" = 0 ]; then
+    # Chromium refuses to run as root, and a root browser on the bench is not wanted anyway.
+    echo "install-pi.sh: --kiosk: the kiosk runs as the desktop user, not as '$KIOSK_USER' (uid 0);" \
+         "name that user with --kiosk-user USER (nothing was changed)" >&2
+    exit 1
+  fi
   ok "kiosk user $KIOSK_USER (uid $KUID)"
 fi
 # Left by a run that stopped before finishing (see pending).

@@ -446,6 +446,11 @@ def test_the_kiosk_user_must_exist_and_its_own_uid_is_used(src: Path, tmp_path: 
     assert _tree(fake) == before  # stopped before changing anything
     with (fake / "etc/passwd").open("a") as f:
         f.write("lab:x:1003:1003::/home/lab:/bin/bash\n")
+    with (fake / "etc/passwd").open("a") as f:
+        f.write("root:x:0:0:root:/root:/bin/bash\n")
+    res = _run(src, "--root", str(fake), "--kiosk", "--kiosk-user", "root", check=False)
+    assert res.returncode == 1 and "not as 'root'" in res.stderr  # Chromium will not run as root
+    assert not (fake / "opt").exists() and not (fake / ".install-commands").exists()
     _run(src, "--root", str(fake), "--kiosk", "--kiosk-user", "lab")
     dropin = (fake / "etc/systemd/system/edge-wbc-kiosk.service.d/10-user.conf").read_text()
     assert "User=lab" in dropin and "XDG_RUNTIME_DIR=/run/user/1003" in dropin
