@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "edge_wbc"
 
 #: Lowest first. A module of layer i may import layers 0..i.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"", "config", "logs", "sdnotify", "accelerators", "inputs", "bundled",
+    frozenset({"", "config", "logs", "sdnotify", "accelerators", "inputs", "bundled", "files",
                "taxonomy"}),
     frozenset({"pipeline"}),
     frozenset({"camera"}),
