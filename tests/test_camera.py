@@ -73,6 +73,41 @@ def test_folder_without_loop_reports_end(tmp_path: Path) -> None:
         src.capture()
 
 
+def test_a_used_up_folder_says_so_and_previews_nothing(tmp_path: Path) -> None:
+    # Without loop the end of the folder is the end: the page must not show "field 1 of 2"
+    # and a preview of a field the next capture refuses.
+    src = open_source(f"folder:{_folder(tmp_path, 2)}", loop=False)
+    src.capture()
+    assert src.status() == {"ok": True, "message": "field 2 of 2", "name": src.name}
+    assert src.preview() is not None
+    src.capture()
+    assert src.status() == {"ok": False, "message": "folder used up (2 fields captured)",
+                            "name": src.name}
+    assert src.preview() is None
+    src.seek(0)  # a new slide: the folder is there again
+    assert src.status()["ok"] and src.preview() is not None
+
+
+def test_a_folder_that_cannot_be_listed_is_a_camera_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As a user without permission sees it (tests run as root, so EACCES is simulated). Before,
+    # the folder became a camera with one "field": the folder itself.
+    import errno
+
+    d = _folder(tmp_path, 2)
+    real = Path.iterdir
+
+    def iterdir(self: Path):  # type: ignore[no-untyped-def]
+        if self == d:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(CameraError, match=rf"cannot list folder {d}: Permission denied"):
+        open_source(f"folder:{d}")
+
+
 def test_folder_seek(tmp_path: Path) -> None:
     src = open_source(f"folder:{_folder(tmp_path, 3)}", loop=False)
     src.seek(2)

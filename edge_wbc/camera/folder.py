@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_wbc.camera import CameraError, Frame, FrameError, fit_frame, preview_of
-from edge_wbc.pipeline.imageio import ImageError, list_images, read_image
+from edge_wbc.pipeline.imageio import ImageError, list_folder, read_image
 
 
 class FolderSource:
@@ -22,7 +22,12 @@ class FolderSource:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CameraError(f"folder source: {self.folder} is not a folder")
-        self.files = list_images([self.folder])
+        try:
+            # Not list_images: it keeps a folder it cannot list as an entry (the batch reports
+            # it), which here would become a one-"field" camera whose field is the folder.
+            self.files = list_folder(self.folder)
+        except ImageError as e:
+            raise CameraError(f"folder source: {e}") from None
         if not self.files:
             raise CameraError(f"folder source: no images (jpg, png, bmp, tif) in {self.folder}")
         self.width, self.height, self.loop = width, height, loop
@@ -30,7 +35,6 @@ class FolderSource:
         self._i = 0
         self._lock = threading.Lock()
         self._preview: tuple[int, np.ndarray | None] | None = None
-        self._message = f"field 1 of {len(self.files)}"
 
     @property
     def position(self) -> int:
@@ -42,7 +46,28 @@ class FolderSource:
         with self._lock:
             self._i = max(0, int(index)) % len(self.files) if self.loop else \
                 min(max(0, int(index)), len(self.files))
-            self._message = f"field {self._i % len(self.files) + 1} of {len(self.files)}"
+
+    def index_of(self, source: str) -> int | None:
+        """The position of the file a frame's ``source`` names (as :meth:`capture` reports it),
+        or None when it is not one of this folder's files."""
+        try:
+            wanted = Path(source).resolve()
+        except (OSError, RuntimeError):
+            return None
+        for i, p in enumerate(self.files):
+            if str(p) == source:
+                return i
+        for i, p in enumerate(self.files):
+            try:
+                # The same file named another way (a relative folder, a link to it).
+                if p.resolve() == wanted:
+                    return i
+            except (OSError, RuntimeError):
+                continue
+        return None
+
+    def _used_up(self) -> bool:
+        return not self.loop and self._i >= len(self.files)
 
     def capture(self) -> Frame:
         with self._lock:
@@ -54,7 +79,6 @@ class FolderSource:
                 self._i = 0
             path = self.files[self._i]
             self._i += 1
-            self._message = f"field {self._i % len(self.files) + 1} of {len(self.files)}"
         try:
             rgb = read_image(path)
         except ImageError as e:
@@ -64,6 +88,8 @@ class FolderSource:
 
     def preview(self) -> np.ndarray | None:
         with self._lock:
+            if self._used_up():
+                return None  # no field left under the "objective": nothing a capture would take
             i = self._i % len(self.files)
             cached = self._preview
         if cached is not None and cached[0] == i:
@@ -78,7 +104,12 @@ class FolderSource:
         return img
 
     def status(self) -> dict[str, object]:
-        return {"ok": True, "message": self._message, "name": self.name}
+        with self._lock:
+            n = len(self.files)
+            if self._used_up():
+                return {"ok": False, "message": f"folder used up ({n} fields captured)",
+                        "name": self.name}
+            return {"ok": True, "message": f"field {self._i % n + 1} of {n}", "name": self.name}
 
     def close(self) -> None:
         pass

@@ -424,10 +424,29 @@ def _probe(check: Callable[[], bool], default: bool) -> bool:
         return default
 
 
+def list_folder(folder: str | Path) -> list[Path]:
+    """The image files of one folder (by ending, sorted, not recursive). Raises ImageError when
+    the folder cannot be listed (no permission, gone, not a folder)."""
+    folder = Path(folder)
+    try:
+        children = list(folder.iterdir())
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise ImageError(f"cannot list folder {folder}: {reason}") from None
+    return sorted(
+        c
+        for c in children
+        if not c.name.startswith(".")
+        and c.suffix.lower() in IMAGE_SUFFIXES
+        and _probe(c.is_file, True)
+    )
+
+
 def list_images(paths: Iterable[str | Path]) -> list[Path]:
     """Expand the command line: files are kept as given (so a bad one is reported, not skipped);
     folders contribute their image files (by ending, sorted, not recursive). A folder that
-    cannot be listed is kept as given too, so its error is reported like a file's."""
+    cannot be listed is kept as given too, so its error is reported like a file's (the read of
+    it says why: "cannot read folder: Permission denied")."""
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)
@@ -435,17 +454,7 @@ def list_images(paths: Iterable[str | Path]) -> list[Path]:
             out.append(p)
             continue
         try:
-            children = list(p.iterdir())
-        except OSError:
+            out.extend(list_folder(p))
+        except ImageError:
             out.append(p)
-            continue
-        out.extend(
-            sorted(
-                c
-                for c in children
-                if not c.name.startswith(".")
-                and c.suffix.lower() in IMAGE_SUFFIXES
-                and _probe(c.is_file, True)
-            )
-        )
     return out
