@@ -309,3 +309,77 @@ def test_station_hands_the_finalised_slide_to_the_lis(tmp_path: Path) -> None:
         assert cli.stdout.decode("utf-8") == sent
     finally:
         p.kill()
+
+
+def _replay_session(data: Path, folder: Path):  # type: ignore[no-untyped-def]
+    """The store, slide session and folder camera as `edge-wbc station` makes them."""
+    from edge_wbc.camera.folder import FolderSource
+    from edge_wbc.counting.events import Fanout
+    from edge_wbc.counting.session import SlideSession
+    from edge_wbc.counting.store import Store
+    from edge_wbc.station.command import _follow_slides
+
+    store = Store(data)
+    session = SlideSession(store, Fanout(), default_target=100,
+                           models={"manifest": "test", "models": []})
+    source = FolderSource(folder, loop=False)
+    _follow_slides(source, session, Fanout())
+    return store, session, source
+
+
+def test_a_restart_resumes_the_replay_after_the_last_file_taken(tmp_path: Path) -> None:
+    # Four corrupt files (each refused, each moving the replay on) then five good ones: after
+    # eight captures four fields are counted, from 04..07. The restart must go on at 08, not
+    # at "field 4" (the count), which is 04.jpg again: counted twice.
+    from station_fakes import FakeAnalyzer
+
+    from edge_wbc.camera import FrameError
+
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    good = sorted(SAMPLES.glob("*.jpg"))
+    for i in range(9):
+        data = b"not a jpeg" if i < 4 else good[i].read_bytes()
+        (folder / f"{i:02d}.jpg").write_bytes(data)
+    analyzer = FakeAnalyzer()
+    store, session, source = _replay_session(tmp_path / "data", folder)
+    for _ in range(8):
+        try:
+            frame = source.capture()
+        except FrameError:
+            continue
+        session.add_field(frame.rgb, analyzer.analyze(frame.rgb, frame.source),
+                          source=frame.source)
+    assert session.state()["fields"] == 4
+    store.close()
+
+    store, session, source = _replay_session(tmp_path / "data", folder)
+    try:
+        assert Path(source.capture().source).name == "08.jpg"
+    finally:
+        store.close()
+
+
+def test_a_restart_falls_back_to_the_count_when_the_file_is_not_in_the_folder(
+    tmp_path: Path,
+) -> None:
+    from station_fakes import FakeAnalyzer
+
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    for i, src in enumerate(sorted(SAMPLES.glob("*.jpg"))[:4]):
+        (folder / f"{i:02d}.jpg").write_bytes(src.read_bytes())
+    store, session, source = _replay_session(tmp_path / "data", folder)
+    for _ in range(2):
+        frame = source.capture()
+        session.add_field(frame.rgb, FakeAnalyzer().analyze(frame.rgb, frame.source),
+                          source=frame.source)
+    store.close()
+    # The files were renamed between the runs: the last field's file is not found.
+    for p in sorted(folder.iterdir()):
+        p.rename(p.with_name("x" + p.name))
+    store, session, source = _replay_session(tmp_path / "data", folder)
+    try:
+        assert Path(source.capture().source).name == "x02.jpg"
+    finally:
+        store.close()

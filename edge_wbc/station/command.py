@@ -280,13 +280,29 @@ def _follow_slides(source: Any, session: Any, fanout: Any) -> None:
     seek = getattr(source, "seek", None)
     if seek is None:
         return
-    seek(session.state()["fields"])
+    seek(_resume_at(source, session))
 
     def on_event(ev: Any) -> None:
         if ev.kind == "slide" and ev.payload.get("action") == "started":
             seek(0)
 
     fanout.subscribe(on_event)
+
+
+def _resume_at(source: Any, session: Any) -> int:
+    """Where the replay of the open slide goes on: after the file its last field came from.
+    Not the number of fields counted: a refused frame (a corrupt file) moved the replay on too
+    without adding a field, so that number lands earlier and a file already counted would be
+    counted again. The count is the fallback when the file is not in the folder (renamed,
+    another folder, a slide begun on another camera)."""
+    last = session.last_field()
+    if last is None:
+        return 0
+    index_of = getattr(source, "index_of", None)
+    i = index_of(str(last.get("source") or "")) if index_of is not None else None
+    if i is None:
+        return int(session.state()["fields"])
+    return int(i) + 1
 
 
 def _url(host: str, port: int) -> str:
