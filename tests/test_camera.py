@@ -3,6 +3,7 @@ stand-in module with picamera2's API, since libcamera exists only on Raspberry P
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 import types
@@ -178,6 +179,74 @@ def test_opencv_source_frames_and_unplug(tmp_path: Path, monkeypatch: pytest.Mon
         with pytest.raises(CameraError, match="unplugged"):
             src.capture()
         assert not src.status()["ok"] and src.preview() is None
+    finally:
+        src.close()
+
+
+class _FakeCapture:
+    """cv2.VideoCapture's surface as OpenCVSource uses it; ``mode`` is what the next read does."""
+
+    mode = "ok"
+    opened = 0
+
+    def __init__(self, device: object) -> None:
+        type(self).opened += 1
+
+    def isOpened(self) -> bool:  # OpenCV's name
+        return True
+
+    def set(self, prop: int, value: float) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        time.sleep(0.005)
+        if self.mode == "raise":
+            raise cv2.error("simulated backend failure")
+        if self.mode == "two-channel":  # cvtColor refuses it with cv2.error
+            return True, np.zeros((48, 64, 2), np.uint8)
+        return True, np.full((48, 64, 3), 90, np.uint8)
+
+
+def _until(check, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("failure", ["raise", "two-channel"])
+def test_opencv_grabber_survives_opencv_errors(
+    failure: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before, a cv2.error out of read() or cvtColor() ended the grabber thread: the camera was
+    # lost for good, though the driver came back a moment later.
+    from edge_wbc.camera import opencv as ocv
+
+    monkeypatch.setattr(ocv, "STALE_S", 0.2)
+    monkeypatch.setattr(ocv, "REOPEN_S", 0.02)
+    monkeypatch.setattr(_FakeCapture, "mode", "ok")
+    monkeypatch.setattr(_FakeCapture, "opened", 0)
+    monkeypatch.setattr(ocv.cv2, "VideoCapture", _FakeCapture)
+    src = open_source("opencv:0")
+    try:
+        assert src.capture().rgb.shape == (480, 640, 3)
+        with caplog.at_level("WARNING", logger=ocv.__name__):
+            _FakeCapture.mode = failure
+            _until(lambda: not src.status()["ok"], "the status never said the camera failed")
+            _until(lambda: _FakeCapture.opened >= 4, "the grabber did not go on reopening")
+        assert "camera error" in src.status()["message"]
+        with pytest.raises(CameraError, match="camera error"):
+            src.capture()
+        # Once per outage in the log, not once per reopen.
+        warnings = [r for r in caplog.records
+                    if r.name == ocv.__name__ and r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "reopening" in warnings[0].getMessage()
+        _FakeCapture.mode = "ok"
+        _until(lambda: src.status()["ok"], "frames never came back")
+        assert src.capture().rgb.shape == (480, 640, 3)
     finally:
         src.close()
 

@@ -36,7 +36,10 @@ class OpenCVSource:
         self._frames = 0
         self._error = ""
         self._stop = threading.Event()
-        self._cap = self._open()
+        try:
+            self._cap = self._open()
+        except cv2.error as e:
+            raise CameraError(f"{self.name}: cannot open it: {_first_line(e)}") from None
         if self._cap is None:
             raise CameraError(
                 f"{self.name}: cannot open it (is it plugged in, and not used by another "
@@ -62,28 +65,64 @@ class OpenCVSource:
         cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
         return cap
 
+    @staticmethod
+    def _read(cap: cv2.VideoCapture) -> np.ndarray | None:
+        """The next frame as RGB, or None when the camera delivered none."""
+        ok, bgr = cap.read()
+        if not ok or bgr is None or not bgr.size:
+            return None
+        code = cv2.COLOR_BGR2RGB if bgr.ndim == 3 else cv2.COLOR_GRAY2RGB
+        return np.asarray(cv2.cvtColor(bgr, code))
+
     def _grab(self) -> None:
+        # A driver or backend failure raises cv2.error out of read(), cvtColor() or a reopen;
+        # it is one more way of delivering no frame: the grabber logs it once per outage (not
+        # every REOPEN_S) and goes on reopening, instead of dying and losing the camera for good.
+        reported = False
         while not self._stop.is_set():
             cap = self._cap
-            ok, bgr = (cap.read() if cap is not None else (False, None))
-            if ok and bgr is not None and bgr.size:
-                rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if bgr.ndim == 3 else \
-                    cv2.cvtColor(bgr, cv2.COLOR_GRAY2RGB)
+            rgb: np.ndarray | None = None
+            problem = "no frames: camera unplugged or switched off?"
+            if cap is not None:
+                try:
+                    rgb = self._read(cap)
+                except Exception as e:  # the thread must outlive any frame
+                    problem = "camera error (see the log); reopening it"
+                    if not reported:
+                        log.warning("%s: %s; reopening it", self.name, _first_line(e))
+                        reported = True
+            if rgb is not None:
                 with self._lock:
                     self._latest, self._latest_t = rgb, time.monotonic()
                     self._frames += 1
                     self._error = ""
+                reported = False
                 continue
             with self._lock:
-                self._error = "no frames: camera unplugged or switched off?"
-            if cap is not None:
-                cap.release()
+                self._error = problem
+            self._release(cap)
             self._cap = None
             if self._stop.wait(REOPEN_S):
                 break
-            self._cap = self._open()
+            try:
+                self._cap = self._open()
+            except Exception as e:  # as above: try again in REOPEN_S
+                with self._lock:
+                    self._error = "camera error (see the log); reopening it"
+                if not reported:
+                    log.warning("%s: reopening failed: %s", self.name, _first_line(e))
+                    reported = True
+                continue
             if self._cap is not None:
                 log.info("%s reopened", self.name)
+
+    def _release(self, cap: cv2.VideoCapture | None) -> None:
+        if cap is None:
+            return
+        try:
+            cap.release()
+        except Exception as e:  # a camera in error may refuse this too
+            log.debug("%s: release failed: %s", self.name, e)
 
     def _fresh(self) -> np.ndarray:
         with self._lock:
@@ -113,6 +152,11 @@ class OpenCVSource:
         t = getattr(self, "_thread", None)
         if t is not None and t.is_alive():
             t.join(3.0)
-        if self._cap is not None:
-            self._cap.release()
-            self._cap = None
+        self._release(self._cap)
+        self._cap = None
+
+
+def _first_line(e: BaseException) -> str:
+    """OpenCV's errors run over several lines (source file, assertion); the first says what."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
