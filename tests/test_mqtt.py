@@ -28,7 +28,13 @@ from mqtt_support import (
 )
 
 from edge_wbc.comms import mqtt as edge_mqtt
-from edge_wbc.comms.commands import SLIDE_COMMANDS, Command, CommandError, parse_command
+from edge_wbc.comms.commands import (
+    SLIDE_COMMANDS,
+    Command,
+    CommandError,
+    NoCommand,
+    parse_command,
+)
 from edge_wbc.comms.mqtt import MqttError, MqttPublisher
 from edge_wbc.config import ConfigError, MqttConfig, load_config
 from edge_wbc.counting import outbox
@@ -390,7 +396,10 @@ def test_broker_down_at_start_then_up(tmp_path: Path) -> None:
 
 # ---- commands, discovery, stats ------------------------------------------------------------
 def test_parse_command_accepts_the_documented_forms_only() -> None:
-    assert parse_command("capture", b"") == Command("capture", "capture", {})
+    # empty: how a client deletes a retained message; it took a field
+    for kind in ("capture", "slide"):
+        with pytest.raises(NoCommand):
+            parse_command(kind, b"  ")
     assert parse_command("capture", b"PRESS") == Command("capture", "capture", {})
     assert parse_command("capture", b'{"request_id": "r1"}') == Command(
         "capture", "capture", {}, "r1")
@@ -410,7 +419,9 @@ def test_parse_command_accepts_the_documented_forms_only() -> None:
                       ("slide", b'{"action": "finalise", "target": 3}'),
                       ("slide", b"\xff\xfe"), ("slide", b'{"action": "new", "sample_id": "'
                                                          + b"x" * 5000 + b'"}'),
-                      ("slide", b'{"action": "finalise", "request_id": 5}')]:
+                      ("slide", b'{"action": "finalise", "request_id": 5}'),
+                      ("capture", b'{"request_id": "' + b"r" * 65 + b'"}'),
+                      ("capture", '{"request_id": "r-1\u202e"}'.encode())]:
         with pytest.raises(CommandError):
             parse_command(kind, raw)
 
@@ -441,18 +452,26 @@ def test_commands_are_handled_echoed_and_malformed_ones_ignored(
             {"action": "new", "sample_id": "S-2", "target": 200, "request_id": "r1"}), qos=1)
         sender.client.publish(f"{T}/slide/set", '{"action": "finalise"}', qos=1)
         wait_for(lambda: len(col.on(f"{T}/state")) >= 4, 10, "4 echoes")
+        # a repeat of an answered request_id (QoS 1 redelivery, a client's retry) is answered
+        # again, not run again; an empty payload (deleting a retained message) is no capture
+        sender.client.publish(f"{T}/capture/set", b"", qos=1)
+        for _ in range(2):
+            sender.client.publish(f"{T}/capture/set", '{"request_id": "c-9"}', qos=1)
+        wait_for(lambda: len(col.on(f"{T}/state")) >= 6, 10, "6 echoes")
         time.sleep(0.3)
         echoes = [m.json() for m in col.on(f"{T}/state")]
     sender.client.publish(f"{T}/capture/set", b"", qos=1, retain=True).wait_for_publish(5)
     sender.close()
     assert calls == [("capture", {}), ("new_slide", {"sample_id": "S-2", "target": 200}),
-                     ("finalise", {})]
+                     ("finalise", {}), ("capture", {})]
     assert echoes[0]["ok"] and echoes[0]["command"] == "capture"
     assert echoes[0]["result"] == {"queued": 1}
     assert not echoes[1]["ok"] and "not JSON" in echoes[1]["error"]
     assert echoes[2]["ok"] and echoes[2]["request_id"] == "r1"
     assert not echoes[3]["ok"] and "unidentified" in echoes[3]["error"]
-    assert len(echoes) == 4  # the retained command produced nothing
+    assert echoes[4]["request_id"] == "c-9" and echoes[4]["result"] == {"queued": 4}
+    assert echoes[5] == {**echoes[5], "result": {"queued": 4}, "duplicate": True}
+    assert len(echoes) == 6  # the retained and the empty commands produced nothing
     logs = " ".join(r.getMessage() for r in caplog.records)
     assert "ignoring malformed slide command" in logs and "ignoring retained command" in logs
     col.close()

@@ -10,22 +10,50 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from edge_wbc.inputs import InputError, check_sample_id, check_target, parse_json_object
+from edge_wbc.inputs import (
+    InputError,
+    check_sample_id,
+    check_target,
+    hidden_char,
+    parse_json_object,
+)
 
 MAX_COMMAND_BYTES = 4096
+#: A request_id is echoed on every answer and remembered to spot a repeat: kept short.
+MAX_REQUEST_ID_CHARS = 64
 
 
 class CommandError(ValueError):
     """A malformed command payload; the message says why."""
 
 
+class NoCommand(CommandError):
+    """An empty payload: how a client deletes a retained message, not a request (answered
+    with nothing)."""
+
+
 def request_id_of(raw: bytes) -> str | None:
-    """The request_id of a refused command, when it has one, so the sender can match the echo."""
+    """The request_id of a refused command, when it has a valid one, so the sender can match
+    the echo."""
     try:
         rid = parse_json_object(raw[:MAX_COMMAND_BYTES]).get("request_id")
-    except InputError:
+        return _check_request_id(rid)
+    except (InputError, CommandError):
         return None
-    return rid if isinstance(rid, str) else None
+
+
+def _check_request_id(rid: Any) -> str | None:
+    if rid is None:
+        return None
+    if not isinstance(rid, str):
+        raise CommandError("request_id must be a string")
+    if len(rid) > MAX_REQUEST_ID_CHARS:
+        raise CommandError(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters, "
+                           f"got {len(rid)}")
+    bad = hidden_char(rid)
+    if bad is not None:
+        raise CommandError(f"request_id must not contain {bad}")
+    return rid or None
 
 
 @dataclass(frozen=True)
@@ -49,8 +77,9 @@ SLIDE_COMMANDS: dict[str, tuple[str, frozenset[str]]] = {
 def parse_command(kind: str, raw: bytes) -> Command:
     """Validate a command payload; raises CommandError with the reason for a malformed one.
 
-    capture/set: empty, ``PRESS`` (Home Assistant's button), ``capture``, or a JSON object
-    ``{"request_id": "..."}``. slide/set: a JSON object ``{"action": "new", "sample_id": "S1",
+    capture/set: ``PRESS`` (Home Assistant's button), ``capture``, or a JSON object
+    ``{"request_id": "..."}``; an empty payload raises NoCommand (deleting a retained message
+    must not take a field). slide/set: a JSON object ``{"action": "new", "sample_id": "S1",
     "target": 100}``, ``{"action": "finalise"}`` or ``{"action": "target", "target": 200}``.
     The sample ID and target obey edge_wbc.inputs, the rules the HTTP API's values obey.
     """
@@ -60,15 +89,16 @@ def parse_command(kind: str, raw: bytes) -> Command:
         text = raw.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
         raise CommandError("payload is not UTF-8") from exc
-    if kind == "capture" and text in ("", "PRESS", "capture"):
+    if not text:
+        raise NoCommand("an empty payload is no command (it is how a retained message is "
+                        "deleted)")
+    if kind == "capture" and text in ("PRESS", "capture"):
         return Command(kind, "capture", {})
     try:
         data = parse_json_object(raw, "payload")
     except InputError as exc:
         raise CommandError(str(exc)) from None
-    request_id = data.get("request_id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise CommandError("request_id must be a string")
+    request_id = _check_request_id(data.get("request_id"))
     if kind == "capture":
         unknown = set(data) - {"request_id", "action"}
         if unknown:

@@ -34,7 +34,7 @@ import statistics
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,12 +43,15 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_wbc.comms import ha_discovery
-from edge_wbc.comms.commands import CommandError, parse_command, request_id_of
+from edge_wbc.comms.commands import CommandError, NoCommand, parse_command, request_id_of
 from edge_wbc.config import MqttConfig, is_loopback
 from edge_wbc.counting import outbox
 from edge_wbc.counting.outbox import MQTT_SCHEMA, utc_now_iso
 
 log = logging.getLogger(__name__)
+
+#: How many answered request_ids are remembered to spot a repeated command.
+ANSWERED_KEPT = 256
 
 StateProvider = Callable[[], dict[str, Any]]
 #: Runs one of the station's actions by name (edge_wbc.station.actions) with its arguments.
@@ -143,6 +146,8 @@ class MqttPublisher:
         self._diff: dict[str, Any] | None = None
         self._diff_dirty = False
         self._commands: deque[tuple[str, bytes]] = deque(maxlen=100)
+        #: (kind, request_id) -> the answer given, the latest ANSWERED_KEPT (worker thread only).
+        self._answered: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
         self._pending: dict[int, int | None] = {}  # mid -> outbox row id (None: not an outbox row)
         self._early: set[int] = set()  # PUBACKs that arrived before publish() returned the mid
         # At most one differential in flight: paho re-sends unacknowledged messages after a
@@ -654,18 +659,34 @@ class MqttPublisher:
         try:
             cmd = parse_command(kind, raw)
             request_id = cmd.request_id
-            if self._command_handler is None:
-                raise CommandError("this station has no command handler")
-            result = self._command_handler(cmd.action, cmd.args)
-            echo = {"ok": True, "result": result}
-            log.info("MQTT command %s %s -> %s", cmd.action, cmd.args, result)
+            seen = self._answered.get((kind, request_id)) if request_id else None
+            if seen is not None:
+                # QoS 1 delivers at least once, and a client may retry after a lost echo: a
+                # request_id already answered is answered again, not run again (a second field).
+                log.info("MQTT: %s command %s already answered; not run again", kind,
+                         request_id)
+                echo = {**seen, "duplicate": True}
+            else:
+                if self._command_handler is None:
+                    raise CommandError("this station has no command handler")
+                try:
+                    result = self._command_handler(cmd.action, cmd.args)
+                    echo = {"ok": True, "result": result}
+                    log.info("MQTT command %s %s -> %s", cmd.action, cmd.args, result)
+                except Exception as exc:  # the station refused it (finalise, unidentified)
+                    log.warning("MQTT: %s command failed: %s", kind, exc)
+                    echo = {"ok": False, "error": str(exc) or type(exc).__name__}
+                if request_id:
+                    self._answered[(kind, request_id)] = echo
+                    while len(self._answered) > ANSWERED_KEPT:
+                        self._answered.popitem(last=False)
+        except NoCommand:
+            log.info("MQTT: empty %s payload ignored (a retained command being deleted)", kind)
+            return
         except CommandError as exc:
             log.warning("MQTT: ignoring malformed %s command %r: %s", kind, raw[:200], exc)
             echo = {"ok": False, "error": str(exc)}
             request_id = request_id_of(raw)
-        except Exception as exc:  # the station refused it (e.g. finalise with unidentified)
-            log.warning("MQTT: %s command failed: %s", kind, exc)
-            echo = {"ok": False, "error": str(exc) or type(exc).__name__}
         body = {"schema": MQTT_SCHEMA, "station": self.cfg.station_id, "ts": utc_now_iso(),
                 "command": kind, "request_id": request_id, **echo}
         self._send(self.cfg.topic("state"), _dumps(body), qos=1, retain=False)

@@ -302,6 +302,29 @@ def test_count_view_keys_add_missed_cells_and_a_field_is_discarded(station: _Pag
     assert "field_discarded" in acts and "field_restored" in acts
 
 
+def test_a_held_key_is_one_press(station: _Page) -> None:
+    """A held Space (or a foot pedal that emulates a key) repeats ~30 times a second: it took
+    7 fields; a held "4" would add a lymphocyte per repeat."""
+    pg, rs = station.pg, station.rs
+    hold = """([key, code]) => {
+        document.dispatchEvent(new KeyboardEvent("keydown", {key, code, bubbles: true}));
+        for (let i = 0; i < 15; i++)
+            document.dispatchEvent(new KeyboardEvent("keydown",
+                                   {key, code, bubbles: true, repeat: true}));
+    }"""
+    pg.evaluate(hold, [" ", "Space"])
+    pg.wait_for_function("() => document.getElementById('field-no').textContent"
+                         ".startsWith('#1 ')")
+    time.sleep(1.0)  # what a repeat would have queued has arrived
+    rs.wait_idle()
+    assert rs.session.state()["fields"] == 1
+    counted = rs.session.state()["counted"]
+    pg.evaluate(hold, ["4", "Digit4"])
+    pg.wait_for_function(f"() => window.__counted === {counted + 1}")
+    time.sleep(1.0)
+    assert sum(1 for c in rs.session.cells.values() if c["status"] == "manual") == 1
+
+
 def test_sign_off_past_slides_and_report(station: _Page) -> None:
     pg, rs = station.pg, station.rs
     rs.session.require_sample_id = True  # as the default config has it

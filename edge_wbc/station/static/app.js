@@ -1255,6 +1255,9 @@ document.addEventListener("keydown", (e) => {
     return;
   }
   if (typing(e) || document.querySelector("dialog[open]")) return;
+  // A held key (or a foot pedal that emulates one) repeats ~30 times a second: one press is one
+  // capture, one cell added, one review (a held Space took 7 fields).
+  if (e.repeat) { if (e.code === "Space") e.preventDefault(); return; }
   if (e.code === "Space") { e.preventDefault(); capture(); return; }
   if (e.ctrlKey || e.altKey || e.metaKey) return;
   const idx = "123456789".indexOf(e.key);
