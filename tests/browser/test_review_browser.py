@@ -471,6 +471,10 @@ def test_adapt_to_this_lab(tmp_path: Path) -> None:
         assert pg.locator(".lab-table tr").count() >= 6
         _shot(pg, "adapt-validation")
         pg.click("#lab-activate")
+        # the toast comes once the switch is recorded (the fit's own refresh of the status,
+        # still on its way when Activate is clicked, could show 'lab adaptation' before that)
+        pg.wait_for_function("() => document.getElementById('toast').textContent"
+                             ".includes('counts from the next field')")
         pg.wait_for_function("() => document.getElementById('lab-active').textContent"
                              ".includes('lab adaptation')")
         assert analyzer.adaptation is not None

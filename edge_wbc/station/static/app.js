@@ -1119,9 +1119,19 @@ async function acceptMag(value) {
   }
 }
 
+// After a fit the Activate button is there before the fit's own refresh has answered: an older
+// answer must not overwrite a newer one (it showed the shipped model while the adaptation was in
+// use, or the reverse).
+let labSeq = 0;
+
 async function renderLab() {
+  const seq = ++labSeq;
   let d;
-  try { d = await api("/api/adaptation"); } catch (e) { $("lab-err").textContent = e.message; return; }
+  try { d = await api("/api/adaptation"); } catch (e) {
+    if (seq === labSeq) $("lab-err").textContent = e.message;
+    return;
+  }
+  if (seq !== labSeq) return;
   const act = d.active;
   $("lab-active").innerHTML = act
     ? `In use: <b>lab adaptation ${escapeHtml(act.id)}</b> <span class="muted">(fitted ${escapeHtml(act.created)})</span>`
