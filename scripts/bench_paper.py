@@ -78,17 +78,27 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def edge_command(args: argparse.Namespace, out: Path) -> list[str]:
+    """``edge-wbc bench`` with this run's settings (the same warm-up on both sides: a different
+    one would time a colder or warmer edge pipeline than the paper's)."""
+    cmd = [
+        sys.executable, "-c", "from edge_wbc.cli import app; app()", "bench",
+        "--models", str(args.models), "--threads", str(args.threads),
+        "--runs", str(args.edge_runs), "--warmup", str(args.warmup), "--json", str(out),
+    ]  # fmt: skip
+    if args.image:
+        cmd += ["--image", str(args.image)]
+    return cmd
+
+
 def run_edge(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "edge.json"
-        cmd = [
-            sys.executable, "-c", "from edge_wbc.cli import app; app()", "bench",
-            "--models", str(args.models), "--threads", str(args.threads),
-            "--runs", str(args.edge_runs), "--json", str(out),
-        ]  # fmt: skip
-        if args.image:
-            cmd += ["--image", str(args.image)]
-        subprocess.run(cmd, cwd=ROOT, check=True)
+        # Not check=True: the edge bench has said what is wrong (models missing, a bad image)
+        # on stderr; a CalledProcessError traceback after it would only bury that line.
+        done = subprocess.run(edge_command(args, out), cwd=ROOT, check=False)
+        if done.returncode != 0:
+            raise SystemExit(done.returncode)
         return json.loads(out.read_text())
 
 
@@ -187,7 +197,7 @@ def build_paper(
     return times, models
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -200,7 +210,17 @@ def main() -> None:
     ap.add_argument("--edge-runs", type=int, default=50, help="timed runs of the edge pipeline")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    # The edge bench runs with cwd=ROOT: a path relative to where this script was started
+    # would name another file there (or none), so both sides get the same absolute one.
+    args.models = args.models.expanduser().absolute()
+    if args.image is not None:
+        args.image = args.image.expanduser().absolute()
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     print(f"edge pipeline (edge-wbc bench, LiteRT int8, {args.threads} threads):", flush=True)
     edge = run_edge(args)
