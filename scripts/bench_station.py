@@ -101,14 +101,66 @@ def http_round(port: int, n: int) -> tuple[list[float], list[float]]:
     return to_display, counted
 
 
-def browser_round(port: int, n: int) -> list[float] | str:
-    chromium = os.environ.get("EDGE_WBC_CHROMIUM", "/usr/bin/chromium")
+def _chromium() -> str:
+    return os.environ.get("EDGE_WBC_CHROMIUM", "/usr/bin/chromium")
+
+
+def browser_missing() -> str | None:
+    """Why the browser round cannot run here (None: it can)."""
     try:
-        from playwright.sync_api import sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError:
         return "skipped: playwright not installed"
+    chromium = _chromium()
     if not (Path(chromium).is_file() or shutil.which(chromium)):
         return f"skipped: no Chromium at {chromium}"
+    return None
+
+
+def captures_problem(source: str, captures: int, browser: bool) -> str | None:
+    """Why this run cannot take ``captures`` fields per round from ``source`` (None: it can).
+
+    The station replays a folder once per slide (loop=False: going round again would count a
+    field twice), so the run must fit in it: one warm-up capture, then ``captures`` in the
+    HTTP round and as many again in the browser round. Checked before the station starts, not
+    found as a refused capture minutes into the run. (Replaying with loop=True instead would
+    need a station that loops, which the real one never does: the bench times the station as
+    it runs.)
+    """
+    if captures < 1:
+        return f"--captures {captures}: give at least 1"
+    from edge_wbc.camera import CameraError, parse_source
+
+    try:
+        kind, arg = parse_source(source)
+        if kind != "folder":
+            return None  # a live camera has no end
+        from edge_wbc.camera.folder import FolderSource
+
+        n_fields = len(FolderSource(arg, loop=False).files)
+    except CameraError as e:
+        return f"--source: {e}"
+    rounds = 2 if browser else 1
+    needed = 1 + rounds * captures
+    if needed <= n_fields:
+        return None
+    most = (n_fields - 1) // rounds
+    what = "1 warm-up + {0} (HTTP) + {0} (browser)" if browser else "1 warm-up + {0} (HTTP)"
+    return (
+        f"--captures {captures}: this run would take {what.format(captures)} = {needed} "
+        f"fields, but the station replays the {n_fields} fields of {arg} once per slide; give "
+        f"--captures {most} or fewer" + (", or --no-browser" if browser else "")
+        + ", or a --source folder with more fields"
+    )
+
+
+def browser_round(port: int, n: int) -> list[float] | str:
+    missing = browser_missing()
+    if missing is not None:
+        return missing
+    from playwright.sync_api import sync_playwright
+
+    chromium = _chromium()
     out = []
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium, args=[
@@ -131,16 +183,21 @@ def browser_round(port: int, n: int) -> list[float] | str:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=str(ROOT / "models"))
     ap.add_argument("--captures", type=int, default=30)
     ap.add_argument("--source", default=f"folder:{ROOT / 'samples' / 'fields'}")
     ap.add_argument("--no-browser", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not (Path(args.models) / "manifest.json").is_file():
         print(f"no models at {args.models} (manifest.json missing): give --models DIR",
               file=sys.stderr)
+        return 2
+    problem = captures_problem(args.source, args.captures,
+                               browser=not args.no_browser and browser_missing() is None)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
 
     from edge_wbc.config import load_config
