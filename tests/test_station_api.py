@@ -318,6 +318,78 @@ def test_a_field_analysed_after_a_new_slide_is_not_counted_on_it(tmp_path: Path)
         rs.close()
 
 
+def test_finalise_waits_for_the_fields_still_being_analysed(tmp_path: Path) -> None:
+    # A capture answered 202 and then refused because the slide was finalised meanwhile: a
+    # field the technician was promised, lost.
+    import threading
+
+    class Held(FakeAnalyzer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hold = False
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def analyze(self, rgb: np.ndarray, path: str = "") -> FieldResult:
+            if self.hold:
+                self.entered.set()
+                assert self.release.wait(10)
+            return super().analyze(rgb, path)
+
+    an = Held()
+    rs = RunningStation(tmp_path / "data", f"folder:{SAMPLES}", analyzer=an, target=500)
+    try:
+        assert jreq(rs.url + "/api/capture", "POST")[0] == 202
+        rs.wait_idle()
+        for c in rs.session.cells.values():  # nothing left to review
+            if c["label"] == "unidentified":
+                rs.session.review(c["id"], "lymphocyte")
+        an.hold = True
+        assert jreq(rs.url + "/api/capture", "POST")[0] == 202
+        assert an.entered.wait(10)
+        counted = rs.session.state()["counted"]
+        assert jreq(rs.url + "/api/slide/target", "POST", {"target": counted})[0] == 200
+        status, body = jreq(rs.url + "/api/slide/finalise", "POST")
+        assert status == 409 and "1 field captured for this slide is still being analysed" \
+            in body["error"], body
+        an.release.set()
+        rs.wait_idle()
+        state = rs.session.state()
+        assert state["fields"] == 2 and not state["finalised"]
+        for c in rs.session.cells.values():
+            if c["label"] == "unidentified":
+                rs.session.review(c["id"], "lymphocyte")
+        status, body = jreq(rs.url + "/api/slide/target", "POST",
+                            {"target": rs.session.state()["counted"]})
+        assert jreq(rs.url + "/api/slide/finalise", "POST")[0] == 200
+    finally:
+        an.release.set()
+        rs.close()
+
+
+def test_a_stop_that_cannot_wait_for_every_field_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import threading
+
+    release = threading.Event()
+
+    class Slow(FakeAnalyzer):
+        def analyze(self, rgb: np.ndarray, path: str = "") -> FieldResult:
+            release.wait(10)
+            return super().analyze(rgb, path)
+
+    rs = RunningStation(tmp_path / "data", f"folder:{SAMPLES}", analyzer=Slow(), target=500)
+    try:
+        for _ in range(2):
+            assert jreq(rs.url + "/api/capture", "POST")[0] == 202
+        with caplog.at_level(logging.WARNING, logger="edge_wbc.station.app"):
+            rs.station.stop(timeout=0.3)
+        assert "stopping with 2 capture(s) not analysed" in caplog.text
+    finally:
+        release.set()
+        rs.close()
+
+
 def test_a_body_that_never_arrives_is_a_408_not_a_crash(
     st: RunningStation, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -45,7 +45,7 @@ class Actions:
         return self.session.state()
 
     def finalise(self) -> dict[str, Any]:
-        return self.session.finalise()
+        return self.station.finalise()
 
     def review(self, cell_id: str, label: str | None, reason: str | None = None
                ) -> dict[str, Any]:

@@ -78,6 +78,9 @@ class Station:
         # settings taken under it (``between_fields``) never splits one field.
         self._field_lock = threading.Lock()
         self._busy: _Job | None = None
+        #: Captures accepted and not yet counted or refused, per slide (under _lock): what a
+        #: finalise must wait for.
+        self._pending: dict[str, int] = {}
         self._stop = threading.Event()
         self.last_error: dict[str, Any] | None = None
         self.last_field: dict[str, Any] | None = None
@@ -118,7 +121,25 @@ class Station:
             self._q.put(None, timeout=timeout)
         if self.worker.is_alive():
             self.worker.join(timeout)
+        with self._lock:
+            left = sum(self._pending.values())
+        if left:
+            # Recorded as accepted in the store: the next start reports them as interrupted.
+            log.warning("stopping with %d capture(s) not analysed after %.0f s: not counted; "
+                        "the next start lists them", left, timeout)
         self.source.close()
+
+    def finalise(self) -> dict[str, Any]:
+        """Finalise the open slide once every field captured for it is counted: a capture
+        accepted (202) and still analysing would otherwise be refused after the report."""
+        with self._lock:
+            n = self._pending.get(self.session.slide["id"], 0)
+            if n:
+                raise SessionError(
+                    f"{n} field{'s' if n != 1 else ''} captured for this slide "
+                    f"{'are' if n != 1 else 'is'} still being analysed: finalise when "
+                    f"{'they are' if n != 1 else 'it is'} counted")
+            return self.session.finalise()
 
     # ------------------------------------------------------------------ triggers
 
@@ -144,6 +165,12 @@ class Station:
             self._set_error("disk", str(e))
             raise
         with self._lock:
+            # Read again under the lock a finalise or a new slide takes: a frame is never
+            # queued for a slide that closed in between.
+            slide = self.session.slide
+            if slide["id"] != st["slide_id"] or slide.get("status") != "open":
+                raise SessionError(f"slide {st['sample_id']} was closed meanwhile: capture "
+                                   "again to count on the open slide")
             waiting = self._q.qsize()
             if waiting >= self.queue_max:
                 msg = (f"capture refused: {waiting} fields are already waiting for analysis; "
@@ -171,6 +198,7 @@ class Station:
             except queue.Full:  # cannot happen under the lock, but never lose it silently
                 self._record_refused(job, "analysis queue full")
                 raise BusyError("capture refused: analysis queue full") from None
+            self._pending[job.slide_id] = self._pending.get(job.slide_id, 0) + 1
         self._status()
         return {"capture_id": job.capture_id, "queued": self._q.qsize(),
                 "busy": self._busy is not None, "source": frame.source}
@@ -195,6 +223,11 @@ class Station:
             finally:
                 with self._lock:
                     self._busy = None
+                    n = self._pending.get(job.slide_id, 0) - 1
+                    if n > 0:
+                        self._pending[job.slide_id] = n
+                    else:
+                        self._pending.pop(job.slide_id, None)
                 self._status()
 
     @contextlib.contextmanager
