@@ -66,6 +66,22 @@ class FakeAnalyzer:
                            quality={"flags": []}, timing_ms={"total": 1.0})
 
 
+class HeldAnalyzer(FakeAnalyzer):
+    """While ``hold``, each analysis waits for ``release`` (``entered`` says it began): a field
+    caught mid-analysis."""
+
+    def __init__(self, hold: bool = True) -> None:
+        super().__init__()
+        self.hold = hold
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def analyze(self, rgb: np.ndarray, path: str = "") -> FieldResult:
+        if self.hold:
+            self.entered.set()
+            assert self.release.wait(10)
+        return super().analyze(rgb, path)
+
+
 class RunningStation:
     """A station wired exactly as ``edge-wbc station`` wires it, but with an injected analyzer
     (tests only), on a free loopback port, in this process."""

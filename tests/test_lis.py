@@ -428,6 +428,19 @@ def test_mllp_peer_going_away_mid_stream_is_retried(tmp_path: Path, mode: str, w
         st.close()
 
 
+def _retried_with_a_reason(st: Any, d: Any, caplog: pytest.LogCaptureFixture,
+                           reason: str) -> None:
+    """One delivery attempt to a peer that answered wrongly: kept for a retry (not held), with
+    ``reason``, and no internal error or traceback logged."""
+    d.run_once()
+    held, err = st.conn.execute("SELECT held, last_error FROM lis_outbox").fetchone()
+    assert held == 0 and reason in err, err
+    assert "internal error" not in err
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    d.stop()
+    st.close()
+
+
 def _framed(text: str, encoding: str = "utf-8") -> bytes:
     return b"\x0b" + text.encode(encoding) + b"\x1c\x0d"
 
@@ -446,13 +459,7 @@ def test_mllp_answer_that_is_not_hl7_is_retried_without_a_traceback(
         sid = st.finalise_slide("H-1")
         peer.answer = (_framed(answer.format(cid=control_id(sid))) if isinstance(answer, str)
                        else answer)
-        d.run_once()
-        err, held = st.conn.execute("SELECT last_error, held FROM lis_outbox").fetchone()
-        assert "answered with something that is not an HL7 ACK" in err and held == 0, err
-        assert "internal error" not in err
-        assert not [r for r in caplog.records if r.levelname == "ERROR"]
-        d.stop()
-        st.close()
+        _retried_with_a_reason(st, d, caplog, "answered with something that is not an HL7 ACK")
     finally:
         peer.close()
 
@@ -611,13 +618,7 @@ def test_fhir_garbled_http_answer_is_retried_with_the_reason(
     try:
         st, d = _make(tmp_path, delivery="fhir", fhir_url=peer.url)
         st.finalise_slide("H-1")
-        d.run_once()
-        held, err = st.conn.execute("SELECT held, last_error FROM lis_outbox").fetchone()
-        assert held == 0 and "answered with something that is not HTTP: " in err, err
-        assert "internal error" not in err
-        assert not [r for r in caplog.records if r.levelname == "ERROR"]
-        d.stop()
-        st.close()
+        _retried_with_a_reason(st, d, caplog, "answered with something that is not HTTP: ")
     finally:
         peer.close()
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from station_fakes import FakeAnalyzer, RunningStation
+from station_fakes import FakeAnalyzer, HeldAnalyzer, RunningStation
 
 from edge_wbc.camera import CameraError, Frame
 from edge_wbc.pipeline.results import FieldResult
@@ -288,19 +288,7 @@ def test_new_slide_needs_abandon_when_open(st: RunningStation) -> None:
 def test_a_field_analysed_after_a_new_slide_is_not_counted_on_it(tmp_path: Path) -> None:
     # One patient's field must never land on the next patient's slide: the capture was accepted
     # for slide A, a new slide B started while it was being analysed.
-    import threading
-
-    class Held(FakeAnalyzer):
-        def __init__(self) -> None:
-            super().__init__()
-            self.entered, self.release = threading.Event(), threading.Event()
-
-        def analyze(self, rgb: np.ndarray, path: str = "") -> FieldResult:
-            self.entered.set()
-            assert self.release.wait(10)
-            return super().analyze(rgb, path)
-
-    an = Held()
+    an = HeldAnalyzer()
     rs = RunningStation(tmp_path / "data", f"folder:{SAMPLES}", analyzer=an, target=10)
     try:
         first = jreq(rs.url + "/api/slide/new", "POST", {"sample_id": "PATIENT-A"})[1]
@@ -321,21 +309,7 @@ def test_a_field_analysed_after_a_new_slide_is_not_counted_on_it(tmp_path: Path)
 def test_finalise_waits_for_the_fields_still_being_analysed(tmp_path: Path) -> None:
     # A capture answered 202 and then refused because the slide was finalised meanwhile: a
     # field the technician was promised, lost.
-    import threading
-
-    class Held(FakeAnalyzer):
-        def __init__(self) -> None:
-            super().__init__()
-            self.hold = False
-            self.entered, self.release = threading.Event(), threading.Event()
-
-        def analyze(self, rgb: np.ndarray, path: str = "") -> FieldResult:
-            if self.hold:
-                self.entered.set()
-                assert self.release.wait(10)
-            return super().analyze(rgb, path)
-
-    an = Held()
+    an = HeldAnalyzer(hold=False)
     rs = RunningStation(tmp_path / "data", f"folder:{SAMPLES}", analyzer=an, target=500)
     try:
         assert jreq(rs.url + "/api/capture", "POST")[0] == 202
@@ -369,16 +343,9 @@ def test_finalise_waits_for_the_fields_still_being_analysed(tmp_path: Path) -> N
 def test_a_stop_that_cannot_wait_for_every_field_says_so(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import logging
-    import threading
 
-    release = threading.Event()
-
-    class Slow(FakeAnalyzer):
-        def analyze(self, rgb: np.ndarray, path: str = "") -> FieldResult:
-            release.wait(10)
-            return super().analyze(rgb, path)
-
-    rs = RunningStation(tmp_path / "data", f"folder:{SAMPLES}", analyzer=Slow(), target=500)
+    an = HeldAnalyzer()
+    rs = RunningStation(tmp_path / "data", f"folder:{SAMPLES}", analyzer=an, target=500)
     try:
         for _ in range(2):
             assert jreq(rs.url + "/api/capture", "POST")[0] == 202
@@ -386,7 +353,7 @@ def test_a_stop_that_cannot_wait_for_every_field_says_so(
             rs.station.stop(timeout=0.3)
         assert "stopping with 2 capture(s) not analysed" in caplog.text
     finally:
-        release.set()
+        an.release.set()
         rs.close()
 
 
