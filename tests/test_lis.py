@@ -525,49 +525,36 @@ def test_fhir_server_201_400_500_and_timeout(tmp_path: Path) -> None:
         _validate_every_resource(peer.bodies[0])
         assert d.status()["last_delivered"]["detail"] == "HTTP 201 Bundle/1"
 
-        peer.script = [400]
-        bad = st.finalise_slide("H-400")
-        d.run_once()
-        held, err = st.conn.execute("SELECT held, last_error FROM lis_outbox WHERE slide_id = ?",
-                                    (bad,)).fetchone()
+        def answered(code: int | str, sample: str) -> tuple[int, str]:
+            peer.script = [code]
+            sid = st.finalise_slide(sample)
+            d.run_once()
+            return st.conn.execute("SELECT held, last_error FROM lis_outbox WHERE slide_id = ?",
+                                   (sid,)).fetchone()
+
+        held, err = answered(400, "H-400")
         assert held == 1 and err == ("FHIR server answered HTTP 400: Observation.code: unknown "
                                      "code system")
 
-        peer.script = [302]
-        moved = st.finalise_slide("H-302")
-        d.run_once()
-        held, err = st.conn.execute("SELECT held, last_error FROM lis_outbox WHERE slide_id = ?",
-                                    (moved,)).fetchone()
+        held, err = answered(302, "H-302")
         assert held == 1 and "HTTP 302" in err and peer.gets == 0
 
         # A redirect names where it points: that is what fhir_url should be.
-        peer.script = [307]
-        moved = st.finalise_slide("H-307")
-        d.run_once()
-        held, err = st.conn.execute("SELECT held, last_error FROM lis_outbox WHERE slide_id = ?",
-                                    (moved,)).fetchone()
+        held, err = answered(307, "H-307")
         assert held == 1 and err == ("FHIR server answered HTTP 307, redirecting to "
                                      "https://fhir.lab.example/fhir/r4/: set lis.fhir_url to the "
                                      "FHIR base it names")
 
         # A 200 that is not a FHIR answer (a single-sign-on proxy's login page) is no delivery.
-        peer.script = ["html"]
-        login = st.finalise_slide("H-sso")
-        d.run_once()
-        held, err = st.conn.execute("SELECT held, last_error FROM lis_outbox WHERE slide_id = ?",
-                                    (login,)).fetchone()
+        held, err = answered("html", "H-sso")
         assert held == 1 and err == ("FHIR server answered HTTP 200 with text/html, not a FHIR "
                                      "transaction-response Bundle: is lis.fhir_url the FHIR base?")
 
         for mode, why in ((500, "HTTP 500: db down"), ("timeout", "no answer")):
-            peer.script = [mode]
-            sid = st.finalise_slide(f"H-{mode}")
-            d.run_once()
-            held, err = st.conn.execute(
-                "SELECT held, last_error FROM lis_outbox WHERE slide_id = ?", (sid,)).fetchone()
+            held, err = answered(mode, f"H-{mode}")
             assert held == 0 and why in err
-            _drain(d, lambda sid=sid: st.conn.execute(
-                "SELECT COUNT(*) FROM lis_outbox WHERE slide_id = ?", (sid,)).fetchone()[0] == 0)
+            _drain(d, lambda: st.conn.execute("SELECT COUNT(*) FROM lis_outbox WHERE held = 0"
+                                              ).fetchone()[0] == 0)
         assert len(peer.bodies) == 3
         assert d.status()["state"] == "refused"
         d.stop()
