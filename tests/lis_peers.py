@@ -202,9 +202,11 @@ class RawPeer:
     answers with the given bytes, whatever they are: the garbled, foreign and non-UTF-8 answers
     python-hl7's and http.server's own peers cannot produce."""
 
-    def __init__(self, answer: bytes, kind: str = "mllp") -> None:
+    def __init__(self, answer: bytes, kind: str = "mllp", drip_s: float = 0.0) -> None:
         self.answer = answer
         self.kind = kind
+        #: > 0: the answer goes a line at a time, this far apart (a proxy that dribbles)
+        self.drip_s = drip_s
         self.requests: list[bytes] = []
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -237,7 +239,12 @@ class RawPeer:
         with c:
             try:
                 self.requests.append(self._read(c))
-                c.sendall(self.answer)
+                if self.drip_s:
+                    for line in self.answer.splitlines(keepends=True):
+                        c.sendall(line)
+                        time.sleep(self.drip_s)
+                else:
+                    c.sendall(self.answer)
                 time.sleep(0.3)  # let the client read it before the connection goes
             except OSError:
                 pass

@@ -610,6 +610,22 @@ def test_fhir_garbled_http_answer_is_retried_with_the_reason(
         peer.close()
 
 
+def test_a_fhir_answer_dribbled_a_line_at_a_time_is_cut_at_the_deadline(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Every read came within timeout_s, so a proxy sending a header line every 0.25 s held the
+    # delivery thread for the whole answer (15 s in the adversarial pass), then counted it.
+    answer = (b"HTTP/1.1 201 Created\r\n" + b"X-Slow: a\r\n" * 20
+              + b"Content-Length: 0\r\n\r\n")
+    peer = RawPeer(answer, "http", drip_s=0.25)
+    try:
+        st, d = _make(tmp_path, delivery="fhir", fhir_url=peer.url, timeout_s="0.5")
+        st.finalise_slide("H-1")
+        _retried_with_a_reason(st, d, caplog,
+                               f"no complete answer from {peer.url} within 1 s")
+    finally:
+        peer.close()
+
+
 def test_folder_delivery_writes_one_file_per_slide_atomically(tmp_path: Path) -> None:
     out = tmp_path / "lis-import"
     st, d = _make(tmp_path, delivery="folder", folder=str(out), format="hl7")

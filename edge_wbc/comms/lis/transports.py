@@ -15,11 +15,12 @@ import json
 import os
 import re
 import socket
-import urllib.error
-import urllib.request
+import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from edge_wbc.comms.lis import fhir, hl7v2
 from edge_wbc.comms.lis.codes import ReportError
@@ -219,46 +220,72 @@ class FhirTransport:
                    "Accept": "application/fhir+json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        u = urlsplit(self.url)
+        conn: http.client.HTTPConnection = (
+            http.client.HTTPSConnection(u.hostname or "", u.port, timeout=self.timeout_s,
+                                        context=ssl.create_default_context())
+            if u.scheme == "https"
+            else http.client.HTTPConnection(u.hostname or "", u.port, timeout=self.timeout_s))
+        # timeout_s bounds each read; a proxy that answers a header line every few seconds passes
+        # every one of them and would hold the delivery thread for as long as it likes. The whole
+        # exchange (connection, then answer) gets twice timeout_s: then the socket is shut.
+        deadline = 2 * self.timeout_s
+        cut = threading.Event()
+
+        def shut() -> None:
+            cut.set()
+            with contextlib.suppress(OSError, AttributeError):
+                conn.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+
+        timer = threading.Timer(deadline, shut)
+        timer.daemon = True
+        timer.start()
         try:
-            with _OPENER.open(req, timeout=self.timeout_s) as resp:
-                status = resp.status
-                ctype = resp.headers.get("Content-Type") or ""
-                loc = resp.headers.get("Location") or resp.headers.get("Content-Location") or ""
-                answer = resp.read(_MAX_ANSWER + 1)
-        except urllib.error.HTTPError as e:
-            try:
-                why = _outcome_text(e.read(4096))
-            except (http.client.HTTPException, OSError):
-                why = ""
-            if 300 <= e.code < 400:
-                # Where it points is what the technician needs to correct fhir_url.
-                to = _printable(e.headers.get("Location") or "", 200)
-                return Outcome.refused(
-                    f"FHIR server answered HTTP {e.code}, "
-                    + (f"redirecting to {to}" if to else "a redirect without a Location")
-                    + ": set lis.fhir_url to the FHIR base it names")
-            msg = f"FHIR server answered HTTP {e.code}" + (f": {why}" if why else "")
-            if e.code in _RETRY_HTTP or e.code >= 500:
-                return Outcome.retry(msg)
-            return Outcome.refused(msg)
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            if isinstance(reason, (TimeoutError, socket.timeout)):
+            # http.client follows no redirect: a POST answered 301/302/303 is never turned into
+            # a GET whose 200 would count as a delivery.
+            conn.request("POST", (u.path or "/") + (f"?{u.query}" if u.query else ""), body,
+                         headers)
+            resp = conn.getresponse()
+            status = resp.status
+            ctype = resp.getheader("Content-Type") or ""
+            loc = resp.getheader("Location") or resp.getheader("Content-Location") or ""
+            answer = resp.read(_MAX_ANSWER + 1 if 200 <= status < 300 else 4096)
+        except (OSError, http.client.HTTPException) as e:
+            if cut.is_set():
+                return Outcome.retry(f"no complete answer from {self.url} within {deadline:g} s")
+            if isinstance(e, (TimeoutError, socket.timeout)):
                 return Outcome.retry(f"no answer from {self.url} within {self.timeout_s:g} s")
-            return Outcome.retry(f"cannot reach {self.url}: {reason}")
-        except http.client.HTTPException as e:
-            # After OSError: http.client's RemoteDisconnected is both, and it is "cannot reach".
+            if isinstance(e, OSError):
+                # also http.client's RemoteDisconnected, which is both: "cannot reach"
+                return Outcome.retry(f"cannot reach {self.url}: {e}")
             return Outcome.retry(f"{self.url} answered with something that is not HTTP: "
                                  f"{type(e).__name__}: {_printable(str(e), 200)}")
+        finally:
+            timer.cancel()
+            conn.close()
+        if cut.is_set():
+            # http.client takes the shut socket's end for the end of the headers: what it read
+            # is a fragment, never an answer.
+            return Outcome.retry(f"no complete answer from {self.url} within {deadline:g} s")
+        if 300 <= status < 400:
+            # Where it points is what the technician needs to correct fhir_url.
+            to = _printable(loc, 200)
+            return Outcome.refused(
+                f"FHIR server answered HTTP {status}, "
+                + (f"redirecting to {to}" if to else "a redirect without a Location")
+                + ": set lis.fhir_url to the FHIR base it names")
+        if not 200 <= status < 300:
+            why = _outcome_text(answer)
+            msg = f"FHIR server answered HTTP {status}" + (f": {why}" if why else "")
+            if status in _RETRY_HTTP or status >= 500:
+                return Outcome.retry(msg)
+            return Outcome.refused(msg)
         wrong = _not_transaction_response(answer, ctype)
         if wrong:
             return Outcome.refused(f"FHIR server answered HTTP {status} with {wrong}")
         return Outcome.delivered(f"HTTP {status}" + (f" {_printable(loc, 200)}" if loc else ""))
 
     def probe(self, timeout_s: float) -> str | None:
-        from urllib.parse import urlsplit
-
         u = urlsplit(self.url)
         port = u.port or (443 if u.scheme == "https" else 80)
         try:
@@ -266,17 +293,6 @@ class FhirTransport:
                 return None
         except OSError as e:
             return "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """urllib turns a POST answered 301/302/303 into a GET of the new address; that GET's 200
-    would count as a delivery. A redirect is reported instead (fix fhir_url)."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 #: A transaction-response of this station's Bundle is a few kB even with every resource in it.
