@@ -200,12 +200,18 @@ def test_target_extend_and_validation(session: SlideSession) -> None:
             session.set_target(bad)
 
 
-def test_confirming_a_cell_of_a_discarded_field_says_why_not(session: SlideSession) -> None:
+def test_a_cell_of_a_discarded_field_is_not_confirmed_or_reviewed(session: SlideSession) -> None:
     rec = _add(session, _distinct_fields(1)[0], ["lymphocyte"])
     (cid,) = [c for c in session.cells if c.startswith(rec["id"])]
     session.discard_field(rec["id"], "unusable")
     with pytest.raises(SessionError, match="discarded field: take the field back first"):
         session.confirm([cid])
+    # nor reclassified, rejected or restored: it would count, unseen, when the field comes back
+    for label in ("neutrophil", None):
+        with pytest.raises(SessionError, match="discarded field: take the field back first"):
+            session.review(cid, label)
+    session.discard_field(rec["id"], None)
+    assert session.review(cid, "neutrophil")["reviewed_label"] == "neutrophil"
 
 
 def test_small_wording_and_pasted_text(session: SlideSession) -> None:

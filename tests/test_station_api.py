@@ -306,6 +306,34 @@ def test_a_field_analysed_after_a_new_slide_is_not_counted_on_it(tmp_path: Path)
         rs.close()
 
 
+def test_a_stale_page_cannot_act_on_the_next_patients_slide(st: RunningStation) -> None:
+    """A dialog opened for slide P-ONE, saved after another client finalised it and started
+    P-TWO: the sample ID, sign-off, target and finalise landed on P-TWO (adversarial pass)."""
+    one = jreq(st.url + "/api/slide/new", "POST", {"sample_id": "P-ONE", "target": 500})[1]
+    capture(st, 1)
+    jreq(st.url + "/api/slide/new", "POST", {"sample_id": "P-TWO", "abandon": True})
+    two = jreq(st.url + "/api/state")[1]
+    stale = one["slide_id"]
+    for path, body in (("/api/slide/sample", {"sample_id": "P-ONE-corrected"}),
+                       ("/api/slide/notes", {"signed_off_by": "Dr A", "comment": "slide one"}),
+                       ("/api/slide/target", {"target": 1}),
+                       ("/api/slide/finalise", {}),
+                       ("/api/slide/new", {"sample_id": "P-THREE", "abandon": True})):
+        status, answer = jreq(st.url + path, "POST", {**body, "slide_id": stale})
+        assert status == 409 and "the slide has changed" in answer["error"], (path, answer)
+    now = jreq(st.url + "/api/state")[1]
+    assert now["slide_id"] == two["slide_id"] and now["sample_id"] == "P-TWO"
+    assert now["target"] == two["target"] and not now["finalised"]
+    assert now["notes"] == {"operator": "", "signed_off_by": "", "comment": ""}
+    # the slide it names, or none (MQTT, scripts: "whatever is open"), is acted on as before
+    ok = jreq(st.url + "/api/slide/sample", "POST", {"sample_id": "P-2", "slide_id":
+                                                     two["slide_id"]})
+    assert ok[0] == 200 and ok[1]["sample_id"] == "P-2"
+    assert jreq(st.url + "/api/slide/target", "POST", {"target": 7})[1]["target"] == 7
+    assert jreq(st.url + "/api/slide/sample", "POST", {"sample_id": "P-3", "slide_id": 5}
+                )[0] == 400
+
+
 def test_finalise_waits_for_the_fields_still_being_analysed(tmp_path: Path) -> None:
     # A capture answered 202 and then refused because the slide was finalised meanwhile: a
     # field the technician was promised, lost.

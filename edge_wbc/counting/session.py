@@ -232,15 +232,17 @@ class SlideSession:
 
     def new_slide(
         self, sample_id: str | None = "", target: int | None = None, abandon: bool = False,
-        operator: str | None = None,
+        operator: str | None = None, slide_id: str | None = None,
     ) -> None:
         """Start counting a new slide. An open slide with cells is only closed when ``abandon``
         is set (it stays in the database, marked abandoned, never silently discarded).
-        ``operator``: who counts it (for the signed report)."""
+        ``operator``: who counts it (for the signed report). ``slide_id``: the slide the caller
+        saw (see ``_require_slide``): the one it means to abandon."""
         target = self.default_target if target is None else _check_target(target)
         sample_id = _check_sample_id(sample_id)
         operator = _check_note("operator", operator)
         with self._lock:
+            self._require_slide(slide_id)
             events: list[Event] = []
             if self.slide.get("status") == "open":
                 if self.cells and not abandon:
@@ -262,11 +264,12 @@ class SlideSession:
                 events.append(self._set_notes({"operator": operator}))
             self._emit(events)
 
-    def set_sample_id(self, sample_id: str | None) -> None:
+    def set_sample_id(self, sample_id: str | None, slide_id: str | None = None) -> None:
         sample_id = _check_sample_id(sample_id)
         if not sample_id:
             raise BadValue("the sample id cannot be empty")
         with self._lock:
+            self._require_slide(slide_id)
             self._require_open()
             at = now_iso()
             payload = {"action": "sample", **self._slide_payload(self.slide), "at": at}
@@ -276,10 +279,11 @@ class SlideSession:
             self.slide["sample_id"] = sample_id
             self._emit([ev])
 
-    def set_target(self, target: int) -> None:
+    def set_target(self, target: int, slide_id: str | None = None) -> None:
         """Change (usually extend) the target of the open slide, e.g. 100 -> 200."""
         target = _check_target(target)
         with self._lock:
+            self._require_slide(slide_id)
             self._require_open()
             at = now_iso()
             payload = {"action": "target", **self._slide_payload(self.slide), "at": at,
@@ -289,9 +293,10 @@ class SlideSession:
             self.slide["target"] = target
             self._emit([ev])
 
-    def finalise(self) -> dict[str, Any]:
+    def finalise(self, slide_id: str | None = None) -> dict[str, Any]:
         """Close the slide and write its report. Refused while a blocker remains."""
         with self._lock:
+            self._require_slide(slide_id)
             self._require_open()
             blockers = self.finalise_blockers()
             if blockers:
@@ -369,7 +374,7 @@ class SlideSession:
 
     # ------------------------------------------------------------------ notes
 
-    def set_notes(self, **notes: str | None) -> dict[str, str]:
+    def set_notes(self, slide_id: str | None = None, **notes: str | None) -> dict[str, str]:
         """Operator (who counted), signed_off_by and the slide's comment; None leaves one as it
         is, '' clears it. Returns the slide's notes."""
         unknown = set(notes) - {"operator", "signed_off_by", "comment"}
@@ -378,6 +383,7 @@ class SlideSession:
                                "signed_off_by, comment)")
         given = {k: _check_note(k, v) for k, v in notes.items() if v is not None}
         with self._lock:
+            self._require_slide(slide_id)
             self._require_open()
             if given:
                 self._emit([self._set_notes(given)])
@@ -628,6 +634,11 @@ class SlideSession:
             cell = self.cells.get(cell_id)
             if cell is None:
                 raise UnknownItem(f"no cell {cell_id!r} on the open slide")
+            if cell.get("discarded"):
+                # As confirm says: a decision on a cell set aside with its field would count
+                # the moment the field is taken back, unseen.
+                raise SessionError(f"cell {cell_id} is in a discarded field: take the field "
+                                   "back first")
             if label is None:
                 action, reason = "restored", None
             elif label == REJECTED:
@@ -866,6 +877,20 @@ class SlideSession:
         }
 
     # ------------------------------------------------------------------ helpers
+
+    def _require_slide(self, slide_id: str | None) -> None:
+        """A page's dialog names the slide it was opened for: another client may have finalised
+        that slide and started the next patient's meanwhile, and a sample ID, a sign-off or a
+        finalise meant for one patient must never land on another's. None: the open slide
+        (MQTT commands and scripts that act on "whatever is open")."""
+        if slide_id is None or slide_id == self.slide["id"]:
+            return
+        if not isinstance(slide_id, str):
+            raise BadValue(f"slide_id must be text, got {type(slide_id).__name__}")
+        raise SessionError(
+            f"the slide has changed: this was meant for slide {_shown(slide_id)}, the station "
+            f"is now on {self.slide['sample_id']} ({self.slide.get('status')}); nothing was "
+            "changed, look again")
 
     def _require_open(self) -> None:
         if self.slide.get("status") != "open":

@@ -24,28 +24,34 @@ class Actions:
         """Take the frame under the objective now and queue it for analysis."""
         return self.station.capture(trigger)
 
+    # slide_id: the slide the caller saw (the page's dialogs send it; None: the open one).
+
     def new_slide(self, sample_id: str | None = None, target: int | None = None,
-                  abandon: bool = False, operator: str | None = None) -> dict[str, Any]:
+                  abandon: bool = False, operator: str | None = None,
+                  slide_id: str | None = None) -> dict[str, Any]:
         # Passed as given: the session's rule refuses 0, [] or false rather than reading them
         # as "no sample id" (None is none).
-        self.session.new_slide(sample_id, target, abandon=abandon, operator=operator)
+        self.session.new_slide(sample_id, target, abandon=abandon, operator=operator,
+                               slide_id=slide_id)
         return self.session.state()
 
     def set_notes(self, operator: str | None = None, signed_off_by: str | None = None,
-                  comment: str | None = None) -> dict[str, Any]:
-        self.session.set_notes(operator=operator, signed_off_by=signed_off_by, comment=comment)
+                  comment: str | None = None, slide_id: str | None = None) -> dict[str, Any]:
+        self.session.set_notes(slide_id, operator=operator, signed_off_by=signed_off_by,
+                               comment=comment)
         return self.session.state()
 
-    def set_sample_id(self, sample_id: str | None) -> dict[str, Any]:
-        self.session.set_sample_id(sample_id)
+    def set_sample_id(self, sample_id: str | None, slide_id: str | None = None
+                      ) -> dict[str, Any]:
+        self.session.set_sample_id(sample_id, slide_id)
         return self.session.state()
 
-    def set_target(self, target: Any) -> dict[str, Any]:
-        self.session.set_target(target)
+    def set_target(self, target: Any, slide_id: str | None = None) -> dict[str, Any]:
+        self.session.set_target(target, slide_id)
         return self.session.state()
 
-    def finalise(self) -> dict[str, Any]:
-        return self.station.finalise()
+    def finalise(self, slide_id: str | None = None) -> dict[str, Any]:
+        return self.station.finalise(slide_id)
 
     def review(self, cell_id: str, label: str | None, reason: str | None = None
                ) -> dict[str, Any]:

@@ -129,10 +129,12 @@ class Station:
                         "the next start lists them", left, timeout)
         self.source.close()
 
-    def finalise(self) -> dict[str, Any]:
+    def finalise(self, slide_id: str | None = None) -> dict[str, Any]:
         """Finalise the open slide once every field captured for it is counted: a capture
         accepted (202) and still analysing would otherwise be refused after the report."""
         with self._lock:
+            if slide_id is not None and slide_id != self.session.slide["id"]:
+                return self.session.finalise(slide_id)  # refused, saying the slide changed
             n = self._pending.get(self.session.slide["id"], 0)
             if n:
                 raise SessionError(

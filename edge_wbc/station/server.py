@@ -33,6 +33,9 @@ slide's state refuses now (finalised, target reached, unidentified cells left) 4
     POST /api/slide/notes           {"operator", "signed_off_by", "comment"} (absent: unchanged)
     POST /api/slide/sample          {"sample_id"};  POST /api/slide/target {"target"}
     POST /api/slide/finalise        -> final state; 409 with the reasons when blocked
+                                    (each /api/slide/ POST takes an optional "slide_id": the
+                                    slide the caller saw; 409 "the slide has changed" when it
+                                    is no longer the open one. The page always sends it.)
     GET  /api/slide/report.html|report.json|report.csv|cells.csv[?slide=<id>][&download=1]
     GET  /api/slide/report.hl7|report.fhir.json[?slide=<id>]   the finalised report as the LIS
                                     gets it (HL7 v2.5.1 ORU^R01, FHIR R4 Bundle; docs/lis.md)
@@ -684,18 +687,19 @@ class Handler(BaseHTTPRequestHandler):
                 # "no" or "false" must not close a slide with counted cells.
                 raise _ApiError(400, f"abandon must be true or false, got {abandon!r}")
             self._json(200, act.new_slide(body.get("sample_id"), body.get("target"),
-                                          abandon=abandon, operator=body.get("operator")))
+                                          abandon=abandon, operator=body.get("operator"),
+                                          slide_id=body.get("slide_id")))
         elif path == "/api/slide/notes":
             self._json(200, act.set_notes(body.get("operator"), body.get("signed_off_by"),
-                                          body.get("comment")))
+                                          body.get("comment"), slide_id=body.get("slide_id")))
         elif path == "/api/slide/sample":
-            self._json(200, act.set_sample_id(body.get("sample_id")))
+            self._json(200, act.set_sample_id(body.get("sample_id"), body.get("slide_id")))
         elif path == "/api/slide/target":
             if "target" not in body:
                 raise _ApiError(400, "give 'target' (number of cells)")
-            self._json(200, act.set_target(body["target"]))
+            self._json(200, act.set_target(body["target"], body.get("slide_id")))
         elif path == "/api/slide/finalise":
-            self._json(200, act.finalise())
+            self._json(200, act.finalise(body.get("slide_id")))
         elif path == "/api/errors/clear":
             self._json(200, act.clear_error())
         elif path in ("/api/adaptation/fit", "/api/adaptation/activate"):

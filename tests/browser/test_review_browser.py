@@ -325,6 +325,31 @@ def test_a_held_key_is_one_press(station: _Page) -> None:
     assert sum(1 for c in rs.session.cells.values() if c["status"] == "manual") == 1
 
 
+def test_a_dialog_left_open_never_acts_on_the_next_patients_slide(station: _Page) -> None:
+    """The sample-ID dialog and the Slide… dialog were opened for P-ONE; another client started
+    P-TWO: Save renamed P-TWO, the sign-off landed on it (adversarial pass). Now refused, said."""
+    pg, rs = station.pg, station.rs
+    rs.session.set_sample_id("P-ONE")
+    pg.wait_for_function("() => document.getElementById('sample').textContent.includes('P-ONE')")
+    pg.click("#sample")
+    pg.fill("#sample-input", "P-ONE-corrected")
+    rs.session.new_slide("P-TWO")
+    pg.click("#sample-save")
+    pg.wait_for_function("() => document.getElementById('sample-err').textContent"
+                         ".includes('the slide has changed')")
+    assert rs.session.state()["sample_id"] == "P-TWO"
+    pg.keyboard.press("Escape")
+    pg.click("#tab-slide")
+    rs.session.new_slide("P-THREE")
+    pg.fill("#notes-signer", "Dr A signs P-TWO")
+    pg.keyboard.press("Tab")  # leaving a field saves it
+    pg.wait_for_function("() => document.getElementById('dlg-err').textContent"
+                         ".includes('the slide has changed')")
+    assert rs.session.state()["notes"]["signed_off_by"] == ""
+    # the refusals are the point here: their 409s in the console are expected
+    station.errors[:] = [e for e in station.errors if "409" not in e]
+
+
 def test_sign_off_past_slides_and_report(station: _Page) -> None:
     pg, rs = station.pg, station.rs
     rs.session.require_sample_id = True  # as the default config has it

@@ -33,6 +33,8 @@ const ui = {
   view: "count", lastFieldId: null, targetWasComplete: null, connected: false,
   /* Cells this page added by key, newest last: U on the count view takes the last one back. */
   added: [],
+  /* The slide the Slide… dialog and the sample-ID dialog were opened for. */
+  dialogSlide: null, sampleSlide: null,
 };
 
 /* ------------------------------------------------------------------ API */
@@ -932,9 +934,14 @@ async function capture() {
   }
 }
 
+// Actions on "the slide" name the one the technician was looking at: another tab or central
+// monitoring may have finalised it and started the next patient's meanwhile, and a sample ID,
+// sign-off, target or finalise must not land there (the server answers 409 instead).
+const shownSlide = () => ($("dlg-slide").open ? ui.dialogSlide : ui.state && ui.state.slide_id);
+
 async function setTarget(t) {
   try {
-    await api("/api/slide/target", { target: Number(t) });
+    await api("/api/slide/target", { target: Number(t), slide_id: shownSlide() });
     toast(`Target set to ${t} cells`);
     return true;
   } catch (e) {
@@ -947,21 +954,23 @@ async function setTarget(t) {
 /* Who counted, who signs off and the slide's comment, as typed in the slide dialog. */
 async function saveNotes() {
   const s = ui.state;
-  if (!s || s.finalised) return;
+  if (!s) return;
   const n = { operator: $("notes-operator").value, signed_off_by: $("notes-signer").value,
     comment: $("notes-comment").value };
-  const cur = s.notes || {};
+  const cur = s.slide_id === ui.dialogSlide ? s.notes || {} : {};
   if (n.operator === (cur.operator || "") && n.signed_off_by === (cur.signed_off_by || "") &&
       n.comment === (cur.comment || "")) return;
-  ui.state.notes = n;  // the differential event that follows says the same
-  await api("/api/slide/notes", n);
+  // Refused (and said in the dialog) when the slide was finalised or changed meanwhile: a
+  // sign-off is never dropped without a word.
+  await api("/api/slide/notes", { ...n, slide_id: ui.dialogSlide });
+  if (ui.state.slide_id === ui.dialogSlide) ui.state.notes = n;  // as the next event will say
   window.__notesSaved = (window.__notesSaved || 0) + 1;
 }
 
 async function finalise() {
   try {
     if ($("dlg-slide").open) await saveNotes();
-    await api("/api/slide/finalise", {});
+    await api("/api/slide/finalise", { slide_id: shownSlide() });
     toast("Slide finalised: report written");
     if ($("dlg-slide").open) $("dlg-slide").close();
     setView("count");
@@ -975,6 +984,7 @@ function openSlideDialog(focusNew = false) {
   const s = ui.state;
   if (!s) return;
   $("dlg-err").textContent = "";
+  ui.dialogSlide = s.slide_id;
   $("dlg-cur").innerHTML = `Current slide <b></b> · ${s.counted}/${s.target} cells · ${s.slide.status}`;
   $("dlg-cur").querySelector("b").textContent = s.sample_id;
   $("btn-finalise").disabled = !s.can_finalise;
@@ -1012,7 +1022,8 @@ async function newSlide() {
   const target = sel === "custom" ? Number($("target-custom").value) : Number(sel);
   try {
     await api("/api/slide/new", { sample_id: $("new-sample").value.trim(), target,
-      abandon: $("new-abandon").checked, operator: $("new-operator").value.trim() });
+      abandon: $("new-abandon").checked, operator: $("new-operator").value.trim(),
+      slide_id: ui.dialogSlide });
     $("dlg-slide").close();
     toast("New slide started");
     setView("count");
@@ -1341,13 +1352,15 @@ $("sample").onclick = () => {
   if (!ui.state || ui.state.slide.status !== "open") { openSlideDialog(true); return; }
   $("sample-input").value = ui.state.sample_id.startsWith("unnamed-") ? "" : ui.state.sample_id;
   $("sample-err").textContent = "";
+  ui.sampleSlide = ui.state.slide_id;
   $("dlg-sample").showModal();
   $("sample-input").focus();
 };
 $("sample-save").onclick = async (e) => {
   e.preventDefault();
   try {
-    await api("/api/slide/sample", { sample_id: $("sample-input").value });
+    await api("/api/slide/sample", { sample_id: $("sample-input").value,
+      slide_id: ui.sampleSlide });
     $("dlg-sample").close();
   } catch (err) {
     $("sample-err").textContent = err.message;
