@@ -278,6 +278,39 @@ def build_manifest(
     return write_manifest(models_dir, raw)
 
 
+def source_file(tflite: Path) -> Path:
+    """The sidecar naming the float weights an int8 file was quantized from."""
+    return tflite.with_name(tflite.name + ".source.json")
+
+
+def quantized(
+    run: Path, f: Path, data_root: Path, *, requantize: bool = False, samples: int = 200
+) -> None:
+    """``f`` holds the int8 version of ``run``'s best.keras: an existing file is reused only
+    when its sidecar records the sha256 of these very float weights (a file left by another
+    run, or by a release that failed half-way, would pair old int8 weights with new float
+    ones in the manifest); otherwise the run is quantized again."""
+    from edge_wbc_convert.quantize import quantize_run
+
+    sha = sha256_file(run / "best.keras")
+    side = source_file(f)
+    if not requantize and f.exists() and side.exists():
+        try:
+            same = json.loads(side.read_text()).get("float_sha256") == sha
+        except (ValueError, AttributeError):
+            same = False
+        if same:
+            log.info("%s: reused (quantized from the same best.keras %s…)", f.name, sha[:12])
+            return
+    if f.exists() and not requantize:
+        log.info("%s: not from %s/best.keras; quantized again", f.name, run)
+    # The sidecar goes first and comes back last: a quantization that dies half-way leaves
+    # no record that would let the next release reuse a partial file.
+    side.unlink(missing_ok=True)
+    quantize_run(run, f, data_root, samples=samples, seed=123)
+    side.write_text(json.dumps({"float_sha256": sha, "run": str(run)}) + "\n")
+
+
 def make_release(
     seg_runs: dict[str, Path],
     cls: Path | None,
@@ -294,7 +327,6 @@ def make_release(
     from edge_wbc_convert.card import write_card
     from edge_wbc_convert.edgetpu import compile_model
     from edge_wbc_convert.gate import check
-    from edge_wbc_convert.quantize import quantize_run
 
     out.mkdir(parents=True, exist_ok=True)
     members: dict[str, tuple[Path, Path | None]] = {}
@@ -303,8 +335,7 @@ def make_release(
     tpu: dict[str, Any] = {}
     for name, run in seg_runs.items():
         f = out / f"seg_{name}.tflite"
-        if requantize or not f.exists():
-            quantize_run(run, f, data_root, samples=rep_samples, seed=123)
+        quantized(run, f, data_root, requantize=requantize, samples=rep_samples)
         cfg = json.loads((run / "config.json").read_text())
         members[name] = (f, run / "best.keras")
         seg_info[name] = {"file": f.name, "encoder": cfg["arch"], "run": str(run)}
@@ -315,8 +346,7 @@ def make_release(
 
         cfg = json.loads((cls / "config.json").read_text())
         f = out / "classifier.tflite"
-        if requantize or not f.exists():
-            quantize_run(cls, f, data_root, samples=rep_samples, seed=123)
+        quantized(cls, f, data_root, requantize=requantize, samples=rep_samples)
         size = int(cfg["input_hw"][0])
         classes, cls_eval, train_cells = evaluate_run(cls, f, out, size, cls_views)
         (out / "cls_eval.json").write_text(json.dumps(cls_eval, indent=2))
@@ -441,12 +471,27 @@ def release_classifier(
     idx = [i for i, m in enumerate(raw["models"]) if m.get("task") == "classification"]
     if len(idx) != 1:
         raise ReleaseError(f"{models_dir}/manifest.json: expected one classifier, found {len(idx)}")
+    # Everything the swap needs is read before it: a folder without a readable seg_eval.json
+    # (the card's segmentation section) is refused here, not after the manifest has moved.
+    seg_path = models_dir / "seg_eval.json"
+    try:
+        seg_eval = json.loads(seg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ReleaseError(
+            f"{seg_path}: not readable ({e}); release-classifier needs the folder's "
+            "segmentation evaluation — run `release` for the whole folder instead"
+        ) from e
+    if not isinstance(seg_eval, dict):
+        raise ReleaseError(f"{seg_path}: not a JSON object")
     cfg = json.loads((cls / "config.json").read_text())
     size = int(cfg["input_hw"][0])
     with tempfile.TemporaryDirectory(dir=models_dir, prefix=".release-") as tmpd:
         tmp = Path(tmpd)
         f = tmp / "classifier.tflite"
         quantize_run(cls, f, data_root, samples=rep_samples, seed=123)
+        source_file(f).write_text(
+            json.dumps({"float_sha256": sha256_file(cls / "best.keras"), "run": str(cls)}) + "\n"
+        )
         gate = check(f)
         if not gate.ok:
             raise ReleaseError(f"op gate FAILED for {f.name}: {gate.problems}")
@@ -497,7 +542,6 @@ def release_classifier(
             if p.is_file():
                 p.replace(models_dir / p.name)
         path = write_manifest(models_dir, raw)
-    seg_eval = json.loads((models_dir / "seg_eval.json").read_text())
     seg_eval.setdefault("gate", {})["classifier.tflite"] = {
         "ok": gate.ok,
         "problems": gate.problems,
