@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+#: Set to see the traceback of an error the console entry reports in one line.
+DEBUG_ENV = "EDGE_WBC_CONVERT_DEBUG"
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """What a missing, unreadable or malformed input raises below the commands (a .tflite that
+    is no flatbuffer: struct.error; a manifest cut short: ManifestError; Keras on a bad file:
+    ValueError). Imported here, after TF_CPP_MIN_LOG_LEVEL is set."""
+    from edge_wbc.pipeline.inference import ModelLoadError, RuntimeMissing
+    from edge_wbc.pipeline.manifest import ManifestError
+
+    return (OSError, struct.error, ValueError, ManifestError, ModelLoadError, RuntimeMissing)
 
 
 @app.callback()
@@ -522,6 +536,10 @@ def edgetpu(
     """Compile for the Coral Edge TPU when edgetpu_compiler is on PATH; record the mapping."""
     from edge_wbc_convert.edgetpu import compile_model
 
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        typer.echo(f"edgetpu: no such file: {', '.join(missing)}", err=True)
+        raise typer.Exit(2)
     for f in files:
         r = compile_model(f, out_dir or f.parent)
         typer.echo(f"{f.name}: {r['message']}")
@@ -722,7 +740,18 @@ def _new_finetune_run(
         analyzer = FieldAnalyzer(models, threads=threads, postprocess=params)
     except (ModelLoadError, RuntimeMissing) as e:
         raise _fail(str(e)) from None
-    labs = ft.box_labs(cells, analyzer, rule, seed)
+    # Two labs of one name (two sites each exporting to "export") are refused before minutes
+    # of analysis, as one line.
+    names: dict[str, Path] = {}
+    for d in cells:
+        src = ft.lab_source(d)
+        if src in names:
+            raise _fail(f"{d} and {names[src]}: two labs named {src}; rename one folder")
+        names[src] = d
+    try:
+        labs = ft.box_labs(cells, analyzer, rule, seed)
+    except ft.FinetuneError as e:
+        raise _fail(str(e)) from None
     for lab in labs:
         for s in lab.skipped:
             typer.echo(f"skipped {s}", err=True)
@@ -950,6 +979,18 @@ def main() -> None:
             code = 1
         else:
             code = int(e.code or 0)
+    except Exception as e:
+        if not isinstance(e, _input_errors()):
+            raise
+        # A file that is missing, unreadable or not what it should be (a .tflite that is not
+        # one, a manifest cut short): one line and exit 2, as the commands' own checks say it;
+        # 1 stays "a check failed" (gate, verify). The traceback on request, for a bug.
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        detail = str(e) or type(e).__name__
+        print(f"error: {detail}" + ("" if os.environ.get(DEBUG_ENV) else
+                                    f"  ({DEBUG_ENV}=1 shows the traceback)"), file=sys.stderr)
+        code = 2
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

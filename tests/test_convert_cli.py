@@ -137,3 +137,11 @@ def test_the_console_entry_keeps_exit_status_and_output(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "anchors: " in bad.stderr and "manifest.json" in bad.stderr
     usage = run("anchors", "--cells", "3")
     assert usage.returncode == 2 and "--cells" in usage.stderr
+    # A file that is not what it should be is one line and exit 2 (1 is "a check failed"):
+    # a .tflite that is no flatbuffer gave a struct.error traceback, exit 1.
+    (tmp_path / "bad.tflite").write_bytes(b"not a model")
+    junk = run("gate", str(tmp_path / "bad.tflite"))
+    assert junk.returncode == 2 and "Traceback" not in junk.stderr, junk.stderr
+    assert junk.stderr.startswith("error: ") and "EDGE_WBC_CONVERT_DEBUG=1" in junk.stderr
+    missing = run("edgetpu", str(tmp_path / "nowhere.tflite"))
+    assert missing.returncode == 2 and "no such file" in missing.stderr

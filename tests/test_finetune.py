@@ -218,3 +218,18 @@ def test_an_existing_out_is_resumed_only_when_it_is_the_same_fine_tune(tmp_path:
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and f"is a fine-tune of ['{tmp_path / 'x'}']" in r.stderr
     assert sorted(p.name for p in run.iterdir()) == ["finetune.json", "notes.txt"]
+
+
+def test_two_labs_of_one_name_are_refused_as_one_line_before_any_analysis(
+        tmp_path: Path) -> None:
+    # Two sites that both export to a folder called "export": a FinetuneError traceback after
+    # the first lab's analysis.
+    from edge_wbc_convert.cli import app
+
+    a = _lab(tmp_path / "siteA" / "export", {"neutrophil": 5, "lymphocyte": 5})
+    b = _lab(tmp_path / "siteB" / "export", {"neutrophil": 5, "lymphocyte": 5})
+    r = CliRunner().invoke(app, ["finetune", "--cells", str(a), "--cells", str(b), "--out",
+                                 str(tmp_path / "run"), "--models", str(MODELS)])
+    assert r.exit_code == 2 and "two labs named lab-export; rename one folder" in r.stderr
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert not (tmp_path / "run").exists()
