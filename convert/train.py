@@ -5,9 +5,12 @@ TensorFlow is imported inside the functions so ``convert --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -37,6 +40,102 @@ class TrainConfig:
     weights: str | None = None
     alpha: float | None = None  # classifier width (MobileNetV2 alpha)
     fine: bool = False  # classifier: the ten outputs of taxonomy.MODEL_CLASSES
+    segmenter: str | None = None  # classifier: the segmenter its cells were boxed through
+    segmenter_sha256: str | None = None
+
+
+class RunDirError(ValueError):
+    """A run folder that cannot be (re)used as asked: nothing in it was changed."""
+
+
+#: What a resumed run may change: how long and in what order it trains, not what it trains
+#: (last.keras, its optimizer and the run's cells are the stored settings').
+RESUMABLE = frozenset({"steps", "threads", "eval_every", "batch", "seed"})
+
+#: The run folder's lock file (fcntl.flock): one training per folder at a time.
+LOCK_NAME = "train.lock"
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    if old is None and key in ("segmenter", "segmenter_sha256"):
+        return True  # a run from before these were recorded: nothing to compare
+    if key in ("data_root", "segmenter") and old is not None and new is not None:
+        return Path(old).resolve() == Path(new).resolve()
+    # JSON turns tuples into lists: compare as stored.
+    return bool(json.loads(json.dumps(old)) == json.loads(json.dumps(new)))
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    """Refuse to continue a run folder with settings that differ from its config.json in what
+    the stored weights, optimizer or cells depend on (an encoder, a size, another segmenter…):
+    checked before anything is written, so the folder stays as it was."""
+    path = Path(cfg.run_dir) / "config.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError as e:
+        raise RunDirError(f"{path}: not readable ({e}); use another --run-dir") from e
+    if not isinstance(old, dict):
+        raise RunDirError(f"{path}: not a run's config; use another --run-dir")
+    new = asdict(cfg)
+    diff = [
+        f"{k} {old.get(k)!r} -> {v!r}"
+        for k, v in new.items()
+        # A key the stored config lacks (a run from before it was recorded): not compared.
+        if k in old and k not in RESUMABLE and k != "run_dir" and not _same(k, old[k], v)
+    ]
+    if diff:
+        raise RunDirError(
+            f"{cfg.run_dir} holds a run with other settings ({'; '.join(diff)}): resuming it so "
+            "would mix them — repeat its settings, or use another --run-dir"
+        )
+
+
+@contextlib.contextmanager
+def run_lock(run: Path) -> Iterator[None]:
+    """Hold the run folder for this process: a second training on the same folder would
+    interleave metrics.csv and overwrite the first one's checkpoints."""
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise RunDirError(
+                f"{run} is in use by another training (pid {other}): wait for it to finish, "
+                "or use another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_atomic(model: Any, path: Path) -> None:
+    """``model.save(path)`` through a temporary file in the same folder, renamed over
+    ``path`` when complete: a full disk leaves the previous file whole (saving in place
+    truncated the last good best.keras). The name is per process (Keras wants .keras)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+    try:
+        model.save(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def set_threads(n: int) -> None:
@@ -132,8 +231,9 @@ def train(
     set_threads(cfg.threads)
     keras.utils.set_random_seed(cfg.seed)
     run = Path(cfg.run_dir)
+    check_resume(cfg)  # before config.json is rewritten with the new settings
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    _write_atomic(run / "config.json", json.dumps(asdict(cfg), indent=2))
     last = run / "last.keras"
     state_path = run / "state.json"
     model1 = build()  # batch 1: what ships
@@ -192,14 +292,13 @@ def train(
             losses = []
             if metrics[score_key] >= state["best"]:
                 state["best"] = metrics[score_key]
-                model1.save(run / "best.keras")
-            trainer.save(run / "last.keras.tmp.keras")
-            (run / "last.keras.tmp.keras").replace(last)
-            state_path.write_text(json.dumps(state))
+                save_atomic(model1, run / "best.keras")
+            save_atomic(trainer, last)
+            _write_atomic(state_path, json.dumps(state))
     if bar:
         bar.close()
     model1.set_weights(trainer.get_weights())
-    model1.save(run / "final.keras")
+    save_atomic(model1, run / "final.keras")
     return run / "best.keras"
 
 
@@ -256,15 +355,31 @@ def train_segmenter(
     source_weights: dict[str, float] | None = None,
     mono_p: float = 0.08,
 ) -> Path:
-    """Train one U-Net segmenter (resumes from RUN_DIR/last.keras when present); returns the
-    best model's path."""
-    from edge_wbc_convert.architectures import build_unet
-    from edge_wbc_convert.data import SegSampler, load_items, seg_eval_pairs
-
+    """Train one U-Net segmenter (resumes from RUN_DIR/last.keras when present, with the same
+    settings); returns the best model's path."""
     cfg = TrainConfig(
         "segmentation", encoder, str(run_dir), str(data_root), steps, batch, lr, seed,
         eval_every, hw, threads, weights,
     )  # fmt: skip
+    check_resume(cfg)
+    with run_lock(run_dir):
+        return _train_segmenter(cfg, data_root, sources, init, native_p, source_weights, mono_p)
+
+
+def _train_segmenter(
+    cfg: TrainConfig,
+    data_root: Path,
+    sources: tuple[str, ...],
+    init: Path | None,
+    native_p: float,
+    source_weights: dict[str, float] | None,
+    mono_p: float,
+) -> Path:
+    from edge_wbc_convert.architectures import build_unet
+    from edge_wbc_convert.data import SegSampler, load_items, seg_eval_pairs
+
+    run_dir, hw, seed, batch = Path(cfg.run_dir), cfg.input_hw, cfg.seed, cfg.batch
+    encoder, weights = cfg.arch, cfg.weights
     items = load_items(data_root, sources)
     sampler = SegSampler(
         [i for i in items if i.split == "train"],
@@ -380,55 +495,67 @@ def train_classifier(
     from edge_wbc_convert.architectures import build_classifier
     from edge_wbc_convert.cells import LABELS6, CropSampler, prepare_cells, run_cells
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cells = (
-        run_cells(run_dir)
-        if (run_dir / "cells.json").exists()
-        else prepare_cells(run_dir, data_root, segmenter)
-    )
-    classes: tuple[str, ...] = LABELS6
-    allowed: dict[str, tuple[str, ...]] | None = None
-    draw: dict[str, float] | None = None
-    loss: Any = keras.losses.CategoricalCrossentropy(label_smoothing=0.05)
-    if fine:
-        from edge_wbc_convert import fine as fine_mod
+    from edge_wbc.pipeline.manifest import sha256_file
 
-        cells = fine_mod.fine_cells(cells)
-        classes, allowed, draw, loss = (
-            fine_mod.FINE,
-            fine_mod.ALLOWED,
-            fine_mod.FINE_DRAW,
-            partial_ce,
-        )
+    # The segmenter decides the run's cells (boxed on its first call): recorded, so a resume
+    # through another one is refused rather than silently training on the old cells.
+    seg_sha = sha256_file(segmenter) if segmenter.is_file() else None
     cfg = TrainConfig(
         "classification", arch, str(run_dir), str(data_root), steps, batch, lr, seed,
         eval_every, (size, size), threads, weights, alpha, fine,
+        str(segmenter.resolve()), seg_sha,
     )  # fmt: skip
-    sampler = CropSampler(
-        [c for c in cells if c.split == "train"],
-        size,
-        seed,
-        source_weights=source_weights,
-        classes=classes,
-        allowed=allowed,
-        class_weights=draw,
-    )
-    evaluate = cls_evaluator(
-        [c for c in cells if c.split == "val"], size, classes=classes, allowed=allowed
-    )
+    if seg_sha is None and (run_dir / "config.json").exists():
+        # Resuming with its cells made already: a missing segmenter file is not a difference.
+        old = json.loads((run_dir / "config.json").read_text())
+        if isinstance(old, dict):
+            cfg.segmenter_sha256 = old.get("segmenter_sha256")
+    check_resume(cfg)
+    with run_lock(run_dir):
+        cells = (
+            run_cells(run_dir)
+            if (run_dir / "cells.json").exists()
+            else prepare_cells(run_dir, data_root, segmenter)
+        )
+        classes: tuple[str, ...] = LABELS6
+        allowed: dict[str, tuple[str, ...]] | None = None
+        draw: dict[str, float] | None = None
+        loss: Any = keras.losses.CategoricalCrossentropy(label_smoothing=0.05)
+        if fine:
+            from edge_wbc_convert import fine as fine_mod
 
-    def build() -> Any:
-        model = build_classifier(arch, size, len(classes), weights, alpha)
-        if init_int8 is not None:
-            _init_from_int8(model, init_int8, arch, size, alpha, head_init)
-        model = init_from(model, init)
-        if freeze_bn:
-            for lyr in model.layers:
-                if isinstance(lyr, keras.layers.BatchNormalization):
-                    lyr.trainable = False
-        return model
+            cells = fine_mod.fine_cells(cells)
+            classes, allowed, draw, loss = (
+                fine_mod.FINE,
+                fine_mod.ALLOWED,
+                fine_mod.FINE_DRAW,
+                partial_ce,
+            )
+        sampler = CropSampler(
+            [c for c in cells if c.split == "train"],
+            size,
+            seed,
+            source_weights=source_weights,
+            classes=classes,
+            allowed=allowed,
+            class_weights=draw,
+        )
+        evaluate = cls_evaluator(
+            [c for c in cells if c.split == "val"], size, classes=classes, allowed=allowed
+        )
 
-    return train(cfg, lambda: sampler.batch(batch), evaluate, build, loss, "acc_mean")
+        def build() -> Any:
+            model = build_classifier(arch, size, len(classes), weights, alpha)
+            if init_int8 is not None:
+                _init_from_int8(model, init_int8, arch, size, alpha, head_init)
+            model = init_from(model, init)
+            if freeze_bn:
+                for lyr in model.layers:
+                    if isinstance(lyr, keras.layers.BatchNormalization):
+                        lyr.trainable = False
+            return model
+
+        return train(cfg, lambda: sampler.batch(batch), evaluate, build, loss, "acc_mean")
 
 
 def _init_from_int8(

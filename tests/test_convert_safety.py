@@ -58,3 +58,80 @@ def test_release_classifier_without_seg_eval_changes_nothing(tmp_path: Path) -> 
         release_classifier(tmp_path / "cls", models, tmp_path / "data")
     assert {p.name: p.read_bytes() for p in models.iterdir()} == before
     assert not (tmp_path / "models.previous").exists()
+
+
+DATA = Path(__file__).resolve().parent / "fixtures" / "data"
+TINY: dict[str, Any] = {
+    "steps": 2,
+    "batch": 1,
+    "eval_every": 2,
+    "hw": (48, 64),
+    "sources": ("bccd",),
+}
+
+
+def test_resuming_a_run_with_another_encoder_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    from edge_wbc_convert.train import RunDirError, TrainConfig, train_segmenter
+
+    run = tmp_path / "seg"
+    run.mkdir()
+    stored = TrainConfig("segmentation", "mnv3s", str(run), str(DATA), input_hw=(48, 64))
+    (run / "config.json").write_text(json.dumps(stored.__dict__, indent=2))
+    before = (run / "config.json").read_text()
+    with pytest.raises(RunDirError, match="arch 'mnv3s' -> 'rescnn'"):
+        train_segmenter("rescnn", run, DATA, **TINY)
+    assert (run / "config.json").read_text() == before
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
+def test_resuming_train_cls_through_another_segmenter_is_refused(tmp_path: Path) -> None:
+    from edge_wbc_convert.train import RunDirError, train_classifier
+
+    run = tmp_path / "cls"
+    run.mkdir()
+    seg = tmp_path / "other_seg.tflite"
+    seg.write_bytes(b"another segmenter")
+    stored = {"task": "classification", "arch": "mnv2", "run_dir": str(run),
+              "data_root": str(DATA), "input_hw": [48, 48], "segmenter": str(tmp_path / "s.tflite"),
+              "segmenter_sha256": "0" * 64}  # fmt: skip
+    (run / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(RunDirError, match="segmenter"):
+        train_classifier(run, seg, DATA, size=48, steps=2, batch=2, eval_every=2)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
+def test_a_second_training_on_a_run_dir_in_use_is_refused(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    from edge_wbc_convert.train import RunDirError, train_segmenter
+
+    run = tmp_path / "seg"
+    run.mkdir()
+    # Another process's lock: flock on its own open file description.
+    fd = os.open(run / "train.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"4242\n")
+        with pytest.raises(RunDirError, match="in use by another training \\(pid 4242\\)"):
+            train_segmenter("rescnn", run, DATA, **TINY)
+    finally:
+        os.close(fd)
+    assert not (run / "metrics.csv").exists()
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path: Path) -> None:
+    from edge_wbc_convert.train import save_atomic
+
+    best = tmp_path / "best.keras"
+    best.write_bytes(b"the last good model")
+
+    class FullDisk:
+        def save(self, path: Path) -> None:
+            Path(path).write_bytes(b"half a mo")
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        save_atomic(FullDisk(), best)
+    assert best.read_bytes() == b"the last good model"
+    assert [p.name for p in tmp_path.iterdir()] == ["best.keras"]
