@@ -308,7 +308,18 @@ def register_head(models: Path, head_json: Path, kind: str) -> None:
     weights; the numbers are in fine_eval.json and the card."""
     from edge_wbc.pipeline.manifest import load_manifest, sha256_file, write_manifest
 
-    raw = json.loads((models / "manifest.json").read_text())
+    # Checked before the manifest is touched: the device reads a head by its bare file name
+    # from the models folder, so a head saved elsewhere would make it refuse the folder.
+    if head_json.resolve().parent != models.resolve():
+        raise ValueError(
+            f"{head_json}: a head registered in {models}/manifest.json must be saved in that "
+            f"folder (--out {models}); the manifest is unchanged"
+        )
+    for p in (head_json, head_json.with_suffix(".npz")):
+        if not p.is_file():
+            raise ValueError(f"{p}: missing; the manifest is unchanged")
+    before = (models / "manifest.json").read_bytes()
+    raw = json.loads(before)
     for m in raw["models"]:
         if m.get("task") == "classification":
             m["head"] = {
@@ -320,7 +331,12 @@ def register_head(models: Path, head_json: Path, kind: str) -> None:
                 "evaluation": "fine_eval.json",
             }
     write_manifest(models, raw)
-    load_manifest(models)  # what the device will check
+    try:
+        load_manifest(models)  # what the device will check
+    except Exception:
+        # A manifest the device refuses is not left behind: the one it accepted comes back.
+        (models / "manifest.json").write_bytes(before)
+        raise
 
 
 def fine_cells(cells: Sequence[CellItem]) -> list[CellItem]:

@@ -135,3 +135,20 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path: Path) -> N
         save_atomic(FullDisk(), best)
     assert best.read_bytes() == b"the last good model"
     assert [p.name for p in tmp_path.iterdir()] == ["best.keras"]
+
+
+def test_register_head_outside_the_models_folder_leaves_the_manifest_alone(tmp_path: Path) -> None:
+    from edge_wbc_convert.fine import register_head
+
+    models = tmp_path / "models"
+    models.mkdir()
+    manifest = {"models": [{"task": "classification", "file": "classifier.tflite"}]}
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    before = (models / "manifest.json").read_bytes()
+    elsewhere = tmp_path / "heads"
+    elsewhere.mkdir()
+    (elsewhere / "head.json").write_text("{}")
+    (elsewhere / "head.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="must be saved in that folder"):
+        register_head(models, elsewhere / "head.json", "linear")
+    assert (models / "manifest.json").read_bytes() == before
