@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,11 +326,31 @@ class CropSampler:
         return np.stack(xs), np.stack(ys)
 
 
+def _old_base(run_dir: Path, rel: Path) -> Path | None:
+    """Where a cells.json written with paths relative to train-cls's working directory (before
+    they were stored absolute) was made: the current directory when the image is there, else
+    the nearest folder above the run folder that holds it (the run folder was usually given
+    relative to the same directory). None when neither does."""
+    for base in (Path.cwd(), *run_dir.resolve().parents):
+        if (base / rel).is_file():
+            return base
+    return None
+
+
 def read_cells(path: Path) -> list[CellItem]:
-    """A run's cells.json."""
+    """A run's cells.json. Image paths are absolute since the paths relative to the training's
+    working directory could not be read from another one; an older file's relative paths are
+    resolved against the folder they were made in (``_old_base``) when it can be found."""
     raw = json.loads(path.read_text())
+    rel = next((Path(c["image"]) for c in raw if not Path(c["image"]).is_absolute()), None)
+    base = _old_base(path.parent, rel) if rel is not None else None
+
+    def image(p: str) -> Path:
+        q = Path(p)
+        return base / q if base is not None and not q.is_absolute() else q
+
     return [
-        CellItem(c["source"], Path(c["image"]), c["split"], c["label"], tuple(c["box"]))
+        CellItem(c["source"], image(c["image"]), c["split"], c["label"], tuple(c["box"]))
         for c in raw
     ]
 
@@ -356,7 +377,9 @@ def prepare_cells(run_dir: Path, data_root: Path, segmenter: Path) -> list[CellI
     )
     cells, missing = cell_items(items, boxes)
     log.info("cells: %d; images without a segmented cell: %s", len(cells), missing)
-    rows = [asdict(c) | {"image": str(c.image)} for c in cells]
+    # Absolute (links kept as named): release, refit and finetune read these from any
+    # working directory.
+    rows = [asdict(c) | {"image": os.path.abspath(c.image)} for c in cells]
     (run_dir / "cells.json").write_text(json.dumps(rows))
     (run_dir / "cells_missing.json").write_text(json.dumps(missing))
     return cells

@@ -56,10 +56,17 @@ RESUMABLE = frozenset({"steps", "threads", "eval_every", "batch", "seed"})
 LOCK_NAME = "train.lock"
 
 
+#: Settings the run's cells depend on (train-cls boxes them once, on its first call).
+CELL_KEYS = frozenset({"data_root", "segmenter_sha256"})
+
+#: The files a run's weights and optimizer are kept in.
+CHECKPOINTS = ("last.keras", "state.json", "best.keras", "final.keras")
+
+
 def _same(key: str, old: Any, new: Any) -> bool:
-    if old is None and key in ("segmenter", "segmenter_sha256"):
-        return True  # a run from before these were recorded: nothing to compare
-    if key in ("data_root", "segmenter") and old is not None and new is not None:
+    if key == "segmenter_sha256" and (old is None or new is None):
+        return True  # not recorded, or a segmenter not given: nothing to compare
+    if key == "data_root":
         return Path(old).resolve() == Path(new).resolve()
     # JSON turns tuples into lists: compare as stored.
     return bool(json.loads(json.dumps(old)) == json.loads(json.dumps(new)))
@@ -67,9 +74,12 @@ def _same(key: str, old: Any, new: Any) -> bool:
 
 def check_resume(cfg: TrainConfig) -> None:
     """Refuse to continue a run folder with settings that differ from its config.json in what
-    the stored weights, optimizer or cells depend on (an encoder, a size, another segmenter…):
-    checked before anything is written, so the folder stays as it was."""
-    path = Path(cfg.run_dir) / "config.json"
+    its stored checkpoints (an encoder, a size, the learning rate…) or its cells (the data
+    root, the segmenter's sha256) depend on: checked before anything is written, so the folder
+    stays as it was. A folder holding neither (only cells.json for a new training on the same
+    cells, say) takes any model settings."""
+    run = Path(cfg.run_dir)
+    path = run / "config.json"
     if not path.exists():
         return
     try:
@@ -78,12 +88,17 @@ def check_resume(cfg: TrainConfig) -> None:
         raise RunDirError(f"{path}: not readable ({e}); use another --run-dir") from e
     if not isinstance(old, dict):
         raise RunDirError(f"{path}: not a run's config; use another --run-dir")
-    new = asdict(cfg)
+    weights = any((run / n).exists() for n in CHECKPOINTS)
+    cells = (run / "cells.json").exists()
     diff = [
-        f"{k} {old.get(k)!r} -> {v!r}"
-        for k, v in new.items()
+        f"{k} {old[k]!r} -> {v!r}"
+        for k, v in asdict(cfg).items()
         # A key the stored config lacks (a run from before it was recorded): not compared.
-        if k in old and k not in RESUMABLE and k != "run_dir" and not _same(k, old[k], v)
+        if k in old
+        and k not in RESUMABLE
+        and k not in ("run_dir", "segmenter")  # the segmenter is compared by its sha256
+        and ((weights or cells) if k in CELL_KEYS else weights)
+        and not _same(k, old[k], v)
     ]
     if diff:
         raise RunDirError(
@@ -505,12 +520,17 @@ def train_classifier(
         eval_every, (size, size), threads, weights, alpha, fine,
         str(segmenter.resolve()), seg_sha,
     )  # fmt: skip
-    if seg_sha is None and (run_dir / "config.json").exists():
-        # Resuming with its cells made already: a missing segmenter file is not a difference.
-        old = json.loads((run_dir / "config.json").read_text())
-        if isinstance(old, dict):
-            cfg.segmenter_sha256 = old.get("segmenter_sha256")
     check_resume(cfg)
+    if seg_sha is None and (run_dir / "cells.json").exists():
+        # Its cells made already, the segmenter unused: the recorded one is kept.
+        old = (
+            json.loads((run_dir / "config.json").read_text())
+            if (run_dir / "config.json").exists()
+            else {}
+        )
+        if isinstance(old, dict):
+            cfg.segmenter = old.get("segmenter", cfg.segmenter)
+            cfg.segmenter_sha256 = old.get("segmenter_sha256")
     with run_lock(run_dir):
         cells = (
             run_cells(run_dir)

@@ -77,11 +77,12 @@ def test_resuming_a_run_with_another_encoder_is_refused_and_writes_nothing(tmp_p
     run.mkdir()
     stored = TrainConfig("segmentation", "mnv3s", str(run), str(DATA), input_hw=(48, 64))
     (run / "config.json").write_text(json.dumps(stored.__dict__, indent=2))
+    (run / "best.keras").write_bytes(b"an mnv3s model")
     before = (run / "config.json").read_text()
     with pytest.raises(RunDirError, match="arch 'mnv3s' -> 'rescnn'"):
         train_segmenter("rescnn", run, DATA, **TINY)
     assert (run / "config.json").read_text() == before
-    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["best.keras", "config.json"]
 
 
 def test_resuming_train_cls_through_another_segmenter_is_refused(tmp_path: Path) -> None:
@@ -95,9 +96,10 @@ def test_resuming_train_cls_through_another_segmenter_is_refused(tmp_path: Path)
               "data_root": str(DATA), "input_hw": [48, 48], "segmenter": str(tmp_path / "s.tflite"),
               "segmenter_sha256": "0" * 64}  # fmt: skip
     (run / "config.json").write_text(json.dumps(stored))
-    with pytest.raises(RunDirError, match="segmenter"):
+    (run / "cells.json").write_text("[]")
+    with pytest.raises(RunDirError, match="segmenter_sha256"):
         train_classifier(run, seg, DATA, size=48, steps=2, batch=2, eval_every=2)
-    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["cells.json", "config.json"]
 
 
 def test_a_second_training_on_a_run_dir_in_use_is_refused(tmp_path: Path) -> None:
@@ -152,3 +154,29 @@ def test_register_head_outside_the_models_folder_leaves_the_manifest_alone(tmp_p
     with pytest.raises(ValueError, match="must be saved in that folder"):
         register_head(models, elsewhere / "head.json", "linear")
     assert (models / "manifest.json").read_bytes() == before
+
+
+def test_cells_json_is_read_from_another_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edge_wbc_convert.cells as cells_mod
+    import edge_wbc_convert.evaluate as ev
+
+    # No segmenter needed for what is tested: the paths stored, not the boxes.
+    monkeypatch.setattr(ev, "tflite_prob_fn", lambda *a, **k: None)
+    monkeypatch.setattr(cells_mod, "segmented_boxes", lambda *a, **k: {})
+    work = tmp_path / "work"
+    (work / "runs" / "cls").mkdir(parents=True)
+    (work / "data").symlink_to(DATA)
+    monkeypatch.chdir(work)
+    made = cells_mod.prepare_cells(Path("runs/cls"), Path("data"), Path("seg.tflite"))
+    assert made
+    monkeypatch.chdir(tmp_path)  # release run from elsewhere
+    read = cells_mod.run_cells(work / "runs" / "cls")
+    assert len(read) == len(made) and all(c.image.is_file() for c in read)
+    # A cells.json from before (paths relative to train-cls's directory) is still read.
+    old = json.loads((work / "runs" / "cls" / "cells.json").read_text())
+    for c in old:
+        c["image"] = str(Path(c["image"]).relative_to(work.resolve()))
+    (work / "runs" / "cls" / "cells.json").write_text(json.dumps(old))
+    assert all(c.image.is_file() for c in cells_mod.run_cells(work / "runs" / "cls"))
