@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_wbc.files import replaced_atomically, write_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -130,27 +132,12 @@ def run_lock(run: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_atomic(model: Any, path: Path) -> None:
     """``model.save(path)`` through a temporary file in the same folder, renamed over
     ``path`` when complete: a full disk leaves the previous file whole (saving in place
-    truncated the last good best.keras). The name is per process (Keras wants .keras)."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-    try:
+    truncated the last good best.keras). Keras wants the .keras extension."""
+    with replaced_atomically(path, ".keras") as tmp:
         model.save(tmp)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def set_threads(n: int) -> None:
@@ -248,7 +235,7 @@ def train(
     run = Path(cfg.run_dir)
     check_resume(cfg)  # before config.json is rewritten with the new settings
     run.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run / "config.json", json.dumps(asdict(cfg), indent=2))
+    write_atomic(run / "config.json", json.dumps(asdict(cfg), indent=2))
     last = run / "last.keras"
     state_path = run / "state.json"
     model1 = build()  # batch 1: what ships
@@ -309,7 +296,7 @@ def train(
                 state["best"] = metrics[score_key]
                 save_atomic(model1, run / "best.keras")
             save_atomic(trainer, last)
-            _write_atomic(state_path, json.dumps(state))
+            write_atomic(state_path, json.dumps(state))
     if bar:
         bar.close()
     model1.set_weights(trainer.get_weights())
