@@ -334,6 +334,24 @@ def test_a_stale_page_cannot_act_on_the_next_patients_slide(st: RunningStation) 
                 )[0] == 400
 
 
+def test_taking_back_a_hand_added_cell_never_undoes_a_later_correction(
+        st: RunningStation) -> None:
+    # U in one tab rejected as "added in error" a cell another person had corrected meanwhile.
+    capture(st, 1)
+    cell = jreq(st.url + "/api/cells/add", "POST", {"label": "eosinophil"})[1]
+    url = st.url + f"/api/cells/{cell['id']}/review"
+    assert jreq(url, "POST", {"label": "monocyte"})[0] == 200  # the other tab
+    status, body = jreq(url, "POST", {"label": "rejected", "reason": "added_in_error",
+                                      "if_unreviewed": True})
+    assert status == 409 and "was reviewed meanwhile (now monocyte)" in body["error"]
+    assert st.session.cells[cell["id"]]["reviewed_label"] == "monocyte"
+    other = jreq(st.url + "/api/cells/add", "POST", {"label": "eosinophil"})[1]
+    status, body = jreq(st.url + f"/api/cells/{other['id']}/review", "POST",
+                        {"label": "rejected", "reason": "added_in_error", "if_unreviewed": True})
+    assert status == 200 and body["effective_label"] is None
+    assert jreq(url, "POST", {"label": None, "if_unreviewed": "yes"})[0] == 400
+
+
 def test_finalise_waits_for_the_fields_still_being_analysed(tmp_path: Path) -> None:
     # A capture answered 202 and then refused because the slide was finalised meanwhile: a
     # field the technician was promised, lost.

@@ -626,14 +626,21 @@ class SlideSession:
             self._emit([*events, fev])
             return field_row
 
-    def review(self, cell_id: str, label: str | None, reason: str | None = None) -> CellRecord:
+    def review(self, cell_id: str, label: str | None, reason: str | None = None,
+               if_unreviewed: bool = False) -> CellRecord:
         """Reclassify (label: any class of the taxonomy), reject (label 'rejected' + reason) or
-        restore (None) a cell. The machine's label is never overwritten; both are kept."""
+        restore (None) a cell. The machine's label is never overwritten; both are kept.
+        ``if_unreviewed``: only while nobody has decided on the cell (the page's U takes back a
+        cell it added, not another person's later correction of it)."""
         with self._lock:
             self._require_open()
             cell = self.cells.get(cell_id)
             if cell is None:
                 raise UnknownItem(f"no cell {cell_id!r} on the open slide")
+            if if_unreviewed and cell.get("reviewed_label"):
+                raise SessionError(
+                    f"cell {cell_id} was reviewed meanwhile (now {cell['reviewed_label']}): "
+                    "not taken back; look at it in Review")
             if cell.get("discarded"):
                 # As confirm says: a decision on a cell set aside with its field would count
                 # the moment the field is taken back, unseen.

@@ -53,9 +53,9 @@ class Actions:
     def finalise(self, slide_id: str | None = None) -> dict[str, Any]:
         return self.station.finalise(slide_id)
 
-    def review(self, cell_id: str, label: str | None, reason: str | None = None
-               ) -> dict[str, Any]:
-        cell = self.session.review(cell_id, label, reason)
+    def review(self, cell_id: str, label: str | None, reason: str | None = None,
+               if_unreviewed: bool = False) -> dict[str, Any]:
+        cell = self.session.review(cell_id, label, reason, if_unreviewed)
         return self.session.cell_view(cell)
 
     def comment_cell(self, cell_id: str, comment: str | None) -> dict[str, Any]:

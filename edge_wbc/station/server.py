@@ -22,7 +22,8 @@ slide's state refuses now (finalised, target reached, unidentified cells left) 4
     GET  /api/cells                 review gallery (unidentified first, least certain first)
     GET  /api/cells/<id>.jpg        the cell's crop; /api/cells/<id>/large.jpg the cell with its
                                     surroundings at the camera's full resolution
-    POST /api/cells/<id>/review     {"label": class | "rejected" + "reason" | null (restore)}
+    POST /api/cells/<id>/review     {"label": class | "rejected" + "reason" | null (restore),
+                                    "if_unreviewed"?: true (409 when someone decided meanwhile)}
     POST /api/cells/<id>/confirm    the shown class is right (a reviewed label for adaptation)
     POST /api/cells/confirm         {"ids": [...]}: confirm several (a gallery group) at once
     POST /api/cells/<id>/comment    {"comment": text ('' removes it)}
@@ -660,7 +661,10 @@ class Handler(BaseHTTPRequestHandler):
             if "label" not in body:
                 raise _ApiError(400, "give 'label' (a class, 'rejected' with 'reason', or null "
                                      "to restore the machine's label)")
-            self._json(200, act.review(m.group(1), body["label"], body.get("reason")))
+            guard = body.get("if_unreviewed", False)
+            if not isinstance(guard, bool):
+                raise _ApiError(400, f"if_unreviewed must be true or false, got {guard!r}")
+            self._json(200, act.review(m.group(1), body["label"], body.get("reason"), guard))
         elif (m := _CELL.match(path)) and m.group(2) == "/comment":
             if "comment" not in body:
                 raise _ApiError(400, "give 'comment' (text; '' removes it)")

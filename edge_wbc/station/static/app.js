@@ -885,7 +885,9 @@ async function undoAdd() {
     return;
   }
   try {
-    await api(`/api/cells/${id}/review`, { label: "rejected", reason: "added_in_error" });
+    // Not over another person's correction of it made meanwhile (another tab, a reviewer).
+    await api(`/api/cells/${id}/review`, { label: "rejected", reason: "added_in_error",
+      if_unreviewed: true });
     toast("Hand-added cell taken back");
   } catch (e) {
     toast(e.message, true);
