@@ -52,19 +52,10 @@ class FolderSource:
         or None when it is not one of this folder's files."""
         try:
             wanted = Path(source).resolve()
+            # Resolved: the same file named another way (a relative folder, a link to it).
+            return next((i for i, p in enumerate(self.files) if p.resolve() == wanted), None)
         except (OSError, RuntimeError):
             return None
-        for i, p in enumerate(self.files):
-            if str(p) == source:
-                return i
-        for i, p in enumerate(self.files):
-            try:
-                # The same file named another way (a relative folder, a link to it).
-                if p.resolve() == wanted:
-                    return i
-            except (OSError, RuntimeError):
-                continue
-        return None
 
     def _used_up(self) -> bool:
         return not self.loop and self._i >= len(self.files)

@@ -667,19 +667,7 @@ class MqttPublisher:
                          request_id)
                 echo = {**seen, "duplicate": True}
             else:
-                if self._command_handler is None:
-                    raise CommandError("this station has no command handler")
-                try:
-                    result = self._command_handler(cmd.action, cmd.args)
-                    echo = {"ok": True, "result": result}
-                    log.info("MQTT command %s %s -> %s", cmd.action, cmd.args, result)
-                except Exception as exc:  # the station refused it (finalise, unidentified)
-                    log.warning("MQTT: %s command failed: %s", kind, exc)
-                    echo = {"ok": False, "error": str(exc) or type(exc).__name__}
-                if request_id:
-                    self._answered[(kind, request_id)] = echo
-                    while len(self._answered) > ANSWERED_KEPT:
-                        self._answered.popitem(last=False)
+                echo = self._run_command(cmd)
         except NoCommand:
             log.info("MQTT: empty %s payload ignored (a retained command being deleted)", kind)
             return
@@ -690,6 +678,24 @@ class MqttPublisher:
         body = {"schema": MQTT_SCHEMA, "station": self.cfg.station_id, "ts": utc_now_iso(),
                 "command": kind, "request_id": request_id, **echo}
         self._send(self.cfg.topic("state"), _dumps(body), qos=1, retain=False)
+
+    def _run_command(self, cmd: Any) -> dict[str, Any]:
+        """The station's answer to ``cmd`` (remembered under its request_id). Raises
+        CommandError when there is nothing to run it."""
+        if self._command_handler is None:
+            raise CommandError("this station has no command handler")
+        try:
+            result = self._command_handler(cmd.action, cmd.args)
+            echo = {"ok": True, "result": result}
+            log.info("MQTT command %s %s -> %s", cmd.action, cmd.args, result)
+        except Exception as exc:  # the station refused it (finalise, unidentified)
+            log.warning("MQTT: %s command failed: %s", cmd.kind, exc)
+            echo = {"ok": False, "error": str(exc) or type(exc).__name__}
+        if cmd.request_id:
+            self._answered[(cmd.kind, cmd.request_id)] = echo
+            while len(self._answered) > ANSWERED_KEPT:
+                self._answered.popitem(last=False)
+        return echo
 
     def _shutdown(self, db: Any) -> None:
         deadline = time.monotonic() + 5.0

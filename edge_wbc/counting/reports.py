@@ -24,6 +24,7 @@ import io
 import json
 import platform
 import zoneinfo
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypedDict
@@ -154,17 +155,11 @@ def build_report(
         for c in cells
         if (r := flag_reasons(c))
     ]
-    # A lab adaptation may be switched during a slide: each one that counted a field is named.
-    used: dict[str, Any] = {}
-    for f in fields:
-        ad = (f.get("models") or {}).get("adaptation")
-        key = ad.get("id") if isinstance(ad, dict) else None
-        used.setdefault(str(key), {"adaptation": ad, "fields": 0})["fields"] += 1
-    # Likewise the cell diameter ("Measure magnification" during a slide).
-    diameters: dict[str, dict[str, Any]] = {}
-    for f in fields:
-        px = (f.get("models") or {}).get("cell_diameter_px")
-        diameters.setdefault(str(px), {"cell_diameter_px": px, "fields": 0})["fields"] += 1
+    # A lab adaptation and the cell diameter ("Measure magnification") may change during a
+    # slide: each value that counted a field is named with how many.
+    used = _fields_per(fields, "adaptation",
+                       lambda ad: ad.get("id") if isinstance(ad, dict) else None)
+    diameters = _fields_per(fields, "cell_diameter_px")
     warnings: dict[str, int] = {}
     for f in fields:
         for w in _quality_flags(f.get("quality") or {}):
@@ -225,10 +220,21 @@ def build_report(
         },
         "models": models,
         # Which lab adaptation (None: the shipped head) classified how many fields.
-        "adaptations": list(used.values()),
+        "adaptations": used,
         # At which cell diameter (px; None: not recorded) how many fields were analysed.
-        "cell_diameters": list(diameters.values()),
+        "cell_diameters": diameters,
     }
+
+
+def _fields_per(fields: list[FieldRecord], key: str,
+                identity: Callable[[Any], Any] = lambda v: v) -> list[dict[str, Any]]:
+    """``[{key: value, "fields": n}]``: each value of the fields' models[key] in first-seen
+    order, with how many fields it analysed (``identity``: what makes two values the same)."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in fields:
+        v = (f.get("models") or {}).get(key)
+        out.setdefault(str(identity(v)), {key: v, "fields": 0})["fields"] += 1
+    return list(out.values())
 
 
 def _counted_as(cell: ReportCell) -> str | None:

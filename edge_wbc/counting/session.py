@@ -885,6 +885,12 @@ class SlideSession:
 
     # ------------------------------------------------------------------ helpers
 
+    def require_slide(self, slide_id: str | None) -> None:
+        """``_require_slide`` for a caller that checks before its own work (the station's
+        finalise, before it looks at the fields still analysing)."""
+        with self._lock:
+            self._require_slide(slide_id)
+
     def _require_slide(self, slide_id: str | None) -> None:
         """A page's dialog names the slide it was opened for: another client may have finalised
         that slide and started the next patient's meanwhile, and a sample ID, a sign-off or a

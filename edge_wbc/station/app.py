@@ -133,15 +133,14 @@ class Station:
         """Finalise the open slide once every field captured for it is counted: a capture
         accepted (202) and still analysing would otherwise be refused after the report."""
         with self._lock:
-            if slide_id is not None and slide_id != self.session.slide["id"]:
-                return self.session.finalise(slide_id)  # refused, saying the slide changed
+            self.session.require_slide(slide_id)
             n = self._pending.get(self.session.slide["id"], 0)
             if n:
                 raise SessionError(
                     f"{n} field{'s' if n != 1 else ''} captured for this slide "
                     f"{'are' if n != 1 else 'is'} still being analysed: finalise when "
                     f"{'they are' if n != 1 else 'it is'} counted")
-            return self.session.finalise()
+            return self.session.finalise(slide_id)
 
     # ------------------------------------------------------------------ triggers
 
